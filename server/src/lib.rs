@@ -1,1 +1,77 @@
-//! placeholder
+//! The Redline relay: devices connect over QUIC (TLS 1.3, ALPN `redline/1`), sync their
+//! documents, and the relay keeps every document durably in sled.
+//!
+//! - [`config`]: the relay's typed configuration and defaults;
+//! - [`tls`]: the self-signed development certificate and its fingerprint;
+//! - [`storage`]: the storage trait and its sled implementation;
+//! - [`hub`]: the documents the relay holds, loaded on demand;
+//! - [`relay`]: the QUIC endpoint, accept loop and shutdown;
+//! - `connection`: one device connection, driving [`redline_proto::session::RelaySession`].
+//!
+//! The invariant everything serves: an [`Ack`](redline_proto::message::Ack) goes out only
+//! after the document it acknowledges is flushed to disk.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), redline_server::Error> {
+//! let config = redline_server::RelayConfig::new("./redline-data");
+//! let relay = redline_server::Relay::start(config).await?;
+//! println!("listening on {}, pin {}", relay.local_addr(), relay.fingerprint());
+//! relay.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+mod connection;
+pub mod hub;
+pub mod relay;
+pub mod storage;
+pub mod tls;
+
+pub use config::{DEFAULT_LISTEN, RelayConfig};
+pub use relay::{Relay, RelayHandle};
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the relay.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file or directory could not be used.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The document store failed.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// A stored document could not be read back.
+    #[error("stored document {doc} is unreadable: {reason}")]
+    CorruptDocument {
+        /// Which document.
+        doc: String,
+        /// Automerge's reason.
+        reason: String,
+    },
+    /// Certificate or TLS set-up failed.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The QUIC endpoint could not be created.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A protocol error on a stream.
+    #[error(transparent)]
+    Protocol(#[from] redline_proto::Error),
+    /// The stream or connection failed.
+    #[error("connection: {0}")]
+    Connection(String),
+}

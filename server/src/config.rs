@@ -1,0 +1,63 @@
+//! The relay's configuration. Every field has a default that works on a laptop: a first
+//! start needs no flags at all.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use redline_proto::codec::DEFAULT_MAX_FRAME;
+
+/// The relay's UDP port unless told otherwise.
+pub const DEFAULT_PORT: u16 = 7447;
+
+/// Where the relay listens unless told otherwise: loopback only, so a first start exposes
+/// nothing to the network.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, DEFAULT_PORT));
+
+/// How a relay runs.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    /// Holds the document store (`db/`) and the dev certificate (`tls/`).
+    pub data_dir: PathBuf,
+    /// UDP address of the QUIC endpoint. Port 0 picks a free one (tests).
+    pub listen: SocketAddr,
+    /// Largest frame accepted from a device.
+    pub max_frame: usize,
+    /// Connections served at once; further handshakes are refused.
+    pub max_connections: usize,
+    /// Bidirectional streams a device may have open at once.
+    pub max_streams_per_connection: u32,
+    /// A connection silent for this long is closed (phones keep alive below it).
+    pub idle_timeout: Duration,
+    /// The relay's name in [`Welcome`](redline_proto::message::Welcome) messages and logs.
+    pub name: String,
+}
+
+impl RelayConfig {
+    /// Defaults, with the data in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            listen: DEFAULT_LISTEN,
+            max_frame: DEFAULT_MAX_FRAME,
+            max_connections: 10_000,
+            max_streams_per_connection: 64,
+            idle_timeout: Duration::from_secs(60),
+            name: "redline-relay".into(),
+        }
+    }
+
+    /// Sets the listen address.
+    pub fn with_listen(mut self, listen: SocketAddr) -> Self {
+        self.listen = listen;
+        self
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self::new("./redline-data")
+    }
+}

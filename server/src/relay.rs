@@ -1,0 +1,177 @@
+//! The relay as a running thing: [`Relay::start`] binds the QUIC endpoint and spawns the
+//! accept loop; the returned [`RelayHandle`] tells the address and certificate
+//! fingerprint, lets tests look at stored documents, and shuts down cleanly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use automerge::{Automerge, ChangeHash};
+use redline_proto::{DocId, ErrorCode};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::config::RelayConfig;
+use crate::hub::Hub;
+use crate::storage::SledStorage;
+use crate::tls::{self, Identity};
+use crate::{Error, connection};
+
+/// Starts relays.
+pub struct Relay;
+
+/// A running relay.
+pub struct RelayHandle {
+    local_addr: SocketAddr,
+    identity: Identity,
+    hub: Arc<Hub>,
+    stop: watch::Sender<bool>,
+    accept_loop: tokio::task::JoinHandle<()>,
+}
+
+fn transport_config(config: &RelayConfig) -> Result<quinn::TransportConfig, Error> {
+    let mut t = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
+        .map_err(|e| Error::Tls(format!("idle timeout out of range: {e}")))?;
+    t.max_idle_timeout(Some(idle));
+    t.max_concurrent_bidi_streams(config.max_streams_per_connection.into());
+    t.max_concurrent_uni_streams(0u8.into());
+    Ok(t)
+}
+
+impl Relay {
+    /// Opens the data dir (creating the dev certificate on first start), binds the
+    /// endpoint and starts serving.
+    pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|source| Error::Io {
+            action: "create data dir",
+            path: data_dir.clone(),
+            source,
+        })?;
+        let identity = tls::load_or_create_dev_identity(&data_dir.join("tls"))?;
+        let db_dir = data_dir.join("db");
+        let storage = tokio::task::spawn_blocking(move || SledStorage::open(&db_dir))
+            .await
+            .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
+        let hub = Arc::new(Hub::new(Arc::new(storage)));
+
+        let crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_crypto(&identity)?)
+                .map_err(|e| Error::Tls(e.to_string()))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server_config.transport_config(Arc::new(transport_config(&config)?));
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            Error::Listen {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|source| Error::Listen {
+            addr: config.listen,
+            source,
+        })?;
+
+        let (stop, stopped) = watch::channel(false);
+        let accept_loop = tokio::spawn(accept_loop(
+            endpoint,
+            hub.clone(),
+            Arc::new(config),
+            stopped,
+        ));
+        info!(%local_addr, fingerprint = %identity.fingerprint(), "relay listening");
+        Ok(RelayHandle {
+            local_addr,
+            identity,
+            hub,
+            stop,
+            accept_loop,
+        })
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    hub: Arc<Hub>,
+    config: Arc<RelayConfig>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                if connections.len() >= config.max_connections {
+                    warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
+                    incoming.refuse();
+                    continue;
+                }
+                connections.spawn(connection::serve(incoming, hub.clone(), config.clone()));
+            }
+            Some(_) = connections.join_next() => {}
+            _ = stopped.changed() => break,
+        }
+    }
+    endpoint.close(
+        u32::from(ErrorCode::SHUTTING_DOWN.0).into(),
+        b"relay shutting down",
+    );
+    // Connections end once the endpoint is closed; give in-flight writes time to finish.
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!("connections did not finish in 10 s; aborting them");
+        connections.shutdown().await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+impl RelayHandle {
+    /// The UDP address the relay listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// SHA-256 fingerprint of the relay's certificate (lowercase hex): what devices pin.
+    pub fn fingerprint(&self) -> String {
+        self.identity.fingerprint()
+    }
+
+    /// True if this start created the dev certificate.
+    pub fn created_certificate(&self) -> bool {
+        self.identity.created
+    }
+
+    /// A copy of the relay's document `id`, or `None` if it holds no changes.
+    pub async fn document(&self, id: &DocId) -> Result<Option<Automerge>, Error> {
+        let handle = self.hub.doc(id).await?;
+        let doc = handle.lock().await;
+        Ok(if doc.get_heads().is_empty() {
+            None
+        } else {
+            Some(doc.clone())
+        })
+    }
+
+    /// The heads of the relay's document `id` (empty if unknown).
+    pub async fn heads(&self, id: &DocId) -> Result<Vec<ChangeHash>, Error> {
+        Ok(self.hub.doc(id).await?.lock().await.get_heads())
+    }
+
+    /// Every document id in storage.
+    pub async fn documents(&self) -> Result<Vec<DocId>, Error> {
+        self.hub.list().await
+    }
+
+    /// Stops accepting, closes connections, waits for in-flight writes and flushes.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.accept_loop.await {
+            warn!("accept loop ended abnormally: {e}");
+        }
+        self.hub.flush().await
+    }
+}
