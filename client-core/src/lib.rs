@@ -148,8 +148,8 @@ struct Inner {
     config: ClientConfig,
     /// Parsed documents, loaded on first use. Local writes and sync merges go through it.
     docs: Mutex<HashMap<DocId, Automerge>>,
-    /// One sync at a time per client.
-    syncing: tokio::sync::Mutex<()>,
+    /// One sync at a time per client; holds the QUIC endpoint, made on first sync.
+    syncing: tokio::sync::Mutex<Option<quinn::Endpoint>>,
 }
 
 fn now_ms() -> i64 {
@@ -179,7 +179,7 @@ impl Client {
                 identity,
                 config,
                 docs: Mutex::new(HashMap::new()),
-                syncing: tokio::sync::Mutex::new(()),
+                syncing: tokio::sync::Mutex::new(None),
             }),
         })
     }
@@ -342,7 +342,20 @@ impl Client {
     /// relay sends is merged in at the end, and all results are stored with one flush.
     pub async fn sync(&self) -> Result<SyncReport, Error> {
         let relay = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
-        let _one_at_a_time = self.inner.syncing.lock().await;
+        let mut endpoint_slot = self.inner.syncing.lock().await;
+        let endpoint = match endpoint_slot.as_ref() {
+            Some(e)
+                if e.local_addr()
+                    .is_ok_and(|a| a.is_ipv6() == relay.addr.is_ipv6()) =>
+            {
+                e.clone()
+            }
+            _ => {
+                let e = transport::client_endpoint(&relay.addr)?;
+                *endpoint_slot = Some(e.clone());
+                e
+            }
+        };
         let mut to_sync = Vec::new();
         {
             let mut docs = self.docs();
@@ -360,6 +373,7 @@ impl Client {
             }
         }
         let (synced, report) = sync::run(
+            &endpoint,
             &relay,
             self.inner.identity.device.clone(),
             self.inner.config.app_version.clone(),

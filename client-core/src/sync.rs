@@ -7,7 +7,7 @@ use redline_proto::DeviceId;
 use redline_proto::session::{ClientEvent, ClientSession, DocToSync, SyncedDoc};
 use tracing::debug;
 
-use crate::transport::{FramedStream, RelayConnection};
+use crate::transport::{self, FramedStream};
 use crate::{Error, RelayEndpoint};
 
 /// What one sync did.
@@ -35,6 +35,7 @@ pub struct SyncReport {
 
 /// Connects, runs the session to completion and hands back the documents.
 pub(crate) async fn run(
+    endpoint: &quinn::Endpoint,
     relay: &RelayEndpoint,
     device: DeviceId,
     app_version: String,
@@ -42,9 +43,8 @@ pub(crate) async fn run(
     max_frame: usize,
 ) -> Result<(Vec<SyncedDoc>, SyncReport), Error> {
     let started = Instant::now();
-    let connection = RelayConnection::open(relay).await?;
+    let connection = transport::connect(endpoint, relay).await?;
     let (send, recv) = connection
-        .conn
         .open_bi()
         .await
         .map_err(|e| Error::Transport(format!("cannot open a stream: {e}")))?;
@@ -91,7 +91,8 @@ pub(crate) async fn run(
     }
     .await;
     let _ = stream.send.finish();
-    connection.close().await;
+    // The endpoint lives on in the client, so the close reaches the relay without waiting.
+    connection.close(0u8.into(), b"done");
     outcome?;
 
     let synced = session.finish();

@@ -96,73 +96,73 @@ pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], Error> {
     })
 }
 
-/// An open connection to the relay.
-pub(crate) struct RelayConnection {
-    endpoint: quinn::Endpoint,
-    pub conn: quinn::Connection,
+/// Opens the device's UDP endpoint, of the address family of `relay`. The client keeps
+/// it across syncs: one socket per device, cheap reconnects.
+pub(crate) fn client_endpoint(relay: &SocketAddr) -> Result<quinn::Endpoint, Error> {
+    let bind: SocketAddr = if relay.is_ipv6() {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    quinn::Endpoint::client(bind)
+        .map_err(|e| Error::Transport(format!("cannot open a UDP socket: {e}")))
 }
 
-impl RelayConnection {
-    /// Connects and completes the TLS handshake.
-    pub async fn open(relay: &RelayEndpoint) -> Result<Self, Error> {
-        let pin = parse_fingerprint(&relay.fingerprint)?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mismatch = Arc::new(Mutex::new(None));
-        let verifier = PinnedCertificate {
-            pin,
-            provider: provider.clone(),
-            mismatch: mismatch.clone(),
-        };
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| Error::Transport(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![redline_proto::ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| Error::Transport(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(10)));
-        transport.max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("30 s is in range"),
-        ));
-        config.transport_config(Arc::new(transport));
+fn client_config(
+    pin: [u8; 32],
+    mismatch: Arc<Mutex<Option<String>>>,
+) -> Result<quinn::ClientConfig, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = PinnedCertificate {
+        pin,
+        provider: provider.clone(),
+        mismatch,
+    };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Transport(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![redline_proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| Error::Transport(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("30 s is in range"),
+    ));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
 
-        let bind: SocketAddr = if relay.addr.is_ipv6() {
-            (Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (Ipv4Addr::UNSPECIFIED, 0).into()
-        };
-        let mut endpoint = quinn::Endpoint::client(bind)
-            .map_err(|e| Error::Transport(format!("cannot open a UDP socket: {e}")))?;
-        endpoint.set_default_client_config(config);
-        let connecting = endpoint
-            .connect(relay.addr, &relay.server_name)
-            .map_err(|e| Error::Transport(format!("cannot connect to {}: {e}", relay.addr)))?;
-        let conn = match connecting.await {
-            Ok(c) => c,
-            Err(e) => {
-                if let Some(seen) = mismatch.lock().expect("pin lock poisoned").take() {
-                    return Err(Error::PinMismatch {
-                        expected: hex::encode(pin),
-                        seen,
-                    });
-                }
-                return Err(Error::Transport(format!(
-                    "cannot reach the relay at {}: {e}",
-                    relay.addr
-                )));
+/// Connects to the relay through `endpoint` and completes the TLS handshake, checking
+/// the pinned fingerprint.
+pub(crate) async fn connect(
+    endpoint: &quinn::Endpoint,
+    relay: &RelayEndpoint,
+) -> Result<quinn::Connection, Error> {
+    let pin = parse_fingerprint(&relay.fingerprint)?;
+    let mismatch = Arc::new(Mutex::new(None));
+    let config = client_config(pin, mismatch.clone())?;
+    let connecting = endpoint
+        .connect_with(config, relay.addr, &relay.server_name)
+        .map_err(|e| Error::Transport(format!("cannot connect to {}: {e}", relay.addr)))?;
+    match connecting.await {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            if let Some(seen) = mismatch.lock().expect("pin lock poisoned").take() {
+                return Err(Error::PinMismatch {
+                    expected: hex::encode(pin),
+                    seen,
+                });
             }
-        };
-        Ok(Self { endpoint, conn })
-    }
-
-    /// Closes the connection and lets the close reach the relay (bounded wait).
-    pub async fn close(self) {
-        self.conn.close(0u8.into(), b"done");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+            Err(Error::Transport(format!(
+                "cannot reach the relay at {}: {e}",
+                relay.addr
+            )))
+        }
     }
 }
 
