@@ -136,16 +136,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             if rng.random_range(0..4) == 0 {
                 let kind = KINDS[rng.random_range(0..KINDS.len())];
                 let title = format!("{} #{i} by {}", kind.as_str(), phone.name);
-                phone.client.add_task(
-                    team,
-                    &day,
-                    NewTask {
-                        kind,
-                        title,
-                        zone: None,
-                        place: None,
-                    },
-                )?;
+                phone
+                    .client
+                    .add_task(team, &day, NewTask::new(kind, title))?;
             } else {
                 let metric = METRICS[rng.random_range(0..METRICS.len())];
                 let amount = rng.random_range(1..=5u32);

@@ -114,6 +114,14 @@ impl Store {
         self.flush()
     }
 
+    /// Removes a document and its sync metadata, durably.
+    pub fn remove_doc(&self, id: &DocId) -> Result<(), Error> {
+        self.docs.remove(id.as_str()).map_err(err)?;
+        self.sync.remove(id.as_str()).map_err(err)?;
+        self.acked.remove(id.as_str()).map_err(err)?;
+        self.flush()
+    }
+
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
         Ok(self.meta.get(key).map_err(err)?.map(|v| v.to_vec()))
     }

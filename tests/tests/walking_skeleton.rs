@@ -14,12 +14,7 @@ fn team_day() -> (TeamId, Day) {
 }
 
 fn task(title: &str) -> NewTask {
-    NewTask {
-        kind: TaskKind::Screening,
-        title: title.into(),
-        zone: None,
-        place: None,
-    }
+    NewTask::new(TaskKind::Screening, title)
 }
 
 #[tokio::test]

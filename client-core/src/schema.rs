@@ -1,0 +1,214 @@
+//! What every Redline document shares: the schema version, the genesis change, who wrote
+//! a change, and typed reads of Automerge fields.
+//!
+//! **Genesis.** Each document's root containers come from a first change that every
+//! device produces byte for byte (fixed actor, timestamp 0, fixed content derived from
+//! the document id). Two phones that start the same document offline therefore share its
+//! containers instead of each creating its own `tasks` map, one of which Automerge would
+//! hide behind a conflict. The genesis actor makes nothing else.
+//!
+//! **Forward compatibility.** Writers only ever put the keys they own and never rewrite
+//! whole objects, so fields added by a newer schema survive edits by an older build.
+
+use automerge::transaction::Transactable;
+use automerge::{ActorId, Automerge, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
+use redline_proto::{DeviceId, DocId, DocKind, MemberId};
+
+use crate::Error;
+
+/// Schema version written by this build.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// Actor of genesis changes.
+pub(crate) const GENESIS_ACTOR: [u8; 16] = *b"redline-genesis\0";
+
+/// The first change of document `id`, identical on every device.
+pub(crate) fn genesis(id: &DocId) -> Automerge {
+    let mut doc = Automerge::new().with_actor(ActorId::from(GENESIS_ACTOR));
+    let mut tx = doc.transaction();
+    let (kind, fields, containers): (&str, Vec<(&str, String)>, &[&str]) = match id.kind() {
+        DocKind::Ledger(team, day) => (
+            "ledger",
+            vec![("team", team.to_string()), ("day", day.to_string())],
+            &["tasks", "duty", "tallies"],
+        ),
+        DocKind::Households(zone) => (
+            "households",
+            vec![("zone", zone.to_string())],
+            &["households", "needs"],
+        ),
+        DocKind::Roster(org) => (
+            "roster",
+            vec![("org", org.to_string())],
+            &[
+                "teams",
+                "zones",
+                "coverage",
+                "members",
+                "roles",
+                "membership",
+            ],
+        ),
+    };
+    // A fresh document with fixed, valid keys: these cannot fail.
+    tx.put(ROOT, "schema", SCHEMA_VERSION).expect("fresh doc");
+    tx.put(ROOT, "kind", kind).expect("fresh doc");
+    for (k, v) in fields {
+        tx.put(ROOT, k, v).expect("fresh doc");
+    }
+    for c in containers {
+        tx.put_object(ROOT, *c, ObjType::Map).expect("fresh doc");
+    }
+    tx.commit();
+    doc
+}
+
+/// Who makes a change, and when (device clock). Stored on every entry.
+#[derive(Clone, Copy, Debug)]
+pub struct Writer<'a> {
+    /// The member.
+    pub member: &'a MemberId,
+    /// The device.
+    pub device: &'a DeviceId,
+    /// Unix milliseconds.
+    pub now_ms: i64,
+}
+
+impl Writer<'_> {
+    /// The commit message that attributes a change: `member@device`.
+    pub fn commit_message(&self) -> String {
+        format!("{}@{}", self.member, self.device)
+    }
+}
+
+/// Commits `tx` attributed to `w`: its time (seconds) and `member@device` message.
+pub(crate) fn commit(tx: automerge::transaction::Transaction<'_>, w: &Writer<'_>) {
+    tx.commit_with(
+        automerge::transaction::CommitOptions::default()
+            .with_time(w.now_ms.div_euclid(1000))
+            .with_message(w.commit_message()),
+    );
+}
+
+/// Splits a commit message made by [`Writer::commit_message`].
+pub(crate) fn parse_commit_message(msg: &str) -> (String, String) {
+    match msg.split_once('@') {
+        Some((m, d)) => (m.to_owned(), d.to_owned()),
+        None => (msg.to_owned(), String::new()),
+    }
+}
+
+/// A fresh random key for an entry (task, duty entry, need, status entry...).
+pub(crate) fn new_key() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// The root map named `name`.
+pub(crate) fn container<R: ReadDoc>(doc: &R, name: &str) -> Result<ObjId, Error> {
+    child_map(doc, &ROOT, name)?
+        .ok_or_else(|| Error::Corrupt(format!("document has no {name} map")))
+}
+
+/// The map at `parent[key]`, if there is one.
+pub(crate) fn child_map<R: ReadDoc>(
+    doc: &R,
+    parent: &ObjId,
+    key: &str,
+) -> Result<Option<ObjId>, Error> {
+    Ok(match doc.get(parent, key)? {
+        Some((Value::Object(ObjType::Map), id)) => Some(id),
+        _ => None,
+    })
+}
+
+/// `(key, map)` for every map under `parent`.
+pub(crate) fn child_maps<R: ReadDoc>(
+    doc: &R,
+    parent: &ObjId,
+) -> Result<Vec<(String, ObjId)>, Error> {
+    let mut out = Vec::new();
+    for key in doc.keys(parent) {
+        if let Some(id) = child_map(doc, parent, &key)? {
+            out.push((key, id));
+        }
+    }
+    Ok(out)
+}
+
+/// A string field.
+pub(crate) fn get_str<R: ReadDoc>(
+    doc: &R,
+    obj: &ObjId,
+    key: &str,
+) -> Result<Option<String>, Error> {
+    Ok(match doc.get(obj, key)? {
+        Some((Value::Scalar(s), _)) => s.as_str().map(str::to_owned),
+        Some((Value::Object(ObjType::Text), id)) => Some(doc.text(&id)?),
+        _ => None,
+    })
+}
+
+/// An integer-like field (int, uint, timestamp, counter).
+pub(crate) fn get_i64<R: ReadDoc>(doc: &R, obj: &ObjId, key: &str) -> Result<Option<i64>, Error> {
+    Ok(match doc.get(obj, key)? {
+        Some((Value::Scalar(s), _)) => scalar_i64(&s),
+        _ => None,
+    })
+}
+
+pub(crate) fn scalar_i64(s: &ScalarValue) -> Option<i64> {
+    match s {
+        ScalarValue::Timestamp(t) | ScalarValue::Int(t) => Some(*t),
+        ScalarValue::Uint(u) => Some(i64::try_from(*u).unwrap_or(i64::MAX)),
+        ScalarValue::Counter(c) => Some(i64::from(c)),
+        _ => None,
+    }
+}
+
+/// The keys of a set (a map of key → true).
+pub(crate) fn set_members<R: ReadDoc>(doc: &R, obj: &ObjId) -> Vec<String> {
+    doc.keys(obj).collect()
+}
+
+/// The schema version a document says it has (0 if none).
+pub(crate) fn schema_of<R: ReadDoc>(doc: &R) -> Result<u64, Error> {
+    Ok(get_i64(doc, &ROOT, "schema")?
+        .and_then(|v| u64::try_from(v).ok())
+        .unwrap_or(0))
+}
+
+/// Checks free text: trimmed, not empty, at most `max` characters.
+pub(crate) fn required_text(what: &str, s: &str, max: usize) -> Result<String, Error> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err(Error::Invalid(format!("{what} must not be empty")));
+    }
+    optional_text(what, t, max).map(|o| o.unwrap_or_default())
+}
+
+/// Checks optional free text: trimmed, empty means none, at most `max` characters.
+pub(crate) fn optional_text(what: &str, s: &str, max: usize) -> Result<Option<String>, Error> {
+    let t = s.trim();
+    if t.chars().count() > max {
+        return Err(Error::Invalid(format!(
+            "{what} has at most {max} characters"
+        )));
+    }
+    Ok((!t.is_empty()).then(|| t.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn genesis_is_identical_on_every_device_and_distinct_per_document() {
+        for id in ["ledger/t1/2026-11-29", "households/z1", "roster/org"] {
+            let id = DocId::parse(id).unwrap();
+            assert_eq!(genesis(&id).get_heads(), genesis(&id).get_heads());
+        }
+        let a = genesis(&DocId::parse("ledger/t1/2026-11-29").unwrap());
+        let b = genesis(&DocId::parse("ledger/t1/2026-11-30").unwrap());
+        assert_ne!(a.get_heads(), b.get_heads());
+    }
+}
