@@ -144,7 +144,7 @@ impl Client {
         let writer = Writer {
             member: &self.inner.config.member,
             device: &self.inner.identity.device,
-            now_ms: now_ms(),
+            now_ms: self.inner.config.clock.now_ms(),
         };
         let mut tx = doc.transaction();
         let result = match change(&mut tx, &writer, prepared) {

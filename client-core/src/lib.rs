@@ -119,6 +119,32 @@ impl RelayEndpoint {
     }
 }
 
+/// Where a client reads the time (unix milliseconds) it stamps entries with. The system
+/// clock by default; tests and simulations pass their own.
+#[derive(Clone)]
+pub struct Clock(std::sync::Arc<dyn Fn() -> i64 + Send + Sync>);
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Self {
+        Self(std::sync::Arc::new(client::now_ms))
+    }
+    /// A clock that asks `f`.
+    pub fn from_fn(f: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(f))
+    }
+    /// The time now, unix milliseconds.
+    pub fn now_ms(&self) -> i64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
 /// How a client runs.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -136,6 +162,8 @@ pub struct ClientConfig {
     pub app_version: String,
     /// Largest frame accepted from the relay.
     pub max_frame: usize,
+    /// The clock entries are stamped with.
+    pub clock: Clock,
 }
 
 impl ClientConfig {
@@ -148,7 +176,14 @@ impl ClientConfig {
             keep_days: 7,
             app_version: format!("redline-client/{}", env!("CARGO_PKG_VERSION")),
             max_frame: DEFAULT_MAX_FRAME,
+            clock: Clock::system(),
         }
+    }
+
+    /// Sets the clock.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Sets the relay.

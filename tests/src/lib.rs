@@ -27,3 +27,16 @@ pub fn phone(dir: &Path, member: &str, relay: RelayEndpoint) -> anyhow::Result<C
     let config = ClientConfig::new(MemberId::new(member)?).with_relay(relay);
     Ok(Client::open(dir, config)?)
 }
+
+/// Opens a phone of organisation `org` (its roster validates names once synced).
+pub fn org_phone(
+    dir: &Path,
+    member: &str,
+    org: &str,
+    relay: RelayEndpoint,
+) -> anyhow::Result<Client> {
+    let config = ClientConfig::new(MemberId::new(member)?)
+        .with_relay(relay)
+        .with_org(redline_proto::OrgId::new(org)?);
+    Ok(Client::open(dir, config)?)
+}
