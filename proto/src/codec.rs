@@ -120,6 +120,16 @@ mod tests {
     use crate::{DeviceId, DocId};
     use proptest::prelude::*;
 
+    fn subscription() -> Subscription {
+        Subscription {
+            org: Some(crate::OrgId::new("district-9").unwrap()),
+            teams: vec![crate::TeamId::new("team-3").unwrap()],
+            ledger_since: Some(crate::Day::new("2026-11-23").unwrap()),
+            zones: vec![crate::ZoneId::new("zone-a").unwrap()],
+            docs: vec![],
+        }
+    }
+
     fn samples() -> Vec<Message> {
         let doc = DocId::parse("ledger/team-1/2026-11-29").unwrap();
         vec![
@@ -127,11 +137,29 @@ mod tests {
                 protocol_version: PROTOCOL_VERSION,
                 device: DeviceId::new("phone-1").unwrap(),
                 app_version: "1.2.3".into(),
+                subscription: subscription(),
             }),
             Message::Welcome(Welcome {
                 protocol_version: 1,
                 relay: "relay".into(),
+                epoch: 77,
             }),
+            Message::Push(Push { doc: doc.clone(), bundle: vec![1, 2, 3], heads: vec![[3; 32]] }),
+            Message::Pull(Pull {
+                cursor: Some(Cursor { epoch: 77, seq: 123_456, subscription: subscription() }),
+            }),
+            Message::Pull(Pull { cursor: None }),
+            Message::Update(Update { doc: doc.clone(), payload: Payload::Bundle(vec![9; 40]), heads: vec![[4; 32]] }),
+            Message::Update(Update {
+                doc: doc.clone(),
+                payload: Payload::Transfer { id: [5; 16], len: 20_000_000, document: true },
+                heads: vec![],
+            }),
+            Message::Caught(Cursor { epoch: 77, seq: 9, subscription: Subscription::default() }),
+            Message::Resync(doc.clone()),
+            Message::Upload(Upload { id: [6; 16], doc: doc.clone(), len: 5, document: false, heads: vec![] }),
+            Message::UploadOffset(UploadOffset { id: [6; 16], have: 3 }),
+            Message::Piece(Piece { id: [6; 16], offset: 3, data: vec![1, 2] }),
             Message::Sync(SyncStep {
                 doc: doc.clone(),
                 data: Some(vec![0x42, 1, 2, 3]),
@@ -238,8 +266,9 @@ mod tests {
         }
 
         #[test]
-        fn corrupted_frames_never_panic(idx in 0usize..6, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
-            let mut frame = encode_frame(&samples()[idx], DEFAULT_MAX_FRAME).unwrap();
+        fn corrupted_frames_never_panic(idx in 0usize..17, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+            let all = samples();
+            let mut frame = encode_frame(&all[idx % all.len()], DEFAULT_MAX_FRAME).unwrap();
             for (pos, val) in flips {
                 let n = frame.len();
                 frame[pos % n] = val;

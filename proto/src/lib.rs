@@ -14,6 +14,7 @@
 //!     protocol_version: PROTOCOL_VERSION,
 //!     device: DeviceId::new("phone-7").unwrap(),
 //!     app_version: "1.0".into(),
+//!     subscription: Subscription::default(),
 //! });
 //! let frame = codec::encode_frame(&hello, codec::DEFAULT_MAX_FRAME).unwrap();
 //! let mut decoder = codec::FrameDecoder::new(codec::DEFAULT_MAX_FRAME);

@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{DeviceId, DocId};
+use crate::ids::{Day, DeviceId, DocId, DocKind, OrgId, TeamId, ZoneId};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -20,19 +20,69 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const ALPN: &[u8] = b"redline/1";
 
 /// One protocol message.
+///
+/// A device's *first flight* on the control stream is `Hello`, one `Push` per document
+/// with changes the relay has not acknowledged, then `Pull`. The relay answers `Welcome`,
+/// an `Ack` per push (after the flush), `Update`s for what the device lacks in its
+/// subscription, and `Caught` with the new cursor. A device that stays connected then gets
+/// further `Update`/`Caught` pairs as others write (live fan-out) and may send more
+/// `Push`es. `Sync` steps run Automerge's own protocol for a document when either side's
+/// knowledge is stale (`Resync`). Large payloads travel as `Upload`/`Piece` on their own
+/// streams.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
-    /// First message of a device on a stream.
+    /// First message of a device on its control stream.
     Hello(Hello),
     /// The relay's answer to a [`Hello`] it accepts.
     Welcome(Welcome),
-    /// One step of Automerge's sync protocol for one document, either way.
+    /// One step of Automerge's sync protocol for one document (fallback path).
     Sync(SyncStep),
     /// The relay holds `heads` of `doc` durably on disk.
     Ack(Ack),
     /// Something went wrong; see the code.
     Error(ErrorReport),
+    /// Changes of a document the relay has not acknowledged, as an Automerge bundle.
+    Push(Push),
+    /// End of the device's flight: send me what changed in my subscription since `cursor`.
+    Pull(Pull),
+    /// Changes (or a whole document) the device lacks.
+    Update(Update),
+    /// The device is up to date with everything in its subscription up to `cursor`.
+    Caught(Cursor),
+    /// Knowledge about `doc` is stale on one side: run [`Message::Sync`] for it.
+    Resync(DocId),
+    /// Start or resume a large transfer on this stream.
+    Upload(Upload),
+    /// How many bytes of a transfer the receiver holds durably.
+    UploadOffset(UploadOffset),
+    /// A piece of a large transfer (at most [`MAX_PIECE`] bytes).
+    Piece(Piece),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscriptions_cover_their_team_days_zones_and_roster() {
+        let s = Subscription {
+            org: Some(OrgId::new("org").unwrap()),
+            teams: vec![TeamId::new("t3").unwrap()],
+            ledger_since: Some(Day::new("2026-11-23").unwrap()),
+            zones: vec![ZoneId::new("z1").unwrap()],
+            docs: vec![DocId::parse("households/z9").unwrap()],
+        };
+        let covers = |id: &str| s.covers(&DocId::parse(id).unwrap());
+        assert!(covers("ledger/t3/2026-11-23") && covers("ledger/t3/2026-12-01"));
+        assert!(!covers("ledger/t3/2026-11-22"), "older than ledger_since");
+        assert!(!covers("ledger/t4/2026-11-29"), "another team");
+        assert!(covers("households/z1") && covers("households/z9") && !covers("households/z2"));
+        assert!(covers("roster/org") && !covers("roster/other"));
+    }
+}
+
+/// Largest payload of one [`Piece`].
+pub const MAX_PIECE: usize = 1024 * 1024;
 
 impl Message {
     /// A short name of the message kind, for logs and errors.
@@ -43,6 +93,14 @@ impl Message {
             Message::Sync(_) => "sync",
             Message::Ack(_) => "ack",
             Message::Error(_) => "error",
+            Message::Push(_) => "push",
+            Message::Pull(_) => "pull",
+            Message::Update(_) => "update",
+            Message::Caught(_) => "caught",
+            Message::Resync(_) => "resync",
+            Message::Upload(_) => "upload",
+            Message::UploadOffset(_) => "upload_offset",
+            Message::Piece(_) => "piece",
         }
     }
 }
@@ -56,6 +114,53 @@ pub struct Hello {
     pub device: DeviceId,
     /// The app's version, for the relay's device health view.
     pub app_version: String,
+    /// What the device wants to receive.
+    pub subscription: Subscription,
+}
+
+/// What a device wants: its team's recent ledger days, its zones' households books, the
+/// roster, and any document named explicitly. New documents matching it reach the
+/// device without it knowing their ids.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Subscription {
+    /// The organisation whose roster to receive.
+    pub org: Option<OrgId>,
+    /// Teams whose ledgers to receive.
+    pub teams: Vec<TeamId>,
+    /// Oldest ledger day to receive (`None`: all days).
+    pub ledger_since: Option<Day>,
+    /// Zones whose households books to receive.
+    pub zones: Vec<ZoneId>,
+    /// Further documents, by id.
+    pub docs: Vec<DocId>,
+}
+
+impl Subscription {
+    /// Whether `doc` is in this subscription.
+    pub fn covers(&self, doc: &DocId) -> bool {
+        if self.docs.contains(doc) {
+            return true;
+        }
+        match doc.kind() {
+            DocKind::Roster(org) => self.org.as_ref() == Some(&org),
+            DocKind::Households(zone) => self.zones.contains(&zone),
+            DocKind::Ledger(team, day) => {
+                self.teams.contains(&team) && self.ledger_since.as_ref().is_none_or(|s| day >= *s)
+            }
+        }
+    }
+}
+
+/// Where a device is in a relay's change feed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// The relay database's epoch: a cursor from another epoch means nothing.
+    pub epoch: u64,
+    /// The device holds every change in its subscription up to this feed sequence.
+    pub seq: u64,
+    /// The subscription the cursor was earned under (documents newly in scope are sent
+    /// whole).
+    pub subscription: Subscription,
 }
 
 /// The relay accepts a device.
@@ -65,6 +170,8 @@ pub struct Welcome {
     pub protocol_version: u16,
     /// A name of the relay, for logs.
     pub relay: String,
+    /// The relay database's epoch.
+    pub epoch: u64,
 }
 
 /// One step of the per-document exchange.
@@ -87,8 +194,93 @@ pub struct Ack {
     pub doc: DocId,
     /// The relay's heads after the durable write.
     pub heads: Vec<[u8; 32]>,
-    /// How many changes from this device's last step were new to the relay.
+    /// How many changes from this device's push or step were new to the relay.
     pub applied: u32,
+}
+
+/// A device's changes that the relay has not acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Push {
+    /// The document.
+    pub doc: DocId,
+    /// An Automerge bundle of the changes (compressed, ≈12 bytes per change).
+    #[serde(with = "serde_bytes")]
+    pub bundle: Vec<u8>,
+    /// The device's heads including these changes.
+    pub heads: Vec<[u8; 32]>,
+}
+
+/// The end of a device's flight.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pull {
+    /// Where the device is in this relay's feed (`None`: send everything in scope).
+    pub cursor: Option<Cursor>,
+}
+
+/// What a device lacks of one document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Update {
+    /// The document.
+    pub doc: DocId,
+    /// A bundle of changes, or a whole saved document.
+    pub payload: Payload,
+    /// The relay's heads of the document when this was made.
+    pub heads: Vec<[u8; 32]>,
+}
+
+/// The bytes of an [`Update`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// An Automerge bundle of changes.
+    Bundle(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A whole document, as Automerge `save()` bytes.
+    Document(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Too large for one message: it follows as a transfer with this id on its own stream.
+    Transfer {
+        /// The transfer's id.
+        id: [u8; 16],
+        /// Total bytes.
+        len: u64,
+        /// Whether the bytes are a saved document (else a bundle).
+        document: bool,
+    },
+}
+
+/// Starts or resumes a large transfer of `len` bytes for `doc`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upload {
+    /// Content-derived id: the same bytes always have the same id, so a resumed transfer is
+    /// recognised.
+    pub id: [u8; 16],
+    /// The document.
+    pub doc: DocId,
+    /// Total bytes.
+    pub len: u64,
+    /// Whether the bytes are a saved document (else a bundle).
+    pub document: bool,
+    /// The sender's heads including this payload.
+    pub heads: Vec<[u8; 32]>,
+}
+
+/// The receiver holds `have` bytes of transfer `id` durably.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadOffset {
+    /// The transfer.
+    pub id: [u8; 16],
+    /// Bytes held.
+    pub have: u64,
+}
+
+/// Bytes `offset..offset + data.len()` of transfer `id`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Piece {
+    /// The transfer.
+    pub id: [u8; 16],
+    /// Where the bytes go.
+    pub offset: u64,
+    /// The bytes (at most [`MAX_PIECE`]).
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
 }
 
 /// An error a peer reports.
@@ -132,6 +324,8 @@ impl ErrorCode {
     pub const SHUTTING_DOWN: Self = Self(11);
     /// An unexpected relay failure.
     pub const INTERNAL: Self = Self(12);
+    /// A transfer's bytes do not match its id.
+    pub const BAD_TRANSFER: Self = Self(13);
 
     /// The code's name, or `unknown` for codes from a newer peer.
     pub fn name(self) -> &'static str {
@@ -148,6 +342,7 @@ impl ErrorCode {
             10 => "sync_did_not_settle",
             11 => "shutting_down",
             12 => "internal",
+            13 => "bad_transfer",
             _ => "unknown",
         }
     }

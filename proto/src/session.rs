@@ -1,26 +1,24 @@
-//! Sans-IO sync sessions: the per-document exchange on one stream, for both ends.
+//! Sans-IO fallback sessions: Automerge's own sync protocol for documents whose
+//! knowledge is stale on one side (a new device without a cursor is *not* stale; a
+//! restored backup, or a relay restored from an older copy, is).
 //!
 //! Like `quinn-proto`, these types never touch a socket, a clock or a disk. The driver
-//! (the QUIC client in `redline-client`, the relay in `redline-server`) feeds received
-//! [`Message`]s in with `handle_message`, drains messages to send with `poll_transmit`
-//! and events with `poll_event`, and does the I/O.
+//! feeds received [`Message`]s in with `handle_message`, drains messages to send with
+//! `poll_transmit` and events with `poll_event`, and does the I/O.
 //!
 //! The exchange per document is strictly alternating, device first:
 //!
 //! ```text
 //! device                                  relay
-//!   Hello ------------------------------->
-//!        <------------------------------- Welcome
 //!   Sync{doc, data?} -------------------> apply, flush to disk
 //!        <------------------------------- Ack{doc, heads, applied}
 //!        <------------------------------- Sync{doc, reply?}
 //!   ... until a round where neither side had anything to say
 //! ```
 //!
-//! Several documents are in flight at once on the same stream; each alternates on its
-//! own. The relay acknowledges only what it has flushed: the driver calls
-//! [`RelaySession::apply`], writes the document durably, and only then
-//! [`RelaySession::respond`], which queues the [`Ack`].
+//! Several documents are in flight at once; each alternates on its own. The relay
+//! acknowledges only what it has flushed: the driver calls [`RelayResync::apply`], writes
+//! the document durably, and only then [`RelayResync::respond`], which queues the [`Ack`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -28,28 +26,36 @@ use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, ChangeHash};
 
 use crate::Error;
-use crate::ids::{DeviceId, DocId};
-use crate::message::{
-    Ack, ErrorCode, ErrorReport, Hello, Message, PROTOCOL_VERSION, SyncStep, Welcome,
-};
+use crate::ids::DocId;
+use crate::message::{Ack, ErrorCode, ErrorReport, Hello, Message, PROTOCOL_VERSION, SyncStep};
 
 /// Upper bound on rounds for one document in one session. Automerge's protocol settles in
 /// two or three; more means the peers disagree about something they cannot fix.
 pub const DEFAULT_MAX_ROUNDS: u32 = 32;
 
-fn decode_sync(doc: &DocId, data: &[u8]) -> Result<sync::Message, Error> {
-    sync::Message::decode(data).map_err(|e| Error::BadSyncData {
-        doc: doc.clone(),
-        reason: e.to_string(),
-    })
+/// Checks a device's [`Hello`]: the version must be ours.
+pub fn check_hello(hello: &Hello) -> Result<(), Error> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(Error::UnsupportedVersion { theirs: hello.protocol_version, ours: PROTOCOL_VERSION });
+    }
+    Ok(())
 }
 
-fn hashes_to_wire(heads: &[ChangeHash]) -> Vec<[u8; 32]> {
+fn decode_sync(doc: &DocId, data: &[u8]) -> Result<sync::Message, Error> {
+    sync::Message::decode(data).map_err(|e| Error::BadSyncData { doc: doc.clone(), reason: e.to_string() })
+}
+
+/// Change hashes in their wire form.
+pub fn hashes_to_wire(heads: &[ChangeHash]) -> Vec<[u8; 32]> {
     heads.iter().map(|h| h.0).collect()
 }
 
-/// A document handed to a [`ClientSession`]: the device's copy and what it knows of the
-/// relay's copy.
+/// Change hashes from their wire form.
+pub fn hashes_from_wire(heads: &[[u8; 32]]) -> Vec<ChangeHash> {
+    heads.iter().map(|h| ChangeHash(*h)).collect()
+}
+
+/// A document handed to a [`DeviceResync`]: the device's copy and its sync state.
 #[derive(Debug)]
 pub struct DocToSync {
     /// Which document.
@@ -81,40 +87,6 @@ pub struct SyncedDoc {
     pub error: Option<ErrorReport>,
 }
 
-/// What a [`ClientSession`] tells its driver.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClientEvent {
-    /// The relay accepted the device.
-    Welcomed {
-        /// The relay's name.
-        relay: String,
-    },
-    /// The relay holds these heads of the document on disk.
-    Acked {
-        /// Which document.
-        doc: DocId,
-        /// The relay's durable heads.
-        heads: Vec<ChangeHash>,
-    },
-    /// Changes from the relay were applied to the device's copy.
-    Updated {
-        /// Which document.
-        doc: DocId,
-    },
-    /// The exchange for a document is complete.
-    Settled {
-        /// Which document.
-        doc: DocId,
-    },
-    /// The relay refused a document; the others carry on.
-    Refused {
-        /// Which document.
-        doc: DocId,
-        /// The relay's reason.
-        report: ErrorReport,
-    },
-}
-
 #[derive(Debug)]
 struct Exchange {
     doc: Automerge,
@@ -134,63 +106,53 @@ impl Exchange {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum ClientPhase {
-    AwaitingWelcome,
-    Syncing,
-}
-
-/// The device's side of one sync session on one stream.
+/// The device's side of Automerge-sync exchanges for some documents.
 #[derive(Debug)]
-pub struct ClientSession {
-    phase: ClientPhase,
+pub struct DeviceResync {
     docs: BTreeMap<DocId, Exchange>,
     outbox: VecDeque<Message>,
-    events: VecDeque<ClientEvent>,
     max_rounds: u32,
 }
 
-impl ClientSession {
-    /// Starts a session: queues the [`Hello`]; the documents' first steps follow the
-    /// relay's [`Welcome`].
-    pub fn new(device: DeviceId, app_version: String, docs: Vec<DocToSync>) -> Self {
-        let mut outbox = VecDeque::new();
-        outbox.push_back(Message::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            device,
-            app_version,
-        }));
-        let docs = docs
-            .into_iter()
-            .map(|d| {
-                let heads_before = d.doc.get_heads();
-                let ex = Exchange {
-                    doc: d.doc,
-                    state: d.state,
-                    heads_before,
-                    rounds: 0,
-                    awaiting_reply: false,
-                    settled: false,
-                    acked: None,
-                    changes_sent: 0,
-                    error: None,
-                };
-                (d.id, ex)
-            })
-            .collect();
-        Self {
-            phase: ClientPhase::AwaitingWelcome,
-            docs,
-            outbox,
-            events: VecDeque::new(),
-            max_rounds: DEFAULT_MAX_ROUNDS,
+impl DeviceResync {
+    /// Starts exchanges for `docs`; their first steps are queued at once.
+    pub fn new(docs: Vec<DocToSync>) -> Result<Self, Error> {
+        let mut this = Self { docs: BTreeMap::new(), outbox: VecDeque::new(), max_rounds: DEFAULT_MAX_ROUNDS };
+        for d in docs {
+            this.add(d)?;
         }
+        Ok(this)
     }
 
-    /// Overrides the per-document round limit.
-    pub fn with_max_rounds(mut self, max_rounds: u32) -> Self {
-        self.max_rounds = max_rounds;
-        self
+    /// Adds a document mid-session (a `Resync` from the relay, or missing dependencies
+    /// found locally) and queues its first step. A document already in the session is
+    /// left alone.
+    pub fn add(&mut self, d: DocToSync) -> Result<(), Error> {
+        if self.docs.contains_key(&d.id) {
+            return Ok(());
+        }
+        let heads_before = d.doc.get_heads();
+        let id = d.id.clone();
+        self.docs.insert(
+            d.id,
+            Exchange {
+                doc: d.doc,
+                state: d.state,
+                heads_before,
+                rounds: 0,
+                awaiting_reply: false,
+                settled: false,
+                acked: None,
+                changes_sent: 0,
+                error: None,
+            },
+        );
+        self.step(&id, false)
+    }
+
+    /// Whether `doc` is part of this session.
+    pub fn contains(&self, doc: &DocId) -> bool {
+        self.docs.contains_key(doc)
     }
 
     /// The next message to send, if any.
@@ -198,111 +160,53 @@ impl ClientSession {
         self.outbox.pop_front()
     }
 
-    /// The next event, if any.
-    pub fn poll_event(&mut self) -> Option<ClientEvent> {
-        self.events.pop_front()
-    }
-
-    /// Documents in this session.
-    pub fn docs_total(&self) -> usize {
-        self.docs.len()
-    }
-
-    /// Documents whose exchange is complete (settled or refused).
-    pub fn docs_finished(&self) -> usize {
-        self.docs.values().filter(|e| e.finished()).count()
-    }
-
     /// True once every document's exchange is complete and nothing is left to send.
     pub fn is_finished(&self) -> bool {
-        self.phase == ClientPhase::Syncing
-            && self.outbox.is_empty()
-            && self.docs.values().all(Exchange::finished)
+        self.outbox.is_empty() && self.docs.values().all(Exchange::finished)
     }
 
-    /// Feeds one message from the relay.
+    /// Feeds a `Sync`, `Ack` or per-document `Error` for a document of this session.
     pub fn handle_message(&mut self, msg: Message) -> Result<(), Error> {
-        match (&self.phase, msg) {
-            (ClientPhase::AwaitingWelcome, Message::Welcome(w)) => {
-                if w.protocol_version != PROTOCOL_VERSION {
-                    return Err(Error::UnsupportedVersion {
-                        theirs: w.protocol_version,
-                        ours: PROTOCOL_VERSION,
-                    });
-                }
-                self.phase = ClientPhase::Syncing;
-                self.events
-                    .push_back(ClientEvent::Welcomed { relay: w.relay });
-                let ids: Vec<DocId> = self.docs.keys().cloned().collect();
-                for id in ids {
-                    self.step(&id, false)?;
-                }
-                Ok(())
-            }
-            (_, Message::Error(report)) => match report.doc.clone() {
-                Some(doc) if self.docs.contains_key(&doc) => {
-                    let ex = self.docs.get_mut(&doc).expect("checked above");
-                    ex.error = Some(report.clone());
-                    ex.awaiting_reply = false;
-                    self.events.push_back(ClientEvent::Refused { doc, report });
-                    Ok(())
-                }
-                _ => Err(Error::Remote {
+        match msg {
+            Message::Error(report) => {
+                let doc = report.doc.clone().ok_or_else(|| Error::Remote {
                     code: report.code,
-                    text: report.text,
-                }),
-            },
-            (ClientPhase::Syncing, Message::Ack(ack)) => {
-                let ex = self.exchange(&ack.doc)?;
-                let heads: Vec<ChangeHash> = ack.heads.iter().map(|h| ChangeHash(*h)).collect();
-                ex.acked = Some(heads.clone());
-                ex.changes_sent += u64::from(ack.applied);
-                self.events.push_back(ClientEvent::Acked {
-                    doc: ack.doc,
-                    heads,
-                });
+                    text: report.text.clone(),
+                })?;
+                let ex = self.exchange(&doc)?;
+                ex.error = Some(report);
+                ex.awaiting_reply = false;
                 Ok(())
             }
-            (ClientPhase::Syncing, Message::Sync(step)) => self.receive_step(step),
-            (_, other) => Err(Error::ProtocolViolation(format!(
-                "device received an unexpected {} message",
-                other.kind()
-            ))),
+            Message::Ack(ack) => {
+                let ex = self.exchange(&ack.doc)?;
+                ex.acked = Some(hashes_from_wire(&ack.heads));
+                ex.changes_sent += u64::from(ack.applied);
+                Ok(())
+            }
+            Message::Sync(step) => self.receive_step(step),
+            other => Err(Error::ProtocolViolation(format!("resync got an unexpected {} message", other.kind()))),
         }
     }
 
     fn exchange(&mut self, doc: &DocId) -> Result<&mut Exchange, Error> {
-        self.docs.get_mut(doc).ok_or_else(|| {
-            Error::ProtocolViolation(format!(
-                "relay sent a message for {doc}, not in this session"
-            ))
-        })
+        self.docs
+            .get_mut(doc)
+            .ok_or_else(|| Error::ProtocolViolation(format!("relay sent a message for {doc}, not in this session")))
     }
 
     fn receive_step(&mut self, step: SyncStep) -> Result<(), Error> {
         let ex = self.exchange(&step.doc)?;
         if !ex.awaiting_reply {
-            return Err(Error::ProtocolViolation(format!(
-                "relay sent a sync step for {} out of turn",
-                step.doc
-            )));
+            return Err(Error::ProtocolViolation(format!("relay sent a sync step for {} out of turn", step.doc)));
         }
         ex.awaiting_reply = false;
         let relay_said_something = step.data.is_some();
         if let Some(data) = step.data {
             let msg = decode_sync(&step.doc, &data)?;
-            let before = ex.doc.get_heads();
             ex.doc
                 .receive_sync_message(&mut ex.state, msg)
-                .map_err(|e| Error::Automerge {
-                    doc: step.doc.clone(),
-                    reason: e.to_string(),
-                })?;
-            if ex.doc.get_heads() != before {
-                self.events.push_back(ClientEvent::Updated {
-                    doc: step.doc.clone(),
-                });
-            }
+                .map_err(|e| Error::Automerge { doc: step.doc.clone(), reason: e.to_string() })?;
         }
         self.step(&step.doc, relay_said_something)
     }
@@ -315,22 +219,14 @@ impl ClientSession {
         // The first step always goes out (the relay may have news even if we have none).
         if next.is_none() && !relay_said_something && ex.rounds > 0 {
             ex.settled = true;
-            self.events
-                .push_back(ClientEvent::Settled { doc: id.clone() });
             return Ok(());
         }
         if ex.rounds >= max_rounds {
-            return Err(Error::SyncDidNotSettle {
-                doc: id.clone(),
-                rounds: ex.rounds,
-            });
+            return Err(Error::SyncDidNotSettle { doc: id.clone(), rounds: ex.rounds });
         }
         ex.rounds += 1;
         ex.awaiting_reply = true;
-        self.outbox.push_back(Message::Sync(SyncStep {
-            doc: id.clone(),
-            data: next.map(sync::Message::encode),
-        }));
+        self.outbox.push_back(Message::Sync(SyncStep { doc: id.clone(), data: next.map(sync::Message::encode) }));
         Ok(())
     }
 
@@ -355,64 +251,24 @@ impl ClientSession {
     }
 }
 
-/// What a [`RelaySession`] asks its driver to do.
-#[derive(Debug)]
-pub enum RelayEvent {
-    /// A device introduced itself; the [`Welcome`] is queued.
-    DeviceHello {
-        /// Which device.
-        device: DeviceId,
-        /// Its app version.
-        app_version: String,
-    },
-    /// A sync step for a document: load it, [`RelaySession::apply`], persist, then
-    /// [`RelaySession::respond`].
-    SyncStep {
-        /// Which document.
-        doc: DocId,
-        /// The decoded Automerge sync message, if the device sent one.
-        message: Option<sync::Message>,
-    },
-}
-
-/// The outcome of [`RelaySession::apply`].
+/// The outcome of [`RelayResync::apply`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Applied {
     /// Changes new to the relay's copy. Zero means nothing needs writing.
     pub new_changes: u32,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum RelayPhase {
-    AwaitingHello,
-    Ready,
-}
-
-/// The relay's side of one sync session on one stream.
-#[derive(Debug)]
-pub struct RelaySession {
-    relay: String,
-    phase: RelayPhase,
-    device: Option<DeviceId>,
+/// The relay's side of Automerge-sync exchanges on one connection.
+#[derive(Debug, Default)]
+pub struct RelayResync {
     peers: HashMap<DocId, sync::State>,
     outbox: VecDeque<Message>,
 }
 
-impl RelaySession {
-    /// A session for a stream just opened by a device; `relay` names this relay.
-    pub fn new(relay: impl Into<String>) -> Self {
-        Self {
-            relay: relay.into(),
-            phase: RelayPhase::AwaitingHello,
-            device: None,
-            peers: HashMap::new(),
-            outbox: VecDeque::new(),
-        }
-    }
-
-    /// The device, once it has said hello.
-    pub fn device(&self) -> Option<&DeviceId> {
-        self.device.as_ref()
+impl RelayResync {
+    /// No exchanges yet.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// The next message to send, if any.
@@ -420,81 +276,22 @@ impl RelaySession {
         self.outbox.pop_front()
     }
 
-    /// Feeds one message from the device. An `Err` means the stream must end; an
-    /// [`ErrorReport`] for the device has been queued where one makes sense.
-    pub fn handle_message(&mut self, msg: Message) -> Result<Option<RelayEvent>, Error> {
-        let result = self.dispatch(msg);
-        if let Err(e) = &result {
-            self.report(e.code(), e.to_string(), e.doc().cloned());
-        }
-        result
-    }
-
-    fn dispatch(&mut self, msg: Message) -> Result<Option<RelayEvent>, Error> {
-        match (&self.phase, msg) {
-            (RelayPhase::AwaitingHello, Message::Hello(hello)) => {
-                if hello.protocol_version != PROTOCOL_VERSION {
-                    return Err(Error::UnsupportedVersion {
-                        theirs: hello.protocol_version,
-                        ours: PROTOCOL_VERSION,
-                    });
-                }
-                self.phase = RelayPhase::Ready;
-                self.device = Some(hello.device.clone());
-                self.outbox.push_back(Message::Welcome(Welcome {
-                    protocol_version: PROTOCOL_VERSION,
-                    relay: self.relay.clone(),
-                }));
-                Ok(Some(RelayEvent::DeviceHello {
-                    device: hello.device,
-                    app_version: hello.app_version,
-                }))
-            }
-            (RelayPhase::Ready, Message::Sync(step)) => {
-                let message = match step.data {
-                    Some(data) => Some(decode_sync(&step.doc, &data)?),
-                    None => None,
-                };
-                Ok(Some(RelayEvent::SyncStep {
-                    doc: step.doc,
-                    message,
-                }))
-            }
-            (_, Message::Error(report)) => Err(Error::Remote {
-                code: report.code,
-                text: report.text,
-            }),
-            (phase, other) => Err(Error::ProtocolViolation(format!(
-                "relay received an unexpected {} message {}",
-                other.kind(),
-                if *phase == RelayPhase::AwaitingHello {
-                    "before hello"
-                } else {
-                    "after hello"
-                }
-            ))),
-        }
+    /// Decodes a device's sync step.
+    pub fn decode(step: &SyncStep) -> Result<Option<sync::Message>, Error> {
+        step.data.as_deref().map(|d| decode_sync(&step.doc, d)).transpose()
     }
 
     /// Applies a device's sync message to the relay's copy of `doc_id`. Nothing is
     /// acknowledged yet: persist the document if [`Applied::new_changes`] is not zero,
     /// then call [`respond`](Self::respond).
-    pub fn apply(
-        &mut self,
-        doc_id: &DocId,
-        doc: &mut Automerge,
-        message: Option<sync::Message>,
-    ) -> Result<Applied, Error> {
+    pub fn apply(&mut self, doc_id: &DocId, doc: &mut Automerge, message: Option<sync::Message>) -> Result<Applied, Error> {
         let state = self.peers.entry(doc_id.clone()).or_default();
         let Some(message) = message else {
             return Ok(Applied { new_changes: 0 });
         };
         let before = doc.get_heads();
         doc.receive_sync_message(state, message)
-            .map_err(|e| Error::Automerge {
-                doc: doc_id.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| Error::Automerge { doc: doc_id.clone(), reason: e.to_string() })?;
         let new_changes = if doc.get_heads() == before {
             0
         } else {
@@ -512,26 +309,20 @@ impl RelaySession {
             applied: applied.new_changes,
         }));
         let reply = doc.generate_sync_message(state);
-        self.outbox.push_back(Message::Sync(SyncStep {
-            doc: doc_id.clone(),
-            data: reply.map(sync::Message::encode),
-        }));
+        self.outbox.push_back(Message::Sync(SyncStep { doc: doc_id.clone(), data: reply.map(sync::Message::encode) }));
     }
 
-    /// Queues an error report for the device.
-    pub fn report(&mut self, code: ErrorCode, text: String, doc: Option<DocId>) {
-        if let Some(d) = &doc {
-            // The device will start this document afresh next time.
-            self.peers.remove(d);
-        }
-        self.outbox
-            .push_back(Message::Error(ErrorReport { code, text, doc }));
+    /// Queues an error report for the device about `doc`; its exchange starts afresh.
+    pub fn report(&mut self, code: ErrorCode, text: String, doc: DocId) {
+        self.peers.remove(&doc);
+        self.outbox.push_back(Message::Error(ErrorReport { code, text, doc: Some(doc) }));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::DeviceId;
     use automerge::transaction::Transactable;
     use automerge::{ActorId, ObjType, ROOT, ReadDoc};
 
@@ -543,26 +334,22 @@ mod tests {
         doc
     }
 
-    /// Runs a device session against a relay session until quiet, the relay's documents
-    /// in `relay_docs`. Returns the finished device docs and the number of messages.
-    fn run(
-        mut device: ClientSession,
-        relay: &mut RelaySession,
-        relay_docs: &mut HashMap<DocId, Automerge>,
-    ) -> (Vec<SyncedDoc>, usize) {
+    /// Runs a device resync against a relay resync until quiet.
+    fn run(docs: Vec<(DocId, Automerge)>, relay_docs: &mut HashMap<DocId, Automerge>) -> (Vec<SyncedDoc>, usize) {
+        let docs = docs.into_iter().map(|(id, doc)| DocToSync { id, doc, state: sync::State::new() }).collect();
+        let mut device = DeviceResync::new(docs).unwrap();
+        let mut relay = RelayResync::new();
         let mut messages = 0;
         loop {
             let mut progressed = false;
             while let Some(m) = device.poll_transmit() {
                 progressed = true;
                 messages += 1;
-                if let Some(RelayEvent::SyncStep { doc, message }) =
-                    relay.handle_message(m).unwrap()
-                {
-                    let d = relay_docs.entry(doc.clone()).or_default();
-                    let applied = relay.apply(&doc, d, message).unwrap();
-                    relay.respond(&doc, d, applied);
-                }
+                let Message::Sync(step) = m else { panic!("device sent {m:?}") };
+                let msg = RelayResync::decode(&step).unwrap();
+                let d = relay_docs.entry(step.doc.clone()).or_default();
+                let applied = relay.apply(&step.doc, d, msg).unwrap();
+                relay.respond(&step.doc, d, applied);
             }
             while let Some(m) = relay.poll_transmit() {
                 progressed = true;
@@ -573,166 +360,74 @@ mod tests {
                 break;
             }
         }
-        assert!(
-            device.is_finished(),
-            "session stopped before every document settled"
-        );
+        assert!(device.is_finished(), "session stopped before every document settled");
         (device.finish(), messages)
-    }
-
-    fn device(id: &str, docs: Vec<(DocId, Automerge)>) -> ClientSession {
-        let docs = docs
-            .into_iter()
-            .map(|(id, doc)| DocToSync {
-                id,
-                doc,
-                state: sync::State::new(),
-            })
-            .collect();
-        ClientSession::new(DeviceId::new(id).unwrap(), "test".into(), docs)
     }
 
     #[test]
     fn two_devices_converge_through_a_relay() {
         let id = DocId::parse("ledger/t1/2026-11-29").unwrap();
         let mut relay = HashMap::new();
-        let (a, _) = run(
-            device("a", vec![(id.clone(), doc_with(1, "a", 1))]),
-            &mut RelaySession::new("r"),
-            &mut relay,
-        );
+        let (a, _) = run(vec![(id.clone(), doc_with(1, "a", 1))], &mut relay);
         assert_eq!(a[0].changes_sent, 1);
-        assert_eq!(
-            a[0].acked_heads.as_deref(),
-            Some(relay[&id].get_heads().as_slice())
-        );
-        let (b, _) = run(
-            device("b", vec![(id.clone(), doc_with(2, "b", 2))]),
-            &mut RelaySession::new("r"),
-            &mut relay,
-        );
+        assert_eq!(a[0].acked_heads.as_deref(), Some(relay[&id].get_heads().as_slice()));
+        let (b, _) = run(vec![(id.clone(), doc_with(2, "b", 2))], &mut relay);
         assert_eq!((b[0].changes_sent, b[0].changes_received), (1, 1));
-        let (a2, _) = run(
-            device("a", vec![(id.clone(), a.into_iter().next().unwrap().doc)]),
-            &mut RelaySession::new("r"),
-            &mut relay,
-        );
+        let (a2, _) = run(vec![(id.clone(), a.into_iter().next().unwrap().doc)], &mut relay);
         assert_eq!(a2[0].changes_received, 1);
-        let (a_doc, b_doc) = (&a2[0].doc, &b[0].doc);
-        assert_eq!(a_doc.get_heads(), b_doc.get_heads());
-        assert_eq!(a_doc.get_heads(), relay[&id].get_heads());
-        for d in [a_doc, b_doc] {
+        assert_eq!(a2[0].doc.get_heads(), b[0].doc.get_heads());
+        assert_eq!(a2[0].doc.get_heads(), relay[&id].get_heads());
+        for d in [&a2[0].doc, &b[0].doc] {
             assert!(d.get(ROOT, "a").unwrap().is_some() && d.get(ROOT, "b").unwrap().is_some());
         }
     }
 
     #[test]
     fn many_documents_share_one_session() {
-        let ids: Vec<DocId> = (0..20)
-            .map(|i| DocId::parse(&format!("households/z{i}")).unwrap())
-            .collect();
+        let ids: Vec<DocId> = (0..20).map(|i| DocId::parse(&format!("households/z{i}")).unwrap()).collect();
         let mut relay = HashMap::new();
-        let docs = ids
-            .iter()
-            .map(|id| (id.clone(), doc_with(3, "x", 1)))
-            .collect();
-        let (out, _) = run(device("c", docs), &mut RelaySession::new("r"), &mut relay);
+        let (out, _) = run(ids.iter().map(|id| (id.clone(), doc_with(3, "x", 1))).collect(), &mut relay);
         assert_eq!(out.len(), 20);
         assert!(out.iter().all(|d| d.settled && d.changes_sent == 1));
         assert_eq!(relay.len(), 20);
     }
 
     #[test]
-    fn in_sync_documents_settle_in_one_round() {
+    fn in_sync_documents_settle_quickly() {
         let id = DocId::parse("roster/org").unwrap();
         let mut relay = HashMap::new();
         let doc = doc_with(4, "k", 1);
         relay.insert(id.clone(), doc.clone());
-        let (out, messages) = run(
-            device("d", vec![(id.clone(), doc)]),
-            &mut RelaySession::new("r"),
-            &mut relay,
-        );
+        let (out, messages) = run(vec![(id.clone(), doc)], &mut relay);
         assert!(out[0].settled);
         assert_eq!((out[0].changes_sent, out[0].changes_received), (0, 0));
-        assert!(
-            messages <= 8,
-            "{messages} messages for a document already in sync"
-        );
+        assert!(messages <= 8, "{messages} messages for a document already in sync");
     }
 
     #[test]
-    fn sync_before_hello_is_refused_with_a_code() {
-        let mut relay = RelaySession::new("r");
-        let step = Message::Sync(SyncStep {
-            doc: DocId::parse("roster/o").unwrap(),
-            data: None,
-        });
-        assert!(matches!(
-            relay.handle_message(step),
-            Err(Error::ProtocolViolation(_))
-        ));
-        match relay.poll_transmit() {
-            Some(Message::Error(r)) => assert_eq!(r.code, ErrorCode::PROTOCOL_VIOLATION),
-            other => panic!("expected an error report, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn garbage_sync_data_is_refused_and_leaves_the_document_alone() {
-        let mut relay = RelaySession::new("r");
-        relay
-            .handle_message(Message::Hello(Hello {
-                protocol_version: PROTOCOL_VERSION,
-                device: DeviceId::new("e").unwrap(),
-                app_version: String::new(),
-            }))
-            .unwrap();
-        let id = DocId::parse("roster/o").unwrap();
-        let step = Message::Sync(SyncStep {
-            doc: id.clone(),
-            data: Some(vec![0x42, 0xff, 0xff]),
-        });
-        assert!(matches!(
-            relay.handle_message(step),
-            Err(Error::BadSyncData { .. })
-        ));
-        let _welcome = relay.poll_transmit();
-        match relay.poll_transmit() {
-            Some(Message::Error(r)) => {
-                assert_eq!(r.code, ErrorCode::BAD_DOCUMENT_DATA);
-                assert_eq!(r.doc, Some(id));
-            }
-            other => panic!("expected an error report, got {other:?}"),
-        }
+    fn garbage_sync_data_is_refused() {
+        let step = SyncStep { doc: DocId::parse("roster/o").unwrap(), data: Some(vec![0x42, 0xff, 0xff]) };
+        assert!(matches!(RelayResync::decode(&step), Err(Error::BadSyncData { .. })));
     }
 
     #[test]
     fn wrong_protocol_version_is_refused() {
-        let mut relay = RelaySession::new("r");
-        let hello = Message::Hello(Hello {
+        let hello = Hello {
             protocol_version: 99,
             device: DeviceId::new("f").unwrap(),
             app_version: String::new(),
-        });
-        assert!(matches!(
-            relay.handle_message(hello),
-            Err(Error::UnsupportedVersion { theirs: 99, .. })
-        ));
-        assert!(
-            matches!(relay.poll_transmit(), Some(Message::Error(r)) if r.code == ErrorCode::UNSUPPORTED_VERSION)
-        );
+            subscription: Default::default(),
+        };
+        assert!(matches!(check_hello(&hello), Err(Error::UnsupportedVersion { theirs: 99, .. })));
     }
 
     #[test]
     fn counters_from_two_devices_sum() {
         let id = DocId::parse("ledger/t/2026-01-01").unwrap();
-        // Shared genesis: the same first change on both devices.
         let mut genesis = Automerge::new().with_actor(ActorId::from([0u8; 16]));
         let mut tx = genesis.transaction();
         let t = tx.put_object(ROOT, "tallies", ObjType::Map).unwrap();
-        tx.put(&t, "samples", automerge::ScalarValue::counter(0))
-            .unwrap();
+        tx.put(&t, "samples", automerge::ScalarValue::counter(0)).unwrap();
         tx.commit();
         let bump = |actor: u8, by: i64| {
             let mut d = genesis.fork().with_actor(ActorId::from([actor; 16]));
@@ -743,18 +438,9 @@ mod tests {
             d
         };
         let mut relay = HashMap::new();
-        run(
-            device("a", vec![(id.clone(), bump(1, 3))]),
-            &mut RelaySession::new("r"),
-            &mut relay,
-        );
-        let (b, _) = run(
-            device("b", vec![(id.clone(), bump(2, 4))]),
-            &mut RelaySession::new("r"),
-            &mut relay,
-        );
+        run(vec![(id.clone(), bump(1, 3))], &mut relay);
+        let (b, _) = run(vec![(id.clone(), bump(2, 4))], &mut relay);
         let (_, t) = b[0].doc.get(ROOT, "tallies").unwrap().unwrap();
-        let v = b[0].doc.get(&t, "samples").unwrap().unwrap().0;
-        assert_eq!(v.as_i64(), Some(7));
+        assert_eq!(b[0].doc.get(&t, "samples").unwrap().unwrap().0.as_i64(), Some(7));
     }
 }

@@ -31,6 +31,11 @@ pub struct RelayConfig {
     pub max_streams_per_connection: u32,
     /// A connection silent for this long is closed (phones keep alive below it).
     pub idle_timeout: Duration,
+    /// Memory budget of the parsed-document cache (an estimate; cold documents stay
+    /// compressed on disk).
+    pub cache_budget_bytes: usize,
+    /// Largest document or upload accepted.
+    pub max_document_bytes: u64,
     /// The relay's name in [`Welcome`](redline_proto::message::Welcome) messages and logs.
     pub name: String,
 }
@@ -45,6 +50,8 @@ impl RelayConfig {
             max_connections: 10_000,
             max_streams_per_connection: 64,
             idle_timeout: Duration::from_secs(60),
+            cache_budget_bytes: 512 * 1024 * 1024,
+            max_document_bytes: 256 * 1024 * 1024,
             name: "redline-relay".into(),
         }
     }

@@ -1,24 +1,41 @@
-//! One device connection: accepts the device's streams and drives a
-//! [`RelaySession`] on each, doing the I/O the session asks for.
+//! One device connection.
 //!
-//! Per sync step: lock the document, apply, persist if anything is new, then let the
-//! session queue the ack and reply. A bad document step gets an error report for that
-//! document and the stream carries on; a broken stream (bad frame, protocol violation)
-//! is answered with an error and finished; other streams and connections are untouched.
+//! The first bidirectional stream is the *control* stream: `Hello`, pushes, `Pull`,
+//! fallback `Sync` steps from the device; `Welcome`, acks, updates, `Caught` from the
+//! relay. Every further bidirectional stream the device opens is one resumable upload.
+//! Large updates go to the device on their own unidirectional streams, so one big
+//! document never holds up the others.
+//!
+//! After the first `Pull` the connection is *live*: whenever the hub's stable feed
+//! sequence moves, the relay runs the same catch-up again from where this device is, so
+//! changes reach it without polling. A slow device only delays itself: the watch holds
+//! just the latest sequence, and catch-up reads what it needs from the feed.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use automerge::ChangeHash;
 use quinn::{RecvStream, SendStream};
 use redline_proto::codec::{self, HEADER_LEN};
-use redline_proto::message::Message;
-use redline_proto::session::{RelayEvent, RelaySession};
-use redline_proto::{DocId, ErrorCode};
+use redline_proto::message::{
+    Ack, Cursor, ErrorReport, Message, Payload, Piece, Pull, Subscription, Update, UploadOffset, Welcome,
+};
+use redline_proto::session::{RelayResync, check_hello, hashes_from_wire, hashes_to_wire};
+use redline_proto::{DeviceId, DocId, ErrorCode, PROTOCOL_VERSION};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Error;
 use crate::config::RelayConfig;
-use crate::hub::Hub;
+use crate::hub::{Committed, Hub, bundle_changes};
+
+/// Updates larger than this go as a transfer on their own stream.
+pub(crate) const INLINE_MAX: usize = 512 * 1024;
+/// Piece size of relay-to-device transfers.
+const PIECE: usize = 256 * 1024;
 
 /// Serves one incoming connection until it closes.
 pub(crate) async fn serve(incoming: quinn::Incoming, hub: Arc<Hub>, config: Arc<RelayConfig>) {
@@ -30,40 +47,19 @@ pub(crate) async fn serve(incoming: quinn::Incoming, hub: Arc<Hub>, config: Arc<
             return;
         }
     };
-    let span = info_span!("conn", conn = conn.stable_id(), %remote);
+    let span = info_span!("conn", conn = conn.stable_id(), %remote, device = tracing::field::Empty);
+    let span2 = span.clone();
     async move {
-        debug!("connected");
-        let mut streams = JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = conn.accept_bi() => match accepted {
-                    Ok((send, recv)) => {
-                        let stream_span = info_span!("stream", id = %send.id());
-                        streams.spawn(
-                            serve_stream(send, recv, hub.clone(), config.clone()).instrument(stream_span),
-                        );
-                    }
-                    Err(e) => {
-                        debug!("connection ended: {e}");
-                        break;
-                    }
-                },
-                Some(done) = streams.join_next() => {
-                    if let Ok(Err(e)) = done {
-                        debug!("stream ended with error: {e}");
-                    }
-                }
-            }
+        if let Err(e) = run(conn, hub, config, span2).await {
+            debug!("connection ended: {e}");
         }
-        // The connection is gone; streams still writing will fail on their own.
-        while streams.join_next().await.is_some() {}
     }
     .instrument(span)
     .await
 }
 
 /// Reads one frame: `Ok(None)` at a clean end of stream (between frames).
-async fn read_message(recv: &mut RecvStream, max_frame: usize) -> Result<Option<Message>, Error> {
+pub(crate) async fn read_message(recv: &mut RecvStream, max_frame: usize) -> Result<Option<Message>, Error> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -76,133 +72,335 @@ async fn read_message(recv: &mut RecvStream, max_frame: usize) -> Result<Option<
     let len = codec::payload_len(header, max_frame)?;
     let mut payload = vec![0u8; len];
     recv.read_exact(&mut payload).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(n) => {
-            Error::Protocol(redline_proto::Error::Truncated {
-                have: HEADER_LEN + n,
-            })
-        }
+        quinn::ReadExactError::FinishedEarly(n) => Error::Protocol(redline_proto::Error::Truncated { have: HEADER_LEN + n }),
         quinn::ReadExactError::ReadError(e) => Error::Connection(e.to_string()),
     })?;
     Ok(Some(codec::decode_payload(&payload)?))
 }
 
-async fn flush_outbox(
-    session: &mut RelaySession,
-    send: &mut SendStream,
-    max_frame: usize,
-) -> Result<(), Error> {
-    while let Some(msg) = session.poll_transmit() {
-        let frame = match codec::encode_frame(&msg, max_frame) {
-            Ok(f) => f,
-            Err(e) => {
-                // Too large to send in one frame: tell the device instead of going silent.
-                let doc = match &msg {
-                    Message::Sync(s) => Some(s.doc.clone()),
-                    _ => None,
-                };
-                warn!("cannot send {}: {e}", msg.kind());
-                session.report(ErrorCode::TOO_LARGE, e.to_string(), doc);
-                continue;
-            }
-        };
-        send.write_all(&frame)
-            .await
-            .map_err(|e| Error::Connection(e.to_string()))?;
-    }
-    Ok(())
+async fn write_message(send: &mut SendStream, msg: &Message, max_frame: usize) -> Result<(), Error> {
+    let frame = codec::encode_frame(msg, max_frame)?;
+    send.write_all(&frame).await.map_err(|e| Error::Connection(e.to_string()))
 }
 
-async fn serve_stream(
-    mut send: SendStream,
-    mut recv: RecvStream,
-    hub: Arc<Hub>,
-    config: Arc<RelayConfig>,
-) -> Result<(), Error> {
-    let mut session = RelaySession::new(config.name.clone());
-    let result = drive(&mut session, &mut send, &mut recv, &hub, &config).await;
-    if let Err(e) = &result
-        && let Error::Protocol(p) = e
-    {
-        session.report(p.code(), p.to_string(), None);
+fn error_msg(code: ErrorCode, text: impl Into<String>, doc: Option<DocId>) -> Message {
+    Message::Error(ErrorReport { code, text: text.into(), doc })
+}
+
+/// What the relay knows of one device on this connection.
+struct Peer {
+    device: DeviceId,
+    subscription: Subscription,
+    /// Heads the device is known to hold, per document (pushed or delivered here).
+    known: HashMap<DocId, Vec<ChangeHash>>,
+    /// Feed sequence the device has been brought up to (`None` before its first pull).
+    delivered: Option<u64>,
+    resync: RelayResync,
+}
+
+async fn run(conn: quinn::Connection, hub: Arc<Hub>, config: Arc<RelayConfig>, span: tracing::Span) -> Result<(), Error> {
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| Error::Connection(e.to_string()))?;
+    let hello = match tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv, config.max_frame)).await {
+        Ok(Ok(Some(Message::Hello(h)))) => h,
+        Ok(Ok(Some(other))) => {
+            let _ = write_message(&mut send, &error_msg(ErrorCode::PROTOCOL_VIOLATION, format!("expected hello, got {}", other.kind()), None), config.max_frame).await;
+            return Err(Error::Connection("no hello".into()));
+        }
+        Ok(Ok(None)) | Err(_) => return Err(Error::Connection("no hello in time".into())),
+        Ok(Err(e)) => return Err(e),
+    };
+    if let Err(e) = check_hello(&hello) {
+        let _ = write_message(&mut send, &error_msg(e.code(), e.to_string(), None), config.max_frame).await;
+        let _ = send.finish();
+        return Err(e.into());
     }
-    // Best effort: the device may already be gone.
-    let _ = flush_outbox(&mut session, &mut send, config.max_frame).await;
-    let _ = send.finish();
+    span.record("device", tracing::field::display(&hello.device));
+    info!(app_version = %hello.app_version, "device hello");
+    write_message(
+        &mut send,
+        &Message::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, relay: config.name.clone(), epoch: hub.epoch() }),
+        config.max_frame,
+    )
+    .await?;
+
+    // Writer: one task owns the control stream's send side.
+    let (out, mut outbox) = mpsc::channel::<Message>(256);
+    let max_frame = config.max_frame;
+    let writer = tokio::spawn(async move {
+        while let Some(m) = outbox.recv().await {
+            if let Err(e) = write_message(&mut send, &m, max_frame).await {
+                debug!("control stream write failed: {e}");
+                return;
+            }
+        }
+        let _ = send.finish();
+    });
+    // Reader: frames into a channel, so the main loop can also wait on other things.
+    let (inbox_tx, mut inbox) = mpsc::channel::<Result<Message, Error>>(64);
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = read_message(&mut recv, max_frame).await;
+            let end = !matches!(r, Ok(Some(_)));
+            let item = match r {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            if inbox_tx.send(item).await.is_err() || end {
+                break;
+            }
+        }
+    });
+
+    let mut peer = Peer {
+        device: hello.device.clone(),
+        subscription: hello.subscription.clone(),
+        known: HashMap::new(),
+        delivered: None,
+        resync: RelayResync::new(),
+    };
+    let mut pushes: JoinSet<(DocId, Vec<ChangeHash>, Result<Committed, Error>)> = JoinSet::new();
+    let mut uploads: JoinSet<()> = JoinSet::new();
+    let mut pending_pull: Option<Pull> = None;
+    let mut stable = hub.stable();
+    let result = loop {
+        let live = peer.delivered.is_some();
+        tokio::select! {
+            item = inbox.recv() => match item {
+                None => break Ok(()),
+                Some(Err(e)) => {
+                    let (code, text) = match &e { Error::Protocol(p) => (p.code(), p.to_string()), other => (ErrorCode::BAD_FRAME, other.to_string()) };
+                    let _ = out.send(error_msg(code, text, None)).await;
+                    break Err(e);
+                }
+                Some(Ok(msg)) => {
+                    match msg {
+                        Message::Push(p) => match bundle_changes(&p.bundle) {
+                            Ok(changes) => {
+                                let hub = hub.clone();
+                                let heads = hashes_from_wire(&p.heads);
+                                pushes.spawn(async move { let r = hub.push(&p.doc, changes).await; (p.doc, heads, r) });
+                            }
+                            Err(e) => { let _ = out.send(error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(p.doc))).await; }
+                        },
+                        Message::Pull(pull) => {
+                            pending_pull = Some(pull);
+                        }
+                        Message::Sync(step) => {
+                            resync_step(&hub, &mut peer, step).await;
+                            while let Some(m) = peer.resync.poll_transmit() {
+                                if out.send(m).await.is_err() { break; }
+                            }
+                        }
+                        other => {
+                            let _ = out.send(error_msg(ErrorCode::PROTOCOL_VIOLATION, format!("unexpected {} on the control stream", other.kind()), None)).await;
+                            break Err(Error::Connection(format!("unexpected {}", other.kind())));
+                        }
+                    }
+                    if pushes.is_empty() && let Some(pull) = pending_pull.take() {
+                        if let Err(e) = catch_up(&hub, &conn, &mut peer, &out, pull.cursor, &config).await {
+                            break Err(e);
+                        }
+                    }
+                }
+            },
+            Some(done) = pushes.join_next() => {
+                if let Ok((doc, device_heads, r)) = done {
+                    let reply = match r {
+                        Ok(c) => {
+                            let entry = peer.known.entry(doc.clone()).or_default();
+                            merge_heads(entry, &device_heads);
+                            Message::Ack(Ack { doc, heads: hashes_to_wire(&c.heads), applied: c.applied })
+                        }
+                        Err(Error::MissingDependencies(_)) => Message::Resync(doc),
+                        Err(Error::BadChanges(text)) => error_msg(ErrorCode::BAD_DOCUMENT_DATA, text, Some(doc)),
+                        Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, format!("nothing was acknowledged: {e}"), Some(doc)),
+                    };
+                    if out.send(reply).await.is_err() { break Ok(()); }
+                }
+                if pushes.is_empty() && let Some(pull) = pending_pull.take() {
+                    if let Err(e) = catch_up(&hub, &conn, &mut peer, &out, pull.cursor, &config).await {
+                        break Err(e);
+                    }
+                }
+            }
+            changed = stable.changed(), if live => {
+                if changed.is_err() { break Ok(()); }
+                let cursor = Cursor { epoch: hub.epoch(), seq: peer.delivered.unwrap_or(0), subscription: peer.subscription.clone() };
+                if let Err(e) = catch_up(&hub, &conn, &mut peer, &out, Some(cursor), &config).await {
+                    break Err(e);
+                }
+            }
+            accepted = conn.accept_bi() => match accepted {
+                Ok((s, r)) => {
+                    let (hub, config, device) = (hub.clone(), config.clone(), peer.device.clone());
+                    uploads.spawn(async move {
+                        if let Err(e) = upload(s, r, hub, config, device).await { debug!("upload ended: {e}"); }
+                    }.in_current_span());
+                }
+                Err(e) => break Err(Error::Connection(e.to_string())),
+            },
+            Some(_) = uploads.join_next() => {}
+        }
+    };
+    drop(out);
+    reader.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     result
 }
 
-async fn drive(
-    session: &mut RelaySession,
-    send: &mut SendStream,
-    recv: &mut RecvStream,
+fn merge_heads(into: &mut Vec<ChangeHash>, more: &[ChangeHash]) {
+    for h in more {
+        if !into.contains(h) {
+            into.push(*h);
+        }
+    }
+}
+
+/// Sends the device what it lacks in its subscription since `cursor`, then `Caught`.
+async fn catch_up(
     hub: &Hub,
+    conn: &quinn::Connection,
+    peer: &mut Peer,
+    out: &mpsc::Sender<Message>,
+    cursor: Option<Cursor>,
     config: &RelayConfig,
 ) -> Result<(), Error> {
-    while let Some(msg) = read_message(recv, config.max_frame).await? {
-        match session.handle_message(msg) {
-            Ok(Some(RelayEvent::DeviceHello {
-                device,
-                app_version,
-            })) => {
-                info!(%device, %app_version, "device hello");
-            }
-            Ok(Some(RelayEvent::SyncStep { doc, message })) => {
-                sync_step(session, hub, &doc, message).await;
-            }
-            Ok(None) => {}
-            // A refused document: the session queued its report; the stream goes on.
-            Err(e) if e.doc().is_some() => debug!("refused a step: {e}"),
-            Err(e) => {
-                flush_outbox(session, send, config.max_frame).await?;
-                return Err(e.into());
-            }
+    let upto = *hub.stable().borrow();
+    let usable = cursor.filter(|c| c.epoch == hub.epoch() && c.seq <= upto);
+    let (after, old) = match &usable {
+        Some(c) => (c.seq, Some(c.subscription.clone())),
+        None => (0, None),
+    };
+    let docs = hub.changed_in_scope(&peer.subscription, after, upto, old.as_ref()).await?;
+    for doc in docs {
+        let mut have = match &old {
+            Some(o) if o.covers(&doc) => hub.heads_at(&doc, after).await?,
+            _ => Vec::new(),
+        };
+        if let Some(k) = peer.known.get(&doc) {
+            merge_heads(&mut have, k);
         }
-        flush_outbox(session, send, config.max_frame).await?;
+        let Some((payload, heads)) = hub.missing(&doc, &have).await? else { continue };
+        let update = match payload {
+            Payload::Bundle(b) if b.len() > INLINE_MAX => transfer(conn, doc.clone(), b, false, &heads).await?,
+            Payload::Document(b) if b.len() > INLINE_MAX => transfer(conn, doc.clone(), b, true, &heads).await?,
+            small => Update { doc: doc.clone(), payload: small, heads: hashes_to_wire(&heads) },
+        };
+        out.send(Message::Update(update)).await.map_err(|_| Error::Connection("control stream closed".into()))?;
+        merge_heads(peer.known.entry(doc).or_default(), &heads);
     }
+    let _ = config;
+    out.send(Message::Caught(Cursor { epoch: hub.epoch(), seq: upto, subscription: peer.subscription.clone() }))
+        .await
+        .map_err(|_| Error::Connection("control stream closed".into()))?;
+    peer.delivered = Some(upto);
     Ok(())
 }
 
-/// Applies one step to the relay's copy, persists, and queues ack and reply. Failures are
-/// reported to the device for this document only.
-async fn sync_step(
-    session: &mut RelaySession,
-    hub: &Hub,
-    doc_id: &DocId,
-    message: Option<automerge::sync::Message>,
-) {
-    let handle = match hub.doc(doc_id).await {
-        Ok(h) => h,
-        Err(e) => {
-            warn!(doc = %doc_id, "cannot load: {e}");
-            session.report(
-                ErrorCode::STORAGE_FAILURE,
-                e.to_string(),
-                Some(doc_id.clone()),
-            );
-            return;
+/// Starts sending `bytes` on a new unidirectional stream; returns the `Update` that
+/// announces it.
+async fn transfer(conn: &quinn::Connection, doc: DocId, bytes: Vec<u8>, document: bool, heads: &[ChangeHash]) -> Result<Update, Error> {
+    let id = transfer_id(&bytes);
+    let mut send = conn.open_uni().await.map_err(|e| Error::Connection(e.to_string()))?;
+    let len = bytes.len() as u64;
+    tokio::spawn(async move {
+        let mut offset = 0usize;
+        for piece in bytes.chunks(PIECE) {
+            let msg = Message::Piece(Piece { id, offset: offset as u64, data: piece.to_vec() });
+            if write_message(&mut send, &msg, redline_proto::codec::DEFAULT_MAX_FRAME).await.is_err() {
+                return;
+            }
+            offset += piece.len();
         }
+        let _ = send.finish();
+    });
+    Ok(Update { doc, payload: Payload::Transfer { id, len, document }, heads: hashes_to_wire(heads) })
+}
+
+/// The content-derived id of a transfer.
+pub(crate) fn transfer_id(bytes: &[u8]) -> [u8; 16] {
+    let digest = Sha256::digest(bytes);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    id
+}
+
+/// One step of the Automerge-sync fallback.
+async fn resync_step(hub: &Hub, peer: &mut Peer, step: redline_proto::message::SyncStep) {
+    let doc_id = step.doc.clone();
+    let message = match RelayResync::decode(&step) {
+        Ok(m) => m,
+        Err(e) => return peer.resync.report(e.code(), e.to_string(), doc_id),
     };
-    let mut doc = handle.lock().await;
-    let applied = match session.apply(doc_id, &mut doc, message) {
+    let slot = match hub.slot(&doc_id).await {
+        Ok(s) => s,
+        Err(e) => return peer.resync.report(ErrorCode::STORAGE_FAILURE, e.to_string(), doc_id),
+    };
+    let mut state = slot.lock().await;
+    let before = state.doc.get_heads();
+    let applied = match peer.resync.apply(&doc_id, &mut state.doc, message) {
         Ok(a) => a,
-        Err(e) => {
-            debug!(doc = %doc_id, "refused: {e}");
-            session.report(e.code(), e.to_string(), Some(doc_id.clone()));
-            return;
+        Err(e) => return peer.resync.report(e.code(), e.to_string(), doc_id),
+    };
+    if let Err(e) = hub.persist_new(&doc_id, &slot, &mut state, &before).await {
+        warn!(doc = %doc_id, "cannot persist: {e}");
+        return peer.resync.report(ErrorCode::STORAGE_FAILURE, "nothing was acknowledged".into(), doc_id);
+    }
+    peer.resync.respond(&doc_id, &state.doc, applied);
+}
+
+/// One resumable upload on its own stream.
+async fn upload(mut send: SendStream, mut recv: RecvStream, hub: Arc<Hub>, config: Arc<RelayConfig>, device: DeviceId) -> Result<(), Error> {
+    let max_frame = config.max_frame;
+    let Some(Message::Upload(up)) = read_message(&mut recv, max_frame).await? else {
+        write_message(&mut send, &error_msg(ErrorCode::PROTOCOL_VIOLATION, "a stream must start with an upload", None), max_frame).await?;
+        return Err(Error::Connection("stream without upload".into()));
+    };
+    if up.len > config.max_document_bytes {
+        let text = format!("upload of {} bytes exceeds the limit of {}", up.len, config.max_document_bytes);
+        write_message(&mut send, &error_msg(ErrorCode::TOO_LARGE, text, Some(up.doc)), max_frame).await?;
+        return Ok(());
+    }
+    let key: Vec<u8> = format!("{device}|{}", hex::encode(up.id)).into_bytes();
+    let storage = hub.storage();
+    let k = key.clone();
+    let mut have = tokio::task::spawn_blocking({ let s = storage.clone(); move || s.upload_len(&k) })
+        .await
+        .map_err(|e| Error::Storage(e.to_string()))??;
+    write_message(&mut send, &Message::UploadOffset(UploadOffset { id: up.id, have }), max_frame).await?;
+    while have < up.len {
+        let Some(Message::Piece(p)) = read_message(&mut recv, max_frame).await? else {
+            return Err(Error::Connection("upload stream ended early".into()));
+        };
+        if p.id != up.id || p.offset != have || p.data.len() > redline_proto::message::MAX_PIECE || have + p.data.len() as u64 > up.len {
+            write_message(&mut send, &error_msg(ErrorCode::BAD_TRANSFER, "piece out of place", Some(up.doc.clone())), max_frame).await?;
+            return Err(Error::Connection("bad piece".into()));
+        }
+        let (s, k, data, offset) = (storage.clone(), key.clone(), p.data, p.offset);
+        let n = data.len() as u64;
+        tokio::task::spawn_blocking(move || s.put_piece(&k, offset, &data)).await.map_err(|e| Error::Storage(e.to_string()))??;
+        hub.flush().await?;
+        have += n;
+        write_message(&mut send, &Message::UploadOffset(UploadOffset { id: up.id, have }), max_frame).await?;
+    }
+    let (s, k) = (storage.clone(), key.clone());
+    let bytes = tokio::task::spawn_blocking(move || s.upload_bytes(&k)).await.map_err(|e| Error::Storage(e.to_string()))??;
+    let reply = if transfer_id(&bytes) != up.id {
+        error_msg(ErrorCode::BAD_TRANSFER, "upload bytes do not match their id", Some(up.doc.clone()))
+    } else {
+        match bundle_changes(&bytes) {
+            Err(e) => error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(up.doc.clone())),
+            Ok(changes) => match hub.push(&up.doc, changes).await {
+                Ok(c) => Message::Ack(Ack { doc: up.doc.clone(), heads: hashes_to_wire(&c.heads), applied: c.applied }),
+                Err(Error::MissingDependencies(_)) => Message::Resync(up.doc.clone()),
+                Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), Some(up.doc.clone())),
+            },
         }
     };
-    if applied.new_changes > 0 {
-        let bytes = doc.save();
-        if let Err(e) = hub.persist(doc_id, bytes).await {
-            warn!(doc = %doc_id, "cannot persist: {e}");
-            session.report(
-                ErrorCode::STORAGE_FAILURE,
-                "the relay could not store the document; nothing was acknowledged".into(),
-                Some(doc_id.clone()),
-            );
-            return;
-        }
-        debug!(doc = %doc_id, new_changes = applied.new_changes, "persisted");
-    }
-    session.respond(doc_id, &doc, applied);
+    let (s, k) = (storage, key);
+    let _ = tokio::task::spawn_blocking(move || s.drop_upload(&k)).await;
+    write_message(&mut send, &reply, max_frame).await?;
+    let _ = send.finish();
+    Ok(())
 }

@@ -1,86 +1,522 @@
-//! The documents the relay holds: loaded from storage on first use, kept parsed in
-//! memory, written back through the storage after every change.
+//! The relay's documents and the merge path: the performance core.
 //!
-//! Each document has its own async lock, so devices syncing different documents never
-//! wait on each other, and updates to one document are applied and persisted in order.
-//! (A memory budget with eviction comes with the relay-at-scale work; for now every
-//! document touched stays loaded.)
+//! - **Cache.** Parsed documents live in a cache bounded by a memory budget (an estimate:
+//!   stored bytes × [`MEMORY_FACTOR`]). Cold documents stay compressed on disk. Only idle
+//!   documents are evicted, and a document is only ever changed inside a commit that
+//!   persists before it lets go, so eviction never loses unpersisted state.
+//! - **Group commit.** Pushes for one document queue up; whoever takes the document's lock
+//!   drains the queue, checks dependencies, applies *all* the changes in one
+//!   `apply_changes` call, appends one chunk, and waits for one flush, then answers every
+//!   sender. While a commit waits for the disk, the next batch gathers.
+//! - **Coalesced flush.** Flush requests from all documents are merged: one `fsync`
+//!   covers every commit written before it.
+//! - **Change feed.** Each commit takes the next sequence number. The *stable* sequence is
+//!   the highest one below which every commit is durable; devices are only ever told
+//!   about stable sequences, so a cursor never skips a commit still in flight.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use automerge::Automerge;
+use automerge::{Automerge, Change, ChangeHash};
 use redline_proto::DocId;
-use tokio::sync::Mutex as AsyncMutex;
+use redline_proto::message::{Payload, Subscription};
+use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot, watch};
+use tracing::{debug, warn};
 
 use crate::Error;
-use crate::storage::DocStorage;
+use crate::storage::{DocStorage, StoredDoc};
 
-/// A loaded document, locked while a device's step is applied and persisted.
-pub type DocHandle = Arc<AsyncMutex<Automerge>>;
+/// In-memory size of a parsed document relative to its stored (compressed) size: an
+/// estimate for the cache budget.
+pub const MEMORY_FACTOR: usize = 8;
+
+/// Chunks after which a document is compacted into a new snapshot.
+const COMPACT_AFTER_CHUNKS: usize = 64;
+
+/// A document in the cache.
+pub struct DocSlot {
+    state: AsyncMutex<SlotState>,
+    pending: Mutex<Vec<PendingPush>>,
+    last_used: AtomicU64,
+    stored_bytes: AtomicUsize,
+}
+
+/// The parsed document and how it is stored.
+pub struct SlotState {
+    /// The document.
+    pub doc: Automerge,
+    chunks: usize,
+    chunk_bytes: usize,
+}
+
+impl DocSlot {
+    /// Locks the document (the Automerge-sync fallback path); persist with
+    /// [`Hub::persist_new`] before unlocking.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().await
+    }
+}
+
+struct PendingPush {
+    changes: Vec<Change>,
+    reply: oneshot::Sender<Result<Committed, Error>>,
+}
+
+/// What a commit did for one sender.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    /// The document's heads after the commit (durable).
+    pub heads: Vec<ChangeHash>,
+    /// How many of the sender's changes were new to the relay.
+    pub applied: u32,
+}
+
+/// Counters for metrics and benchmarks.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Commits written.
+    pub commits: AtomicU64,
+    /// Pushes merged into those commits.
+    pub pushes: AtomicU64,
+    /// Changes applied.
+    pub changes: AtomicU64,
+    /// Flushes performed.
+    pub flushes: AtomicU64,
+    /// Largest number of pushes in one commit.
+    pub max_batch: AtomicU64,
+    /// Documents evicted from the cache.
+    pub evictions: AtomicU64,
+}
+
+struct SeqState {
+    next: u64,
+    in_flight: BTreeSet<u64>,
+}
 
 /// The relay's documents.
 pub struct Hub {
     storage: Arc<dyn DocStorage>,
-    loaded: Mutex<HashMap<DocId, DocHandle>>,
+    slots: Mutex<HashMap<DocId, Arc<DocSlot>>>,
+    budget: usize,
+    tick: AtomicU64,
+    seq: Mutex<SeqState>,
+    stable: watch::Sender<u64>,
+    flusher: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
+    /// Counters.
+    pub stats: HubStats,
+}
+
+/// Whether `doc` holds change `h` (metadata lookup, no copy of the change).
+fn has(doc: &Automerge, h: &ChangeHash) -> bool {
+    doc.get_change_meta_by_hash(h).is_some()
+}
+
+fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
+    heads.iter().copied().collect()
+}
+
+/// Decodes a bundle into changes.
+pub fn bundle_changes(bytes: &[u8]) -> Result<Vec<Change>, String> {
+    let bundle = automerge::Bundle::try_from(bytes).map_err(|e| format!("not an Automerge bundle: {e}"))?;
+    bundle.to_changes().map_err(|e| format!("bundle does not decode: {e}"))
+}
+
+/// Bundles `changes` of `doc` (hashes must be in the document).
+pub fn make_bundle(doc: &Automerge, hashes: impl IntoIterator<Item = ChangeHash>) -> Result<Vec<u8>, Error> {
+    doc.bundle(hashes).map(|b| b.bytes().to_vec()).map_err(|e| Error::Storage(format!("cannot bundle changes: {e}")))
 }
 
 impl Hub {
-    /// A hub over `storage`.
-    pub fn new(storage: Arc<dyn DocStorage>) -> Self {
-        Self {
-            storage,
-            loaded: Mutex::new(HashMap::new()),
-        }
+    /// A hub over `storage`, keeping parsed documents within about `budget` bytes.
+    pub fn new(storage: Arc<dyn DocStorage>, budget: usize) -> Result<Arc<Self>, Error> {
+        let last = storage.last_seq()?;
+        let (stable, _) = watch::channel(last);
+        let (flusher, mut requests) = mpsc::unbounded_channel::<oneshot::Sender<Result<(), String>>>();
+        let hub = Arc::new(Self {
+            storage: storage.clone(),
+            slots: Mutex::new(HashMap::new()),
+            budget,
+            tick: AtomicU64::new(0),
+            seq: Mutex::new(SeqState { next: last + 1, in_flight: BTreeSet::new() }),
+            stable,
+            flusher,
+            stats: HubStats::default(),
+        });
+        let weak = Arc::downgrade(&hub);
+        tokio::spawn(async move {
+            while let Some(first) = requests.recv().await {
+                let mut waiters = vec![first];
+                while let Ok(w) = requests.try_recv() {
+                    waiters.push(w);
+                }
+                let s = storage.clone();
+                let r = tokio::task::spawn_blocking(move || s.flush())
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                if let Some(hub) = weak.upgrade() {
+                    hub.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                }
+                for w in waiters {
+                    let _ = w.send(r.clone());
+                }
+            }
+        });
+        Ok(hub)
     }
 
-    /// The document `id`, loaded from storage if needed; empty if it was never stored.
-    pub async fn doc(&self, id: &DocId) -> Result<DocHandle, Error> {
-        if let Some(h) = self.loaded.lock().expect("hub lock poisoned").get(id) {
-            return Ok(h.clone());
-        }
-        let storage = self.storage.clone();
-        let key = id.clone();
-        let bytes = tokio::task::spawn_blocking(move || storage.load(&key))
+    /// The database epoch.
+    pub fn epoch(&self) -> u64 {
+        self.storage.epoch()
+    }
+
+    /// Watches the stable feed sequence.
+    pub fn stable(&self) -> watch::Receiver<u64> {
+        self.stable.subscribe()
+    }
+
+    /// Makes every write so far durable (coalesced with other callers).
+    pub async fn flush(&self) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.flusher.send(tx).map_err(|_| Error::Storage("flusher stopped".into()))?;
+        rx.await.map_err(|_| Error::Storage("flusher stopped".into()))?.map_err(Error::Storage)
+    }
+
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn DocStorage) -> Result<R, Error> + Send + 'static,
+    ) -> Result<R, Error> {
+        let s = self.storage.clone();
+        tokio::task::spawn_blocking(move || f(s.as_ref()))
             .await
-            .map_err(|e| Error::Storage(format!("load task failed: {e}")))??;
-        let doc = match bytes {
-            Some(b) => Automerge::load(&b).map_err(|e| Error::CorruptDocument {
-                doc: id.to_string(),
-                reason: e.to_string(),
-            })?,
-            None => Automerge::new(),
+            .map_err(|e| Error::Storage(format!("storage task failed: {e}")))?
+    }
+
+    /// The cached slot of `id`, loading it from storage if needed.
+    pub async fn slot(&self, id: &DocId) -> Result<Arc<DocSlot>, Error> {
+        let tick = self.tick.fetch_add(1, Ordering::Relaxed);
+        if let Some(s) = self.slots.lock().expect("hub lock").get(id) {
+            s.last_used.store(tick, Ordering::Relaxed);
+            return Ok(s.clone());
+        }
+        let key = id.clone();
+        let stored = self.blocking(move |s| s.load(&key)).await?;
+        let (state, bytes) = load_state(id, stored)?;
+        let slot = {
+            let mut slots = self.slots.lock().expect("hub lock");
+            slots
+                .entry(id.clone())
+                .or_insert_with(|| {
+                    Arc::new(DocSlot {
+                        state: AsyncMutex::new(state),
+                        pending: Mutex::new(Vec::new()),
+                        last_used: AtomicU64::new(tick),
+                        stored_bytes: AtomicUsize::new(bytes),
+                    })
+                })
+                .clone()
         };
-        // Another task may have loaded it meanwhile: keep the first.
-        let mut loaded = self.loaded.lock().expect("hub lock poisoned");
-        Ok(loaded
-            .entry(id.clone())
-            .or_insert_with(|| Arc::new(AsyncMutex::new(doc)))
-            .clone())
+        self.evict();
+        Ok(slot)
     }
 
-    /// Writes `doc` (already saved to bytes) durably.
-    pub async fn persist(&self, id: &DocId, bytes: Vec<u8>) -> Result<(), Error> {
-        let storage = self.storage.clone();
+    /// Drops idle documents, least recently used first, until the cache fits its budget.
+    fn evict(&self) {
+        let mut slots = self.slots.lock().expect("hub lock");
+        let mut total: usize = slots.values().map(|s| s.stored_bytes.load(Ordering::Relaxed) * MEMORY_FACTOR).sum();
+        if total <= self.budget {
+            return;
+        }
+        let mut by_age: Vec<(u64, DocId)> =
+            slots.iter().map(|(k, s)| (s.last_used.load(Ordering::Relaxed), k.clone())).collect();
+        by_age.sort();
+        for (_, id) in by_age {
+            if total <= self.budget {
+                break;
+            }
+            let Some(slot) = slots.get(&id) else { continue };
+            // In use (a handle outside the cache, a commit, queued pushes): keep.
+            let idle = Arc::strong_count(slot) == 1
+                && slot.state.try_lock().is_ok()
+                && slot.pending.lock().expect("pending lock").is_empty();
+            if idle {
+                total -= slot.stored_bytes.load(Ordering::Relaxed) * MEMORY_FACTOR;
+                slots.remove(&id);
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Documents currently parsed in memory.
+    pub fn cached(&self) -> usize {
+        self.slots.lock().expect("hub lock").len()
+    }
+
+    /// Commits `changes` to `doc` together with whatever else is queued for it.
+    pub async fn push(&self, id: &DocId, changes: Vec<Change>) -> Result<Committed, Error> {
+        let slot = self.slot(id).await?;
+        let (reply, rx) = oneshot::channel();
+        slot.pending.lock().expect("pending lock").push(PendingPush { changes, reply });
+        {
+            let mut state = slot.state.lock().await;
+            let batch = std::mem::take(&mut *slot.pending.lock().expect("pending lock"));
+            if !batch.is_empty() {
+                self.commit_batch(id, &slot, &mut state, batch).await;
+            }
+        }
+        rx.await.map_err(|_| Error::Storage("commit dropped".into()))?
+    }
+
+    async fn commit_batch(&self, id: &DocId, slot: &DocSlot, state: &mut SlotState, batch: Vec<PendingPush>) {
+        // Dependencies: a push is accepted only if every dependency is in the document or
+        // in the batch. Otherwise the changes would sit in Automerge's queue, heads would
+        // not move, and nothing could honestly be acknowledged.
+        let in_batch: HashSet<ChangeHash> = batch.iter().flat_map(|p| p.changes.iter().map(|c| c.hash())).collect();
+        let (ok, missing): (Vec<PendingPush>, Vec<PendingPush>) = batch.into_iter().partition(|p| {
+            p.changes
+                .iter()
+                .flat_map(|c| c.deps().iter())
+                .all(|d| in_batch.contains(d) || has(&state.doc, d))
+        });
+        for p in missing {
+            let _ = p.reply.send(Err(Error::MissingDependencies(id.to_string())));
+        }
+        if ok.is_empty() {
+            return;
+        }
+        let before = state.doc.get_heads();
+        let news: Vec<u32> = ok
+            .iter()
+            .map(|p| p.changes.iter().filter(|c| !has(&state.doc, &c.hash())).count() as u32)
+            .collect();
+        let all: Vec<Change> = ok.iter().flat_map(|p| p.changes.iter().cloned()).collect();
+        let n_pushes = ok.len() as u64;
+        // One call for the whole batch. If Automerge refuses it, retry each push alone so
+        // only the bad sender is refused.
+        let mut accepted: Vec<(PendingPush, u32)> = Vec::new();
+        if state.doc.apply_changes(all).is_ok() {
+            accepted = ok.into_iter().zip(news).collect();
+        } else {
+            for (p, n) in ok.into_iter().zip(news) {
+                match state.doc.apply_changes(p.changes.clone()) {
+                    Ok(()) => accepted.push((p, n)),
+                    Err(e) => {
+                        let _ = p.reply.send(Err(Error::BadChanges(e.to_string())));
+                    }
+                }
+            }
+        }
+        let result = self.persist_new(id, slot, state, &before).await;
+        let heads = state.doc.get_heads();
+        self.stats.pushes.fetch_add(n_pushes, Ordering::Relaxed);
+        self.stats.max_batch.fetch_max(n_pushes, Ordering::Relaxed);
+        for (p, applied) in accepted {
+            let r = match &result {
+                Ok(()) => Ok(Committed { heads: heads.clone(), applied }),
+                Err(e) => Err(Error::Storage(e.to_string())),
+            };
+            let _ = p.reply.send(r);
+        }
+    }
+
+    /// Writes what the document gained since `before` as one chunk with the next feed
+    /// sequence, waits for the flush, then advances the stable sequence. On a storage
+    /// failure the document is reloaded from disk, so memory never runs ahead of it.
+    pub(crate) async fn persist_new(
+        &self,
+        id: &DocId,
+        slot: &DocSlot,
+        state: &mut SlotState,
+        before: &[ChangeHash],
+    ) -> Result<(), Error> {
+        let heads = state.doc.get_heads();
+        if heads == before {
+            return Ok(());
+        }
+        let new: Vec<ChangeHash> = state.doc.get_changes(before).iter().map(|c| c.hash()).collect();
+        self.stats.changes.fetch_add(new.len() as u64, Ordering::Relaxed);
+        let chunk = make_bundle(&state.doc, new)?;
+        let seq = {
+            let mut s = self.seq.lock().expect("seq lock");
+            let seq = s.next;
+            s.next += 1;
+            s.in_flight.insert(seq);
+            seq
+        };
+        let wire: Vec<[u8; 32]> = heads.iter().map(|h| h.0).collect();
         let key = id.clone();
-        tokio::task::spawn_blocking(move || storage.store(&key, &bytes))
-            .await
-            .map_err(|e| Error::Storage(format!("store task failed: {e}")))?
+        let chunk_len = chunk.len();
+        let written = self.blocking(move |s| s.commit(&key, seq, &chunk, &wire)).await;
+        let result = match written {
+            Ok(()) => self.flush().await,
+            Err(e) => Err(e),
+        };
+        self.finish_seq(seq);
+        match result {
+            Ok(()) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                state.chunks += 1;
+                state.chunk_bytes += chunk_len;
+                slot.stored_bytes.fetch_add(chunk_len, Ordering::Relaxed);
+                if state.chunks >= COMPACT_AFTER_CHUNKS {
+                    self.compact(id, slot, state).await;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                warn!(doc = %id, "commit failed, reloading from disk: {e}");
+                let key = id.clone();
+                if let Ok((fresh, bytes)) = self.blocking(move |s| s.load(&key)).await.and_then(|d| load_state(id, d)) {
+                    *state = fresh;
+                    slot.stored_bytes.store(bytes, Ordering::Relaxed);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn finish_seq(&self, seq: u64) {
+        let stable = {
+            let mut s = self.seq.lock().expect("seq lock");
+            s.in_flight.remove(&seq);
+            match s.in_flight.first() {
+                Some(lowest) => lowest - 1,
+                None => s.next - 1,
+            }
+        };
+        self.stable.send_if_modified(|v| {
+            if stable > *v {
+                *v = stable;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    async fn compact(&self, id: &DocId, slot: &DocSlot, state: &mut SlotState) {
+        let snapshot = state.doc.save();
+        let len = snapshot.len();
+        let key = id.clone();
+        let done = self.blocking(move |s| s.compact(&key, &snapshot)).await;
+        match done {
+            Ok(()) => {
+                state.chunks = 0;
+                state.chunk_bytes = 0;
+                slot.stored_bytes.store(len, Ordering::Relaxed);
+                debug!(doc = %id, bytes = len, "compacted");
+            }
+            // The chunks are still there: nothing is lost, compaction is retried later.
+            Err(e) => warn!(doc = %id, "compaction failed: {e}"),
+        }
+    }
+
+    /// What a device that knows `have` of `doc` lacks, or `None` if nothing.
+    pub async fn missing(&self, id: &DocId, have: &[ChangeHash]) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
+        let slot = self.slot(id).await?;
+        let state = slot.state.lock().await;
+        let heads = state.doc.get_heads();
+        if heads.is_empty() {
+            return Ok(None);
+        }
+        let have_set = hash_set(have);
+        if heads.iter().all(|h| have_set.contains(h)) {
+            return Ok(None);
+        }
+        if have.is_empty() {
+            return Ok(Some((Payload::Document(state.doc.save()), heads)));
+        }
+        let known: Vec<ChangeHash> = have.iter().filter(|h| has(&state.doc, h)).copied().collect();
+        let changes = state.doc.get_changes(&known);
+        if changes.is_empty() {
+            return Ok(None);
+        }
+        let bundle = make_bundle(&state.doc, changes.iter().map(|c| c.hash()))?;
+        Ok(Some((Payload::Bundle(bundle), heads)))
+    }
+
+    /// Documents in `scope` changed after `after` up to `upto`, and documents in `scope`
+    /// that the old subscription did not cover (all stored ones, if `old` is `None`).
+    pub async fn changed_in_scope(
+        &self,
+        scope: &Subscription,
+        after: u64,
+        upto: u64,
+        old: Option<&Subscription>,
+    ) -> Result<Vec<DocId>, Error> {
+        let mut out: Vec<DocId> = Vec::new();
+        let mut seen = HashSet::new();
+        let newly = match old {
+            Some(old) if old == scope => Vec::new(),
+            Some(old) => {
+                let (scope, old) = (scope.clone(), old.clone());
+                self.blocking(move |s| Ok(s.list()?.into_iter().filter(|d| scope.covers(d) && !old.covers(d)).collect())).await?
+            }
+            None => {
+                let scope = scope.clone();
+                self.blocking(move |s| Ok(s.list()?.into_iter().filter(|d| scope.covers(d)).collect())).await?
+            }
+        };
+        for d in newly {
+            if seen.insert(d.clone()) {
+                out.push(d);
+            }
+        }
+        if old.is_some() {
+            let entries = self.blocking(move |s| s.feed(after, upto)).await?;
+            for (_, d) in entries {
+                if scope.covers(&d) && seen.insert(d.clone()) {
+                    out.push(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Heads of `doc` as of feed sequence `seq`.
+    pub async fn heads_at(&self, doc: &DocId, seq: u64) -> Result<Vec<ChangeHash>, Error> {
+        let key = doc.clone();
+        let h = self.blocking(move |s| s.heads_at(&key, seq)).await?;
+        Ok(h.unwrap_or_default().into_iter().map(ChangeHash).collect())
+    }
+
+    /// The highest stored feed sequence.
+    pub fn last_seq(&self) -> u64 {
+        self.seq.lock().expect("seq lock").next - 1
     }
 
     /// Every stored document id.
     pub async fn list(&self) -> Result<Vec<DocId>, Error> {
-        let storage = self.storage.clone();
-        tokio::task::spawn_blocking(move || storage.list())
-            .await
-            .map_err(|e| Error::Storage(format!("list task failed: {e}")))?
+        self.blocking(|s| s.list()).await
     }
 
-    /// Flushes the storage.
-    pub async fn flush(&self) -> Result<(), Error> {
-        let storage = self.storage.clone();
-        tokio::task::spawn_blocking(move || storage.flush())
-            .await
-            .map_err(|e| Error::Storage(format!("flush task failed: {e}")))?
+    /// Storage access for uploads.
+    pub(crate) fn storage(&self) -> Arc<dyn DocStorage> {
+        self.storage.clone()
     }
+}
+
+fn load_state(id: &DocId, stored: Option<StoredDoc>) -> Result<(SlotState, usize), Error> {
+    let Some(stored) = stored else {
+        return Ok((SlotState { doc: Automerge::new(), chunks: 0, chunk_bytes: 0 }, 0));
+    };
+    let corrupt = |reason: String| Error::CorruptDocument { doc: id.to_string(), reason };
+    let mut bytes = 0;
+    let mut doc = match &stored.snapshot {
+        Some(s) => {
+            bytes += s.len();
+            Automerge::load(s).map_err(|e| corrupt(e.to_string()))?
+        }
+        None => Automerge::new(),
+    };
+    let mut changes = Vec::new();
+    let mut chunk_bytes = 0;
+    for c in &stored.chunks {
+        chunk_bytes += c.len();
+        changes.extend(bundle_changes(c).map_err(corrupt)?);
+    }
+    // All chunks in one call: loading is a batch apply, never one change at a time.
+    doc.apply_changes(changes).map_err(|e| corrupt(e.to_string()))?;
+    Ok((SlotState { doc, chunks: stored.chunks.len(), chunk_bytes }, bytes + chunk_bytes))
 }

@@ -68,6 +68,12 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A push depends on changes the relay does not have: the device must resync.
+    #[error("changes for {0} depend on changes the relay does not have")]
+    MissingDependencies(String),
+    /// Automerge refused the changes.
+    #[error("invalid changes: {0}")]
+    BadChanges(String),
     /// A protocol error on a stream.
     #[error(transparent)]
     Protocol(#[from] redline_proto::Error),

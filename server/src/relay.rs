@@ -55,7 +55,7 @@ impl Relay {
         let storage = tokio::task::spawn_blocking(move || SledStorage::open(&db_dir))
             .await
             .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
-        let hub = Arc::new(Hub::new(Arc::new(storage)));
+        let hub = Hub::new(Arc::new(storage), config.cache_budget_bytes)?;
 
         let crypto =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_crypto(&identity)?)
@@ -147,18 +147,26 @@ impl RelayHandle {
 
     /// A copy of the relay's document `id`, or `None` if it holds no changes.
     pub async fn document(&self, id: &DocId) -> Result<Option<Automerge>, Error> {
-        let handle = self.hub.doc(id).await?;
-        let doc = handle.lock().await;
-        Ok(if doc.get_heads().is_empty() {
-            None
-        } else {
-            Some(doc.clone())
-        })
+        let slot = self.hub.slot(id).await?;
+        let state = slot.lock().await;
+        Ok(if state.doc.get_heads().is_empty() { None } else { Some(state.doc.clone()) })
     }
 
     /// The heads of the relay's document `id` (empty if unknown).
     pub async fn heads(&self, id: &DocId) -> Result<Vec<ChangeHash>, Error> {
-        Ok(self.hub.doc(id).await?.lock().await.get_heads())
+        let slot = self.hub.slot(id).await?;
+        let heads = slot.lock().await.doc.get_heads();
+        Ok(heads)
+    }
+
+    /// The hub's counters (commits, batch sizes, flushes, evictions).
+    pub fn stats(&self) -> &crate::hub::HubStats {
+        &self.hub.stats
+    }
+
+    /// Documents parsed in memory right now.
+    pub fn cached_documents(&self) -> usize {
+        self.hub.cached()
     }
 
     /// Every document id in storage.

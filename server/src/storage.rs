@@ -1,8 +1,17 @@
-//! Durable document storage behind a trait, so another engine can replace sled.
+//! Durable relay storage behind a trait, so another engine can replace sled.
 //!
-//! Documents are stored as Automerge's compressed `save()` form. [`DocStorage::store`]
-//! returns only once the bytes are flushed to disk: the relay acknowledges after it.
-//! All methods block; the relay calls them off the async worker threads.
+//! Per document: a compressed snapshot (`save()`) plus appended chunks (Automerge bundles
+//! of the changes each commit added), compacted into a new snapshot now and then. A commit
+//! therefore writes only what it adds, not the whole document.
+//!
+//! The change feed lives beside the documents: every commit gets the next sequence
+//! number; `feed` maps it to the document, `doc_seq` maps (document, seq) to the heads
+//! after it, so the relay can tell what a device with cursor `seq` already has.
+//!
+//! Writes ([`DocStorage::commit`], [`DocStorage::put_piece`]...) are atomic but not
+//! flushed; [`DocStorage::flush`] makes everything before it durable. The relay
+//! acknowledges only after a flush. All methods block: the relay calls them off the async
+//! worker threads.
 
 use std::path::Path;
 
@@ -10,27 +19,84 @@ use redline_proto::DocId;
 
 use crate::Error;
 
-/// Where the relay keeps documents.
-pub trait DocStorage: Send + Sync + 'static {
-    /// The stored bytes of `doc`, if any.
-    fn load(&self, doc: &DocId) -> Result<Option<Vec<u8>>, Error>;
-    /// Replaces the stored bytes of `doc`; durable when this returns `Ok`.
-    fn store(&self, doc: &DocId, bytes: &[u8]) -> Result<(), Error>;
-    /// Every stored document id.
-    fn list(&self) -> Result<Vec<DocId>, Error>;
-    /// Flushes anything buffered.
-    fn flush(&self) -> Result<(), Error>;
+/// A document as stored: an optional snapshot and the chunks appended after it.
+#[derive(Debug, Default)]
+pub struct StoredDoc {
+    /// `save()` bytes of the last compaction.
+    pub snapshot: Option<Vec<u8>>,
+    /// Bundles appended since, in order.
+    pub chunks: Vec<Vec<u8>>,
 }
 
-/// sled-backed storage: one tree of documents keyed by id.
+/// Where the relay keeps documents and the change feed.
+pub trait DocStorage: Send + Sync + 'static {
+    /// This database's epoch: random, fixed at creation. Device cursors carry it.
+    fn epoch(&self) -> u64;
+    /// The highest feed sequence number stored (0 if none).
+    fn last_seq(&self) -> Result<u64, Error>;
+    /// The stored form of `doc`, if any.
+    fn load(&self, doc: &DocId) -> Result<Option<StoredDoc>, Error>;
+    /// Appends a chunk to `doc` and records feed entry `seq` with the heads after it, in
+    /// one atomic write (not flushed).
+    fn commit(&self, doc: &DocId, seq: u64, chunk: &[u8], heads: &[[u8; 32]]) -> Result<(), Error>;
+    /// Replaces the snapshot of `doc` and drops its chunks, atomically (not flushed).
+    fn compact(&self, doc: &DocId, snapshot: &[u8]) -> Result<(), Error>;
+    /// Makes every write before it durable.
+    fn flush(&self) -> Result<(), Error>;
+    /// Feed entries with `after < seq <= upto`, in order.
+    fn feed(&self, after: u64, upto: u64) -> Result<Vec<(u64, DocId)>, Error>;
+    /// The heads of `doc` after the last commit with sequence `<= seq` (`None`: the
+    /// document did not exist yet).
+    fn heads_at(&self, doc: &DocId, seq: u64) -> Result<Option<Vec<[u8; 32]>>, Error>;
+    /// Every stored document id.
+    fn list(&self) -> Result<Vec<DocId>, Error>;
+    /// Bytes of upload `key` held (contiguous from 0).
+    fn upload_len(&self, key: &[u8]) -> Result<u64, Error>;
+    /// Stores a piece of upload `key` at `offset` (must equal the length held).
+    fn put_piece(&self, key: &[u8], offset: u64, data: &[u8]) -> Result<(), Error>;
+    /// The whole upload `key`.
+    fn upload_bytes(&self, key: &[u8]) -> Result<Vec<u8>, Error>;
+    /// Drops upload `key`.
+    fn drop_upload(&self, key: &[u8]) -> Result<(), Error>;
+}
+
+/// sled-backed storage.
 #[derive(Clone)]
 pub struct SledStorage {
     db: sled::Db,
-    docs: sled::Tree,
+    snapshots: sled::Tree,
+    chunks: sled::Tree,
+    feed: sled::Tree,
+    doc_seq: sled::Tree,
+    uploads: sled::Tree,
+    epoch: u64,
 }
 
-fn storage_err(e: sled::Error) -> Error {
+fn storage_err(e: impl std::fmt::Display) -> Error {
     Error::Storage(e.to_string())
+}
+
+/// `doc \0 seq` keys sort by document, then sequence.
+fn doc_key(doc: &DocId, n: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(doc.as_str().len() + 9);
+    k.extend_from_slice(doc.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn doc_prefix(doc: &DocId) -> Vec<u8> {
+    let mut k = doc.as_str().as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn flat(heads: &[[u8; 32]]) -> Vec<u8> {
+    heads.iter().flatten().copied().collect()
+}
+
+fn unflat(v: &[u8]) -> Vec<[u8; 32]> {
+    v.chunks_exact(32).filter_map(|c| <[u8; 32]>::try_from(c).ok()).collect()
 }
 
 impl SledStorage {
@@ -39,42 +105,176 @@ impl SledStorage {
         let db = sled::Config::new()
             .path(dir)
             .open()
-            .map_err(|e| Error::Storage(format!("cannot open {}: {e}", dir.display())))?;
-        let docs = db.open_tree("docs").map_err(storage_err)?;
-        Ok(Self { db, docs })
+            .map_err(|e| Error::Storage(format!("cannot open {}: {e}; is another relay using this data dir?", dir.display())))?;
+        let meta = db.open_tree("meta").map_err(storage_err)?;
+        let epoch = match meta.get("epoch").map_err(storage_err)? {
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::Storage("corrupt epoch".into()))?),
+            None => {
+                let e = rand_epoch();
+                meta.insert("epoch", &e.to_be_bytes()).map_err(storage_err)?;
+                db.flush().map_err(storage_err)?;
+                e
+            }
+        };
+        Ok(Self {
+            snapshots: db.open_tree("snapshots").map_err(storage_err)?,
+            chunks: db.open_tree("chunks").map_err(storage_err)?,
+            feed: db.open_tree("feed").map_err(storage_err)?,
+            doc_seq: db.open_tree("doc_seq").map_err(storage_err)?,
+            uploads: db.open_tree("uploads").map_err(storage_err)?,
+            db,
+            epoch,
+        })
     }
 }
 
+fn rand_epoch() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS; mixing in the time guards against a fixed seed.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish() | 1
+}
+
 impl DocStorage for SledStorage {
-    fn load(&self, doc: &DocId) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self
-            .docs
-            .get(doc.as_str())
-            .map_err(storage_err)?
-            .map(|v| v.to_vec()))
+    fn epoch(&self) -> u64 {
+        self.epoch
     }
 
-    fn store(&self, doc: &DocId, bytes: &[u8]) -> Result<(), Error> {
-        self.docs.insert(doc.as_str(), bytes).map_err(storage_err)?;
-        self.db.flush().map_err(storage_err)?;
-        Ok(())
+    fn last_seq(&self) -> Result<u64, Error> {
+        Ok(match self.feed.last().map_err(storage_err)? {
+            Some((k, _)) => u64::from_be_bytes(k.as_ref().try_into().map_err(|_| Error::Storage("corrupt feed key".into()))?),
+            None => 0,
+        })
     }
 
-    fn list(&self) -> Result<Vec<DocId>, Error> {
-        self.docs
-            .iter()
-            .keys()
-            .map(|k| {
-                let k = k.map_err(storage_err)?;
-                let s = std::str::from_utf8(&k)
-                    .map_err(|_| Error::Storage("non-UTF-8 document key".into()))?;
-                DocId::parse(s).map_err(Error::from)
+    fn load(&self, doc: &DocId) -> Result<Option<StoredDoc>, Error> {
+        let snapshot = self.snapshots.get(doc.as_str()).map_err(storage_err)?.map(|v| v.to_vec());
+        let chunks: Vec<Vec<u8>> = self
+            .chunks
+            .scan_prefix(doc_prefix(doc))
+            .values()
+            .map(|v| v.map(|v| v.to_vec()).map_err(storage_err))
+            .collect::<Result<_, _>>()?;
+        if snapshot.is_none() && chunks.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(StoredDoc { snapshot, chunks }))
+    }
+
+    fn commit(&self, doc: &DocId, seq: u64, chunk: &[u8], heads: &[[u8; 32]]) -> Result<(), Error> {
+        use sled::Transactional;
+        let key = doc_key(doc, seq);
+        let heads = flat(heads);
+        (&self.chunks, &self.feed, &self.doc_seq)
+            .transaction(|(chunks, feed, doc_seq)| {
+                chunks.insert(key.as_slice(), chunk)?;
+                feed.insert(&seq.to_be_bytes(), doc.as_str().as_bytes())?;
+                doc_seq.insert(key.as_slice(), heads.as_slice())?;
+                Ok(())
             })
-            .collect()
+            .map_err(|e: sled::transaction::TransactionError<()>| storage_err(format!("{e:?}")))
+    }
+
+    fn compact(&self, doc: &DocId, snapshot: &[u8]) -> Result<(), Error> {
+        use sled::Transactional;
+        let keys: Vec<sled::IVec> =
+            self.chunks.scan_prefix(doc_prefix(doc)).keys().collect::<Result<_, _>>().map_err(storage_err)?;
+        (&self.snapshots, &self.chunks)
+            .transaction(|(snapshots, chunks)| {
+                snapshots.insert(doc.as_str(), snapshot)?;
+                for k in &keys {
+                    chunks.remove(k)?;
+                }
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| storage_err(format!("{e:?}")))
     }
 
     fn flush(&self) -> Result<(), Error> {
         self.db.flush().map(|_| ()).map_err(storage_err)
+    }
+
+    fn feed(&self, after: u64, upto: u64) -> Result<Vec<(u64, DocId)>, Error> {
+        if upto <= after {
+            return Ok(Vec::new());
+        }
+        let start = (after + 1).to_be_bytes();
+        let end = upto.to_be_bytes();
+        let mut out = Vec::new();
+        for kv in self.feed.range(start..=end) {
+            let (k, v) = kv.map_err(storage_err)?;
+            let seq = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| Error::Storage("corrupt feed key".into()))?);
+            let doc = std::str::from_utf8(&v).map_err(|_| Error::Storage("corrupt feed entry".into()))?;
+            out.push((seq, DocId::parse(doc)?));
+        }
+        Ok(out)
+    }
+
+    fn heads_at(&self, doc: &DocId, seq: u64) -> Result<Option<Vec<[u8; 32]>>, Error> {
+        let lo = doc_key(doc, 0);
+        let hi = doc_key(doc, seq);
+        Ok(self.doc_seq.range(lo..=hi).next_back().transpose().map_err(storage_err)?.map(|(_, v)| unflat(&v)))
+    }
+
+    fn list(&self) -> Result<Vec<DocId>, Error> {
+        let mut out: Vec<DocId> = Vec::new();
+        for k in self.snapshots.iter().keys() {
+            let k = k.map_err(storage_err)?;
+            out.push(DocId::parse(std::str::from_utf8(&k).map_err(|_| Error::Storage("non-UTF-8 key".into()))?)?);
+        }
+        // Documents not compacted yet exist only as chunks.
+        let mut last: Option<Vec<u8>> = None;
+        for k in self.chunks.iter().keys() {
+            let k = k.map_err(storage_err)?;
+            let name = k.split(|b| *b == 0).next().unwrap_or_default().to_vec();
+            if last.as_deref() != Some(name.as_slice()) {
+                let id = DocId::parse(std::str::from_utf8(&name).map_err(|_| Error::Storage("non-UTF-8 key".into()))?)?;
+                if !out.contains(&id) {
+                    out.push(id);
+                }
+                last = Some(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn upload_len(&self, key: &[u8]) -> Result<u64, Error> {
+        let mut prefix = key.to_vec();
+        prefix.push(0);
+        Ok(self.uploads.scan_prefix(&prefix).values().map(|v| v.map(|v| v.len() as u64)).sum::<Result<u64, _>>().map_err(storage_err)?)
+    }
+
+    fn put_piece(&self, key: &[u8], offset: u64, data: &[u8]) -> Result<(), Error> {
+        let have = self.upload_len(key)?;
+        if offset != have {
+            return Err(Error::Storage(format!("piece at {offset}, but {have} bytes are held")));
+        }
+        let mut k = key.to_vec();
+        k.push(0);
+        k.extend_from_slice(&offset.to_be_bytes());
+        self.uploads.insert(k, data).map_err(storage_err)?;
+        Ok(())
+    }
+
+    fn upload_bytes(&self, key: &[u8]) -> Result<Vec<u8>, Error> {
+        let mut prefix = key.to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for v in self.uploads.scan_prefix(&prefix).values() {
+            out.extend_from_slice(&v.map_err(storage_err)?);
+        }
+        Ok(out)
+    }
+
+    fn drop_upload(&self, key: &[u8]) -> Result<(), Error> {
+        let mut prefix = key.to_vec();
+        prefix.push(0);
+        for k in self.uploads.scan_prefix(&prefix).keys() {
+            self.uploads.remove(k.map_err(storage_err)?).map_err(storage_err)?;
+        }
+        Ok(())
     }
 }
 
@@ -83,17 +283,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stored_documents_survive_reopening() {
+    fn commits_compactions_and_the_feed_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let id = DocId::parse("ledger/t1/2026-11-29").unwrap();
-        {
+        let a = DocId::parse("ledger/t1/2026-11-29").unwrap();
+        let b = DocId::parse("households/z1").unwrap();
+        let epoch = {
             let s = SledStorage::open(dir.path()).unwrap();
-            assert_eq!(s.load(&id).unwrap(), None);
-            s.store(&id, b"first").unwrap();
-            s.store(&id, b"second").unwrap();
-        }
+            assert_eq!(s.load(&a).unwrap().map(|d| d.chunks.len()), None);
+            s.commit(&a, 1, b"c1", &[[1; 32]]).unwrap();
+            s.commit(&b, 2, b"x1", &[[2; 32]]).unwrap();
+            s.commit(&a, 3, b"c2", &[[3; 32], [4; 32]]).unwrap();
+            s.flush().unwrap();
+            s.epoch()
+        };
         let s = SledStorage::open(dir.path()).unwrap();
-        assert_eq!(s.load(&id).unwrap().as_deref(), Some(&b"second"[..]));
-        assert_eq!(s.list().unwrap(), vec![id]);
+        assert_eq!(s.epoch(), epoch, "epoch is fixed at creation");
+        assert_eq!(s.last_seq().unwrap(), 3);
+        assert_eq!(s.load(&a).unwrap().unwrap().chunks, vec![b"c1".to_vec(), b"c2".to_vec()]);
+        assert_eq!(s.feed(1, 3).unwrap(), vec![(2, b.clone()), (3, a.clone())]);
+        assert_eq!(s.heads_at(&a, 2).unwrap(), Some(vec![[1; 32]]));
+        assert_eq!(s.heads_at(&a, 3).unwrap(), Some(vec![[3; 32], [4; 32]]));
+        assert_eq!(s.heads_at(&b, 1).unwrap(), None);
+        assert_eq!(s.list().unwrap(), vec![b.clone(), a.clone()]);
+        s.compact(&a, b"snapshot").unwrap();
+        let stored = s.load(&a).unwrap().unwrap();
+        assert_eq!((stored.snapshot.as_deref(), stored.chunks.len()), (Some(&b"snapshot"[..]), 0));
+        assert_eq!(s.list().unwrap(), vec![b, a]);
+    }
+
+    #[test]
+    fn uploads_accumulate_in_order_and_refuse_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path()).unwrap();
+        s.put_piece(b"dev|id", 0, b"hello ").unwrap();
+        assert!(s.put_piece(b"dev|id", 3, b"x").is_err(), "a gap is refused");
+        s.put_piece(b"dev|id", 6, b"world").unwrap();
+        assert_eq!(s.upload_len(b"dev|id").unwrap(), 11);
+        assert_eq!(s.upload_bytes(b"dev|id").unwrap(), b"hello world");
+        s.drop_upload(b"dev|id").unwrap();
+        assert_eq!(s.upload_len(b"dev|id").unwrap(), 0);
     }
 }
