@@ -112,7 +112,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         for p in 1..=args.phones {
             let name = format!("{team}-phone-{p}");
             let member = MemberId::new(format!("{team}-member-{p}"))?;
-            let config = ClientConfig::new(member).with_relay(endpoint.clone());
+            let config = ClientConfig::new(member)
+                .with_relay(endpoint.clone())
+                .with_teams(vec![team.clone()]);
             let client = Client::open(root.join("phones").join(&name), config)
                 .with_context(|| format!("opening {name}"))?;
             phones.push(Phone {

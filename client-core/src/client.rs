@@ -6,16 +6,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use automerge::sync::State as SyncState;
 use automerge::transaction::Transaction;
 use automerge::{Automerge, ChangeHash};
-use redline_proto::session::DocToSync;
 use redline_proto::{Day, DocId, DocKind, MemberId};
 
 use crate::identity::{self, DeviceIdentity};
 use crate::schema::{self, Writer};
-use crate::store::{self, Store};
-use crate::sync::{self, SyncReport};
+use crate::store::Store;
+use crate::sync::{SyncReport, Traffic};
 use crate::{ClientConfig, Error, transport};
 
 /// A device's Redline store. Cheap to clone; all clones share one store.
@@ -25,13 +23,37 @@ pub struct Client {
 }
 
 pub(crate) struct Inner {
-    store: Store,
-    identity: DeviceIdentity,
+    pub(crate) store: Store,
+    pub(crate) identity: DeviceIdentity,
     pub(crate) config: ClientConfig,
     /// Parsed documents, loaded on first use. Local writes and sync merges go through it.
     docs: Mutex<HashMap<DocId, Automerge>>,
     /// One sync at a time per client; holds the QUIC endpoint, made on first sync.
     syncing: tokio::sync::Mutex<Option<quinn::Endpoint>>,
+    /// Bytes and frames over the client's lifetime.
+    pub(crate) traffic: Arc<Traffic>,
+    /// Signalled on every local write (a live session pushes it).
+    pub(crate) local_change: tokio::sync::Notify,
+    /// Documents changed, locally or by sync.
+    pub(crate) changes: tokio::sync::broadcast::Sender<DocId>,
+}
+
+/// A live connection to the relay, started by [`Client::go_live`]: local writes are pushed
+/// as they happen, and others' changes arrive without polling. Reconnects with backoff
+/// after network failures.
+pub struct LiveSync {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    /// Reports of completed first flights (one per connection).
+    pub reports: tokio::sync::mpsc::UnboundedReceiver<Result<SyncReport, Error>>,
+}
+
+impl LiveSync {
+    /// Ends the live session and waits for it to close.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
 }
 
 /// What [`Client::drop_old_days`] did.
@@ -63,6 +85,9 @@ impl Client {
                 config,
                 docs: Mutex::new(HashMap::new()),
                 syncing: tokio::sync::Mutex::new(None),
+                traffic: Arc::new(Traffic::default()),
+                local_change: tokio::sync::Notify::new(),
+                changes: tokio::sync::broadcast::channel(1024).0,
             }),
         })
     }
@@ -77,7 +102,7 @@ impl Client {
         &self.inner.config.member
     }
 
-    fn docs(&self) -> MutexGuard<'_, HashMap<DocId, Automerge>> {
+    pub(crate) fn docs(&self) -> MutexGuard<'_, HashMap<DocId, Automerge>> {
         self.inner
             .docs
             .lock()
@@ -85,7 +110,7 @@ impl Client {
     }
 
     /// Loads `id` into the cache from the store, if it is stored and not yet loaded.
-    fn load<'a>(
+    pub(crate) fn load<'a>(
         &self,
         docs: &'a mut HashMap<DocId, Automerge>,
         id: &DocId,
@@ -155,11 +180,18 @@ impl Client {
             }
         };
         schema::commit(tx, &writer);
-        if let Err(e) = self.inner.store.save_doc(id, &doc.save()) {
+        let bytes = doc.save();
+        if !self.covered_by_patterns(id) {
+            self.inner.store.follow(id)?;
+        }
+        if let Err(e) = self.inner.store.save_doc(id, &bytes) {
             // Keep memory equal to disk: what was not stored did not happen.
             docs.remove(id);
             return Err(e);
         }
+        drop(docs);
+        self.inner.local_change.notify_one();
+        let _ = self.inner.changes.send(id.clone());
         Ok(result)
     }
 
@@ -172,9 +204,37 @@ impl Client {
         }
         let mut doc = schema::genesis(id);
         doc.set_actor(self.inner.identity.actor.clone());
+        if !self.covered_by_patterns(id) {
+            self.inner.store.follow(id)?;
+        }
         self.inner.store.save_doc(id, &doc.save())?;
         docs.insert(id.clone(), doc);
         Ok(())
+    }
+
+    /// Whether the subscription's org, teams and zones cover `id` (so it needs no
+    /// explicit follow). Ledger days count whatever their date.
+    fn covered_by_patterns(&self, id: &DocId) -> bool {
+        let c = &self.inner.config;
+        match id.kind() {
+            DocKind::Roster(org) => c.org.as_ref() == Some(&org),
+            DocKind::Households(zone) => c.zones.contains(&zone),
+            DocKind::Ledger(team, _) => c.teams.contains(&team),
+        }
+    }
+
+    /// Documents changed from now on, locally or by sync (for observers).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<DocId> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Bytes sent and received by this client so far, on all streams.
+    pub fn traffic(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.inner.traffic.bytes_sent.load(Ordering::Relaxed),
+            self.inner.traffic.bytes_received.load(Ordering::Relaxed),
+        )
     }
 
     /// Every document this device holds.
@@ -229,12 +289,9 @@ impl Client {
         Ok(out)
     }
 
-    /// Syncs every document with the relay. Local writes may go on meanwhile; what the
-    /// relay sends is merged in at the end, and all results are stored with one flush.
-    pub async fn sync(&self) -> Result<SyncReport, Error> {
-        let relay = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
-        let mut endpoint_slot = self.inner.syncing.lock().await;
-        let endpoint = match endpoint_slot.as_ref() {
+    async fn endpoint(&self, relay: &crate::RelayEndpoint) -> Result<quinn::Endpoint, Error> {
+        let mut slot = self.inner.syncing.lock().await;
+        Ok(match slot.as_ref() {
             Some(e)
                 if e.local_addr()
                     .is_ok_and(|a| a.is_ipv6() == relay.addr.is_ipv6()) =>
@@ -243,74 +300,83 @@ impl Client {
             }
             _ => {
                 let e = transport::client_endpoint(&relay.addr)?;
-                *endpoint_slot = Some(e.clone());
+                *slot = Some(e.clone());
                 e
             }
-        };
-        let mut to_sync = Vec::new();
-        {
-            let mut docs = self.docs();
-            for id in self.inner.store.doc_ids()? {
-                let Some(doc) = self.load(&mut docs, &id)? else {
-                    continue;
-                };
-                let doc = doc.clone();
-                let state = match self.inner.store.sync_state(&id)? {
-                    // A state that does not decode only costs a longer exchange.
-                    Some(bytes) => SyncState::decode(&bytes).unwrap_or_default(),
-                    None => SyncState::new(),
-                };
-                to_sync.push(DocToSync { id, doc, state });
-            }
-        }
-        let (synced, report) = sync::run(
-            &endpoint,
-            &relay,
-            self.inner.identity.device.clone(),
-            self.inner.config.app_version.clone(),
-            to_sync,
-            self.inner.config.max_frame,
-        )
-        .await?;
+        })
+    }
 
-        let mut docs = self.docs();
-        let mut merged = Vec::with_capacity(synced.len());
-        for mut s in synced {
-            let doc_bytes = if s.changes_received > 0 {
-                let live = self
-                    .load(&mut docs, &s.id)?
-                    .ok_or_else(|| Error::Store(format!("{} vanished during sync", s.id)))?;
-                live.merge(&mut s.doc)?;
-                Some(live.save())
-            } else {
-                None
-            };
-            merged.push((s, doc_bytes));
-        }
-        let records: Vec<store::SyncRecord<'_>> = merged
-            .iter()
-            .map(|(s, bytes)| store::SyncRecord {
-                id: &s.id,
-                doc_bytes: bytes.clone(),
-                sync_state: s.state.encode(),
-                acked_heads: s.acked_heads.as_deref(),
-            })
-            .collect();
-        if let Err(e) = self.inner.store.save_sync_results(&records) {
-            // The merged copies were not stored: drop them so memory matches disk.
-            for (s, bytes) in &merged {
-                if bytes.is_some() {
-                    docs.remove(&s.id);
+    /// Syncs with the relay once: pushes what the relay lacks, fetches what changed in the
+    /// subscription, stores it all. Local writes may go on meanwhile. Cancel-safe: what
+    /// was acknowledged or applied before a cancellation is kept.
+    pub async fn sync(&self) -> Result<SyncReport, Error> {
+        let relay = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
+        let endpoint = self.endpoint(&relay).await?;
+        self.session(&endpoint, &relay, None).await
+    }
+
+    /// Stays connected: after a first flight like [`sync`](Self::sync), local writes are
+    /// pushed as they happen and others' changes arrive as the relay commits them.
+    /// Network failures are retried with backoff (1 s doubling to 30 s).
+    pub fn go_live(&self) -> Result<LiveSync, Error> {
+        let relay = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (report_tx, reports) = tokio::sync::mpsc::unbounded_channel();
+        let client = self.clone();
+        let task = tokio::spawn(async move {
+            let mut backoff = std::time::Duration::from_secs(1);
+            loop {
+                if *stopped.borrow() {
+                    return;
+                }
+                let result = match client.endpoint(&relay).await {
+                    Ok(endpoint) => {
+                        client
+                            .session(&endpoint, &relay, Some(stopped.clone()))
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                let failed = result.is_err();
+                let _ = report_tx.send(result);
+                if *stopped.borrow() {
+                    return;
+                }
+                if failed {
+                    let mut s = stopped.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = s.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                } else {
+                    backoff = std::time::Duration::from_secs(1);
                 }
             }
-            return Err(e);
-        }
-        Ok(report)
+        });
+        Ok(LiveSync {
+            stop,
+            task,
+            reports,
+        })
     }
 }
 
+/// The UTC day of unix milliseconds `ms`.
+pub(crate) fn day_of(ms: i64) -> Option<Day> {
+    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)).ok()?;
+    let d = t.date();
+    Day::new(format!(
+        "{:04}-{:02}-{:02}",
+        d.year(),
+        u8::from(d.month()),
+        d.day()
+    ))
+    .ok()
+}
+
 /// `day` minus `n` days.
-fn day_minus(day: &Day, n: u32) -> Result<Day, Error> {
+pub(crate) fn day_minus(day: &Day, n: u32) -> Result<Day, Error> {
     let s = day.as_str();
     let num = |r: std::ops::Range<usize>| {
         s[r].parse::<i32>()

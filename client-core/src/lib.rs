@@ -41,9 +41,9 @@ pub mod workflow;
 use std::net::SocketAddr;
 
 use redline_proto::codec::DEFAULT_MAX_FRAME;
-use redline_proto::{MemberId, OrgId};
+use redline_proto::{MemberId, OrgId, TeamId, ZoneId};
 
-pub use client::{Client, Rollover};
+pub use client::{Client, LiveSync, Rollover};
 pub use conflicts::{Conflict, ConflictValue};
 pub use households::{
     Household, HouseholdUpdate, HouseholdsView, Need, NeedCategory, NewHousehold, NewNeed,
@@ -53,7 +53,7 @@ pub use identity::DeviceIdentity;
 pub use ledger::{DutyAction, DutyEntry, LedgerView, NewTask, Task, TaskKind, TaskUpdate};
 pub use reconcile::{MemberActivity, ReconcileView};
 pub use roster::{MemberEntry, Role, RosterView, TeamEntry};
-pub use sync::SyncReport;
+pub use sync::{INLINE_MAX, PIECE, SyncReport, WINDOW};
 pub use workflow::{Derived, NeedStatus, StatusEntry, TaskStatus};
 
 /// Everything that can go wrong on the device.
@@ -156,6 +156,10 @@ pub struct ClientConfig {
     pub org: Option<OrgId>,
     /// The relay to sync with.
     pub relay: Option<RelayEndpoint>,
+    /// Teams whose recent ledger days this device receives.
+    pub teams: Vec<TeamId>,
+    /// Zones whose households books this device receives.
+    pub zones: Vec<ZoneId>,
     /// Ledger days kept on the device by [`Client::drop_old_days`] (today included).
     pub keep_days: u32,
     /// The app's version, reported to the relay.
@@ -173,6 +177,8 @@ impl ClientConfig {
             member,
             org: None,
             relay: None,
+            teams: Vec::new(),
+            zones: Vec::new(),
             keep_days: 7,
             app_version: format!("redline-client/{}", env!("CARGO_PKG_VERSION")),
             max_frame: DEFAULT_MAX_FRAME,
@@ -195,6 +201,18 @@ impl ClientConfig {
     /// Sets the organisation.
     pub fn with_org(mut self, org: OrgId) -> Self {
         self.org = Some(org);
+        self
+    }
+
+    /// Sets the teams whose ledgers this device receives.
+    pub fn with_teams(mut self, teams: Vec<TeamId>) -> Self {
+        self.teams = teams;
+        self
+    }
+
+    /// Sets the zones whose households books this device receives.
+    pub fn with_zones(mut self, zones: Vec<ZoneId>) -> Self {
+        self.zones = zones;
         self
     }
 

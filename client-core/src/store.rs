@@ -1,8 +1,9 @@
 //! The device's durable store, in sled.
 //!
-//! Trees: `docs` (document id → Automerge `save()` bytes), `sync` (document id → encoded
-//! Automerge sync state for the relay), `acked` (document id → the relay's durable heads),
-//! `meta` (device identity). Every write that a caller is told succeeded has been flushed.
+//! Trees: `docs` (document id → Automerge `save()` bytes), `acked` (document id → heads the
+//! relay is known to hold durably: what it acknowledged or sent), `follows` (documents
+//! followed by id), `meta` (device identity, feed cursor). Every write that a caller is
+//! told succeeded has been flushed.
 
 use std::path::Path;
 
@@ -15,8 +16,8 @@ use crate::Error;
 pub(crate) struct Store {
     db: sled::Db,
     docs: sled::Tree,
-    sync: sled::Tree,
     acked: sled::Tree,
+    follows: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -24,12 +25,21 @@ fn err(e: sled::Error) -> Error {
     Error::Store(e.to_string())
 }
 
-/// What a finished sync leaves to persist for one document.
-pub(crate) struct SyncRecord<'a> {
-    pub id: &'a DocId,
-    pub doc_bytes: Option<Vec<u8>>,
-    pub sync_state: Vec<u8>,
-    pub acked_heads: Option<&'a [ChangeHash]>,
+/// What a sync step leaves to persist, written with one flush.
+#[derive(Default)]
+pub(crate) struct SyncBatch {
+    /// Documents to store (`save()` bytes).
+    pub docs: Vec<(DocId, Vec<u8>)>,
+    /// New relay-held heads per document.
+    pub acked: Vec<(DocId, Vec<ChangeHash>)>,
+    /// The new feed cursor (encoded), per relay key.
+    pub cursor: Option<(String, Vec<u8>)>,
+}
+
+impl SyncBatch {
+    pub fn is_empty(&self) -> bool {
+        self.docs.is_empty() && self.acked.is_empty() && self.cursor.is_none()
+    }
 }
 
 impl Store {
@@ -42,8 +52,8 @@ impl Store {
         })?;
         Ok(Self {
             docs: db.open_tree("docs").map_err(err)?,
-            sync: db.open_tree("sync").map_err(err)?,
             acked: db.open_tree("acked").map_err(err)?,
+            follows: db.open_tree("follows").map_err(err)?,
             meta: db.open_tree("meta").map_err(err)?,
             db,
         })
@@ -76,10 +86,6 @@ impl Store {
             .collect()
     }
 
-    pub fn sync_state(&self, id: &DocId) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.sync.get(id.as_str()).map_err(err)?.map(|v| v.to_vec()))
-    }
-
     pub fn acked_heads(&self, id: &DocId) -> Result<Option<Vec<ChangeHash>>, Error> {
         let Some(v) = self.acked.get(id.as_str()).map_err(err)? else {
             return Ok(None);
@@ -95,30 +101,51 @@ impl Store {
         Ok(Some(heads))
     }
 
-    /// Persists what a sync produced, with one flush for all documents.
-    pub fn save_sync_results(&self, records: &[SyncRecord<'_>]) -> Result<(), Error> {
-        for r in records {
-            if let Some(bytes) = &r.doc_bytes {
-                self.docs
-                    .insert(r.id.as_str(), bytes.as_slice())
-                    .map_err(err)?;
-            }
-            self.sync
-                .insert(r.id.as_str(), r.sync_state.as_slice())
+    /// Persists what a sync step produced, with one flush.
+    pub fn write_batch(&self, b: &SyncBatch) -> Result<(), Error> {
+        for (id, bytes) in &b.docs {
+            self.docs
+                .insert(id.as_str(), bytes.as_slice())
                 .map_err(err)?;
-            if let Some(heads) = r.acked_heads {
-                let flat: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
-                self.acked.insert(r.id.as_str(), flat).map_err(err)?;
-            }
+        }
+        for (id, heads) in &b.acked {
+            let flat: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
+            self.acked.insert(id.as_str(), flat).map_err(err)?;
+        }
+        if let Some((key, cursor)) = &b.cursor {
+            self.meta
+                .insert(key.as_str(), cursor.as_slice())
+                .map_err(err)?;
         }
         self.flush()
+    }
+
+    /// Records that `id` is followed explicitly (not covered by the subscription's
+    /// teams, zones or org). Not flushed on its own: the write that caused it flushes.
+    pub fn follow(&self, id: &DocId) -> Result<(), Error> {
+        self.follows.insert(id.as_str(), &[]).map_err(err)?;
+        Ok(())
+    }
+
+    /// Documents followed explicitly.
+    pub fn follows(&self) -> Result<Vec<DocId>, Error> {
+        self.follows
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k.map_err(err)?;
+                let s =
+                    std::str::from_utf8(&k).map_err(|_| Error::Store("non-UTF-8 key".into()))?;
+                Ok(DocId::parse(s)?)
+            })
+            .collect()
     }
 
     /// Removes a document and its sync metadata, durably.
     pub fn remove_doc(&self, id: &DocId) -> Result<(), Error> {
         self.docs.remove(id.as_str()).map_err(err)?;
-        self.sync.remove(id.as_str()).map_err(err)?;
         self.acked.remove(id.as_str()).map_err(err)?;
+        self.follows.remove(id.as_str()).map_err(err)?;
         self.flush()
     }
 

@@ -1,107 +1,804 @@
-//! The sync driver: runs a [`ClientSession`] over a QUIC stream to the relay and reports
-//! what moved.
+//! The sync driver: one QUIC connection to the relay, the first flight, and (in live
+//! mode) everything after it.
+//!
+//! **First flight.** `Hello`, then a `Push` (an Automerge bundle) of every document with
+//! changes the relay is not known to hold, then `Pull` with the device's feed cursor. The
+//! relay acks the pushes after its flush and sends what the device lacks in its
+//! subscription, then `Caught` with a new cursor. A device with nothing new spends one
+//! round trip and a few hundred bytes, however many documents it holds.
+//!
+//! **Large payloads** (over [`INLINE_MAX`]) go as resumable uploads on their own streams,
+//! in pieces of [`PIECE`] bytes with at most [`WINDOW`] bytes unacknowledged: a cut
+//! connection costs at most one window, and the next attempt resumes where the relay's
+//! durable copy ends. Large updates from the relay arrive on their own streams too.
+//!
+//! **Stale knowledge.** If the relay lacks what a push builds on (`Resync`), or an update
+//! leaves dependencies missing here, that document falls back to Automerge's sync
+//! protocol ([`DeviceResync`]).
+//!
+//! **Durability.** Updates are merged into the live documents as they arrive and written
+//! with one flush per step; the cursor is stored only when nothing it covers is still
+//! pending (a transfer, a resync), so a cursor never claims what the device lacks.
+//!
+//! Cancel-safe: dropping the future drops the connection; everything acknowledged or
+//! applied so far is on disk, and the next sync picks up from there.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redline_proto::DeviceId;
-use redline_proto::session::{ClientEvent, ClientSession, DocToSync, SyncedDoc};
+use automerge::sync::State as SyncState;
+use automerge::{Automerge, ChangeHash, ReadDoc};
+use quinn::{RecvStream, SendStream};
+use redline_proto::codec::{self, HEADER_LEN};
+use redline_proto::message::{
+    Cursor, ErrorReport, Hello, Message, Payload, Piece, Pull, Push, Subscription, Update, Upload,
+};
+use redline_proto::session::{DeviceResync, DocToSync, hashes_from_wire, hashes_to_wire};
+use redline_proto::{DocId, PROTOCOL_VERSION};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
-use crate::transport::{self, FramedStream};
-use crate::{Error, RelayEndpoint};
+use crate::client::Client;
+use crate::store::SyncBatch;
+use crate::{Error, RelayEndpoint, transport};
+
+/// Pushes larger than this go as resumable uploads.
+pub const INLINE_MAX: usize = 512 * 1024;
+/// Piece size of uploads.
+pub const PIECE: usize = 64 * 1024;
+/// Upload bytes sent but not yet acknowledged as durable by the relay, at most.
+pub const WINDOW: u64 = 128 * 1024;
 
 /// What one sync did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
-    /// Documents offered to the relay.
+    /// Documents the device holds.
     pub docs: usize,
-    /// Documents whose exchange completed.
-    pub docs_settled: usize,
+    /// Documents with changes pushed to the relay.
+    pub docs_pushed: usize,
+    /// Documents that received changes from the relay.
+    pub docs_updated: usize,
+    /// Documents that needed Automerge's sync protocol (stale knowledge).
+    pub docs_resynced: usize,
     /// Documents the relay refused, with its reason.
     pub refused: Vec<(String, String)>,
-    /// Documents that changed on this device because of the sync.
-    pub docs_updated: usize,
-    /// Changes the relay reported as new to it (and stored before acknowledging).
+    /// Changes the relay reported as new to it (stored before acknowledging).
     pub changes_sent: u64,
     /// Changes received from the relay.
     pub changes_received: u64,
-    /// Bytes sent on the stream (frames, before QUIC and TLS overhead).
+    /// Bytes sent on all streams (frames, before QUIC and TLS overhead).
     pub bytes_sent: u64,
-    /// Bytes received on the stream.
+    /// Bytes received on all streams.
     pub bytes_received: u64,
-    /// Wall time of the sync, connection set-up included.
+    /// Frames sent.
+    pub frames_sent: u64,
+    /// Frames received.
+    pub frames_received: u64,
+    /// Times the device sent and then had to wait for the relay.
+    pub round_trips: u32,
+    /// Wall time, connection set-up included.
     pub duration: Duration,
 }
 
-/// Connects, runs the session to completion and hands back the documents.
-pub(crate) async fn run(
-    endpoint: &quinn::Endpoint,
-    relay: &RelayEndpoint,
-    device: DeviceId,
-    app_version: String,
-    docs: Vec<DocToSync>,
+/// Byte and frame counters shared by a session's streams.
+#[derive(Debug, Default)]
+pub(crate) struct Traffic {
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub frames_received: AtomicU64,
+}
+
+async fn write(
+    send: &mut SendStream,
+    msg: &Message,
+    traffic: &Traffic,
+    totals: &Traffic,
+) -> Result<(), Error> {
+    let frame = codec::encode_frame(msg, codec::DEFAULT_MAX_FRAME)?;
+    send.write_all(&frame)
+        .await
+        .map_err(|e| Error::Transport(e.to_string()))?;
+    for t in [traffic, totals] {
+        t.bytes_sent
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        t.frames_sent.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+async fn read(
+    recv: &mut RecvStream,
     max_frame: usize,
-) -> Result<(Vec<SyncedDoc>, SyncReport), Error> {
-    let started = Instant::now();
-    let connection = transport::connect(endpoint, relay).await?;
-    let (send, recv) = connection
+    traffic: &Traffic,
+    totals: &Traffic,
+) -> Result<Option<Message>, Error> {
+    let mut header = [0u8; HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(n)) => {
+            return Err(redline_proto::Error::Truncated { have: n }.into());
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(Error::Transport(e.to_string())),
+    }
+    let len = codec::payload_len(header, max_frame)?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(n) => {
+            Error::Protocol(redline_proto::Error::Truncated {
+                have: HEADER_LEN + n,
+            })
+        }
+        quinn::ReadExactError::ReadError(e) => Error::Transport(e.to_string()),
+    })?;
+    for t in [traffic, totals] {
+        t.bytes_received
+            .fetch_add((HEADER_LEN + len) as u64, Ordering::Relaxed);
+        t.frames_received.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(Some(codec::decode_payload(&payload)?))
+}
+
+fn transfer_id(bytes: &[u8]) -> [u8; 16] {
+    let d = Sha256::digest(bytes);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&d[..16]);
+    id
+}
+
+/// How an upload ended.
+enum UploadEnd {
+    Acked {
+        doc: DocId,
+        pushed: Vec<ChangeHash>,
+        applied: u32,
+    },
+    Resync(DocId),
+    Refused(DocId, ErrorReport),
+}
+
+async fn upload(
+    conn: quinn::Connection,
+    doc: DocId,
+    bytes: Vec<u8>,
+    pushed: Vec<ChangeHash>,
+    traffic: Arc<Traffic>,
+    totals: Arc<Traffic>,
+    max_frame: usize,
+) -> Result<UploadEnd, Error> {
+    let id = transfer_id(&bytes);
+    let len = bytes.len() as u64;
+    let (mut send, mut recv) = conn
         .open_bi()
         .await
-        .map_err(|e| Error::Transport(format!("cannot open a stream: {e}")))?;
-    let mut stream = FramedStream {
-        send,
-        recv,
-        max_frame,
-        bytes_sent: 0,
-        bytes_received: 0,
+        .map_err(|e| Error::Transport(e.to_string()))?;
+    let start = Upload {
+        id,
+        doc: doc.clone(),
+        len,
+        document: false,
+        heads: hashes_to_wire(&pushed),
     };
-    let mut session = ClientSession::new(device, app_version, docs);
-    let mut report = SyncReport {
-        docs: session.docs_total(),
-        ..SyncReport::default()
+    write(&mut send, &Message::Upload(start), &traffic, &totals).await?;
+    let mut acked = match read(&mut recv, max_frame, &traffic, &totals).await? {
+        Some(Message::UploadOffset(o)) if o.id == id => o.have.min(len),
+        Some(Message::Error(r)) => return Ok(UploadEnd::Refused(doc, r)),
+        other => {
+            return Err(Error::Transport(format!(
+                "unexpected answer to an upload: {other:?}"
+            )));
+        }
     };
-
-    let outcome = async {
-        loop {
-            while let Some(msg) = session.poll_transmit() {
-                stream.send(&msg).await?;
+    let mut next = acked;
+    loop {
+        while next < len && next - acked < WINDOW {
+            let end = (next as usize + PIECE).min(bytes.len());
+            let piece = Piece {
+                id,
+                offset: next,
+                data: bytes[next as usize..end].to_vec(),
+            };
+            write(&mut send, &Message::Piece(piece), &traffic, &totals).await?;
+            next = end as u64;
+        }
+        match read(&mut recv, max_frame, &traffic, &totals).await? {
+            Some(Message::UploadOffset(o)) if o.id == id => acked = o.have,
+            Some(Message::Ack(a)) => {
+                return Ok(UploadEnd::Acked {
+                    doc,
+                    pushed,
+                    applied: a.applied,
+                });
             }
-            while let Some(event) = session.poll_event() {
-                match event {
-                    ClientEvent::Refused { doc, report: r } => {
-                        report
-                            .refused
-                            .push((doc.to_string(), format!("{}: {}", r.code, r.text)));
-                    }
-                    other => debug!(?other, "sync event"),
-                }
-            }
-            if session.is_finished() {
-                return Ok(());
-            }
-            match stream.receive().await? {
-                Some(msg) => session.handle_message(msg)?,
-                None => {
-                    return Err(Error::Transport(
-                        "the relay ended the stream before the sync finished".into(),
-                    ));
-                }
+            Some(Message::Resync(d)) => return Ok(UploadEnd::Resync(d)),
+            Some(Message::Error(r)) => return Ok(UploadEnd::Refused(doc, r)),
+            other => {
+                return Err(Error::Transport(format!(
+                    "unexpected message during an upload: {other:?}"
+                )));
             }
         }
     }
-    .await;
-    let _ = stream.send.finish();
-    // The endpoint lives on in the client, so the close reaches the relay without waiting.
-    connection.close(0u8.into(), b"done");
-    outcome?;
+}
 
-    let synced = session.finish();
-    report.docs_settled = synced.iter().filter(|d| d.settled).count();
-    report.docs_updated = synced.iter().filter(|d| d.changes_received > 0).count();
-    report.changes_sent = synced.iter().map(|d| d.changes_sent).sum();
-    report.changes_received = synced.iter().map(|d| d.changes_received).sum();
-    report.bytes_sent = stream.bytes_sent;
-    report.bytes_received = stream.bytes_received;
-    report.duration = started.elapsed();
-    Ok((synced, report))
+/// Reads the pieces of one relay-to-device transfer.
+async fn receive_transfer(
+    mut recv: RecvStream,
+    traffic: Arc<Traffic>,
+    totals: Arc<Traffic>,
+) -> Result<([u8; 16], Vec<u8>), Error> {
+    let mut id = None;
+    let mut buf = Vec::new();
+    while let Some(msg) = read(&mut recv, codec::DEFAULT_MAX_FRAME, &traffic, &totals).await? {
+        let Message::Piece(p) = msg else {
+            return Err(Error::Transport(
+                "a transfer stream holds pieces only".into(),
+            ));
+        };
+        if id.is_some_and(|i| i != p.id) || p.offset != buf.len() as u64 {
+            return Err(Error::Transport("transfer piece out of place".into()));
+        }
+        id = Some(p.id);
+        buf.extend_from_slice(&p.data);
+    }
+    let id = id.ok_or_else(|| Error::Transport("empty transfer".into()))?;
+    if transfer_id(&buf) != id {
+        return Err(Error::Transport(
+            "transfer bytes do not match their id".into(),
+        ));
+    }
+    Ok((id, buf))
+}
+
+/// Adds `more` to `into`, skipping duplicates.
+fn union(into: &mut Vec<ChangeHash>, more: &[ChangeHash]) {
+    for h in more {
+        if !into.contains(h) {
+            into.push(*h);
+        }
+    }
+}
+
+/// The state of one session.
+#[derive(Default)]
+struct Flight {
+    welcomed: bool,
+    caught: Option<Cursor>,
+    /// Pushes (inline or uploads) awaiting an answer: document → heads pushed.
+    in_flight: HashMap<DocId, Vec<ChangeHash>>,
+    /// Heads the relay is known to hold, per document.
+    relay_has: HashMap<DocId, Vec<ChangeHash>>,
+    /// Announced transfers not yet applied: id → (doc, heads, whole document?).
+    announced: HashMap<[u8; 16], (DocId, Vec<ChangeHash>, bool)>,
+    /// Transfers received before their announcement.
+    arrived: HashMap<[u8; 16], Vec<u8>>,
+    resync: Option<DeviceResync>,
+    batch: SyncBatch,
+    dirty: HashSet<DocId>,
+    pushed: HashSet<DocId>,
+    updated: HashSet<DocId>,
+    resynced: HashSet<DocId>,
+    report: SyncReport,
+}
+
+impl Flight {
+    fn settled(&self) -> bool {
+        self.welcomed
+            && self.caught.is_some()
+            && self.in_flight.is_empty()
+            && self.announced.is_empty()
+            && self.resync.as_ref().is_none_or(DeviceResync::is_finished)
+    }
+}
+
+/// Stops a live session.
+pub(crate) type StopSignal = watch::Receiver<bool>;
+
+impl Client {
+    /// Runs one session: the first flight, and if `live` is given, everything after it
+    /// until the signal turns true or the connection fails.
+    pub(crate) async fn session(
+        &self,
+        endpoint: &quinn::Endpoint,
+        relay: &RelayEndpoint,
+        mut live: Option<StopSignal>,
+    ) -> Result<SyncReport, Error> {
+        let started = Instant::now();
+        let max_frame = self.inner.config.max_frame;
+        let totals = self.inner.traffic.clone();
+        let traffic = Arc::new(Traffic::default());
+        let conn = transport::connect(endpoint, relay).await?;
+        let (mut send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| Error::Transport(format!("cannot open a stream: {e}")))?;
+
+        // Reader and transfer tasks feed the loop through channels (reads are not
+        // cancel-safe inside select!).
+        let (in_tx, mut inbox) = mpsc::channel::<Result<Message, Error>>(64);
+        let reader = {
+            let (traffic, totals) = (traffic.clone(), totals.clone());
+            let mut recv = recv;
+            tokio::spawn(async move {
+                loop {
+                    let r = read(&mut recv, max_frame, &traffic, &totals).await;
+                    let stop = !matches!(r, Ok(Some(_)));
+                    let item = match r {
+                        Ok(Some(m)) => Ok(m),
+                        Ok(None) => Err(Error::Transport(
+                            "the relay closed the control stream".into(),
+                        )),
+                        Err(e) => Err(e),
+                    };
+                    if in_tx.send(item).await.is_err() || stop {
+                        break;
+                    }
+                }
+            })
+        };
+        let (xfer_tx, mut xfers) = mpsc::channel::<Result<([u8; 16], Vec<u8>), Error>>(8);
+        let acceptor = {
+            let (conn, traffic, totals) = (conn.clone(), traffic.clone(), totals.clone());
+            tokio::spawn(async move {
+                while let Ok(recv) = conn.accept_uni().await {
+                    let (tx, traffic, totals) = (xfer_tx.clone(), traffic.clone(), totals.clone());
+                    tokio::spawn(async move {
+                        let _ = tx.send(receive_transfer(recv, traffic, totals).await).await;
+                    });
+                }
+            })
+        };
+        let (up_tx, mut ups) = mpsc::channel::<Result<UploadEnd, Error>>(8);
+
+        let mut f = Flight {
+            relay_has: self.relay_has_all()?,
+            ..Flight::default()
+        };
+        f.report.docs = f.relay_has.len();
+        let subscription = self.subscription()?;
+        let cursor_key = format!(
+            "cursor:{}",
+            relay.fingerprint.to_lowercase().replace(':', "")
+        );
+        let cursor = self
+            .inner
+            .store
+            .meta(&cursor_key)?
+            .and_then(|b| postcard::from_bytes::<Cursor>(&b).ok());
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            device: self.inner.identity.device.clone(),
+            app_version: self.inner.config.app_version.clone(),
+            subscription: subscription.clone(),
+        };
+        write(&mut send, &Message::Hello(hello), &traffic, &totals).await?;
+        self.push_dirty(&mut f, &mut send, &conn, &up_tx, &traffic, &totals)
+            .await?;
+        write(
+            &mut send,
+            &Message::Pull(Pull { cursor }),
+            &traffic,
+            &totals,
+        )
+        .await?;
+        f.report.round_trips = 1;
+        let mut first_done = false;
+
+        let outcome: Result<(), Error> = async {
+            loop {
+                if f.settled() && !first_done {
+                    first_done = true;
+                    self.persist(&mut f, &cursor_key)?;
+                    if live.is_none() {
+                        return Ok(());
+                    }
+                }
+                let is_live = live.is_some() && first_done;
+                tokio::select! {
+                    item = inbox.recv() => {
+                        let msg = item.unwrap_or_else(|| Err(Error::Transport("control stream ended".into())))?;
+                        self.handle(&mut f, msg)?;
+                    }
+                    Some(done) = xfers.recv() => {
+                        let (id, bytes) = done?;
+                        f.arrived.insert(id, bytes);
+                        self.apply_transfers(&mut f)?;
+                    }
+                    Some(done) = ups.recv() => {
+                        match done? {
+                            UploadEnd::Acked { doc, pushed, applied } => self.acked(&mut f, doc, &pushed, applied),
+                            UploadEnd::Resync(doc) => self.start_resync(&mut f, doc)?,
+                            UploadEnd::Refused(doc, r) => {
+                                f.in_flight.remove(&doc);
+                                f.report.refused.push((doc.to_string(), format!("{}: {}", r.code, r.text)));
+                            }
+                        }
+                    }
+                    _ = self.inner.local_change.notified(), if is_live => {
+                        self.push_dirty(&mut f, &mut send, &conn, &up_tx, &traffic, &totals).await?;
+                    }
+                    stop = async { match live.as_mut() { Some(s) => s.changed().await, None => std::future::pending().await } }, if is_live => {
+                        let stopped = stop.is_err() || live.as_ref().is_some_and(|s| *s.borrow());
+                        if stopped {
+                            return Ok(());
+                        }
+                    }
+                }
+                // Fallback steps the last message called for.
+                let mut sent = false;
+                if let Some(r) = f.resync.as_mut() {
+                    while let Some(m) = r.poll_transmit() {
+                        write(&mut send, &m, &traffic, &totals).await?;
+                        sent = true;
+                    }
+                }
+                if sent {
+                    f.report.round_trips += 1;
+                }
+                if f.resync.as_ref().is_some_and(DeviceResync::is_finished) {
+                    self.finish_resync(&mut f)?;
+                }
+                if is_live && f.settled() {
+                    self.persist(&mut f, &cursor_key)?;
+                }
+            }
+        }
+        .await;
+        let _ = send.finish();
+        conn.close(0u8.into(), b"done");
+        reader.abort();
+        acceptor.abort();
+        // What was applied is kept even if the session failed.
+        if !f.batch.is_empty() || !f.dirty.is_empty() {
+            let cursor_ok = outcome.is_ok() && f.settled();
+            if !cursor_ok {
+                f.caught = None;
+            }
+            let _ = self.persist(&mut f, &cursor_key);
+        }
+        outcome?;
+        let mut report = f.report;
+        report.docs_pushed = f.pushed.len();
+        report.docs_updated = f.updated.len();
+        report.docs_resynced = f.resynced.len();
+        report.bytes_sent = traffic.bytes_sent.load(Ordering::Relaxed);
+        report.bytes_received = traffic.bytes_received.load(Ordering::Relaxed);
+        report.frames_sent = traffic.frames_sent.load(Ordering::Relaxed);
+        report.frames_received = traffic.frames_received.load(Ordering::Relaxed);
+        report.duration = started.elapsed();
+        Ok(report)
+    }
+
+    /// Pushes every document with changes the relay is not known to hold and no push in
+    /// flight.
+    async fn push_dirty(
+        &self,
+        f: &mut Flight,
+        send: &mut SendStream,
+        conn: &quinn::Connection,
+        up_tx: &mpsc::Sender<Result<UploadEnd, Error>>,
+        traffic: &Arc<Traffic>,
+        totals: &Arc<Traffic>,
+    ) -> Result<(), Error> {
+        let mut pushes = Vec::new();
+        {
+            let mut docs = self.docs();
+            for id in self.inner.store.doc_ids()? {
+                if f.in_flight.contains_key(&id)
+                    || f.resync.as_ref().is_some_and(|r| r.contains(&id))
+                {
+                    continue;
+                }
+                let Some(doc) = self.load(&mut docs, &id)? else {
+                    continue;
+                };
+                let heads = doc.get_heads();
+                let has = f.relay_has.entry(id.clone()).or_default();
+                if heads.iter().all(|h| has.contains(h)) {
+                    continue;
+                }
+                let known: Vec<ChangeHash> = has
+                    .iter()
+                    .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+                    .copied()
+                    .collect();
+                let hashes: Vec<ChangeHash> =
+                    doc.get_changes(&known).iter().map(|c| c.hash()).collect();
+                if hashes.is_empty() {
+                    continue;
+                }
+                let bundle = doc
+                    .bundle(hashes)
+                    .map_err(|e| Error::Store(format!("cannot bundle {id}: {e}")))?;
+                pushes.push((id, bundle.bytes().to_vec(), heads));
+            }
+        }
+        for (doc, bundle, heads) in pushes {
+            f.in_flight.insert(doc.clone(), heads.clone());
+            f.pushed.insert(doc.clone());
+            if bundle.len() > INLINE_MAX {
+                let (conn, up_tx, traffic, totals) =
+                    (conn.clone(), up_tx.clone(), traffic.clone(), totals.clone());
+                let max_frame = self.inner.config.max_frame;
+                tokio::spawn(async move {
+                    let r = upload(conn, doc, bundle, heads, traffic, totals, max_frame).await;
+                    let _ = up_tx.send(r).await;
+                });
+            } else {
+                let push = Push {
+                    doc,
+                    bundle,
+                    heads: hashes_to_wire(&heads),
+                };
+                write(send, &Message::Push(push), traffic, totals).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn acked(&self, f: &mut Flight, doc: DocId, pushed: &[ChangeHash], applied: u32) {
+        f.in_flight.remove(&doc);
+        f.report.changes_sent += u64::from(applied);
+        let has = f.relay_has.entry(doc.clone()).or_default();
+        union(has, pushed);
+        f.batch.acked.push((doc, has.clone()));
+    }
+
+    fn handle(&self, f: &mut Flight, msg: Message) -> Result<(), Error> {
+        match msg {
+            Message::Welcome(_) => f.welcomed = true,
+            Message::Ack(ack) if f.in_flight.contains_key(&ack.doc) => {
+                let pushed = f.in_flight.get(&ack.doc).cloned().unwrap_or_default();
+                self.acked(f, ack.doc, &pushed, ack.applied);
+            }
+            Message::Resync(doc) => {
+                f.in_flight.remove(&doc);
+                self.start_resync(f, doc)?;
+            }
+            Message::Update(u) => self.apply_update(f, u)?,
+            Message::Caught(c) => f.caught = Some(c),
+            Message::Error(r) => match &r.doc {
+                Some(doc) if f.resync.as_ref().is_some_and(|s| s.contains(doc)) => {
+                    f.resync
+                        .as_mut()
+                        .expect("checked")
+                        .handle_message(Message::Error(r))?;
+                }
+                Some(doc) => {
+                    f.in_flight.remove(doc);
+                    f.report
+                        .refused
+                        .push((doc.to_string(), format!("{}: {}", r.code, r.text)));
+                }
+                None => {
+                    return Err(redline_proto::Error::Remote {
+                        code: r.code,
+                        text: r.text,
+                    }
+                    .into());
+                }
+            },
+            m @ (Message::Sync(_) | Message::Ack(_)) => match f.resync.as_mut() {
+                Some(r) => r.handle_message(m)?,
+                None => {
+                    return Err(redline_proto::Error::ProtocolViolation(format!(
+                        "unexpected {}",
+                        m.kind()
+                    ))
+                    .into());
+                }
+            },
+            other => {
+                return Err(redline_proto::Error::ProtocolViolation(format!(
+                    "device got an unexpected {}",
+                    other.kind()
+                ))
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_update(&self, f: &mut Flight, u: Update) -> Result<(), Error> {
+        let heads = hashes_from_wire(&u.heads);
+        let (bytes, document) = match u.payload {
+            Payload::Bundle(b) => (b, false),
+            Payload::Document(b) => (b, true),
+            Payload::Transfer { id, document, .. } => {
+                f.announced.insert(id, (u.doc, heads, document));
+                return self.apply_transfers(f);
+            }
+        };
+        self.apply_bytes(f, u.doc, &bytes, document, &heads)
+    }
+
+    fn apply_transfers(&self, f: &mut Flight) -> Result<(), Error> {
+        let ready: Vec<[u8; 16]> = f
+            .announced
+            .keys()
+            .filter(|id| f.arrived.contains_key(*id))
+            .copied()
+            .collect();
+        for id in ready {
+            let (doc, heads, document) = f.announced.remove(&id).expect("listed above");
+            let bytes = f.arrived.remove(&id).expect("listed above");
+            self.apply_bytes(f, doc, &bytes, document, &heads)?;
+        }
+        Ok(())
+    }
+
+    /// Merges a bundle or a saved document into the live copy of `id`.
+    fn apply_bytes(
+        &self,
+        f: &mut Flight,
+        id: DocId,
+        bytes: &[u8],
+        document: bool,
+        relay_heads: &[ChangeHash],
+    ) -> Result<(), Error> {
+        let corrupt = |e: String| {
+            Error::Protocol(redline_proto::Error::BadSyncData {
+                doc: id.clone(),
+                reason: e,
+            })
+        };
+        let missing = {
+            let mut docs = self.docs();
+            if self.load(&mut docs, &id)?.is_none() {
+                let mut d = Automerge::new();
+                d.set_actor(self.inner.identity.actor.clone());
+                docs.insert(id.clone(), d);
+            }
+            let doc = docs.get_mut(&id).expect("inserted above");
+            let before = doc.get_heads();
+            if document {
+                let mut other = Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?;
+                doc.merge(&mut other)?;
+            } else {
+                let changes = automerge::Bundle::try_from(bytes)
+                    .map_err(|e| corrupt(e.to_string()))?
+                    .to_changes()
+                    .map_err(|e| corrupt(e.to_string()))?;
+                doc.apply_changes(changes)?;
+            }
+            if doc.get_heads() != before {
+                f.report.changes_received += doc.get_changes(&before).len() as u64;
+                f.updated.insert(id.clone());
+                f.dirty.insert(id.clone());
+            }
+            !doc.get_missing_deps(&[]).is_empty()
+        };
+        if missing {
+            // This device lacks what the relay assumed it had (a restored backup).
+            self.start_resync(f, id)?;
+        } else {
+            let has = f.relay_has.entry(id.clone()).or_default();
+            union(has, relay_heads);
+            f.batch.acked.push((id, has.clone()));
+        }
+        Ok(())
+    }
+
+    fn start_resync(&self, f: &mut Flight, id: DocId) -> Result<(), Error> {
+        let doc = {
+            let mut docs = self.docs();
+            match self.load(&mut docs, &id)? {
+                Some(d) => d.clone(),
+                None => Automerge::new(),
+            }
+        };
+        f.resynced.insert(id.clone());
+        let d = DocToSync {
+            id,
+            doc,
+            state: SyncState::new(),
+        };
+        match f.resync.as_mut() {
+            Some(r) => r.add(d)?,
+            None => f.resync = Some(DeviceResync::new(vec![d])?),
+        }
+        Ok(())
+    }
+
+    fn finish_resync(&self, f: &mut Flight) -> Result<(), Error> {
+        let Some(r) = f.resync.take() else {
+            return Ok(());
+        };
+        for mut s in r.finish() {
+            if let Some(e) = s.error {
+                f.report
+                    .refused
+                    .push((s.id.to_string(), format!("{}: {}", e.code, e.text)));
+                continue;
+            }
+            f.report.changes_sent += s.changes_sent;
+            let mut docs = self.docs();
+            if self.load(&mut docs, &s.id)?.is_none() {
+                let mut d = Automerge::new();
+                d.set_actor(self.inner.identity.actor.clone());
+                docs.insert(s.id.clone(), d);
+            }
+            let live = docs.get_mut(&s.id).expect("inserted above");
+            let before = live.get_heads();
+            live.merge(&mut s.doc)?;
+            if live.get_heads() != before {
+                f.report.changes_received += live.get_changes(&before).len() as u64;
+                f.dirty.insert(s.id.clone());
+                f.updated.insert(s.id.clone());
+            }
+            // Both sides now hold what the settled exchange ended with.
+            let has = f.relay_has.entry(s.id.clone()).or_default();
+            union(has, &s.doc.get_heads());
+            f.batch.acked.push((s.id, has.clone()));
+        }
+        Ok(())
+    }
+
+    /// Writes applied documents, relay-held heads and (when nothing is pending) the
+    /// cursor, with one flush.
+    fn persist(&self, f: &mut Flight, cursor_key: &str) -> Result<(), Error> {
+        let mut batch = std::mem::take(&mut f.batch);
+        {
+            let docs = self.docs();
+            for id in f.dirty.drain() {
+                if let Some(d) = docs.get(&id) {
+                    batch.docs.push((id, d.save()));
+                }
+            }
+        }
+        if f.settled()
+            && let Some(c) = &f.caught
+        {
+            let bytes = postcard::to_stdvec(c).map_err(|e| Error::Store(e.to_string()))?;
+            batch.cursor = Some((cursor_key.to_owned(), bytes));
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let changed: Vec<DocId> = batch.docs.iter().map(|(id, _)| id.clone()).collect();
+        if let Err(e) = self.inner.store.write_batch(&batch) {
+            // Not stored: drop the cached copies so memory matches disk.
+            let mut docs = self.docs();
+            for id in &changed {
+                docs.remove(id);
+            }
+            return Err(e);
+        }
+        for id in changed {
+            let _ = self.inner.changes.send(id);
+        }
+        debug!("sync step persisted");
+        Ok(())
+    }
+
+    /// Relay-held heads of every held document.
+    fn relay_has_all(&self) -> Result<HashMap<DocId, Vec<ChangeHash>>, Error> {
+        let mut out = HashMap::new();
+        for id in self.inner.store.doc_ids()? {
+            let has = self.inner.store.acked_heads(&id)?.unwrap_or_default();
+            out.insert(id, has);
+        }
+        Ok(out)
+    }
+
+    /// What this device subscribes to.
+    pub fn subscription(&self) -> Result<Subscription, Error> {
+        let c = &self.inner.config;
+        let today = crate::client::day_of(c.clock.now_ms());
+        let ledger_since = match today {
+            Some(t) => Some(crate::client::day_minus(&t, c.keep_days.saturating_sub(1))?),
+            None => None,
+        };
+        Ok(Subscription {
+            org: c.org.clone(),
+            teams: c.teams.clone(),
+            ledger_since,
+            zones: c.zones.clone(),
+            docs: self.inner.store.follows()?,
+        })
+    }
 }

@@ -1,6 +1,5 @@
 //! The QUIC connection to the relay: TLS 1.3 with the relay's certificate pinned by its
-//! SHA-256 fingerprint, ALPN `redline/1`, keep-alive and idle timeout tuned for phones,
-//! and frame I/O on a stream.
+//! SHA-256 fingerprint, ALPN `redline/1`, keep-alive and idle timeout tuned for phones.
 //!
 //! Pinning replaces CA validation (a field relay has no public name), but the handshake
 //! signature is still verified against the pinned certificate, so only the holder of the
@@ -10,9 +9,6 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quinn::{RecvStream, SendStream};
-use redline_proto::codec::{self, HEADER_LEN};
-use redline_proto::message::Message;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -163,56 +159,5 @@ pub(crate) async fn connect(
                 relay.addr
             )))
         }
-    }
-}
-
-/// Frame I/O on one bidirectional stream, counting bytes both ways.
-pub(crate) struct FramedStream {
-    pub send: SendStream,
-    pub recv: RecvStream,
-    pub max_frame: usize,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-}
-
-impl FramedStream {
-    pub async fn send(&mut self, msg: &Message) -> Result<(), Error> {
-        let frame = codec::encode_frame(msg, self.max_frame)?;
-        self.send
-            .write_all(&frame)
-            .await
-            .map_err(|e| Error::Transport(e.to_string()))?;
-        self.bytes_sent += frame.len() as u64;
-        Ok(())
-    }
-
-    /// The next message, or `None` when the relay finished the stream.
-    pub async fn receive(&mut self) -> Result<Option<Message>, Error> {
-        let mut header = [0u8; HEADER_LEN];
-        match self.recv.read_exact(&mut header).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(quinn::ReadExactError::FinishedEarly(n)) => {
-                return Err(redline_proto::Error::Truncated { have: n }.into());
-            }
-            Err(quinn::ReadExactError::ReadError(e)) => {
-                return Err(Error::Transport(e.to_string()));
-            }
-        }
-        let len = codec::payload_len(header, self.max_frame)?;
-        let mut payload = vec![0u8; len];
-        self.recv
-            .read_exact(&mut payload)
-            .await
-            .map_err(|e| match e {
-                quinn::ReadExactError::FinishedEarly(n) => {
-                    Error::Protocol(redline_proto::Error::Truncated {
-                        have: HEADER_LEN + n,
-                    })
-                }
-                quinn::ReadExactError::ReadError(e) => Error::Transport(e.to_string()),
-            })?;
-        self.bytes_received += (HEADER_LEN + len) as u64;
-        Ok(Some(codec::decode_payload(&payload)?))
     }
 }

@@ -144,22 +144,55 @@ mod tests {
                 relay: "relay".into(),
                 epoch: 77,
             }),
-            Message::Push(Push { doc: doc.clone(), bundle: vec![1, 2, 3], heads: vec![[3; 32]] }),
+            Message::Push(Push {
+                doc: doc.clone(),
+                bundle: vec![1, 2, 3],
+                heads: vec![[3; 32]],
+            }),
             Message::Pull(Pull {
-                cursor: Some(Cursor { epoch: 77, seq: 123_456, subscription: subscription() }),
+                cursor: Some(Cursor {
+                    epoch: 77,
+                    seq: 123_456,
+                    subscription: subscription(),
+                }),
             }),
             Message::Pull(Pull { cursor: None }),
-            Message::Update(Update { doc: doc.clone(), payload: Payload::Bundle(vec![9; 40]), heads: vec![[4; 32]] }),
             Message::Update(Update {
                 doc: doc.clone(),
-                payload: Payload::Transfer { id: [5; 16], len: 20_000_000, document: true },
+                payload: Payload::Bundle(vec![9; 40]),
+                heads: vec![[4; 32]],
+            }),
+            Message::Update(Update {
+                doc: doc.clone(),
+                payload: Payload::Transfer {
+                    id: [5; 16],
+                    len: 20_000_000,
+                    document: true,
+                },
                 heads: vec![],
             }),
-            Message::Caught(Cursor { epoch: 77, seq: 9, subscription: Subscription::default() }),
+            Message::Caught(Cursor {
+                epoch: 77,
+                seq: 9,
+                subscription: Subscription::default(),
+            }),
             Message::Resync(doc.clone()),
-            Message::Upload(Upload { id: [6; 16], doc: doc.clone(), len: 5, document: false, heads: vec![] }),
-            Message::UploadOffset(UploadOffset { id: [6; 16], have: 3 }),
-            Message::Piece(Piece { id: [6; 16], offset: 3, data: vec![1, 2] }),
+            Message::Upload(Upload {
+                id: [6; 16],
+                doc: doc.clone(),
+                len: 5,
+                document: false,
+                heads: vec![],
+            }),
+            Message::UploadOffset(UploadOffset {
+                id: [6; 16],
+                have: 3,
+            }),
+            Message::Piece(Piece {
+                id: [6; 16],
+                offset: 3,
+                data: vec![1, 2],
+            }),
             Message::Sync(SyncStep {
                 doc: doc.clone(),
                 data: Some(vec![0x42, 1, 2, 3]),

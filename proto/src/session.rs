@@ -36,13 +36,19 @@ pub const DEFAULT_MAX_ROUNDS: u32 = 32;
 /// Checks a device's [`Hello`]: the version must be ours.
 pub fn check_hello(hello: &Hello) -> Result<(), Error> {
     if hello.protocol_version != PROTOCOL_VERSION {
-        return Err(Error::UnsupportedVersion { theirs: hello.protocol_version, ours: PROTOCOL_VERSION });
+        return Err(Error::UnsupportedVersion {
+            theirs: hello.protocol_version,
+            ours: PROTOCOL_VERSION,
+        });
     }
     Ok(())
 }
 
 fn decode_sync(doc: &DocId, data: &[u8]) -> Result<sync::Message, Error> {
-    sync::Message::decode(data).map_err(|e| Error::BadSyncData { doc: doc.clone(), reason: e.to_string() })
+    sync::Message::decode(data).map_err(|e| Error::BadSyncData {
+        doc: doc.clone(),
+        reason: e.to_string(),
+    })
 }
 
 /// Change hashes in their wire form.
@@ -117,7 +123,11 @@ pub struct DeviceResync {
 impl DeviceResync {
     /// Starts exchanges for `docs`; their first steps are queued at once.
     pub fn new(docs: Vec<DocToSync>) -> Result<Self, Error> {
-        let mut this = Self { docs: BTreeMap::new(), outbox: VecDeque::new(), max_rounds: DEFAULT_MAX_ROUNDS };
+        let mut this = Self {
+            docs: BTreeMap::new(),
+            outbox: VecDeque::new(),
+            max_rounds: DEFAULT_MAX_ROUNDS,
+        };
         for d in docs {
             this.add(d)?;
         }
@@ -185,20 +195,28 @@ impl DeviceResync {
                 Ok(())
             }
             Message::Sync(step) => self.receive_step(step),
-            other => Err(Error::ProtocolViolation(format!("resync got an unexpected {} message", other.kind()))),
+            other => Err(Error::ProtocolViolation(format!(
+                "resync got an unexpected {} message",
+                other.kind()
+            ))),
         }
     }
 
     fn exchange(&mut self, doc: &DocId) -> Result<&mut Exchange, Error> {
-        self.docs
-            .get_mut(doc)
-            .ok_or_else(|| Error::ProtocolViolation(format!("relay sent a message for {doc}, not in this session")))
+        self.docs.get_mut(doc).ok_or_else(|| {
+            Error::ProtocolViolation(format!(
+                "relay sent a message for {doc}, not in this session"
+            ))
+        })
     }
 
     fn receive_step(&mut self, step: SyncStep) -> Result<(), Error> {
         let ex = self.exchange(&step.doc)?;
         if !ex.awaiting_reply {
-            return Err(Error::ProtocolViolation(format!("relay sent a sync step for {} out of turn", step.doc)));
+            return Err(Error::ProtocolViolation(format!(
+                "relay sent a sync step for {} out of turn",
+                step.doc
+            )));
         }
         ex.awaiting_reply = false;
         let relay_said_something = step.data.is_some();
@@ -206,7 +224,10 @@ impl DeviceResync {
             let msg = decode_sync(&step.doc, &data)?;
             ex.doc
                 .receive_sync_message(&mut ex.state, msg)
-                .map_err(|e| Error::Automerge { doc: step.doc.clone(), reason: e.to_string() })?;
+                .map_err(|e| Error::Automerge {
+                    doc: step.doc.clone(),
+                    reason: e.to_string(),
+                })?;
         }
         self.step(&step.doc, relay_said_something)
     }
@@ -222,11 +243,17 @@ impl DeviceResync {
             return Ok(());
         }
         if ex.rounds >= max_rounds {
-            return Err(Error::SyncDidNotSettle { doc: id.clone(), rounds: ex.rounds });
+            return Err(Error::SyncDidNotSettle {
+                doc: id.clone(),
+                rounds: ex.rounds,
+            });
         }
         ex.rounds += 1;
         ex.awaiting_reply = true;
-        self.outbox.push_back(Message::Sync(SyncStep { doc: id.clone(), data: next.map(sync::Message::encode) }));
+        self.outbox.push_back(Message::Sync(SyncStep {
+            doc: id.clone(),
+            data: next.map(sync::Message::encode),
+        }));
         Ok(())
     }
 
@@ -278,20 +305,31 @@ impl RelayResync {
 
     /// Decodes a device's sync step.
     pub fn decode(step: &SyncStep) -> Result<Option<sync::Message>, Error> {
-        step.data.as_deref().map(|d| decode_sync(&step.doc, d)).transpose()
+        step.data
+            .as_deref()
+            .map(|d| decode_sync(&step.doc, d))
+            .transpose()
     }
 
     /// Applies a device's sync message to the relay's copy of `doc_id`. Nothing is
     /// acknowledged yet: persist the document if [`Applied::new_changes`] is not zero,
     /// then call [`respond`](Self::respond).
-    pub fn apply(&mut self, doc_id: &DocId, doc: &mut Automerge, message: Option<sync::Message>) -> Result<Applied, Error> {
+    pub fn apply(
+        &mut self,
+        doc_id: &DocId,
+        doc: &mut Automerge,
+        message: Option<sync::Message>,
+    ) -> Result<Applied, Error> {
         let state = self.peers.entry(doc_id.clone()).or_default();
         let Some(message) = message else {
             return Ok(Applied { new_changes: 0 });
         };
         let before = doc.get_heads();
         doc.receive_sync_message(state, message)
-            .map_err(|e| Error::Automerge { doc: doc_id.clone(), reason: e.to_string() })?;
+            .map_err(|e| Error::Automerge {
+                doc: doc_id.clone(),
+                reason: e.to_string(),
+            })?;
         let new_changes = if doc.get_heads() == before {
             0
         } else {
@@ -309,13 +347,20 @@ impl RelayResync {
             applied: applied.new_changes,
         }));
         let reply = doc.generate_sync_message(state);
-        self.outbox.push_back(Message::Sync(SyncStep { doc: doc_id.clone(), data: reply.map(sync::Message::encode) }));
+        self.outbox.push_back(Message::Sync(SyncStep {
+            doc: doc_id.clone(),
+            data: reply.map(sync::Message::encode),
+        }));
     }
 
     /// Queues an error report for the device about `doc`; its exchange starts afresh.
     pub fn report(&mut self, code: ErrorCode, text: String, doc: DocId) {
         self.peers.remove(&doc);
-        self.outbox.push_back(Message::Error(ErrorReport { code, text, doc: Some(doc) }));
+        self.outbox.push_back(Message::Error(ErrorReport {
+            code,
+            text,
+            doc: Some(doc),
+        }));
     }
 }
 
@@ -335,8 +380,18 @@ mod tests {
     }
 
     /// Runs a device resync against a relay resync until quiet.
-    fn run(docs: Vec<(DocId, Automerge)>, relay_docs: &mut HashMap<DocId, Automerge>) -> (Vec<SyncedDoc>, usize) {
-        let docs = docs.into_iter().map(|(id, doc)| DocToSync { id, doc, state: sync::State::new() }).collect();
+    fn run(
+        docs: Vec<(DocId, Automerge)>,
+        relay_docs: &mut HashMap<DocId, Automerge>,
+    ) -> (Vec<SyncedDoc>, usize) {
+        let docs = docs
+            .into_iter()
+            .map(|(id, doc)| DocToSync {
+                id,
+                doc,
+                state: sync::State::new(),
+            })
+            .collect();
         let mut device = DeviceResync::new(docs).unwrap();
         let mut relay = RelayResync::new();
         let mut messages = 0;
@@ -345,7 +400,9 @@ mod tests {
             while let Some(m) = device.poll_transmit() {
                 progressed = true;
                 messages += 1;
-                let Message::Sync(step) = m else { panic!("device sent {m:?}") };
+                let Message::Sync(step) = m else {
+                    panic!("device sent {m:?}")
+                };
                 let msg = RelayResync::decode(&step).unwrap();
                 let d = relay_docs.entry(step.doc.clone()).or_default();
                 let applied = relay.apply(&step.doc, d, msg).unwrap();
@@ -360,7 +417,10 @@ mod tests {
                 break;
             }
         }
-        assert!(device.is_finished(), "session stopped before every document settled");
+        assert!(
+            device.is_finished(),
+            "session stopped before every document settled"
+        );
         (device.finish(), messages)
     }
 
@@ -370,10 +430,16 @@ mod tests {
         let mut relay = HashMap::new();
         let (a, _) = run(vec![(id.clone(), doc_with(1, "a", 1))], &mut relay);
         assert_eq!(a[0].changes_sent, 1);
-        assert_eq!(a[0].acked_heads.as_deref(), Some(relay[&id].get_heads().as_slice()));
+        assert_eq!(
+            a[0].acked_heads.as_deref(),
+            Some(relay[&id].get_heads().as_slice())
+        );
         let (b, _) = run(vec![(id.clone(), doc_with(2, "b", 2))], &mut relay);
         assert_eq!((b[0].changes_sent, b[0].changes_received), (1, 1));
-        let (a2, _) = run(vec![(id.clone(), a.into_iter().next().unwrap().doc)], &mut relay);
+        let (a2, _) = run(
+            vec![(id.clone(), a.into_iter().next().unwrap().doc)],
+            &mut relay,
+        );
         assert_eq!(a2[0].changes_received, 1);
         assert_eq!(a2[0].doc.get_heads(), b[0].doc.get_heads());
         assert_eq!(a2[0].doc.get_heads(), relay[&id].get_heads());
@@ -384,9 +450,16 @@ mod tests {
 
     #[test]
     fn many_documents_share_one_session() {
-        let ids: Vec<DocId> = (0..20).map(|i| DocId::parse(&format!("households/z{i}")).unwrap()).collect();
+        let ids: Vec<DocId> = (0..20)
+            .map(|i| DocId::parse(&format!("households/z{i}")).unwrap())
+            .collect();
         let mut relay = HashMap::new();
-        let (out, _) = run(ids.iter().map(|id| (id.clone(), doc_with(3, "x", 1))).collect(), &mut relay);
+        let (out, _) = run(
+            ids.iter()
+                .map(|id| (id.clone(), doc_with(3, "x", 1)))
+                .collect(),
+            &mut relay,
+        );
         assert_eq!(out.len(), 20);
         assert!(out.iter().all(|d| d.settled && d.changes_sent == 1));
         assert_eq!(relay.len(), 20);
@@ -401,13 +474,22 @@ mod tests {
         let (out, messages) = run(vec![(id.clone(), doc)], &mut relay);
         assert!(out[0].settled);
         assert_eq!((out[0].changes_sent, out[0].changes_received), (0, 0));
-        assert!(messages <= 8, "{messages} messages for a document already in sync");
+        assert!(
+            messages <= 8,
+            "{messages} messages for a document already in sync"
+        );
     }
 
     #[test]
     fn garbage_sync_data_is_refused() {
-        let step = SyncStep { doc: DocId::parse("roster/o").unwrap(), data: Some(vec![0x42, 0xff, 0xff]) };
-        assert!(matches!(RelayResync::decode(&step), Err(Error::BadSyncData { .. })));
+        let step = SyncStep {
+            doc: DocId::parse("roster/o").unwrap(),
+            data: Some(vec![0x42, 0xff, 0xff]),
+        };
+        assert!(matches!(
+            RelayResync::decode(&step),
+            Err(Error::BadSyncData { .. })
+        ));
     }
 
     #[test]
@@ -418,7 +500,10 @@ mod tests {
             app_version: String::new(),
             subscription: Default::default(),
         };
-        assert!(matches!(check_hello(&hello), Err(Error::UnsupportedVersion { theirs: 99, .. })));
+        assert!(matches!(
+            check_hello(&hello),
+            Err(Error::UnsupportedVersion { theirs: 99, .. })
+        ));
     }
 
     #[test]
@@ -427,7 +512,8 @@ mod tests {
         let mut genesis = Automerge::new().with_actor(ActorId::from([0u8; 16]));
         let mut tx = genesis.transaction();
         let t = tx.put_object(ROOT, "tallies", ObjType::Map).unwrap();
-        tx.put(&t, "samples", automerge::ScalarValue::counter(0)).unwrap();
+        tx.put(&t, "samples", automerge::ScalarValue::counter(0))
+            .unwrap();
         tx.commit();
         let bump = |actor: u8, by: i64| {
             let mut d = genesis.fork().with_actor(ActorId::from([actor; 16]));
@@ -441,6 +527,9 @@ mod tests {
         run(vec![(id.clone(), bump(1, 3))], &mut relay);
         let (b, _) = run(vec![(id.clone(), bump(2, 4))], &mut relay);
         let (_, t) = b[0].doc.get(ROOT, "tallies").unwrap().unwrap();
-        assert_eq!(b[0].doc.get(&t, "samples").unwrap().unwrap().0.as_i64(), Some(7));
+        assert_eq!(
+            b[0].doc.get(&t, "samples").unwrap().unwrap().0.as_i64(),
+            Some(7)
+        );
     }
 }

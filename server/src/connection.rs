@@ -19,7 +19,8 @@ use automerge::ChangeHash;
 use quinn::{RecvStream, SendStream};
 use redline_proto::codec::{self, HEADER_LEN};
 use redline_proto::message::{
-    Ack, Cursor, ErrorReport, Message, Payload, Piece, Pull, Subscription, Update, UploadOffset, Welcome,
+    Ack, Cursor, ErrorReport, Message, Payload, Piece, Pull, Subscription, Update, UploadOffset,
+    Welcome,
 };
 use redline_proto::session::{RelayResync, check_hello, hashes_from_wire, hashes_to_wire};
 use redline_proto::{DeviceId, DocId, ErrorCode, PROTOCOL_VERSION};
@@ -59,7 +60,10 @@ pub(crate) async fn serve(incoming: quinn::Incoming, hub: Arc<Hub>, config: Arc<
 }
 
 /// Reads one frame: `Ok(None)` at a clean end of stream (between frames).
-pub(crate) async fn read_message(recv: &mut RecvStream, max_frame: usize) -> Result<Option<Message>, Error> {
+pub(crate) async fn read_message(
+    recv: &mut RecvStream,
+    max_frame: usize,
+) -> Result<Option<Message>, Error> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -72,19 +76,33 @@ pub(crate) async fn read_message(recv: &mut RecvStream, max_frame: usize) -> Res
     let len = codec::payload_len(header, max_frame)?;
     let mut payload = vec![0u8; len];
     recv.read_exact(&mut payload).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(n) => Error::Protocol(redline_proto::Error::Truncated { have: HEADER_LEN + n }),
+        quinn::ReadExactError::FinishedEarly(n) => {
+            Error::Protocol(redline_proto::Error::Truncated {
+                have: HEADER_LEN + n,
+            })
+        }
         quinn::ReadExactError::ReadError(e) => Error::Connection(e.to_string()),
     })?;
     Ok(Some(codec::decode_payload(&payload)?))
 }
 
-async fn write_message(send: &mut SendStream, msg: &Message, max_frame: usize) -> Result<(), Error> {
+async fn write_message(
+    send: &mut SendStream,
+    msg: &Message,
+    max_frame: usize,
+) -> Result<(), Error> {
     let frame = codec::encode_frame(msg, max_frame)?;
-    send.write_all(&frame).await.map_err(|e| Error::Connection(e.to_string()))
+    send.write_all(&frame)
+        .await
+        .map_err(|e| Error::Connection(e.to_string()))
 }
 
 fn error_msg(code: ErrorCode, text: impl Into<String>, doc: Option<DocId>) -> Message {
-    Message::Error(ErrorReport { code, text: text.into(), doc })
+    Message::Error(ErrorReport {
+        code,
+        text: text.into(),
+        doc,
+    })
 }
 
 /// What the relay knows of one device on this connection.
@@ -98,19 +116,46 @@ struct Peer {
     resync: RelayResync,
 }
 
-async fn run(conn: quinn::Connection, hub: Arc<Hub>, config: Arc<RelayConfig>, span: tracing::Span) -> Result<(), Error> {
-    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| Error::Connection(e.to_string()))?;
-    let hello = match tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv, config.max_frame)).await {
+async fn run(
+    conn: quinn::Connection,
+    hub: Arc<Hub>,
+    config: Arc<RelayConfig>,
+    span: tracing::Span,
+) -> Result<(), Error> {
+    let (mut send, mut recv) = conn
+        .accept_bi()
+        .await
+        .map_err(|e| Error::Connection(e.to_string()))?;
+    let hello = match tokio::time::timeout(
+        Duration::from_secs(10),
+        read_message(&mut recv, config.max_frame),
+    )
+    .await
+    {
         Ok(Ok(Some(Message::Hello(h)))) => h,
         Ok(Ok(Some(other))) => {
-            let _ = write_message(&mut send, &error_msg(ErrorCode::PROTOCOL_VIOLATION, format!("expected hello, got {}", other.kind()), None), config.max_frame).await;
+            let _ = write_message(
+                &mut send,
+                &error_msg(
+                    ErrorCode::PROTOCOL_VIOLATION,
+                    format!("expected hello, got {}", other.kind()),
+                    None,
+                ),
+                config.max_frame,
+            )
+            .await;
             return Err(Error::Connection("no hello".into()));
         }
         Ok(Ok(None)) | Err(_) => return Err(Error::Connection("no hello in time".into())),
         Ok(Err(e)) => return Err(e),
     };
     if let Err(e) = check_hello(&hello) {
-        let _ = write_message(&mut send, &error_msg(e.code(), e.to_string(), None), config.max_frame).await;
+        let _ = write_message(
+            &mut send,
+            &error_msg(e.code(), e.to_string(), None),
+            config.max_frame,
+        )
+        .await;
         let _ = send.finish();
         return Err(e.into());
     }
@@ -118,7 +163,11 @@ async fn run(conn: quinn::Connection, hub: Arc<Hub>, config: Arc<RelayConfig>, s
     info!(app_version = %hello.app_version, "device hello");
     write_message(
         &mut send,
-        &Message::Welcome(Welcome { protocol_version: PROTOCOL_VERSION, relay: config.name.clone(), epoch: hub.epoch() }),
+        &Message::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            relay: config.name.clone(),
+            epoch: hub.epoch(),
+        }),
         config.max_frame,
     )
     .await?;
@@ -197,10 +246,11 @@ async fn run(conn: quinn::Connection, hub: Arc<Hub>, config: Arc<RelayConfig>, s
                             break Err(Error::Connection(format!("unexpected {}", other.kind())));
                         }
                     }
-                    if pushes.is_empty() && let Some(pull) = pending_pull.take() {
-                        if let Err(e) = catch_up(&hub, &conn, &mut peer, &out, pull.cursor, &config).await {
-                            break Err(e);
-                        }
+                    if pushes.is_empty()
+                        && let Some(pull) = pending_pull.take()
+                        && let Err(e) = catch_up(&hub, &conn, &mut peer, &out, pull.cursor, &config).await
+                    {
+                        break Err(e);
                     }
                 }
             },
@@ -218,10 +268,11 @@ async fn run(conn: quinn::Connection, hub: Arc<Hub>, config: Arc<RelayConfig>, s
                     };
                     if out.send(reply).await.is_err() { break Ok(()); }
                 }
-                if pushes.is_empty() && let Some(pull) = pending_pull.take() {
-                    if let Err(e) = catch_up(&hub, &conn, &mut peer, &out, pull.cursor, &config).await {
-                        break Err(e);
-                    }
+                if pushes.is_empty()
+                    && let Some(pull) = pending_pull.take()
+                    && let Err(e) = catch_up(&hub, &conn, &mut peer, &out, pull.cursor, &config).await
+                {
+                    break Err(e);
                 }
             }
             changed = stable.changed(), if live => {
@@ -272,7 +323,9 @@ async fn catch_up(
         Some(c) => (c.seq, Some(c.subscription.clone())),
         None => (0, None),
     };
-    let docs = hub.changed_in_scope(&peer.subscription, after, upto, old.as_ref()).await?;
+    let docs = hub
+        .changed_in_scope(&peer.subscription, after, upto, old.as_ref())
+        .await?;
     for doc in docs {
         let mut have = match &old {
             Some(o) if o.covers(&doc) => hub.heads_at(&doc, after).await?,
@@ -281,41 +334,77 @@ async fn catch_up(
         if let Some(k) = peer.known.get(&doc) {
             merge_heads(&mut have, k);
         }
-        let Some((payload, heads)) = hub.missing(&doc, &have).await? else { continue };
-        let update = match payload {
-            Payload::Bundle(b) if b.len() > INLINE_MAX => transfer(conn, doc.clone(), b, false, &heads).await?,
-            Payload::Document(b) if b.len() > INLINE_MAX => transfer(conn, doc.clone(), b, true, &heads).await?,
-            small => Update { doc: doc.clone(), payload: small, heads: hashes_to_wire(&heads) },
+        let Some((payload, heads)) = hub.missing(&doc, &have).await? else {
+            continue;
         };
-        out.send(Message::Update(update)).await.map_err(|_| Error::Connection("control stream closed".into()))?;
+        let update = match payload {
+            Payload::Bundle(b) if b.len() > INLINE_MAX => {
+                transfer(conn, doc.clone(), b, false, &heads).await?
+            }
+            Payload::Document(b) if b.len() > INLINE_MAX => {
+                transfer(conn, doc.clone(), b, true, &heads).await?
+            }
+            small => Update {
+                doc: doc.clone(),
+                payload: small,
+                heads: hashes_to_wire(&heads),
+            },
+        };
+        out.send(Message::Update(update))
+            .await
+            .map_err(|_| Error::Connection("control stream closed".into()))?;
         merge_heads(peer.known.entry(doc).or_default(), &heads);
     }
     let _ = config;
-    out.send(Message::Caught(Cursor { epoch: hub.epoch(), seq: upto, subscription: peer.subscription.clone() }))
-        .await
-        .map_err(|_| Error::Connection("control stream closed".into()))?;
+    out.send(Message::Caught(Cursor {
+        epoch: hub.epoch(),
+        seq: upto,
+        subscription: peer.subscription.clone(),
+    }))
+    .await
+    .map_err(|_| Error::Connection("control stream closed".into()))?;
     peer.delivered = Some(upto);
     Ok(())
 }
 
 /// Starts sending `bytes` on a new unidirectional stream; returns the `Update` that
 /// announces it.
-async fn transfer(conn: &quinn::Connection, doc: DocId, bytes: Vec<u8>, document: bool, heads: &[ChangeHash]) -> Result<Update, Error> {
+async fn transfer(
+    conn: &quinn::Connection,
+    doc: DocId,
+    bytes: Vec<u8>,
+    document: bool,
+    heads: &[ChangeHash],
+) -> Result<Update, Error> {
     let id = transfer_id(&bytes);
-    let mut send = conn.open_uni().await.map_err(|e| Error::Connection(e.to_string()))?;
+    let mut send = conn
+        .open_uni()
+        .await
+        .map_err(|e| Error::Connection(e.to_string()))?;
     let len = bytes.len() as u64;
     tokio::spawn(async move {
         let mut offset = 0usize;
         for piece in bytes.chunks(PIECE) {
-            let msg = Message::Piece(Piece { id, offset: offset as u64, data: piece.to_vec() });
-            if write_message(&mut send, &msg, redline_proto::codec::DEFAULT_MAX_FRAME).await.is_err() {
+            let msg = Message::Piece(Piece {
+                id,
+                offset: offset as u64,
+                data: piece.to_vec(),
+            });
+            if write_message(&mut send, &msg, redline_proto::codec::DEFAULT_MAX_FRAME)
+                .await
+                .is_err()
+            {
                 return;
             }
             offset += piece.len();
         }
         let _ = send.finish();
     });
-    Ok(Update { doc, payload: Payload::Transfer { id, len, document }, heads: hashes_to_wire(heads) })
+    Ok(Update {
+        doc,
+        payload: Payload::Transfer { id, len, document },
+        heads: hashes_to_wire(heads),
+    })
 }
 
 /// The content-derived id of a transfer.
@@ -335,7 +424,11 @@ async fn resync_step(hub: &Hub, peer: &mut Peer, step: redline_proto::message::S
     };
     let slot = match hub.slot(&doc_id).await {
         Ok(s) => s,
-        Err(e) => return peer.resync.report(ErrorCode::STORAGE_FAILURE, e.to_string(), doc_id),
+        Err(e) => {
+            return peer
+                .resync
+                .report(ErrorCode::STORAGE_FAILURE, e.to_string(), doc_id);
+        }
     };
     let mut state = slot.lock().await;
     let before = state.doc.get_heads();
@@ -345,56 +438,125 @@ async fn resync_step(hub: &Hub, peer: &mut Peer, step: redline_proto::message::S
     };
     if let Err(e) = hub.persist_new(&doc_id, &slot, &mut state, &before).await {
         warn!(doc = %doc_id, "cannot persist: {e}");
-        return peer.resync.report(ErrorCode::STORAGE_FAILURE, "nothing was acknowledged".into(), doc_id);
+        return peer.resync.report(
+            ErrorCode::STORAGE_FAILURE,
+            "nothing was acknowledged".into(),
+            doc_id,
+        );
     }
     peer.resync.respond(&doc_id, &state.doc, applied);
 }
 
 /// One resumable upload on its own stream.
-async fn upload(mut send: SendStream, mut recv: RecvStream, hub: Arc<Hub>, config: Arc<RelayConfig>, device: DeviceId) -> Result<(), Error> {
+async fn upload(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    hub: Arc<Hub>,
+    config: Arc<RelayConfig>,
+    device: DeviceId,
+) -> Result<(), Error> {
     let max_frame = config.max_frame;
     let Some(Message::Upload(up)) = read_message(&mut recv, max_frame).await? else {
-        write_message(&mut send, &error_msg(ErrorCode::PROTOCOL_VIOLATION, "a stream must start with an upload", None), max_frame).await?;
+        write_message(
+            &mut send,
+            &error_msg(
+                ErrorCode::PROTOCOL_VIOLATION,
+                "a stream must start with an upload",
+                None,
+            ),
+            max_frame,
+        )
+        .await?;
         return Err(Error::Connection("stream without upload".into()));
     };
     if up.len > config.max_document_bytes {
-        let text = format!("upload of {} bytes exceeds the limit of {}", up.len, config.max_document_bytes);
-        write_message(&mut send, &error_msg(ErrorCode::TOO_LARGE, text, Some(up.doc)), max_frame).await?;
+        let text = format!(
+            "upload of {} bytes exceeds the limit of {}",
+            up.len, config.max_document_bytes
+        );
+        write_message(
+            &mut send,
+            &error_msg(ErrorCode::TOO_LARGE, text, Some(up.doc)),
+            max_frame,
+        )
+        .await?;
         return Ok(());
     }
     let key: Vec<u8> = format!("{device}|{}", hex::encode(up.id)).into_bytes();
     let storage = hub.storage();
     let k = key.clone();
-    let mut have = tokio::task::spawn_blocking({ let s = storage.clone(); move || s.upload_len(&k) })
-        .await
-        .map_err(|e| Error::Storage(e.to_string()))??;
-    write_message(&mut send, &Message::UploadOffset(UploadOffset { id: up.id, have }), max_frame).await?;
+    let mut have = tokio::task::spawn_blocking({
+        let s = storage.clone();
+        move || s.upload_len(&k)
+    })
+    .await
+    .map_err(|e| Error::Storage(e.to_string()))??;
+    write_message(
+        &mut send,
+        &Message::UploadOffset(UploadOffset { id: up.id, have }),
+        max_frame,
+    )
+    .await?;
     while have < up.len {
         let Some(Message::Piece(p)) = read_message(&mut recv, max_frame).await? else {
             return Err(Error::Connection("upload stream ended early".into()));
         };
-        if p.id != up.id || p.offset != have || p.data.len() > redline_proto::message::MAX_PIECE || have + p.data.len() as u64 > up.len {
-            write_message(&mut send, &error_msg(ErrorCode::BAD_TRANSFER, "piece out of place", Some(up.doc.clone())), max_frame).await?;
+        if p.id != up.id
+            || p.offset != have
+            || p.data.len() > redline_proto::message::MAX_PIECE
+            || have + p.data.len() as u64 > up.len
+        {
+            write_message(
+                &mut send,
+                &error_msg(
+                    ErrorCode::BAD_TRANSFER,
+                    "piece out of place",
+                    Some(up.doc.clone()),
+                ),
+                max_frame,
+            )
+            .await?;
             return Err(Error::Connection("bad piece".into()));
         }
         let (s, k, data, offset) = (storage.clone(), key.clone(), p.data, p.offset);
         let n = data.len() as u64;
-        tokio::task::spawn_blocking(move || s.put_piece(&k, offset, &data)).await.map_err(|e| Error::Storage(e.to_string()))??;
+        tokio::task::spawn_blocking(move || s.put_piece(&k, offset, &data))
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))??;
         hub.flush().await?;
         have += n;
-        write_message(&mut send, &Message::UploadOffset(UploadOffset { id: up.id, have }), max_frame).await?;
+        write_message(
+            &mut send,
+            &Message::UploadOffset(UploadOffset { id: up.id, have }),
+            max_frame,
+        )
+        .await?;
     }
     let (s, k) = (storage.clone(), key.clone());
-    let bytes = tokio::task::spawn_blocking(move || s.upload_bytes(&k)).await.map_err(|e| Error::Storage(e.to_string()))??;
+    let bytes = tokio::task::spawn_blocking(move || s.upload_bytes(&k))
+        .await
+        .map_err(|e| Error::Storage(e.to_string()))??;
     let reply = if transfer_id(&bytes) != up.id {
-        error_msg(ErrorCode::BAD_TRANSFER, "upload bytes do not match their id", Some(up.doc.clone()))
+        error_msg(
+            ErrorCode::BAD_TRANSFER,
+            "upload bytes do not match their id",
+            Some(up.doc.clone()),
+        )
     } else {
         match bundle_changes(&bytes) {
             Err(e) => error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(up.doc.clone())),
             Ok(changes) => match hub.push(&up.doc, changes).await {
-                Ok(c) => Message::Ack(Ack { doc: up.doc.clone(), heads: hashes_to_wire(&c.heads), applied: c.applied }),
+                Ok(c) => Message::Ack(Ack {
+                    doc: up.doc.clone(),
+                    heads: hashes_to_wire(&c.heads),
+                    applied: c.applied,
+                }),
                 Err(Error::MissingDependencies(_)) => Message::Resync(up.doc.clone()),
-                Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), Some(up.doc.clone())),
+                Err(e) => error_msg(
+                    ErrorCode::STORAGE_FAILURE,
+                    e.to_string(),
+                    Some(up.doc.clone()),
+                ),
             },
         }
     };

@@ -118,13 +118,21 @@ fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
 
 /// Decodes a bundle into changes.
 pub fn bundle_changes(bytes: &[u8]) -> Result<Vec<Change>, String> {
-    let bundle = automerge::Bundle::try_from(bytes).map_err(|e| format!("not an Automerge bundle: {e}"))?;
-    bundle.to_changes().map_err(|e| format!("bundle does not decode: {e}"))
+    let bundle =
+        automerge::Bundle::try_from(bytes).map_err(|e| format!("not an Automerge bundle: {e}"))?;
+    bundle
+        .to_changes()
+        .map_err(|e| format!("bundle does not decode: {e}"))
 }
 
 /// Bundles `changes` of `doc` (hashes must be in the document).
-pub fn make_bundle(doc: &Automerge, hashes: impl IntoIterator<Item = ChangeHash>) -> Result<Vec<u8>, Error> {
-    doc.bundle(hashes).map(|b| b.bytes().to_vec()).map_err(|e| Error::Storage(format!("cannot bundle changes: {e}")))
+pub fn make_bundle(
+    doc: &Automerge,
+    hashes: impl IntoIterator<Item = ChangeHash>,
+) -> Result<Vec<u8>, Error> {
+    doc.bundle(hashes)
+        .map(|b| b.bytes().to_vec())
+        .map_err(|e| Error::Storage(format!("cannot bundle changes: {e}")))
 }
 
 impl Hub {
@@ -132,17 +140,22 @@ impl Hub {
     pub fn new(storage: Arc<dyn DocStorage>, budget: usize) -> Result<Arc<Self>, Error> {
         let last = storage.last_seq()?;
         let (stable, _) = watch::channel(last);
-        let (flusher, mut requests) = mpsc::unbounded_channel::<oneshot::Sender<Result<(), String>>>();
+        let (flusher, mut requests) =
+            mpsc::unbounded_channel::<oneshot::Sender<Result<(), String>>>();
         let hub = Arc::new(Self {
-            storage: storage.clone(),
+            storage,
             slots: Mutex::new(HashMap::new()),
             budget,
             tick: AtomicU64::new(0),
-            seq: Mutex::new(SeqState { next: last + 1, in_flight: BTreeSet::new() }),
+            seq: Mutex::new(SeqState {
+                next: last + 1,
+                in_flight: BTreeSet::new(),
+            }),
             stable,
             flusher,
             stats: HubStats::default(),
         });
+        // The flusher holds the hub weakly: when the relay shuts down, storage is released.
         let weak = Arc::downgrade(&hub);
         tokio::spawn(async move {
             while let Some(first) = requests.recv().await {
@@ -150,14 +163,18 @@ impl Hub {
                 while let Ok(w) = requests.try_recv() {
                     waiters.push(w);
                 }
-                let s = storage.clone();
-                let r = tokio::task::spawn_blocking(move || s.flush())
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
-                if let Some(hub) = weak.upgrade() {
-                    hub.stats.flushes.fetch_add(1, Ordering::Relaxed);
-                }
+                let r = match weak.upgrade() {
+                    Some(hub) => {
+                        hub.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                        let s = hub.storage.clone();
+                        drop(hub);
+                        tokio::task::spawn_blocking(move || s.flush())
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r.map_err(|e| e.to_string()))
+                    }
+                    None => Err("relay shut down".to_string()),
+                };
                 for w in waiters {
                     let _ = w.send(r.clone());
                 }
@@ -179,8 +196,12 @@ impl Hub {
     /// Makes every write so far durable (coalesced with other callers).
     pub async fn flush(&self) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
-        self.flusher.send(tx).map_err(|_| Error::Storage("flusher stopped".into()))?;
-        rx.await.map_err(|_| Error::Storage("flusher stopped".into()))?.map_err(Error::Storage)
+        self.flusher
+            .send(tx)
+            .map_err(|_| Error::Storage("flusher stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Storage("flusher stopped".into()))?
+            .map_err(Error::Storage)
     }
 
     async fn blocking<R: Send + 'static>(
@@ -224,12 +245,17 @@ impl Hub {
     /// Drops idle documents, least recently used first, until the cache fits its budget.
     fn evict(&self) {
         let mut slots = self.slots.lock().expect("hub lock");
-        let mut total: usize = slots.values().map(|s| s.stored_bytes.load(Ordering::Relaxed) * MEMORY_FACTOR).sum();
+        let mut total: usize = slots
+            .values()
+            .map(|s| s.stored_bytes.load(Ordering::Relaxed) * MEMORY_FACTOR)
+            .sum();
         if total <= self.budget {
             return;
         }
-        let mut by_age: Vec<(u64, DocId)> =
-            slots.iter().map(|(k, s)| (s.last_used.load(Ordering::Relaxed), k.clone())).collect();
+        let mut by_age: Vec<(u64, DocId)> = slots
+            .iter()
+            .map(|(k, s)| (s.last_used.load(Ordering::Relaxed), k.clone()))
+            .collect();
         by_age.sort();
         for (_, id) in by_age {
             if total <= self.budget {
@@ -257,7 +283,10 @@ impl Hub {
     pub async fn push(&self, id: &DocId, changes: Vec<Change>) -> Result<Committed, Error> {
         let slot = self.slot(id).await?;
         let (reply, rx) = oneshot::channel();
-        slot.pending.lock().expect("pending lock").push(PendingPush { changes, reply });
+        slot.pending
+            .lock()
+            .expect("pending lock")
+            .push(PendingPush { changes, reply });
         {
             let mut state = slot.state.lock().await;
             let batch = std::mem::take(&mut *slot.pending.lock().expect("pending lock"));
@@ -265,22 +294,35 @@ impl Hub {
                 self.commit_batch(id, &slot, &mut state, batch).await;
             }
         }
-        rx.await.map_err(|_| Error::Storage("commit dropped".into()))?
+        rx.await
+            .map_err(|_| Error::Storage("commit dropped".into()))?
     }
 
-    async fn commit_batch(&self, id: &DocId, slot: &DocSlot, state: &mut SlotState, batch: Vec<PendingPush>) {
+    async fn commit_batch(
+        &self,
+        id: &DocId,
+        slot: &DocSlot,
+        state: &mut SlotState,
+        batch: Vec<PendingPush>,
+    ) {
         // Dependencies: a push is accepted only if every dependency is in the document or
         // in the batch. Otherwise the changes would sit in Automerge's queue, heads would
         // not move, and nothing could honestly be acknowledged.
-        let in_batch: HashSet<ChangeHash> = batch.iter().flat_map(|p| p.changes.iter().map(|c| c.hash())).collect();
-        let (ok, missing): (Vec<PendingPush>, Vec<PendingPush>) = batch.into_iter().partition(|p| {
-            p.changes
-                .iter()
-                .flat_map(|c| c.deps().iter())
-                .all(|d| in_batch.contains(d) || has(&state.doc, d))
-        });
+        let in_batch: HashSet<ChangeHash> = batch
+            .iter()
+            .flat_map(|p| p.changes.iter().map(|c| c.hash()))
+            .collect();
+        let (ok, missing): (Vec<PendingPush>, Vec<PendingPush>) =
+            batch.into_iter().partition(|p| {
+                p.changes
+                    .iter()
+                    .flat_map(|c| c.deps().iter())
+                    .all(|d| in_batch.contains(d) || has(&state.doc, d))
+            });
         for p in missing {
-            let _ = p.reply.send(Err(Error::MissingDependencies(id.to_string())));
+            let _ = p
+                .reply
+                .send(Err(Error::MissingDependencies(id.to_string())));
         }
         if ok.is_empty() {
             return;
@@ -288,7 +330,12 @@ impl Hub {
         let before = state.doc.get_heads();
         let news: Vec<u32> = ok
             .iter()
-            .map(|p| p.changes.iter().filter(|c| !has(&state.doc, &c.hash())).count() as u32)
+            .map(|p| {
+                p.changes
+                    .iter()
+                    .filter(|c| !has(&state.doc, &c.hash()))
+                    .count() as u32
+            })
             .collect();
         let all: Vec<Change> = ok.iter().flat_map(|p| p.changes.iter().cloned()).collect();
         let n_pushes = ok.len() as u64;
@@ -313,7 +360,10 @@ impl Hub {
         self.stats.max_batch.fetch_max(n_pushes, Ordering::Relaxed);
         for (p, applied) in accepted {
             let r = match &result {
-                Ok(()) => Ok(Committed { heads: heads.clone(), applied }),
+                Ok(()) => Ok(Committed {
+                    heads: heads.clone(),
+                    applied,
+                }),
                 Err(e) => Err(Error::Storage(e.to_string())),
             };
             let _ = p.reply.send(r);
@@ -334,8 +384,15 @@ impl Hub {
         if heads == before {
             return Ok(());
         }
-        let new: Vec<ChangeHash> = state.doc.get_changes(before).iter().map(|c| c.hash()).collect();
-        self.stats.changes.fetch_add(new.len() as u64, Ordering::Relaxed);
+        let new: Vec<ChangeHash> = state
+            .doc
+            .get_changes(before)
+            .iter()
+            .map(|c| c.hash())
+            .collect();
+        self.stats
+            .changes
+            .fetch_add(new.len() as u64, Ordering::Relaxed);
         let chunk = make_bundle(&state.doc, new)?;
         let seq = {
             let mut s = self.seq.lock().expect("seq lock");
@@ -347,7 +404,9 @@ impl Hub {
         let wire: Vec<[u8; 32]> = heads.iter().map(|h| h.0).collect();
         let key = id.clone();
         let chunk_len = chunk.len();
-        let written = self.blocking(move |s| s.commit(&key, seq, &chunk, &wire)).await;
+        let written = self
+            .blocking(move |s| s.commit(&key, seq, &chunk, &wire))
+            .await;
         let result = match written {
             Ok(()) => self.flush().await,
             Err(e) => Err(e),
@@ -367,7 +426,11 @@ impl Hub {
             Err(e) => {
                 warn!(doc = %id, "commit failed, reloading from disk: {e}");
                 let key = id.clone();
-                if let Ok((fresh, bytes)) = self.blocking(move |s| s.load(&key)).await.and_then(|d| load_state(id, d)) {
+                if let Ok((fresh, bytes)) = self
+                    .blocking(move |s| s.load(&key))
+                    .await
+                    .and_then(|d| load_state(id, d))
+                {
                     *state = fresh;
                     slot.stored_bytes.store(bytes, Ordering::Relaxed);
                 }
@@ -413,7 +476,11 @@ impl Hub {
     }
 
     /// What a device that knows `have` of `doc` lacks, or `None` if nothing.
-    pub async fn missing(&self, id: &DocId, have: &[ChangeHash]) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
+    pub async fn missing(
+        &self,
+        id: &DocId,
+        have: &[ChangeHash],
+    ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
         let slot = self.slot(id).await?;
         let state = slot.state.lock().await;
         let heads = state.doc.get_heads();
@@ -427,7 +494,11 @@ impl Hub {
         if have.is_empty() {
             return Ok(Some((Payload::Document(state.doc.save()), heads)));
         }
-        let known: Vec<ChangeHash> = have.iter().filter(|h| has(&state.doc, h)).copied().collect();
+        let known: Vec<ChangeHash> = have
+            .iter()
+            .filter(|h| has(&state.doc, h))
+            .copied()
+            .collect();
         let changes = state.doc.get_changes(&known);
         if changes.is_empty() {
             return Ok(None);
@@ -451,11 +522,20 @@ impl Hub {
             Some(old) if old == scope => Vec::new(),
             Some(old) => {
                 let (scope, old) = (scope.clone(), old.clone());
-                self.blocking(move |s| Ok(s.list()?.into_iter().filter(|d| scope.covers(d) && !old.covers(d)).collect())).await?
+                self.blocking(move |s| {
+                    Ok(s.list()?
+                        .into_iter()
+                        .filter(|d| scope.covers(d) && !old.covers(d))
+                        .collect())
+                })
+                .await?
             }
             None => {
                 let scope = scope.clone();
-                self.blocking(move |s| Ok(s.list()?.into_iter().filter(|d| scope.covers(d)).collect())).await?
+                self.blocking(move |s| {
+                    Ok(s.list()?.into_iter().filter(|d| scope.covers(d)).collect())
+                })
+                .await?
             }
         };
         for d in newly {
@@ -499,9 +579,19 @@ impl Hub {
 
 fn load_state(id: &DocId, stored: Option<StoredDoc>) -> Result<(SlotState, usize), Error> {
     let Some(stored) = stored else {
-        return Ok((SlotState { doc: Automerge::new(), chunks: 0, chunk_bytes: 0 }, 0));
+        return Ok((
+            SlotState {
+                doc: Automerge::new(),
+                chunks: 0,
+                chunk_bytes: 0,
+            },
+            0,
+        ));
     };
-    let corrupt = |reason: String| Error::CorruptDocument { doc: id.to_string(), reason };
+    let corrupt = |reason: String| Error::CorruptDocument {
+        doc: id.to_string(),
+        reason,
+    };
     let mut bytes = 0;
     let mut doc = match &stored.snapshot {
         Some(s) => {
@@ -517,6 +607,14 @@ fn load_state(id: &DocId, stored: Option<StoredDoc>) -> Result<(SlotState, usize
         changes.extend(bundle_changes(c).map_err(corrupt)?);
     }
     // All chunks in one call: loading is a batch apply, never one change at a time.
-    doc.apply_changes(changes).map_err(|e| corrupt(e.to_string()))?;
-    Ok((SlotState { doc, chunks: stored.chunks.len(), chunk_bytes }, bytes + chunk_bytes))
+    doc.apply_changes(changes)
+        .map_err(|e| corrupt(e.to_string()))?;
+    Ok((
+        SlotState {
+            doc,
+            chunks: stored.chunks.len(),
+            chunk_bytes,
+        },
+        bytes + chunk_bytes,
+    ))
 }

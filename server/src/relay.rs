@@ -149,7 +149,11 @@ impl RelayHandle {
     pub async fn document(&self, id: &DocId) -> Result<Option<Automerge>, Error> {
         let slot = self.hub.slot(id).await?;
         let state = slot.lock().await;
-        Ok(if state.doc.get_heads().is_empty() { None } else { Some(state.doc.clone()) })
+        Ok(if state.doc.get_heads().is_empty() {
+            None
+        } else {
+            Some(state.doc.clone())
+        })
     }
 
     /// The heads of the relay's document `id` (empty if unknown).

@@ -96,22 +96,31 @@ fn flat(heads: &[[u8; 32]]) -> Vec<u8> {
 }
 
 fn unflat(v: &[u8]) -> Vec<[u8; 32]> {
-    v.chunks_exact(32).filter_map(|c| <[u8; 32]>::try_from(c).ok()).collect()
+    v.chunks_exact(32)
+        .filter_map(|c| <[u8; 32]>::try_from(c).ok())
+        .collect()
 }
 
 impl SledStorage {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, Error> {
-        let db = sled::Config::new()
-            .path(dir)
-            .open()
-            .map_err(|e| Error::Storage(format!("cannot open {}: {e}; is another relay using this data dir?", dir.display())))?;
+        let db = sled::Config::new().path(dir).open().map_err(|e| {
+            Error::Storage(format!(
+                "cannot open {}: {e}; is another relay using this data dir?",
+                dir.display()
+            ))
+        })?;
         let meta = db.open_tree("meta").map_err(storage_err)?;
         let epoch = match meta.get("epoch").map_err(storage_err)? {
-            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::Storage("corrupt epoch".into()))?),
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::Storage("corrupt epoch".into()))?,
+            ),
             None => {
                 let e = rand_epoch();
-                meta.insert("epoch", &e.to_be_bytes()).map_err(storage_err)?;
+                meta.insert("epoch", &e.to_be_bytes())
+                    .map_err(storage_err)?;
                 db.flush().map_err(storage_err)?;
                 e
             }
@@ -132,7 +141,12 @@ fn rand_epoch() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // RandomState is seeded from the OS; mixing in the time guards against a fixed seed.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish() | 1
 }
 
@@ -143,13 +157,21 @@ impl DocStorage for SledStorage {
 
     fn last_seq(&self) -> Result<u64, Error> {
         Ok(match self.feed.last().map_err(storage_err)? {
-            Some((k, _)) => u64::from_be_bytes(k.as_ref().try_into().map_err(|_| Error::Storage("corrupt feed key".into()))?),
+            Some((k, _)) => u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::Storage("corrupt feed key".into()))?,
+            ),
             None => 0,
         })
     }
 
     fn load(&self, doc: &DocId) -> Result<Option<StoredDoc>, Error> {
-        let snapshot = self.snapshots.get(doc.as_str()).map_err(storage_err)?.map(|v| v.to_vec());
+        let snapshot = self
+            .snapshots
+            .get(doc.as_str())
+            .map_err(storage_err)?
+            .map(|v| v.to_vec());
         let chunks: Vec<Vec<u8>> = self
             .chunks
             .scan_prefix(doc_prefix(doc))
@@ -178,8 +200,12 @@ impl DocStorage for SledStorage {
 
     fn compact(&self, doc: &DocId, snapshot: &[u8]) -> Result<(), Error> {
         use sled::Transactional;
-        let keys: Vec<sled::IVec> =
-            self.chunks.scan_prefix(doc_prefix(doc)).keys().collect::<Result<_, _>>().map_err(storage_err)?;
+        let keys: Vec<sled::IVec> = self
+            .chunks
+            .scan_prefix(doc_prefix(doc))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(storage_err)?;
         (&self.snapshots, &self.chunks)
             .transaction(|(snapshots, chunks)| {
                 snapshots.insert(doc.as_str(), snapshot)?;
@@ -204,8 +230,13 @@ impl DocStorage for SledStorage {
         let mut out = Vec::new();
         for kv in self.feed.range(start..=end) {
             let (k, v) = kv.map_err(storage_err)?;
-            let seq = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| Error::Storage("corrupt feed key".into()))?);
-            let doc = std::str::from_utf8(&v).map_err(|_| Error::Storage("corrupt feed entry".into()))?;
+            let seq = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::Storage("corrupt feed key".into()))?,
+            );
+            let doc =
+                std::str::from_utf8(&v).map_err(|_| Error::Storage("corrupt feed entry".into()))?;
             out.push((seq, DocId::parse(doc)?));
         }
         Ok(out)
@@ -214,14 +245,22 @@ impl DocStorage for SledStorage {
     fn heads_at(&self, doc: &DocId, seq: u64) -> Result<Option<Vec<[u8; 32]>>, Error> {
         let lo = doc_key(doc, 0);
         let hi = doc_key(doc, seq);
-        Ok(self.doc_seq.range(lo..=hi).next_back().transpose().map_err(storage_err)?.map(|(_, v)| unflat(&v)))
+        Ok(self
+            .doc_seq
+            .range(lo..=hi)
+            .next_back()
+            .transpose()
+            .map_err(storage_err)?
+            .map(|(_, v)| unflat(&v)))
     }
 
     fn list(&self) -> Result<Vec<DocId>, Error> {
         let mut out: Vec<DocId> = Vec::new();
         for k in self.snapshots.iter().keys() {
             let k = k.map_err(storage_err)?;
-            out.push(DocId::parse(std::str::from_utf8(&k).map_err(|_| Error::Storage("non-UTF-8 key".into()))?)?);
+            out.push(DocId::parse(
+                std::str::from_utf8(&k).map_err(|_| Error::Storage("non-UTF-8 key".into()))?,
+            )?);
         }
         // Documents not compacted yet exist only as chunks.
         let mut last: Option<Vec<u8>> = None;
@@ -229,7 +268,10 @@ impl DocStorage for SledStorage {
             let k = k.map_err(storage_err)?;
             let name = k.split(|b| *b == 0).next().unwrap_or_default().to_vec();
             if last.as_deref() != Some(name.as_slice()) {
-                let id = DocId::parse(std::str::from_utf8(&name).map_err(|_| Error::Storage("non-UTF-8 key".into()))?)?;
+                let id = DocId::parse(
+                    std::str::from_utf8(&name)
+                        .map_err(|_| Error::Storage("non-UTF-8 key".into()))?,
+                )?;
                 if !out.contains(&id) {
                     out.push(id);
                 }
@@ -243,13 +285,20 @@ impl DocStorage for SledStorage {
     fn upload_len(&self, key: &[u8]) -> Result<u64, Error> {
         let mut prefix = key.to_vec();
         prefix.push(0);
-        Ok(self.uploads.scan_prefix(&prefix).values().map(|v| v.map(|v| v.len() as u64)).sum::<Result<u64, _>>().map_err(storage_err)?)
+        self.uploads
+            .scan_prefix(&prefix)
+            .values()
+            .map(|v| v.map(|v| v.len() as u64))
+            .sum::<Result<u64, _>>()
+            .map_err(storage_err)
     }
 
     fn put_piece(&self, key: &[u8], offset: u64, data: &[u8]) -> Result<(), Error> {
         let have = self.upload_len(key)?;
         if offset != have {
-            return Err(Error::Storage(format!("piece at {offset}, but {have} bytes are held")));
+            return Err(Error::Storage(format!(
+                "piece at {offset}, but {have} bytes are held"
+            )));
         }
         let mut k = key.to_vec();
         k.push(0);
@@ -272,7 +321,9 @@ impl DocStorage for SledStorage {
         let mut prefix = key.to_vec();
         prefix.push(0);
         for k in self.uploads.scan_prefix(&prefix).keys() {
-            self.uploads.remove(k.map_err(storage_err)?).map_err(storage_err)?;
+            self.uploads
+                .remove(k.map_err(storage_err)?)
+                .map_err(storage_err)?;
         }
         Ok(())
     }
@@ -299,7 +350,10 @@ mod tests {
         let s = SledStorage::open(dir.path()).unwrap();
         assert_eq!(s.epoch(), epoch, "epoch is fixed at creation");
         assert_eq!(s.last_seq().unwrap(), 3);
-        assert_eq!(s.load(&a).unwrap().unwrap().chunks, vec![b"c1".to_vec(), b"c2".to_vec()]);
+        assert_eq!(
+            s.load(&a).unwrap().unwrap().chunks,
+            vec![b"c1".to_vec(), b"c2".to_vec()]
+        );
         assert_eq!(s.feed(1, 3).unwrap(), vec![(2, b.clone()), (3, a.clone())]);
         assert_eq!(s.heads_at(&a, 2).unwrap(), Some(vec![[1; 32]]));
         assert_eq!(s.heads_at(&a, 3).unwrap(), Some(vec![[3; 32], [4; 32]]));
@@ -307,7 +361,10 @@ mod tests {
         assert_eq!(s.list().unwrap(), vec![b.clone(), a.clone()]);
         s.compact(&a, b"snapshot").unwrap();
         let stored = s.load(&a).unwrap().unwrap();
-        assert_eq!((stored.snapshot.as_deref(), stored.chunks.len()), (Some(&b"snapshot"[..]), 0));
+        assert_eq!(
+            (stored.snapshot.as_deref(), stored.chunks.len()),
+            (Some(&b"snapshot"[..]), 0)
+        );
         assert_eq!(s.list().unwrap(), vec![b, a]);
     }
 
