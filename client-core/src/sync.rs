@@ -295,6 +295,23 @@ impl Flight {
     }
 }
 
+/// The session's streams and the tasks it owns (aborted when dropped).
+struct Wire {
+    send: SendStream,
+    conn: quinn::Connection,
+    uploads: mpsc::Sender<Result<UploadEnd, Error>>,
+    tasks: tokio::task::JoinSet<()>,
+    traffic: Arc<Traffic>,
+    totals: Arc<Traffic>,
+    max_frame: usize,
+}
+
+impl Wire {
+    async fn send(&mut self, msg: &Message) -> Result<(), Error> {
+        write(&mut self.send, msg, &self.traffic, &self.totals).await
+    }
+}
+
 /// Stops a live session.
 pub(crate) type StopSignal = watch::Receiver<bool>;
 
@@ -312,18 +329,19 @@ impl Client {
         let totals = self.inner.traffic.clone();
         let traffic = Arc::new(Traffic::default());
         let conn = transport::connect(endpoint, relay).await?;
-        let (mut send, recv) = conn
+        let (send, recv) = conn
             .open_bi()
             .await
             .map_err(|e| Error::Transport(format!("cannot open a stream: {e}")))?;
 
-        // Reader and transfer tasks feed the loop through channels (reads are not
-        // cancel-safe inside select!).
+        // Reader, transfer and upload tasks feed the loop through channels (reads are not
+        // cancel-safe inside select!). The session owns them all: dropping it aborts them.
+        let mut tasks: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
         let (in_tx, mut inbox) = mpsc::channel::<Result<Message, Error>>(64);
-        let reader = {
+        {
             let (traffic, totals) = (traffic.clone(), totals.clone());
             let mut recv = recv;
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 loop {
                     let r = read(&mut recv, max_frame, &traffic, &totals).await;
                     let stop = !matches!(r, Ok(Some(_)));
@@ -338,20 +356,21 @@ impl Client {
                         break;
                     }
                 }
-            })
-        };
+            });
+        }
         let (xfer_tx, mut xfers) = mpsc::channel::<Result<([u8; 16], Vec<u8>), Error>>(8);
-        let acceptor = {
+        {
             let (conn, traffic, totals) = (conn.clone(), traffic.clone(), totals.clone());
-            tokio::spawn(async move {
+            tasks.spawn(async move {
+                let mut receivers = tokio::task::JoinSet::new();
                 while let Ok(recv) = conn.accept_uni().await {
                     let (tx, traffic, totals) = (xfer_tx.clone(), traffic.clone(), totals.clone());
-                    tokio::spawn(async move {
+                    receivers.spawn(async move {
                         let _ = tx.send(receive_transfer(recv, traffic, totals).await).await;
                     });
                 }
-            })
-        };
+            });
+        }
         let (up_tx, mut ups) = mpsc::channel::<Result<UploadEnd, Error>>(8);
 
         let mut f = Flight {
@@ -375,16 +394,18 @@ impl Client {
             app_version: self.inner.config.app_version.clone(),
             subscription: subscription.clone(),
         };
-        write(&mut send, &Message::Hello(hello), &traffic, &totals).await?;
-        self.push_dirty(&mut f, &mut send, &conn, &up_tx, &traffic, &totals)
-            .await?;
-        write(
-            &mut send,
-            &Message::Pull(Pull { cursor }),
-            &traffic,
-            &totals,
-        )
-        .await?;
+        let mut wire = Wire {
+            send,
+            conn: conn.clone(),
+            uploads: up_tx,
+            tasks,
+            traffic: traffic.clone(),
+            totals: totals.clone(),
+            max_frame,
+        };
+        wire.send(&Message::Hello(hello)).await?;
+        self.push_dirty(&mut f, &mut wire).await?;
+        wire.send(&Message::Pull(Pull { cursor })).await?;
         f.report.round_trips = 1;
         let mut first_done = false;
 
@@ -419,7 +440,7 @@ impl Client {
                         }
                     }
                     _ = self.inner.local_change.notified(), if is_live => {
-                        self.push_dirty(&mut f, &mut send, &conn, &up_tx, &traffic, &totals).await?;
+                        self.push_dirty(&mut f, &mut wire).await?;
                     }
                     stop = async { match live.as_mut() { Some(s) => s.changed().await, None => std::future::pending().await } }, if is_live => {
                         let stopped = stop.is_err() || live.as_ref().is_some_and(|s| *s.borrow());
@@ -432,7 +453,7 @@ impl Client {
                 let mut sent = false;
                 if let Some(r) = f.resync.as_mut() {
                     while let Some(m) = r.poll_transmit() {
-                        write(&mut send, &m, &traffic, &totals).await?;
+                        wire.send(&m).await?;
                         sent = true;
                     }
                 }
@@ -448,10 +469,9 @@ impl Client {
             }
         }
         .await;
-        let _ = send.finish();
+        let _ = wire.send.finish();
         conn.close(0u8.into(), b"done");
-        reader.abort();
-        acceptor.abort();
+        wire.tasks.abort_all();
         // What was applied is kept even if the session failed.
         if !f.batch.is_empty() || !f.dirty.is_empty() {
             let cursor_ok = outcome.is_ok() && f.settled();
@@ -475,15 +495,7 @@ impl Client {
 
     /// Pushes every document with changes the relay is not known to hold and no push in
     /// flight.
-    async fn push_dirty(
-        &self,
-        f: &mut Flight,
-        send: &mut SendStream,
-        conn: &quinn::Connection,
-        up_tx: &mpsc::Sender<Result<UploadEnd, Error>>,
-        traffic: &Arc<Traffic>,
-        totals: &Arc<Traffic>,
-    ) -> Result<(), Error> {
+    async fn push_dirty(&self, f: &mut Flight, wire: &mut Wire) -> Result<(), Error> {
         let mut pushes = Vec::new();
         {
             let mut docs = self.docs();
@@ -521,10 +533,14 @@ impl Client {
             f.in_flight.insert(doc.clone(), heads.clone());
             f.pushed.insert(doc.clone());
             if bundle.len() > INLINE_MAX {
-                let (conn, up_tx, traffic, totals) =
-                    (conn.clone(), up_tx.clone(), traffic.clone(), totals.clone());
-                let max_frame = self.inner.config.max_frame;
-                tokio::spawn(async move {
+                let (conn, up_tx, traffic, totals) = (
+                    wire.conn.clone(),
+                    wire.uploads.clone(),
+                    wire.traffic.clone(),
+                    wire.totals.clone(),
+                );
+                let max_frame = wire.max_frame;
+                wire.tasks.spawn(async move {
                     let r = upload(conn, doc, bundle, heads, traffic, totals, max_frame).await;
                     let _ = up_tx.send(r).await;
                 });
@@ -534,7 +550,7 @@ impl Client {
                     bundle,
                     heads: hashes_to_wire(&heads),
                 };
-                write(send, &Message::Push(push), traffic, totals).await?;
+                wire.send(&Message::Push(push)).await?;
             }
         }
         Ok(())
