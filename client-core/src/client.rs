@@ -36,6 +36,9 @@ pub(crate) struct Inner {
     pub(crate) local_change: tokio::sync::Notify,
     /// Documents changed, locally or by sync.
     pub(crate) changes: tokio::sync::broadcast::Sender<DocId>,
+    /// The last large push built, reused while it is still what needs sending: a resumed
+    /// upload sends the very same bytes, and a 20 MB bundle is not rebuilt per attempt.
+    pub(crate) upload_cache: Mutex<Option<crate::sync::CachedUpload>>,
 }
 
 /// A live connection to the relay, started by [`Client::go_live`]: local writes are pushed
@@ -44,7 +47,7 @@ pub(crate) struct Inner {
 pub struct LiveSync {
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
-    /// Reports of completed first flights (one per connection).
+    /// One report per connection: after its first flight, or its error.
     pub reports: tokio::sync::mpsc::UnboundedReceiver<Result<SyncReport, Error>>,
 }
 
@@ -88,6 +91,7 @@ impl Client {
                 traffic: Arc::new(Traffic::default()),
                 local_change: tokio::sync::Notify::new(),
                 changes: tokio::sync::broadcast::channel(1024).0,
+                upload_cache: Mutex::new(None),
             }),
         })
     }
@@ -237,6 +241,32 @@ impl Client {
         )
     }
 
+    /// Merges a saved Automerge document (an export, a backup) into `id` on this device,
+    /// durably; it syncs like any local change. Returns how many changes were new.
+    pub fn import(&self, id: &DocId, bytes: &[u8]) -> Result<usize, Error> {
+        let mut other = Automerge::load(bytes)
+            .map_err(|e| Error::Invalid(format!("not an Automerge document: {e}")))?;
+        let mut docs = self.docs();
+        if self.load(&mut docs, id)?.is_none() {
+            let mut doc = schema::genesis(id);
+            doc.set_actor(self.inner.identity.actor.clone());
+            docs.insert(id.clone(), doc);
+        }
+        let doc = docs.get_mut(id).expect("inserted above");
+        let new = doc.merge(&mut other)?.len();
+        if !self.covered_by_patterns(id) {
+            self.inner.store.follow(id)?;
+        }
+        if let Err(e) = self.inner.store.save_doc(id, &doc.save()) {
+            docs.remove(id);
+            return Err(e);
+        }
+        drop(docs);
+        self.inner.local_change.notify_one();
+        let _ = self.inner.changes.send(id.clone());
+        Ok(new)
+    }
+
     /// Every document this device holds.
     pub fn documents(&self) -> Result<Vec<DocId>, Error> {
         self.inner.store.doc_ids()
@@ -329,16 +359,18 @@ impl Client {
                 if *stopped.borrow() {
                     return;
                 }
+                let hooks = crate::sync::LiveHooks {
+                    stop: stopped.clone(),
+                    first_flight: report_tx.clone(),
+                };
                 let result = match client.endpoint(&relay).await {
-                    Ok(endpoint) => {
-                        client
-                            .session(&endpoint, &relay, Some(stopped.clone()))
-                            .await
-                    }
+                    Ok(endpoint) => client.session(&endpoint, &relay, Some(hooks)).await,
                     Err(e) => Err(e),
                 };
                 let failed = result.is_err();
-                let _ = report_tx.send(result);
+                if let Err(e) = result {
+                    let _ = report_tx.send(Err(e));
+                }
                 if *stopped.borrow() {
                     return;
                 }

@@ -150,6 +150,14 @@ fn transfer_id(bytes: &[u8]) -> [u8; 16] {
     id
 }
 
+/// A large push kept for the next attempt.
+pub(crate) struct CachedUpload {
+    doc: DocId,
+    base: Vec<ChangeHash>,
+    heads: Vec<ChangeHash>,
+    bytes: Arc<Vec<u8>>,
+}
+
 /// How an upload ended.
 enum UploadEnd {
     Acked {
@@ -164,7 +172,7 @@ enum UploadEnd {
 async fn upload(
     conn: quinn::Connection,
     doc: DocId,
-    bytes: Vec<u8>,
+    bytes: Arc<Vec<u8>>,
     pushed: Vec<ChangeHash>,
     traffic: Arc<Traffic>,
     totals: Arc<Traffic>,
@@ -312,8 +320,24 @@ impl Wire {
     }
 }
 
-/// Stops a live session.
-pub(crate) type StopSignal = watch::Receiver<bool>;
+fn finish_report(f: &Flight, traffic: &Traffic, started: Instant) -> SyncReport {
+    let mut report = f.report.clone();
+    report.docs_pushed = f.pushed.len();
+    report.docs_updated = f.updated.len();
+    report.docs_resynced = f.resynced.len();
+    report.bytes_sent = traffic.bytes_sent.load(Ordering::Relaxed);
+    report.bytes_received = traffic.bytes_received.load(Ordering::Relaxed);
+    report.frames_sent = traffic.frames_sent.load(Ordering::Relaxed);
+    report.frames_received = traffic.frames_received.load(Ordering::Relaxed);
+    report.duration = started.elapsed();
+    report
+}
+
+/// What a live session needs: a stop signal, and where to report its first flight.
+pub(crate) struct LiveHooks {
+    pub stop: watch::Receiver<bool>,
+    pub first_flight: mpsc::UnboundedSender<Result<SyncReport, Error>>,
+}
 
 impl Client {
     /// Runs one session: the first flight, and if `live` is given, everything after it
@@ -322,8 +346,12 @@ impl Client {
         &self,
         endpoint: &quinn::Endpoint,
         relay: &RelayEndpoint,
-        mut live: Option<StopSignal>,
+        live: Option<LiveHooks>,
     ) -> Result<SyncReport, Error> {
+        let (mut live, first_flight) = match live {
+            Some(h) => (Some(h.stop), Some(h.first_flight)),
+            None => (None, None),
+        };
         let started = Instant::now();
         let max_frame = self.inner.config.max_frame;
         let totals = self.inner.traffic.clone();
@@ -414,8 +442,11 @@ impl Client {
                 if f.settled() && !first_done {
                     first_done = true;
                     self.persist(&mut f, &cursor_key)?;
-                    if live.is_none() {
-                        return Ok(());
+                    match &first_flight {
+                        None => return Ok(()),
+                        Some(tx) => {
+                            let _ = tx.send(Ok(finish_report(&f, &traffic, started)));
+                        }
                     }
                 }
                 let is_live = live.is_some() && first_done;
@@ -481,16 +512,7 @@ impl Client {
             let _ = self.persist(&mut f, &cursor_key);
         }
         outcome?;
-        let mut report = f.report;
-        report.docs_pushed = f.pushed.len();
-        report.docs_updated = f.updated.len();
-        report.docs_resynced = f.resynced.len();
-        report.bytes_sent = traffic.bytes_sent.load(Ordering::Relaxed);
-        report.bytes_received = traffic.bytes_received.load(Ordering::Relaxed);
-        report.frames_sent = traffic.frames_sent.load(Ordering::Relaxed);
-        report.frames_received = traffic.frames_received.load(Ordering::Relaxed);
-        report.duration = started.elapsed();
-        Ok(report)
+        Ok(finish_report(&f, &traffic, started))
     }
 
     /// Pushes every document with changes the relay is not known to hold and no push in
@@ -513,11 +535,20 @@ impl Client {
                 if heads.iter().all(|h| has.contains(h)) {
                     continue;
                 }
-                let known: Vec<ChangeHash> = has
+                let mut known: Vec<ChangeHash> = has
                     .iter()
                     .filter(|h| doc.get_change_meta_by_hash(h).is_some())
                     .copied()
                     .collect();
+                known.sort();
+                let mut cache = self.inner.upload_cache.lock().expect("upload cache lock");
+                if let Some(c) = cache
+                    .as_ref()
+                    .filter(|c| c.doc == id && c.base == known && c.heads == heads)
+                {
+                    pushes.push((id, c.bytes.clone(), heads));
+                    continue;
+                }
                 let hashes: Vec<ChangeHash> =
                     doc.get_changes(&known).iter().map(|c| c.hash()).collect();
                 if hashes.is_empty() {
@@ -526,7 +557,16 @@ impl Client {
                 let bundle = doc
                     .bundle(hashes)
                     .map_err(|e| Error::Store(format!("cannot bundle {id}: {e}")))?;
-                pushes.push((id, bundle.bytes().to_vec(), heads));
+                let bytes = Arc::new(bundle.bytes().to_vec());
+                if bytes.len() > INLINE_MAX {
+                    *cache = Some(CachedUpload {
+                        doc: id.clone(),
+                        base: known,
+                        heads: heads.clone(),
+                        bytes: bytes.clone(),
+                    });
+                }
+                pushes.push((id, bytes, heads));
             }
         }
         for (doc, bundle, heads) in pushes {
@@ -547,7 +587,7 @@ impl Client {
             } else {
                 let push = Push {
                     doc,
-                    bundle,
+                    bundle: bundle.to_vec(),
                     heads: hashes_to_wire(&heads),
                 };
                 wire.send(&Message::Push(push)).await?;
@@ -765,6 +805,23 @@ impl Client {
                     batch.docs.push((id, d.save()));
                 }
             }
+            // A set of heads: sorted, and collapsed to the document's heads once the relay
+            // holds all of them (so it does not grow with every push).
+            let mut latest: HashMap<DocId, Vec<ChangeHash>> = HashMap::new();
+            for (id, mut has) in batch.acked.drain(..) {
+                if let Some(d) = docs.get(&id) {
+                    let heads = d.get_heads();
+                    if heads.iter().all(|h| has.contains(h)) {
+                        has = heads;
+                    }
+                }
+                has.sort();
+                if let Some(live) = f.relay_has.get_mut(&id) {
+                    live.clone_from(&has);
+                }
+                latest.insert(id, has);
+            }
+            batch.acked = latest.into_iter().collect();
         }
         if f.settled()
             && let Some(c) = &f.caught

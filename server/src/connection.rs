@@ -105,12 +105,32 @@ fn error_msg(code: ErrorCode, text: impl Into<String>, doc: Option<DocId>) -> Me
     })
 }
 
+/// Heads a device holds, per document; shared between the control loop and uploads.
+#[derive(Clone, Default)]
+struct Known(Arc<std::sync::Mutex<HashMap<DocId, Vec<ChangeHash>>>>);
+
+impl Known {
+    fn add(&self, doc: &DocId, heads: &[ChangeHash]) {
+        let mut m = self.0.lock().expect("known lock");
+        merge_heads(m.entry(doc.clone()).or_default(), heads);
+    }
+    fn get(&self, doc: &DocId) -> Vec<ChangeHash> {
+        self.0
+            .lock()
+            .expect("known lock")
+            .get(doc)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
 /// What the relay knows of one device on this connection.
 struct Peer {
     device: DeviceId,
     subscription: Subscription,
-    /// Heads the device is known to hold, per document (pushed or delivered here).
-    known: HashMap<DocId, Vec<ChangeHash>>,
+    /// Heads the device is known to hold, per document (pushed, uploading or delivered
+    /// here). Shared with upload tasks.
+    known: Known,
     /// Feed sequence the device has been brought up to (`None` before its first pull).
     delivered: Option<u64>,
     resync: RelayResync,
@@ -204,7 +224,7 @@ async fn run(
     let mut peer = Peer {
         device: hello.device.clone(),
         subscription: hello.subscription.clone(),
-        known: HashMap::new(),
+        known: Known::default(),
         delivered: None,
         resync: RelayResync::new(),
     };
@@ -258,8 +278,7 @@ async fn run(
                 if let Ok((doc, device_heads, r)) = done {
                     let reply = match r {
                         Ok(c) => {
-                            let entry = peer.known.entry(doc.clone()).or_default();
-                            merge_heads(entry, &device_heads);
+                            peer.known.add(&doc, &device_heads);
                             Message::Ack(Ack { doc, heads: hashes_to_wire(&c.heads), applied: c.applied })
                         }
                         Err(Error::MissingDependencies(_)) => Message::Resync(doc),
@@ -284,9 +303,9 @@ async fn run(
             }
             accepted = conn.accept_bi() => match accepted {
                 Ok((s, r)) => {
-                    let (hub, config, device) = (hub.clone(), config.clone(), peer.device.clone());
+                    let (hub, config, device, known) = (hub.clone(), config.clone(), peer.device.clone(), peer.known.clone());
                     uploads.spawn(async move {
-                        if let Err(e) = upload(s, r, hub, config, device).await { debug!("upload ended: {e}"); }
+                        if let Err(e) = upload(s, r, hub, config, device, known).await { debug!("upload ended: {e}"); }
                     }.in_current_span());
                 }
                 Err(e) => break Err(Error::Connection(e.to_string())),
@@ -318,7 +337,33 @@ async fn catch_up(
     config: &RelayConfig,
 ) -> Result<(), Error> {
     let upto = *hub.stable().borrow();
-    let usable = cursor.filter(|c| c.epoch == hub.epoch() && c.seq <= upto);
+    // A cursor from another epoch or from a sequence this relay never reached means the
+    // relay was replaced or restored from an older copy: what the device believes the
+    // relay holds may be gone. Automerge's own protocol finds and repairs the difference.
+    if cursor
+        .as_ref()
+        .is_some_and(|c| c.epoch != hub.epoch() || c.seq > upto)
+    {
+        warn!(
+            "device cursor is ahead of this relay (restored from an older copy?); resyncing its documents"
+        );
+        let scope = peer.subscription.clone();
+        for doc in hub.list().await?.into_iter().filter(|d| scope.covers(d)) {
+            out.send(Message::Resync(doc))
+                .await
+                .map_err(|_| Error::Connection("control stream closed".into()))?;
+        }
+        out.send(Message::Caught(Cursor {
+            epoch: hub.epoch(),
+            seq: upto,
+            subscription: scope,
+        }))
+        .await
+        .map_err(|_| Error::Connection("control stream closed".into()))?;
+        peer.delivered = Some(upto);
+        return Ok(());
+    }
+    let usable = cursor;
     let (after, old) = match &usable {
         Some(c) => (c.seq, Some(c.subscription.clone())),
         None => (0, None),
@@ -331,9 +376,7 @@ async fn catch_up(
             Some(o) if o.covers(&doc) => hub.heads_at(&doc, after).await?,
             _ => Vec::new(),
         };
-        if let Some(k) = peer.known.get(&doc) {
-            merge_heads(&mut have, k);
-        }
+        merge_heads(&mut have, &peer.known.get(&doc));
         let Some((payload, heads)) = hub.missing(&doc, &have).await? else {
             continue;
         };
@@ -353,7 +396,7 @@ async fn catch_up(
         out.send(Message::Update(update))
             .await
             .map_err(|_| Error::Connection("control stream closed".into()))?;
-        merge_heads(peer.known.entry(doc).or_default(), &heads);
+        peer.known.add(&doc, &heads);
     }
     let _ = config;
     out.send(Message::Caught(Cursor {
@@ -454,6 +497,7 @@ async fn upload(
     hub: Arc<Hub>,
     config: Arc<RelayConfig>,
     device: DeviceId,
+    known: Known,
 ) -> Result<(), Error> {
     let max_frame = config.max_frame;
     let Some(Message::Upload(up)) = read_message(&mut recv, max_frame).await? else {
@@ -481,6 +525,28 @@ async fn upload(
         )
         .await?;
         return Ok(());
+    }
+    // The device holds what it uploads: never send it back.
+    let pushed = hashes_from_wire(&up.heads);
+    known.add(&up.doc, &pushed);
+    // Already committed (the ack of an earlier attempt was lost): answer at once.
+    if !pushed.is_empty() {
+        let slot = hub.slot(&up.doc).await?;
+        let state = slot.lock().await;
+        if pushed
+            .iter()
+            .all(|h| state.doc.get_change_meta_by_hash(h).is_some())
+        {
+            let ack = Ack {
+                doc: up.doc.clone(),
+                heads: hashes_to_wire(&state.doc.get_heads()),
+                applied: 0,
+            };
+            drop(state);
+            write_message(&mut send, &Message::Ack(ack), max_frame).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
     }
     let key: Vec<u8> = format!("{device}|{}", hex::encode(up.id)).into_bytes();
     let storage = hub.storage();

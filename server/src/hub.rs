@@ -294,8 +294,16 @@ impl Hub {
                 self.commit_batch(id, &slot, &mut state, batch).await;
             }
         }
+        self.release(slot);
         rx.await
             .map_err(|_| Error::Storage("commit dropped".into()))?
+    }
+
+    /// Lets go of a slot and trims the cache (a document can only be evicted once
+    /// nobody holds it).
+    pub fn release(&self, slot: Arc<DocSlot>) {
+        drop(slot);
+        self.evict();
     }
 
     async fn commit_batch(
@@ -482,6 +490,15 @@ impl Hub {
         have: &[ChangeHash],
     ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
         let slot = self.slot(id).await?;
+        let result = Self::missing_in(&slot, have).await;
+        self.release(slot);
+        result
+    }
+
+    async fn missing_in(
+        slot: &DocSlot,
+        have: &[ChangeHash],
+    ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
         let state = slot.state.lock().await;
         let heads = state.doc.get_heads();
         if heads.is_empty() {

@@ -17,6 +17,38 @@ pub async fn start_relay(dir: &Path) -> anyhow::Result<RelayHandle> {
     Ok(Relay::start(config).await?)
 }
 
+/// Starts a relay with `config` (its listen address forced to 127.0.0.1 with a free port).
+pub async fn start_relay_with(config: RelayConfig) -> anyhow::Result<RelayHandle> {
+    Ok(Relay::start(config.with_listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))).await?)
+}
+
+/// A phone subscribed to `teams` and `zones`, keeping `keep_days` ledger days.
+pub fn team_phone(
+    dir: &Path,
+    member: &str,
+    relay: RelayEndpoint,
+    teams: &[&str],
+    zones: &[&str],
+    keep_days: u32,
+) -> anyhow::Result<Client> {
+    let config = ClientConfig::new(MemberId::new(member)?)
+        .with_relay(relay)
+        .with_teams(
+            teams
+                .iter()
+                .map(|t| redline_proto::TeamId::new(*t))
+                .collect::<Result<_, _>>()?,
+        )
+        .with_zones(
+            zones
+                .iter()
+                .map(|z| redline_proto::ZoneId::new(*z))
+                .collect::<Result<_, _>>()?,
+        )
+        .with_keep_days(keep_days);
+    Ok(Client::open(dir, config)?)
+}
+
 /// How a phone finds `relay`.
 pub fn endpoint(relay: &RelayHandle) -> RelayEndpoint {
     RelayEndpoint::new(relay.local_addr(), relay.fingerprint())

@@ -1,0 +1,531 @@
+//! Relay sync at scale, end to end over QUIC on loopback: no-op reconnects cost one
+//! round trip, many devices reconnect at once and converge, changes arrive live,
+//! subscriptions bring documents nobody named, large documents survive cut connections,
+//! the document cache evicts without losing anything, and a relay restored from an
+//! older copy gets repaired by the devices.
+
+use std::time::{Duration, Instant};
+
+use automerge::transaction::Transactable;
+use automerge::{ActorId, Automerge, ObjType, ROOT, ReadDoc};
+use redline_client::{NewHousehold, NewTask, TaskKind};
+use redline_proto::{Day, DocId, TeamId, ZoneId};
+use redline_server::RelayConfig;
+use redline_tests::{endpoint, start_relay, start_relay_with, team_phone};
+
+fn team(t: &str) -> TeamId {
+    TeamId::new(t).unwrap()
+}
+
+/// The `i`-th day from 2025-01-01.
+fn nth_day(i: i64) -> Day {
+    let d = time::Date::from_calendar_date(2025, time::Month::January, 1).unwrap()
+        + time::Duration::days(i);
+    Day::new(format!(
+        "{:04}-{:02}-{:02}",
+        d.year(),
+        u8::from(d.month()),
+        d.day()
+    ))
+    .unwrap()
+}
+
+/// Enough days back to cover every `nth_day` from any "today".
+const ALL_DAYS: u32 = 20_000;
+
+#[tokio::test]
+async fn a_no_op_reconnect_of_500_documents_is_one_round_trip_under_2_kb() -> anyhow::Result<()> {
+    let (rd, pd) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let relay = start_relay(rd.path()).await?;
+    let phone = team_phone(
+        pd.path(),
+        "amira",
+        endpoint(&relay),
+        &["team-1"],
+        &[],
+        ALL_DAYS,
+    )?;
+    for i in 0..500 {
+        phone.add_to_tally(&team("team-1"), &nth_day(i), "samples_taken", 1)?;
+    }
+    let first = phone.sync().await?;
+    assert_eq!((first.docs, first.docs_pushed), (500, 500), "{first:?}");
+    assert_eq!(relay.documents().await?.len(), 500);
+
+    let again = phone.sync().await?;
+    println!("no-op reconnect, 500 docs: {again:?}");
+    assert_eq!(again.round_trips, 1, "{again:?}");
+    assert_eq!(
+        (again.frames_sent, again.frames_received),
+        (2, 2),
+        "hello + pull, welcome + caught"
+    );
+    assert!(again.bytes_sent + again.bytes_received < 2048, "{again:?}");
+    assert_eq!(
+        (
+            again.changes_sent,
+            again.changes_received,
+            again.docs_pushed
+        ),
+        (0, 0, 0)
+    );
+
+    // One new change elsewhere costs only that document.
+    let other = team_phone(
+        tempfile::tempdir()?.path(),
+        "bao",
+        endpoint(&relay),
+        &["team-1"],
+        &[],
+        ALL_DAYS,
+    )?;
+    other.add_to_tally(&team("team-1"), &nth_day(7), "samples_taken", 2)?;
+    other.sync().await?;
+    let one = phone.sync().await?;
+    assert_eq!((one.docs_updated, one.round_trips), (1, 1), "{one:?}");
+    assert!(one.bytes_received < 2048, "{one:?}");
+    assert_eq!(
+        phone
+            .day_totals(&team("team-1"), &nth_day(7))?
+            .get("samples_taken"),
+        Some(&3)
+    );
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn fifty_devices_with_twenty_documents_each_reconnect_at_once_and_converge()
+-> anyhow::Result<()> {
+    let rd = tempfile::tempdir()?;
+    let relay = start_relay(rd.path()).await?;
+    let (teams, per_team, docs) = (5usize, 10usize, 20i64);
+    let mut dirs = Vec::new();
+    let mut phones = Vec::new();
+    for t in 0..teams {
+        for p in 0..per_team {
+            let dir = tempfile::tempdir()?;
+            let name = format!("team-{t}");
+            let phone = team_phone(
+                dir.path(),
+                &format!("m{t}-{p}"),
+                endpoint(&relay),
+                &[name.as_str()],
+                &[],
+                ALL_DAYS,
+            )?;
+            for d in 0..docs {
+                phone.add_to_tally(
+                    &team(&name),
+                    &nth_day(d),
+                    "households_visited",
+                    (p + 1) as u32,
+                )?;
+                if d % 4 == p as i64 % 4 {
+                    phone.add_task(
+                        &team(&name),
+                        &nth_day(d),
+                        NewTask::new(TaskKind::Inspection, format!("patrol {p}")),
+                    )?;
+                }
+            }
+            phones.push((t, phone));
+            dirs.push(dir);
+        }
+    }
+    let started = Instant::now();
+    for round in 0..2 {
+        let mut all = tokio::task::JoinSet::new();
+        for (_, phone) in &phones {
+            let phone = phone.clone();
+            all.spawn(async move { phone.sync().await });
+        }
+        while let Some(r) = all.join_next().await {
+            r??;
+        }
+        println!("round {round} done after {:?}", started.elapsed());
+    }
+    let stats = relay.stats();
+    println!(
+        "50 devices x 20 docs: converged in {:?}; commits {}, pushes {}, largest batch {}, flushes {}",
+        started.elapsed(),
+        stats.commits.load(std::sync::atomic::Ordering::Relaxed),
+        stats.pushes.load(std::sync::atomic::Ordering::Relaxed),
+        stats.max_batch.load(std::sync::atomic::Ordering::Relaxed),
+        stats.flushes.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    let expected: i64 = (1..=per_team as i64).sum();
+    for t in 0..teams {
+        for d in 0..docs {
+            let id = DocId::ledger(&team(&format!("team-{t}")), &nth_day(d));
+            let relay_heads = relay.heads(&id).await?;
+            for (_, phone) in phones.iter().filter(|(pt, _)| *pt == t) {
+                assert_eq!(
+                    phone.heads(&id)?,
+                    relay_heads,
+                    "{} differs on {id}",
+                    phone.member()
+                );
+            }
+            let (_, first) = phones.iter().find(|(pt, _)| *pt == t).unwrap();
+            let totals = first.day_totals(&team(&format!("team-{t}")), &nth_day(d))?;
+            assert_eq!(totals.get("households_visited"), Some(&expected), "{id}");
+        }
+    }
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_live_change_arrives_with_no_sync_call_by_the_receiver() -> anyhow::Result<()> {
+    let (rd, ad, bd) = (
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    );
+    let relay = start_relay(rd.path()).await?;
+    let a = team_phone(
+        ad.path(),
+        "amira",
+        endpoint(&relay),
+        &["team-1"],
+        &[],
+        ALL_DAYS,
+    )?;
+    let b = team_phone(
+        bd.path(),
+        "bao",
+        endpoint(&relay),
+        &["team-1"],
+        &[],
+        ALL_DAYS,
+    )?;
+    let mut live_b = b.go_live()?;
+    let mut live_a = a.go_live()?;
+    // Both have finished their first flight.
+    live_b.reports.recv().await.expect("b connected")?;
+    live_a.reports.recv().await.expect("a connected")?;
+    let mut seen = b.changes();
+
+    let (t, day) = (team("team-1"), nth_day(3));
+    let id = DocId::ledger(&t, &day);
+    let written = Instant::now();
+    a.add_task(&t, &day, NewTask::new(TaskKind::Supply, "Deliver insulin"))?;
+    let arrived = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let doc = seen.recv().await.expect("change feed open");
+            if doc == id
+                && b.ledger(&t, &day)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|v| !v.tasks.is_empty())
+            {
+                return written.elapsed();
+            }
+        }
+    })
+    .await
+    .expect("the change reached b without a sync call");
+    println!("live propagation a -> relay -> b: {arrived:?}");
+    assert_eq!(
+        b.ledger(&t, &day)?.unwrap().tasks[0].title,
+        "Deliver insulin"
+    );
+
+    // A document b never named: a new day, within b's subscription.
+    let new_day = nth_day(4);
+    a.add_to_tally(&t, &new_day, "deliveries", 5)?;
+    let new_id = DocId::ledger(&t, &new_day);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if seen.recv().await.expect("change feed open") == new_id {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the new document reached b");
+    assert_eq!(b.day_totals(&t, &new_day)?.get("deliveries"), Some(&5));
+    live_a.stop().await;
+    live_b.stop().await;
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn subscriptions_bring_the_zones_a_device_covers_and_nothing_else() -> anyhow::Result<()> {
+    let (rd, wd, zd) = (
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    );
+    let relay = start_relay(rd.path()).await?;
+    let writer = team_phone(
+        wd.path(),
+        "olu",
+        endpoint(&relay),
+        &[],
+        &["zone-a", "zone-b"],
+        7,
+    )?;
+    let reader = team_phone(zd.path(), "amira", endpoint(&relay), &[], &["zone-a"], 7)?;
+    let household = NewHousehold {
+        address: "Block 7".into(),
+        residents: 2,
+        ..Default::default()
+    };
+    writer.add_household(&ZoneId::new("zone-a")?, household.clone())?;
+    writer.add_household(&ZoneId::new("zone-b")?, household)?;
+    writer.sync().await?;
+    let report = reader.sync().await?;
+    assert_eq!(report.docs_updated, 1, "{report:?}");
+    assert_eq!(
+        reader.documents()?,
+        [DocId::households(&ZoneId::new("zone-a")?)]
+    );
+    assert_eq!(
+        reader
+            .households(&ZoneId::new("zone-a")?)?
+            .unwrap()
+            .households
+            .len(),
+        1
+    );
+    assert!(
+        reader.households(&ZoneId::new("zone-b")?)?.is_none(),
+        "zone-b is outside the subscription"
+    );
+    relay.shutdown().await?;
+    Ok(())
+}
+
+/// A document of about `mb` MiB of incompressible text (photos attached to a ledger).
+fn big_document(mb: usize) -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20);
+    let mut doc = Automerge::new().with_actor(ActorId::from([42u8; 16]));
+    let mut tx = doc.transaction();
+    let photos = tx.put_object(ROOT, "attachments", ObjType::Map).unwrap();
+    for i in 0..mb {
+        let blob: Vec<u8> = (0..1024 * 1024).map(|_| rng.random::<u8>()).collect();
+        tx.put(
+            &photos,
+            format!("photo-{i}"),
+            automerge::ScalarValue::Bytes(blob),
+        )
+        .unwrap();
+    }
+    tx.commit();
+    doc.save()
+}
+
+#[tokio::test]
+async fn a_20_mb_document_syncs_over_a_connection_cut_every_few_hundred_kb() -> anyhow::Result<()> {
+    let (rd, pd) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let relay = start_relay(rd.path()).await?;
+    let phone = team_phone(
+        pd.path(),
+        "amira",
+        endpoint(&relay),
+        &["team-1"],
+        &[],
+        ALL_DAYS,
+    )?;
+    let id = DocId::ledger(&team("team-1"), &nth_day(0));
+    let bytes = big_document(20);
+    let size = bytes.len() as u64;
+    assert!(size >= 20 * 1024 * 1024, "document is {size} bytes");
+    phone.import(&id, &bytes)?;
+
+    let (sent_before, _) = phone.traffic();
+    let mut cuts = 0;
+    let cut_every = 300 * 1024;
+    let report = loop {
+        assert!(cuts < 400, "no progress after {cuts} cuts");
+        let start = phone.traffic().0;
+        let c = phone.clone();
+        let attempt = tokio::spawn(async move { c.sync().await });
+        // Watch the bytes going out; cut the connection (drop the sync) past the limit.
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        loop {
+            tick.tick().await;
+            if attempt.is_finished() {
+                break;
+            }
+            if phone.traffic().0 - start > cut_every {
+                attempt.abort();
+                cuts += 1;
+                break;
+            }
+        }
+        match attempt.await {
+            Ok(Ok(report)) => break report,
+            Ok(Err(e)) => panic!("sync failed: {e}"),
+            Err(_) => continue, // cut
+        }
+    };
+    let sent = phone.traffic().0 - sent_before;
+    println!(
+        "20 MB doc ({size} bytes): {cuts} cuts, {sent} bytes sent ({:.2}x); last attempt {report:?}",
+        sent as f64 / size as f64
+    );
+    assert!(cuts >= 20, "the connection was cut only {cuts} times");
+    assert!(
+        sent < 2 * size,
+        "sent {sent} bytes for a {size}-byte document"
+    );
+    assert_eq!(relay.heads(&id).await?, phone.heads(&id)?);
+    let stored = relay.document(&id).await?.expect("relay holds it");
+    let (_, photos) = stored.get(ROOT, "attachments")?.expect("attachments");
+    assert_eq!(stored.length(&photos), 20);
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_small_cache_evicts_documents_without_losing_anything() -> anyhow::Result<()> {
+    let rd = tempfile::tempdir()?;
+    let mut config = RelayConfig::new(rd.path());
+    config.cache_budget_bytes = 1;
+    let relay = start_relay_with(config).await?;
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir())
+        .collect::<Result<_, _>>()?;
+    let phones: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            team_phone(
+                d.path(),
+                &format!("m{i}"),
+                endpoint(&relay),
+                &["team-1"],
+                &[],
+                ALL_DAYS,
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    for round in 0..2 {
+        for (i, p) in phones.iter().enumerate() {
+            for d in 0..10 {
+                p.add_to_tally(
+                    &team("team-1"),
+                    &nth_day(d),
+                    "samples_taken",
+                    (i + 1) as u32,
+                )?;
+            }
+            p.sync().await?;
+        }
+        let _ = round;
+    }
+    for p in &phones {
+        p.sync().await?;
+    }
+    assert!(
+        relay
+            .stats()
+            .evictions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    assert!(
+        relay.cached_documents() <= 2,
+        "{} documents cached",
+        relay.cached_documents()
+    );
+    for d in 0..10 {
+        let id = DocId::ledger(&team("team-1"), &nth_day(d));
+        let heads = relay.heads(&id).await?;
+        for p in &phones {
+            assert_eq!(p.heads(&id)?, heads);
+            assert_eq!(
+                p.day_totals(&team("team-1"), &nth_day(d))?
+                    .get("samples_taken"),
+                Some(&12)
+            );
+        }
+    }
+    relay.shutdown().await?;
+    Ok(())
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn devices_repair_a_relay_restored_from_an_older_copy() -> anyhow::Result<()> {
+    let (rd, backup, ad, bd) = (
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    );
+    let (t, day) = (team("team-1"), nth_day(9));
+    let a_dir = ad.path();
+
+    let relay = start_relay(rd.path()).await?;
+    let fingerprint = relay.fingerprint();
+    let a = team_phone(a_dir, "amira", endpoint(&relay), &["team-1"], &[], ALL_DAYS)?;
+    a.add_task(
+        &t,
+        &day,
+        NewTask::new(TaskKind::Transfer, "before the backup"),
+    )?;
+    a.sync().await?;
+    drop(a);
+    relay.shutdown().await?;
+    copy_dir(rd.path(), backup.path())?;
+
+    let relay = start_relay(rd.path()).await?;
+    let a = team_phone(a_dir, "amira", endpoint(&relay), &["team-1"], &[], ALL_DAYS)?;
+    a.add_task(
+        &t,
+        &day,
+        NewTask::new(TaskKind::Transfer, "after the backup"),
+    )?;
+    a.add_to_tally(&t, &day, "samples_taken", 4)?;
+    a.sync().await?;
+    drop(a);
+    relay.shutdown().await?;
+
+    // The operator restores the older copy: it lacks what it acknowledged to `a` since.
+    std::fs::remove_dir_all(rd.path())?;
+    copy_dir(backup.path(), rd.path())?;
+    let relay = start_relay(rd.path()).await?;
+    assert_eq!(relay.fingerprint(), fingerprint);
+    let a = team_phone(a_dir, "amira", endpoint(&relay), &["team-1"], &[], ALL_DAYS)?;
+    let report = a.sync().await?;
+    assert_eq!(report.docs_resynced, 1, "{report:?}");
+    assert_eq!(
+        relay.heads(&DocId::ledger(&t, &day)).await?,
+        a.heads(&DocId::ledger(&t, &day))?
+    );
+
+    let b = team_phone(
+        bd.path(),
+        "bao",
+        endpoint(&relay),
+        &["team-1"],
+        &[],
+        ALL_DAYS,
+    )?;
+    b.sync().await?;
+    let view = b.ledger(&t, &day)?.expect("b got the day");
+    let titles: Vec<&str> = view.tasks.iter().map(|t| t.title.as_str()).collect();
+    assert_eq!(titles, ["before the backup", "after the backup"]);
+    assert_eq!(view.tallies.get("samples_taken"), Some(&4));
+    relay.shutdown().await?;
+    Ok(())
+}
