@@ -18,6 +18,7 @@ pub(crate) struct Store {
     docs: sled::Tree,
     acked: sled::Tree,
     follows: sled::Tree,
+    transfers: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -54,6 +55,7 @@ impl Store {
             docs: db.open_tree("docs").map_err(err)?,
             acked: db.open_tree("acked").map_err(err)?,
             follows: db.open_tree("follows").map_err(err)?,
+            transfers: db.open_tree("transfers").map_err(err)?,
             meta: db.open_tree("meta").map_err(err)?,
             db,
         })
@@ -147,6 +149,69 @@ impl Store {
         self.acked.remove(id.as_str()).map_err(err)?;
         self.follows.remove(id.as_str()).map_err(err)?;
         self.flush()
+    }
+
+    /// Bytes of incoming transfer `id` held (contiguous from 0).
+    pub fn transfer_len(&self, id: &[u8; 16]) -> Result<u64, Error> {
+        self.transfers
+            .scan_prefix(id)
+            .values()
+            .map(|v| v.map(|v| v.len() as u64))
+            .sum::<Result<u64, _>>()
+            .map_err(err)
+    }
+
+    /// Stores a piece of incoming transfer `id` durably. Ids are content hashes, so bytes
+    /// already held (an earlier attempt's write finishing late) are simply skipped; a gap
+    /// is an error.
+    pub fn put_transfer_piece(&self, id: &[u8; 16], offset: u64, data: &[u8]) -> Result<(), Error> {
+        let have = self.transfer_len(id)?;
+        if offset > have {
+            return Err(Error::Store(format!(
+                "transfer piece at {offset}, but only {have} bytes are held"
+            )));
+        }
+        let skip = (have - offset) as usize;
+        if skip >= data.len() {
+            return Ok(());
+        }
+        let mut key = id.to_vec();
+        key.extend_from_slice(&have.to_be_bytes());
+        self.transfers.insert(key, &data[skip..]).map_err(err)?;
+        self.flush()
+    }
+
+    /// The bytes of incoming transfer `id` held so far.
+    pub fn transfer_bytes(&self, id: &[u8; 16]) -> Result<Vec<u8>, Error> {
+        let mut out = Vec::new();
+        for v in self.transfers.scan_prefix(id).values() {
+            out.extend_from_slice(&v.map_err(err)?);
+        }
+        Ok(out)
+    }
+
+    /// Incoming transfers held in part: id → bytes held.
+    pub fn partial_transfers(&self) -> Result<Vec<([u8; 16], u64)>, Error> {
+        let mut out: Vec<([u8; 16], u64)> = Vec::new();
+        for kv in self.transfers.iter() {
+            let (k, v) = kv.map_err(err)?;
+            let Ok(id) = <[u8; 16]>::try_from(&k[..16.min(k.len())]) else {
+                continue;
+            };
+            match out.last_mut() {
+                Some((last, n)) if *last == id => *n += v.len() as u64,
+                _ => out.push((id, v.len() as u64)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops incoming transfer `id`.
+    pub fn drop_transfer(&self, id: &[u8; 16]) -> Result<(), Error> {
+        for k in self.transfers.scan_prefix(id).keys() {
+            self.transfers.remove(k.map_err(err)?).map_err(err)?;
+        }
+        Ok(())
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {

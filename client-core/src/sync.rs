@@ -233,28 +233,42 @@ async fn upload(
     }
 }
 
-/// Reads the pieces of one relay-to-device transfer.
+/// Reads the pieces of one relay-to-device transfer, storing each durably so a cut
+/// connection resumes where it stopped.
 async fn receive_transfer(
+    client: std::sync::Weak<crate::client::Inner>,
     mut recv: RecvStream,
     traffic: Arc<Traffic>,
     totals: Arc<Traffic>,
 ) -> Result<([u8; 16], Vec<u8>), Error> {
     let mut id = None;
-    let mut buf = Vec::new();
     while let Some(msg) = read(&mut recv, codec::DEFAULT_MAX_FRAME, &traffic, &totals).await? {
         let Message::Piece(p) = msg else {
             return Err(Error::Transport(
                 "a transfer stream holds pieces only".into(),
             ));
         };
-        if id.is_some_and(|i| i != p.id) || p.offset != buf.len() as u64 {
+        if id.is_some_and(|i| i != p.id) {
             return Err(Error::Transport("transfer piece out of place".into()));
         }
         id = Some(p.id);
-        buf.extend_from_slice(&p.data);
+        // Held weakly: a finished session must not keep the store open.
+        let inner = client
+            .upgrade()
+            .ok_or_else(|| Error::Transport("client closed".into()))?;
+        tokio::task::spawn_blocking(move || {
+            inner.store.put_transfer_piece(&p.id, p.offset, &p.data)
+        })
+        .await
+        .map_err(|e| Error::Store(e.to_string()))??;
     }
     let id = id.ok_or_else(|| Error::Transport("empty transfer".into()))?;
+    let inner = client
+        .upgrade()
+        .ok_or_else(|| Error::Transport("client closed".into()))?;
+    let buf = inner.store.transfer_bytes(&id)?;
     if transfer_id(&buf) != id {
+        inner.store.drop_transfer(&id)?;
         return Err(Error::Transport(
             "transfer bytes do not match their id".into(),
         ));
@@ -285,6 +299,8 @@ struct Flight {
     /// Transfers received before their announcement.
     arrived: HashMap<[u8; 16], Vec<u8>>,
     resync: Option<DeviceResync>,
+    /// Transfers applied, whose staged pieces go after the next persist.
+    applied_transfers: Vec<[u8; 16]>,
     batch: SyncBatch,
     dirty: HashSet<DocId>,
     pushed: HashSet<DocId>,
@@ -389,12 +405,20 @@ impl Client {
         let (xfer_tx, mut xfers) = mpsc::channel::<Result<([u8; 16], Vec<u8>), Error>>(8);
         {
             let (conn, traffic, totals) = (conn.clone(), traffic.clone(), totals.clone());
+            let client = Arc::downgrade(&self.inner);
             tasks.spawn(async move {
                 let mut receivers = tokio::task::JoinSet::new();
                 while let Ok(recv) = conn.accept_uni().await {
-                    let (tx, traffic, totals) = (xfer_tx.clone(), traffic.clone(), totals.clone());
+                    let (tx, traffic, totals, client) = (
+                        xfer_tx.clone(),
+                        traffic.clone(),
+                        totals.clone(),
+                        client.clone(),
+                    );
                     receivers.spawn(async move {
-                        let _ = tx.send(receive_transfer(recv, traffic, totals).await).await;
+                        let _ = tx
+                            .send(receive_transfer(client, recv, traffic, totals).await)
+                            .await;
                     });
                 }
             });
@@ -433,7 +457,14 @@ impl Client {
         };
         wire.send(&Message::Hello(hello)).await?;
         self.push_dirty(&mut f, &mut wire).await?;
-        wire.send(&Message::Pull(Pull { cursor })).await?;
+        let resume = self
+            .inner
+            .store
+            .partial_transfers()?
+            .into_iter()
+            .map(|(id, have)| redline_proto::message::UploadOffset { id, have })
+            .collect();
+        wire.send(&Message::Pull(Pull { cursor, resume })).await?;
         f.report.round_trips = 1;
         let mut first_done = false;
 
@@ -502,7 +533,7 @@ impl Client {
         .await;
         let _ = wire.send.finish();
         conn.close(0u8.into(), b"done");
-        wire.tasks.abort_all();
+        wire.tasks.shutdown().await;
         // What was applied is kept even if the session failed.
         if !f.batch.is_empty() || !f.dirty.is_empty() {
             let cursor_ok = outcome.is_ok() && f.settled();
@@ -683,6 +714,8 @@ impl Client {
             let (doc, heads, document) = f.announced.remove(&id).expect("listed above");
             let bytes = f.arrived.remove(&id).expect("listed above");
             self.apply_bytes(f, doc, &bytes, document, &heads)?;
+            // Applied in memory; the staging goes once the document itself is stored.
+            f.applied_transfers.push(id);
         }
         Ok(())
     }
@@ -829,20 +862,32 @@ impl Client {
             let bytes = postcard::to_stdvec(c).map_err(|e| Error::Store(e.to_string()))?;
             batch.cursor = Some((cursor_key.to_owned(), bytes));
         }
-        if batch.is_empty() {
-            return Ok(());
-        }
         let changed: Vec<DocId> = batch.docs.iter().map(|(id, _)| id.clone()).collect();
-        if let Err(e) = self.inner.store.write_batch(&batch) {
-            // Not stored: drop the cached copies so memory matches disk.
-            let mut docs = self.docs();
-            for id in &changed {
-                docs.remove(id);
+        if !batch.is_empty()
+            && let Err(e) = self.inner.store.write_batch(&batch)
+        {
+            {
+                // Not stored: drop the cached copies so memory matches disk.
+                let mut docs = self.docs();
+                for id in &changed {
+                    docs.remove(id);
+                }
+                return Err(e);
             }
-            return Err(e);
         }
         for id in changed {
             let _ = self.inner.changes.send(id);
+        }
+        for id in f.applied_transfers.drain(..) {
+            self.inner.store.drop_transfer(&id)?;
+        }
+        if f.settled() {
+            // Partial transfers nobody announced this time are stale (the document moved on).
+            for (id, _) in self.inner.store.partial_transfers()? {
+                if !f.announced.contains_key(&id) {
+                    self.inner.store.drop_transfer(&id)?;
+                }
+            }
         }
         debug!("sync step persisted");
         Ok(())

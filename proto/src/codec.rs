@@ -155,8 +155,15 @@ mod tests {
                     seq: 123_456,
                     subscription: subscription(),
                 }),
+                resume: vec![UploadOffset {
+                    id: [8; 16],
+                    have: 262_144,
+                }],
             }),
-            Message::Pull(Pull { cursor: None }),
+            Message::Pull(Pull {
+                cursor: None,
+                resume: vec![],
+            }),
             Message::Update(Update {
                 doc: doc.clone(),
                 payload: Payload::Bundle(vec![9; 40]),

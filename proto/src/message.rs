@@ -215,6 +215,9 @@ pub struct Push {
 pub struct Pull {
     /// Where the device is in this relay's feed (`None`: send everything in scope).
     pub cursor: Option<Cursor>,
+    /// Transfers the device holds part of: the relay resumes them at these offsets
+    /// (if it would send the very same bytes again; ids are content hashes).
+    pub resume: Vec<UploadOffset>,
 }
 
 /// What a device lacks of one document.
@@ -262,7 +265,7 @@ pub struct Upload {
     pub heads: Vec<[u8; 32]>,
 }
 
-/// The receiver holds `have` bytes of transfer `id` durably.
+/// The receiver holds `have` bytes of transfer `id` durably (uploads and downloads).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadOffset {
     /// The transfer.

@@ -131,6 +131,8 @@ struct Peer {
     /// Heads the device is known to hold, per document (pushed, uploading or delivered
     /// here). Shared with upload tasks.
     known: Known,
+    /// Transfers the device holds part of: id → bytes held.
+    resume: HashMap<[u8; 16], u64>,
     /// Feed sequence the device has been brought up to (`None` before its first pull).
     delivered: Option<u64>,
     resync: RelayResync,
@@ -225,6 +227,7 @@ async fn run(
         device: hello.device.clone(),
         subscription: hello.subscription.clone(),
         known: Known::default(),
+        resume: HashMap::new(),
         delivered: None,
         resync: RelayResync::new(),
     };
@@ -253,6 +256,7 @@ async fn run(
                             Err(e) => { let _ = out.send(error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(p.doc))).await; }
                         },
                         Message::Pull(pull) => {
+                            peer.resume = pull.resume.iter().map(|o| (o.id, o.have)).collect();
                             pending_pull = Some(pull);
                         }
                         Message::Sync(step) => {
@@ -382,10 +386,10 @@ async fn catch_up(
         };
         let update = match payload {
             Payload::Bundle(b) if b.len() > INLINE_MAX => {
-                transfer(conn, doc.clone(), b, false, &heads).await?
+                transfer(conn, peer, doc.clone(), b, false, &heads).await?
             }
             Payload::Document(b) if b.len() > INLINE_MAX => {
-                transfer(conn, doc.clone(), b, true, &heads).await?
+                transfer(conn, peer, doc.clone(), b, true, &heads).await?
             }
             small => Update {
                 doc: doc.clone(),
@@ -414,6 +418,7 @@ async fn catch_up(
 /// announces it.
 async fn transfer(
     conn: &quinn::Connection,
+    peer: &mut Peer,
     doc: DocId,
     bytes: Vec<u8>,
     document: bool,
@@ -425,9 +430,19 @@ async fn transfer(
         .await
         .map_err(|e| Error::Connection(e.to_string()))?;
     let len = bytes.len() as u64;
+    // Resume where the device's durable copy ends (same id: the very same bytes).
+    let start = peer.resume.remove(&id).unwrap_or(0).min(len) as usize;
     tokio::spawn(async move {
-        let mut offset = 0usize;
-        for piece in bytes.chunks(PIECE) {
+        let mut offset = start;
+        // At least one piece, even an empty one, so the device learns the id of a
+        // transfer it already holds whole.
+        let rest = &bytes[start..];
+        let pieces: Vec<&[u8]> = if rest.is_empty() {
+            vec![rest]
+        } else {
+            rest.chunks(PIECE).collect()
+        };
+        for piece in pieces {
             let msg = Message::Piece(Piece {
                 id,
                 offset: offset as u64,

@@ -48,6 +48,33 @@ pub struct SlotState {
     pub doc: Automerge,
     chunks: usize,
     chunk_bytes: usize,
+    /// The last whole-document save and the heads it was made at: new devices and
+    /// resumed transfers get the same bytes without saving again.
+    saved: Option<(Vec<ChangeHash>, Arc<Vec<u8>>)>,
+}
+
+impl SlotState {
+    fn new(doc: Automerge, chunks: usize, chunk_bytes: usize) -> Self {
+        Self {
+            doc,
+            chunks,
+            chunk_bytes,
+            saved: None,
+        }
+    }
+
+    /// `save()` of the document, reused while its heads have not moved.
+    fn saved(&mut self) -> Arc<Vec<u8>> {
+        let heads = self.doc.get_heads();
+        match &self.saved {
+            Some((h, bytes)) if *h == heads => bytes.clone(),
+            _ => {
+                let bytes = Arc::new(self.doc.save());
+                self.saved = Some((heads, bytes.clone()));
+                bytes
+            }
+        }
+    }
 }
 
 impl DocSlot {
@@ -467,10 +494,12 @@ impl Hub {
     }
 
     async fn compact(&self, id: &DocId, slot: &DocSlot, state: &mut SlotState) {
-        let snapshot = state.doc.save();
+        let snapshot = state.saved();
         let len = snapshot.len();
         let key = id.clone();
-        let done = self.blocking(move |s| s.compact(&key, &snapshot)).await;
+        let done = self
+            .blocking(move |s| s.compact(&key, snapshot.as_slice()))
+            .await;
         match done {
             Ok(()) => {
                 state.chunks = 0;
@@ -499,7 +528,7 @@ impl Hub {
         slot: &DocSlot,
         have: &[ChangeHash],
     ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
-        let state = slot.state.lock().await;
+        let mut state = slot.state.lock().await;
         let heads = state.doc.get_heads();
         if heads.is_empty() {
             return Ok(None);
@@ -509,7 +538,7 @@ impl Hub {
             return Ok(None);
         }
         if have.is_empty() {
-            return Ok(Some((Payload::Document(state.doc.save()), heads)));
+            return Ok(Some((Payload::Document(state.saved().to_vec()), heads)));
         }
         let known: Vec<ChangeHash> = have
             .iter()
@@ -596,14 +625,7 @@ impl Hub {
 
 fn load_state(id: &DocId, stored: Option<StoredDoc>) -> Result<(SlotState, usize), Error> {
     let Some(stored) = stored else {
-        return Ok((
-            SlotState {
-                doc: Automerge::new(),
-                chunks: 0,
-                chunk_bytes: 0,
-            },
-            0,
-        ));
+        return Ok((SlotState::new(Automerge::new(), 0, 0), 0));
     };
     let corrupt = |reason: String| Error::CorruptDocument {
         doc: id.to_string(),
@@ -627,11 +649,7 @@ fn load_state(id: &DocId, stored: Option<StoredDoc>) -> Result<(SlotState, usize
     doc.apply_changes(changes)
         .map_err(|e| corrupt(e.to_string()))?;
     Ok((
-        SlotState {
-            doc,
-            chunks: stored.chunks.len(),
-            chunk_bytes,
-        },
+        SlotState::new(doc, stored.chunks.len(), chunk_bytes),
         bytes + chunk_bytes,
     ))
 }

@@ -383,6 +383,80 @@ async fn a_20_mb_document_syncs_over_a_connection_cut_every_few_hundred_kb() -> 
 }
 
 #[tokio::test]
+async fn a_new_device_downloads_a_20_mb_document_over_cut_connections_and_resumes()
+-> anyhow::Result<()> {
+    let (rd, ad, bd) = (
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    );
+    let relay = start_relay(rd.path()).await?;
+    let a = team_phone(
+        ad.path(),
+        "amira",
+        endpoint(&relay),
+        &["team-1"],
+        &[],
+        ALL_DAYS,
+    )?;
+    let id = DocId::ledger(&team("team-1"), &nth_day(0));
+    let bytes = big_document(20);
+    a.import(&id, &bytes)?;
+    a.sync().await?;
+
+    let b = team_phone(
+        bd.path(),
+        "bao",
+        endpoint(&relay),
+        &["team-1"],
+        &[],
+        ALL_DAYS,
+    )?;
+    let (_, received_before) = b.traffic();
+    let mut cuts = 0;
+    loop {
+        assert!(cuts < 400, "no progress after {cuts} cuts");
+        let start = b.traffic().1;
+        let c = b.clone();
+        let attempt = tokio::spawn(async move { c.sync().await });
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        loop {
+            tick.tick().await;
+            if attempt.is_finished() {
+                break;
+            }
+            if b.traffic().1 - start > 300 * 1024 {
+                attempt.abort();
+                cuts += 1;
+                break;
+            }
+        }
+        match attempt.await {
+            Ok(Ok(_)) => break,
+            Ok(Err(e)) => panic!("sync failed: {e}"),
+            Err(_) => continue,
+        }
+    }
+    let received = b.traffic().1 - received_before;
+    let size = bytes.len() as u64;
+    println!(
+        "20 MB download ({size} bytes): {cuts} cuts, {received} bytes received ({:.2}x)",
+        received as f64 / size as f64
+    );
+    assert!(cuts >= 10, "the connection was cut only {cuts} times");
+    assert!(
+        received < 2 * size,
+        "received {received} bytes for a {size}-byte document"
+    );
+    assert_eq!(b.heads(&id)?, relay.heads(&id).await?);
+    let doc = b.document(&id)?.expect("b holds it");
+    let (_, photos) = doc.get(ROOT, "attachments")?.expect("attachments");
+    assert_eq!(doc.length(&photos), 20);
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_small_cache_evicts_documents_without_losing_anything() -> anyhow::Result<()> {
     let rd = tempfile::tempdir()?;
     let mut config = RelayConfig::new(rd.path());
