@@ -29,6 +29,10 @@ enum Command {
         /// UDP address to listen on.
         #[arg(long, env = "REDLINE_LISTEN", default_value_t = DEFAULT_LISTEN)]
         listen: SocketAddr,
+        /// Memory budget of the parsed-document cache, in MiB (cold documents stay
+        /// compressed on disk).
+        #[arg(long, env = "REDLINE_CACHE_MB", default_value_t = 512)]
+        cache_mb: usize,
     },
 }
 
@@ -41,12 +45,13 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve { data_dir, listen } => serve(data_dir, listen).await,
+        Command::Serve { data_dir, listen, cache_mb } => serve(data_dir, listen, cache_mb).await,
     }
 }
 
-async fn serve(data_dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
-    let config = RelayConfig::new(&data_dir).with_listen(listen);
+async fn serve(data_dir: PathBuf, listen: SocketAddr, cache_mb: usize) -> anyhow::Result<()> {
+    let mut config = RelayConfig::new(&data_dir).with_listen(listen);
+    config.cache_budget_bytes = cache_mb.saturating_mul(1024 * 1024);
     let relay = Relay::start(config)
         .await
         .with_context(|| format!("starting the relay with data dir {}", data_dir.display()))?;
