@@ -45,7 +45,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve { data_dir, listen, cache_mb } => serve(data_dir, listen, cache_mb).await,
+        Command::Serve {
+            data_dir,
+            listen,
+            cache_mb,
+        } => serve(data_dir, listen, cache_mb).await,
     }
 }
 

@@ -4,6 +4,8 @@
 //! Nothing here is a mock: the relay is the same `redline_server::Relay` the binary runs,
 //! the phones are `redline_client::Client`s over sled, talking QUIC with TLS.
 
+pub mod fieldday;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 

@@ -1,0 +1,94 @@
+//! The field-day benchmark: `cargo run --release -p redline-tests --bin fieldday -- --help`.
+//!
+//! Runs the relay in a child process (this same binary with `--serve-relay DIR`), so its
+//! CPU time and peak memory are its own. Prints a table; `--json PATH` writes the numbers.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use redline_tests::fieldday::{self, FieldDayConfig};
+
+/// A field day: teams of phones work offline, then reconnect at once to one relay.
+#[derive(Parser)]
+struct Args {
+    /// Teams.
+    #[arg(long, default_value_t = 13)]
+    teams: usize,
+    /// Devices per team.
+    #[arg(long, default_value_t = 16)]
+    devices_per_team: usize,
+    /// Zones.
+    #[arg(long, default_value_t = 20)]
+    zones: usize,
+    /// Households per zone.
+    #[arg(long, default_value_t = 100)]
+    households_per_zone: usize,
+    /// Offline operations per device.
+    #[arg(long, default_value_t = 300)]
+    ops: usize,
+    /// Seed of the simulated work.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// A small run that finishes in under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Write the numbers as one JSON object here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Keep the data here (default: a temporary directory).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Internal: serve a relay on this data dir (the benchmark's child process).
+    #[arg(long, hide = true)]
+    serve_relay: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(dir) = &args.serve_relay {
+        return fieldday::serve_relay_child(dir).await;
+    }
+    let temp = tempfile::tempdir()?;
+    let work_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    let mut cfg = FieldDayConfig {
+        teams: args.teams,
+        devices_per_team: args.devices_per_team,
+        zones: args.zones,
+        households_per_zone: args.households_per_zone,
+        ops_per_device: args.ops,
+        seed: args.seed,
+        live_samples: 100,
+        noop_docs: 500,
+        relay_exe: std::env::current_exe()?,
+        work_dir,
+    };
+    if args.quick {
+        cfg.teams = cfg.teams.min(4);
+        cfg.devices_per_team = cfg.devices_per_team.min(8);
+        cfg.zones = cfg.zones.min(8);
+        cfg.households_per_zone = cfg.households_per_zone.min(30);
+        cfg.ops_per_device = cfg.ops_per_device.min(60);
+        cfg.live_samples = 50;
+    }
+    println!(
+        "field day: {} teams x {} devices, {} zones x {} households, {} ops per device (seed {})",
+        cfg.teams,
+        cfg.devices_per_team,
+        cfg.zones,
+        cfg.households_per_zone,
+        cfg.ops_per_device,
+        cfg.seed
+    );
+    let result = fieldday::run(&cfg, |line| println!("  {line}")).await?;
+    println!();
+    print!("{}", fieldday::table(&result));
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,711 @@
+//! The field-day scenario: teams of phones work offline, then reconnect all at once to
+//! one relay running in a child process. Used by the `fieldday` benchmark binary and, at
+//! small size, by an ordinary test.
+//!
+//! Phases: **setup** (each team's ledger and its zones' households created and synced to
+//! every device), **offline work** (each device alone: task updates, check-ins, tally
+//! increments, need updates; every write timed), **reconnect storm** (every device goes
+//! live at once; converged when every team's devices hold identical documents),
+//! **verification** (an auditor device fetches the relay's copies: every device's
+//! documents must equal them, heads and typed views). Then live latency, a no-op
+//! reconnect of a device holding 500 documents, and the Automerge floor.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use automerge::{Automerge, ChangeHash};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use redline_client::{
+    Client, ClientConfig, NeedCategory, NeedStatus, NewHousehold, NewNeed, NewTask, Priority,
+    RelayEndpoint, TaskKind, TaskStatus,
+};
+use redline_proto::{Day, DocId, MemberId, TeamId, ZoneId};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Sizes of a field day.
+#[derive(Clone, Debug)]
+pub struct FieldDayConfig {
+    /// Teams.
+    pub teams: usize,
+    /// Devices per team.
+    pub devices_per_team: usize,
+    /// Zones (each covered by one team, round robin).
+    pub zones: usize,
+    /// Households per zone.
+    pub households_per_zone: usize,
+    /// Offline operations per device.
+    pub ops_per_device: usize,
+    /// Seed of the simulated work.
+    pub seed: u64,
+    /// Live-latency samples.
+    pub live_samples: usize,
+    /// Documents held by the no-op reconnect device.
+    pub noop_docs: usize,
+    /// The executable that serves the relay with `--serve-relay DIR`.
+    pub relay_exe: PathBuf,
+    /// Where the relay's and devices' data go.
+    pub work_dir: PathBuf,
+}
+
+/// What a field day measured. Field names are the JSON keys.
+#[derive(Clone, Debug, Serialize)]
+pub struct FieldDayResult {
+    pub devices: u64,
+    pub docs: u64,
+    pub changes: u64,
+    pub convergence_s: f64,
+    pub relay_cpu_s: f64,
+    pub floor_cpu_s: f64,
+    pub cpu_ratio: f64,
+    pub wire_bytes: u64,
+    pub compressed_change_bytes: u64,
+    pub wire_ratio: f64,
+    pub relay_peak_rss_bytes: u64,
+    pub live_p50_ms: f64,
+    pub live_p99_ms: f64,
+    pub noop_reconnect_bytes: u64,
+    pub noop_reconnect_round_trips: u64,
+    pub local_write_p50_us: f64,
+    pub local_write_p99_us: f64,
+}
+
+/// The relay as a child process.
+pub struct RelayChild {
+    child: tokio::process::Child,
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    /// Its certificate fingerprint.
+    pub fingerprint: String,
+}
+
+fn clk_tck() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+impl RelayChild {
+    /// Starts `exe --serve-relay dir` and waits for its address line.
+    pub async fn start(exe: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let mut child = tokio::process::Command::new(exe)
+            .arg("--serve-relay")
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting the relay child {}", exe.display()))?;
+        let stdout = child.stdout.take().context("relay stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("relay child did not start in 30 s")??
+            .context("relay child exited")?;
+        let mut parts = line.split_whitespace();
+        let (Some("LISTEN"), Some(addr), Some(fp)) = (parts.next(), parts.next(), parts.next())
+        else {
+            bail!("unexpected line from the relay child: {line}");
+        };
+        Ok(Self {
+            child,
+            addr: addr.parse()?,
+            fingerprint: fp.to_owned(),
+        })
+    }
+
+    fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id().context("relay child has exited")
+    }
+
+    /// CPU seconds (user + system) the child has used.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()?))?;
+        // Fields after the parenthesised name: state is field 3; utime 14, stime 15.
+        let rest = stat.rsplit_once(')').context("bad /proc stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: f64 = fields.get(11).context("utime")?.parse()?;
+        let stime: f64 = fields.get(12).context("stime")?.parse()?;
+        Ok((utime + stime) / clk_tck())
+    }
+
+    /// Peak resident memory of the child (VmHWM).
+    pub fn peak_rss_bytes(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?))?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .context("VmHWM")?;
+        let kb: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .context("VmHWM value")?
+            .parse()?;
+        Ok(kb * 1024)
+    }
+
+    /// Stops the child (closing its stdin asks it to shut down cleanly).
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        drop(self.child.stdin.take());
+        match tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await {
+            Ok(status) => {
+                status?;
+            }
+            Err(_) => self.child.kill().await?,
+        }
+        Ok(())
+    }
+}
+
+/// The relay child's main: serve `dir` on 127.0.0.1, print `LISTEN addr fingerprint`, and
+/// shut down cleanly when stdin closes.
+pub async fn serve_relay_child(dir: &Path) -> anyhow::Result<()> {
+    let config = redline_server::RelayConfig::new(dir)
+        .with_listen(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let relay = redline_server::Relay::start(config).await?;
+    println!("LISTEN {} {}", relay.local_addr(), relay.fingerprint());
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    use tokio::io::AsyncReadExt;
+    while stdin.read(&mut buf).await.unwrap_or(0) > 0 {}
+    relay.shutdown().await?;
+    Ok(())
+}
+
+struct Device {
+    team: usize,
+    client: Client,
+    docs: Vec<DocId>,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn today() -> anyhow::Result<Day> {
+    Ok(Day::new(
+        time::OffsetDateTime::now_utc().date().to_string(),
+    )?)
+}
+
+/// Runs a field day; `progress` gets a line per phase.
+pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Result<FieldDayResult> {
+    let relay = RelayChild::start(&cfg.relay_exe, &cfg.work_dir.join("relay")).await?;
+    let endpoint = RelayEndpoint::new(relay.addr, relay.fingerprint.clone());
+    let day = today()?;
+    let teams: Vec<TeamId> = (0..cfg.teams)
+        .map(|t| TeamId::new(format!("team-{t}")))
+        .collect::<Result<_, _>>()?;
+    let zones: Vec<ZoneId> = (0..cfg.zones)
+        .map(|z| ZoneId::new(format!("zone-{z}")))
+        .collect::<Result<_, _>>()?;
+    let zones_of = |t: usize| -> Vec<ZoneId> {
+        zones
+            .iter()
+            .enumerate()
+            .filter(|(z, _)| z % cfg.teams == t)
+            .map(|(_, z)| z.clone())
+            .collect()
+    };
+
+    // ----- setup ---------------------------------------------------------------------
+    let started = Instant::now();
+    let mut devices = Vec::new();
+    for (t, team) in teams.iter().enumerate() {
+        for d in 0..cfg.devices_per_team {
+            let config = ClientConfig::new(MemberId::new(format!("{team}-m{d}"))?)
+                .with_relay(endpoint.clone())
+                .with_teams(vec![team.clone()])
+                .with_zones(zones_of(t));
+            let client = Client::open(
+                cfg.work_dir.join("devices").join(format!("{team}-{d}")),
+                config,
+            )?;
+            let mut docs = vec![DocId::ledger(team, &day)];
+            docs.extend(zones_of(t).iter().map(DocId::households));
+            devices.push(Device {
+                team: t,
+                client,
+                docs,
+            });
+        }
+    }
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    for (t, team) in teams.iter().enumerate() {
+        let lead = &devices[t * cfg.devices_per_team].client;
+        for i in 0..10 {
+            lead.add_task(
+                team,
+                &day,
+                NewTask::new(TaskKind::ALL[i % 5], format!("setup task {i}")),
+            )?;
+        }
+        for z in zones_of(t) {
+            for h in 0..cfg.households_per_zone {
+                lead.add_household(
+                    &z,
+                    NewHousehold {
+                        address: format!("{z} household {h}"),
+                        residents: 1 + (h % 5) as u32,
+                        ..Default::default()
+                    },
+                )?;
+            }
+        }
+        lead.sync().await?;
+    }
+    sync_all(&devices).await?;
+    progress(&format!(
+        "setup: {} devices, {} docs synced in {:.1?}",
+        devices.len(),
+        teams.len() + zones.len(),
+        started.elapsed()
+    ));
+    // The documents as set up: the floor starts from these.
+    let mut base: HashMap<DocId, Automerge> = HashMap::new();
+    for d in &devices {
+        for id in &d.docs {
+            if !base.contains_key(id) {
+                base.insert(
+                    id.clone(),
+                    d.client.document(id)?.context("setup document missing")?,
+                );
+            }
+        }
+    }
+
+    // ----- offline work --------------------------------------------------------------
+    let started = Instant::now();
+    let mut write_us: Vec<f64> = Vec::new();
+    let mut plans = Vec::new();
+    for d in &devices {
+        plans.push((d.client.clone(), d.team, rng.random::<u64>()));
+    }
+    let mut work = tokio::task::JoinSet::new();
+    let per_worker = plans.len().div_ceil(8).max(1);
+    for chunk in plans.chunks(per_worker) {
+        let chunk: Vec<_> = chunk.to_vec();
+        let (teams, day, ops) = (teams.clone(), day.clone(), cfg.ops_per_device);
+        let zones_all: Vec<Vec<ZoneId>> = (0..cfg.teams).map(&zones_of).collect();
+        work.spawn_blocking(move || -> anyhow::Result<Vec<f64>> {
+            let mut samples = Vec::new();
+            for (client, t, seed) in chunk {
+                samples.extend(offline_work(
+                    &client,
+                    &teams[t],
+                    &zones_all[t],
+                    &day,
+                    ops,
+                    seed,
+                )?);
+            }
+            Ok(samples)
+        });
+    }
+    while let Some(r) = work.join_next().await {
+        write_us.extend(r??);
+    }
+    write_us.sort_by(f64::total_cmp);
+    let changes = write_us.len() as u64;
+    progress(&format!(
+        "offline work: {changes} changes in {:.1?}",
+        started.elapsed()
+    ));
+
+    // ----- floor: the same changes with Automerge directly -------------------------
+    let mut floor_inputs: Vec<(Automerge, Vec<automerge::Change>)> = Vec::new();
+    let mut compressed_change_bytes = 0u64;
+    for (id, doc) in &base {
+        let base_heads = doc.get_heads();
+        let mut all = doc.clone();
+        for d in devices.iter().filter(|d| d.docs.contains(id)) {
+            let mut copy = d.client.document(id)?.context("document missing")?;
+            all.merge(&mut copy)?;
+        }
+        let new = all.get_changes(&base_heads);
+        let hashes: Vec<ChangeHash> = new.iter().map(|c| c.hash()).collect();
+        if !hashes.is_empty() {
+            compressed_change_bytes += all.bundle(hashes)?.bytes().len() as u64;
+        }
+        floor_inputs.push((doc.clone(), new));
+    }
+    let floor_cpu_s = tokio::task::spawn_blocking(move || {
+        let t = cpu_time::ThreadTime::now();
+        for (mut doc, changes) in floor_inputs {
+            doc.apply_changes(changes).expect("floor apply");
+            std::hint::black_box(doc.save());
+        }
+        t.elapsed().as_secs_f64()
+    })
+    .await?;
+
+    // ----- reconnect storm -----------------------------------------------------------
+    let cpu_before = relay.cpu_seconds()?;
+    let traffic_before: u64 = devices
+        .iter()
+        .map(|d| {
+            let (s, r) = d.client.traffic();
+            s + r
+        })
+        .sum();
+    let started = Instant::now();
+    let mut lives = Vec::new();
+    for d in &devices {
+        lives.push(d.client.go_live()?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if converged(&devices, cfg.teams)? {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("devices did not converge in 600 s");
+        }
+        for l in lives.iter_mut() {
+            while let Ok(r) = l.reports.try_recv() {
+                r.context("a device's live session failed")?;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let convergence_s = started.elapsed().as_secs_f64();
+    let relay_cpu_s = relay.cpu_seconds()? - cpu_before;
+    for l in lives {
+        l.stop().await;
+    }
+    let wire_bytes: u64 = devices
+        .iter()
+        .map(|d| {
+            let (s, r) = d.client.traffic();
+            s + r
+        })
+        .sum::<u64>()
+        - traffic_before;
+    progress(&format!(
+        "reconnect storm: converged in {convergence_s:.2} s, relay CPU {relay_cpu_s:.2} s"
+    ));
+
+    // ----- verification against the relay's copies ----------------------------------
+    let auditor_config = ClientConfig::new(MemberId::new("auditor")?)
+        .with_relay(endpoint.clone())
+        .with_teams(teams.clone())
+        .with_zones(zones.clone());
+    let auditor = Client::open(cfg.work_dir.join("auditor"), auditor_config)?;
+    auditor.sync().await?;
+    for d in &devices {
+        for id in &d.docs {
+            let (mine, relays) = (d.client.heads(id)?, auditor.heads(id)?);
+            if mine != relays {
+                bail!("{} differs from the relay on {id}", d.client.member());
+            }
+        }
+        let team = &teams[d.team];
+        if d.client.ledger(team, &day)? != auditor.ledger(team, &day)? {
+            bail!("typed ledger views differ for {}", d.client.member());
+        }
+        for z in zones_of(d.team) {
+            if d.client.households(&z)? != auditor.households(&z)? {
+                bail!("typed households views differ for {}", d.client.member());
+            }
+        }
+    }
+    progress("verification: every device equals the relay");
+
+    // ----- live latency --------------------------------------------------------------
+    let (a, b) = (
+        &devices[0].client,
+        &devices[1.min(devices.len() - 1)].client,
+    );
+    let live_a = a.go_live()?;
+    let mut live_b = b.go_live()?;
+    let mut la = live_a;
+    la.reports.recv().await.context("a live")??;
+    live_b.reports.recv().await.context("b live")??;
+    let mut seen = b.changes();
+    let mut live_ms = Vec::new();
+    let ledger = DocId::ledger(&teams[0], &day);
+    for i in 0..cfg.live_samples {
+        let want = b
+            .day_totals(&teams[0], &day)?
+            .get("live_probe")
+            .copied()
+            .unwrap_or(0)
+            + 1;
+        let t0 = Instant::now();
+        a.add_to_tally(&teams[0], &day, "live_probe", 1)?;
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let doc = seen.recv().await?;
+                if doc == ledger
+                    && b.day_totals(&teams[0], &day)
+                        .ok()
+                        .and_then(|t| t.get("live_probe").copied())
+                        == Some(want)
+                {
+                    return anyhow::Ok(());
+                }
+            }
+        })
+        .await
+        .with_context(|| format!("live sample {i} did not arrive"))??;
+        live_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    la.stop().await;
+    live_b.stop().await;
+    live_ms.sort_by(f64::total_cmp);
+
+    // ----- no-op reconnect -----------------------------------------------------------
+    let noop_config = ClientConfig::new(MemberId::new("noop")?)
+        .with_relay(endpoint.clone())
+        .with_teams(vec![TeamId::new("noop-team")?])
+        .with_keep_days(20_000);
+    let noop = Client::open(cfg.work_dir.join("noop"), noop_config)?;
+    let first = time::Date::from_calendar_date(2025, time::Month::January, 1)?;
+    for i in 0..cfg.noop_docs {
+        let d = first + time::Duration::days(i as i64);
+        noop.add_to_tally(
+            &TeamId::new("noop-team")?,
+            &Day::new(d.to_string())?,
+            "samples_taken",
+            1,
+        )?;
+    }
+    noop.sync().await?;
+    let again = noop.sync().await?;
+
+    let relay_peak_rss_bytes = relay.peak_rss_bytes()?;
+    relay.stop().await?;
+    let docs = (teams.len() + zones.len()) as u64;
+    Ok(FieldDayResult {
+        devices: devices.len() as u64,
+        docs,
+        changes,
+        convergence_s,
+        relay_cpu_s,
+        floor_cpu_s,
+        cpu_ratio: if floor_cpu_s > 0.0 {
+            relay_cpu_s / floor_cpu_s
+        } else {
+            0.0
+        },
+        wire_bytes,
+        compressed_change_bytes,
+        wire_ratio: if compressed_change_bytes > 0 {
+            wire_bytes as f64 / compressed_change_bytes as f64
+        } else {
+            0.0
+        },
+        relay_peak_rss_bytes,
+        live_p50_ms: percentile(&live_ms, 0.5),
+        live_p99_ms: percentile(&live_ms, 0.99),
+        noop_reconnect_bytes: again.bytes_sent + again.bytes_received,
+        noop_reconnect_round_trips: u64::from(again.round_trips),
+        local_write_p50_us: percentile(&write_us, 0.5),
+        local_write_p99_us: percentile(&write_us, 0.99),
+    })
+}
+
+async fn sync_all(devices: &[Device]) -> anyhow::Result<()> {
+    let mut all = tokio::task::JoinSet::new();
+    for d in devices {
+        let c = d.client.clone();
+        all.spawn(async move { c.sync().await });
+    }
+    while let Some(r) = all.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// Whether every team's devices hold identical heads for every document they share.
+fn converged(devices: &[Device], teams: usize) -> anyhow::Result<bool> {
+    for t in 0..teams {
+        let members: Vec<&Device> = devices.iter().filter(|d| d.team == t).collect();
+        for id in &members[0].docs {
+            let first = members[0].client.heads(id)?;
+            for m in &members[1..] {
+                if m.client.heads(id)? != first {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// One device's offline operations; returns each write's latency in microseconds.
+fn offline_work(
+    client: &Client,
+    team: &TeamId,
+    zones: &[ZoneId],
+    day: &Day,
+    ops: usize,
+    seed: u64,
+) -> anyhow::Result<Vec<f64>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut samples = Vec::with_capacity(ops);
+    let tasks: Vec<String> = client
+        .ledger(team, day)?
+        .map(|v| v.tasks.into_iter().map(|t| t.id).collect())
+        .unwrap_or_default();
+    let metrics = [
+        "samples_taken",
+        "households_visited",
+        "door_sensors_fitted",
+        "deliveries",
+    ];
+    let mut on_duty = false;
+    for _ in 0..ops {
+        let t0 = Instant::now();
+        let roll = rng.random_range(0..100);
+        let done = if roll < 40 {
+            client.add_to_tally(
+                team,
+                day,
+                metrics[rng.random_range(0..4)],
+                rng.random_range(1..4),
+            )
+        } else if roll < 60 && !tasks.is_empty() {
+            let task = &tasks[rng.random_range(0..tasks.len())];
+            let to = [
+                TaskStatus::Assigned,
+                TaskStatus::InProgress,
+                TaskStatus::Done,
+            ][rng.random_range(0..3)];
+            client
+                .set_task_status(team, day, task, to)
+                .or_else(|_| client.add_to_tally(team, day, "samples_taken", 1))
+        } else if roll < 70 {
+            on_duty = !on_duty;
+            if on_duty {
+                client.check_in(team, day)
+            } else {
+                client.check_out(team, day)
+            }
+        } else if !zones.is_empty() {
+            let zone = &zones[rng.random_range(0..zones.len())];
+            let book = client.households(zone)?.context("zone book missing")?;
+            let open: Vec<_> = book.needs.iter().filter(|n| n.is_open()).collect();
+            if open.is_empty() || rng.random_range(0..3) == 0 {
+                let h = &book.households[rng.random_range(0..book.households.len())];
+                let priority = [
+                    Priority::Routine,
+                    Priority::Priority,
+                    Priority::Urgent,
+                    Priority::Emergency,
+                ][rng.random_range(0..4)];
+                client
+                    .add_need(
+                        zone,
+                        NewNeed {
+                            household: h.id.clone(),
+                            category: NeedCategory::Food,
+                            detail: "rice and oil".into(),
+                            priority,
+                        },
+                    )
+                    .map(drop)
+            } else {
+                let n = &open[rng.random_range(0..open.len())];
+                let to = [
+                    NeedStatus::Assigned,
+                    NeedStatus::InProgress,
+                    NeedStatus::Fulfilled,
+                ][rng.random_range(0..3)];
+                client
+                    .set_need_status(zone, &n.id, to)
+                    .or_else(|_| client.set_need_priority(zone, &n.id, Priority::Urgent))
+            }
+        } else {
+            client.add_to_tally(team, day, "deliveries", 1)
+        };
+        done?;
+        samples.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(samples)
+}
+
+/// Prints the result as a table.
+pub fn table(r: &FieldDayResult) -> String {
+    let rows: BTreeMap<&str, String> = BTreeMap::new();
+    let _ = rows;
+    let lines = [
+        ("devices", r.devices.to_string(), String::new()),
+        ("documents", r.docs.to_string(), String::new()),
+        ("changes", r.changes.to_string(), String::new()),
+        (
+            "convergence",
+            format!("{:.2} s", r.convergence_s),
+            String::new(),
+        ),
+        (
+            "relay CPU",
+            format!("{:.2} s", r.relay_cpu_s),
+            String::new(),
+        ),
+        (
+            "floor CPU (Automerge, batched)",
+            format!("{:.2} s", r.floor_cpu_s),
+            String::new(),
+        ),
+        (
+            "relay / floor",
+            format!("{:.2}x", r.cpu_ratio),
+            "target <= 2x".into(),
+        ),
+        ("bytes on the wire", r.wire_bytes.to_string(), String::new()),
+        (
+            "compressed new changes",
+            r.compressed_change_bytes.to_string(),
+            String::new(),
+        ),
+        (
+            "wire / compressed",
+            format!("{:.2}x", r.wire_ratio),
+            "target <= 1.5x".into(),
+        ),
+        (
+            "relay peak RSS",
+            format!("{:.1} MB", r.relay_peak_rss_bytes as f64 / 1e6),
+            "target <= 300 MB".into(),
+        ),
+        (
+            "live p50 / p99",
+            format!("{:.1} / {:.1} ms", r.live_p50_ms, r.live_p99_ms),
+            "target p99 <= 50 ms".into(),
+        ),
+        (
+            "no-op reconnect",
+            format!(
+                "{} B, {} RT",
+                r.noop_reconnect_bytes, r.noop_reconnect_round_trips
+            ),
+            "target <= 2 KB, 1 RT".into(),
+        ),
+        (
+            "local write p50 / p99",
+            format!(
+                "{:.0} / {:.0} µs",
+                r.local_write_p50_us, r.local_write_p99_us
+            ),
+            String::new(),
+        ),
+    ];
+    let mut out = String::new();
+    for (k, v, t) in lines {
+        out.push_str(&format!("{k:<32}{v:>22}   {t}\n"));
+    }
+    out
+}

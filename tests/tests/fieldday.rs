@@ -1,0 +1,37 @@
+//! The field-day scenario at small size: the relay in a child process, devices working
+//! offline, a reconnect storm, verification against the relay, live latency and a no-op
+//! reconnect. The benchmark binary runs the same code at full size.
+
+use redline_tests::fieldday::{self, FieldDayConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_field_day_converges_and_measures_itself() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = FieldDayConfig {
+        teams: 2,
+        devices_per_team: 3,
+        zones: 3,
+        households_per_zone: 5,
+        ops_per_device: 20,
+        seed: 7,
+        live_samples: 5,
+        noop_docs: 50,
+        relay_exe: env!("CARGO_BIN_EXE_fieldday").into(),
+        work_dir: dir.path().to_path_buf(),
+    };
+    // `run` fails unless every device converged and equals the relay's copies.
+    let r = fieldday::run(&cfg, |line| println!("{line}")).await?;
+    println!("{}", fieldday::table(&r));
+    assert_eq!(r.devices, 6);
+    assert_eq!(r.changes, 6 * 20);
+    assert!(r.relay_cpu_s > 0.0 && r.floor_cpu_s > 0.0);
+    assert!(
+        r.wire_bytes > r.compressed_change_bytes,
+        "the wire carries at least the changes"
+    );
+    assert_eq!(r.noop_reconnect_round_trips, 1);
+    assert!(r.noop_reconnect_bytes < 2048);
+    assert!(r.relay_peak_rss_bytes > 0);
+    assert!(r.live_p50_ms > 0.0 && r.live_p99_ms >= r.live_p50_ms);
+    Ok(())
+}
