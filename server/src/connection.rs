@@ -35,6 +35,8 @@ use crate::hub::{Committed, Hub, bundle_changes};
 
 /// Updates larger than this go as a transfer on their own stream.
 pub(crate) const INLINE_MAX: usize = 512 * 1024;
+/// How long live fan-out waits to coalesce commits that land together.
+const LIVE_COALESCE: Duration = Duration::from_millis(15);
 /// Piece size of relay-to-device transfers.
 const PIECE: usize = 256 * 1024;
 
@@ -235,6 +237,7 @@ async fn run(
     let mut uploads: JoinSet<()> = JoinSet::new();
     let mut pending_pull: Option<Pull> = None;
     let mut stable = hub.stable();
+    let mut due: Option<tokio::time::Instant> = None;
     let result = loop {
         let live = peer.delivered.is_some();
         tokio::select! {
@@ -298,8 +301,13 @@ async fn run(
                     break Err(e);
                 }
             }
-            changed = stable.changed(), if live => {
+            changed = stable.changed(), if live && due.is_none() => {
                 if changed.is_err() { break Ok(()); }
+                // Let commits that land together reach the device as one update per doc.
+                due = Some(tokio::time::Instant::now() + LIVE_COALESCE);
+            }
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                due = None;
                 let cursor = Cursor { epoch: hub.epoch(), seq: peer.delivered.unwrap_or(0), subscription: peer.subscription.clone() };
                 if let Err(e) = catch_up(&hub, &conn, &mut peer, &out, Some(cursor), &config).await {
                     break Err(e);
