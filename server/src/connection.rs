@@ -502,7 +502,10 @@ async fn resync_step(hub: &Hub, peer: &mut Peer, step: redline_proto::message::S
         Ok(a) => a,
         Err(e) => return peer.resync.report(e.code(), e.to_string(), doc_id),
     };
-    if let Err(e) = hub.persist_new(&doc_id, &slot, &mut state, &before).await {
+    if let Err(e) = hub
+        .persist_new(&doc_id, &slot, &mut state, &before, None)
+        .await
+    {
         warn!(doc = %doc_id, "cannot persist: {e}");
         return peer.resync.report(
             ErrorCode::STORAGE_FAILURE,

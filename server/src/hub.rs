@@ -51,6 +51,10 @@ pub struct SlotState {
     /// The last whole-document save and the heads it was made at: new devices and
     /// resumed transfers get the same bytes without saving again.
     saved: Option<(Vec<ChangeHash>, Arc<Vec<u8>>)>,
+    /// Bundles made for catch-ups at the current heads, by what the device knew: every
+    /// device of a team that was at the same heads gets the same bytes, built once.
+    deliveries: Vec<(Vec<ChangeHash>, Arc<Vec<u8>>)>,
+    deliveries_at: Vec<ChangeHash>,
 }
 
 impl SlotState {
@@ -60,6 +64,8 @@ impl SlotState {
             chunks,
             chunk_bytes,
             saved: None,
+            deliveries: Vec::new(),
+            deliveries_at: Vec::new(),
         }
     }
 
@@ -373,6 +379,13 @@ impl Hub {
             })
             .collect();
         let all: Vec<Change> = ok.iter().flat_map(|p| p.changes.iter().cloned()).collect();
+        // What the batch adds, known without walking the history afterwards.
+        let mut seen = HashSet::new();
+        let fresh: Vec<ChangeHash> = all
+            .iter()
+            .map(|c| c.hash())
+            .filter(|h| !has(&state.doc, h) && seen.insert(*h))
+            .collect();
         let n_pushes = ok.len() as u64;
         // One call for the whole batch. If Automerge refuses it, retry each push alone so
         // only the bad sender is refused.
@@ -389,7 +402,11 @@ impl Hub {
                 }
             }
         }
-        let result = self.persist_new(id, slot, state, &before).await;
+        // Changes of refused pushes never entered the document: keep only what did.
+        let fresh: Vec<ChangeHash> = fresh.into_iter().filter(|h| has(&state.doc, h)).collect();
+        let result = self
+            .persist_new(id, slot, state, &before, Some(fresh))
+            .await;
         let heads = state.doc.get_heads();
         self.stats.pushes.fetch_add(n_pushes, Ordering::Relaxed);
         self.stats.max_batch.fetch_max(n_pushes, Ordering::Relaxed);
@@ -414,17 +431,21 @@ impl Hub {
         slot: &DocSlot,
         state: &mut SlotState,
         before: &[ChangeHash],
+        new: Option<Vec<ChangeHash>>,
     ) -> Result<(), Error> {
         let heads = state.doc.get_heads();
         if heads == before {
             return Ok(());
         }
-        let new: Vec<ChangeHash> = state
-            .doc
-            .get_changes(before)
-            .iter()
-            .map(|c| c.hash())
-            .collect();
+        let new: Vec<ChangeHash> = match new {
+            Some(n) => n,
+            None => state
+                .doc
+                .get_changes(before)
+                .iter()
+                .map(|c| c.hash())
+                .collect(),
+        };
         self.stats
             .changes
             .fetch_add(new.len() as u64, Ordering::Relaxed);
@@ -540,16 +561,29 @@ impl Hub {
         if have.is_empty() {
             return Ok(Some((Payload::Document(state.saved().to_vec()), heads)));
         }
-        let known: Vec<ChangeHash> = have
+        let mut known: Vec<ChangeHash> = have
             .iter()
             .filter(|h| has(&state.doc, h))
             .copied()
             .collect();
+        known.sort();
+        known.dedup();
+        if state.deliveries_at != heads {
+            state.deliveries.clear();
+            state.deliveries_at = heads.clone();
+        }
+        if let Some((_, bytes)) = state.deliveries.iter().find(|(k, _)| *k == known) {
+            return Ok(Some((Payload::Bundle(bytes.to_vec()), heads)));
+        }
         let changes = state.doc.get_changes(&known);
         if changes.is_empty() {
             return Ok(None);
         }
         let bundle = make_bundle(&state.doc, changes.iter().map(|c| c.hash()))?;
+        if state.deliveries.len() >= 16 {
+            state.deliveries.remove(0);
+        }
+        state.deliveries.push((known, Arc::new(bundle.clone())));
         Ok(Some((Payload::Bundle(bundle), heads)))
     }
 
