@@ -31,12 +31,12 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Error;
 use crate::config::RelayConfig;
-use crate::hub::{Committed, Hub, bundle_changes};
+use crate::hub::{Committed, Hub, Window, bundle_changes};
 
 /// Updates larger than this go as a transfer on their own stream.
 pub(crate) const INLINE_MAX: usize = 512 * 1024;
 /// How long live fan-out waits to coalesce commits that land together.
-const LIVE_COALESCE: Duration = Duration::from_millis(15);
+const LIVE_COALESCE: Duration = Duration::from_millis(8);
 /// Piece size of relay-to-device transfers.
 const PIECE: usize = 256 * 1024;
 
@@ -107,19 +107,43 @@ fn error_msg(code: ErrorCode, text: impl Into<String>, doc: Option<DocId>) -> Me
     })
 }
 
-/// Heads a device holds, per document; shared between the control loop and uploads.
+/// What a device holds, per document: heads (pushed, uploading or delivered here) and the
+/// changes it pushed itself; shared between the control loop and uploads.
 #[derive(Clone, Default)]
-struct Known(Arc<std::sync::Mutex<HashMap<DocId, Vec<ChangeHash>>>>);
+struct Known(Arc<std::sync::Mutex<KnownInner>>);
+
+#[derive(Default)]
+struct KnownInner {
+    heads: HashMap<DocId, Vec<ChangeHash>>,
+    own: HashMap<DocId, std::collections::HashSet<ChangeHash>>,
+}
 
 impl Known {
     fn add(&self, doc: &DocId, heads: &[ChangeHash]) {
         let mut m = self.0.lock().expect("known lock");
-        merge_heads(m.entry(doc.clone()).or_default(), heads);
+        merge_heads(m.heads.entry(doc.clone()).or_default(), heads);
     }
     fn get(&self, doc: &DocId) -> Vec<ChangeHash> {
         self.0
             .lock()
             .expect("known lock")
+            .heads
+            .get(doc)
+            .cloned()
+            .unwrap_or_default()
+    }
+    fn add_own(&self, doc: &DocId, changes: &[automerge::Change]) {
+        let mut m = self.0.lock().expect("known lock");
+        m.own
+            .entry(doc.clone())
+            .or_default()
+            .extend(changes.iter().map(|c| c.hash()));
+    }
+    fn own(&self, doc: &DocId) -> std::collections::HashSet<ChangeHash> {
+        self.0
+            .lock()
+            .expect("known lock")
+            .own
             .get(doc)
             .cloned()
             .unwrap_or_default()
@@ -252,6 +276,7 @@ async fn run(
                     match msg {
                         Message::Push(p) => match bundle_changes(&p.bundle) {
                             Ok(changes) => {
+                                peer.known.add_own(&p.doc, &changes);
                                 let hub = hub.clone();
                                 let heads = hashes_from_wire(&p.heads);
                                 pushes.spawn(async move { let r = hub.push(&p.doc, changes).await; (p.doc, heads, r) });
@@ -389,7 +414,17 @@ async fn catch_up(
             _ => Vec::new(),
         };
         merge_heads(&mut have, &peer.known.get(&doc));
-        let Some((payload, heads)) = hub.missing(&doc, &have).await? else {
+        // Covered before: the commit log says what came since, without a history walk.
+        let own = peer.known.own(&doc);
+        let window = match &old {
+            Some(o) if o.covers(&doc) => Some(Window {
+                after,
+                upto,
+                own: &own,
+            }),
+            _ => None,
+        };
+        let Some((payload, heads)) = hub.missing(&doc, &have, window).await? else {
             continue;
         };
         let update = match payload {
@@ -637,19 +672,22 @@ async fn upload(
     } else {
         match bundle_changes(&bytes) {
             Err(e) => error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(up.doc.clone())),
-            Ok(changes) => match hub.push(&up.doc, changes).await {
-                Ok(c) => Message::Ack(Ack {
-                    doc: up.doc.clone(),
-                    heads: hashes_to_wire(&c.heads),
-                    applied: c.applied,
-                }),
-                Err(Error::MissingDependencies(_)) => Message::Resync(up.doc.clone()),
-                Err(e) => error_msg(
-                    ErrorCode::STORAGE_FAILURE,
-                    e.to_string(),
-                    Some(up.doc.clone()),
-                ),
-            },
+            Ok(changes) => {
+                known.add_own(&up.doc, &changes);
+                match hub.push(&up.doc, changes).await {
+                    Ok(c) => Message::Ack(Ack {
+                        doc: up.doc.clone(),
+                        heads: hashes_to_wire(&c.heads),
+                        applied: c.applied,
+                    }),
+                    Err(Error::MissingDependencies(_)) => Message::Resync(up.doc.clone()),
+                    Err(e) => error_msg(
+                        ErrorCode::STORAGE_FAILURE,
+                        e.to_string(),
+                        Some(up.doc.clone()),
+                    ),
+                }
+            }
         }
     };
     let (s, k) = (storage, key);

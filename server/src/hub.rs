@@ -31,6 +31,18 @@ use crate::storage::{DocStorage, StoredDoc};
 /// estimate for the cache budget.
 pub const MEMORY_FACTOR: usize = 8;
 
+/// A catch-up window: the device holds every commit up to `after`; send those up to
+/// `upto`, except the changes in `own` (the device pushed them).
+#[derive(Clone, Copy)]
+pub struct Window<'a> {
+    /// Feed sequence the device is caught up to.
+    pub after: u64,
+    /// Stable sequence to catch up to.
+    pub upto: u64,
+    /// Changes the device pushed itself.
+    pub own: &'a HashSet<ChangeHash>,
+}
+
 /// Chunks after which a document is compacted into a new snapshot.
 const COMPACT_AFTER_CHUNKS: usize = 64;
 
@@ -55,7 +67,15 @@ pub struct SlotState {
     /// device of a team that was at the same heads gets the same bytes, built once.
     deliveries: Vec<(Vec<ChangeHash>, Arc<Vec<u8>>)>,
     deliveries_at: Vec<ChangeHash>,
+    /// Recent commits of this document: feed sequence → the hashes it added. Every commit
+    /// with a sequence of at least `log_floor` is here, so "what changed after seq S" needs
+    /// no walk of the history.
+    log: std::collections::VecDeque<(u64, Vec<ChangeHash>)>,
+    log_floor: u64,
 }
+
+/// Commits kept in a document's in-memory log.
+const LOG_LEN: usize = 512;
 
 impl SlotState {
     fn new(doc: Automerge, chunks: usize, chunk_bytes: usize) -> Self {
@@ -66,6 +86,8 @@ impl SlotState {
             saved: None,
             deliveries: Vec::new(),
             deliveries_at: Vec::new(),
+            log: std::collections::VecDeque::new(),
+            log_floor: u64::MAX,
         }
     }
 
@@ -256,7 +278,9 @@ impl Hub {
         }
         let key = id.clone();
         let stored = self.blocking(move |s| s.load(&key)).await?;
-        let (state, bytes) = load_state(id, stored)?;
+        let (mut state, bytes) = load_state(id, stored)?;
+        // Commits to this document need its slot, so every later one will be logged.
+        state.log_floor = self.seq.lock().expect("seq lock").next;
         let slot = {
             let mut slots = self.slots.lock().expect("hub lock");
             slots
@@ -449,6 +473,7 @@ impl Hub {
         self.stats
             .changes
             .fetch_add(new.len() as u64, Ordering::Relaxed);
+        let new_hashes = new.clone();
         let chunk = make_bundle(&state.doc, new)?;
         let seq = {
             let mut s = self.seq.lock().expect("seq lock");
@@ -471,6 +496,12 @@ impl Hub {
         match result {
             Ok(()) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                state.log.push_back((seq, new_hashes));
+                if state.log.len() > LOG_LEN
+                    && let Some((oldest, _)) = state.log.pop_front()
+                {
+                    state.log_floor = oldest + 1;
+                }
                 state.chunks += 1;
                 state.chunk_bytes += chunk_len;
                 slot.stored_bytes.fetch_add(chunk_len, Ordering::Relaxed);
@@ -482,11 +513,12 @@ impl Hub {
             Err(e) => {
                 warn!(doc = %id, "commit failed, reloading from disk: {e}");
                 let key = id.clone();
-                if let Ok((fresh, bytes)) = self
+                if let Ok((mut fresh, bytes)) = self
                     .blocking(move |s| s.load(&key))
                     .await
                     .and_then(|d| load_state(id, d))
                 {
+                    fresh.log_floor = self.seq.lock().expect("seq lock").next;
                     *state = fresh;
                     slot.stored_bytes.store(bytes, Ordering::Relaxed);
                 }
@@ -538,9 +570,10 @@ impl Hub {
         &self,
         id: &DocId,
         have: &[ChangeHash],
+        window: Option<Window<'_>>,
     ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
         let slot = self.slot(id).await?;
-        let result = Self::missing_in(&slot, have).await;
+        let result = Self::missing_in(&slot, have, window).await;
         self.release(slot);
         result
     }
@@ -548,11 +581,31 @@ impl Hub {
     async fn missing_in(
         slot: &DocSlot,
         have: &[ChangeHash],
+        window: Option<Window<'_>>,
     ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
         let mut state = slot.state.lock().await;
         let heads = state.doc.get_heads();
         if heads.is_empty() {
             return Ok(None);
+        }
+        // From the commit log: what was committed in the window, less the device's own.
+        if let Some(w) = window
+            && w.after.saturating_add(1) >= state.log_floor
+        {
+            let mut seen = HashSet::new();
+            let hashes: Vec<ChangeHash> = state
+                .log
+                .iter()
+                .filter(|(seq, _)| *seq > w.after && *seq <= w.upto)
+                .flat_map(|(_, h)| h.iter())
+                .filter(|h| !w.own.contains(h) && seen.insert(**h))
+                .copied()
+                .collect();
+            if hashes.is_empty() {
+                return Ok(None);
+            }
+            let bundle = make_bundle(&state.doc, hashes)?;
+            return Ok(Some((Payload::Bundle(bundle), heads)));
         }
         let have_set = hash_set(have);
         if heads.iter().all(|h| have_set.contains(h)) {
