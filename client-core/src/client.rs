@@ -131,6 +131,21 @@ impl Client {
         Ok(docs.get_mut(id))
     }
 
+    /// The cached document `id`, started from its genesis if the device does not hold it
+    /// (stored only when the caller stores it).
+    pub(crate) fn load_or_genesis<'a>(
+        &self,
+        docs: &'a mut HashMap<DocId, Automerge>,
+        id: &DocId,
+    ) -> Result<&'a mut Automerge, Error> {
+        if self.load(docs, id)?.is_none() {
+            let mut doc = schema::genesis(id);
+            doc.set_actor(self.inner.identity.actor.clone());
+            docs.insert(id.clone(), doc);
+        }
+        Ok(docs.get_mut(id).expect("inserted above"))
+    }
+
     /// Reads document `id` with `f`; `None` if the device does not hold it.
     pub(crate) fn read<R>(
         &self,
@@ -163,12 +178,7 @@ impl Client {
         change: impl FnOnce(&mut Transaction<'_>, &Writer<'_>, P) -> Result<R, Error>,
     ) -> Result<R, Error> {
         let mut docs = self.docs();
-        if self.load(&mut docs, id)?.is_none() {
-            let mut doc = schema::genesis(id);
-            doc.set_actor(self.inner.identity.actor.clone());
-            docs.insert(id.clone(), doc);
-        }
-        let doc = docs.get_mut(id).expect("inserted above");
+        let doc = self.load_or_genesis(&mut docs, id)?;
         let prepared = prepare(doc)?;
         let writer = Writer {
             member: &self.inner.config.member,
@@ -247,12 +257,7 @@ impl Client {
         let mut other = Automerge::load(bytes)
             .map_err(|e| Error::Invalid(format!("not an Automerge document: {e}")))?;
         let mut docs = self.docs();
-        if self.load(&mut docs, id)?.is_none() {
-            let mut doc = schema::genesis(id);
-            doc.set_actor(self.inner.identity.actor.clone());
-            docs.insert(id.clone(), doc);
-        }
-        let doc = docs.get_mut(id).expect("inserted above");
+        let doc = self.load_or_genesis(&mut docs, id)?;
         let new = doc.merge(&mut other)?.len();
         if !self.covered_by_patterns(id) {
             self.inner.store.follow(id)?;

@@ -26,6 +26,18 @@ fn err(e: sled::Error) -> Error {
     Error::Store(e.to_string())
 }
 
+/// The keys of `tree`, as document ids.
+fn doc_id_keys(tree: &sled::Tree) -> Result<Vec<DocId>, Error> {
+    tree.iter()
+        .keys()
+        .map(|k| {
+            let k = k.map_err(err)?;
+            let s = std::str::from_utf8(&k).map_err(|_| Error::Store("non-UTF-8 key".into()))?;
+            Ok(DocId::parse(s)?)
+        })
+        .collect()
+}
+
 /// What a sync step leaves to persist, written with one flush.
 #[derive(Default)]
 pub(crate) struct SyncBatch {
@@ -76,16 +88,7 @@ impl Store {
     }
 
     pub fn doc_ids(&self) -> Result<Vec<DocId>, Error> {
-        self.docs
-            .iter()
-            .keys()
-            .map(|k| {
-                let k = k.map_err(err)?;
-                let s =
-                    std::str::from_utf8(&k).map_err(|_| Error::Store("non-UTF-8 key".into()))?;
-                Ok(DocId::parse(s)?)
-            })
-            .collect()
+        doc_id_keys(&self.docs)
     }
 
     pub fn acked_heads(&self, id: &DocId) -> Result<Option<Vec<ChangeHash>>, Error> {
@@ -131,16 +134,7 @@ impl Store {
 
     /// Documents followed explicitly.
     pub fn follows(&self) -> Result<Vec<DocId>, Error> {
-        self.follows
-            .iter()
-            .keys()
-            .map(|k| {
-                let k = k.map_err(err)?;
-                let s =
-                    std::str::from_utf8(&k).map_err(|_| Error::Store("non-UTF-8 key".into()))?;
-                Ok(DocId::parse(s)?)
-            })
-            .collect()
+        doc_id_keys(&self.follows)
     }
 
     /// Removes a document and its sync metadata, durably.

@@ -737,12 +737,7 @@ impl Client {
         };
         let missing = {
             let mut docs = self.docs();
-            if self.load(&mut docs, &id)?.is_none() {
-                let mut d = Automerge::new();
-                d.set_actor(self.inner.identity.actor.clone());
-                docs.insert(id.clone(), d);
-            }
-            let doc = docs.get_mut(&id).expect("inserted above");
+            let doc = self.load_or_genesis(&mut docs, &id)?;
             let before = doc.get_heads();
             if document {
                 let mut other = Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?;
@@ -806,12 +801,7 @@ impl Client {
             }
             f.report.changes_sent += s.changes_sent;
             let mut docs = self.docs();
-            if self.load(&mut docs, &s.id)?.is_none() {
-                let mut d = Automerge::new();
-                d.set_actor(self.inner.identity.actor.clone());
-                docs.insert(s.id.clone(), d);
-            }
-            let live = docs.get_mut(&s.id).expect("inserted above");
+            let live = self.load_or_genesis(&mut docs, &s.id)?;
             let before = live.get_heads();
             live.merge(&mut s.doc)?;
             if live.get_heads() != before {

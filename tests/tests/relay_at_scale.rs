@@ -319,6 +319,51 @@ fn big_document(mb: usize) -> Vec<u8> {
     doc.save()
 }
 
+/// Which way a cut counts bytes.
+#[derive(Clone, Copy)]
+enum Direction {
+    Sent,
+    Received,
+}
+
+/// Syncs `phone` until a sync completes, cutting the connection (dropping the sync)
+/// whenever an attempt has moved more than `limit` bytes in `direction`. Returns the
+/// number of cuts and the report of the attempt that completed.
+async fn sync_with_cuts(
+    phone: &redline_client::Client,
+    limit: u64,
+    direction: Direction,
+) -> (usize, redline_client::SyncReport) {
+    let moved = |p: &redline_client::Client| match direction {
+        Direction::Sent => p.traffic().0,
+        Direction::Received => p.traffic().1,
+    };
+    let mut cuts = 0;
+    loop {
+        assert!(cuts < 400, "no progress after {cuts} cuts");
+        let start = moved(phone);
+        let c = phone.clone();
+        let attempt = tokio::spawn(async move { c.sync().await });
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        loop {
+            tick.tick().await;
+            if attempt.is_finished() {
+                break;
+            }
+            if moved(phone) - start > limit {
+                attempt.abort();
+                cuts += 1;
+                break;
+            }
+        }
+        match attempt.await {
+            Ok(Ok(report)) => return (cuts, report),
+            Ok(Err(e)) => panic!("sync failed: {e}"),
+            Err(_) => continue, // cut
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_20_mb_document_syncs_over_a_connection_cut_every_few_hundred_kb() -> anyhow::Result<()> {
     let (rd, pd) = (tempfile::tempdir()?, tempfile::tempdir()?);
@@ -338,32 +383,7 @@ async fn a_20_mb_document_syncs_over_a_connection_cut_every_few_hundred_kb() -> 
     phone.import(&id, &bytes)?;
 
     let (sent_before, _) = phone.traffic();
-    let mut cuts = 0;
-    let cut_every = 300 * 1024;
-    let report = loop {
-        assert!(cuts < 400, "no progress after {cuts} cuts");
-        let start = phone.traffic().0;
-        let c = phone.clone();
-        let attempt = tokio::spawn(async move { c.sync().await });
-        // Watch the bytes going out; cut the connection (drop the sync) past the limit.
-        let mut tick = tokio::time::interval(Duration::from_millis(1));
-        loop {
-            tick.tick().await;
-            if attempt.is_finished() {
-                break;
-            }
-            if phone.traffic().0 - start > cut_every {
-                attempt.abort();
-                cuts += 1;
-                break;
-            }
-        }
-        match attempt.await {
-            Ok(Ok(report)) => break report,
-            Ok(Err(e)) => panic!("sync failed: {e}"),
-            Err(_) => continue, // cut
-        }
-    };
+    let (cuts, report) = sync_with_cuts(&phone, 300 * 1024, Direction::Sent).await;
     let sent = phone.traffic().0 - sent_before;
     println!(
         "20 MB doc ({size} bytes): {cuts} cuts, {sent} bytes sent ({:.2}x); last attempt {report:?}",
@@ -413,30 +433,7 @@ async fn a_new_device_downloads_a_20_mb_document_over_cut_connections_and_resume
         ALL_DAYS,
     )?;
     let (_, received_before) = b.traffic();
-    let mut cuts = 0;
-    loop {
-        assert!(cuts < 400, "no progress after {cuts} cuts");
-        let start = b.traffic().1;
-        let c = b.clone();
-        let attempt = tokio::spawn(async move { c.sync().await });
-        let mut tick = tokio::time::interval(Duration::from_millis(1));
-        loop {
-            tick.tick().await;
-            if attempt.is_finished() {
-                break;
-            }
-            if b.traffic().1 - start > 300 * 1024 {
-                attempt.abort();
-                cuts += 1;
-                break;
-            }
-        }
-        match attempt.await {
-            Ok(Ok(_)) => break,
-            Ok(Err(e)) => panic!("sync failed: {e}"),
-            Err(_) => continue,
-        }
-    }
+    let (cuts, _) = sync_with_cuts(&b, 300 * 1024, Direction::Received).await;
     let received = b.traffic().1 - received_before;
     let size = bytes.len() as u64;
     println!(
