@@ -300,7 +300,7 @@ async fn run(
                     }
                     if pushes.is_empty()
                         && let Some(pull) = pending_pull.take()
-                        && let Err(e) = catch_up(&hub, &conn, &mut peer, &out, pull.cursor, &config).await
+                        && let Err(e) = catch_up(&hub, &conn, &mut peer, &out, pull.cursor).await
                     {
                         break Err(e);
                     }
@@ -321,7 +321,7 @@ async fn run(
                 }
                 if pushes.is_empty()
                     && let Some(pull) = pending_pull.take()
-                    && let Err(e) = catch_up(&hub, &conn, &mut peer, &out, pull.cursor, &config).await
+                    && let Err(e) = catch_up(&hub, &conn, &mut peer, &out, pull.cursor).await
                 {
                     break Err(e);
                 }
@@ -334,7 +334,7 @@ async fn run(
             _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
                 due = None;
                 let cursor = Cursor { epoch: hub.epoch(), seq: peer.delivered.unwrap_or(0), subscription: peer.subscription.clone() };
-                if let Err(e) = catch_up(&hub, &conn, &mut peer, &out, Some(cursor), &config).await {
+                if let Err(e) = catch_up(&hub, &conn, &mut peer, &out, Some(cursor)).await {
                     break Err(e);
                 }
             }
@@ -371,7 +371,6 @@ async fn catch_up(
     peer: &mut Peer,
     out: &mpsc::Sender<Message>,
     cursor: Option<Cursor>,
-    config: &RelayConfig,
 ) -> Result<(), Error> {
     let upto = *hub.stable().borrow();
     // A cursor from another epoch or from a sequence this relay never reached means the
@@ -445,7 +444,6 @@ async fn catch_up(
             .map_err(|_| Error::Connection("control stream closed".into()))?;
         peer.known.add(&doc, &heads);
     }
-    let _ = config;
     out.send(Message::Caught(Cursor {
         epoch: hub.epoch(),
         seq: upto,

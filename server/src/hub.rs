@@ -59,7 +59,6 @@ pub struct SlotState {
     /// The document.
     pub doc: Automerge,
     chunks: usize,
-    chunk_bytes: usize,
     /// The last whole-document save and the heads it was made at: new devices and
     /// resumed transfers get the same bytes without saving again.
     saved: Option<(Vec<ChangeHash>, Arc<Vec<u8>>)>,
@@ -78,11 +77,10 @@ pub struct SlotState {
 const LOG_LEN: usize = 512;
 
 impl SlotState {
-    fn new(doc: Automerge, chunks: usize, chunk_bytes: usize) -> Self {
+    fn new(doc: Automerge, chunks: usize) -> Self {
         Self {
             doc,
             chunks,
-            chunk_bytes,
             saved: None,
             deliveries: Vec::new(),
             deliveries_at: Vec::new(),
@@ -503,7 +501,6 @@ impl Hub {
                     state.log_floor = oldest + 1;
                 }
                 state.chunks += 1;
-                state.chunk_bytes += chunk_len;
                 slot.stored_bytes.fetch_add(chunk_len, Ordering::Relaxed);
                 if state.chunks >= COMPACT_AFTER_CHUNKS {
                     self.compact(id, slot, state).await;
@@ -556,7 +553,6 @@ impl Hub {
         match done {
             Ok(()) => {
                 state.chunks = 0;
-                state.chunk_bytes = 0;
                 slot.stored_bytes.store(len, Ordering::Relaxed);
                 debug!(doc = %id, bytes = len, "compacted");
             }
@@ -712,7 +708,7 @@ impl Hub {
 
 fn load_state(id: &DocId, stored: Option<StoredDoc>) -> Result<(SlotState, usize), Error> {
     let Some(stored) = stored else {
-        return Ok((SlotState::new(Automerge::new(), 0, 0), 0));
+        return Ok((SlotState::new(Automerge::new(), 0), 0));
     };
     let corrupt = |reason: String| Error::CorruptDocument {
         doc: id.to_string(),
@@ -736,7 +732,7 @@ fn load_state(id: &DocId, stored: Option<StoredDoc>) -> Result<(SlotState, usize
     doc.apply_changes(changes)
         .map_err(|e| corrupt(e.to_string()))?;
     Ok((
-        SlotState::new(doc, stored.chunks.len(), chunk_bytes),
+        SlotState::new(doc, stored.chunks.len()),
         bytes + chunk_bytes,
     ))
 }
