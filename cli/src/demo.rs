@@ -15,7 +15,8 @@ use anyhow::Context;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redline_client::{Client, ClientConfig, NewTask, RelayEndpoint, SyncReport, TaskKind};
-use redline_proto::{Day, DocId, MemberId, TeamId};
+use redline_proto::token::Role;
+use redline_proto::{Day, DeviceId, DocId, MemberId, TeamId};
 use redline_server::{Relay, RelayConfig};
 
 /// Options of `redline demo`.
@@ -112,8 +113,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         for p in 1..=args.phones {
             let name = format!("{team}-phone-{p}");
             let member = MemberId::new(format!("{team}-member-{p}"))?;
+            // Each phone gets a token from the relay's operator, scoped to its team.
+            let (_, token) = redline_server::auth::issue(
+                relay.data_dir(),
+                redline_server::auth::TokenRequest {
+                    device: DeviceId::new(&name)?,
+                    member: member.clone(),
+                    role: if p == 1 { Role::Lead } else { Role::Volunteer },
+                    teams: vec![team.clone()],
+                    zones: Vec::new(),
+                    ttl: std::time::Duration::from_secs(30 * 86_400),
+                },
+            )?;
             let config = ClientConfig::new(member)
                 .with_relay(endpoint.clone())
+                .with_token(token)
                 .with_teams(vec![team.clone()]);
             let client = Client::open(root.join("phones").join(&name), config)
                 .with_context(|| format!("opening {name}"))?;

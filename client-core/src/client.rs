@@ -80,7 +80,15 @@ impl Client {
     /// and kept.
     pub fn open(dir: impl AsRef<Path>, config: ClientConfig) -> Result<Self, Error> {
         let store = Store::open(dir.as_ref())?;
-        let identity = identity::load_or_create(&store)?;
+        let token_device = match &config.token {
+            Some(t) => Some(
+                redline_proto::token::peek(t)
+                    .map_err(|e| Error::Invalid(format!("device token: {e}")))?
+                    .device,
+            ),
+            None => None,
+        };
+        let identity = identity::load_or_create(&store, token_device)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 store,

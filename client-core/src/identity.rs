@@ -21,16 +21,31 @@ pub struct DeviceIdentity {
 const DEVICE_KEY: &str = "device_id";
 const ACTOR_KEY: &str = "actor_id";
 
-pub(crate) fn load_or_create(store: &Store) -> Result<DeviceIdentity, Error> {
+/// Loads this install's identity, creating it on first open. A device token names the
+/// device id (`assigned`): the stored id follows it; the actor never changes.
+pub(crate) fn load_or_create(
+    store: &Store,
+    assigned: Option<DeviceId>,
+) -> Result<DeviceIdentity, Error> {
     if let (Some(device), Some(actor)) = (store.meta(DEVICE_KEY)?, store.meta(ACTOR_KEY)?) {
         let device =
             String::from_utf8(device).map_err(|_| Error::Store("corrupt device id".into()))?;
+        let mut device = DeviceId::new(device)?;
+        if let Some(a) = assigned
+            && a != device
+        {
+            store.put_meta(DEVICE_KEY, a.as_str().as_bytes())?;
+            device = a;
+        }
         return Ok(DeviceIdentity {
-            device: DeviceId::new(device)?,
+            device,
             actor: ActorId::from(actor),
         });
     }
-    let device = DeviceId::new(format!("dev-{:016x}", rand::random::<u64>()))?;
+    let device = match assigned {
+        Some(d) => d,
+        None => DeviceId::new(format!("dev-{:016x}", rand::random::<u64>()))?,
+    };
     let actor = ActorId::random();
     // Actor first: a crash in between leaves no device id, so both are made again.
     store.put_meta(ACTOR_KEY, actor.to_bytes())?;

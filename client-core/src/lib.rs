@@ -92,9 +92,19 @@ pub enum Error {
     /// The network or the QUIC connection failed; local data is intact, retry later.
     #[error("network: {0}")]
     Transport(String),
-    /// The relay spoke the protocol wrongly or reported an error.
+    /// The relay spoke the protocol wrongly.
     #[error(transparent)]
     Protocol(#[from] redline_proto::Error),
+    /// The relay refused this device's session: no valid token (`unauthorized`,
+    /// `token_expired`, `token_revoked`), limits exceeded, or the relay is shutting down.
+    /// Local data is intact.
+    #[error("the relay refused the session: {code}: {text}")]
+    Refused {
+        /// The relay's error code.
+        code: redline_proto::ErrorCode,
+        /// The relay's explanation.
+        text: String,
+    },
 }
 
 /// Where the relay is and how to recognise it.
@@ -104,8 +114,11 @@ pub struct RelayEndpoint {
     pub addr: SocketAddr,
     /// SHA-256 fingerprint of its certificate (64 hex digits, `:` allowed).
     pub fingerprint: String,
-    /// TLS server name to send (pinning does not depend on it).
+    /// TLS server name to send (pinning does not depend on it; CA validation does).
     pub server_name: String,
+    /// Production relays: trust certificates issued by this CA (DER) instead of pinning.
+    /// When set, `fingerprint` may be empty.
+    pub ca_der: Option<Vec<u8>>,
 }
 
 impl RelayEndpoint {
@@ -115,6 +128,27 @@ impl RelayEndpoint {
             addr,
             fingerprint: fingerprint.into(),
             server_name: "redline-relay".into(),
+            ca_der: None,
+        }
+    }
+
+    /// A production relay at `addr` named `server_name`, whose certificate is issued by
+    /// the CA `ca_der` (DER).
+    pub fn with_ca(addr: SocketAddr, server_name: impl Into<String>, ca_der: Vec<u8>) -> Self {
+        Self {
+            addr,
+            fingerprint: String::new(),
+            server_name: server_name.into(),
+            ca_der: Some(ca_der),
+        }
+    }
+
+    /// What identifies this relay for the device's stored cursor.
+    pub(crate) fn identity_key(&self) -> String {
+        if self.ca_der.is_some() && self.fingerprint.is_empty() {
+            format!("ca:{}", self.server_name)
+        } else {
+            self.fingerprint.to_lowercase().replace(':', "")
         }
     }
 }
@@ -168,6 +202,9 @@ pub struct ClientConfig {
     pub max_frame: usize,
     /// The clock entries are stamped with.
     pub clock: Clock,
+    /// The device token from the relay's operator (`redline-server token issue`). The
+    /// device takes its id from it.
+    pub token: Option<String>,
 }
 
 impl ClientConfig {
@@ -183,7 +220,14 @@ impl ClientConfig {
             app_version: format!("redline-client/{}", env!("CARGO_PKG_VERSION")),
             max_frame: DEFAULT_MAX_FRAME,
             clock: Clock::system(),
+            token: None,
         }
+    }
+
+    /// Sets the device token.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
     }
 
     /// Sets the clock.

@@ -2,66 +2,19 @@
 //! a change, and typed reads of Automerge fields.
 //!
 //! **Genesis.** Each document's root containers come from a first change that every
-//! device produces byte for byte (fixed actor, timestamp 0, fixed content derived from
-//! the document id). Two phones that start the same document offline therefore share its
-//! containers instead of each creating its own `tasks` map, one of which Automerge would
-//! hide behind a conflict. The genesis actor makes nothing else.
+//! device produces byte for byte ([`redline_proto::genesis`], shared with the relay,
+//! which accepts the genesis actor for that one change only).
 //!
 //! **Forward compatibility.** Writers only ever put the keys they own and never rewrite
 //! whole objects, so fields added by a newer schema survive edits by an older build.
 
-use automerge::transaction::Transactable;
-use automerge::{ActorId, Automerge, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
-use redline_proto::{DeviceId, DocId, DocKind, MemberId};
+use automerge::{ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
+use redline_proto::{DeviceId, MemberId};
 
 use crate::Error;
 
-/// Schema version written by this build.
-pub const SCHEMA_VERSION: u64 = 1;
-
-/// Actor of genesis changes.
-pub(crate) const GENESIS_ACTOR: [u8; 16] = *b"redline-genesis\0";
-
-/// The first change of document `id`, identical on every device.
-pub(crate) fn genesis(id: &DocId) -> Automerge {
-    let mut doc = Automerge::new().with_actor(ActorId::from(GENESIS_ACTOR));
-    let mut tx = doc.transaction();
-    let (kind, fields, containers): (&str, Vec<(&str, String)>, &[&str]) = match id.kind() {
-        DocKind::Ledger(team, day) => (
-            "ledger",
-            vec![("team", team.to_string()), ("day", day.to_string())],
-            &["tasks", "duty", "tallies"],
-        ),
-        DocKind::Households(zone) => (
-            "households",
-            vec![("zone", zone.to_string())],
-            &["households", "needs"],
-        ),
-        DocKind::Roster(org) => (
-            "roster",
-            vec![("org", org.to_string())],
-            &[
-                "teams",
-                "zones",
-                "coverage",
-                "members",
-                "roles",
-                "membership",
-            ],
-        ),
-    };
-    // A fresh document with fixed, valid keys: these cannot fail.
-    tx.put(ROOT, "schema", SCHEMA_VERSION).expect("fresh doc");
-    tx.put(ROOT, "kind", kind).expect("fresh doc");
-    for (k, v) in fields {
-        tx.put(ROOT, k, v).expect("fresh doc");
-    }
-    for c in containers {
-        tx.put_object(ROOT, *c, ObjType::Map).expect("fresh doc");
-    }
-    tx.commit();
-    doc
-}
+pub use redline_proto::genesis::SCHEMA_VERSION;
+pub(crate) use redline_proto::genesis::genesis;
 
 /// Who makes a change, and when (device clock). Stored on every entry.
 #[derive(Clone, Copy, Debug)]
@@ -200,6 +153,7 @@ pub(crate) fn optional_text(what: &str, s: &str, max: usize) -> Result<Option<St
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redline_proto::DocId;
 
     #[test]
     fn genesis_is_identical_on_every_device_and_distinct_per_document() {

@@ -431,10 +431,7 @@ impl Client {
         };
         f.report.docs = f.relay_has.len();
         let subscription = self.subscription()?;
-        let cursor_key = format!(
-            "cursor:{}",
-            relay.fingerprint.to_lowercase().replace(':', "")
-        );
+        let cursor_key = format!("cursor:{}", relay.identity_key());
         let cursor = self
             .inner
             .store
@@ -445,6 +442,7 @@ impl Client {
             device: self.inner.identity.device.clone(),
             app_version: self.inner.config.app_version.clone(),
             subscription: subscription.clone(),
+            token: self.inner.config.token.clone().unwrap_or_default(),
         };
         let mut wire = Wire {
             send,
@@ -662,11 +660,10 @@ impl Client {
                         .push((doc.to_string(), format!("{}: {}", r.code, r.text)));
                 }
                 None => {
-                    return Err(redline_proto::Error::Remote {
+                    return Err(Error::Refused {
                         code: r.code,
                         text: r.text,
-                    }
-                    .into());
+                    });
                 }
             },
             m @ (Message::Sync(_) | Message::Ack(_)) => match f.resync.as_mut() {

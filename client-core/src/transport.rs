@@ -3,7 +3,8 @@
 //!
 //! Pinning replaces CA validation (a field relay has no public name), but the handshake
 //! signature is still verified against the pinned certificate, so only the holder of the
-//! relay's private key passes.
+//! relay's private key passes. A production relay with a CA-issued certificate can be
+//! trusted through its CA instead ([`RelayEndpoint::with_ca`]).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -104,22 +105,39 @@ pub(crate) fn client_endpoint(relay: &SocketAddr) -> Result<quinn::Endpoint, Err
         .map_err(|e| Error::Transport(format!("cannot open a UDP socket: {e}")))
 }
 
+/// How the device recognises the relay.
+enum Trust {
+    /// The certificate's SHA-256 fingerprint.
+    Pin([u8; 32]),
+    /// Certificates issued by this CA (DER).
+    Ca(Vec<u8>),
+}
+
 fn client_config(
-    pin: [u8; 32],
+    trust: Trust,
     mismatch: Arc<Mutex<Option<String>>>,
 ) -> Result<quinn::ClientConfig, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = PinnedCertificate {
-        pin,
-        provider: provider.clone(),
-        mismatch,
-    };
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Transport(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+        .map_err(|e| Error::Transport(e.to_string()))?;
+    let mut tls = match trust {
+        Trust::Pin(pin) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
+                pin,
+                provider,
+                mismatch,
+            }))
+            .with_no_client_auth(),
+        Trust::Ca(der) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from(der))
+                .map_err(|e| Error::Invalid(format!("relay CA certificate: {e}")))?;
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
     tls.alpn_protocols = vec![redline_proto::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| Error::Transport(e.to_string()))?;
@@ -139,9 +157,15 @@ pub(crate) async fn connect(
     endpoint: &quinn::Endpoint,
     relay: &RelayEndpoint,
 ) -> Result<quinn::Connection, Error> {
-    let pin = parse_fingerprint(&relay.fingerprint)?;
+    let (trust, pin) = match &relay.ca_der {
+        Some(ca) if relay.fingerprint.is_empty() => (Trust::Ca(ca.clone()), [0; 32]),
+        _ => {
+            let pin = parse_fingerprint(&relay.fingerprint)?;
+            (Trust::Pin(pin), pin)
+        }
+    };
     let mismatch = Arc::new(Mutex::new(None));
-    let config = client_config(pin, mismatch.clone())?;
+    let config = client_config(trust, mismatch.clone())?;
     let connecting = endpoint
         .connect_with(config, relay.addr, &relay.server_name)
         .map_err(|e| Error::Transport(format!("cannot connect to {}: {e}", relay.addr)))?;

@@ -138,11 +138,13 @@ mod tests {
                 device: DeviceId::new("phone-1").unwrap(),
                 app_version: "1.2.3".into(),
                 subscription: subscription(),
+                token: "rl1.abc.def".into(),
             }),
             Message::Welcome(Welcome {
                 protocol_version: 1,
                 relay: "relay".into(),
                 epoch: 77,
+                granted: subscription(),
             }),
             Message::Push(Push {
                 doc: doc.clone(),

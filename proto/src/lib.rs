@@ -2,8 +2,10 @@
 //!
 //! - [`ids`]: validated document, team, zone, day and device identifiers;
 //! - [`message`]: the versioned messages and stable [`ErrorCode`]s;
+//! - [`genesis`]: the first change of every document, identical on every device;
 //! - [`codec`]: length-prefixed frames with a size limit checked before allocating;
-//! - [`session`]: sans-IO state machines driving the per-document exchange on both ends.
+//! - [`session`]: sans-IO state machines driving the per-document exchange on both ends;
+//! - [`token`]: the signed device tokens the relay issues and checks.
 //!
 //! No sockets, no clock, no disk: the drivers in `redline-client` and `redline-server` move
 //! the bytes.
@@ -15,6 +17,7 @@
 //!     device: DeviceId::new("phone-7").unwrap(),
 //!     app_version: "1.0".into(),
 //!     subscription: Subscription::default(),
+//!     token: "rl1.…".into(),
 //! });
 //! let frame = codec::encode_frame(&hello, codec::DEFAULT_MAX_FRAME).unwrap();
 //! let mut decoder = codec::FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
@@ -23,9 +26,11 @@
 //! ```
 
 pub mod codec;
+pub mod genesis;
 pub mod ids;
 pub mod message;
 pub mod session;
+pub mod token;
 
 pub use ids::{Day, DeviceId, DocId, DocKind, MemberId, OrgId, TeamId, ZoneId};
 pub use message::{ALPN, ErrorCode, Message, PROTOCOL_VERSION};

@@ -116,6 +116,8 @@ pub struct Hello {
     pub app_version: String,
     /// What the device wants to receive.
     pub subscription: Subscription,
+    /// The device's token from the relay's operator (see [`crate::token`]).
+    pub token: String,
 }
 
 /// What a device wants: its team's recent ledger days, its zones' households books, the
@@ -172,6 +174,8 @@ pub struct Welcome {
     pub relay: String,
     /// The relay database's epoch.
     pub epoch: u64,
+    /// The part of the device's subscription its token allows: what it will receive.
+    pub granted: Subscription,
 }
 
 /// One step of the per-document exchange.
@@ -329,6 +333,14 @@ impl ErrorCode {
     pub const INTERNAL: Self = Self(12);
     /// A transfer's bytes do not match its id.
     pub const BAD_TRANSFER: Self = Self(13);
+    /// The token has expired: the device needs a new one.
+    pub const TOKEN_EXPIRED: Self = Self(14);
+    /// The token was revoked by an operator.
+    pub const TOKEN_REVOKED: Self = Self(15);
+    /// The connection sent faster than its limits allow; it was closed.
+    pub const RATE_LIMITED: Self = Self(16);
+    /// The peer was silent too long on a stream that needed an answer.
+    pub const TIMED_OUT: Self = Self(17);
 
     /// The code's name, or `unknown` for codes from a newer peer.
     pub fn name(self) -> &'static str {
@@ -346,6 +358,10 @@ impl ErrorCode {
             11 => "shutting_down",
             12 => "internal",
             13 => "bad_transfer",
+            14 => "token_expired",
+            15 => "token_revoked",
+            16 => "rate_limited",
+            17 => "timed_out",
             _ => "unknown",
         }
     }

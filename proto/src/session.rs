@@ -499,6 +499,7 @@ mod tests {
             device: DeviceId::new("f").unwrap(),
             app_version: String::new(),
             subscription: Default::default(),
+            token: String::new(),
         };
         assert!(matches!(
             check_hello(&hello),

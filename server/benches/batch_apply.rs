@@ -39,6 +39,7 @@ fn batch_apply(c: &mut Criterion) {
         let storage = SledStorage::open(dir.path()).unwrap();
         Hub::new(Arc::new(storage), 256 * 1024 * 1024).unwrap()
     });
+    let device = redline_proto::DeviceId::new("bench-phone").unwrap();
     let mut group = c.benchmark_group("relay_push");
     group.sample_size(10);
     for n in [100usize, 1000] {
@@ -49,7 +50,7 @@ fn batch_apply(c: &mut Criterion) {
             b.iter(|| {
                 doc_no += 1;
                 let id = DocId::parse(&format!("households/batch-{n}-{doc_no}")).unwrap();
-                rt.block_on(hub.push(&id, all.clone())).unwrap()
+                rt.block_on(hub.push(&id, &device, all.clone())).unwrap()
             })
         });
         group.bench_with_input(BenchmarkId::new("one_at_a_time", n), &all, |b, all| {
@@ -57,7 +58,8 @@ fn batch_apply(c: &mut Criterion) {
                 doc_no += 1;
                 let id = DocId::parse(&format!("households/single-{n}-{doc_no}")).unwrap();
                 for ch in all {
-                    rt.block_on(hub.push(&id, vec![ch.clone()])).unwrap();
+                    rt.block_on(hub.push(&id, &device, vec![ch.clone()]))
+                        .unwrap();
                 }
             })
         });

@@ -38,6 +38,59 @@ pub struct RelayConfig {
     pub max_document_bytes: u64,
     /// The relay's name in [`Welcome`](redline_proto::message::Welcome) messages and logs.
     pub name: String,
+    /// Where the TLS certificate comes from.
+    pub tls: TlsMode,
+    /// Limits that protect the relay from misbehaving devices.
+    pub limits: Limits,
+}
+
+/// Where the relay's certificate comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// A self-signed certificate kept in `<data_dir>/tls/`; devices pin its fingerprint.
+    #[default]
+    Dev,
+    /// Certificate chain and key from PEM files.
+    Files {
+        /// The certificate chain (leaf first).
+        cert: PathBuf,
+        /// The private key (PKCS#8, PKCS#1 or SEC1).
+        key: PathBuf,
+    },
+}
+
+/// Per-connection limits. A connection that exceeds one is closed with an error code;
+/// other devices carry on.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Changes one push or upload may carry.
+    pub max_changes_per_message: usize,
+    /// Messages per second a connection may send on average...
+    pub messages_per_second: u32,
+    /// ...with bursts up to this many.
+    pub message_burst: u32,
+    /// Streams a connection may open per second on average (bursts up to
+    /// `max_streams_per_connection`).
+    pub streams_per_second: u32,
+    /// Time for a device to send its `Hello` after connecting.
+    pub hello_timeout: Duration,
+    /// A stream the relay waits on (an upload's next frame, a frame begun but not
+    /// finished) is closed after this long without progress.
+    pub stream_idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_changes_per_message: 200_000,
+            messages_per_second: 2_000,
+            message_burst: 20_000,
+            streams_per_second: 50,
+            hello_timeout: Duration::from_secs(10),
+            stream_idle_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 impl RelayConfig {
@@ -53,6 +106,8 @@ impl RelayConfig {
             cache_budget_bytes: 512 * 1024 * 1024,
             max_document_bytes: 256 * 1024 * 1024,
             name: "redline-relay".into(),
+            tls: TlsMode::Dev,
+            limits: Limits::default(),
         }
     }
 

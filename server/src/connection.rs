@@ -19,8 +19,8 @@ use automerge::ChangeHash;
 use quinn::{RecvStream, SendStream};
 use redline_proto::codec::{self, HEADER_LEN};
 use redline_proto::message::{
-    Ack, Cursor, ErrorReport, Message, Payload, Piece, Pull, Subscription, Update, UploadOffset,
-    Welcome,
+    Ack, Cursor, ErrorReport, Hello, Message, Payload, Piece, Pull, Subscription, Update,
+    UploadOffset, Welcome,
 };
 use redline_proto::session::{RelayResync, check_hello, hashes_from_wire, hashes_to_wire};
 use redline_proto::{DeviceId, DocId, ErrorCode, PROTOCOL_VERSION};
@@ -30,6 +30,8 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Error;
+use crate::access::Scope;
+use crate::auth::Authority;
 use crate::config::RelayConfig;
 use crate::hub::{Committed, Hub, Window, bundle_changes};
 
@@ -40,8 +42,18 @@ const LIVE_COALESCE: Duration = Duration::from_millis(8);
 /// Piece size of relay-to-device transfers.
 const PIECE: usize = 256 * 1024;
 
-/// Serves one incoming connection until it closes.
-pub(crate) async fn serve(incoming: quinn::Incoming, hub: Arc<Hub>, config: Arc<RelayConfig>) {
+/// What one connection shares with the rest of the relay.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub hub: Arc<Hub>,
+    pub config: Arc<RelayConfig>,
+    pub authority: Arc<Authority>,
+}
+
+/// Serves one incoming connection until it closes. A connection the relay ends for cause
+/// (no valid token, revoked, limits, garbage) is closed with the error code as the QUIC
+/// application code, after the device was told why on the control stream.
+pub(crate) async fn serve(incoming: quinn::Incoming, shared: Shared) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
@@ -53,21 +65,50 @@ pub(crate) async fn serve(incoming: quinn::Incoming, hub: Arc<Hub>, config: Arc<
     let span = info_span!("conn", conn = conn.stable_id(), %remote, device = tracing::field::Empty);
     let span2 = span.clone();
     async move {
-        if let Err(e) = run(conn, hub, config, span2).await {
-            debug!("connection ended: {e}");
+        match run(conn.clone(), shared, span2).await {
+            Ok(()) => {}
+            Err(e) => {
+                let code = match &e {
+                    Error::Refused { code, .. } => Some(*code),
+                    Error::Protocol(p) => Some(p.code()),
+                    _ => None,
+                };
+                match code {
+                    Some(code) => {
+                        info!(%code, "closing connection: {e}");
+                        conn.close(u32::from(code.0).into(), code.name().as_bytes());
+                    }
+                    None => debug!("connection ended: {e}"),
+                }
+            }
         }
     }
     .instrument(span)
     .await
 }
 
-/// Reads one frame: `Ok(None)` at a clean end of stream (between frames).
+/// Reads one frame: `Ok(None)` at a clean end of stream (between frames). Waiting for a
+/// frame to begin is bounded by `first`; once begun, the frame must arrive within
+/// `rest` (a sender that trickles bytes is cut off).
 pub(crate) async fn read_message(
     recv: &mut RecvStream,
     max_frame: usize,
+    first: Option<Duration>,
+    rest: Duration,
 ) -> Result<Option<Message>, Error> {
+    let timed_out = || Error::Refused {
+        code: ErrorCode::TIMED_OUT,
+        text: "the stream was silent too long".into(),
+    };
     let mut header = [0u8; HEADER_LEN];
-    match recv.read_exact(&mut header).await {
+    let begin = recv.read_exact(&mut header);
+    let begun = match first {
+        Some(limit) => tokio::time::timeout(limit, begin)
+            .await
+            .map_err(|_| timed_out())?,
+        None => begin.await,
+    };
+    match begun {
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
         Err(quinn::ReadExactError::FinishedEarly(n)) => {
@@ -77,15 +118,68 @@ pub(crate) async fn read_message(
     }
     let len = codec::payload_len(header, max_frame)?;
     let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(n) => {
-            Error::Protocol(redline_proto::Error::Truncated {
-                have: HEADER_LEN + n,
+    tokio::time::timeout(rest, recv.read_exact(&mut payload))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| match e {
+            quinn::ReadExactError::FinishedEarly(n) => {
+                Error::Protocol(redline_proto::Error::Truncated {
+                    have: HEADER_LEN + n,
+                })
+            }
+            quinn::ReadExactError::ReadError(e) => Error::Connection(e.to_string()),
+        })?;
+    Ok(Some(codec::decode_payload(&payload)?))
+}
+
+/// A token bucket: `rate` per second on average, bursts up to `burst`.
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes one token; false if the bucket is empty.
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The per-connection message budget, shared by the control stream and uploads.
+#[derive(Clone)]
+struct RateLimit(Arc<std::sync::Mutex<Bucket>>);
+
+impl RateLimit {
+    fn check(&self) -> Result<(), Error> {
+        if self.0.lock().expect("rate lock").take() {
+            Ok(())
+        } else {
+            Err(Error::Refused {
+                code: ErrorCode::RATE_LIMITED,
+                text: "too many messages; the connection was closed (reconnect later)".into(),
             })
         }
-        quinn::ReadExactError::ReadError(e) => Error::Connection(e.to_string()),
-    })?;
-    Ok(Some(codec::decode_payload(&payload)?))
+    }
 }
 
 async fn write_message(
@@ -153,6 +247,9 @@ impl Known {
 /// What the relay knows of one device on this connection.
 struct Peer {
     device: DeviceId,
+    /// What its token allows.
+    scope: Scope,
+    /// What it receives: its subscription narrowed to its scope.
     subscription: Subscription,
     /// Heads the device is known to hold, per document (pushed, uploading or delivered
     /// here). Shared with upload tasks.
@@ -164,57 +261,89 @@ struct Peer {
     resync: RelayResync,
 }
 
-async fn run(
-    conn: quinn::Connection,
-    hub: Arc<Hub>,
-    config: Arc<RelayConfig>,
-    span: tracing::Span,
-) -> Result<(), Error> {
-    let (mut send, mut recv) = conn
-        .accept_bi()
-        .await
-        .map_err(|e| Error::Connection(e.to_string()))?;
-    let hello = match tokio::time::timeout(
-        Duration::from_secs(10),
-        read_message(&mut recv, config.max_frame),
+/// The refusal sent for anything outside the token's scope. The same words whether or not
+/// the document exists.
+fn forbidden(doc: &DocId) -> Message {
+    error_msg(
+        ErrorCode::FORBIDDEN,
+        "your token does not allow this document",
+        Some(doc.clone()),
     )
-    .await
-    {
-        Ok(Ok(Some(Message::Hello(h)))) => h,
-        Ok(Ok(Some(other))) => {
-            let _ = write_message(
-                &mut send,
-                &error_msg(
-                    ErrorCode::PROTOCOL_VIOLATION,
-                    format!("expected hello, got {}", other.kind()),
-                    None,
-                ),
-                config.max_frame,
-            )
-            .await;
-            return Err(Error::Connection("no hello".into()));
-        }
-        Ok(Ok(None)) | Err(_) => return Err(Error::Connection("no hello in time".into())),
-        Ok(Err(e)) => return Err(e),
+}
+
+/// Reads the device's `Hello` and checks its version and token.
+async fn greet(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    shared: &Shared,
+) -> Result<(Hello, Scope), Error> {
+    let config = &shared.config;
+    let limits = &config.limits;
+    let refuse = |code: ErrorCode, text: String| Error::Refused { code, text };
+    let first = read_message(
+        recv,
+        config.max_frame,
+        Some(limits.hello_timeout),
+        limits.hello_timeout,
+    )
+    .await;
+    let denial = match first {
+        Ok(Some(Message::Hello(hello))) => match check_hello(&hello) {
+            Err(e) => refuse(e.code(), e.to_string()),
+            Ok(()) => match shared.authority.admit(&hello.token, &hello.device) {
+                Ok(claims) => return Ok((hello, Scope::new(claims))),
+                Err(d) => refuse(d.code, d.text),
+            },
+        },
+        Ok(Some(other)) => refuse(
+            ErrorCode::PROTOCOL_VIOLATION,
+            format!("expected hello, got {}", other.kind()),
+        ),
+        Ok(None) => refuse(
+            ErrorCode::PROTOCOL_VIOLATION,
+            "stream ended before hello".into(),
+        ),
+        Err(Error::Protocol(p)) => refuse(p.code(), p.to_string()),
+        Err(e) => return Err(e),
     };
-    if let Err(e) = check_hello(&hello) {
+    if let Error::Refused { code, text } = &denial {
         let _ = write_message(
-            &mut send,
-            &error_msg(e.code(), e.to_string(), None),
+            send,
+            &error_msg(*code, text.clone(), None),
             config.max_frame,
         )
         .await;
         let _ = send.finish();
-        return Err(e.into());
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
     }
+    Err(denial)
+}
+
+async fn run(conn: quinn::Connection, shared: Shared, span: tracing::Span) -> Result<(), Error> {
+    let Shared {
+        hub,
+        config,
+        authority,
+    } = shared.clone();
+    let limits = config.limits.clone();
+    let (mut send, mut recv) = tokio::time::timeout(limits.hello_timeout, conn.accept_bi())
+        .await
+        .map_err(|_| Error::Refused {
+            code: ErrorCode::TIMED_OUT,
+            text: "no stream opened".into(),
+        })?
+        .map_err(|e| Error::Connection(e.to_string()))?;
+    let (hello, scope) = greet(&mut send, &mut recv, &shared).await?;
     span.record("device", tracing::field::display(&hello.device));
-    info!(app_version = %hello.app_version, "device hello");
+    let granted = scope.grant(&hello.subscription);
+    info!(app_version = %hello.app_version, member = %scope.claims().member, role = %scope.claims().role, "device hello");
     write_message(
         &mut send,
         &Message::Welcome(Welcome {
             protocol_version: PROTOCOL_VERSION,
             relay: config.name.clone(),
             epoch: hub.epoch(),
+            granted: granted.clone(),
         }),
         config.max_frame,
     )
@@ -231,12 +360,16 @@ async fn run(
             }
         }
         let _ = send.finish();
+        // Let the last words (an error report) reach the device before any close.
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
     });
-    // Reader: frames into a channel, so the main loop can also wait on other things.
+    // Reader: frames into a channel, so the main loop can also wait on other things. A
+    // live device may be quiet between frames; a frame once begun must arrive in time.
     let (inbox_tx, mut inbox) = mpsc::channel::<Result<Message, Error>>(64);
+    let stream_idle = limits.stream_idle_timeout;
     let reader = tokio::spawn(async move {
         loop {
-            let r = read_message(&mut recv, max_frame).await;
+            let r = read_message(&mut recv, max_frame, None, stream_idle).await;
             let end = !matches!(r, Ok(Some(_)));
             let item = match r {
                 Ok(Some(m)) => Ok(m),
@@ -249,16 +382,27 @@ async fn run(
         }
     });
 
+    let rate = RateLimit(Arc::new(std::sync::Mutex::new(Bucket::new(
+        limits.messages_per_second,
+        limits.message_burst,
+    ))));
+    let mut streams = Bucket::new(limits.streams_per_second, config.max_streams_per_connection);
+    let token_id = scope.claims().id;
+    let expires = scope.claims().expires;
+    let mut revocations = authority.watch();
+    let expiry = tokio::time::Instant::now()
+        + Duration::from_secs(expires.saturating_sub(crate::auth::now_secs()));
     let mut peer = Peer {
         device: hello.device.clone(),
-        subscription: hello.subscription.clone(),
+        scope,
+        subscription: granted,
         known: Known::default(),
         resume: HashMap::new(),
         delivered: None,
         resync: RelayResync::new(),
     };
     let mut pushes: JoinSet<(DocId, Vec<ChangeHash>, Result<Committed, Error>)> = JoinSet::new();
-    let mut uploads: JoinSet<()> = JoinSet::new();
+    let mut uploads: JoinSet<Result<(), Error>> = JoinSet::new();
     let mut pending_pull: Option<Pull> = None;
     let mut stable = hub.stable();
     let mut due: Option<tokio::time::Instant> = None;
@@ -268,34 +412,56 @@ async fn run(
             item = inbox.recv() => match item {
                 None => break Ok(()),
                 Some(Err(e)) => {
-                    let (code, text) = match &e { Error::Protocol(p) => (p.code(), p.to_string()), other => (ErrorCode::BAD_FRAME, other.to_string()) };
-                    let _ = out.send(error_msg(code, text, None)).await;
-                    break Err(e);
+                    let (code, text) = match &e {
+                        Error::Protocol(p) => (p.code(), p.to_string()),
+                        Error::Refused { code, text } => (*code, text.clone()),
+                        other => (ErrorCode::BAD_FRAME, other.to_string()),
+                    };
+                    let _ = out.send(error_msg(code, text.clone(), None)).await;
+                    break Err(match e { Error::Connection(_) => e, _ => Error::Refused { code, text } });
                 }
                 Some(Ok(msg)) => {
+                    if let Err(e) = rate.check() {
+                        break Err(tell(&out, e).await);
+                    }
                     match msg {
-                        Message::Push(p) => match bundle_changes(&p.bundle) {
-                            Ok(changes) => {
-                                peer.known.add_own(&p.doc, &changes);
-                                let hub = hub.clone();
-                                let heads = hashes_from_wire(&p.heads);
-                                pushes.spawn(async move { let r = hub.push(&p.doc, changes).await; (p.doc, heads, r) });
+                        Message::Push(p) => {
+                            if !peer.scope.can_write(&p.doc) {
+                                let _ = out.send(forbidden(&p.doc)).await;
+                            } else {
+                                match bundle_changes(&p.bundle) {
+                                    Ok(changes) if changes.len() > limits.max_changes_per_message => {
+                                        let text = format!("{} changes in one push; the limit is {}", changes.len(), limits.max_changes_per_message);
+                                        let _ = out.send(error_msg(ErrorCode::TOO_LARGE, text, Some(p.doc))).await;
+                                    }
+                                    Ok(changes) => {
+                                        peer.known.add_own(&p.doc, &changes);
+                                        let hub = hub.clone();
+                                        let heads = hashes_from_wire(&p.heads);
+                                        let device = peer.device.clone();
+                                        pushes.spawn(async move { let r = hub.push(&p.doc, &device, changes).await; (p.doc, heads, r) });
+                                    }
+                                    Err(e) => { let _ = out.send(error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(p.doc))).await; }
+                                }
                             }
-                            Err(e) => { let _ = out.send(error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(p.doc))).await; }
-                        },
+                        }
                         Message::Pull(pull) => {
                             peer.resume = pull.resume.iter().map(|o| (o.id, o.have)).collect();
                             pending_pull = Some(pull);
                         }
                         Message::Sync(step) => {
-                            resync_step(&hub, &mut peer, step).await;
-                            while let Some(m) = peer.resync.poll_transmit() {
-                                if out.send(m).await.is_err() { break; }
+                            if peer.scope.can_read(&step.doc) {
+                                resync_step(&hub, &mut peer, step).await;
+                                while let Some(m) = peer.resync.poll_transmit() {
+                                    if out.send(m).await.is_err() { break; }
+                                }
+                            } else {
+                                let _ = out.send(forbidden(&step.doc)).await;
                             }
                         }
                         other => {
-                            let _ = out.send(error_msg(ErrorCode::PROTOCOL_VIOLATION, format!("unexpected {} on the control stream", other.kind()), None)).await;
-                            break Err(Error::Connection(format!("unexpected {}", other.kind())));
+                            let text = format!("unexpected {} on the control stream", other.kind());
+                            break Err(tell(&out, Error::Refused { code: ErrorCode::PROTOCOL_VIOLATION, text }).await);
                         }
                     }
                     if pushes.is_empty()
@@ -313,9 +479,7 @@ async fn run(
                             peer.known.add(&doc, &device_heads);
                             Message::Ack(Ack { doc, heads: hashes_to_wire(&c.heads), applied: c.applied })
                         }
-                        Err(Error::MissingDependencies(_)) => Message::Resync(doc),
-                        Err(Error::BadChanges(text)) => error_msg(ErrorCode::BAD_DOCUMENT_DATA, text, Some(doc)),
-                        Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, format!("nothing was acknowledged: {e}"), Some(doc)),
+                        Err(e) => refusal(e, doc),
                     };
                     if out.send(reply).await.is_err() { break Ok(()); }
                 }
@@ -338,22 +502,66 @@ async fn run(
                     break Err(e);
                 }
             }
+            changed = revocations.changed() => {
+                if changed.is_ok() && authority.is_revoked(&token_id) {
+                    let text = format!("token {token_id} was revoked; ask your lead for a new one");
+                    break Err(tell(&out, Error::Refused { code: ErrorCode::TOKEN_REVOKED, text }).await);
+                }
+            }
+            _ = tokio::time::sleep_until(expiry) => {
+                let text = "token expired during the session; ask your lead for a new one".to_string();
+                break Err(tell(&out, Error::Refused { code: ErrorCode::TOKEN_EXPIRED, text }).await);
+            }
             accepted = conn.accept_bi() => match accepted {
                 Ok((s, r)) => {
-                    let (hub, config, device, known) = (hub.clone(), config.clone(), peer.device.clone(), peer.known.clone());
-                    uploads.spawn(async move {
-                        if let Err(e) = upload(s, r, hub, config, device, known).await { debug!("upload ended: {e}"); }
-                    }.in_current_span());
+                    if !streams.take() {
+                        let text = "too many streams; the connection was closed (reconnect later)".to_string();
+                        break Err(tell(&out, Error::Refused { code: ErrorCode::RATE_LIMITED, text }).await);
+                    }
+                    let up = UploadCtx { hub: hub.clone(), config: config.clone(), device: peer.device.clone(), scope: peer.scope.clone(), known: peer.known.clone(), rate: rate.clone() };
+                    uploads.spawn(upload(s, r, up).in_current_span());
                 }
                 Err(e) => break Err(Error::Connection(e.to_string())),
             },
-            Some(_) = uploads.join_next() => {}
+            Some(done) = uploads.join_next() => {
+                match done {
+                    Ok(Err(e @ Error::Refused { code, .. })) if code != ErrorCode::TIMED_OUT => {
+                        break Err(tell(&out, e).await);
+                    }
+                    Ok(Err(e)) => debug!("upload ended: {e}"),
+                    _ => {}
+                }
+            }
         }
     };
     drop(out);
     reader.abort();
+    uploads.abort_all();
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     result
+}
+
+/// Reports `e` to the device on the control stream and hands it back (to end the
+/// connection with).
+async fn tell(out: &mpsc::Sender<Message>, e: Error) -> Error {
+    if let Error::Refused { code, text } = &e {
+        let _ = out.send(error_msg(*code, text.clone(), None)).await;
+    }
+    e
+}
+
+/// The answer to a push or upload the hub did not commit.
+fn refusal(e: Error, doc: DocId) -> Message {
+    match e {
+        Error::MissingDependencies(_) => Message::Resync(doc),
+        Error::BadChanges(text) => error_msg(ErrorCode::BAD_DOCUMENT_DATA, text, Some(doc)),
+        e @ Error::ForgedActor { .. } => error_msg(ErrorCode::FORBIDDEN, e.to_string(), Some(doc)),
+        e => error_msg(
+            ErrorCode::STORAGE_FAILURE,
+            format!("nothing was acknowledged: {e}"),
+            Some(doc),
+        ),
+    }
 }
 
 fn merge_heads(into: &mut Vec<ChangeHash>, more: &[ChangeHash]) {
@@ -531,10 +739,42 @@ async fn resync_step(hub: &Hub, peer: &mut Peer, step: redline_proto::message::S
     };
     let mut state = slot.lock().await;
     let before = state.doc.get_heads();
-    let applied = match peer.resync.apply(&doc_id, &mut state.doc, message) {
-        Ok(a) => a,
-        Err(e) => return peer.resync.report(e.code(), e.to_string(), doc_id),
+    let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        peer.resync.apply(&doc_id, &mut state.doc, message)
+    }));
+    let applied = match applied {
+        Ok(Ok(a)) => a,
+        failed => {
+            // The document may be half-changed: back to what the disk holds.
+            let _ = hub.reload(&doc_id, &slot, &mut state).await;
+            let (code, text) = match failed {
+                Ok(Err(e)) => (e.code(), e.to_string()),
+                _ => (
+                    ErrorCode::BAD_DOCUMENT_DATA,
+                    "Automerge could not apply the sync message".to_string(),
+                ),
+            };
+            return peer.resync.report(code, text, doc_id);
+        }
     };
+    // What the step added must be the device's own, in a document it may write.
+    if state.doc.get_heads() != before {
+        let added = state.doc.get_changes(&before);
+        let refused = if !peer.scope.can_write(&doc_id) {
+            Some((
+                ErrorCode::FORBIDDEN,
+                "your token does not allow this document".to_string(),
+            ))
+        } else {
+            hub.check_actors(&doc_id, &peer.device, added.iter())
+                .err()
+                .map(|e| (ErrorCode::FORBIDDEN, e.to_string()))
+        };
+        if let Some((code, text)) = refused {
+            let _ = hub.reload(&doc_id, &slot, &mut state).await;
+            return peer.resync.report(code, text, doc_id);
+        }
+    }
     if let Err(e) = hub
         .persist_new(&doc_id, &slot, &mut state, &before, None)
         .await
@@ -549,17 +789,41 @@ async fn resync_step(hub: &Hub, peer: &mut Peer, step: redline_proto::message::S
     peer.resync.respond(&doc_id, &state.doc, applied);
 }
 
-/// One resumable upload on its own stream.
-async fn upload(
-    mut send: SendStream,
-    mut recv: RecvStream,
+/// What an upload stream needs from its connection.
+struct UploadCtx {
     hub: Arc<Hub>,
     config: Arc<RelayConfig>,
     device: DeviceId,
+    scope: Scope,
     known: Known,
-) -> Result<(), Error> {
+    rate: RateLimit,
+}
+
+/// One resumable upload on its own stream.
+async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> Result<(), Error> {
+    let UploadCtx {
+        hub,
+        config,
+        device,
+        scope,
+        known,
+        rate,
+    } = ctx;
     let max_frame = config.max_frame;
-    let Some(Message::Upload(up)) = read_message(&mut recv, max_frame).await? else {
+    let idle = config.limits.stream_idle_timeout;
+    let first = read_message(&mut recv, max_frame, Some(idle), idle).await;
+    if let Err(e @ (Error::Refused { .. } | Error::Protocol(_))) = &first {
+        let (code, text) = match e {
+            Error::Refused { code, text } => (*code, text.clone()),
+            Error::Protocol(p) => (p.code(), p.to_string()),
+            _ => unreachable!("matched above"),
+        };
+        let _ = write_message(&mut send, &error_msg(code, text.clone(), None), max_frame).await;
+        let _ = send.finish();
+        return Err(Error::Refused { code, text });
+    }
+    rate.check()?;
+    let Some(Message::Upload(up)) = first? else {
         write_message(
             &mut send,
             &error_msg(
@@ -570,8 +834,16 @@ async fn upload(
             max_frame,
         )
         .await?;
-        return Err(Error::Connection("stream without upload".into()));
+        return Err(Error::Refused {
+            code: ErrorCode::PROTOCOL_VIOLATION,
+            text: "a stream must start with an upload".into(),
+        });
     };
+    if !scope.can_write(&up.doc) {
+        write_message(&mut send, &forbidden(&up.doc), max_frame).await?;
+        let _ = send.finish();
+        return Ok(());
+    }
     if up.len > config.max_document_bytes {
         let text = format!(
             "upload of {} bytes exceeds the limit of {}",
@@ -623,9 +895,11 @@ async fn upload(
     )
     .await?;
     while have < up.len {
-        let Some(Message::Piece(p)) = read_message(&mut recv, max_frame).await? else {
+        let Some(Message::Piece(p)) = read_message(&mut recv, max_frame, Some(idle), idle).await?
+        else {
             return Err(Error::Connection("upload stream ended early".into()));
         };
+        rate.check()?;
         if p.id != up.id
             || p.offset != have
             || p.data.len() > redline_proto::message::MAX_PIECE
@@ -670,20 +944,24 @@ async fn upload(
     } else {
         match bundle_changes(&bytes) {
             Err(e) => error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(up.doc.clone())),
+            Ok(changes) if changes.len() > config.limits.max_changes_per_message => error_msg(
+                ErrorCode::TOO_LARGE,
+                format!(
+                    "{} changes in one upload; the limit is {}",
+                    changes.len(),
+                    config.limits.max_changes_per_message
+                ),
+                Some(up.doc.clone()),
+            ),
             Ok(changes) => {
                 known.add_own(&up.doc, &changes);
-                match hub.push(&up.doc, changes).await {
+                match hub.push(&up.doc, &device, changes).await {
                     Ok(c) => Message::Ack(Ack {
                         doc: up.doc.clone(),
                         heads: hashes_to_wire(&c.heads),
                         applied: c.applied,
                     }),
-                    Err(Error::MissingDependencies(_)) => Message::Resync(up.doc.clone()),
-                    Err(e) => error_msg(
-                        ErrorCode::STORAGE_FAILURE,
-                        e.to_string(),
-                        Some(up.doc.clone()),
-                    ),
+                    Err(e) => refusal(e, up.doc.clone()),
                 }
             }
         }

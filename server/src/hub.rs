@@ -18,9 +18,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use automerge::{Automerge, Change, ChangeHash};
-use redline_proto::DocId;
+use automerge::{ActorId, Automerge, Change, ChangeHash};
+use redline_proto::genesis::{GENESIS_ACTOR, genesis_hash};
 use redline_proto::message::{Payload, Subscription};
+use redline_proto::{DeviceId, DocId};
 use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
@@ -112,6 +113,7 @@ impl DocSlot {
 }
 
 struct PendingPush {
+    device: DeviceId,
     changes: Vec<Change>,
     reply: oneshot::Sender<Result<Committed, Error>>,
 }
@@ -156,6 +158,8 @@ pub struct Hub {
     seq: Mutex<SeqState>,
     stable: watch::Sender<u64>,
     flusher: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
+    /// Actor → the device it is bound to (a cache of the storage's table).
+    actors: Mutex<HashMap<ActorId, DeviceId>>,
     /// Counters.
     pub stats: HubStats,
 }
@@ -171,11 +175,15 @@ fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
 
 /// Decodes a bundle into changes.
 pub fn bundle_changes(bytes: &[u8]) -> Result<Vec<Change>, String> {
-    let bundle =
-        automerge::Bundle::try_from(bytes).map_err(|e| format!("not an Automerge bundle: {e}"))?;
-    bundle
-        .to_changes()
-        .map_err(|e| format!("bundle does not decode: {e}"))
+    // Automerge parses hostile bytes here: a panic inside it is a refusal, not a crash.
+    std::panic::catch_unwind(|| {
+        let bundle = automerge::Bundle::try_from(bytes)
+            .map_err(|e| format!("not an Automerge bundle: {e}"))?;
+        bundle
+            .to_changes()
+            .map_err(|e| format!("bundle does not decode: {e}"))
+    })
+    .unwrap_or_else(|_| Err("Automerge could not parse the bundle".into()))
 }
 
 /// Bundles `changes` of `doc` (hashes must be in the document).
@@ -207,6 +215,7 @@ impl Hub {
             stable,
             flusher,
             stats: HubStats::default(),
+            actors: Mutex::new(HashMap::new()),
         });
         // The flusher holds the hub weakly: when the relay shuts down, storage is released.
         let weak = Arc::downgrade(&hub);
@@ -335,13 +344,22 @@ impl Hub {
     }
 
     /// Commits `changes` to `doc` together with whatever else is queued for it.
-    pub async fn push(&self, id: &DocId, changes: Vec<Change>) -> Result<Committed, Error> {
+    pub async fn push(
+        &self,
+        id: &DocId,
+        device: &DeviceId,
+        changes: Vec<Change>,
+    ) -> Result<Committed, Error> {
         let slot = self.slot(id).await?;
         let (reply, rx) = oneshot::channel();
         slot.pending
             .lock()
             .expect("pending lock")
-            .push(PendingPush { changes, reply });
+            .push(PendingPush {
+                device: device.clone(),
+                changes,
+                reply,
+            });
         {
             let mut state = slot.state.lock().await;
             let batch = std::mem::take(&mut *slot.pending.lock().expect("pending lock"));
@@ -375,7 +393,7 @@ impl Hub {
             .iter()
             .flat_map(|p| p.changes.iter().map(|c| c.hash()))
             .collect();
-        let (ok, missing): (Vec<PendingPush>, Vec<PendingPush>) =
+        let (ready, missing): (Vec<PendingPush>, Vec<PendingPush>) =
             batch.into_iter().partition(|p| {
                 p.changes
                     .iter()
@@ -386,6 +404,23 @@ impl Hub {
             let _ = p
                 .reply
                 .send(Err(Error::MissingDependencies(id.to_string())));
+        }
+        // Actor binding: every change new to the relay must be by an actor of the
+        // pushing device (or be the document's genesis).
+        let (ok, forged): (Vec<PendingPush>, Vec<(PendingPush, Error)>) = {
+            let mut ok = Vec::new();
+            let mut forged = Vec::new();
+            for p in ready {
+                let new = p.changes.iter().filter(|c| !has(&state.doc, &c.hash()));
+                match self.check_actors(id, &p.device, new) {
+                    Ok(()) => ok.push(p),
+                    Err(e) => forged.push((p, e)),
+                }
+            }
+            (ok, forged)
+        };
+        for (p, e) in forged {
+            let _ = p.reply.send(Err(e));
         }
         if ok.is_empty() {
             return;
@@ -409,17 +444,44 @@ impl Hub {
             .filter(|h| !has(&state.doc, h) && seen.insert(*h))
             .collect();
         let n_pushes = ok.len() as u64;
-        // One call for the whole batch. If Automerge refuses it, retry each push alone so
-        // only the bad sender is refused.
+        // One call for the whole batch. If Automerge refuses it (or panics on hostile
+        // data), the document may be half-changed: reload it from disk and retry each push
+        // alone, so only the bad sender is refused.
         let mut accepted: Vec<(PendingPush, u32)> = Vec::new();
-        if state.doc.apply_changes(all).is_ok() {
+        if guarded_apply(&mut state.doc, all).is_ok() {
             accepted = ok.into_iter().zip(news).collect();
         } else {
+            if let Err(e) = self.reload(id, slot, state).await {
+                for p in ok {
+                    let _ = p.reply.send(Err(Error::Storage(e.to_string())));
+                }
+                return;
+            }
             for (p, n) in ok.into_iter().zip(news) {
-                match state.doc.apply_changes(p.changes.clone()) {
+                match guarded_apply(&mut state.doc, p.changes.clone()) {
                     Ok(()) => accepted.push((p, n)),
                     Err(e) => {
-                        let _ = p.reply.send(Err(Error::BadChanges(e.to_string())));
+                        let _ = p.reply.send(Err(Error::BadChanges(e)));
+                        if let Err(e) = self.reload(id, slot, state).await {
+                            for (p, _) in accepted {
+                                let _ = p.reply.send(Err(Error::Storage(e.to_string())));
+                            }
+                            return;
+                        }
+                        // What the reload dropped must be applied again.
+                        let again: Vec<Change> = accepted
+                            .iter()
+                            .flat_map(|(p, _)| p.changes.clone())
+                            .collect();
+                        if guarded_apply(&mut state.doc, again).is_err() {
+                            for (p, _) in accepted {
+                                let _ = p.reply.send(Err(Error::BadChanges(
+                                    "batch could not be applied".into(),
+                                )));
+                            }
+                            let _ = self.reload(id, slot, state).await;
+                            return;
+                        }
                     }
                 }
             }
@@ -509,19 +571,73 @@ impl Hub {
             }
             Err(e) => {
                 warn!(doc = %id, "commit failed, reloading from disk: {e}");
-                let key = id.clone();
-                if let Ok((mut fresh, bytes)) = self
-                    .blocking(move |s| s.load(&key))
-                    .await
-                    .and_then(|d| load_state(id, d))
-                {
-                    fresh.log_floor = self.seq.lock().expect("seq lock").next;
-                    *state = fresh;
-                    slot.stored_bytes.store(bytes, Ordering::Relaxed);
-                }
+                let _ = self.reload(id, slot, state).await;
                 Err(e)
             }
         }
+    }
+
+    /// Replaces the in-memory document with what storage holds: after a failed write
+    /// or a refused apply, memory never runs ahead of the disk.
+    pub(crate) async fn reload(
+        &self,
+        id: &DocId,
+        slot: &DocSlot,
+        state: &mut SlotState,
+    ) -> Result<(), Error> {
+        let key = id.clone();
+        let (mut fresh, bytes) = self
+            .blocking(move |s| s.load(&key))
+            .await
+            .and_then(|d| load_state(id, d))?;
+        fresh.log_floor = self.seq.lock().expect("seq lock").next;
+        *state = fresh;
+        slot.stored_bytes.store(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Checks that every change in `new` (changes new to the relay) is by an actor bound
+    /// to `device`, binding actors seen for the first time. The genesis actor belongs to
+    /// nobody: only the document's genesis change may carry it.
+    pub fn check_actors<'c>(
+        &self,
+        id: &DocId,
+        device: &DeviceId,
+        new: impl IntoIterator<Item = &'c Change>,
+    ) -> Result<(), Error> {
+        let mut genesis = None;
+        for change in new {
+            let actor = change.actor_id();
+            if actor.to_bytes() == GENESIS_ACTOR {
+                let expected = *genesis.get_or_insert_with(|| genesis_hash(id));
+                if change.hash() != expected {
+                    return Err(Error::ForgedActor {
+                        actor: actor.to_hex_string(),
+                        owner: "the document's genesis".into(),
+                    });
+                }
+                continue;
+            }
+            let known = self.actors.lock().expect("actors lock").get(actor).cloned();
+            let owner = match known {
+                Some(owner) => owner,
+                None => {
+                    let owner = self.storage.bind_actor(actor.to_bytes(), device)?;
+                    self.actors
+                        .lock()
+                        .expect("actors lock")
+                        .insert(actor.clone(), owner.clone());
+                    owner
+                }
+            };
+            if owner != *device {
+                return Err(Error::ForgedActor {
+                    actor: actor.to_hex_string(),
+                    owner: owner.to_string(),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn finish_seq(&self, seq: u64) {
@@ -703,6 +819,16 @@ impl Hub {
     /// Storage access for uploads.
     pub(crate) fn storage(&self) -> Arc<dyn DocStorage> {
         self.storage.clone()
+    }
+}
+
+/// `apply_changes` that turns a panic inside Automerge (hostile data) into an error. The
+/// document may be half-changed afterwards either way: callers reload it.
+fn guarded_apply(doc: &mut Automerge, changes: Vec<Change>) -> Result<(), String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.apply_changes(changes))) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("Automerge could not apply the changes".into()),
     }
 }
 

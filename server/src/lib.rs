@@ -1,8 +1,10 @@
 //! The Redline relay: devices connect over QUIC (TLS 1.3, ALPN `redline/1`), sync their
 //! documents, and the relay keeps every document durably in sled.
 //!
-//! - [`config`]: the relay's typed configuration and defaults;
-//! - [`tls`]: the self-signed development certificate and its fingerprint;
+//! - [`config`]: the relay's typed configuration, limits and defaults;
+//! - [`auth`]: the token key, token issuance and the revocation list;
+//! - [`access`]: what a token allows, per document kind;
+//! - [`tls`]: the dev certificate and its fingerprint, or production PEM files;
 //! - [`storage`]: the storage trait and its sled implementation;
 //! - [`hub`]: the documents the relay holds, loaded on demand;
 //! - [`relay`]: the QUIC endpoint, accept loop and shutdown;
@@ -20,6 +22,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod access;
+pub mod auth;
 pub mod config;
 mod connection;
 pub mod hub;
@@ -27,7 +31,7 @@ pub mod relay;
 pub mod storage;
 pub mod tls;
 
-pub use config::{DEFAULT_LISTEN, RelayConfig};
+pub use config::{DEFAULT_LISTEN, Limits, RelayConfig, TlsMode};
 pub use relay::{Relay, RelayHandle};
 
 use std::path::PathBuf;
@@ -74,10 +78,26 @@ pub enum Error {
     /// Automerge refused the changes.
     #[error("invalid changes: {0}")]
     BadChanges(String),
+    /// Changes carry an Automerge actor bound to another device.
+    #[error("changes by actor {actor} belong to {owner}: a device may only push its own changes")]
+    ForgedActor {
+        /// The actor (hex).
+        actor: String,
+        /// The device (or genesis) it belongs to.
+        owner: String,
+    },
     /// A protocol error on a stream.
     #[error(transparent)]
     Protocol(#[from] redline_proto::Error),
     /// The stream or connection failed.
     #[error("connection: {0}")]
     Connection(String),
+    /// The relay ends a connection for cause (credentials, limits, silence).
+    #[error("{code}: {text}")]
+    Refused {
+        /// The code the device is told.
+        code: redline_proto::ErrorCode,
+        /// Why.
+        text: String,
+    },
 }

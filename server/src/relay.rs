@@ -12,7 +12,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::config::RelayConfig;
+use crate::auth::Authority;
+use crate::config::{RelayConfig, TlsMode};
+use crate::connection::Shared;
 use crate::hub::Hub;
 use crate::storage::SledStorage;
 use crate::tls::{self, Identity};
@@ -24,6 +26,7 @@ pub struct Relay;
 /// A running relay.
 pub struct RelayHandle {
     local_addr: SocketAddr,
+    data_dir: std::path::PathBuf,
     identity: Identity,
     hub: Arc<Hub>,
     stop: watch::Sender<bool>,
@@ -50,7 +53,11 @@ impl Relay {
             path: data_dir.clone(),
             source,
         })?;
-        let identity = tls::load_or_create_dev_identity(&data_dir.join("tls"))?;
+        let identity = match &config.tls {
+            TlsMode::Dev => tls::load_or_create_dev_identity(&data_dir.join("tls"))?,
+            TlsMode::Files { cert, key } => tls::load_pem_identity(cert, key)?,
+        };
+        let authority = Arc::new(Authority::open(&data_dir)?);
         let db_dir = data_dir.join("db");
         let storage = tokio::task::spawn_blocking(move || SledStorage::open(&db_dir))
             .await
@@ -74,15 +81,20 @@ impl Relay {
         })?;
 
         let (stop, stopped) = watch::channel(false);
-        let accept_loop = tokio::spawn(accept_loop(
-            endpoint,
-            hub.clone(),
-            Arc::new(config),
-            stopped,
-        ));
+        tokio::spawn({
+            let (authority, stopped) = (authority.clone(), stopped.clone());
+            async move { authority.watch_file(stopped).await }
+        });
+        let shared = Shared {
+            hub: hub.clone(),
+            config: Arc::new(config),
+            authority,
+        };
+        let accept_loop = tokio::spawn(accept_loop(endpoint, shared, stopped));
         info!(%local_addr, fingerprint = %identity.fingerprint(), "relay listening");
         Ok(RelayHandle {
             local_addr,
+            data_dir,
             identity,
             hub,
             stop,
@@ -93,8 +105,7 @@ impl Relay {
 
 async fn accept_loop(
     endpoint: quinn::Endpoint,
-    hub: Arc<Hub>,
-    config: Arc<RelayConfig>,
+    shared: Shared,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
@@ -102,12 +113,12 @@ async fn accept_loop(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                if connections.len() >= config.max_connections {
+                if connections.len() >= shared.config.max_connections {
                     warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
                     incoming.refuse();
                     continue;
                 }
-                connections.spawn(connection::serve(incoming, hub.clone(), config.clone()));
+                connections.spawn(connection::serve(incoming, shared.clone()));
             }
             Some(_) = connections.join_next() => {}
             _ = stopped.changed() => break,
@@ -133,6 +144,11 @@ impl RelayHandle {
     /// The UDP address the relay listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The relay's data dir (documents, certificate, token key, revocation list).
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
     }
 
     /// SHA-256 fingerprint of the relay's certificate (lowercase hex): what devices pin.

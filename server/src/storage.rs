@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use redline_proto::DocId;
+use redline_proto::{DeviceId, DocId};
 
 use crate::Error;
 
@@ -58,6 +58,9 @@ pub trait DocStorage: Send + Sync + 'static {
     fn upload_bytes(&self, key: &[u8]) -> Result<Vec<u8>, Error>;
     /// Drops upload `key`.
     fn drop_upload(&self, key: &[u8]) -> Result<(), Error>;
+    /// Binds `actor` to `device` unless it is bound already; returns the device it is
+    /// bound to (not flushed: the commit that first uses it flushes).
+    fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error>;
 }
 
 /// sled-backed storage.
@@ -69,6 +72,7 @@ pub struct SledStorage {
     feed: sled::Tree,
     doc_seq: sled::Tree,
     uploads: sled::Tree,
+    actors: sled::Tree,
     epoch: u64,
 }
 
@@ -131,6 +135,7 @@ impl SledStorage {
             feed: db.open_tree("feed").map_err(storage_err)?,
             doc_seq: db.open_tree("doc_seq").map_err(storage_err)?,
             uploads: db.open_tree("uploads").map_err(storage_err)?,
+            actors: db.open_tree("actors").map_err(storage_err)?,
             db,
             epoch,
         })
@@ -326,6 +331,24 @@ impl DocStorage for SledStorage {
                 .map_err(storage_err)?;
         }
         Ok(())
+    }
+
+    fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error> {
+        let owner = match self
+            .actors
+            .compare_and_swap(
+                actor,
+                None as Option<&[u8]>,
+                Some(device.as_str().as_bytes()),
+            )
+            .map_err(storage_err)?
+        {
+            Ok(()) => return Ok(device.clone()),
+            Err(cas) => cas.current.unwrap_or_default(),
+        };
+        let owner = String::from_utf8(owner.to_vec())
+            .map_err(|_| Error::Storage("corrupt actor binding".into()))?;
+        DeviceId::new(owner).map_err(|e| Error::Storage(format!("corrupt actor binding: {e}")))
     }
 }
 

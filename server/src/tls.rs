@@ -1,42 +1,55 @@
-//! TLS for the relay: a self-signed development certificate created on first start and
-//! kept in the data dir, and the SHA-256 fingerprint devices pin.
+//! TLS for the relay, in one of two modes:
 //!
-//! Devices do not check the certificate against a CA: they compare its fingerprint with
-//! the one they were given. Handshake signatures are still verified, so only the holder
-//! of the private key can answer.
+//! - **dev** (the default): a self-signed certificate created on first start and kept in
+//!   the data dir. Devices do not check it against a CA: they compare its SHA-256
+//!   fingerprint with the one they were given (pinning). Handshake signatures are still
+//!   verified, so only the holder of the private key can answer.
+//! - **production**: certificate chain and private key loaded from PEM files (for example
+//!   from the organisation's CA or ACME). Devices either pin the leaf's fingerprint or
+//!   trust the issuing CA.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
 
 use crate::Error;
 
-/// The relay's certificate and key, DER-encoded.
-#[derive(Clone)]
+/// The relay's certificate chain and key.
 pub struct Identity {
-    /// The certificate.
-    pub cert_der: Vec<u8>,
-    /// The PKCS#8 private key.
-    pub key_der: Vec<u8>,
+    /// The certificate chain, leaf first (DER).
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key.
+    pub key: PrivateKeyDer<'static>,
     /// True if it was created by this call, false if loaded.
     pub created: bool,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            created: self.created,
+        }
+    }
 }
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Identity")
-            .field("fingerprint", &fingerprint(&self.cert_der))
+            .field("fingerprint", &self.fingerprint())
             .field("created", &self.created)
             .finish_non_exhaustive()
     }
 }
 
 impl Identity {
-    /// The certificate's SHA-256 fingerprint, lowercase hex.
+    /// The leaf certificate's SHA-256 fingerprint, lowercase hex.
     pub fn fingerprint(&self) -> String {
-        fingerprint(&self.cert_der)
+        fingerprint(self.chain.first().map(|c| c.as_ref()).unwrap_or_default())
     }
 }
 
@@ -62,8 +75,8 @@ pub fn load_or_create_dev_identity(dir: &Path) -> Result<Identity, Error> {
         let cert_der = std::fs::read(&cert_path).map_err(io("read", &cert_path))?;
         let key_der = std::fs::read(&key_path).map_err(io("read", &key_path))?;
         return Ok(Identity {
-            cert_der,
-            key_der,
+            chain: vec![CertificateDer::from(cert_der)],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
             created: false,
         });
     }
@@ -76,15 +89,36 @@ pub fn load_or_create_dev_identity(dir: &Path) -> Result<Identity, Error> {
     ];
     let certified =
         rcgen::generate_simple_self_signed(names).map_err(|e| Error::Tls(e.to_string()))?;
-    let identity = Identity {
-        cert_der: certified.cert.der().to_vec(),
-        key_der: certified.signing_key.serialize_der(),
-        created: true,
-    };
+    let cert_der = certified.cert.der().to_vec();
+    let key_der = certified.signing_key.serialize_der();
     // Key first and private; the certificate's presence marks a complete pair.
-    write_private(&key_path, &identity.key_der)?;
-    write_private(&cert_path, &identity.cert_der)?;
-    Ok(identity)
+    write_private(&key_path, &key_der)?;
+    write_private(&cert_path, &cert_der)?;
+    Ok(Identity {
+        chain: vec![CertificateDer::from(cert_der)],
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
+        created: true,
+    })
+}
+
+/// Loads a production certificate chain and private key from PEM files.
+pub fn load_pem_identity(cert: &Path, key: &Path) -> Result<Identity, Error> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| Error::Tls(format!("certificate file {}: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(Error::Tls(format!(
+            "certificate file {} holds no PEM certificate",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| Error::Tls(format!("key file {}: {e}", key.display())))?;
+    Ok(Identity {
+        chain,
+        key,
+        created: false,
+    })
 }
 
 /// Writes `bytes` to `path` through a temporary file, readable by the owner only.
@@ -107,14 +141,12 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 /// The rustls configuration of the relay: TLS 1.3 only, ring, ALPN `redline/1`.
 pub fn server_crypto(identity: &Identity) -> Result<rustls::ServerConfig, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cert = CertificateDer::from(identity.cert_der.clone());
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key_der.clone()));
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Tls(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .map_err(|e| Error::Tls(e.to_string()))?;
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| Error::Tls(format!("certificate and key do not fit together: {e}")))?;
     config.alpn_protocols = vec![redline_proto::ALPN.to_vec()];
     Ok(config)
 }

@@ -23,6 +23,7 @@ use redline_client::{
     Client, ClientConfig, NeedCategory, NeedStatus, NewHousehold, NewNeed, NewTask, Priority,
     RelayEndpoint, TaskKind, TaskStatus,
 };
+use redline_proto::token::Role;
 use redline_proto::{Day, DocId, MemberId, TeamId, ZoneId};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -207,7 +208,8 @@ fn today() -> anyhow::Result<Day> {
 
 /// Runs a field day; `progress` gets a line per phase.
 pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Result<FieldDayResult> {
-    let relay = RelayChild::start(&cfg.relay_exe, &cfg.work_dir.join("relay")).await?;
+    let relay_dir = cfg.work_dir.join("relay");
+    let relay = RelayChild::start(&cfg.relay_exe, &relay_dir).await?;
     let endpoint = RelayEndpoint::new(relay.addr, relay.fingerprint.clone());
     let day = today()?;
     let teams: Vec<TeamId> = (0..cfg.teams)
@@ -230,14 +232,25 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
     let mut devices = Vec::new();
     for (t, team) in teams.iter().enumerate() {
         for d in 0..cfg.devices_per_team {
-            let config = ClientConfig::new(MemberId::new(format!("{team}-m{d}"))?)
+            let member = format!("{team}-m{d}");
+            let dir = cfg.work_dir.join("devices").join(format!("{team}-{d}"));
+            let zone_names: Vec<String> = zones_of(t).iter().map(|z| z.to_string()).collect();
+            let zone_refs: Vec<&str> = zone_names.iter().map(String::as_str).collect();
+            let role = if d == 0 { Role::Lead } else { Role::Volunteer };
+            let token = crate::token_for(
+                &relay_dir,
+                &dir,
+                &member,
+                role,
+                &[team.as_str()],
+                &zone_refs,
+            )?;
+            let config = ClientConfig::new(MemberId::new(member)?)
                 .with_relay(endpoint.clone())
+                .with_token(token)
                 .with_teams(vec![team.clone()])
                 .with_zones(zones_of(t));
-            let client = Client::open(
-                cfg.work_dir.join("devices").join(format!("{team}-{d}")),
-                config,
-            )?;
+            let client = Client::open(dir, config)?;
             let mut docs = vec![DocId::ledger(team, &day)];
             docs.extend(zones_of(t).iter().map(DocId::households));
             devices.push(Device {
@@ -424,11 +437,20 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
     ));
 
     // ----- verification against the relay's copies ----------------------------------
+    let auditor_dir = cfg.work_dir.join("auditor");
     let auditor_config = ClientConfig::new(MemberId::new("auditor")?)
         .with_relay(endpoint.clone())
+        .with_token(crate::token_for(
+            &relay_dir,
+            &auditor_dir,
+            "auditor",
+            Role::Operator,
+            &[],
+            &[],
+        )?)
         .with_teams(teams.clone())
         .with_zones(zones.clone());
-    let auditor = Client::open(cfg.work_dir.join("auditor"), auditor_config)?;
+    let auditor = Client::open(auditor_dir, auditor_config)?;
     auditor.sync().await?;
     for d in &devices {
         for id in &d.docs {
@@ -493,11 +515,20 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
     live_ms.sort_by(f64::total_cmp);
 
     // ----- no-op reconnect -----------------------------------------------------------
+    let noop_dir = cfg.work_dir.join("noop");
     let noop_config = ClientConfig::new(MemberId::new("noop")?)
         .with_relay(endpoint.clone())
+        .with_token(crate::token_for(
+            &relay_dir,
+            &noop_dir,
+            "noop",
+            Role::Volunteer,
+            &["noop-team"],
+            &[],
+        )?)
         .with_teams(vec![TeamId::new("noop-team")?])
         .with_keep_days(20_000);
-    let noop = Client::open(cfg.work_dir.join("noop"), noop_config)?;
+    let noop = Client::open(noop_dir, noop_config)?;
     let first = time::Date::from_calendar_date(2025, time::Month::January, 1)?;
     for i in 0..cfg.noop_docs {
         let d = first + time::Duration::days(i as i64);

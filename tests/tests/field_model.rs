@@ -28,7 +28,7 @@ async fn with_roster() -> anyhow::Result<(redline_server::RelayHandle, Vec<tempf
         .map(|_| tempfile::tempdir())
         .collect::<Result<_, _>>()?;
     let relay = start_relay(dirs[0].path()).await?;
-    let op = org_phone(dirs[1].path(), "olu", "district-9", endpoint(&relay))?;
+    let op = org_phone(dirs[1].path(), "olu", "district-9", &relay)?;
     op.add_team(&team(), "Team 3, north")?;
     op.add_zone(&zone("zone-a"), "Village A")?;
     op.add_zone(&zone("zone-b"), "Village B")?;
@@ -44,7 +44,7 @@ async fn with_roster() -> anyhow::Result<(redline_server::RelayHandle, Vec<tempf
 #[tokio::test]
 async fn names_are_checked_against_the_roster_once_it_is_on_the_device() -> anyhow::Result<()> {
     let (relay, dirs) = with_roster().await?;
-    let a = org_phone(dirs[2].path(), "amira", "district-9", endpoint(&relay))?;
+    let a = org_phone(dirs[2].path(), "amira", "district-9", &relay)?;
     a.follow(&DocId::roster(&OrgId::new("district-9")?))?;
     a.sync().await?;
     let roster = a.roster()?.expect("roster synced");
@@ -179,9 +179,9 @@ async fn queries_answer_across_zones_and_days() -> anyhow::Result<()> {
 async fn the_lead_reconciles_a_day_resolves_a_conflict_and_exports_it() -> anyhow::Result<()> {
     let (relay, dirs) = with_roster().await?;
     let org = "district-9";
-    let a = org_phone(dirs[1].path(), "amira", org, endpoint(&relay))?;
-    let b = org_phone(dirs[2].path(), "bao", org, endpoint(&relay))?;
-    let lead = org_phone(dirs[3].path(), "lena", org, endpoint(&relay))?;
+    let a = org_phone(dirs[1].path(), "amira", org, &relay)?;
+    let b = org_phone(dirs[2].path(), "bao", org, &relay)?;
+    let lead = org_phone(dirs[3].path(), "lena", org, &relay)?;
     let (t, d) = (team(), day());
 
     let task = a.add_task(&t, &d, NewTask::new(TaskKind::Transfer, "Move patient"))?;
@@ -281,6 +281,14 @@ async fn old_days_leave_the_phone_but_not_the_relay() -> anyhow::Result<()> {
     let relay = start_relay(relay_dir.path()).await?;
     let config = redline_client::ClientConfig::new(member("amira"))
         .with_relay(endpoint(&relay))
+        .with_token(redline_tests::token_for(
+            relay.data_dir(),
+            dir.path(),
+            "amira",
+            redline_proto::token::Role::Operator,
+            &[],
+            &[],
+        )?)
         .with_keep_days(2);
     let a = redline_client::Client::open(dir.path(), config)?;
     let days =

@@ -11,7 +11,7 @@ use automerge::{ActorId, Automerge, ObjType, ROOT, ReadDoc};
 use redline_client::{NewHousehold, NewTask, TaskKind};
 use redline_proto::{Day, DocId, TeamId, ZoneId};
 use redline_server::RelayConfig;
-use redline_tests::{endpoint, start_relay, start_relay_with, team_phone};
+use redline_tests::{start_relay, start_relay_with, team_phone};
 
 fn team(t: &str) -> TeamId {
     TeamId::new(t).unwrap()
@@ -37,14 +37,7 @@ const ALL_DAYS: u32 = 20_000;
 async fn a_no_op_reconnect_of_500_documents_is_one_round_trip_under_2_kb() -> anyhow::Result<()> {
     let (rd, pd) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let relay = start_relay(rd.path()).await?;
-    let phone = team_phone(
-        pd.path(),
-        "amira",
-        endpoint(&relay),
-        &["team-1"],
-        &[],
-        ALL_DAYS,
-    )?;
+    let phone = team_phone(pd.path(), "amira", &relay, &["team-1"], &[], ALL_DAYS)?;
     for i in 0..500 {
         phone.add_to_tally(&team("team-1"), &nth_day(i), "samples_taken", 1)?;
     }
@@ -74,7 +67,7 @@ async fn a_no_op_reconnect_of_500_documents_is_one_round_trip_under_2_kb() -> an
     let other = team_phone(
         tempfile::tempdir()?.path(),
         "bao",
-        endpoint(&relay),
+        &relay,
         &["team-1"],
         &[],
         ALL_DAYS,
@@ -109,7 +102,7 @@ async fn fifty_devices_with_twenty_documents_each_reconnect_at_once_and_converge
             let phone = team_phone(
                 dir.path(),
                 &format!("m{t}-{p}"),
-                endpoint(&relay),
+                &relay,
                 &[name.as_str()],
                 &[],
                 ALL_DAYS,
@@ -184,22 +177,8 @@ async fn a_live_change_arrives_with_no_sync_call_by_the_receiver() -> anyhow::Re
         tempfile::tempdir()?,
     );
     let relay = start_relay(rd.path()).await?;
-    let a = team_phone(
-        ad.path(),
-        "amira",
-        endpoint(&relay),
-        &["team-1"],
-        &[],
-        ALL_DAYS,
-    )?;
-    let b = team_phone(
-        bd.path(),
-        "bao",
-        endpoint(&relay),
-        &["team-1"],
-        &[],
-        ALL_DAYS,
-    )?;
+    let a = team_phone(ad.path(), "amira", &relay, &["team-1"], &[], ALL_DAYS)?;
+    let b = team_phone(bd.path(), "bao", &relay, &["team-1"], &[], ALL_DAYS)?;
     let mut live_b = b.go_live()?;
     let mut live_a = a.go_live()?;
     // Both have finished their first flight.
@@ -260,15 +239,8 @@ async fn subscriptions_bring_the_zones_a_device_covers_and_nothing_else() -> any
         tempfile::tempdir()?,
     );
     let relay = start_relay(rd.path()).await?;
-    let writer = team_phone(
-        wd.path(),
-        "olu",
-        endpoint(&relay),
-        &[],
-        &["zone-a", "zone-b"],
-        7,
-    )?;
-    let reader = team_phone(zd.path(), "amira", endpoint(&relay), &[], &["zone-a"], 7)?;
+    let writer = team_phone(wd.path(), "olu", &relay, &[], &["zone-a", "zone-b"], 7)?;
+    let reader = team_phone(zd.path(), "amira", &relay, &[], &["zone-a"], 7)?;
     let household = NewHousehold {
         address: "Block 7".into(),
         residents: 2,
@@ -368,14 +340,7 @@ async fn sync_with_cuts(
 async fn a_20_mb_document_syncs_over_a_connection_cut_every_few_hundred_kb() -> anyhow::Result<()> {
     let (rd, pd) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let relay = start_relay(rd.path()).await?;
-    let phone = team_phone(
-        pd.path(),
-        "amira",
-        endpoint(&relay),
-        &["team-1"],
-        &[],
-        ALL_DAYS,
-    )?;
+    let phone = team_phone(pd.path(), "amira", &relay, &["team-1"], &[], ALL_DAYS)?;
     let id = DocId::ledger(&team("team-1"), &nth_day(0));
     let bytes = big_document(20);
     let size = bytes.len() as u64;
@@ -411,27 +376,13 @@ async fn a_new_device_downloads_a_20_mb_document_over_cut_connections_and_resume
         tempfile::tempdir()?,
     );
     let relay = start_relay(rd.path()).await?;
-    let a = team_phone(
-        ad.path(),
-        "amira",
-        endpoint(&relay),
-        &["team-1"],
-        &[],
-        ALL_DAYS,
-    )?;
+    let a = team_phone(ad.path(), "amira", &relay, &["team-1"], &[], ALL_DAYS)?;
     let id = DocId::ledger(&team("team-1"), &nth_day(0));
     let bytes = big_document(20);
     a.import(&id, &bytes)?;
     a.sync().await?;
 
-    let b = team_phone(
-        bd.path(),
-        "bao",
-        endpoint(&relay),
-        &["team-1"],
-        &[],
-        ALL_DAYS,
-    )?;
+    let b = team_phone(bd.path(), "bao", &relay, &["team-1"], &[], ALL_DAYS)?;
     let (_, received_before) = b.traffic();
     let (cuts, _) = sync_with_cuts(&b, 300 * 1024, Direction::Received).await;
     let received = b.traffic().1 - received_before;
@@ -469,7 +420,7 @@ async fn a_small_cache_evicts_documents_without_losing_anything() -> anyhow::Res
             team_phone(
                 d.path(),
                 &format!("m{i}"),
-                endpoint(&relay),
+                &relay,
                 &["team-1"],
                 &[],
                 ALL_DAYS,
@@ -548,7 +499,7 @@ async fn devices_repair_a_relay_restored_from_an_older_copy() -> anyhow::Result<
 
     let relay = start_relay(rd.path()).await?;
     let fingerprint = relay.fingerprint();
-    let a = team_phone(a_dir, "amira", endpoint(&relay), &["team-1"], &[], ALL_DAYS)?;
+    let a = team_phone(a_dir, "amira", &relay, &["team-1"], &[], ALL_DAYS)?;
     a.add_task(
         &t,
         &day,
@@ -560,7 +511,7 @@ async fn devices_repair_a_relay_restored_from_an_older_copy() -> anyhow::Result<
     copy_dir(rd.path(), backup.path())?;
 
     let relay = start_relay(rd.path()).await?;
-    let a = team_phone(a_dir, "amira", endpoint(&relay), &["team-1"], &[], ALL_DAYS)?;
+    let a = team_phone(a_dir, "amira", &relay, &["team-1"], &[], ALL_DAYS)?;
     a.add_task(
         &t,
         &day,
@@ -576,7 +527,7 @@ async fn devices_repair_a_relay_restored_from_an_older_copy() -> anyhow::Result<
     copy_dir(backup.path(), rd.path())?;
     let relay = start_relay(rd.path()).await?;
     assert_eq!(relay.fingerprint(), fingerprint);
-    let a = team_phone(a_dir, "amira", endpoint(&relay), &["team-1"], &[], ALL_DAYS)?;
+    let a = team_phone(a_dir, "amira", &relay, &["team-1"], &[], ALL_DAYS)?;
     let report = a.sync().await?;
     assert_eq!(report.docs_resynced, 1, "{report:?}");
     assert_eq!(
@@ -584,14 +535,7 @@ async fn devices_repair_a_relay_restored_from_an_older_copy() -> anyhow::Result<
         a.heads(&DocId::ledger(&t, &day))?
     );
 
-    let b = team_phone(
-        bd.path(),
-        "bao",
-        endpoint(&relay),
-        &["team-1"],
-        &[],
-        ALL_DAYS,
-    )?;
+    let b = team_phone(bd.path(), "bao", &relay, &["team-1"], &[], ALL_DAYS)?;
     b.sync().await?;
     let view = b.ledger(&t, &day)?.expect("b got the day");
     let titles: Vec<&str> = view.tasks.iter().map(|t| t.title.as_str()).collect();

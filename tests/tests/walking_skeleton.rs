@@ -4,7 +4,7 @@
 
 use redline_client::{NewTask, TaskKind};
 use redline_proto::{Day, DocId, TeamId};
-use redline_tests::{endpoint, phone, start_relay};
+use redline_tests::{endpoint, phone, phone_at, start_relay};
 
 fn team_day() -> (TeamId, Day) {
     (
@@ -25,8 +25,8 @@ async fn two_phones_offline_converge_through_the_relay() -> anyhow::Result<()> {
         tempfile::tempdir()?,
     ];
     let relay = start_relay(dirs[0].path()).await?;
-    let a = phone(dirs[1].path(), "amira", endpoint(&relay))?;
-    let b = phone(dirs[2].path(), "bao", endpoint(&relay))?;
+    let a = phone(dirs[1].path(), "amira", &relay)?;
+    let b = phone(dirs[2].path(), "bao", &relay)?;
     let (team, day) = team_day();
 
     // Both work offline on the same day's ledger.
@@ -114,7 +114,7 @@ async fn a_restarted_relay_still_has_what_it_acknowledged() -> anyhow::Result<()
 
     let relay = start_relay(dirs[0].path()).await?;
     let fingerprint = relay.fingerprint();
-    let a = phone(dirs[1].path(), "amira", endpoint(&relay))?;
+    let a = phone(dirs[1].path(), "amira", &relay)?;
     a.add_task(&team, &day, task("Transfer to quarantine site"))?;
     a.add_to_tally(&team, &day, "door_sensors_fitted", 3)?;
     let report = a.sync().await?;
@@ -137,7 +137,7 @@ async fn a_restarted_relay_still_has_what_it_acknowledged() -> anyhow::Result<()
     );
 
     // A second phone that never met the first relay gets everything from the new one.
-    let b = phone(dirs[2].path(), "bao", endpoint(&relay))?;
+    let b = phone(dirs[2].path(), "bao", &relay)?;
     b.follow(&id)?;
     let got = b.sync().await?;
     assert!(got.changes_received >= 2, "{got:?}");
@@ -160,7 +160,7 @@ async fn a_reopened_phone_keeps_unsynced_writes_and_syncs_them_later() -> anyhow
     let relay = start_relay(dirs[0].path()).await?;
 
     let device_id = {
-        let a = phone(dirs[1].path(), "amira", endpoint(&relay))?;
+        let a = phone(dirs[1].path(), "amira", &relay)?;
         a.check_in(&team, &day)?;
         a.add_task(&team, &day, task("Inspect checkpoint north"))?;
         a.add_to_tally(&team, &day, "deliveries", 6)?;
@@ -168,7 +168,7 @@ async fn a_reopened_phone_keeps_unsynced_writes_and_syncs_them_later() -> anyhow
         // The phone is closed here without ever syncing.
     };
 
-    let a = phone(dirs[1].path(), "amira", endpoint(&relay))?;
+    let a = phone(dirs[1].path(), "amira", &relay)?;
     assert_eq!(
         a.identity().device,
         device_id,
@@ -180,7 +180,7 @@ async fn a_reopened_phone_keeps_unsynced_writes_and_syncs_them_later() -> anyhow
     let report = a.sync().await?;
     assert!(report.changes_sent >= 3, "{report:?}");
 
-    let b = phone(dirs[2].path(), "bao", endpoint(&relay))?;
+    let b = phone(dirs[2].path(), "bao", &relay)?;
     b.follow(&DocId::ledger(&team, &day))?;
     b.sync().await?;
     assert_eq!(b.ledger(&team, &day)?, Some(view));
@@ -194,7 +194,7 @@ async fn a_wrong_certificate_pin_is_refused_with_a_clear_error() -> anyhow::Resu
     let relay = start_relay(dirs[0].path()).await?;
     let mut wrong = endpoint(&relay);
     wrong.fingerprint = "00".repeat(32);
-    let a = phone(dirs[1].path(), "amira", wrong)?;
+    let a = phone_at(dirs[1].path(), "amira", &relay, wrong)?;
     let (team, day) = team_day();
     a.add_to_tally(&team, &day, "samples_taken", 1)?;
     let err = a
@@ -219,7 +219,7 @@ async fn bad_input_is_refused_and_loses_nothing() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let relay_dir = tempfile::tempdir()?;
     let relay = start_relay(relay_dir.path()).await?;
-    let a = phone(dir.path(), "amira", endpoint(&relay))?;
+    let a = phone(dir.path(), "amira", &relay)?;
     let (team, day) = team_day();
     a.add_to_tally(&team, &day, "samples_taken", 2)?;
     assert!(
