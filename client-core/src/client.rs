@@ -381,8 +381,14 @@ impl Client {
                     Err(e) => Err(e),
                 };
                 let failed = result.is_err();
+                // Without valid credentials retrying cannot help: report and stop.
+                let hopeless =
+                    matches!(&result, Err(Error::Refused { code, .. }) if code.is_credential());
                 if let Err(e) = result {
                     let _ = report_tx.send(Err(e));
+                }
+                if hopeless {
+                    return;
                 }
                 if *stopped.borrow() {
                     return;

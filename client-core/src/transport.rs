@@ -185,3 +185,14 @@ pub(crate) async fn connect(
         }
     }
 }
+
+/// Opens a QUIC connection to `relay` with the same TLS checks the sync driver uses, for
+/// tools and tests that speak the protocol themselves. Keep the endpoint alive as long
+/// as the connection.
+pub async fn open_connection(
+    relay: &RelayEndpoint,
+) -> Result<(quinn::Endpoint, quinn::Connection), Error> {
+    let endpoint = client_endpoint(&relay.addr)?;
+    let conn = connect(&endpoint, relay).await?;
+    Ok((endpoint, conn))
+}

@@ -342,6 +342,15 @@ impl ErrorCode {
     /// The peer was silent too long on a stream that needed an answer.
     pub const TIMED_OUT: Self = Self(17);
 
+    /// Whether the code says the device's credentials are not valid (no token, expired,
+    /// revoked): retrying without a new token cannot succeed.
+    pub fn is_credential(self) -> bool {
+        matches!(
+            self,
+            Self::UNAUTHORIZED | Self::TOKEN_EXPIRED | Self::TOKEN_REVOKED
+        )
+    }
+
     /// The code's name, or `unknown` for codes from a newer peer.
     pub fn name(self) -> &'static str {
         match self.0 {

@@ -131,3 +131,110 @@ pub fn org_phone(
         .with_org(OrgId::new(org)?);
     Ok(Client::open(dir, config)?)
 }
+
+/// A device that speaks the protocol by hand: for tests that send what a well-behaved
+/// client never would (garbage, forged changes, oversized frames, silence).
+pub struct RawDevice {
+    _endpoint: quinn::Endpoint,
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+    /// The control stream's send side.
+    pub send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: redline_proto::codec::FrameDecoder,
+}
+
+impl RawDevice {
+    /// Connects to `relay` (real TLS, pinned) and opens the control stream.
+    pub async fn connect(relay: &RelayHandle) -> anyhow::Result<Self> {
+        let (endpoint, conn) = redline_client::transport::open_connection(&endpoint(relay)).await?;
+        let (send, recv) = conn.open_bi().await?;
+        Ok(Self {
+            _endpoint: endpoint,
+            conn,
+            send,
+            recv,
+            decoder: redline_proto::codec::FrameDecoder::new(
+                redline_proto::codec::DEFAULT_MAX_FRAME,
+            ),
+        })
+    }
+
+    /// Sends one message on the control stream.
+    pub async fn send(&mut self, msg: &redline_proto::Message) -> anyhow::Result<()> {
+        let frame =
+            redline_proto::codec::encode_frame(msg, redline_proto::codec::DEFAULT_MAX_FRAME)?;
+        self.send.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// Sends raw bytes on the control stream.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.send.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Sends a `Hello` and returns the relay's answer (`Welcome` or `Error`).
+    pub async fn hello(
+        &mut self,
+        device: &DeviceId,
+        token: &str,
+        subscription: redline_proto::message::Subscription,
+    ) -> anyhow::Result<redline_proto::Message> {
+        self.send(&redline_proto::Message::Hello(
+            redline_proto::message::Hello {
+                protocol_version: redline_proto::PROTOCOL_VERSION,
+                device: device.clone(),
+                app_version: "raw-test".into(),
+                subscription,
+                token: token.into(),
+            },
+        ))
+        .await?;
+        self.next(Duration::from_secs(5))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no answer to hello"))
+    }
+
+    /// The next message from the relay, `None` if the stream ended or `within` passed.
+    pub async fn next(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<Option<redline_proto::Message>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(m) = self.decoder.next_message()? {
+                return Ok(Some(m));
+            }
+            match tokio::time::timeout_at(deadline, self.recv.read_chunk(64 * 1024, true)).await {
+                Err(_) => return Ok(None),
+                Ok(Ok(Some(chunk))) => self.decoder.push(&chunk.bytes),
+                Ok(Ok(None)) | Ok(Err(_)) => return Ok(None),
+            }
+        }
+    }
+
+    /// Every message until the stream ends or `within` passes.
+    pub async fn drain(&mut self, within: Duration) -> anyhow::Result<Vec<redline_proto::Message>> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut all = Vec::new();
+        while let Some(m) = self
+            .next(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await?
+        {
+            all.push(m);
+        }
+        Ok(all)
+    }
+
+    /// The application code the relay closed the connection with, if it did so within
+    /// `within`.
+    pub async fn closed_with(&self, within: Duration) -> Option<u16> {
+        match tokio::time::timeout(within, self.conn.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+                u16::try_from(c.error_code.into_inner()).ok()
+            }
+            _ => None,
+        }
+    }
+}
