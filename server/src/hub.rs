@@ -822,6 +822,16 @@ impl Hub {
     }
 }
 
+/// What the relay does with a push's bytes before they can reach a stored document:
+/// decode the bundle, apply it. On error `doc` may be half-changed (the relay reloads it
+/// from disk); the fuzz targets and property tests drive this with hostile bytes.
+pub fn apply_untrusted(doc: &mut Automerge, bytes: &[u8]) -> Result<usize, String> {
+    let changes = bundle_changes(bytes)?;
+    let n = changes.len();
+    guarded_apply(doc, changes)?;
+    Ok(n)
+}
+
 /// `apply_changes` that turns a panic inside Automerge (hostile data) into an error. The
 /// document may be half-changed afterwards either way: callers reload it.
 fn guarded_apply(doc: &mut Automerge, changes: Vec<Change>) -> Result<(), String> {

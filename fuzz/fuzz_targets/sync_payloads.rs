@@ -1,0 +1,46 @@
+//! The relay's handling of sync payloads: push bundles and Automerge sync messages
+//! applied to a stored document. Hostile bytes are refused; nothing panics the relay.
+#![no_main]
+
+use std::sync::OnceLock;
+
+use automerge::transaction::Transactable;
+use automerge::{Automerge, ROOT};
+use libfuzzer_sys::fuzz_target;
+use redline_proto::DocId;
+use redline_proto::message::SyncStep;
+use redline_proto::session::RelayResync;
+use redline_server::hub::apply_untrusted;
+
+fn base() -> &'static Automerge {
+    static BASE: OnceLock<Automerge> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let id = DocId::parse("ledger/t1/2026-11-29").unwrap();
+        let mut doc = redline_proto::genesis::genesis(&id);
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(ROOT, "note", "seed")?;
+            Ok(())
+        })
+        .unwrap();
+        doc
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, bytes)) = data.split_first() else {
+        return;
+    };
+    let mut doc = base().clone();
+    if mode % 2 == 0 {
+        let _ = apply_untrusted(&mut doc, bytes);
+    } else {
+        let step = SyncStep {
+            doc: DocId::parse("ledger/t1/2026-11-29").unwrap(),
+            data: Some(bytes.to_vec()),
+        };
+        if let Ok(message) = RelayResync::decode(&step) {
+            let mut session = RelayResync::new();
+            let _ = session.apply(&step.doc, &mut doc, message);
+        }
+    }
+});

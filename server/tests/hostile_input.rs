@@ -1,0 +1,91 @@
+//! Property tests standing in for the fuzzers in CI: hostile bytes on the relay's
+//! decoding and merge paths never panic, and a refused payload changes nothing stored.
+//! The cargo-fuzz targets in `fuzz/` run the same entry points without a case limit.
+
+use automerge::transaction::Transactable;
+use automerge::{Automerge, ROOT};
+use proptest::prelude::*;
+use redline_proto::DocId;
+use redline_proto::codec::{self, FrameDecoder};
+use redline_proto::message::SyncStep;
+use redline_proto::session::RelayResync;
+use redline_server::hub::apply_untrusted;
+
+fn base() -> Automerge {
+    let mut doc = Automerge::new();
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+        tx.put(ROOT, "kind", "ledger")?;
+        tx.put(ROOT, "count", 3)?;
+        Ok(())
+    })
+    .unwrap();
+    doc
+}
+
+/// A valid bundle of a change on top of `base()`.
+fn valid_bundle() -> Vec<u8> {
+    let mut doc = base().fork();
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+        tx.put(ROOT, "note", "from a phone")?;
+        Ok(())
+    })
+    .unwrap();
+    let h = doc.get_last_local_change().unwrap().hash();
+    doc.bundle([h]).unwrap().bytes().to_vec()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn frames_of_random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let mut d = FrameDecoder::new(64 * 1024);
+        for chunk in bytes.chunks(7) {
+            d.push(chunk);
+            while let Ok(Some(_)) = d.next_message() {}
+        }
+        let _ = codec::decode_payload(&bytes);
+    }
+
+    #[test]
+    fn random_push_bytes_are_refused_or_applied_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let mut doc = base();
+        let _ = apply_untrusted(&mut doc, &bytes);
+    }
+
+    #[test]
+    fn mutated_bundles_never_panic(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8), cut in any::<prop::sample::Index>()) {
+        let mut bytes = valid_bundle();
+        for (at, value) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] ^= value;
+        }
+        let keep = cut.index(bytes.len() + 1);
+        let mut doc = base();
+        let _ = apply_untrusted(&mut doc, &bytes[..keep.max(1).min(bytes.len())]);
+    }
+
+    #[test]
+    fn random_sync_steps_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let step = SyncStep { doc: DocId::parse("ledger/t1/2026-11-29").unwrap(), data: Some(bytes) };
+        if let Ok(message) = RelayResync::decode(&step) {
+            let mut doc = base();
+            let mut session = RelayResync::new();
+            let _ = session.apply(&step.doc, &mut doc, message);
+        }
+    }
+}
+
+#[test]
+fn a_valid_bundle_applies_and_its_truncations_are_refused() {
+    let bytes = valid_bundle();
+    let mut doc = base();
+    assert_eq!(apply_untrusted(&mut doc, &bytes), Ok(1));
+    for keep in 0..bytes.len() {
+        let mut doc = base();
+        assert!(
+            apply_untrusted(&mut doc, &bytes[..keep]).is_err(),
+            "a bundle cut at {keep} was accepted"
+        );
+    }
+}
