@@ -89,3 +89,15 @@ fn a_valid_bundle_applies_and_its_truncations_are_refused() {
         );
     }
 }
+
+/// Inputs the fuzzers found. `bundle-hexane-eof.bin` (mode byte + bundle): automerge
+/// 0.12's `Bundle::try_from` panics on it (an `unwrap` in hexane's LEB128 reader); the
+/// relay must refuse it, not crash.
+#[test]
+fn fuzzer_findings_are_refused() {
+    let input = include_bytes!("regressions/bundle-hexane-eof.bin");
+    let mut doc = redline_proto::genesis::genesis(&DocId::parse("ledger/t1/2026-11-29").unwrap());
+    let before = doc.get_heads();
+    assert!(apply_untrusted(&mut doc, &input[1..]).is_err());
+    assert_eq!(doc.get_heads(), before);
+}
