@@ -35,10 +35,28 @@ pub(crate) struct Inner {
     /// Signalled on every local write (a live session pushes it).
     pub(crate) local_change: tokio::sync::Notify,
     /// Documents changed, locally or by sync.
-    pub(crate) changes: tokio::sync::broadcast::Sender<DocId>,
+    pub(crate) changes: tokio::sync::broadcast::Sender<DocChange>,
     /// The last large push built, reused while it is still what needs sending: a resumed
     /// upload sends the very same bytes, and a 20 MB bundle is not rebuilt per attempt.
     pub(crate) upload_cache: Mutex<Option<crate::sync::CachedUpload>>,
+}
+
+/// Where a document change came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeOrigin {
+    /// A write on this device.
+    Local,
+    /// Changes from the relay (other devices' work).
+    Sync,
+}
+
+/// A document changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocChange {
+    /// Which document.
+    pub doc: DocId,
+    /// Where the change came from.
+    pub origin: ChangeOrigin,
 }
 
 /// A live connection to the relay, started by [`Client::go_live`]: local writes are pushed
@@ -213,7 +231,10 @@ impl Client {
         }
         drop(docs);
         self.inner.local_change.notify_one();
-        let _ = self.inner.changes.send(id.clone());
+        let _ = self.inner.changes.send(DocChange {
+            doc: id.clone(),
+            origin: ChangeOrigin::Local,
+        });
         Ok(result)
     }
 
@@ -245,8 +266,9 @@ impl Client {
         }
     }
 
-    /// Documents changed from now on, locally or by sync (for observers).
-    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<DocId> {
+    /// Documents changed from now on, locally or by sync (for observers). A receiver that
+    /// lags behind loses the oldest notices (`RecvError::Lagged`): re-read everything.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<DocChange> {
         self.inner.changes.subscribe()
     }
 
@@ -276,7 +298,10 @@ impl Client {
         }
         drop(docs);
         self.inner.local_change.notify_one();
-        let _ = self.inner.changes.send(id.clone());
+        let _ = self.inner.changes.send(DocChange {
+            doc: id.clone(),
+            origin: ChangeOrigin::Local,
+        });
         Ok(new)
     }
 

@@ -43,7 +43,7 @@ use std::net::SocketAddr;
 use redline_proto::codec::DEFAULT_MAX_FRAME;
 use redline_proto::{MemberId, OrgId, TeamId, ZoneId};
 
-pub use client::{Client, LiveSync, Rollover};
+pub use client::{ChangeOrigin, Client, DocChange, LiveSync, Rollover};
 pub use conflicts::{Conflict, ConflictValue};
 pub use households::{
     Household, HouseholdUpdate, HouseholdsView, Need, NeedCategory, NewHousehold, NewNeed,

@@ -863,7 +863,10 @@ impl Client {
             }
         }
         for id in changed {
-            let _ = self.inner.changes.send(id);
+            let _ = self.inner.changes.send(crate::client::DocChange {
+                doc: id,
+                origin: crate::client::ChangeOrigin::Sync,
+            });
         }
         for id in f.applied_transfers.drain(..) {
             self.inner.store.drop_transfer(&id)?;

@@ -175,6 +175,8 @@ fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
 
 /// Decodes a bundle into changes.
 pub fn bundle_changes(bytes: &[u8]) -> Result<Vec<Change>, String> {
+    // Size bombs first: Automerge would materialise whatever the columns announce.
+    crate::bundle_guard::check(bytes)?;
     // Automerge parses hostile bytes here: a panic inside it is a refusal, not a crash.
     std::panic::catch_unwind(|| {
         let bundle = automerge::Bundle::try_from(bytes)

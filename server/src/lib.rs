@@ -24,6 +24,7 @@
 
 pub mod access;
 pub mod auth;
+pub mod bundle_guard;
 pub mod config;
 mod connection;
 pub mod hub;

@@ -90,14 +90,23 @@ fn a_valid_bundle_applies_and_its_truncations_are_refused() {
     }
 }
 
-/// Inputs the fuzzers found. `bundle-hexane-eof.bin` (mode byte + bundle): automerge
-/// 0.12's `Bundle::try_from` panics on it (an `unwrap` in hexane's LEB128 reader); the
-/// relay must refuse it, not crash.
+/// Inputs the fuzzers found (a mode byte, then a bundle), each refused without touching
+/// the document:
+/// - `bundle-hexane-eof.bin`: automerge 0.12's `Bundle::try_from` panics on it (an
+///   `unwrap` in hexane's LEB128 reader);
+/// - `bundle-rle-bomb.bin`: 28 bytes whose run-length header announces ~1.6 billion
+///   values; automerge 0.12 allocates gigabytes for it (the relay's bundle guard refuses
+///   it before Automerge sees it).
 #[test]
 fn fuzzer_findings_are_refused() {
-    let input = include_bytes!("regressions/bundle-hexane-eof.bin");
-    let mut doc = redline_proto::genesis::genesis(&DocId::parse("ledger/t1/2026-11-29").unwrap());
-    let before = doc.get_heads();
-    assert!(apply_untrusted(&mut doc, &input[1..]).is_err());
-    assert_eq!(doc.get_heads(), before);
+    for input in [
+        &include_bytes!("regressions/bundle-hexane-eof.bin")[..],
+        &include_bytes!("regressions/bundle-rle-bomb.bin")[..],
+    ] {
+        let mut doc =
+            redline_proto::genesis::genesis(&DocId::parse("ledger/t1/2026-11-29").unwrap());
+        let before = doc.get_heads();
+        assert!(apply_untrusted(&mut doc, &input[1..]).is_err());
+        assert_eq!(doc.get_heads(), before);
+    }
 }

@@ -495,7 +495,7 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
         a.add_to_tally(&teams[0], &day, "live_probe", 1)?;
         tokio::time::timeout(Duration::from_secs(30), async {
             loop {
-                let doc = seen.recv().await?;
+                let doc = seen.recv().await?.doc;
                 if doc == ledger
                     && b.day_totals(&teams[0], &day)
                         .ok()

@@ -192,7 +192,7 @@ async fn a_live_change_arrives_with_no_sync_call_by_the_receiver() -> anyhow::Re
     a.add_task(&t, &day, NewTask::new(TaskKind::Supply, "Deliver insulin"))?;
     let arrived = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            let doc = seen.recv().await.expect("change feed open");
+            let doc = seen.recv().await.expect("change feed open").doc;
             if doc == id
                 && b.ledger(&t, &day)
                     .ok()
@@ -217,7 +217,7 @@ async fn a_live_change_arrives_with_no_sync_call_by_the_receiver() -> anyhow::Re
     let new_id = DocId::ledger(&t, &new_day);
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            if seen.recv().await.expect("change feed open") == new_id {
+            if seen.recv().await.expect("change feed open").doc == new_id {
                 return;
             }
         }
