@@ -556,6 +556,7 @@ fn refusal(e: Error, doc: DocId) -> Message {
         Error::MissingDependencies(_) => Message::Resync(doc),
         Error::BadChanges(text) => error_msg(ErrorCode::BAD_DOCUMENT_DATA, text, Some(doc)),
         e @ Error::ForgedActor { .. } => error_msg(ErrorCode::FORBIDDEN, e.to_string(), Some(doc)),
+        Error::TooLarge(text) => error_msg(ErrorCode::TOO_LARGE, text, Some(doc)),
         e => error_msg(
             ErrorCode::STORAGE_FAILURE,
             format!("nothing was acknowledged: {e}"),

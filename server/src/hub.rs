@@ -154,6 +154,8 @@ pub struct Hub {
     storage: Arc<dyn DocStorage>,
     slots: Mutex<HashMap<DocId, Arc<DocSlot>>>,
     budget: usize,
+    /// Largest stored size of one document; pushes beyond it are refused.
+    max_document_bytes: AtomicU64,
     tick: AtomicU64,
     seq: Mutex<SeqState>,
     stable: watch::Sender<u64>,
@@ -209,6 +211,7 @@ impl Hub {
             storage,
             slots: Mutex::new(HashMap::new()),
             budget,
+            max_document_bytes: AtomicU64::new(u64::MAX),
             tick: AtomicU64::new(0),
             seq: Mutex::new(SeqState {
                 next: last + 1,
@@ -245,6 +248,11 @@ impl Hub {
             }
         });
         Ok(hub)
+    }
+
+    /// Refuses pushes that would grow a document's stored form beyond `bytes`.
+    pub fn set_max_document_bytes(&self, bytes: u64) {
+        self.max_document_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// The database epoch.
@@ -423,6 +431,25 @@ impl Hub {
         };
         for (p, e) in forged {
             let _ = p.reply.send(Err(e));
+        }
+        // Size: what the batch adds, estimated by the changes' raw bytes (the stored chunk
+        // is smaller), must keep the document within its limit.
+        let limit = self.max_document_bytes.load(Ordering::Relaxed);
+        let mut size = slot.stored_bytes.load(Ordering::Relaxed) as u64;
+        let (ok, oversized): (Vec<PendingPush>, Vec<PendingPush>) = ok.into_iter().partition(|p| {
+            let adds: u64 = p
+                .changes
+                .iter()
+                .filter(|c| !has(&state.doc, &c.hash()))
+                .map(|c| c.raw_bytes().len() as u64)
+                .sum();
+            size = size.saturating_add(adds);
+            size <= limit
+        });
+        for p in oversized {
+            let _ = p.reply.send(Err(Error::TooLarge(format!(
+                "{id} would grow beyond the relay's limit of {limit} bytes per document"
+            ))));
         }
         if ok.is_empty() {
             return;

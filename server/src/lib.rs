@@ -79,6 +79,9 @@ pub enum Error {
     /// Automerge refused the changes.
     #[error("invalid changes: {0}")]
     BadChanges(String),
+    /// A document would grow beyond the relay's size limit; nothing was stored.
+    #[error("too large: {0}")]
+    TooLarge(String),
     /// Changes carry an Automerge actor bound to another device.
     #[error("changes by actor {actor} belong to {owner}: a device may only push its own changes")]
     ForgedActor {

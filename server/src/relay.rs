@@ -63,6 +63,7 @@ impl Relay {
             .await
             .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
         let hub = Hub::new(Arc::new(storage), config.cache_budget_bytes)?;
+        hub.set_max_document_bytes(config.max_document_bytes);
 
         let crypto =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_crypto(&identity)?)

@@ -649,3 +649,37 @@ async fn production_tls_loads_pem_files_and_devices_trust_the_ca_or_a_pin() -> a
     relay.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_document_cannot_grow_past_the_relays_size_limit() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut config = RelayConfig::new(root.path().join("relay"));
+    config.max_document_bytes = 8 * 1024;
+    let relay = start_relay_with(config).await?;
+    let day = Day::new("2026-11-29")?;
+    let dir = root.path().join("phone");
+    let token = token_for(relay.data_dir(), &dir, "ana", Role::Volunteer, &[T3], &[])?;
+    let phone = client(&dir, &relay, "ana", token, &[T3]);
+    phone.add_to_tally(&team(T3), &day, "samples_taken", 1)?;
+    assert!(phone.sync().await?.refused.is_empty(), "a small day fits");
+    let stored = relay.heads(&DocId::ledger(&team(T3), &day)).await?;
+    for i in 0..40 {
+        let task = redline_client::NewTask::new(
+            redline_client::TaskKind::Supply,
+            format!("deliver parcel {i}: {}", "x".repeat(400)),
+        );
+        phone.add_task(&team(T3), &day, task)?;
+    }
+    let report = phone.sync().await?;
+    assert_eq!(report.refused.len(), 1, "{report:?}");
+    assert!(report.refused[0].1.starts_with("too_large"), "{report:?}");
+    assert_eq!(
+        relay.heads(&DocId::ledger(&team(T3), &day)).await?,
+        stored,
+        "nothing stored"
+    );
+    // The device keeps its work; the relay keeps serving.
+    assert_eq!(phone.ledger(&team(T3), &day)?.unwrap().tasks.len(), 40);
+    relay.shutdown().await?;
+    Ok(())
+}
