@@ -15,6 +15,10 @@ pub const DEFAULT_PORT: u16 = 7447;
 pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, DEFAULT_PORT));
 
+/// Where the metrics and health endpoint listens unless told otherwise (TCP, loopback).
+pub const DEFAULT_HTTP_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7448));
+
 /// How a relay runs.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -23,6 +27,9 @@ pub struct RelayConfig {
     pub data_dir: PathBuf,
     /// UDP address of the QUIC endpoint. Port 0 picks a free one (tests).
     pub listen: SocketAddr,
+    /// TCP address of the `/metrics` and `/health` endpoint (`None`: off). Loopback by
+    /// default.
+    pub http_listen: Option<SocketAddr>,
     /// Largest frame accepted from a device.
     pub max_frame: usize,
     /// Connections served at once; further handshakes are refused.
@@ -99,6 +106,7 @@ impl RelayConfig {
         Self {
             data_dir: data_dir.into(),
             listen: DEFAULT_LISTEN,
+            http_listen: Some(DEFAULT_HTTP_LISTEN),
             max_frame: DEFAULT_MAX_FRAME,
             max_connections: 10_000,
             max_streams_per_connection: 64,

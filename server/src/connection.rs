@@ -64,8 +64,15 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Shared) {
     };
     let span = info_span!("conn", conn = conn.stable_id(), %remote, device = tracing::field::Empty);
     let span2 = span.clone();
+    let hub = shared.hub.clone();
+    hub.metrics.connections.inc();
+    hub.metrics.connections_open.inc();
     async move {
-        match run(conn.clone(), shared, span2).await {
+        let mut wire = Wire::default();
+        let result = run(conn.clone(), shared, span2, &mut wire).await;
+        wire.account(&conn, &hub);
+        hub.metrics.connections_open.dec();
+        match result {
             Ok(()) => {}
             Err(e) => {
                 let code = match &e {
@@ -75,6 +82,7 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Shared) {
                 };
                 match code {
                     Some(code) => {
+                        hub.metrics.connections_refused.inc();
                         info!(%code, "closing connection: {e}");
                         conn.close(u32::from(code.0).into(), code.name().as_bytes());
                     }
@@ -130,6 +138,28 @@ pub(crate) async fn read_message(
             quinn::ReadExactError::ReadError(e) => Error::Connection(e.to_string()),
         })?;
     Ok(Some(codec::decode_payload(&payload)?))
+}
+
+/// Bytes of one connection already added to the relay's counters.
+#[derive(Default)]
+struct Wire {
+    received: u64,
+    sent: u64,
+}
+
+impl Wire {
+    /// Adds what the connection moved since the last call (UDP payload bytes, QUIC
+    /// overhead included) to the relay's counters.
+    fn account(&mut self, conn: &quinn::Connection, hub: &Hub) {
+        let stats = conn.stats();
+        let (rx, tx) = (stats.udp_rx.bytes, stats.udp_tx.bytes);
+        hub.metrics
+            .bytes_received
+            .inc_by(rx.saturating_sub(self.received));
+        hub.metrics.bytes_sent.inc_by(tx.saturating_sub(self.sent));
+        self.received = rx.max(self.received);
+        self.sent = tx.max(self.sent);
+    }
 }
 
 /// A token bucket: `rate` per second on average, bursts up to `burst`.
@@ -319,7 +349,12 @@ async fn greet(
     Err(denial)
 }
 
-async fn run(conn: quinn::Connection, shared: Shared, span: tracing::Span) -> Result<(), Error> {
+async fn run(
+    conn: quinn::Connection,
+    shared: Shared,
+    span: tracing::Span,
+    wire: &mut Wire,
+) -> Result<(), Error> {
     let Shared {
         hub,
         config,
@@ -334,6 +369,7 @@ async fn run(conn: quinn::Connection, shared: Shared, span: tracing::Span) -> Re
         })?
         .map_err(|e| Error::Connection(e.to_string()))?;
     let (hello, scope) = greet(&mut send, &mut recv, &shared).await?;
+    let greeted = std::time::Instant::now();
     span.record("device", tracing::field::display(&hello.device));
     let granted = scope.grant(&hello.subscription);
     info!(app_version = %hello.app_version, member = %scope.claims().member, role = %scope.claims().role, "device hello");
@@ -406,8 +442,16 @@ async fn run(conn: quinn::Connection, shared: Shared, span: tracing::Span) -> Re
     let mut pending_pull: Option<Pull> = None;
     let mut stable = hub.stable();
     let mut due: Option<tokio::time::Instant> = None;
+    let mut first_caught = true;
     let result = loop {
         let live = peer.delivered.is_some();
+        if first_caught && live {
+            first_caught = false;
+            hub.metrics
+                .sync_latency
+                .observe(greeted.elapsed().as_secs_f64());
+        }
+        wire.account(&conn, &hub);
         tokio::select! {
             item = inbox.recv() => match item {
                 None => break Ok(()),
@@ -439,7 +483,12 @@ async fn run(conn: quinn::Connection, shared: Shared, span: tracing::Span) -> Re
                                         let hub = hub.clone();
                                         let heads = hashes_from_wire(&p.heads);
                                         let device = peer.device.clone();
-                                        pushes.spawn(async move { let r = hub.push(&p.doc, &device, changes).await; (p.doc, heads, r) });
+                                        pushes.spawn(async move {
+                                            let arrived = std::time::Instant::now();
+                                            let r = hub.push(&p.doc, &device, changes).await;
+                                            hub.metrics.commit_latency.observe(arrived.elapsed().as_secs_f64());
+                                            (p.doc, heads, r)
+                                        });
                                     }
                                     Err(e) => { let _ = out.send(error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(p.doc))).await; }
                                 }

@@ -164,6 +164,8 @@ pub struct Hub {
     actors: Mutex<HashMap<ActorId, DeviceId>>,
     /// Counters.
     pub stats: HubStats,
+    /// Prometheus metrics (the connection layer records into them too).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Whether `doc` holds change `h` (metadata lookup, no copy of the change).
@@ -220,6 +222,7 @@ impl Hub {
             stable,
             flusher,
             stats: HubStats::default(),
+            metrics: crate::metrics::Metrics::default(),
             actors: Mutex::new(HashMap::new()),
         });
         // The flusher holds the hub weakly: when the relay shuts down, storage is released.
@@ -523,6 +526,7 @@ impl Hub {
         let heads = state.doc.get_heads();
         self.stats.pushes.fetch_add(n_pushes, Ordering::Relaxed);
         self.stats.max_batch.fetch_max(n_pushes, Ordering::Relaxed);
+        self.metrics.batch_size.observe(n_pushes as f64);
         for (p, applied) in accepted {
             let r = match &result {
                 Ok(()) => Ok(Committed {

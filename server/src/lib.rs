@@ -8,6 +8,7 @@
 //! - [`storage`]: the storage trait and its sled implementation;
 //! - [`hub`]: the documents the relay holds, loaded on demand;
 //! - [`relay`]: the QUIC endpoint, accept loop and shutdown;
+//! - [`metrics`]: Prometheus metrics and the `/metrics` + `/health` HTTP endpoint;
 //! - `connection`: one device connection, driving [`redline_proto::session::RelaySession`].
 //!
 //! The invariant everything serves: an [`Ack`](redline_proto::message::Ack) goes out only
@@ -28,7 +29,9 @@ pub mod bundle_guard;
 pub mod config;
 mod connection;
 pub mod hub;
+pub mod metrics;
 pub mod relay;
+pub mod settings;
 pub mod storage;
 pub mod tls;
 
@@ -62,6 +65,9 @@ pub enum Error {
         /// Automerge's reason.
         reason: String,
     },
+    /// The configuration is invalid.
+    #[error("configuration: {0}")]
+    Config(String),
     /// Certificate or TLS set-up failed.
     #[error("TLS: {0}")]
     Tls(String),

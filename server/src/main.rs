@@ -1,48 +1,84 @@
-//! `redline-server`: runs a Redline relay.
+//! `redline-server`: runs a Redline relay and administers it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use redline_server::{DEFAULT_LISTEN, Relay, RelayConfig, TlsMode};
+use clap::{Parser, Subcommand, ValueEnum};
+use redline_server::settings::{self, FileConfig};
+use redline_server::{Relay, RelayConfig, TlsMode};
 
 /// The Redline relay: devices sync their team ledgers and household books through it
 /// over QUIC.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(long, env = "REDLINE_LOG_FORMAT", value_enum, global = true)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the relay until Ctrl-C or SIGTERM.
-    ///
-    /// On first start it creates the data dir and a self-signed development certificate,
-    /// and prints the certificate's SHA-256 fingerprint: give it to devices to pin.
-    Serve {
-        /// Where documents and the certificate are kept.
+    /// Create a data dir: configuration file, dev certificate, token key and an operator
+    /// token for the admin commands.
+    Init {
+        /// Where to create it.
         #[arg(long, env = "REDLINE_DATA_DIR", default_value = "./redline-data")]
         data_dir: PathBuf,
-        /// UDP address to listen on.
-        #[arg(long, env = "REDLINE_LISTEN", default_value_t = DEFAULT_LISTEN)]
-        listen: SocketAddr,
-        /// Memory budget of the parsed-document cache, in MiB (cold documents stay
-        /// compressed on disk).
-        #[arg(long, env = "REDLINE_CACHE_MB", default_value_t = 512)]
-        cache_mb: usize,
-        /// Production TLS: certificate chain (PEM). Without it, the dev certificate.
-        #[arg(long, env = "REDLINE_TLS_CERT", requires = "tls_key")]
-        tls_cert: Option<PathBuf>,
-        /// Production TLS: private key (PEM).
-        #[arg(long, env = "REDLINE_TLS_KEY", requires = "tls_cert")]
-        tls_key: Option<PathBuf>,
+        /// The organisation whose roster the admin commands edit.
+        #[arg(long, default_value = "org")]
+        org: String,
     },
+    /// Run the relay until Ctrl-C or SIGTERM.
+    ///
+    /// Settings come from flags, then REDLINE_* environment variables, then the TOML file
+    /// (--config, or redline.toml in the data dir), then built-in defaults. A first start
+    /// needs nothing: it creates the data dir and a dev certificate and prints its
+    /// fingerprint for devices to pin.
+    Serve(ServeArgs),
     /// Issue, revoke and inspect device tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Edit the roster (teams, zones, members) through the running relay, as its operator.
+    Roster(RosterArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file (default: redline.toml in the data dir, if present).
+    #[arg(long, env = "REDLINE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where documents, certificate and keys are kept [default: ./redline-data].
+    #[arg(long, env = "REDLINE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// UDP address to listen on [default: 127.0.0.1:7447].
+    #[arg(long, env = "REDLINE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// TCP address of /metrics and /health, or "off" [default: 127.0.0.1:7448].
+    #[arg(long, env = "REDLINE_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    /// Parsed-document cache budget in MiB [default: 512].
+    #[arg(long, env = "REDLINE_CACHE_MB")]
+    cache_mb: Option<usize>,
+    /// Largest document in MiB [default: 256].
+    #[arg(long, env = "REDLINE_MAX_DOCUMENT_MB")]
+    max_document_mb: Option<u64>,
+    /// Production TLS: certificate chain (PEM). Without it, the dev certificate.
+    #[arg(long, env = "REDLINE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Production TLS: private key (PEM).
+    #[arg(long, env = "REDLINE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -87,6 +123,367 @@ enum TokenCommand {
         /// The token.
         token: String,
     },
+}
+
+#[derive(clap::Args)]
+struct RosterArgs {
+    /// The relay's data dir (its config, certificate and operator token from `init`).
+    #[arg(long, env = "REDLINE_DATA_DIR", default_value = "./redline-data")]
+    data_dir: PathBuf,
+    /// The relay's UDP address, if not the one in the data dir's config.
+    #[arg(long, env = "REDLINE_RELAY")]
+    relay: Option<SocketAddr>,
+    #[command(subcommand)]
+    change: RosterChange,
+}
+
+#[derive(Subcommand)]
+enum RosterChange {
+    /// Add (or rename) a team.
+    AddTeam {
+        /// Team id, e.g. team-3.
+        team: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Add (or rename) a zone.
+    AddZone {
+        /// Zone id, e.g. z1.
+        zone: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Record that a team covers a zone (--remove: no longer).
+    Cover {
+        /// Team id.
+        team: String,
+        /// Zone id.
+        zone: String,
+        /// Remove the coverage instead.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Add (or update) a member.
+    AddMember {
+        /// Member id, e.g. ana.
+        member: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// volunteer, lead or operator.
+        #[arg(long, default_value = "volunteer")]
+        role: String,
+        /// Teams (repeat or separate with commas).
+        #[arg(long = "team", value_delimiter = ',')]
+        teams: Vec<String>,
+    },
+    /// Print the roster as the relay holds it.
+    Show,
+}
+
+fn init_logs(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let (config, file) = resolve(args)?;
+            let format = cli.log_format.unwrap_or(match file.log_format.as_deref() {
+                Some("json") => LogFormat::Json,
+                _ => LogFormat::Human,
+            });
+            init_logs(format);
+            serve(config).await
+        }
+        other => {
+            init_logs(cli.log_format.unwrap_or(LogFormat::Human));
+            match other {
+                Command::Init { data_dir, org } => init(&data_dir, &org),
+                Command::Token(t) => token_command(t),
+                Command::Roster(r) => roster(r).await,
+                Command::Serve(_) => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+/// Flags and environment over the file over the defaults.
+fn resolve(args: ServeArgs) -> anyhow::Result<(RelayConfig, FileConfig)> {
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| "./redline-data".into());
+    let file_path = match &args.config {
+        Some(p) => Some(p.clone()),
+        None => Some(data_dir.join(settings::FILE_NAME)).filter(|p| p.exists()),
+    };
+    let file = match &file_path {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let mut config = file.apply(RelayConfig::new(&data_dir))?;
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(h) = args.http_listen {
+        config.http_listen = settings::http_listen(&h)?;
+    }
+    if let Some(mb) = args.cache_mb {
+        config.cache_budget_bytes = mb.saturating_mul(1 << 20);
+    }
+    if let Some(mb) = args.max_document_mb {
+        config.max_document_bytes = mb.saturating_mul(1 << 20);
+    }
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls = TlsMode::Files { cert, key };
+    }
+    Ok((config, file))
+}
+
+async fn serve(config: RelayConfig) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    let production = config.tls != TlsMode::Dev;
+    let relay = Relay::start(config)
+        .await
+        .with_context(|| format!("starting the relay with data dir {}", data_dir.display()))?;
+    println!("Redline relay {}", env!("CARGO_PKG_VERSION"));
+    println!("  data dir     {}", data_dir.display());
+    println!(
+        "  listening    udp {} (QUIC, ALPN redline/1)",
+        relay.local_addr()
+    );
+    match relay.http_addr() {
+        Some(a) => println!("  metrics      http://{a}/metrics (health: /health)"),
+        None => println!("  metrics      off"),
+    }
+    if production {
+        println!("  certificate  from PEM files (production)");
+    } else {
+        println!(
+            "  certificate  self-signed dev certificate ({})",
+            if relay.created_certificate() {
+                "created now"
+            } else {
+                "loaded"
+            }
+        );
+    }
+    println!("  fingerprint  {}", relay.fingerprint());
+    println!("Devices pin this fingerprint and need a token: redline-server token issue --help");
+    println!("Stop with Ctrl-C.");
+    wait_for_signal().await?;
+    println!("shutting down: finishing in-flight writes");
+    relay.shutdown().await?;
+    Ok(())
+}
+
+const OPERATOR_TOKEN: &str = "operator.token";
+const ADMIN_DEVICE: &str = "relay-admin";
+
+fn init(data_dir: &Path, org: &str) -> anyhow::Result<()> {
+    redline_proto::OrgId::new(org)?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let config_path = data_dir.join(settings::FILE_NAME);
+    if config_path.exists() {
+        println!("kept      {} (already there)", config_path.display());
+    } else {
+        let text = format!(
+            "{}# The organisation whose roster `redline-server roster` edits.\norg = {org:?}\n",
+            FileConfig::starter(data_dir)
+        );
+        std::fs::write(&config_path, text)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        println!("wrote     {}", config_path.display());
+    }
+    let identity = redline_server::tls::load_or_create_dev_identity(&data_dir.join("tls"))?;
+    println!(
+        "{}  dev certificate, fingerprint {}",
+        if identity.created {
+            "created"
+        } else {
+            "kept   "
+        },
+        identity.fingerprint()
+    );
+    redline_server::auth::load_or_create_key(data_dir)?;
+    let token_path = data_dir.join(OPERATOR_TOKEN);
+    if token_path.exists() {
+        println!("kept      {}", token_path.display());
+    } else {
+        let (claims, token) = redline_server::auth::issue(
+            data_dir,
+            redline_server::auth::TokenRequest {
+                device: redline_proto::DeviceId::new(ADMIN_DEVICE)?,
+                member: redline_proto::MemberId::new("operator")?,
+                role: redline_proto::token::Role::Operator,
+                teams: Vec::new(),
+                zones: Vec::new(),
+                ttl: std::time::Duration::from_secs(365 * 86_400),
+            },
+        )?;
+        write_private(&token_path, token.as_bytes())?;
+        println!(
+            "issued    operator token {} -> {}",
+            claims.id,
+            token_path.display()
+        );
+    }
+    println!();
+    println!(
+        "Next: redline-server serve --data-dir {}",
+        data_dir.display()
+    );
+    println!(
+        "      redline-server roster --data-dir {} add-team team-1 --name \"Team 1\"",
+        data_dir.display()
+    );
+    println!(
+        "      redline-server token issue --data-dir {} --member ana --device phone-ana --team team-1",
+        data_dir.display()
+    );
+    Ok(())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The operator's client for roster commands: a store in `<data>/admin`, the relay from
+/// the data dir's config (loopback when it listens on every address), the dev
+/// certificate's pin, and the operator token from `init`.
+fn admin_client(
+    data_dir: &Path,
+    relay: Option<SocketAddr>,
+) -> anyhow::Result<(redline_client::Client, redline_proto::OrgId)> {
+    let file_path = data_dir.join(settings::FILE_NAME);
+    let file = if file_path.exists() {
+        FileConfig::load(&file_path)?
+    } else {
+        FileConfig::default()
+    };
+    let config = file.apply(RelayConfig::new(data_dir))?;
+    let org = redline_proto::OrgId::new(file.org.clone().unwrap_or_else(|| "org".into()))?;
+    let mut addr = relay.unwrap_or(config.listen);
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let fingerprint = match &config.tls {
+        TlsMode::Dev => {
+            redline_server::tls::load_or_create_dev_identity(&data_dir.join("tls"))?.fingerprint()
+        }
+        TlsMode::Files { cert, key } => {
+            redline_server::tls::load_pem_identity(cert, key)?.fingerprint()
+        }
+    };
+    let token = std::fs::read_to_string(data_dir.join(OPERATOR_TOKEN)).with_context(|| {
+        format!(
+            "no operator token in {}: run `redline-server init --data-dir {}` first",
+            data_dir.display(),
+            data_dir.display()
+        )
+    })?;
+    let client_config =
+        redline_client::ClientConfig::new(redline_proto::MemberId::new("operator")?)
+            .with_relay(redline_client::RelayEndpoint::new(addr, fingerprint))
+            .with_token(token.trim())
+            .with_org(org.clone());
+    let client = redline_client::Client::open(data_dir.join("admin"), client_config)?;
+    Ok((client, org))
+}
+
+async fn roster(args: RosterArgs) -> anyhow::Result<()> {
+    use redline_proto::{MemberId, TeamId, ZoneId};
+    let (client, org) = admin_client(&args.data_dir, args.relay)?;
+    let reach = |e: redline_client::Error| {
+        anyhow::anyhow!(
+            "{e}\n(is the relay running? start it with `redline-server serve --data-dir {}`)",
+            args.data_dir.display()
+        )
+    };
+    // Start from the relay's roster, change it, send it back.
+    client.sync().await.map_err(reach)?;
+    match args.change {
+        RosterChange::AddTeam { team, name } => client.add_team(&TeamId::new(team)?, &name)?,
+        RosterChange::AddZone { zone, name } => client.add_zone(&ZoneId::new(zone)?, &name)?,
+        RosterChange::Cover { team, zone, remove } => {
+            client.set_coverage(&TeamId::new(team)?, &ZoneId::new(zone)?, !remove)?
+        }
+        RosterChange::AddMember {
+            member,
+            name,
+            role,
+            teams,
+        } => client.add_member(
+            &MemberId::new(member)?,
+            &name,
+            redline_client::Role::parse(&role)?,
+            &teams
+                .into_iter()
+                .map(TeamId::new)
+                .collect::<Result<Vec<_>, _>>()?,
+        )?,
+        RosterChange::Show => {}
+    }
+    let report = client.sync().await.map_err(reach)?;
+    if let Some((doc, why)) = report.refused.first() {
+        anyhow::bail!("the relay refused {doc}: {why}");
+    }
+    let roster = client.roster()?;
+    match roster {
+        Some(r) => println!("{}", serde_json::to_string_pretty(&r)?),
+        None => println!("roster/{org} is empty"),
+    }
+    Ok(())
 }
 
 /// Parses `30d`, `12h`, `90m`, `45s`.
@@ -180,66 +577,6 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(",")
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
-        Command::Serve {
-            data_dir,
-            listen,
-            cache_mb,
-            tls_cert,
-            tls_key,
-        } => {
-            let mut config = RelayConfig::new(&data_dir).with_listen(listen);
-            config.cache_budget_bytes = cache_mb.saturating_mul(1024 * 1024);
-            if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
-                config.tls = TlsMode::Files { cert, key };
-            }
-            serve(config).await
-        }
-        Command::Token(t) => token_command(t),
-    }
-}
-
-async fn serve(config: RelayConfig) -> anyhow::Result<()> {
-    let data_dir = config.data_dir.clone();
-    let production = config.tls != TlsMode::Dev;
-    let relay = Relay::start(config)
-        .await
-        .with_context(|| format!("starting the relay with data dir {}", data_dir.display()))?;
-    println!("Redline relay {}", env!("CARGO_PKG_VERSION"));
-    println!("  data dir     {}", data_dir.display());
-    println!(
-        "  listening    udp {} (QUIC, ALPN redline/1)",
-        relay.local_addr()
-    );
-    if production {
-        println!("  certificate  from PEM files (production)");
-    } else {
-        println!(
-            "  certificate  self-signed dev certificate ({})",
-            if relay.created_certificate() {
-                "created now"
-            } else {
-                "loaded"
-            }
-        );
-    }
-    println!("  fingerprint  {}", relay.fingerprint());
-    println!("Devices pin this fingerprint and need a token: redline-server token issue --help");
-    println!("Stop with Ctrl-C.");
-    wait_for_signal().await?;
-    println!("shutting down: finishing in-flight writes");
-    relay.shutdown().await?;
-    Ok(())
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

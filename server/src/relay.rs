@@ -26,6 +26,7 @@ pub struct Relay;
 /// A running relay.
 pub struct RelayHandle {
     local_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     data_dir: std::path::PathBuf,
     identity: Identity,
     hub: Arc<Hub>,
@@ -86,6 +87,10 @@ impl Relay {
             let (authority, stopped) = (authority.clone(), stopped.clone());
             async move { authority.watch_file(stopped).await }
         });
+        let http_addr = match config.http_listen {
+            Some(addr) => Some(crate::metrics::serve(addr, hub.clone(), stopped.clone()).await?),
+            None => None,
+        };
         let shared = Shared {
             hub: hub.clone(),
             config: Arc::new(config),
@@ -95,6 +100,7 @@ impl Relay {
         info!(%local_addr, fingerprint = %identity.fingerprint(), "relay listening");
         Ok(RelayHandle {
             local_addr,
+            http_addr,
             data_dir,
             identity,
             hub,
@@ -145,6 +151,11 @@ impl RelayHandle {
     /// The UDP address the relay listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The TCP address of the `/metrics` and `/health` endpoint, if enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// The relay's data dir (documents, certificate, token key, revocation list).

@@ -17,14 +17,16 @@ use redline_server::auth::TokenRequest;
 use redline_server::{Relay, RelayConfig, RelayHandle};
 use sha2::{Digest, Sha256};
 
-/// Starts a relay with its data in `dir`, on 127.0.0.1 with a free port.
+/// Starts a relay with its data in `dir`, on 127.0.0.1 with free ports (QUIC and
+/// metrics).
 pub async fn start_relay(dir: &Path) -> anyhow::Result<RelayHandle> {
-    let config = RelayConfig::new(dir).with_listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
-    Ok(Relay::start(config).await?)
+    start_relay_with(RelayConfig::new(dir)).await
 }
 
-/// Starts a relay with `config` (its listen address forced to 127.0.0.1 with a free port).
-pub async fn start_relay_with(config: RelayConfig) -> anyhow::Result<RelayHandle> {
+/// Starts a relay with `config`, its QUIC and metrics addresses forced to 127.0.0.1 with
+/// free ports.
+pub async fn start_relay_with(mut config: RelayConfig) -> anyhow::Result<RelayHandle> {
+    config.http_listen = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
     Ok(Relay::start(config.with_listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))).await?)
 }
 

@@ -1,0 +1,431 @@
+//! The `redline` and `redline-server` binaries, run for real against a relay process on
+//! loopback: init, roster admin, tokens, login, sync, ledger, needs, reconcile with a
+//! planted conflict and its resolution, export in every format, status, exit codes, and
+//! the metrics endpoint moving under load.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use assert_cmd::Command as Cmd;
+use redline_client::{Client, ClientConfig, NewNeed, NewTask, RelayEndpoint, TaskKind, TaskUpdate};
+use redline_proto::{Day, DocId, MemberId, TeamId, ZoneId};
+
+fn server_exe() -> PathBuf {
+    let deps = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let exe = deps.parent().unwrap().join("redline-server");
+    assert!(
+        exe.exists(),
+        "{} is missing: run the workspace tests (cargo test --workspace builds it)",
+        exe.display()
+    );
+    exe
+}
+
+fn server() -> Cmd {
+    Cmd::new(server_exe())
+}
+
+fn redline(config: &Path) -> Cmd {
+    let mut c = Cmd::cargo_bin("redline").unwrap();
+    c.env("REDLINE_CONFIG", config).env_remove("REDLINE_TOKEN");
+    c
+}
+
+struct RelayProcess {
+    child: Child,
+    addr: String,
+    http: String,
+    pin: String,
+}
+
+impl RelayProcess {
+    fn start(data_dir: &Path) -> Self {
+        let mut child = Command::new(server_exe())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut addr, mut http, mut pin) = (None, None, None);
+        while addr.is_none() || http.is_none() || pin.is_none() {
+            let line = lines.next().expect("relay output").unwrap();
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.first() {
+                Some(&"listening") => addr = Some(words[2].to_string()),
+                Some(&"metrics") => {
+                    http = Some(
+                        words[1]
+                            .trim_start_matches("http://")
+                            .trim_end_matches("/metrics")
+                            .to_string(),
+                    )
+                }
+                Some(&"fingerprint") => pin = Some(words[1].to_string()),
+                _ => {}
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Self {
+            child,
+            addr: addr.unwrap(),
+            http: http.unwrap(),
+            pin: pin.unwrap(),
+        }
+    }
+
+    fn get(&self, path: &str) -> String {
+        let mut s = std::net::TcpStream::connect(&self.http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    }
+
+    /// The value of metric `name` (first sample).
+    fn metric(&self, name: &str) -> f64 {
+        self.get("/metrics")
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn issue(relay_dir: &Path, member: &str, device: &str, role: &str) -> String {
+    let out = server()
+        .args(["token", "issue", "--data-dir"])
+        .arg(relay_dir)
+        .args([
+            "--member", member, "--device", device, "--role", role, "--team", "team-1", "--zones",
+            "z1",
+        ])
+        .assert()
+        .success();
+    String::from_utf8(out.get_output().stdout.clone())
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn phone(dir: &Path, relay: &RelayProcess, member: &str, token: String) -> Client {
+    let config = ClientConfig::new(MemberId::new(member).unwrap())
+        .with_relay(RelayEndpoint::new(relay.addr.parse().unwrap(), &relay.pin))
+        .with_token(token)
+        .with_teams(vec![TeamId::new("team-1").unwrap()])
+        .with_zones(vec![ZoneId::new("z1").unwrap()]);
+    Client::open(dir, config).unwrap()
+}
+
+fn stdout(a: &assert_cmd::assert::Assert) -> String {
+    String::from_utf8_lossy(&a.get_output().stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lead_works_a_field_day_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay_dir = tmp.path().join("relay");
+    let init = server()
+        .args(["init", "--org", "district-9", "--data-dir"])
+        .arg(&relay_dir)
+        .assert()
+        .success();
+    assert!(stdout(&init).contains("operator token"));
+    let relay = RelayProcess::start(&relay_dir);
+    assert!(relay.get("/health").contains("ok"));
+    let roster = server()
+        .args(["roster", "--relay", &relay.addr, "--data-dir"])
+        .arg(&relay_dir)
+        .args(["add-team", "team-1", "--name", "Team One"])
+        .assert()
+        .success();
+    assert!(stdout(&roster).contains("Team One"));
+
+    // Two phones work offline; both retitle the same task: a conflict.
+    let day = Day::new("2026-11-29").unwrap();
+    let (team, zone) = (TeamId::new("team-1").unwrap(), ZoneId::new("z1").unwrap());
+    let ana = phone(
+        &tmp.path().join("ana"),
+        &relay,
+        "ana",
+        issue(&relay_dir, "ana", "phone-ana", "volunteer"),
+    );
+    let bao = phone(
+        &tmp.path().join("bao"),
+        &relay,
+        "bao",
+        issue(&relay_dir, "bao", "phone-bao", "volunteer"),
+    );
+    let changes_before = relay.metric("redline_changes_applied_total");
+    let task = ana
+        .add_task(
+            &team,
+            &day,
+            NewTask::new(TaskKind::Supply, "Deliver insulin"),
+        )
+        .unwrap();
+    ana.add_to_tally(&team, &day, "samples_taken", 7).unwrap();
+    ana.sync().await.unwrap();
+    bao.sync().await.unwrap();
+    let retitle = |c: &Client, t: &str| {
+        let update = TaskUpdate {
+            title: Some(t.into()),
+            ..TaskUpdate::default()
+        };
+        c.update_task(&team, &day, &task, update).unwrap();
+    };
+    retitle(&ana, "Deliver insulin to block 7");
+    retitle(&bao, "Deliver insulin to block 9");
+    let house = ana
+        .add_household(
+            &zone,
+            redline_client::NewHousehold {
+                address: "Block 7".into(),
+                residents: 2,
+                contact: None,
+                flags: vec![],
+            },
+        )
+        .unwrap();
+    let need = |detail: &str, priority| NewNeed {
+        household: house.clone(),
+        category: redline_client::NeedCategory::Medicine,
+        detail: detail.into(),
+        priority,
+    };
+    ana.add_need(
+        &zone,
+        need("insulin pens", redline_client::Priority::Emergency),
+    )
+    .unwrap();
+    ana.add_need(&zone, need("plasters", redline_client::Priority::Routine))
+        .unwrap();
+    ana.sync().await.unwrap();
+    bao.sync().await.unwrap();
+    ana.sync().await.unwrap();
+    assert!(
+        relay.metric("redline_changes_applied_total") > changes_before,
+        "metrics move under load"
+    );
+    assert!(relay.metric("redline_connections_total") >= 4.0);
+    assert!(
+        relay
+            .get("/metrics")
+            .contains("redline_sync_latency_seconds_bucket")
+    );
+
+    // The lead logs in and looks at the day.
+    let config = tmp.path().join("lead/config.toml");
+    let lead_token = issue(&relay_dir, "lena", "lead-laptop", "lead");
+    let login = redline(&config)
+        .args([
+            "login",
+            "--relay",
+            &relay.addr,
+            "--pin",
+            &relay.pin,
+            "--token",
+            &lead_token,
+        ])
+        .assert()
+        .success();
+    assert!(
+        stdout(&login).contains("logged in as lena"),
+        "{}",
+        stdout(&login)
+    );
+    redline(&config).arg("sync").assert().success();
+    let ledger = stdout(
+        &redline(&config)
+            .args(["ledger", "show", "--team", "team-1", "--date", "2026-11-29"])
+            .assert()
+            .success(),
+    );
+    assert!(
+        ledger.contains("samples_taken") && ledger.contains("Deliver insulin"),
+        "{ledger}"
+    );
+    let needs = stdout(
+        &redline(&config)
+            .args(["needs", "--urgent"])
+            .assert()
+            .success(),
+    );
+    assert!(
+        needs.contains("insulin pens") && !needs.contains("plasters"),
+        "{needs}"
+    );
+
+    let doc = DocId::ledger(&team, &day);
+    let conflict = ana
+        .conflicts(&doc)
+        .unwrap()
+        .pop()
+        .expect("the planted conflict");
+    let recon = stdout(
+        &redline(&config)
+            .args(["reconcile", "--team", "team-1", "--date", "2026-11-29"])
+            .assert()
+            .success(),
+    );
+    assert!(
+        recon.contains(&conflict.id) && recon.contains("block 9") && recon.contains("ana"),
+        "{recon}"
+    );
+    redline(&config)
+        .args([
+            "reconcile",
+            "--team",
+            "team-1",
+            "--date",
+            "2026-11-29",
+            "--resolve",
+            &format!("{}=0", conflict.id),
+        ])
+        .assert()
+        .success();
+    ana.sync().await.unwrap();
+    assert!(
+        ana.conflicts(&doc).unwrap().is_empty(),
+        "the resolution reached the phones"
+    );
+
+    // Exports: the Automerge binary loads back with the same content.
+    let am = tmp.path().join("day.automerge");
+    redline(&config)
+        .args([
+            "export",
+            "--doc",
+            &doc.to_string(),
+            "--format",
+            "automerge",
+            "--out",
+        ])
+        .arg(&am)
+        .assert()
+        .success();
+    let loaded = automerge::Automerge::load(&std::fs::read(&am).unwrap()).unwrap();
+    assert_eq!(
+        loaded.get_heads(),
+        ana.heads(&doc).unwrap(),
+        "the export is the relay's day"
+    );
+    let json = stdout(
+        &redline(&config)
+            .args(["export", "--doc", &doc.to_string(), "--format", "json"])
+            .assert()
+            .success(),
+    );
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(parsed["totals"]["samples_taken"], 7, "{json}");
+    let csv = stdout(
+        &redline(&config)
+            .args(["export", "--doc", "households/z1", "--format", "csv"])
+            .assert()
+            .success(),
+    );
+    assert!(
+        csv.lines().count() == 3 && csv.contains("insulin pens"),
+        "{csv}"
+    );
+    redline(&config)
+        .args(["export", "--doc", "roster/none", "--format", "csv"])
+        .assert()
+        .code(2);
+
+    let status = stdout(&redline(&config).arg("status").assert().success());
+    assert!(status.contains("all saved on the relay"), "{status}");
+
+    // Exit codes that say what to do.
+    let nobody = tmp.path().join("nobody/config.toml");
+    redline(&nobody).arg("status").assert().code(3);
+    redline(&config)
+        .args(["ledger", "show", "--team", "team-1", "--date", "2020-01-01"])
+        .assert()
+        .code(6);
+    let elsewhere = tmp.path().join("other-relay");
+    let foreign = issue(&elsewhere, "mallory", "laptop-m", "lead");
+    let refused = redline(&tmp.path().join("m/config.toml"))
+        .args([
+            "login",
+            "--relay",
+            &relay.addr,
+            "--pin",
+            &relay.pin,
+            "--token",
+            &foreign,
+        ])
+        .assert()
+        .code(4);
+    assert!(String::from_utf8_lossy(&refused.get_output().stderr).contains("unauthorized"));
+    assert!(
+        !tmp.path().join("m/config.toml").exists(),
+        "refused credentials are not kept"
+    );
+    assert!(relay.metric("redline_connections_refused_total") >= 1.0);
+}
+
+#[test]
+fn serve_reads_its_toml_file_and_flags_override_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("relay");
+    server()
+        .args(["init", "--data-dir"])
+        .arg(&dir)
+        .assert()
+        .success();
+    let text = std::fs::read_to_string(dir.join("redline.toml")).unwrap();
+    std::fs::write(
+        dir.join("redline.toml"),
+        text.replace("http_listen = \"127.0.0.1:7448\"", "http_listen = \"off\"")
+            .replace("listen = \"127.0.0.1:7447\"", "listen = \"127.0.0.1:0\""),
+    )
+    .unwrap();
+    let mut child = Command::new(server_exe())
+        .args(["serve", "--data-dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    for _ in 0..6 {
+        out.read_line(&mut seen).unwrap();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.contains("metrics      off"),
+        "the file turned metrics off:\n{seen}"
+    );
+    assert!(seen.contains("udp 127.0.0.1:"), "{seen}");
+    let bad = server()
+        .args(["serve", "--http-listen", "nowhere", "--data-dir"])
+        .arg(&dir)
+        .assert()
+        .failure();
+    assert!(String::from_utf8_lossy(&bad.get_output().stderr).contains("http_listen"));
+}

@@ -1,0 +1,206 @@
+//! The relay's metrics in Prometheus text format, and the small HTTP endpoint that
+//! serves them (`/metrics`) with a health check (`/health`). The endpoint listens on its
+//! own TCP port, loopback by default: operators scrape it locally or through their own
+//! proxy; devices never see it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::Error;
+use crate::hub::Hub;
+
+/// Counters, gauges and histograms the relay keeps.
+pub struct Metrics {
+    registry: Registry,
+    /// Connections open now.
+    pub connections_open: Gauge,
+    /// Connections accepted since start.
+    pub connections: Counter,
+    /// Connections closed by the relay for cause (credentials, limits, garbage).
+    pub connections_refused: Counter,
+    /// Frame bytes received from devices.
+    pub bytes_received: Counter,
+    /// Frame bytes sent to devices.
+    pub bytes_sent: Counter,
+    /// Time from a device's hello to its first `Caught` (its reconnect sync).
+    pub sync_latency: Histogram,
+    /// Time from a push's arrival to its acknowledgement (merge + durable write).
+    pub commit_latency: Histogram,
+    /// Pushes merged per commit.
+    pub batch_size: Histogram,
+    documents_cached: Gauge,
+    documents_stored: Gauge,
+    changes_applied: Counter,
+    commits: Counter,
+    flushes: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("redline");
+        let mut m = Self {
+            registry: Registry::default(),
+            connections_open: Gauge::default(),
+            connections: Counter::default(),
+            connections_refused: Counter::default(),
+            bytes_received: Counter::default(),
+            bytes_sent: Counter::default(),
+            sync_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            commit_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            documents_cached: Gauge::default(),
+            documents_stored: Gauge::default(),
+            changes_applied: Counter::default(),
+            commits: Counter::default(),
+            flushes: Counter::default(),
+        };
+        registry.register(
+            "connections_open",
+            "Device connections open now",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connections",
+            "Device connections accepted",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed by the relay for cause (credentials, limits, bad input)",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "received_bytes",
+            "Frame bytes received from devices",
+            m.bytes_received.clone(),
+        );
+        registry.register(
+            "sent_bytes",
+            "Frame bytes sent to devices",
+            m.bytes_sent.clone(),
+        );
+        registry.register(
+            "sync_latency_seconds",
+            "Time from a device's hello to its first caught-up answer",
+            m.sync_latency.clone(),
+        );
+        registry.register(
+            "commit_latency_seconds",
+            "Time from a push's arrival to its durable acknowledgement",
+            m.commit_latency.clone(),
+        );
+        registry.register(
+            "commit_batch_pushes",
+            "Pushes merged per commit",
+            m.batch_size.clone(),
+        );
+        registry.register(
+            "documents_cached",
+            "Documents parsed in memory",
+            m.documents_cached.clone(),
+        );
+        registry.register(
+            "documents_stored",
+            "Documents in storage",
+            m.documents_stored.clone(),
+        );
+        registry.register(
+            "changes_applied",
+            "Automerge changes applied",
+            m.changes_applied.clone(),
+        );
+        registry.register("commits", "Commits written", m.commits.clone());
+        registry.register("flushes", "Storage flushes", m.flushes.clone());
+        m.registry = registry;
+        m
+    }
+}
+
+/// Sets a counter that mirrors an atomic total.
+fn mirror(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
+impl Metrics {
+    /// The metrics in Prometheus text format, gauges refreshed from `hub`.
+    pub async fn render(&self, hub: &Hub) -> String {
+        let s = &hub.stats;
+        mirror(&self.changes_applied, s.changes.load(Ordering::Relaxed));
+        mirror(&self.commits, s.commits.load(Ordering::Relaxed));
+        mirror(&self.flushes, s.flushes.load(Ordering::Relaxed));
+        self.documents_cached.set(hub.cached() as i64);
+        if let Ok(all) = hub.list().await {
+            self.documents_stored.set(all.len() as i64);
+        }
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Serves `/metrics` and `/health` on `addr` until `stop` fires; returns the bound
+/// address.
+pub(crate) async fn serve(
+    addr: SocketAddr,
+    hub: Arc<Hub>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<SocketAddr, Error> {
+    use axum::http::header;
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| Error::Listen { addr, source })?;
+    let metrics_hub = hub.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let hub = metrics_hub.clone();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        hub.metrics.render(&hub).await,
+                    )
+                }
+            }),
+        )
+        .route(
+            "/health",
+            get(move || {
+                let hub = hub.clone();
+                async move {
+                    let stable = *hub.stable().borrow();
+                    format!("ok\nepoch {}\nstable_seq {stable}\n", hub.epoch())
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.changed().await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::warn!("metrics endpoint stopped: {e}");
+        }
+    });
+    Ok(bound)
+}

@@ -1,0 +1,172 @@
+//! The relay's TOML configuration file. Every key is optional; flags and environment
+//! variables override the file, and the file overrides the built-in defaults.
+//!
+//! ```toml
+//! data_dir = "/var/lib/redline"
+//! listen = "0.0.0.0:7447"          # UDP, QUIC
+//! http_listen = "127.0.0.1:7448"   # TCP, /metrics and /health; "off" to disable
+//! cache_mb = 512
+//! max_document_mb = 256
+//! name = "district-9-relay"
+//! log_format = "json"              # or "human"
+//!
+//! [tls]                            # omit for the dev certificate
+//! cert = "/etc/redline/relay.pem"
+//! key = "/etc/redline/relay-key.pem"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::config::{RelayConfig, TlsMode};
+
+/// The file name `init` writes and `serve` looks for in the data dir.
+pub const FILE_NAME: &str = "redline.toml";
+
+/// The configuration file's contents.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Where documents, certificate and keys live.
+    pub data_dir: Option<PathBuf>,
+    /// UDP address of the QUIC endpoint.
+    pub listen: Option<SocketAddr>,
+    /// TCP address of `/metrics` and `/health`, or `"off"`.
+    pub http_listen: Option<String>,
+    /// Parsed-document cache budget in MiB.
+    pub cache_mb: Option<usize>,
+    /// Largest document in MiB.
+    pub max_document_mb: Option<u64>,
+    /// The relay's name.
+    pub name: Option<String>,
+    /// `human` or `json`.
+    pub log_format: Option<String>,
+    /// The organisation whose roster the admin commands edit.
+    pub org: Option<String>,
+    /// Production certificate files.
+    pub tls: Option<TlsFiles>,
+}
+
+/// Production certificate files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// Parses an HTTP listen setting: an address, or `off`.
+pub fn http_listen(text: &str) -> Result<Option<SocketAddr>, Error> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        Error::Config(format!(
+            "http_listen {text:?}: expected an address like 127.0.0.1:7448, or \"off\""
+        ))
+    })
+}
+
+impl FileConfig {
+    /// Reads `path`.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            action: "read config",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Applies the file's settings over `config`.
+    pub fn apply(&self, mut config: RelayConfig) -> Result<RelayConfig, Error> {
+        if let Some(d) = &self.data_dir {
+            config.data_dir = d.clone();
+        }
+        if let Some(l) = self.listen {
+            config.listen = l;
+        }
+        if let Some(h) = &self.http_listen {
+            config.http_listen = http_listen(h)?;
+        }
+        if let Some(mb) = self.cache_mb {
+            config.cache_budget_bytes = mb.saturating_mul(1 << 20);
+        }
+        if let Some(mb) = self.max_document_mb {
+            config.max_document_bytes = mb.saturating_mul(1 << 20);
+        }
+        if let Some(n) = &self.name {
+            config.name = n.clone();
+        }
+        if let Some(t) = &self.tls {
+            config.tls = TlsMode::Files {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+            };
+        }
+        Ok(config)
+    }
+
+    /// The file `init` writes for a relay in `data_dir`: every setting spelled out.
+    pub fn starter(data_dir: &Path) -> String {
+        let defaults = RelayConfig::new(data_dir);
+        format!(
+            "# Redline relay configuration. Flags and REDLINE_* environment variables override it.\n\
+             data_dir = {:?}\n\
+             # UDP (QUIC). Use 0.0.0.0:7447 to serve phones on the network; open UDP 7447.\n\
+             listen = \"{}\"\n\
+             # TCP, /metrics (Prometheus) and /health. Keep it on loopback, or \"off\".\n\
+             http_listen = \"{}\"\n\
+             cache_mb = {}\n\
+             max_document_mb = {}\n\
+             name = {:?}\n\
+             # \"human\" or \"json\"\n\
+             log_format = \"human\"\n\
+             \n\
+             # Production certificate (PEM). Without it, the dev certificate in tls/ is used\n\
+             # and devices pin its fingerprint.\n\
+             # [tls]\n\
+             # cert = \"/etc/redline/relay.pem\"\n\
+             # key = \"/etc/redline/relay-key.pem\"\n",
+            data_dir.display().to_string(),
+            defaults.listen,
+            crate::config::DEFAULT_HTTP_LISTEN,
+            defaults.cache_budget_bytes >> 20,
+            defaults.max_document_bytes >> 20,
+            defaults.name,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_starter_file_parses_and_matches_the_defaults() {
+        let text = FileConfig::starter(Path::new("/var/lib/redline"));
+        let file: FileConfig = toml::from_str(&text).unwrap();
+        let config = file.apply(RelayConfig::new("elsewhere")).unwrap();
+        let defaults = RelayConfig::new("/var/lib/redline");
+        assert_eq!(config.data_dir, defaults.data_dir);
+        assert_eq!(config.listen, defaults.listen);
+        assert_eq!(config.http_listen, defaults.http_listen);
+        assert_eq!(config.cache_budget_bytes, defaults.cache_budget_bytes);
+        assert_eq!(config.tls, TlsMode::Dev);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_clear_errors() {
+        let e = toml::from_str::<FileConfig>("listn = \"1.2.3.4:5\"").unwrap_err();
+        assert!(e.to_string().contains("listn"), "{e}");
+        let file: FileConfig = toml::from_str("http_listen = \"nowhere\"").unwrap();
+        assert!(file.apply(RelayConfig::default()).is_err());
+        let off: FileConfig = toml::from_str("http_listen = \"off\"").unwrap();
+        assert_eq!(off.apply(RelayConfig::default()).unwrap().http_listen, None);
+    }
+}
