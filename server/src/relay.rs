@@ -16,7 +16,7 @@ use crate::auth::Authority;
 use crate::config::{RelayConfig, TlsMode};
 use crate::connection::Shared;
 use crate::hub::Hub;
-use crate::storage::SledStorage;
+use crate::storage::{DocStorage, SledStorage};
 use crate::tls::{self, Identity};
 use crate::{Error, connection};
 
@@ -48,6 +48,15 @@ impl Relay {
     /// Opens the data dir (creating the dev certificate on first start), binds the
     /// endpoint and starts serving.
     pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
+        Self::start_with_storage(config, |sled| Arc::new(sled)).await
+    }
+
+    /// Like [`start`](Self::start), with the sled store wrapped by `wrap` (fault
+    /// injection in tests, instrumentation, another engine behind the same trait).
+    pub async fn start_with_storage(
+        config: RelayConfig,
+        wrap: impl FnOnce(SledStorage) -> Arc<dyn DocStorage>,
+    ) -> Result<RelayHandle, Error> {
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| Error::Io {
             action: "create data dir",
@@ -63,7 +72,7 @@ impl Relay {
         let storage = tokio::task::spawn_blocking(move || SledStorage::open(&db_dir))
             .await
             .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
-        let hub = Hub::new(Arc::new(storage), config.cache_budget_bytes)?;
+        let hub = Hub::new(wrap(storage), config.cache_budget_bytes)?;
         hub.set_max_document_bytes(config.max_document_bytes);
 
         let crypto =

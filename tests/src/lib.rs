@@ -4,7 +4,9 @@
 //! Nothing here is a mock: the relay is the same `redline_server::Relay` the binary runs,
 //! the phones are `redline_client::Client`s over sled, talking QUIC with TLS.
 
+pub mod faults;
 pub mod fieldday;
+pub mod soak;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;

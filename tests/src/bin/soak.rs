@@ -1,0 +1,45 @@
+//! The long soak: `cargo run --release -p redline-tests --bin soak -- --devices 200
+//! --seconds 600 [--json soak.json]`. Prints relay memory at start and end, syncs, errors
+//! and convergence; exits non-zero if anything went wrong.
+
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Many devices syncing in a loop against a relay process.
+#[derive(Parser)]
+struct Args {
+    /// Devices (16 per team).
+    #[arg(long, default_value_t = 200)]
+    devices: usize,
+    /// How long to run.
+    #[arg(long, default_value_t = 600)]
+    seconds: u64,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<std::process::ExitCode> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    println!("soak: {} devices for {} s", args.devices, args.seconds);
+    let r = redline_tests::soak::run(dir.path(), args.devices, Duration::from_secs(args.seconds))
+        .await?;
+    println!("syncs            {}", r.syncs);
+    println!("writes           {}", r.writes);
+    println!("errors           {:?}", r.errors);
+    println!("relay RSS start  {} KiB", r.rss_start_kib);
+    println!("relay RSS end    {} KiB", r.rss_end_kib);
+    println!("relay RSS peak   {} KiB", r.rss_peak_kib);
+    println!("converged        {}", r.converged);
+    if let Some(path) = args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&r)?)?;
+    }
+    Ok(if r.converged && r.errors.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}

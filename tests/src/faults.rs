@@ -1,0 +1,400 @@
+//! Fault injection for the reliability tests: a lossy UDP proxy between devices and the
+//! relay, a storage wrapper whose writes can be made to fail, and the relay as a real
+//! child process that can be killed (`SIGKILL`) or stopped (`SIGTERM`).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use redline_proto::{DeviceId, DocId};
+use redline_server::Error;
+use redline_server::storage::{DocStorage, SledStorage, StoredDoc};
+use tokio::net::UdpSocket;
+
+/// What the proxy does to datagrams, in both directions.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Probability of dropping a datagram.
+    pub drop: f64,
+    /// Probability of sending a datagram twice.
+    pub duplicate: f64,
+    /// Fixed delay added to every datagram.
+    pub delay: Duration,
+    /// Extra random delay up to this much: datagrams overtake each other (reordering).
+    pub jitter: Duration,
+    /// Drop everything (a phone in a dead zone).
+    pub blackhole: bool,
+}
+
+/// Counts of what the proxy did.
+#[derive(Debug, Default)]
+pub struct ProxyCounts {
+    /// Datagrams forwarded.
+    pub forwarded: AtomicU64,
+    /// Dropped (by `drop` or `blackhole`).
+    pub dropped: AtomicU64,
+    /// Sent twice.
+    pub duplicated: AtomicU64,
+    /// Upstream address changes.
+    pub rebinds: AtomicU64,
+}
+
+struct ProxyState {
+    faults: Faults,
+    /// Bumped by [`UdpProxy::change_address`]: each client's upstream socket is replaced.
+    generation: u64,
+}
+
+/// A UDP proxy on loopback in front of the relay.
+pub struct UdpProxy {
+    addr: SocketAddr,
+    state: Arc<Mutex<ProxyState>>,
+    /// What happened.
+    pub counts: Arc<ProxyCounts>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for UdpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn forward(
+    socket: Arc<UdpSocket>,
+    to: SocketAddr,
+    data: Vec<u8>,
+    state: Arc<Mutex<ProxyState>>,
+    counts: Arc<ProxyCounts>,
+) {
+    let (copies, delay) = {
+        let s = state.lock().expect("proxy lock");
+        let f = &s.faults;
+        let mut rng = rand::rng();
+        if f.blackhole || rng.random_bool(f.drop.clamp(0.0, 1.0)) {
+            counts.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let copies = if rng.random_bool(f.duplicate.clamp(0.0, 1.0)) {
+            2
+        } else {
+            1
+        };
+        let jitter = if f.jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            f.jitter.mul_f64(rng.random::<f64>())
+        };
+        (copies, f.delay + jitter)
+    };
+    if copies == 2 {
+        counts.duplicated.fetch_add(1, Ordering::Relaxed);
+    }
+    let send = async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        for _ in 0..copies {
+            let _ = socket.send_to(&data, to).await;
+        }
+        counts.forwarded.fetch_add(1, Ordering::Relaxed);
+    };
+    if delay.is_zero() {
+        send.await;
+    } else {
+        tokio::spawn(send);
+    }
+}
+
+impl UdpProxy {
+    /// Starts a proxy on 127.0.0.1 forwarding to `relay`.
+    pub async fn start(relay: SocketAddr) -> anyhow::Result<Self> {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
+        let addr = front.local_addr()?;
+        let state = Arc::new(Mutex::new(ProxyState {
+            faults: Faults::default(),
+            generation: 0,
+        }));
+        let counts = Arc::new(ProxyCounts::default());
+        let (s, c) = (state.clone(), counts.clone());
+        let task = tokio::spawn(async move {
+            // Per client: its upstream socket and the generation it was made in.
+            let mut upstreams: HashMap<SocketAddr, (Arc<UdpSocket>, u64)> = HashMap::new();
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                let Ok((n, client)) = front.recv_from(&mut buf).await else {
+                    return;
+                };
+                let generation = s.lock().expect("proxy lock").generation;
+                let fresh = upstreams.get(&client).is_none_or(|(_, g)| *g != generation);
+                if fresh {
+                    let Ok(up) = UdpSocket::bind("127.0.0.1:0").await else {
+                        continue;
+                    };
+                    let up = Arc::new(up);
+                    if upstreams.contains_key(&client) {
+                        c.rebinds.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Relay -> client, through the front socket. Old upstreams keep
+                    // reading: the relay may answer on the old path for a while.
+                    let (up2, front2, s2, c2) = (up.clone(), front.clone(), s.clone(), c.clone());
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65_536];
+                        while let Ok((n, _)) = up2.recv_from(&mut buf).await {
+                            forward(
+                                front2.clone(),
+                                client,
+                                buf[..n].to_vec(),
+                                s2.clone(),
+                                c2.clone(),
+                            )
+                            .await;
+                        }
+                    });
+                    upstreams.insert(client, (up, generation));
+                }
+                let up = upstreams[&client].0.clone();
+                forward(up, relay, buf[..n].to_vec(), s.clone(), c.clone()).await;
+            }
+        });
+        Ok(Self {
+            addr,
+            state,
+            counts,
+            task,
+        })
+    }
+
+    /// Where devices send to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sets the faults.
+    pub fn set(&self, faults: Faults) {
+        self.state.lock().expect("proxy lock").faults = faults;
+    }
+
+    /// From the next datagram on, each client reaches the relay from a new address and
+    /// port (a phone switching networks, as the relay sees it).
+    pub fn change_address(&self) {
+        self.state.lock().expect("proxy lock").generation += 1;
+    }
+}
+
+/// Storage whose writes fail while [`FaultyStorage::failing`] is set (a full or broken
+/// disk); reads keep working.
+pub struct FaultyStorage {
+    inner: SledStorage,
+    /// While true, every write fails.
+    pub failing: Arc<AtomicBool>,
+    /// Writes refused so far.
+    pub refused: Arc<AtomicU64>,
+}
+
+impl FaultyStorage {
+    /// Wraps `inner`.
+    pub fn new(inner: SledStorage, failing: Arc<AtomicBool>, refused: Arc<AtomicU64>) -> Self {
+        Self {
+            inner,
+            failing,
+            refused,
+        }
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        if self.failing.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            Err(Error::Storage(
+                "injected fault: no space left on device".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl DocStorage for FaultyStorage {
+    fn epoch(&self) -> u64 {
+        self.inner.epoch()
+    }
+    fn last_seq(&self) -> Result<u64, Error> {
+        self.inner.last_seq()
+    }
+    fn load(&self, doc: &DocId) -> Result<Option<StoredDoc>, Error> {
+        self.inner.load(doc)
+    }
+    fn commit(&self, doc: &DocId, seq: u64, chunk: &[u8], heads: &[[u8; 32]]) -> Result<(), Error> {
+        self.check()?;
+        self.inner.commit(doc, seq, chunk, heads)
+    }
+    fn compact(&self, doc: &DocId, snapshot: &[u8]) -> Result<(), Error> {
+        self.check()?;
+        self.inner.compact(doc, snapshot)
+    }
+    fn flush(&self) -> Result<(), Error> {
+        self.check()?;
+        self.inner.flush()
+    }
+    fn feed(&self, after: u64, upto: u64) -> Result<Vec<(u64, DocId)>, Error> {
+        self.inner.feed(after, upto)
+    }
+    fn heads_at(&self, doc: &DocId, seq: u64) -> Result<Option<Vec<[u8; 32]>>, Error> {
+        self.inner.heads_at(doc, seq)
+    }
+    fn list(&self) -> Result<Vec<DocId>, Error> {
+        self.inner.list()
+    }
+    fn upload_len(&self, key: &[u8]) -> Result<u64, Error> {
+        self.inner.upload_len(key)
+    }
+    fn put_piece(&self, key: &[u8], offset: u64, data: &[u8]) -> Result<(), Error> {
+        self.check()?;
+        self.inner.put_piece(key, offset, data)
+    }
+    fn upload_bytes(&self, key: &[u8]) -> Result<Vec<u8>, Error> {
+        self.inner.upload_bytes(key)
+    }
+    fn drop_upload(&self, key: &[u8]) -> Result<(), Error> {
+        self.inner.drop_upload(key)
+    }
+    fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error> {
+        self.inner.bind_actor(actor, device)
+    }
+}
+
+/// The `redline-server` binary next to the test executables.
+pub fn server_exe() -> PathBuf {
+    let deps = std::env::current_exe()
+        .expect("test exe")
+        .parent()
+        .expect("deps dir")
+        .to_path_buf();
+    let exe = deps.parent().expect("target dir").join("redline-server");
+    assert!(
+        exe.exists(),
+        "{} is missing: run the workspace tests (cargo test --workspace builds it)",
+        exe.display()
+    );
+    exe
+}
+
+/// The relay as a child process.
+pub struct RelayProcess {
+    child: Child,
+    dir: PathBuf,
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+    /// Its certificate fingerprint.
+    pub fingerprint: String,
+}
+
+impl RelayProcess {
+    /// Starts `redline-server serve` on `dir`, at `listen` (port 0: any).
+    pub fn start(dir: &Path, listen: SocketAddr) -> anyhow::Result<Self> {
+        let mut child = Command::new(server_exe())
+            .args([
+                "serve",
+                "--http-listen",
+                "off",
+                "--listen",
+                &listen.to_string(),
+                "--data-dir",
+            ])
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let (mut addr, mut pin) = (None, None);
+        while addr.is_none() || pin.is_none() {
+            let Some(line) = lines.next() else {
+                anyhow::bail!("the relay exited before it was ready");
+            };
+            let line = line?;
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.first() {
+                Some(&"listening") => addr = Some(words[2].parse()?),
+                Some(&"fingerprint") => pin = Some(words[1].to_string()),
+                _ => {}
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Self {
+            child,
+            dir: dir.to_path_buf(),
+            addr: addr.expect("set"),
+            fingerprint: pin.expect("set"),
+        })
+    }
+
+    /// `kill -9`, then wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same data dir and address.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        // The port is free once the process is gone; retry briefly in case the OS lags.
+        let mut last = None;
+        for _ in 0..20 {
+            match Self::start(&self.dir, self.addr) {
+                Ok(again) => {
+                    // The old child is already dead; dropping it is harmless.
+                    drop(std::mem::replace(self, again));
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(last.expect("tried"))
+    }
+
+    /// Sends SIGTERM and waits up to `within` for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the relay did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Peak resident memory (VmHWM) and current (VmRSS) in KiB, from /proc.
+    pub fn memory_kib(&self) -> Option<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        Some((field("VmHWM:")?, field("VmRSS:")?))
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
