@@ -70,7 +70,7 @@ async fn killing_the_relay_mid_storm_loses_no_acknowledged_change() -> anyhow::R
     let acked = Arc::new(std::sync::Mutex::new(HashSet::<ChangeHash>::new()));
     let writes = Arc::new(AtomicU64::new(0));
     let mut storm = tokio::task::JoinSet::new();
-    for c in devices.iter().cloned() {
+    for c in devices.clone() {
         let (stop, acked, writes, doc) = (stop.clone(), acked.clone(), writes.clone(), doc.clone());
         storm.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
@@ -178,13 +178,13 @@ async fn a_phone_killed_mid_write_or_mid_sync_keeps_every_saved_write() -> anyho
         let mode = if round % 2 == 0 { "write" } else { "sync" };
         let mut child = device_child(&store, &relay, &token, mode);
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let start: i64 = lines
-            .next()
-            .unwrap()?
+        let first = lines.next().expect("child output").expect("readable");
+        let start: i64 = first
             .split_whitespace()
             .nth(1)
-            .unwrap()
-            .parse()?;
+            .expect("start N")
+            .parse()
+            .expect("a count");
         assert!(
             start >= last_wrote,
             "round {round}: the store has {start}, but {last_wrote} writes returned"
@@ -194,13 +194,15 @@ async fn a_phone_killed_mid_write_or_mid_sync_keeps_every_saved_write() -> anyho
         let began = Instant::now();
         while began.elapsed() < budget {
             match lines.next() {
-                Some(Ok(l)) if l.starts_with("wrote ") => last_wrote = l[6..].parse()?,
+                Some(Ok(l)) if l.starts_with("wrote ") => {
+                    last_wrote = l[6..].parse().expect("a count")
+                }
                 Some(Ok(_)) => {}
                 _ => break,
             }
         }
-        child.kill()?;
-        child.wait()?;
+        child.kill().expect("kill");
+        child.wait().expect("reap");
         kills += 1;
     }
     // The store reopens consistent, with every write that returned; a sync settles it.
