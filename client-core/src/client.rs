@@ -39,6 +39,10 @@ pub(crate) struct Inner {
     /// The last large push built, reused while it is still what needs sending: a resumed
     /// upload sends the very same bytes, and a 20 MB bundle is not rebuilt per attempt.
     pub(crate) upload_cache: Mutex<Option<crate::sync::CachedUpload>>,
+    /// The running (or last) sync's progress.
+    pub(crate) progress: tokio::sync::watch::Sender<crate::progress::SyncProgress>,
+    /// The phone's network and charger, as the app last said.
+    pub(crate) conditions: Mutex<crate::progress::Conditions>,
 }
 
 /// Where a document change came from.
@@ -118,8 +122,15 @@ impl Client {
                 local_change: tokio::sync::Notify::new(),
                 changes: tokio::sync::broadcast::channel(1024).0,
                 upload_cache: Mutex::new(None),
+                progress: tokio::sync::watch::channel(Default::default()).0,
+                conditions: Mutex::new(Default::default()),
             }),
         })
+    }
+
+    /// The device token this client uses, if any.
+    pub fn config_token(&self) -> Option<&str> {
+        self.inner.config.token.as_deref()
     }
 
     /// This install's identity.
@@ -381,6 +392,69 @@ impl Client {
         let relay = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
         let endpoint = self.endpoint(&relay).await?;
         self.session(&endpoint, &relay, None).await
+    }
+
+    /// Syncs for at most `budget` (iOS BGTaskScheduler, Android WorkManager): the most
+    /// urgent documents go first; at the deadline the sync stops cleanly, keeping
+    /// everything acknowledged or received so far, and a later call finishes the job.
+    pub async fn sync_for(&self, budget: std::time::Duration) -> Result<crate::BoundedSync, Error> {
+        match tokio::time::timeout(budget, self.sync()).await {
+            Ok(report) => Ok(crate::BoundedSync {
+                completed: true,
+                report: Some(report?),
+                progress: self.inner.progress.borrow().clone(),
+            }),
+            Err(_) => Ok(crate::BoundedSync {
+                completed: false,
+                report: None,
+                progress: self.inner.progress.borrow().clone(),
+            }),
+        }
+    }
+
+    /// Watches the progress of syncs (the current one, or the last).
+    pub fn progress(&self) -> tokio::sync::watch::Receiver<crate::SyncProgress> {
+        self.inner.progress.subscribe()
+    }
+
+    /// Tells the client the phone's network and charger state (for the sync policy).
+    pub fn set_conditions(&self, conditions: crate::Conditions) {
+        *self.inner.conditions.lock().expect("conditions lock") = conditions;
+    }
+
+    /// What is saved on this phone only: per document, this device's changes the relay
+    /// has not acknowledged, and when it last acknowledged the document.
+    pub fn pending(&self) -> Result<crate::Pending, Error> {
+        let mut out = crate::Pending::default();
+        let me = self.inner.identity.actor.clone();
+        let ids = self.inner.store.doc_ids()?;
+        let mut docs = self.docs();
+        for id in ids {
+            let Some(doc) = self.load(&mut docs, &id)? else {
+                continue;
+            };
+            let acked = self.inner.store.acked_heads(&id)?.unwrap_or_default();
+            let known: Vec<ChangeHash> = acked
+                .into_iter()
+                .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+                .collect();
+            let unacked = doc
+                .get_changes(&known)
+                .iter()
+                .filter(|c| *c.actor_id() == me)
+                .count() as u64;
+            let last_ack_ms = self.inner.store.acked_at(&id)?;
+            out.unacked += unacked;
+            out.last_ack_ms = out.last_ack_ms.max(last_ack_ms);
+            if unacked > 0 || last_ack_ms.is_some() {
+                out.docs.push(crate::DocPending {
+                    doc: id,
+                    unacked,
+                    last_ack_ms,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Stays connected: after a first flight like [`sync`](Self::sync), local writes are

@@ -26,10 +26,12 @@
 
 mod client;
 pub mod conflicts;
+pub mod doctor;
 pub mod households;
 mod identity;
 pub mod ledger;
 mod operations;
+pub mod progress;
 pub mod reconcile;
 pub mod roster;
 pub mod schema;
@@ -45,12 +47,16 @@ use redline_proto::{MemberId, OrgId, TeamId, ZoneId};
 
 pub use client::{ChangeOrigin, Client, DocChange, LiveSync, Rollover};
 pub use conflicts::{Conflict, ConflictValue};
+pub use doctor::Finding;
 pub use households::{
     Household, HouseholdUpdate, HouseholdsView, Need, NeedCategory, NewHousehold, NewNeed,
     Priority, Vulnerability,
 };
 pub use identity::DeviceIdentity;
 pub use ledger::{DutyAction, DutyEntry, LedgerView, NewTask, Task, TaskKind, TaskUpdate};
+pub use progress::{
+    BoundedSync, Conditions, DocPending, Network, Pending, SyncPolicy, SyncProgress, Urgency,
+};
 pub use reconcile::{MemberActivity, ReconcileView};
 pub use roster::{MemberEntry, Role, RosterView, TeamEntry};
 pub use sync::{INLINE_MAX, PIECE, SyncReport, WINDOW};
@@ -205,6 +211,8 @@ pub struct ClientConfig {
     /// The device token from the relay's operator (`redline-server token issue`). The
     /// device takes its id from it.
     pub token: Option<String>,
+    /// What a sync may spend on metered networks and batteries.
+    pub policy: SyncPolicy,
 }
 
 impl ClientConfig {
@@ -221,7 +229,14 @@ impl ClientConfig {
             max_frame: DEFAULT_MAX_FRAME,
             clock: Clock::system(),
             token: None,
+            policy: SyncPolicy::default(),
         }
+    }
+
+    /// Sets the data and battery policy.
+    pub fn with_policy(mut self, policy: SyncPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Sets the device token.

@@ -47,6 +47,8 @@ pub(crate) struct SyncBatch {
     pub acked: Vec<(DocId, Vec<ChangeHash>)>,
     /// The new feed cursor (encoded), per relay key.
     pub cursor: Option<(String, Vec<u8>)>,
+    /// When the acknowledgements in `acked` arrived (unix ms).
+    pub acked_at_ms: i64,
 }
 
 impl SyncBatch {
@@ -91,6 +93,17 @@ impl Store {
         doc_id_keys(&self.docs)
     }
 
+    /// When the relay last acknowledged `id` (unix ms).
+    pub fn acked_at(&self, id: &DocId) -> Result<Option<i64>, Error> {
+        Ok(self
+            .meta
+            .get(format!("acked_at:{id}"))
+            .map_err(err)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(i64::from_be_bytes))
+    }
+
+    /// Heads the relay is known to hold for `id`.
     pub fn acked_heads(&self, id: &DocId) -> Result<Option<Vec<ChangeHash>>, Error> {
         let Some(v) = self.acked.get(id.as_str()).map_err(err)? else {
             return Ok(None);
@@ -116,6 +129,9 @@ impl Store {
         for (id, heads) in &b.acked {
             let flat: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
             self.acked.insert(id.as_str(), flat).map_err(err)?;
+            self.meta
+                .insert(format!("acked_at:{id}"), &b.acked_at_ms.to_be_bytes())
+                .map_err(err)?;
         }
         if let Some((key, cursor)) = &b.cursor {
             self.meta

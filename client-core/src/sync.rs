@@ -65,6 +65,9 @@ pub struct SyncReport {
     pub docs_resynced: usize,
     /// Documents the relay refused, with its reason.
     pub refused: Vec<(String, String)>,
+    /// Documents this sync did not send because of the data or battery policy, with the
+    /// reason; they go when conditions allow.
+    pub deferred: Vec<(String, String)>,
     /// Changes the relay reported as new to it (stored before acknowledging).
     pub changes_sent: u64,
     /// Changes received from the relay.
@@ -307,6 +310,10 @@ struct Flight {
     updated: HashSet<DocId>,
     resynced: HashSet<DocId>,
     report: SyncReport,
+    /// Progress counters (published after every step).
+    progress: crate::progress::SyncProgress,
+    /// Changes in each push awaiting its ack.
+    push_changes: HashMap<DocId, u64>,
 }
 
 impl Flight {
@@ -466,8 +473,11 @@ impl Client {
         f.report.round_trips = 1;
         let mut first_done = false;
 
+        self.inner.progress.send_replace(Default::default());
+        self.publish(&mut f, &traffic, started);
         let outcome: Result<(), Error> = async {
             loop {
+                self.publish(&mut f, &traffic, started);
                 if f.settled() && !first_done {
                     first_done = true;
                     self.persist(&mut f, &cursor_key)?;
@@ -495,6 +505,8 @@ impl Client {
                             UploadEnd::Resync(doc) => self.start_resync(&mut f, doc)?,
                             UploadEnd::Refused(doc, r) => {
                                 f.in_flight.remove(&doc);
+                                f.progress.docs_done += 1;
+                                f.push_changes.remove(&doc);
                                 f.report.refused.push((doc.to_string(), format!("{}: {}", r.code, r.text)));
                             }
                         }
@@ -532,6 +544,8 @@ impl Client {
         let _ = wire.send.finish();
         conn.close(0u8.into(), b"done");
         wire.tasks.shutdown().await;
+        self.publish(&mut f, &traffic, started);
+        let _ = self.account_metered(&traffic);
         // What was applied is kept even if the session failed.
         if !f.batch.is_empty() || !f.dirty.is_empty() {
             let cursor_ok = outcome.is_ok() && f.settled();
@@ -542,6 +556,107 @@ impl Client {
         }
         outcome?;
         Ok(finish_report(&f, &traffic, started))
+    }
+
+    /// Publishes the session's progress.
+    fn publish(&self, f: &mut Flight, traffic: &Traffic, started: Instant) {
+        let p = &mut f.progress;
+        p.bytes_sent = traffic.bytes_sent.load(Ordering::Relaxed);
+        p.bytes_received = traffic.bytes_received.load(Ordering::Relaxed);
+        p.elapsed = started.elapsed();
+        if f.caught.is_some() && f.in_flight.is_empty() && f.announced.is_empty() {
+            p.finished = true;
+            p.docs_done = p.docs_total;
+        }
+        p.estimate();
+        self.inner.progress.send_replace(p.clone());
+    }
+
+    /// How much `id` matters now: open emergency or urgent needs, or today's ledger
+    /// (where duty check-ins are), come first.
+    fn urgency(&self, id: &DocId, doc: &automerge::Automerge) -> crate::Urgency {
+        match id.kind() {
+            redline_proto::DocKind::Households(_) => {
+                let urgent = crate::households::view(doc).is_ok_and(|v| {
+                    v.needs
+                        .iter()
+                        .any(|n| n.is_open() && n.priority >= crate::Priority::Urgent)
+                });
+                if urgent {
+                    crate::Urgency::Urgent
+                } else {
+                    crate::Urgency::Normal
+                }
+            }
+            redline_proto::DocKind::Ledger(_, day) => {
+                let today = crate::client::day_of(self.inner.config.clock.now_ms());
+                if today.as_ref() == Some(&day) {
+                    crate::Urgency::Urgent
+                } else {
+                    crate::Urgency::Normal
+                }
+            }
+            redline_proto::DocKind::Roster(_) => crate::Urgency::Normal,
+        }
+    }
+
+    /// Bytes spent on metered networks today (kept in the store's meta).
+    pub(crate) fn metered_today(&self) -> Result<(String, u64), Error> {
+        let key = format!(
+            "metered:{}",
+            crate::client::day_of(self.inner.config.clock.now_ms())
+                .map(|d| d.to_string())
+                .unwrap_or_default()
+        );
+        let used = self
+            .inner
+            .store
+            .meta(&key)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        Ok((key, used))
+    }
+
+    /// Adds a session's bytes to today's metered total, if the phone is on a metered
+    /// network.
+    fn account_metered(&self, traffic: &Traffic) -> Result<(), Error> {
+        let conditions = *self.inner.conditions.lock().expect("conditions lock");
+        if conditions.network != crate::Network::Metered {
+            return Ok(());
+        }
+        let (key, used) = self.metered_today()?;
+        let spent = traffic.bytes_sent.load(Ordering::Relaxed)
+            + traffic.bytes_received.load(Ordering::Relaxed);
+        self.inner
+            .store
+            .put_meta(&key, &(used + spent).to_be_bytes())
+    }
+
+    /// Why the policy holds back a push of `len` bytes of `urgency`, if it does.
+    fn held_back(&self, urgency: crate::Urgency, len: usize) -> Result<Option<String>, Error> {
+        if urgency == crate::Urgency::Urgent {
+            return Ok(None);
+        }
+        let policy = self.inner.config.policy;
+        let conditions = *self.inner.conditions.lock().expect("conditions lock");
+        let metered = conditions.network == crate::Network::Metered;
+        let bulk = len > INLINE_MAX;
+        if bulk && metered && policy.bulk_unmetered_only {
+            return Ok(Some("large document waits for an unmetered network".into()));
+        }
+        if bulk && policy.bulk_only_charging && !conditions.charging {
+            return Ok(Some("large document waits for a charger".into()));
+        }
+        if metered && let Some(cap) = policy.metered_daily_cap {
+            let (_, used) = self.metered_today()?;
+            if used >= cap {
+                return Ok(Some(format!(
+                    "daily data budget reached ({used} of {cap} bytes on metered networks)"
+                )));
+            }
+        }
+        Ok(None)
     }
 
     /// Pushes every document with changes the relay is not known to hold and no push in
@@ -571,16 +686,18 @@ impl Client {
                     .collect();
                 known.sort();
                 let mut cache = self.inner.upload_cache.lock().expect("upload cache lock");
+                let urgency = self.urgency(&id, doc);
+                let hashes: Vec<ChangeHash> =
+                    doc.get_changes(&known).iter().map(|c| c.hash()).collect();
+                if hashes.is_empty() {
+                    continue;
+                }
+                let n = hashes.len() as u64;
                 if let Some(c) = cache
                     .as_ref()
                     .filter(|c| c.doc == id && c.base == known && c.heads == heads)
                 {
-                    pushes.push((id, c.bytes.clone(), heads));
-                    continue;
-                }
-                let hashes: Vec<ChangeHash> =
-                    doc.get_changes(&known).iter().map(|c| c.hash()).collect();
-                if hashes.is_empty() {
+                    pushes.push((urgency, id, c.bytes.clone(), heads, n));
                     continue;
                 }
                 let bundle = doc
@@ -595,10 +712,21 @@ impl Client {
                         bytes: bytes.clone(),
                     });
                 }
-                pushes.push((id, bytes, heads));
+                pushes.push((urgency, id, bytes, heads, n));
             }
         }
-        for (doc, bundle, heads) in pushes {
+        // Most valuable first; what the policy holds back waits for better conditions.
+        pushes.sort_by_key(|p| p.0);
+        for (urgency, doc, bundle, heads, n) in pushes {
+            if let Some(why) = self.held_back(urgency, bundle.len())? {
+                if !f.report.deferred.iter().any(|(d, _)| *d == doc.as_str()) {
+                    f.report.deferred.push((doc.to_string(), why));
+                }
+                continue;
+            }
+            f.progress.docs_total += 1;
+            f.progress.changes_to_send += n;
+            f.push_changes.insert(doc.clone(), n);
             f.in_flight.insert(doc.clone(), heads.clone());
             f.pushed.insert(doc.clone());
             if bundle.len() > INLINE_MAX {
@@ -627,6 +755,8 @@ impl Client {
 
     fn acked(&self, f: &mut Flight, doc: DocId, pushed: &[ChangeHash], applied: u32) {
         f.in_flight.remove(&doc);
+        f.progress.docs_done += 1;
+        f.progress.changes_sent += f.push_changes.remove(&doc).unwrap_or(0);
         f.report.changes_sent += u64::from(applied);
         let has = f.relay_has.entry(doc.clone()).or_default();
         union(has, pushed);
@@ -654,7 +784,10 @@ impl Client {
                         .handle_message(Message::Error(r))?;
                 }
                 Some(doc) => {
-                    f.in_flight.remove(doc);
+                    if f.in_flight.remove(doc).is_some() {
+                        f.progress.docs_done += 1;
+                        f.push_changes.remove(doc);
+                    }
                     f.report
                         .refused
                         .push((doc.to_string(), format!("{}: {}", r.code, r.text)));
@@ -689,6 +822,10 @@ impl Client {
 
     fn apply_update(&self, f: &mut Flight, u: Update) -> Result<(), Error> {
         let heads = hashes_from_wire(&u.heads);
+        f.progress.docs_total += 1;
+        if !matches!(u.payload, Payload::Transfer { .. }) {
+            f.progress.docs_done += 1;
+        }
         let (bytes, document) = match u.payload {
             Payload::Bundle(b) => (b, false),
             Payload::Document(b) => (b, true),
@@ -711,6 +848,7 @@ impl Client {
             let (doc, heads, document) = f.announced.remove(&id).expect("listed above");
             let bytes = f.arrived.remove(&id).expect("listed above");
             self.apply_bytes(f, doc, &bytes, document, &heads)?;
+            f.progress.docs_done += 1;
             // Applied in memory; the staging goes once the document itself is stored.
             f.applied_transfers.push(id);
         }
@@ -818,6 +956,7 @@ impl Client {
     /// cursor, with one flush.
     fn persist(&self, f: &mut Flight, cursor_key: &str) -> Result<(), Error> {
         let mut batch = std::mem::take(&mut f.batch);
+        batch.acked_at_ms = self.inner.config.clock.now_ms();
         {
             let docs = self.docs();
             for id in f.dirty.drain() {

@@ -1,0 +1,211 @@
+//! `doctor`: why is this phone not syncing? Checks, in order, what can be checked on the
+//! phone (relay configured, token present and unexpired, data budget) and then what the
+//! relay says (reachable, certificate, token accepted, subscription in scope), and
+//! explains each finding in plain words.
+
+use std::time::Duration;
+
+use redline_proto::codec;
+use redline_proto::message::{Hello, Message};
+use redline_proto::{ErrorCode, PROTOCOL_VERSION};
+
+use crate::{Client, Error};
+
+/// One thing the doctor found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finding {
+    /// Everything checked is fine: syncing should work.
+    Healthy,
+    /// No relay is configured.
+    NoRelay,
+    /// No device token is configured.
+    NoToken,
+    /// The token's expiry has passed (checked on the phone).
+    TokenExpired,
+    /// The relay did not answer in time: no network, or the relay is down or elsewhere.
+    Unreachable(String),
+    /// The relay's certificate is not the pinned one.
+    PinMismatch {
+        /// Pinned.
+        expected: String,
+        /// Presented.
+        seen: String,
+    },
+    /// The relay refused the token.
+    Refused {
+        /// The relay's code.
+        code: ErrorCode,
+        /// Its words.
+        text: String,
+    },
+    /// Part of the subscription is outside the token's scope.
+    OutOfScope(Vec<String>),
+    /// Today's metered data budget is spent: only urgent documents go.
+    BudgetReached {
+        /// Bytes used today on metered networks.
+        used: u64,
+        /// The cap.
+        cap: u64,
+    },
+}
+
+impl Finding {
+    /// The finding in plain words, with what to do.
+    pub fn explain(&self) -> String {
+        match self {
+            Finding::Healthy => "all checks passed: this phone can sync".into(),
+            Finding::NoRelay => {
+                "no relay is configured: log in with the relay's address and fingerprint".into()
+            }
+            Finding::NoToken => "no device token: ask your lead or operator for one".into(),
+            Finding::TokenExpired => {
+                "the device token has expired: ask your lead for a new one".into()
+            }
+            Finding::Unreachable(detail) => format!(
+                "the relay cannot be reached ({detail}): check the network (signal, Wi-Fi) and the relay address; your work is safe on the phone"
+            ),
+            Finding::PinMismatch { expected, seen } => format!(
+                "the relay's certificate ({seen}) is not the pinned one ({expected}): you may be talking to the wrong relay; check the address, or re-pin if the relay's certificate was replaced"
+            ),
+            Finding::Refused { code, text } => match *code {
+                ErrorCode::TOKEN_EXPIRED => format!(
+                    "the relay says the token has expired ({text}): ask your lead for a new one"
+                ),
+                ErrorCode::TOKEN_REVOKED => {
+                    format!("the token was revoked ({text}): ask your lead for a new one")
+                }
+                _ => format!(
+                    "the relay refused this phone's token ({code}: {text}): ask your lead for a valid one"
+                ),
+            },
+            Finding::OutOfScope(parts) => format!(
+                "your token does not cover {}: those documents will not sync; ask your lead to widen the token or fix the phone's teams and zones",
+                parts.join(", ")
+            ),
+            Finding::BudgetReached { used, cap } => format!(
+                "today's mobile data budget is spent ({used} of {cap} bytes): only urgent records sync until Wi-Fi or tomorrow"
+            ),
+        }
+    }
+}
+
+impl Client {
+    /// Diagnoses why syncing might not work. Talks to the relay (a hello, nothing
+    /// written) within `timeout`.
+    pub async fn diagnose(&self, timeout: Duration) -> Vec<Finding> {
+        let mut findings = Vec::new();
+        let config = &self.inner.config;
+        let Some(relay) = config.relay.clone() else {
+            return vec![Finding::NoRelay];
+        };
+        match &config.token {
+            None => findings.push(Finding::NoToken),
+            Some(t) => {
+                let now = (config.clock.now_ms() / 1000).max(0) as u64;
+                if redline_proto::token::peek(t).is_ok_and(|c| now >= c.expires) {
+                    findings.push(Finding::TokenExpired);
+                }
+            }
+        }
+        if let (Some(cap), true) = (
+            config.policy.metered_daily_cap,
+            self.inner
+                .conditions
+                .lock()
+                .expect("conditions lock")
+                .network
+                == crate::Network::Metered,
+        ) && let Ok((_, used)) = self.metered_today()
+            && used >= cap
+        {
+            findings.push(Finding::BudgetReached { used, cap });
+        }
+        match tokio::time::timeout(timeout, self.probe(&relay)).await {
+            Err(_) => findings.push(Finding::Unreachable(format!(
+                "no answer from {} in {timeout:?}",
+                relay.addr
+            ))),
+            Ok(Err(Error::PinMismatch { expected, seen })) => {
+                findings.push(Finding::PinMismatch { expected, seen })
+            }
+            Ok(Err(e)) => findings.push(Finding::Unreachable(e.to_string())),
+            Ok(Ok(Some(f))) => findings.push(f),
+            Ok(Ok(None)) => {}
+        }
+        if findings.is_empty() {
+            findings.push(Finding::Healthy);
+        }
+        findings
+    }
+
+    /// Says hello to the relay; what it answers, as a finding (`None`: welcomed with the
+    /// whole subscription).
+    async fn probe(&self, relay: &crate::RelayEndpoint) -> Result<Option<Finding>, Error> {
+        let (_endpoint, conn) = crate::transport::open_connection(relay).await?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| Error::Transport(e.to_string()))?;
+        let wanted = self.subscription()?;
+        let hello = Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            device: self.inner.identity.device.clone(),
+            app_version: self.inner.config.app_version.clone(),
+            subscription: wanted.clone(),
+            token: self.inner.config.token.clone().unwrap_or_default(),
+        });
+        let frame = codec::encode_frame(&hello, codec::DEFAULT_MAX_FRAME)?;
+        send.write_all(&frame)
+            .await
+            .map_err(|e| Error::Transport(e.to_string()))?;
+        let mut decoder = codec::FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
+        let answer = loop {
+            if let Some(m) = decoder.next_message()? {
+                break m;
+            }
+            match recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+                Ok(None) => return Err(Error::Transport("the relay closed the stream".into())),
+                Err(e) => return Err(Error::Transport(e.to_string())),
+            }
+        };
+        let _ = send.finish();
+        conn.close(0u8.into(), b"doctor");
+        Ok(match answer {
+            Message::Error(r) => Some(Finding::Refused {
+                code: r.code,
+                text: r.text,
+            }),
+            Message::Welcome(w) => {
+                let g = w.granted;
+                let mut missing: Vec<String> = Vec::new();
+                missing.extend(
+                    wanted
+                        .teams
+                        .iter()
+                        .filter(|t| !g.teams.contains(t))
+                        .map(|t| format!("team {t}")),
+                );
+                missing.extend(
+                    wanted
+                        .zones
+                        .iter()
+                        .filter(|z| !g.zones.contains(z))
+                        .map(|z| format!("zone {z}")),
+                );
+                missing.extend(
+                    wanted
+                        .docs
+                        .iter()
+                        .filter(|d| !g.docs.contains(d))
+                        .map(|d| d.to_string()),
+                );
+                (!missing.is_empty()).then_some(Finding::OutOfScope(missing))
+            }
+            other => Some(Finding::Unreachable(format!(
+                "unexpected answer: {}",
+                other.kind()
+            ))),
+        })
+    }
+}

@@ -1,0 +1,366 @@
+//! Field realities: progress and "saved on the relay" marks, data budgets with urgent
+//! records first, bounded background sync, and the doctor naming each planted failure.
+
+use std::time::{Duration, Instant};
+
+use redline_client::{
+    Client, ClientConfig, Conditions, Finding, NeedCategory, Network, NewHousehold, NewNeed,
+    NewTask, Priority, RelayEndpoint, SyncPolicy, TaskKind,
+};
+use redline_proto::token::Role;
+use redline_proto::{Day, DocId, ErrorCode, MemberId, TeamId, ZoneId};
+use redline_tests::{endpoint, start_relay, token_for};
+
+/// Text that does not compress (field notes are not all alike).
+fn noise(len: usize) -> String {
+    (0..len / 2)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+fn today() -> Day {
+    Day::new(time::OffsetDateTime::now_utc().date().to_string()).unwrap()
+}
+
+fn phone(
+    relay_dir: &std::path::Path,
+    dir: &std::path::Path,
+    at: RelayEndpoint,
+    policy: SyncPolicy,
+) -> Client {
+    let token = token_for(relay_dir, dir, "ana", Role::Volunteer, &["team-1"], &["z1"]).unwrap();
+    let config = ClientConfig::new(MemberId::new("ana").unwrap())
+        .with_relay(at)
+        .with_token(token)
+        .with_teams(vec![TeamId::new("team-1").unwrap()])
+        .with_zones(vec![ZoneId::new("z1").unwrap()])
+        .with_keep_days(3650)
+        .with_policy(policy);
+    Client::open(dir, config).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_grows_to_done_and_records_turn_from_phone_to_relay() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let relay = start_relay(&root.path().join("relay")).await?;
+    let a = phone(
+        relay.data_dir(),
+        &root.path().join("a"),
+        endpoint(&relay),
+        SyncPolicy::default(),
+    );
+    let team = TeamId::new("team-1")?;
+    let mut local = 0;
+    for d in 1..=3 {
+        let day = Day::new(format!("2026-11-2{d}"))?;
+        for i in 0..20 {
+            a.add_to_tally(&team, &day, "samples_taken", 1)?;
+            if i % 5 == 0 {
+                a.add_task(
+                    &team,
+                    &day,
+                    NewTask::new(TaskKind::Supply, format!("parcel {i}")),
+                )?;
+                local += 1;
+            }
+            local += 1;
+        }
+    }
+    let doc = DocId::ledger(&team, &Day::new("2026-11-21")?);
+    // Before: everything is on the phone only.
+    let before = a.pending()?;
+    assert_eq!(before.unacked, local, "every local change is pending");
+    assert!(
+        before
+            .docs
+            .iter()
+            .any(|d| d.doc == doc && d.unacked > 0 && d.last_ack_ms.is_none())
+    );
+    // During: counters never go back; the end is 100%.
+    let mut watch = a.progress();
+    let seen = tokio::spawn(async move {
+        let mut all = vec![watch.borrow().clone()];
+        while watch.changed().await.is_ok() {
+            let p = watch.borrow().clone();
+            let done = p.finished;
+            all.push(p);
+            if done {
+                break;
+            }
+        }
+        all
+    });
+    let report = a.sync().await?;
+    let snapshots = tokio::time::timeout(Duration::from_secs(5), seen).await??;
+    for w in snapshots.windows(2) {
+        let (x, y) = (&w[0], &w[1]);
+        assert!(
+            y.docs_done >= x.docs_done
+                && y.changes_sent >= x.changes_sent
+                && y.bytes_sent >= x.bytes_sent
+                && y.bytes_received >= x.bytes_received,
+            "progress went back: {x:?} -> {y:?}"
+        );
+    }
+    let last = snapshots.last().unwrap();
+    assert!(last.finished && last.fraction() == 1.0, "{last:?}");
+    assert_eq!(last.changes_sent, last.changes_to_send);
+    assert_eq!(last.docs_total, 3);
+    assert_eq!(
+        report.changes_sent,
+        local + 3,
+        "plus each day's shared genesis"
+    );
+    // After: acknowledged equals local; each record's document is marked on the relay.
+    let after = a.pending()?;
+    assert_eq!(after.unacked, 0);
+    assert!(
+        after
+            .docs
+            .iter()
+            .all(|d| d.unacked == 0 && d.last_ack_ms.is_some())
+    );
+    // A new offline write: "not on relay" until the next ack.
+    a.add_to_tally(&team, &Day::new("2026-11-21")?, "samples_taken", 1)?;
+    let p = a.pending()?;
+    assert_eq!(p.docs.iter().find(|d| d.doc == doc).unwrap().unacked, 1);
+    a.sync().await?;
+    assert_eq!(a.pending()?.unacked, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_data_cap_an_emergency_still_syncs_and_bulk_waits() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let relay = start_relay(&root.path().join("relay")).await?;
+    let policy = SyncPolicy {
+        bulk_unmetered_only: true,
+        bulk_only_charging: false,
+        metered_daily_cap: Some(1),
+    };
+    let a = phone(
+        relay.data_dir(),
+        &root.path().join("a"),
+        endpoint(&relay),
+        policy,
+    );
+    a.set_conditions(Conditions {
+        network: Network::Metered,
+        charging: false,
+    });
+    let (team, zone) = (TeamId::new("team-1")?, ZoneId::new("z1")?);
+    // A first small sync spends the (tiny) budget.
+    a.add_to_tally(&team, &Day::new("2026-11-01")?, "samples_taken", 1)?;
+    a.sync().await?;
+    // Then: a bulk document (an old day with a long report) and an emergency need.
+    let old = Day::new("2026-11-02")?;
+    for i in 0..400 {
+        let mut t = NewTask::new(TaskKind::Inspection, format!("inspection {i}"));
+        t.requirements = Some(noise(1900));
+        a.add_task(&team, &old, t)?;
+    }
+    let house = a.add_household(
+        &zone,
+        NewHousehold {
+            address: "Block 7".into(),
+            residents: 1,
+            contact: None,
+            flags: vec![],
+        },
+    )?;
+    a.add_need(
+        &zone,
+        NewNeed {
+            household: house,
+            category: NeedCategory::MedicalTransport,
+            detail: "dialysis at 14:00".into(),
+            priority: Priority::Emergency,
+        },
+    )?;
+    let report = a.sync().await?;
+    let bulk = DocId::ledger(&team, &old).to_string();
+    assert!(
+        report
+            .deferred
+            .iter()
+            .any(|(d, why)| *d == bulk && why.contains("budget")),
+        "{:?}",
+        report.deferred
+    );
+    let pending = a.pending()?;
+    let of = |doc: &str| {
+        pending
+            .docs
+            .iter()
+            .find(|d| d.doc.as_str() == doc)
+            .map(|d| d.unacked)
+    };
+    assert_eq!(
+        of("households/z1"),
+        Some(0),
+        "the emergency is on the relay"
+    );
+    assert!(of(&bulk).unwrap_or(0) > 0, "the bulk document waits");
+    let doctor = a.diagnose(Duration::from_secs(5)).await;
+    assert!(
+        doctor
+            .iter()
+            .any(|f| matches!(f, Finding::BudgetReached { .. })),
+        "{doctor:?}"
+    );
+    // On Wi-Fi the rest goes.
+    a.set_conditions(Conditions::default());
+    let report = a.sync().await?;
+    assert!(report.deferred.is_empty());
+    assert_eq!(a.pending()?.unacked, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_background_window_returns_in_time_and_a_later_one_finishes() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let relay = start_relay(&root.path().join("relay")).await?;
+    let a = phone(
+        relay.data_dir(),
+        &root.path().join("a"),
+        endpoint(&relay),
+        SyncPolicy::default(),
+    );
+    let team = TeamId::new("team-1")?;
+    let day = Day::new("2026-11-03")?;
+    for i in 0..600 {
+        let mut t = NewTask::new(TaskKind::Screening, format!("screening {i}"));
+        t.requirements = Some(noise(1900));
+        a.add_task(&team, &day, t)?;
+    }
+    let started = Instant::now();
+    let short = a.sync_for(Duration::from_millis(5)).await?;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "returned in {:?}",
+        started.elapsed()
+    );
+    assert!(!short.completed);
+    assert!(a.pending()?.unacked > 0, "not everything fit in 5 ms");
+    let long = a.sync_for(Duration::from_secs(60)).await?;
+    assert!(
+        long.completed && long.progress.finished,
+        "{:?}",
+        long.progress
+    );
+    assert_eq!(a.pending()?.unacked, 0);
+    let doc = DocId::ledger(&team, &day);
+    assert_eq!(
+        relay.heads(&doc).await?,
+        a.heads(&doc)?,
+        "the relay has it all"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_doctor_names_each_planted_failure() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let relay = start_relay(&root.path().join("relay")).await?;
+    let t = Duration::from_secs(3);
+    // Healthy.
+    let ok = phone(
+        relay.data_dir(),
+        &root.path().join("ok"),
+        endpoint(&relay),
+        SyncPolicy::default(),
+    );
+    assert_eq!(ok.diagnose(t).await, vec![Finding::Healthy]);
+    // No relay at that address.
+    let mut nowhere = endpoint(&relay);
+    nowhere.addr = "127.0.0.1:9".parse()?;
+    let lost = phone(
+        relay.data_dir(),
+        &root.path().join("lost"),
+        nowhere,
+        SyncPolicy::default(),
+    );
+    assert!(matches!(
+        lost.diagnose(t).await.as_slice(),
+        [Finding::Unreachable(_)]
+    ));
+    // Wrong pin.
+    let mut wrong = endpoint(&relay);
+    wrong.fingerprint = "ab".repeat(32);
+    let pinned = phone(
+        relay.data_dir(),
+        &root.path().join("pinned"),
+        wrong,
+        SyncPolicy::default(),
+    );
+    assert!(matches!(
+        pinned.diagnose(t).await.as_slice(),
+        [Finding::PinMismatch { .. }]
+    ));
+    // Revoked token.
+    let revoked_dir = root.path().join("revoked");
+    let revoked = phone(
+        relay.data_dir(),
+        &revoked_dir,
+        endpoint(&relay),
+        SyncPolicy::default(),
+    );
+    let id = redline_proto::token::peek(revoked.config_token().unwrap())?.id;
+    redline_server::auth::revoke(relay.data_dir(), id)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let found = revoked.diagnose(t).await;
+    assert!(
+        matches!(found.as_slice(), [Finding::Refused { code, .. }] if *code == ErrorCode::TOKEN_REVOKED),
+        "{found:?}"
+    );
+    // Expired token (and the phone notices by itself).
+    let dir = root.path().join("expired");
+    let request = redline_server::auth::TokenRequest {
+        device: redline_tests::device_for(&dir),
+        member: MemberId::new("ana")?,
+        role: Role::Volunteer,
+        teams: vec![TeamId::new("team-1")?],
+        zones: vec![],
+        ttl: Duration::ZERO,
+    };
+    let token = redline_server::auth::issue(relay.data_dir(), request)?.1;
+    let expired = Client::open(
+        &dir,
+        ClientConfig::new(MemberId::new("ana")?)
+            .with_relay(endpoint(&relay))
+            .with_token(token),
+    )?;
+    let found = expired.diagnose(t).await;
+    assert!(found.contains(&Finding::TokenExpired), "{found:?}");
+    assert!(
+        found.iter().any(
+            |f| matches!(f, Finding::Refused { code, .. } if *code == ErrorCode::TOKEN_EXPIRED)
+        ),
+        "{found:?}"
+    );
+    // Out of scope: the phone follows a team its token does not cover.
+    let dir = root.path().join("scope");
+    let token = token_for(
+        relay.data_dir(),
+        &dir,
+        "ana",
+        Role::Volunteer,
+        &["team-1"],
+        &[],
+    )?;
+    let config = ClientConfig::new(MemberId::new("ana")?)
+        .with_relay(endpoint(&relay))
+        .with_token(token)
+        .with_teams(vec![TeamId::new("team-1")?, TeamId::new("team-9")?]);
+    let wide = Client::open(&dir, config)?;
+    let found = wide.diagnose(t).await;
+    assert!(
+        matches!(found.as_slice(), [Finding::OutOfScope(parts)] if parts == &["team team-9".to_string()]),
+        "{found:?}"
+    );
+    for f in found {
+        assert!(!f.explain().is_empty());
+    }
+    let _ = today();
+    Ok(())
+}
