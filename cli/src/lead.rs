@@ -466,20 +466,32 @@ pub fn status(config: &Path, profile: &Profile, client: &Client) -> anyhow::Resu
     t.add_row(vec!["teams".to_string(), profile.teams.join(", ")]);
     t.add_row(vec!["zones".to_string(), profile.zones.join(", ")]);
     let docs = client.documents()?;
-    let mut pending = Vec::new();
-    for id in &docs {
-        if client.acked_heads(id)?.as_deref() != Some(&client.heads(id)?[..]) {
-            pending.push(id.to_string());
-        }
-    }
+    let pending = client.pending()?;
     t.add_row(vec!["documents".to_string(), docs.len().to_string()]);
     t.add_row(vec![
         "not yet on the relay".to_string(),
-        if pending.is_empty() {
+        if pending.unacked == 0 {
             "nothing: all saved on the relay".to_string()
         } else {
-            pending.join(", ")
+            pending
+                .docs
+                .iter()
+                .filter(|d| d.unacked > 0)
+                .map(|d| format!("{} ({} changes)", d.doc, d.unacked))
+                .collect::<Vec<_>>()
+                .join(", ")
         },
+    ]);
+    t.add_row(vec![
+        "last saved on the relay".to_string(),
+        pending
+            .last_ack_ms
+            .map(|ms| {
+                time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+                    .map(|t| format!("{} {:02}:{:02} UTC", t.date(), t.hour(), t.minute()))
+                    .unwrap_or_default()
+            })
+            .unwrap_or_else(|| "never".into()),
     ]);
     println!("{t}");
     Ok(())
@@ -495,4 +507,27 @@ pub fn open(config: &Path) -> anyhow::Result<(Profile, Client)> {
 /// The profile path from the flag or the environment.
 pub fn config_path(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     profile::path(explicit)
+}
+
+/// `redline doctor`: every finding in plain words; the exit code of the worst.
+pub async fn doctor(config: &Path) -> anyhow::Result<std::process::ExitCode> {
+    use redline_client::Finding;
+    let (_, client) = open(config)?;
+    let findings = client.diagnose(Duration::from_secs(5)).await;
+    let mut code = 0u8;
+    for f in &findings {
+        let (mark, c) = match f {
+            Finding::Healthy => ("ok", 0),
+            Finding::Unreachable(_) => ("!!", UNREACHABLE),
+            Finding::PinMismatch { .. }
+            | Finding::Refused { .. }
+            | Finding::TokenExpired
+            | Finding::NoToken => ("!!", REFUSED),
+            Finding::NoRelay => ("!!", profile::NOT_LOGGED_IN),
+            Finding::OutOfScope(_) | Finding::BudgetReached { .. } => ("! ", 1),
+        };
+        println!("[{mark}] {}", f.explain());
+        code = code.max(c);
+    }
+    Ok(std::process::ExitCode::from(code))
 }

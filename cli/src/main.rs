@@ -95,6 +95,9 @@ enum Command {
     },
     /// What this machine holds and what is not yet on the relay.
     Status,
+    /// Explain why syncing is not working: network, relay, certificate, token, scope,
+    /// data budget.
+    Doctor,
 }
 
 #[derive(Subcommand)]
@@ -179,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export { doc, format, out } => {
             lead::export(&lead::open(&config()?)?.1, &doc, format, out)?
         }
+        Command::Doctor => return lead::doctor(&config()?).await,
         Command::Status => {
             let path = config()?;
             let (profile, client) = lead::open(&path)?;

@@ -355,6 +355,8 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
         .assert()
         .code(2);
 
+    let doctor = stdout(&redline(&config).arg("doctor").assert().success());
+    assert!(doctor.contains("all checks passed"), "{doctor}");
     let status = stdout(&redline(&config).arg("status").assert().success());
     assert!(status.contains("all saved on the relay"), "{status}");
 

@@ -412,6 +412,28 @@ impl RedlineClient {
         self.with(|c| Ok(c.open_needs()?.into_iter().map(Into::into).collect()))
     }
 
+    /// What is saved on the phone only: per document, changes the relay has not
+    /// acknowledged (0: "saved on the relay") and the last acknowledgement.
+    pub fn pending(&self) -> Result<PendingRecord, RedlineError> {
+        self.with(|c| Ok(c.pending()?.into()))
+    }
+
+    /// Tells the client the network and charger state: on a metered network or without
+    /// a charger the sync policy may hold back large documents; urgent ones always go.
+    pub fn set_conditions(&self, metered: bool, charging: bool) -> Result<(), RedlineError> {
+        self.with(|c| {
+            c.set_conditions(redline_client::Conditions {
+                network: if metered {
+                    redline_client::Network::Metered
+                } else {
+                    redline_client::Network::Unmetered
+                },
+                charging,
+            });
+            Ok(())
+        })
+    }
+
     /// Every document id on the device.
     pub fn documents(&self) -> Result<Vec<String>, RedlineError> {
         self.with(|c| Ok(c.documents()?.iter().map(ToString::to_string).collect()))
@@ -509,6 +531,16 @@ impl RedlineClient {
         if let Some(s) = &status {
             s.send(SyncStatus::Syncing);
         }
+        // Forward progress to the observer while the sync runs.
+        let forward = status.clone().map(|s| {
+            let mut watch = client.progress();
+            runtime.spawn(async move {
+                while watch.changed().await.is_ok() {
+                    let p = SyncProgressRecord::from(&*watch.borrow());
+                    s.send(SyncStatus::Progress { progress: p });
+                }
+            })
+        });
         let result = match runtime.spawn(async move { client.sync().await }).await {
             Ok(Ok(report)) => Ok(SyncReportRecord::from(&report)),
             Ok(Err(e)) => Err(RedlineError::from(e)),
@@ -516,6 +548,9 @@ impl RedlineClient {
                 reason: format!("sync task failed (please report): {e}"),
             }),
         };
+        if let Some(f) = forward {
+            f.abort();
+        }
         if let Some(s) = &status {
             s.send(match &result {
                 Ok(r) => SyncStatus::Synced { report: r.clone() },
@@ -525,5 +560,38 @@ impl RedlineClient {
             });
         }
         result
+    }
+
+    /// Syncs for at most `seconds` (iOS BGTaskScheduler, Android WorkManager): urgent
+    /// records first; stops cleanly at the deadline; a later call finishes the job.
+    pub async fn sync_for(&self, seconds: f64) -> Result<BoundedSyncRecord, RedlineError> {
+        let (client, runtime, _) = self.parts()?;
+        let budget = std::time::Duration::from_secs_f64(seconds.clamp(0.0, 86_400.0));
+        match runtime
+            .spawn(async move { client.sync_for(budget).await })
+            .await
+        {
+            Ok(Ok(b)) => Ok(BoundedSyncRecord {
+                completed: b.completed,
+                progress: (&b.progress).into(),
+            }),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(RedlineError::Internal {
+                reason: format!("sync task failed (please report): {e}"),
+            }),
+        }
+    }
+
+    /// Why syncing might not work, in plain words (one line per finding; "all checks
+    /// passed" when healthy).
+    pub async fn diagnose(&self) -> Result<Vec<String>, RedlineError> {
+        let (client, runtime, _) = self.parts()?;
+        let findings = runtime
+            .spawn(async move { client.diagnose(std::time::Duration::from_secs(5)).await })
+            .await
+            .map_err(|e| RedlineError::Internal {
+                reason: format!("doctor failed (please report): {e}"),
+            })?;
+        Ok(findings.iter().map(|f| f.explain()).collect())
     }
 }

@@ -281,11 +281,102 @@ pub struct SyncReportRecord {
     pub duration_ms: u64,
 }
 
+/// How a running sync is going (counters only grow; `finished` at 100%).
+#[derive(Clone, Debug, PartialEq, uniffi::Record)]
+pub struct SyncProgressRecord {
+    /// Documents to push or receive.
+    pub docs_total: u64,
+    /// Of those, done.
+    pub docs_done: u64,
+    /// Local changes to push.
+    pub changes_to_send: u64,
+    /// Of those, acknowledged.
+    pub changes_sent: u64,
+    /// Bytes sent.
+    pub bytes_sent: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Estimated time left.
+    pub remaining_ms: Option<u64>,
+    /// The sync settled.
+    pub finished: bool,
+}
+
+impl From<&redline_client::SyncProgress> for SyncProgressRecord {
+    fn from(p: &redline_client::SyncProgress) -> Self {
+        Self {
+            docs_total: p.docs_total,
+            docs_done: p.docs_done,
+            changes_to_send: p.changes_to_send,
+            changes_sent: p.changes_sent,
+            bytes_sent: p.bytes_sent,
+            bytes_received: p.bytes_received,
+            remaining_ms: p.remaining.map(|d| d.as_millis() as u64),
+            finished: p.finished,
+        }
+    }
+}
+
+/// What one document has on the phone only.
+#[derive(Clone, Debug, uniffi::Record)]
+pub struct DocPendingRecord {
+    /// The document.
+    pub doc: String,
+    /// This phone's changes the relay has not acknowledged: 0 means "saved on the
+    /// relay".
+    pub unacked: u64,
+    /// When the relay last acknowledged it.
+    pub last_ack_ms: Option<i64>,
+}
+
+/// What is saved on the phone only, overall and per document.
+#[derive(Clone, Debug, uniffi::Record)]
+pub struct PendingRecord {
+    /// Changes not on the relay yet.
+    pub unacked: u64,
+    /// The latest acknowledgement.
+    pub last_ack_ms: Option<i64>,
+    /// Per document.
+    pub docs: Vec<DocPendingRecord>,
+}
+
+impl From<redline_client::Pending> for PendingRecord {
+    fn from(p: redline_client::Pending) -> Self {
+        Self {
+            unacked: p.unacked,
+            last_ack_ms: p.last_ack_ms,
+            docs: p
+                .docs
+                .into_iter()
+                .map(|d| DocPendingRecord {
+                    doc: d.doc.to_string(),
+                    unacked: d.unacked,
+                    last_ack_ms: d.last_ack_ms,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What a bounded background sync managed.
+#[derive(Clone, Debug, uniffi::Record)]
+pub struct BoundedSyncRecord {
+    /// It finished before the deadline.
+    pub completed: bool,
+    /// How far it got.
+    pub progress: SyncProgressRecord,
+}
+
 /// Where syncing stands.
 #[derive(Clone, Debug, uniffi::Enum)]
 pub enum SyncStatus {
     /// A sync started.
     Syncing,
+    /// A sync moved on.
+    Progress {
+        /// How far.
+        progress: SyncProgressRecord,
+    },
     /// A sync (or a live session's first flight) finished.
     Synced {
         /// What it did.

@@ -535,6 +535,22 @@ fileprivate struct FfiConverterInt64: FfiConverterPrimitive {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterDouble: FfiConverterPrimitive {
+    typealias FfiType = Double
+    typealias SwiftType = Double
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Double {
+        return try lift(readDouble(&buf))
+    }
+
+    public static func write(_ value: Double, into buf: inout [UInt8]) {
+        writeDouble(&buf, lower(value))
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterBool : FfiConverter {
     typealias FfiType = Int8
     typealias SwiftType = Bool
@@ -876,6 +892,12 @@ public protocol RedlineClientProtocol: AnyObject, Sendable {
     func deviceId() throws  -> String
     
     /**
+     * Why syncing might not work, in plain words (one line per finding; "all checks
+     * passed" when healthy).
+     */
+    func diagnose() async throws  -> [String]
+    
+    /**
      * Every document id on the device.
      */
     func documents() throws  -> [String]
@@ -903,6 +925,12 @@ public protocol RedlineClientProtocol: AnyObject, Sendable {
     func openNeeds() throws  -> [NeedRecord]
     
     /**
+     * What is saved on the phone only: per document, changes the relay has not
+     * acknowledged (0: "saved on the relay") and the last acknowledgement.
+     */
+    func pending() throws  -> PendingRecord
+    
+    /**
      * The lead's reconciled day: totals, per-member activity, conflicts.
      */
     func reconcile(teamId: String, dayId: String) throws  -> ReconcileRecord?
@@ -917,6 +945,12 @@ public protocol RedlineClientProtocol: AnyObject, Sendable {
      * `None` removes it.
      */
     func setChangeObserver(observer: ChangeObserver?) throws 
+    
+    /**
+     * Tells the client the network and charger state: on a metered network or without
+     * a charger the sync policy may hold back large documents; urgent ones always go.
+     */
+    func setConditions(metered: Bool, charging: Bool) throws 
     
     /**
      * Replaces a need's notes.
@@ -953,6 +987,12 @@ public protocol RedlineClientProtocol: AnyObject, Sendable {
      * Ends the live session (in the background). Returns at once.
      */
     func stopLive() throws 
+    
+    /**
+     * Syncs for at most `seconds` (iOS BGTaskScheduler, Android WorkManager): urgent
+     * records first; stops cleanly at the deadline; a later call finishes the job.
+     */
+    func syncFor(seconds: Double) async throws  -> BoundedSyncRecord
     
     /**
      * Syncs with the relay now: pushes what the relay lacks, fetches what the device
@@ -1169,6 +1209,26 @@ open func deviceId()throws  -> String  {
 }
     
     /**
+     * Why syncing might not work, in plain words (one line per finding; "all checks
+     * passed" when healthy).
+     */
+open func diagnose()async throws  -> [String]  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_redline_ffi_fn_method_redlineclient_diagnose(
+                        self.uniffiCloneHandle()
+                )
+            },
+            pollFunc: ffi_redline_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_redline_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_redline_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterSequenceString.lift,
+            errorHandler: FfiConverterTypeRedlineError_lift
+        )
+}
+    
+    /**
      * Every document id on the device.
      */
 open func documents()throws  -> [String]  {
@@ -1233,6 +1293,19 @@ open func openNeeds()throws  -> [NeedRecord]  {
 }
     
     /**
+     * What is saved on the phone only: per document, changes the relay has not
+     * acknowledged (0: "saved on the relay") and the last acknowledgement.
+     */
+open func pending()throws  -> PendingRecord  {
+    return try  FfiConverterTypePendingRecord_lift(try rustCallWithError(FfiConverterTypeRedlineError_lift) {
+        uniffiCallStatus in
+    uniffi_redline_ffi_fn_method_redlineclient_pending(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
      * The lead's reconciled day: totals, per-member activity, conflicts.
      */
 open func reconcile(teamId: String, dayId: String)throws  -> ReconcileRecord?  {
@@ -1269,6 +1342,20 @@ open func setChangeObserver(observer: ChangeObserver?)throws   {try rustCallWith
     uniffi_redline_ffi_fn_method_redlineclient_set_change_observer(
             self.uniffiCloneHandle(),
         FfiConverterOptionTypeChangeObserver.lower(observer),uniffiCallStatus
+    )
+}
+}
+    
+    /**
+     * Tells the client the network and charger state: on a metered network or without
+     * a charger the sync policy may hold back large documents; urgent ones always go.
+     */
+open func setConditions(metered: Bool, charging: Bool)throws   {try rustCallWithError(FfiConverterTypeRedlineError_lift) {
+        uniffiCallStatus in
+    uniffi_redline_ffi_fn_method_redlineclient_set_conditions(
+            self.uniffiCloneHandle(),
+        FfiConverterBool.lower(metered),
+        FfiConverterBool.lower(charging),uniffiCallStatus
     )
 }
 }
@@ -1363,6 +1450,26 @@ open func stopLive()throws   {try rustCallWithError(FfiConverterTypeRedlineError
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 }
+}
+    
+    /**
+     * Syncs for at most `seconds` (iOS BGTaskScheduler, Android WorkManager): urgent
+     * records first; stops cleanly at the deadline; a later call finishes the job.
+     */
+open func syncFor(seconds: Double)async throws  -> BoundedSyncRecord  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_redline_ffi_fn_method_redlineclient_sync_for(
+                        self.uniffiCloneHandle(),FfiConverterDouble.lower(seconds)
+                )
+            },
+            pollFunc: ffi_redline_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_redline_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_redline_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypeBoundedSyncRecord_lift,
+            errorHandler: FfiConverterTypeRedlineError_lift
+        )
 }
     
     /**
@@ -1641,6 +1748,75 @@ public func FfiConverterTypeSyncStatusObserver_lower(_ value: SyncStatusObserver
 }
 
 
+
+
+/**
+ * What a bounded background sync managed.
+ */
+public struct BoundedSyncRecord: Equatable, Hashable {
+    /**
+     * It finished before the deadline.
+     */
+    public var completed: Bool
+    /**
+     * How far it got.
+     */
+    public var progress: SyncProgressRecord
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * It finished before the deadline.
+         */completed: Bool, 
+        /**
+         * How far it got.
+         */progress: SyncProgressRecord) {
+        self.completed = completed
+        self.progress = progress
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension BoundedSyncRecord: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeBoundedSyncRecord: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> BoundedSyncRecord {
+        return
+            try BoundedSyncRecord(
+                completed: FfiConverterBool.read(from: &buf), 
+                progress: FfiConverterTypeSyncProgressRecord.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: BoundedSyncRecord, into buf: inout [UInt8]) {
+        FfiConverterBool.write(value.completed, into: &buf)
+        FfiConverterTypeSyncProgressRecord.write(value.progress, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeBoundedSyncRecord_lift(_ buf: RustBuffer) throws -> BoundedSyncRecord {
+    return try FfiConverterTypeBoundedSyncRecord.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeBoundedSyncRecord_lower(_ value: BoundedSyncRecord) -> RustBuffer {
+    return FfiConverterTypeBoundedSyncRecord.lower(value)
+}
 
 
 /**
@@ -1937,6 +2113,87 @@ public func FfiConverterTypeConflictValueRecord_lift(_ buf: RustBuffer) throws -
 #endif
 public func FfiConverterTypeConflictValueRecord_lower(_ value: ConflictValueRecord) -> RustBuffer {
     return FfiConverterTypeConflictValueRecord.lower(value)
+}
+
+
+/**
+ * What one document has on the phone only.
+ */
+public struct DocPendingRecord: Equatable, Hashable {
+    /**
+     * The document.
+     */
+    public var doc: String
+    /**
+     * This phone's changes the relay has not acknowledged: 0 means "saved on the
+     * relay".
+     */
+    public var unacked: UInt64
+    /**
+     * When the relay last acknowledged it.
+     */
+    public var lastAckMs: Int64?
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The document.
+         */doc: String, 
+        /**
+         * This phone's changes the relay has not acknowledged: 0 means "saved on the
+         * relay".
+         */unacked: UInt64, 
+        /**
+         * When the relay last acknowledged it.
+         */lastAckMs: Int64?) {
+        self.doc = doc
+        self.unacked = unacked
+        self.lastAckMs = lastAckMs
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension DocPendingRecord: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeDocPendingRecord: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> DocPendingRecord {
+        return
+            try DocPendingRecord(
+                doc: FfiConverterString.read(from: &buf), 
+                unacked: FfiConverterUInt64.read(from: &buf), 
+                lastAckMs: FfiConverterOptionInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: DocPendingRecord, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.doc, into: &buf)
+        FfiConverterUInt64.write(value.unacked, into: &buf)
+        FfiConverterOptionInt64.write(value.lastAckMs, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeDocPendingRecord_lift(_ buf: RustBuffer) throws -> DocPendingRecord {
+    return try FfiConverterTypeDocPendingRecord.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeDocPendingRecord_lower(_ value: DocPendingRecord) -> RustBuffer {
+    return FfiConverterTypeDocPendingRecord.lower(value)
 }
 
 
@@ -2894,6 +3151,85 @@ public func FfiConverterTypeNewTaskRecord_lower(_ value: NewTaskRecord) -> RustB
 
 
 /**
+ * What is saved on the phone only, overall and per document.
+ */
+public struct PendingRecord: Equatable, Hashable {
+    /**
+     * Changes not on the relay yet.
+     */
+    public var unacked: UInt64
+    /**
+     * The latest acknowledgement.
+     */
+    public var lastAckMs: Int64?
+    /**
+     * Per document.
+     */
+    public var docs: [DocPendingRecord]
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Changes not on the relay yet.
+         */unacked: UInt64, 
+        /**
+         * The latest acknowledgement.
+         */lastAckMs: Int64?, 
+        /**
+         * Per document.
+         */docs: [DocPendingRecord]) {
+        self.unacked = unacked
+        self.lastAckMs = lastAckMs
+        self.docs = docs
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension PendingRecord: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypePendingRecord: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> PendingRecord {
+        return
+            try PendingRecord(
+                unacked: FfiConverterUInt64.read(from: &buf), 
+                lastAckMs: FfiConverterOptionInt64.read(from: &buf), 
+                docs: FfiConverterSequenceTypeDocPendingRecord.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: PendingRecord, into buf: inout [UInt8]) {
+        FfiConverterUInt64.write(value.unacked, into: &buf)
+        FfiConverterOptionInt64.write(value.lastAckMs, into: &buf)
+        FfiConverterSequenceTypeDocPendingRecord.write(value.docs, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePendingRecord_lift(_ buf: RustBuffer) throws -> PendingRecord {
+    return try FfiConverterTypePendingRecord.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePendingRecord_lower(_ value: PendingRecord) -> RustBuffer {
+    return FfiConverterTypePendingRecord.lower(value)
+}
+
+
+/**
  * A lead's reconciled day.
  */
 public struct ReconcileRecord: Equatable, Hashable {
@@ -3038,6 +3374,135 @@ public func FfiConverterTypeRelaySettings_lift(_ buf: RustBuffer) throws -> Rela
 #endif
 public func FfiConverterTypeRelaySettings_lower(_ value: RelaySettings) -> RustBuffer {
     return FfiConverterTypeRelaySettings.lower(value)
+}
+
+
+/**
+ * How a running sync is going (counters only grow; `finished` at 100%).
+ */
+public struct SyncProgressRecord: Equatable, Hashable {
+    /**
+     * Documents to push or receive.
+     */
+    public var docsTotal: UInt64
+    /**
+     * Of those, done.
+     */
+    public var docsDone: UInt64
+    /**
+     * Local changes to push.
+     */
+    public var changesToSend: UInt64
+    /**
+     * Of those, acknowledged.
+     */
+    public var changesSent: UInt64
+    /**
+     * Bytes sent.
+     */
+    public var bytesSent: UInt64
+    /**
+     * Bytes received.
+     */
+    public var bytesReceived: UInt64
+    /**
+     * Estimated time left.
+     */
+    public var remainingMs: UInt64?
+    /**
+     * The sync settled.
+     */
+    public var finished: Bool
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Documents to push or receive.
+         */docsTotal: UInt64, 
+        /**
+         * Of those, done.
+         */docsDone: UInt64, 
+        /**
+         * Local changes to push.
+         */changesToSend: UInt64, 
+        /**
+         * Of those, acknowledged.
+         */changesSent: UInt64, 
+        /**
+         * Bytes sent.
+         */bytesSent: UInt64, 
+        /**
+         * Bytes received.
+         */bytesReceived: UInt64, 
+        /**
+         * Estimated time left.
+         */remainingMs: UInt64?, 
+        /**
+         * The sync settled.
+         */finished: Bool) {
+        self.docsTotal = docsTotal
+        self.docsDone = docsDone
+        self.changesToSend = changesToSend
+        self.changesSent = changesSent
+        self.bytesSent = bytesSent
+        self.bytesReceived = bytesReceived
+        self.remainingMs = remainingMs
+        self.finished = finished
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension SyncProgressRecord: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeSyncProgressRecord: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SyncProgressRecord {
+        return
+            try SyncProgressRecord(
+                docsTotal: FfiConverterUInt64.read(from: &buf), 
+                docsDone: FfiConverterUInt64.read(from: &buf), 
+                changesToSend: FfiConverterUInt64.read(from: &buf), 
+                changesSent: FfiConverterUInt64.read(from: &buf), 
+                bytesSent: FfiConverterUInt64.read(from: &buf), 
+                bytesReceived: FfiConverterUInt64.read(from: &buf), 
+                remainingMs: FfiConverterOptionUInt64.read(from: &buf), 
+                finished: FfiConverterBool.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: SyncProgressRecord, into buf: inout [UInt8]) {
+        FfiConverterUInt64.write(value.docsTotal, into: &buf)
+        FfiConverterUInt64.write(value.docsDone, into: &buf)
+        FfiConverterUInt64.write(value.changesToSend, into: &buf)
+        FfiConverterUInt64.write(value.changesSent, into: &buf)
+        FfiConverterUInt64.write(value.bytesSent, into: &buf)
+        FfiConverterUInt64.write(value.bytesReceived, into: &buf)
+        FfiConverterOptionUInt64.write(value.remainingMs, into: &buf)
+        FfiConverterBool.write(value.finished, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeSyncProgressRecord_lift(_ buf: RustBuffer) throws -> SyncProgressRecord {
+    return try FfiConverterTypeSyncProgressRecord.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeSyncProgressRecord_lower(_ value: SyncProgressRecord) -> RustBuffer {
+    return FfiConverterTypeSyncProgressRecord.lower(value)
 }
 
 
@@ -3637,6 +4102,14 @@ public enum SyncStatus: Equatable, Hashable {
      */
     case syncing
     /**
+     * A sync moved on.
+     */
+    case progress(
+        /**
+         * How far.
+         */progress: SyncProgressRecord
+    )
+    /**
      * A sync (or a live session's first flight) finished.
      */
     case synced(
@@ -3679,13 +4152,16 @@ public struct FfiConverterTypeSyncStatus: FfiConverterRustBuffer {
         
         case 1: return .syncing
         
-        case 2: return .synced(report: try FfiConverterTypeSyncReportRecord.read(from: &buf)
+        case 2: return .progress(progress: try FfiConverterTypeSyncProgressRecord.read(from: &buf)
         )
         
-        case 3: return .failed(reason: try FfiConverterString.read(from: &buf)
+        case 3: return .synced(report: try FfiConverterTypeSyncReportRecord.read(from: &buf)
         )
         
-        case 4: return .stopped
+        case 4: return .failed(reason: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 5: return .stopped
         
         default: throw UniffiInternalError.unexpectedEnumCase
         }
@@ -3699,18 +4175,23 @@ public struct FfiConverterTypeSyncStatus: FfiConverterRustBuffer {
             writeInt(&buf, Int32(1))
         
         
-        case let .synced(report):
+        case let .progress(progress):
             writeInt(&buf, Int32(2))
+            FfiConverterTypeSyncProgressRecord.write(progress, into: &buf)
+            
+        
+        case let .synced(report):
+            writeInt(&buf, Int32(3))
             FfiConverterTypeSyncReportRecord.write(report, into: &buf)
             
         
         case let .failed(reason):
-            writeInt(&buf, Int32(3))
+            writeInt(&buf, Int32(4))
             FfiConverterString.write(reason, into: &buf)
             
         
         case .stopped:
-            writeInt(&buf, Int32(4))
+            writeInt(&buf, Int32(5))
         
         }
     }
@@ -3731,6 +4212,30 @@ public func FfiConverterTypeSyncStatus_lower(_ value: SyncStatus) -> RustBuffer 
     return FfiConverterTypeSyncStatus.lower(value)
 }
 
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionUInt64: FfiConverterRustBuffer {
+    typealias SwiftType = UInt64?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterUInt64.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterUInt64.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
 
 #if swift(>=5.8)
 @_documentation(visibility: private)
@@ -3994,6 +4499,31 @@ fileprivate struct FfiConverterSequenceTypeConflictValueRecord: FfiConverterRust
         seq.reserveCapacity(Int(len))
         for _ in 0 ..< len {
             seq.append(try FfiConverterTypeConflictValueRecord.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeDocPendingRecord: FfiConverterRustBuffer {
+    typealias SwiftType = [DocPendingRecord]
+
+    public static func write(_ value: [DocPendingRecord], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeDocPendingRecord.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [DocPendingRecord] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [DocPendingRecord]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeDocPendingRecord.read(from: &buf))
         }
         return seq
     }

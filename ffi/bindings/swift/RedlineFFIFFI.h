@@ -340,6 +340,11 @@ RustBuffer uniffi_redline_ffi_fn_method_redlineclient_conflicts(uint64_t ptr, Ru
 RustBuffer uniffi_redline_ffi_fn_method_redlineclient_device_id(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_DIAGNOSE
+#define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_DIAGNOSE
+uint64_t uniffi_redline_ffi_fn_method_redlineclient_diagnose(uint64_t ptr
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_DOCUMENTS
 #define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_DOCUMENTS
 RustBuffer uniffi_redline_ffi_fn_method_redlineclient_documents(uint64_t ptr, RustCallStatus *_Nonnull out_status
@@ -365,6 +370,11 @@ RustBuffer uniffi_redline_ffi_fn_method_redlineclient_ledger(uint64_t ptr, RustB
 RustBuffer uniffi_redline_ffi_fn_method_redlineclient_open_needs(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_PENDING
+#define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_PENDING
+RustBuffer uniffi_redline_ffi_fn_method_redlineclient_pending(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_RECONCILE
 #define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_RECONCILE
 RustBuffer uniffi_redline_ffi_fn_method_redlineclient_reconcile(uint64_t ptr, RustBuffer team_id, RustBuffer day_id, RustCallStatus *_Nonnull out_status
@@ -378,6 +388,11 @@ void uniffi_redline_ffi_fn_method_redlineclient_resolve_conflict(uint64_t ptr, R
 #ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_SET_CHANGE_OBSERVER
 #define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_SET_CHANGE_OBSERVER
 void uniffi_redline_ffi_fn_method_redlineclient_set_change_observer(uint64_t ptr, RustBuffer observer, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_SET_CONDITIONS
+#define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_SET_CONDITIONS
+void uniffi_redline_ffi_fn_method_redlineclient_set_conditions(uint64_t ptr, int8_t metered, int8_t charging, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_SET_NEED_NOTES
@@ -413,6 +428,11 @@ void uniffi_redline_ffi_fn_method_redlineclient_shutdown(uint64_t ptr, RustCallS
 #ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_STOP_LIVE
 #define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_STOP_LIVE
 void uniffi_redline_ffi_fn_method_redlineclient_stop_live(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_SYNC_FOR
+#define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_SYNC_FOR
+uint64_t uniffi_redline_ffi_fn_method_redlineclient_sync_for(uint64_t ptr, double seconds
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_SYNC_NOW
@@ -792,6 +812,12 @@ uint16_t uniffi_redline_ffi_checksum_method_redlineclient_device_id(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_DIAGNOSE
+#define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_DIAGNOSE
+uint16_t uniffi_redline_ffi_checksum_method_redlineclient_diagnose(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_DOCUMENTS
 #define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_DOCUMENTS
 uint16_t uniffi_redline_ffi_checksum_method_redlineclient_documents(void
@@ -822,6 +848,12 @@ uint16_t uniffi_redline_ffi_checksum_method_redlineclient_open_needs(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_PENDING
+#define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_PENDING
+uint16_t uniffi_redline_ffi_checksum_method_redlineclient_pending(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_RECONCILE
 #define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_RECONCILE
 uint16_t uniffi_redline_ffi_checksum_method_redlineclient_reconcile(void
@@ -837,6 +869,12 @@ uint16_t uniffi_redline_ffi_checksum_method_redlineclient_resolve_conflict(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_SET_CHANGE_OBSERVER
 #define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_SET_CHANGE_OBSERVER
 uint16_t uniffi_redline_ffi_checksum_method_redlineclient_set_change_observer(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_SET_CONDITIONS
+#define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_SET_CONDITIONS
+uint16_t uniffi_redline_ffi_checksum_method_redlineclient_set_conditions(void
     
 );
 #endif
@@ -879,6 +917,12 @@ uint16_t uniffi_redline_ffi_checksum_method_redlineclient_shutdown(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_STOP_LIVE
 #define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_STOP_LIVE
 uint16_t uniffi_redline_ffi_checksum_method_redlineclient_stop_live(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_SYNC_FOR
+#define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_SYNC_FOR
+uint16_t uniffi_redline_ffi_checksum_method_redlineclient_sync_for(void
     
 );
 #endif

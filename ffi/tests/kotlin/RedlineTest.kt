@@ -121,8 +121,14 @@ fun run(exe: String, scratch: File) {
         check(changes.threads.none { it == Thread.currentThread().name }, "callbacks come on a background thread")
 
         // Sync both phones through the real relay.
+        check(a.pending().unacked > 0uL, "before syncing, the work is saved on the phone only")
         val reportA = runBlocking { a.syncNow() }
         check(reportA.refused.isEmpty() && reportA.changesSent > 0uL, "phone A pushed its work")
+        check(a.pending().unacked == 0uL && a.pending().lastAckMs != null, "after syncing, saved on the relay")
+        check(eventually(5_000) { statuses.seen.any { it is SyncStatus.Progress && it.progress.finished } },
+            "status observer saw progress reach the end")
+        check(runBlocking { a.diagnose() } == listOf("all checks passed: this phone can sync"), "doctor: healthy")
+        check(runBlocking { a.syncFor(10.0) }.completed, "a bounded sync completes when there is time")
         check(eventually(5_000) { statuses.seen.any { it is SyncStatus.Syncing } && statuses.seen.any { it is SyncStatus.Synced } },
             "status observer saw syncing then synced")
         val b = RedlineClient.open(File(scratch, "b").path,

@@ -747,6 +747,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_redline_ffi_checksum_method_redlineclient_device_id(
     ): Int
+    external fun uniffi_redline_ffi_checksum_method_redlineclient_diagnose(
+    ): Int
     external fun uniffi_redline_ffi_checksum_method_redlineclient_documents(
     ): Int
     external fun uniffi_redline_ffi_checksum_method_redlineclient_go_live(
@@ -757,11 +759,15 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_redline_ffi_checksum_method_redlineclient_open_needs(
     ): Int
+    external fun uniffi_redline_ffi_checksum_method_redlineclient_pending(
+    ): Int
     external fun uniffi_redline_ffi_checksum_method_redlineclient_reconcile(
     ): Int
     external fun uniffi_redline_ffi_checksum_method_redlineclient_resolve_conflict(
     ): Int
     external fun uniffi_redline_ffi_checksum_method_redlineclient_set_change_observer(
+    ): Int
+    external fun uniffi_redline_ffi_checksum_method_redlineclient_set_conditions(
     ): Int
     external fun uniffi_redline_ffi_checksum_method_redlineclient_set_need_notes(
     ): Int
@@ -776,6 +782,8 @@ internal object IntegrityCheckingUniffiLib {
     external fun uniffi_redline_ffi_checksum_method_redlineclient_shutdown(
     ): Int
     external fun uniffi_redline_ffi_checksum_method_redlineclient_stop_live(
+    ): Int
+    external fun uniffi_redline_ffi_checksum_method_redlineclient_sync_for(
     ): Int
     external fun uniffi_redline_ffi_checksum_method_redlineclient_sync_now(
     ): Int
@@ -833,6 +841,8 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_redline_ffi_fn_method_redlineclient_device_id(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_redline_ffi_fn_method_redlineclient_diagnose(`ptr`: Long,
+    ): Long
     external fun uniffi_redline_ffi_fn_method_redlineclient_documents(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_redline_ffi_fn_method_redlineclient_go_live(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -843,11 +853,15 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_redline_ffi_fn_method_redlineclient_open_needs(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_redline_ffi_fn_method_redlineclient_pending(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_redline_ffi_fn_method_redlineclient_reconcile(`ptr`: Long,`teamId`: RustBuffer.ByValue,`dayId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_redline_ffi_fn_method_redlineclient_resolve_conflict(`ptr`: Long,`doc`: RustBuffer.ByValue,`conflict`: RustBuffer.ByValue,`choice`: Int,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_redline_ffi_fn_method_redlineclient_set_change_observer(`ptr`: Long,`observer`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_redline_ffi_fn_method_redlineclient_set_conditions(`ptr`: Long,`metered`: Byte,`charging`: Byte,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_redline_ffi_fn_method_redlineclient_set_need_notes(`ptr`: Long,`zoneId`: RustBuffer.ByValue,`need`: RustBuffer.ByValue,`notes`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
@@ -863,6 +877,8 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_redline_ffi_fn_method_redlineclient_stop_live(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_redline_ffi_fn_method_redlineclient_sync_for(`ptr`: Long,`seconds`: Double,
+    ): Long
     external fun uniffi_redline_ffi_fn_method_redlineclient_sync_now(`ptr`: Long,
     ): Long
     external fun uniffi_redline_ffi_fn_clone_changeobserver(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -1320,6 +1336,29 @@ public object FfiConverterLong: FfiConverter<Long, Long> {
 
     override fun write(value: Long, buf: ByteBuffer) {
         buf.putLong(value)
+    }
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterDouble: FfiConverter<Double, Double> {
+    override fun lift(value: Double): Double {
+        return value
+    }
+
+    override fun read(buf: ByteBuffer): Double {
+        return buf.getDouble()
+    }
+
+    override fun lower(value: Double): Double {
+        return value
+    }
+
+    override fun allocationSize(value: Double) = 8UL
+
+    override fun write(value: Double, buf: ByteBuffer) {
+        buf.putDouble(value)
     }
 }
 
@@ -1882,6 +1921,12 @@ public interface RedlineClientInterface {
     fun `deviceId`(): kotlin.String
     
     /**
+     * Why syncing might not work, in plain words (one line per finding; "all checks
+     * passed" when healthy).
+     */
+    suspend fun `diagnose`(): List<kotlin.String>
+    
+    /**
      * Every document id on the device.
      */
     fun `documents`(): List<kotlin.String>
@@ -1909,6 +1954,12 @@ public interface RedlineClientInterface {
     fun `openNeeds`(): List<NeedRecord>
     
     /**
+     * What is saved on the phone only: per document, changes the relay has not
+     * acknowledged (0: "saved on the relay") and the last acknowledgement.
+     */
+    fun `pending`(): PendingRecord
+    
+    /**
      * The lead's reconciled day: totals, per-member activity, conflicts.
      */
     fun `reconcile`(`teamId`: kotlin.String, `dayId`: kotlin.String): ReconcileRecord?
@@ -1923,6 +1974,12 @@ public interface RedlineClientInterface {
      * `None` removes it.
      */
     fun `setChangeObserver`(`observer`: ChangeObserver?)
+    
+    /**
+     * Tells the client the network and charger state: on a metered network or without
+     * a charger the sync policy may hold back large documents; urgent ones always go.
+     */
+    fun `setConditions`(`metered`: kotlin.Boolean, `charging`: kotlin.Boolean)
     
     /**
      * Replaces a need's notes.
@@ -1959,6 +2016,12 @@ public interface RedlineClientInterface {
      * Ends the live session (in the background). Returns at once.
      */
     fun `stopLive`()
+    
+    /**
+     * Syncs for at most `seconds` (iOS BGTaskScheduler, Android WorkManager): urgent
+     * records first; stops cleanly at the deadline; a later call finishes the job.
+     */
+    suspend fun `syncFor`(`seconds`: kotlin.Double): BoundedSyncRecord
     
     /**
      * Syncs with the relay now: pushes what the relay lacks, fetches what the device
@@ -2263,6 +2326,31 @@ open class RedlineClient: Disposable, AutoCloseable, RedlineClientInterface
 
     
     /**
+     * Why syncing might not work, in plain words (one line per finding; "all checks
+     * passed" when healthy).
+     */
+    @Throws(RedlineException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `diagnose`() : List<kotlin.String> {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_redline_ffi_fn_method_redlineclient_diagnose(
+                uniffiHandle,
+                
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_redline_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_redline_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_redline_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterSequenceString.lift(it) },
+        // Error FFI converter
+        RedlineException.ErrorHandler,
+    )
+    }
+
+    
+    /**
      * Every document id on the device.
      */
     @Throws(RedlineException::class)override fun `documents`(): List<kotlin.String> {
@@ -2352,6 +2440,24 @@ open class RedlineClient: Disposable, AutoCloseable, RedlineClientInterface
 
     
     /**
+     * What is saved on the phone only: per document, changes the relay has not
+     * acknowledged (0: "saved on the relay") and the last acknowledgement.
+     */
+    @Throws(RedlineException::class)override fun `pending`(): PendingRecord {
+            return FfiConverterTypePendingRecord.lift(
+    callWithHandle {
+    uniffiRustCallWithError(RedlineException) { _status ->
+    UniffiLib.uniffi_redline_ffi_fn_method_redlineclient_pending(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
      * The lead's reconciled day: totals, per-member activity, conflicts.
      */
     @Throws(RedlineException::class)override fun `reconcile`(`teamId`: kotlin.String, `dayId`: kotlin.String): ReconcileRecord? {
@@ -2401,6 +2507,25 @@ open class RedlineClient: Disposable, AutoCloseable, RedlineClientInterface
         it,
         
         FfiConverterOptionalTypeChangeObserver.lower(`observer`),_status)
+}
+    }
+    
+    
+
+    
+    /**
+     * Tells the client the network and charger state: on a metered network or without
+     * a charger the sync policy may hold back large documents; urgent ones always go.
+     */
+    @Throws(RedlineException::class)override fun `setConditions`(`metered`: kotlin.Boolean, `charging`: kotlin.Boolean)
+        = 
+    callWithHandle {
+    uniffiRustCallWithError(RedlineException) { _status ->
+    UniffiLib.uniffi_redline_ffi_fn_method_redlineclient_set_conditions(
+        it,
+        
+        FfiConverterBoolean.lower(`metered`),
+        FfiConverterBoolean.lower(`charging`),_status)
 }
     }
     
@@ -2532,6 +2657,32 @@ open class RedlineClient: Disposable, AutoCloseable, RedlineClientInterface
     }
     
     
+
+    
+    /**
+     * Syncs for at most `seconds` (iOS BGTaskScheduler, Android WorkManager): urgent
+     * records first; stops cleanly at the deadline; a later call finishes the job.
+     */
+    @Throws(RedlineException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `syncFor`(`seconds`: kotlin.Double) : BoundedSyncRecord {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_redline_ffi_fn_method_redlineclient_sync_for(
+                uniffiHandle,
+                
+        FfiConverterDouble.lower(`seconds`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_redline_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_redline_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_redline_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterTypeBoundedSyncRecord.lift(it) },
+        // Error FFI converter
+        RedlineException.ErrorHandler,
+    )
+    }
 
     
     /**
@@ -2937,6 +3088,53 @@ public object FfiConverterTypeSyncStatusObserver: FfiConverter<SyncStatusObserve
 
 
 /**
+ * What a bounded background sync managed.
+ */
+data class BoundedSyncRecord (
+    /**
+     * It finished before the deadline.
+     */
+    var `completed`: kotlin.Boolean
+    , 
+    /**
+     * How far it got.
+     */
+    var `progress`: SyncProgressRecord
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeBoundedSyncRecord: FfiConverterRustBuffer<BoundedSyncRecord> {
+    override fun read(buf: ByteBuffer): BoundedSyncRecord {
+        return BoundedSyncRecord(
+            FfiConverterBoolean.read(buf),
+            FfiConverterTypeSyncProgressRecord.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: BoundedSyncRecord) = (
+            FfiConverterBoolean.allocationSize(value.`completed`) +
+            FfiConverterTypeSyncProgressRecord.allocationSize(value.`progress`)
+    )
+
+    override fun write(value: BoundedSyncRecord, buf: ByteBuffer) {
+            FfiConverterBoolean.write(value.`completed`, buf)
+            FfiConverterTypeSyncProgressRecord.write(value.`progress`, buf)
+    }
+}
+
+
+
+/**
  * How the client runs.
  */
 data class ClientSettings (
@@ -3144,6 +3342,62 @@ public object FfiConverterTypeConflictValueRecord: FfiConverterRustBuffer<Confli
             FfiConverterString.write(value.`member`, buf)
             FfiConverterString.write(value.`device`, buf)
             FfiConverterLong.write(value.`atMs`, buf)
+    }
+}
+
+
+
+/**
+ * What one document has on the phone only.
+ */
+data class DocPendingRecord (
+    /**
+     * The document.
+     */
+    var `doc`: kotlin.String
+    , 
+    /**
+     * This phone's changes the relay has not acknowledged: 0 means "saved on the
+     * relay".
+     */
+    var `unacked`: kotlin.ULong
+    , 
+    /**
+     * When the relay last acknowledged it.
+     */
+    var `lastAckMs`: kotlin.Long?
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeDocPendingRecord: FfiConverterRustBuffer<DocPendingRecord> {
+    override fun read(buf: ByteBuffer): DocPendingRecord {
+        return DocPendingRecord(
+            FfiConverterString.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: DocPendingRecord) = (
+            FfiConverterString.allocationSize(value.`doc`) +
+            FfiConverterULong.allocationSize(value.`unacked`) +
+            FfiConverterOptionalLong.allocationSize(value.`lastAckMs`)
+    )
+
+    override fun write(value: DocPendingRecord, buf: ByteBuffer) {
+            FfiConverterString.write(value.`doc`, buf)
+            FfiConverterULong.write(value.`unacked`, buf)
+            FfiConverterOptionalLong.write(value.`lastAckMs`, buf)
     }
 }
 
@@ -3838,6 +4092,61 @@ public object FfiConverterTypeNewTaskRecord: FfiConverterRustBuffer<NewTaskRecor
 
 
 /**
+ * What is saved on the phone only, overall and per document.
+ */
+data class PendingRecord (
+    /**
+     * Changes not on the relay yet.
+     */
+    var `unacked`: kotlin.ULong
+    , 
+    /**
+     * The latest acknowledgement.
+     */
+    var `lastAckMs`: kotlin.Long?
+    , 
+    /**
+     * Per document.
+     */
+    var `docs`: List<DocPendingRecord>
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypePendingRecord: FfiConverterRustBuffer<PendingRecord> {
+    override fun read(buf: ByteBuffer): PendingRecord {
+        return PendingRecord(
+            FfiConverterULong.read(buf),
+            FfiConverterOptionalLong.read(buf),
+            FfiConverterSequenceTypeDocPendingRecord.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: PendingRecord) = (
+            FfiConverterULong.allocationSize(value.`unacked`) +
+            FfiConverterOptionalLong.allocationSize(value.`lastAckMs`) +
+            FfiConverterSequenceTypeDocPendingRecord.allocationSize(value.`docs`)
+    )
+
+    override fun write(value: PendingRecord, buf: ByteBuffer) {
+            FfiConverterULong.write(value.`unacked`, buf)
+            FfiConverterOptionalLong.write(value.`lastAckMs`, buf)
+            FfiConverterSequenceTypeDocPendingRecord.write(value.`docs`, buf)
+    }
+}
+
+
+
+/**
  * A lead's reconciled day.
  */
 data class ReconcileRecord (
@@ -3934,6 +4243,101 @@ public object FfiConverterTypeRelaySettings: FfiConverterRustBuffer<RelaySetting
     override fun write(value: RelaySettings, buf: ByteBuffer) {
             FfiConverterString.write(value.`address`, buf)
             FfiConverterString.write(value.`fingerprint`, buf)
+    }
+}
+
+
+
+/**
+ * How a running sync is going (counters only grow; `finished` at 100%).
+ */
+data class SyncProgressRecord (
+    /**
+     * Documents to push or receive.
+     */
+    var `docsTotal`: kotlin.ULong
+    , 
+    /**
+     * Of those, done.
+     */
+    var `docsDone`: kotlin.ULong
+    , 
+    /**
+     * Local changes to push.
+     */
+    var `changesToSend`: kotlin.ULong
+    , 
+    /**
+     * Of those, acknowledged.
+     */
+    var `changesSent`: kotlin.ULong
+    , 
+    /**
+     * Bytes sent.
+     */
+    var `bytesSent`: kotlin.ULong
+    , 
+    /**
+     * Bytes received.
+     */
+    var `bytesReceived`: kotlin.ULong
+    , 
+    /**
+     * Estimated time left.
+     */
+    var `remainingMs`: kotlin.ULong?
+    , 
+    /**
+     * The sync settled.
+     */
+    var `finished`: kotlin.Boolean
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeSyncProgressRecord: FfiConverterRustBuffer<SyncProgressRecord> {
+    override fun read(buf: ByteBuffer): SyncProgressRecord {
+        return SyncProgressRecord(
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterOptionalULong.read(buf),
+            FfiConverterBoolean.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: SyncProgressRecord) = (
+            FfiConverterULong.allocationSize(value.`docsTotal`) +
+            FfiConverterULong.allocationSize(value.`docsDone`) +
+            FfiConverterULong.allocationSize(value.`changesToSend`) +
+            FfiConverterULong.allocationSize(value.`changesSent`) +
+            FfiConverterULong.allocationSize(value.`bytesSent`) +
+            FfiConverterULong.allocationSize(value.`bytesReceived`) +
+            FfiConverterOptionalULong.allocationSize(value.`remainingMs`) +
+            FfiConverterBoolean.allocationSize(value.`finished`)
+    )
+
+    override fun write(value: SyncProgressRecord, buf: ByteBuffer) {
+            FfiConverterULong.write(value.`docsTotal`, buf)
+            FfiConverterULong.write(value.`docsDone`, buf)
+            FfiConverterULong.write(value.`changesToSend`, buf)
+            FfiConverterULong.write(value.`changesSent`, buf)
+            FfiConverterULong.write(value.`bytesSent`, buf)
+            FfiConverterULong.write(value.`bytesReceived`, buf)
+            FfiConverterOptionalULong.write(value.`remainingMs`, buf)
+            FfiConverterBoolean.write(value.`finished`, buf)
     }
 }
 
@@ -4506,6 +4910,21 @@ sealed class SyncStatus {
     
     
     /**
+     * A sync moved on.
+     */
+    data class Progress(
+        /**
+         * How far.
+         */
+        val `progress`: org.redline.ffi.SyncProgressRecord) : SyncStatus()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
      * A sync (or a live session's first flight) finished.
      */
     data class Synced(
@@ -4558,13 +4977,16 @@ public object FfiConverterTypeSyncStatus : FfiConverterRustBuffer<SyncStatus>{
     override fun read(buf: ByteBuffer): SyncStatus {
         return when(buf.getInt()) {
             1 -> SyncStatus.Syncing
-            2 -> SyncStatus.Synced(
+            2 -> SyncStatus.Progress(
+                FfiConverterTypeSyncProgressRecord.read(buf),
+                )
+            3 -> SyncStatus.Synced(
                 FfiConverterTypeSyncReportRecord.read(buf),
                 )
-            3 -> SyncStatus.Failed(
+            4 -> SyncStatus.Failed(
                 FfiConverterString.read(buf),
                 )
-            4 -> SyncStatus.Stopped
+            5 -> SyncStatus.Stopped
             else -> throw RuntimeException("invalid enum value, something is very wrong!!")
         }
     }
@@ -4574,6 +4996,13 @@ public object FfiConverterTypeSyncStatus : FfiConverterRustBuffer<SyncStatus>{
             // Add the size for the Int that specifies the variant plus the size needed for all fields
             (
                 4UL
+            )
+        }
+        is SyncStatus.Progress -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterTypeSyncProgressRecord.allocationSize(value.`progress`)
             )
         }
         is SyncStatus.Synced -> {
@@ -4604,18 +5033,23 @@ public object FfiConverterTypeSyncStatus : FfiConverterRustBuffer<SyncStatus>{
                 buf.putInt(1)
                 Unit
             }
-            is SyncStatus.Synced -> {
+            is SyncStatus.Progress -> {
                 buf.putInt(2)
+                FfiConverterTypeSyncProgressRecord.write(value.`progress`, buf)
+                Unit
+            }
+            is SyncStatus.Synced -> {
+                buf.putInt(3)
                 FfiConverterTypeSyncReportRecord.write(value.`report`, buf)
                 Unit
             }
             is SyncStatus.Failed -> {
-                buf.putInt(3)
+                buf.putInt(4)
                 FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
             is SyncStatus.Stopped -> {
-                buf.putInt(4)
+                buf.putInt(5)
                 Unit
             }
         }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
@@ -4623,6 +5057,38 @@ public object FfiConverterTypeSyncStatus : FfiConverterRustBuffer<SyncStatus>{
 }
 
 
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalULong: FfiConverterRustBuffer<kotlin.ULong?> {
+    override fun read(buf: ByteBuffer): kotlin.ULong? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterULong.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.ULong?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterULong.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.ULong?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterULong.write(value, buf)
+        }
+    }
+}
 
 
 
@@ -4960,6 +5426,34 @@ public object FfiConverterSequenceTypeConflictValueRecord: FfiConverterRustBuffe
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypeConflictValueRecord.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeDocPendingRecord: FfiConverterRustBuffer<List<DocPendingRecord>> {
+    override fun read(buf: ByteBuffer): List<DocPendingRecord> {
+        val len = buf.getInt()
+        return List<DocPendingRecord>(len) {
+            FfiConverterTypeDocPendingRecord.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<DocPendingRecord>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeDocPendingRecord.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<DocPendingRecord>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeDocPendingRecord.write(it, buf)
         }
     }
 }
