@@ -531,3 +531,51 @@ pub async fn doctor(config: &Path) -> anyhow::Result<std::process::ExitCode> {
     }
     Ok(std::process::ExitCode::from(code))
 }
+
+fn ago(ms: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let s = (now - ms).max(0) / 1000;
+    match s {
+        0..60 => format!("{s} s ago"),
+        60..3600 => format!("{} min ago", s / 60),
+        3600..86_400 => format!("{} h ago", s / 3600),
+        _ => format!("{} days ago", s / 86_400),
+    }
+}
+
+/// `redline devices`.
+pub async fn devices(client: &Client, team: &str) -> anyhow::Result<()> {
+    let team = TeamId::new(team)?;
+    let list = client.device_health(&team).await.map_err(sync_failure)?;
+    if list.is_empty() {
+        println!("the relay has not seen any device of {team}");
+        return Ok(());
+    }
+    let mut t = table(&[
+        "device",
+        "member",
+        "last seen",
+        "last sync",
+        "behind",
+        "today",
+        "app",
+        "online",
+    ]);
+    for d in &list {
+        t.add_row(vec![
+            d.device.to_string(),
+            d.member.clone(),
+            ago(d.last_seen_ms),
+            d.last_sync_ms.map(ago).unwrap_or_else(|| "never".into()),
+            format!("{} updates", d.pending_updates),
+            format!("{} KB", d.bytes_today / 1024),
+            format!("{} (protocol {})", d.app_version, d.protocol_version),
+            if d.connected { "yes" } else { "no" }.to_string(),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}

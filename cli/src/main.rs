@@ -95,6 +95,13 @@ enum Command {
     },
     /// What this machine holds and what is not yet on the relay.
     Status,
+    /// The relay's view of a team's devices: last seen, last sync, versions, data today,
+    /// updates not yet received (leads of the team and operators).
+    Devices {
+        /// The team.
+        #[arg(long)]
+        team: String,
+    },
     /// Explain why syncing is not working: network, relay, certificate, token, scope,
     /// data budget.
     Doctor,
@@ -183,6 +190,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             lead::export(&lead::open(&config()?)?.1, &doc, format, out)?
         }
         Command::Doctor => return lead::doctor(&config()?).await,
+        Command::Devices { team } => lead::devices(&lead::open(&config()?)?.1, &team).await?,
         Command::Status => {
             let path = config()?;
             let (profile, client) = lead::open(&path)?;

@@ -355,6 +355,16 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
         .assert()
         .code(2);
 
+    let devices = stdout(
+        &redline(&config)
+            .args(["devices", "--team", "team-1"])
+            .assert()
+            .success(),
+    );
+    assert!(
+        devices.contains("phone-ana") && devices.contains("phone-bao"),
+        "{devices}"
+    );
     let doctor = stdout(&redline(&config).arg("doctor").assert().success());
     assert!(doctor.contains("all checks passed"), "{doctor}");
     let status = stdout(&redline(&config).arg("status").assert().success());

@@ -141,36 +141,8 @@ impl Client {
     /// Says hello to the relay; what it answers, as a finding (`None`: welcomed with the
     /// whole subscription).
     async fn probe(&self, relay: &crate::RelayEndpoint) -> Result<Option<Finding>, Error> {
-        let (_endpoint, conn) = crate::transport::open_connection(relay).await?;
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| Error::Transport(e.to_string()))?;
         let wanted = self.subscription()?;
-        let hello = Message::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            device: self.inner.identity.device.clone(),
-            app_version: self.inner.config.app_version.clone(),
-            subscription: wanted.clone(),
-            token: self.inner.config.token.clone().unwrap_or_default(),
-        });
-        let frame = codec::encode_frame(&hello, codec::DEFAULT_MAX_FRAME)?;
-        send.write_all(&frame)
-            .await
-            .map_err(|e| Error::Transport(e.to_string()))?;
-        let mut decoder = codec::FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
-        let answer = loop {
-            if let Some(m) = decoder.next_message()? {
-                break m;
-            }
-            match recv.read_chunk(64 * 1024, true).await {
-                Ok(Some(chunk)) => decoder.push(&chunk.bytes),
-                Ok(None) => return Err(Error::Transport("the relay closed the stream".into())),
-                Err(e) => return Err(Error::Transport(e.to_string())),
-            }
-        };
-        let _ = send.finish();
-        conn.close(0u8.into(), b"doctor");
+        let (answer, _) = self.exchange(relay, None).await?;
         Ok(match answer {
             Message::Error(r) => Some(Finding::Refused {
                 code: r.code,
@@ -207,5 +179,79 @@ impl Client {
                 other.kind()
             ))),
         })
+    }
+
+    /// The relay's health view of `team`'s devices (for its leads and operators): last
+    /// seen, last sync, versions, bytes today, updates not yet received.
+    pub async fn device_health(
+        &self,
+        team: &redline_proto::TeamId,
+    ) -> Result<Vec<redline_proto::message::DeviceHealth>, Error> {
+        let relay = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
+        let (answer, reply) = self
+            .exchange(&relay, Some(Message::DevicesRequest(team.clone())))
+            .await?;
+        let refused = |r: redline_proto::message::ErrorReport| Error::Refused {
+            code: r.code,
+            text: r.text,
+        };
+        match (answer, reply) {
+            (Message::Error(r), _) | (_, Some(Message::Error(r))) => Err(refused(r)),
+            (Message::Welcome(_), Some(Message::Devices(list))) => Ok(list),
+            _ => Err(Error::Transport(
+                "the relay did not answer the request".into(),
+            )),
+        }
+    }
+
+    /// Opens a connection, says hello, optionally sends `then`, and returns the relay's
+    /// answer to the hello and its next message (if `then` was sent). Writes nothing.
+    async fn exchange(
+        &self,
+        relay: &crate::RelayEndpoint,
+        then: Option<Message>,
+    ) -> Result<(Message, Option<Message>), Error> {
+        let (_endpoint, conn) = crate::transport::open_connection(relay).await?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| Error::Transport(e.to_string()))?;
+        let hello = Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            device: self.inner.identity.device.clone(),
+            app_version: self.inner.config.app_version.clone(),
+            subscription: self.subscription()?,
+            token: self.inner.config.token.clone().unwrap_or_default(),
+        });
+        let send_one = |m: &Message| codec::encode_frame(m, codec::DEFAULT_MAX_FRAME);
+        send.write_all(&send_one(&hello)?)
+            .await
+            .map_err(|e| Error::Transport(e.to_string()))?;
+        let mut decoder = codec::FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
+        let mut next = async || -> Result<Message, Error> {
+            loop {
+                if let Some(m) = decoder.next_message()? {
+                    return Ok(m);
+                }
+                match recv.read_chunk(64 * 1024, true).await {
+                    Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+                    Ok(None) => return Err(Error::Transport("the relay closed the stream".into())),
+                    Err(e) => return Err(Error::Transport(e.to_string())),
+                }
+            }
+        };
+        let answer = next().await?;
+        let reply = match then {
+            Some(m) if matches!(answer, Message::Welcome(_)) => {
+                send.write_all(&send_one(&m)?)
+                    .await
+                    .map_err(|e| Error::Transport(e.to_string()))?;
+                Some(next().await?)
+            }
+            _ => None,
+        };
+        let _ = send.finish();
+        conn.close(0u8.into(), b"done");
+        Ok((answer, reply))
     }
 }

@@ -57,6 +57,35 @@ pub enum Message {
     UploadOffset(UploadOffset),
     /// A piece of a large transfer (at most [`MAX_PIECE`] bytes).
     Piece(Piece),
+    /// A lead or operator asks for the health of a team's devices.
+    DevicesRequest(crate::TeamId),
+    /// The relay's answer to [`Message::DevicesRequest`].
+    Devices(Vec<DeviceHealth>),
+}
+
+/// What the relay knows of one device: for leads and operators.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceHealth {
+    /// The device.
+    pub device: DeviceId,
+    /// Its member.
+    pub member: String,
+    /// Its token's teams.
+    pub teams: Vec<crate::TeamId>,
+    /// Protocol version it spoke last.
+    pub protocol_version: u16,
+    /// App version it reported last.
+    pub app_version: String,
+    /// When it last connected (unix ms, relay clock).
+    pub last_seen_ms: i64,
+    /// When it last finished a sync (was caught up), if ever.
+    pub last_sync_ms: Option<i64>,
+    /// Commits in its subscription it has not received yet.
+    pub pending_updates: u64,
+    /// Bytes it moved today (UTC day of the relay), both ways.
+    pub bytes_today: u64,
+    /// Whether it is connected now.
+    pub connected: bool,
 }
 
 #[cfg(test)]
@@ -101,6 +130,8 @@ impl Message {
             Message::Upload(_) => "upload",
             Message::UploadOffset(_) => "upload_offset",
             Message::Piece(_) => "piece",
+            Message::DevicesRequest(_) => "devices_request",
+            Message::Devices(_) => "devices",
         }
     }
 }

@@ -72,6 +72,9 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Shared) {
         let result = run(conn.clone(), shared, span2, &mut wire).await;
         wire.account(&conn, &hub);
         hub.metrics.connections_open.dec();
+        if let Some(device) = &wire.device {
+            hub.devices.closed(device, wire.received + wire.sent);
+        }
         match result {
             Ok(()) => {}
             Err(e) => {
@@ -145,6 +148,8 @@ pub(crate) async fn read_message(
 struct Wire {
     received: u64,
     sent: u64,
+    /// The device, once it said hello.
+    device: Option<DeviceId>,
 }
 
 impl Wire {
@@ -372,6 +377,13 @@ async fn run(
     let greeted = std::time::Instant::now();
     span.record("device", tracing::field::display(&hello.device));
     let granted = scope.grant(&hello.subscription);
+    hub.devices.hello(
+        scope.claims(),
+        hello.protocol_version,
+        &hello.app_version,
+        &granted,
+    );
+    wire.device = Some(hello.device.clone());
     info!(app_version = %hello.app_version, member = %scope.claims().member, role = %scope.claims().role, "device hello");
     write_message(
         &mut send,
@@ -493,6 +505,20 @@ async fn run(
                                     Err(e) => { let _ = out.send(error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(p.doc))).await; }
                                 }
                             }
+                        }
+                        Message::DevicesRequest(team) => {
+                            let claims = peer.scope.claims();
+                            let allowed = claims.role == redline_proto::token::Role::Operator
+                                || (claims.role == redline_proto::token::Role::Lead && claims.teams.contains(&team));
+                            let reply = if allowed {
+                                match hub.devices.team(&team, *hub.stable().borrow()) {
+                                    Ok(list) => Message::Devices(list),
+                                    Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), None),
+                                }
+                            } else {
+                                error_msg(ErrorCode::FORBIDDEN, format!("only a lead of {team} or an operator may see its devices"), None)
+                            };
+                            let _ = out.send(reply).await;
                         }
                         Message::Pull(pull) => {
                             peer.resume = pull.resume.iter().map(|o| (o.id, o.have)).collect();
@@ -655,6 +681,7 @@ async fn catch_up(
         .await
         .map_err(|_| Error::Connection("control stream closed".into()))?;
         peer.delivered = Some(upto);
+        hub.devices.caught(&peer.device, upto);
         return Ok(());
     }
     let usable = cursor;
@@ -710,6 +737,7 @@ async fn catch_up(
     .await
     .map_err(|_| Error::Connection("control stream closed".into()))?;
     peer.delivered = Some(upto);
+    hub.devices.caught(&peer.device, upto);
     Ok(())
 }
 

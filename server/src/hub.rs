@@ -166,6 +166,8 @@ pub struct Hub {
     pub stats: HubStats,
     /// Prometheus metrics (the connection layer records into them too).
     pub metrics: crate::metrics::Metrics,
+    /// Per-device health.
+    pub devices: crate::health::Registry,
 }
 
 /// Whether `doc` holds change `h` (metadata lookup, no copy of the change).
@@ -209,6 +211,7 @@ impl Hub {
         let (stable, _) = watch::channel(last);
         let (flusher, mut requests) =
             mpsc::unbounded_channel::<oneshot::Sender<Result<(), String>>>();
+        let devices = crate::health::Registry::load(storage.clone())?;
         let hub = Arc::new(Self {
             storage,
             slots: Mutex::new(HashMap::new()),
@@ -223,6 +226,7 @@ impl Hub {
             flusher,
             stats: HubStats::default(),
             metrics: crate::metrics::Metrics::default(),
+            devices,
             actors: Mutex::new(HashMap::new()),
         });
         // The flusher holds the hub weakly: when the relay shuts down, storage is released.

@@ -28,6 +28,7 @@ pub mod auth;
 pub mod bundle_guard;
 pub mod config;
 mod connection;
+pub mod health;
 pub mod hub;
 pub mod metrics;
 pub mod relay;

@@ -37,6 +37,9 @@ pub struct Metrics {
     /// Pushes merged per commit.
     pub batch_size: Histogram,
     documents_cached: Gauge,
+    devices_known: Gauge,
+    devices_connected: Gauge,
+    devices_seen_hour: Gauge,
     documents_stored: Gauge,
     changes_applied: Counter,
     commits: Counter,
@@ -57,6 +60,9 @@ impl Default for Metrics {
             commit_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             documents_cached: Gauge::default(),
+            devices_known: Gauge::default(),
+            devices_connected: Gauge::default(),
+            devices_seen_hour: Gauge::default(),
             documents_stored: Gauge::default(),
             changes_applied: Counter::default(),
             commits: Counter::default(),
@@ -113,6 +119,21 @@ impl Default for Metrics {
             m.documents_stored.clone(),
         );
         registry.register(
+            "devices_known",
+            "Devices the relay has seen",
+            m.devices_known.clone(),
+        );
+        registry.register(
+            "devices_connected",
+            "Devices connected now",
+            m.devices_connected.clone(),
+        );
+        registry.register(
+            "devices_seen_last_hour",
+            "Devices seen in the last hour",
+            m.devices_seen_hour.clone(),
+        );
+        registry.register(
             "changes_applied",
             "Automerge changes applied",
             m.changes_applied.clone(),
@@ -140,6 +161,10 @@ impl Metrics {
         mirror(&self.commits, s.commits.load(Ordering::Relaxed));
         mirror(&self.flushes, s.flushes.load(Ordering::Relaxed));
         self.documents_cached.set(hub.cached() as i64);
+        let (known, connected, hour) = hub.devices.counts();
+        self.devices_known.set(known as i64);
+        self.devices_connected.set(connected as i64);
+        self.devices_seen_hour.set(hour as i64);
         if let Ok(all) = hub.list().await {
             self.documents_stored.set(all.len() as i64);
         }

@@ -61,6 +61,10 @@ pub trait DocStorage: Send + Sync + 'static {
     /// Binds `actor` to `device` unless it is bound already; returns the device it is
     /// bound to (not flushed: the commit that first uses it flushes).
     fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error>;
+    /// Stores a device's health record (not flushed).
+    fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error>;
+    /// Every stored device health record.
+    fn devices(&self) -> Result<Vec<Vec<u8>>, Error>;
 }
 
 /// sled-backed storage.
@@ -73,6 +77,7 @@ pub struct SledStorage {
     doc_seq: sled::Tree,
     uploads: sled::Tree,
     actors: sled::Tree,
+    devices: sled::Tree,
     epoch: u64,
 }
 
@@ -136,6 +141,7 @@ impl SledStorage {
             doc_seq: db.open_tree("doc_seq").map_err(storage_err)?,
             uploads: db.open_tree("uploads").map_err(storage_err)?,
             actors: db.open_tree("actors").map_err(storage_err)?,
+            devices: db.open_tree("devices").map_err(storage_err)?,
             db,
             epoch,
         })
@@ -349,6 +355,21 @@ impl DocStorage for SledStorage {
         let owner = String::from_utf8(owner.to_vec())
             .map_err(|_| Error::Storage("corrupt actor binding".into()))?;
         DeviceId::new(owner).map_err(|e| Error::Storage(format!("corrupt actor binding: {e}")))
+    }
+
+    fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error> {
+        self.devices
+            .insert(device.as_str(), record)
+            .map_err(storage_err)?;
+        Ok(())
+    }
+
+    fn devices(&self) -> Result<Vec<Vec<u8>>, Error> {
+        self.devices
+            .iter()
+            .values()
+            .map(|v| v.map(|v| v.to_vec()).map_err(storage_err))
+            .collect()
     }
 }
 

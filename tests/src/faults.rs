@@ -267,16 +267,28 @@ impl DocStorage for FaultyStorage {
     fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error> {
         self.inner.bind_actor(actor, device)
     }
+    fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error> {
+        self.inner.save_device(device, record)
+    }
+    fn devices(&self) -> Result<Vec<Vec<u8>>, Error> {
+        self.inner.devices()
+    }
 }
 
-/// The `redline-server` binary next to the test executables.
+/// The `redline-server` binary of the same build: next to this executable (binaries) or
+/// one level up (test executables live in `deps/`).
 pub fn server_exe() -> PathBuf {
-    let deps = std::env::current_exe()
-        .expect("test exe")
+    let here = std::env::current_exe()
+        .expect("own path")
         .parent()
-        .expect("deps dir")
+        .expect("a directory")
         .to_path_buf();
-    let exe = deps.parent().expect("target dir").join("redline-server");
+    let beside = here.join("redline-server");
+    let exe = if beside.exists() {
+        beside
+    } else {
+        here.parent().expect("target dir").join("redline-server")
+    };
     assert!(
         exe.exists(),
         "{} is missing: run the workspace tests (cargo test --workspace builds it)",

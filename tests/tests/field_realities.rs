@@ -364,3 +364,71 @@ async fn the_doctor_names_each_planted_failure() -> anyhow::Result<()> {
     let _ = today();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leads_see_their_teams_devices_and_nobody_elses() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let relay = start_relay(&root.path().join("relay")).await?;
+    let at = endpoint(&relay);
+    let open = |name: &str, role: Role, team: &str| -> anyhow::Result<Client> {
+        let dir = root.path().join(name);
+        let token = token_for(relay.data_dir(), &dir, name, role, &[team], &[])?;
+        let config = ClientConfig::new(MemberId::new(name)?)
+            .with_relay(at.clone())
+            .with_token(token)
+            .with_teams(vec![TeamId::new(team)?]);
+        Ok(Client::open(&dir, config)?)
+    };
+    let (ana, bao) = (
+        open("ana", Role::Volunteer, "team-1")?,
+        open("bao", Role::Volunteer, "team-1")?,
+    );
+    let lead = open("lena", Role::Lead, "team-1")?;
+    let other_lead = open("otto", Role::Lead, "team-2")?;
+    let team = TeamId::new("team-1")?;
+    let day = Day::new("2026-11-29")?;
+    ana.add_to_tally(&team, &day, "samples_taken", 1)?;
+    ana.sync().await?;
+    bao.sync().await?;
+    // Ana keeps working; Bao is offline and falls behind.
+    for _ in 0..3 {
+        ana.add_to_tally(&team, &day, "samples_taken", 1)?;
+        ana.sync().await?;
+    }
+    let devices = lead.device_health(&team).await?;
+    let of = |m: &str| devices.iter().find(|d| d.member == m).cloned();
+    let (a, b) = (
+        of("ana").expect("ana listed"),
+        of("bao").expect("bao listed"),
+    );
+    assert!(
+        a.last_sync_ms.is_some()
+            && a.bytes_today > 0
+            && a.app_version.starts_with("redline-client/")
+    );
+    assert_eq!(a.pending_updates, 0, "{a:?}");
+    assert_eq!(b.pending_updates, 3, "bao missed three commits: {b:?}");
+    assert!(of("otto").is_none(), "another team's lead is not listed");
+    // Volunteers and other teams' leads may not look.
+    for (who, asking) in [(&ana, &team), (&other_lead, &team)] {
+        match who.device_health(asking).await {
+            Err(redline_client::Error::Refused { code, .. }) => {
+                assert_eq!(code, ErrorCode::FORBIDDEN)
+            }
+            other => panic!("expected forbidden, got {other:?}"),
+        }
+    }
+    // Operators see it in aggregate on the metrics endpoint.
+    let http = relay.http_addr().expect("metrics on");
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(http).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    })
+    .await?;
+    assert!(body.contains("redline_devices_known 4"), "{body}");
+    Ok(())
+}

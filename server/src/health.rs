@@ -1,0 +1,185 @@
+//! Per-device health, for leads and operators: when each device was last seen and last
+//! finished a sync, what it runs, what it moved today, and how many commits in its
+//! subscription it has not received. Kept in memory, persisted in the store (`devices`)
+//! on every change, so it survives restarts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use redline_proto::message::{DeviceHealth, Subscription};
+use redline_proto::token::Claims;
+use redline_proto::{DeviceId, TeamId};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::storage::DocStorage;
+
+/// What the relay keeps per device.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    health: DeviceHealth,
+    /// Feed sequence it was last brought up to.
+    delivered: u64,
+    /// What it receives.
+    subscription: Subscription,
+    /// The UTC day `bytes_today` counts.
+    day: i64,
+    /// Open connections.
+    connections: u32,
+}
+
+/// Every device the relay has seen.
+pub struct Registry {
+    storage: Arc<dyn DocStorage>,
+    devices: Mutex<HashMap<DeviceId, Record>>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn day_of(ms: i64) -> i64 {
+    ms.div_euclid(86_400_000)
+}
+
+impl Registry {
+    /// Loads what `storage` remembers.
+    pub fn load(storage: Arc<dyn DocStorage>) -> Result<Self, Error> {
+        let mut devices = HashMap::new();
+        for bytes in storage.devices()? {
+            if let Ok(mut r) = postcard::from_bytes::<Record>(&bytes) {
+                r.connections = 0;
+                devices.insert(r.health.device.clone(), r);
+            }
+        }
+        Ok(Self {
+            storage,
+            devices: Mutex::new(devices),
+        })
+    }
+
+    fn save(&self, r: &Record) {
+        if let Ok(bytes) = postcard::to_stdvec(r)
+            && let Err(e) = self.storage.save_device(&r.health.device, &bytes)
+        {
+            tracing::warn!(device = %r.health.device, "cannot store device health: {e}");
+        }
+    }
+
+    fn update(&self, device: &DeviceId, f: impl FnOnce(&mut Record)) {
+        let mut all = self.devices.lock().expect("devices lock");
+        if let Some(r) = all.get_mut(device) {
+            f(r);
+            let copy = r.clone();
+            drop(all);
+            self.save(&copy);
+        }
+    }
+
+    /// A device said hello.
+    pub fn hello(
+        &self,
+        claims: &Claims,
+        protocol_version: u16,
+        app_version: &str,
+        granted: &Subscription,
+    ) {
+        let now = now_ms();
+        let mut all = self.devices.lock().expect("devices lock");
+        let r = all.entry(claims.device.clone()).or_insert_with(|| Record {
+            health: DeviceHealth {
+                device: claims.device.clone(),
+                member: claims.member.to_string(),
+                teams: claims.teams.clone(),
+                protocol_version,
+                app_version: app_version.to_string(),
+                last_seen_ms: now,
+                last_sync_ms: None,
+                pending_updates: 0,
+                bytes_today: 0,
+                connected: false,
+            },
+            delivered: 0,
+            subscription: granted.clone(),
+            day: day_of(now),
+            connections: 0,
+        });
+        r.health.member = claims.member.to_string();
+        r.health.teams = claims.teams.clone();
+        r.health.protocol_version = protocol_version;
+        r.health.app_version = app_version.to_string();
+        r.health.last_seen_ms = now;
+        r.subscription = granted.clone();
+        r.connections += 1;
+        let copy = r.clone();
+        drop(all);
+        self.save(&copy);
+    }
+
+    /// A device was brought up to feed sequence `seq`.
+    pub fn caught(&self, device: &DeviceId, seq: u64) {
+        self.update(device, |r| {
+            r.delivered = seq;
+            r.health.last_sync_ms = Some(now_ms());
+        });
+    }
+
+    /// A device's connection ended after moving `bytes`.
+    pub fn closed(&self, device: &DeviceId, bytes: u64) {
+        self.update(device, |r| {
+            let now = now_ms();
+            if day_of(now) != r.day {
+                r.day = day_of(now);
+                r.health.bytes_today = 0;
+            }
+            r.health.bytes_today += bytes;
+            r.health.last_seen_ms = now;
+            r.connections = r.connections.saturating_sub(1);
+        });
+    }
+
+    /// Devices whose token names `team`, with what they lack up to `stable`.
+    pub fn team(&self, team: &TeamId, stable: u64) -> Result<Vec<DeviceHealth>, Error> {
+        let records: Vec<Record> = self
+            .devices
+            .lock()
+            .expect("devices lock")
+            .values()
+            .filter(|r| r.health.teams.contains(team))
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for r in records {
+            let mut h = r.health;
+            h.connected = r.connections > 0;
+            h.pending_updates = self
+                .storage
+                .feed(r.delivered, stable)?
+                .iter()
+                .filter(|(_, doc)| r.subscription.covers(doc))
+                .count() as u64;
+            if day_of(now_ms()) != r.day {
+                h.bytes_today = 0;
+            }
+            out.push(h);
+        }
+        out.sort_by(|a, b| a.device.cmp(&b.device));
+        Ok(out)
+    }
+
+    /// Devices known, connected now, and seen within the last hour (for metrics).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let hour_ago = now_ms() - 3_600_000;
+        let all = self.devices.lock().expect("devices lock");
+        (
+            all.len(),
+            all.values().filter(|r| r.connections > 0).count(),
+            all.values()
+                .filter(|r| r.health.last_seen_ms >= hour_ago)
+                .count(),
+        )
+    }
+}
