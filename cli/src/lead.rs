@@ -524,7 +524,9 @@ pub async fn doctor(config: &Path) -> anyhow::Result<std::process::ExitCode> {
             | Finding::TokenExpired
             | Finding::NoToken => ("!!", REFUSED),
             Finding::NoRelay => ("!!", profile::NOT_LOGGED_IN),
-            Finding::OutOfScope(_) | Finding::BudgetReached { .. } => ("! ", 1),
+            Finding::OutOfScope(_)
+            | Finding::BudgetReached { .. }
+            | Finding::Quarantined { .. } => ("! ", 1),
         };
         println!("[{mark}] {}", f.explain());
         code = code.max(c);
@@ -577,5 +579,55 @@ pub async fn devices(client: &Client, team: &str) -> anyhow::Result<()> {
         ]);
     }
     println!("{t}");
+    Ok(())
+}
+
+/// Accepts the held changes of each of `devices` for `team`, then syncs.
+pub async fn accept(client: &Client, team: &str, devices: Vec<String>) -> anyhow::Result<()> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let team = TeamId::new(team)?;
+    for d in devices {
+        let device = redline_proto::DeviceId::new(d)?;
+        client
+            .accept_quarantined(&team, &device)
+            .await
+            .map_err(sync_failure)?;
+        println!("accepted the changes {device} held in quarantine");
+    }
+    let report = sync_with_progress(client).await?;
+    print_report(&report);
+    Ok(())
+}
+
+/// Lists what the relay holds in quarantine for `team` (when reachable and allowed).
+pub async fn quarantine(client: &Client, team: &str) -> anyhow::Result<()> {
+    let team = TeamId::new(team)?;
+    match tokio::time::timeout(Duration::from_secs(5), client.quarantine(&team)).await {
+        Ok(Ok(held)) if held.is_empty() => println!("nothing held in quarantine for {team}"),
+        Ok(Ok(held)) => {
+            let mut t = table(&[
+                "device", "member", "document", "changes", "offline", "received",
+            ]);
+            for h in &held {
+                t.add_row(vec![
+                    h.device.to_string(),
+                    h.member.clone(),
+                    h.doc.to_string(),
+                    h.changes.to_string(),
+                    format!("{} h", h.offline_ms / 3_600_000),
+                    ago(h.received_ms),
+                ]);
+            }
+            println!("{t}");
+            println!(
+                "held for review (devices back after a long time offline): merge with `redline reconcile --team {team} --accept DEVICE`"
+            );
+        }
+        Ok(Err(redline_client::Error::Refused { .. })) => {}
+        Ok(Err(e)) => println!("(quarantine not checked: {e})"),
+        Err(_) => println!("(quarantine not checked: the relay did not answer in 5 s)"),
+    }
     Ok(())
 }

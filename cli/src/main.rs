@@ -80,6 +80,9 @@ enum Command {
         /// syncs.
         #[arg(long)]
         resolve: Vec<String>,
+        /// Accept a quarantined device's held changes after review (repeatable).
+        #[arg(long)]
+        accept: Vec<String>,
     },
     /// Write a document in a standard form.
     Export {
@@ -185,7 +188,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             team,
             date,
             resolve,
-        } => lead::reconcile(&lead::open(&config()?)?.1, &team, date, resolve).await?,
+            accept,
+        } => {
+            let client = lead::open(&config()?)?.1;
+            lead::accept(&client, &team, accept).await?;
+            lead::reconcile(&client, &team, date, resolve).await?;
+            lead::quarantine(&client, &team).await?;
+        }
         Command::Export { doc, format, out } => {
             lead::export(&lead::open(&config()?)?.1, &doc, format, out)?
         }

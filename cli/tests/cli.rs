@@ -294,6 +294,7 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
         recon.contains(&conflict.id) && recon.contains("block 9") && recon.contains("ana"),
         "{recon}"
     );
+    assert!(recon.contains("nothing held in quarantine"), "{recon}");
     redline(&config)
         .args([
             "reconcile",

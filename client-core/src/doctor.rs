@@ -40,6 +40,11 @@ pub enum Finding {
     },
     /// Part of the subscription is outside the token's scope.
     OutOfScope(Vec<String>),
+    /// The phone came back after too long offline: its changes wait for a lead's review.
+    Quarantined {
+        /// How long it had been offline (ms).
+        offline_ms: i64,
+    },
     /// Today's metered data budget is spent: only urgent documents go.
     BudgetReached {
         /// Bytes used today on metered networks.
@@ -81,6 +86,10 @@ impl Finding {
             Finding::OutOfScope(parts) => format!(
                 "your token does not cover {}: those documents will not sync; ask your lead to widen the token or fix the phone's teams and zones",
                 parts.join(", ")
+            ),
+            Finding::Quarantined { offline_ms } => format!(
+                "this phone was offline for {} h, longer than the relay allows: its changes are kept on the relay but wait for your lead to review and accept them",
+                offline_ms / 3_600_000
             ),
             Finding::BudgetReached { used, cap } => format!(
                 "today's mobile data budget is spent ({used} of {cap} bytes): only urgent records sync until Wi-Fi or tomorrow"
@@ -148,6 +157,9 @@ impl Client {
                 code: r.code,
                 text: r.text,
             }),
+            Message::Welcome(w) if w.quarantined.is_some() => Some(Finding::Quarantined {
+                offline_ms: w.quarantined.unwrap_or(0),
+            }),
             Message::Welcome(w) => {
                 let g = w.granted;
                 let mut missing: Vec<String> = Vec::new();
@@ -198,6 +210,46 @@ impl Client {
         match (answer, reply) {
             (Message::Error(r), _) | (_, Some(Message::Error(r))) => Err(refused(r)),
             (Message::Welcome(_), Some(Message::Devices(list))) => Ok(list),
+            _ => Err(Error::Transport(
+                "the relay did not answer the request".into(),
+            )),
+        }
+    }
+
+    /// Changes the relay holds in quarantine for `team` (for its leads and operators).
+    pub async fn quarantine(
+        &self,
+        team: &redline_proto::TeamId,
+    ) -> Result<Vec<redline_proto::message::QuarantineEntry>, Error> {
+        self.quarantine_exchange(Message::QuarantineRequest(team.clone()))
+            .await
+    }
+
+    /// Merges what `device` has held in quarantine for `team` after review; returns what
+    /// stays held.
+    pub async fn accept_quarantined(
+        &self,
+        team: &redline_proto::TeamId,
+        device: &redline_proto::DeviceId,
+    ) -> Result<Vec<redline_proto::message::QuarantineEntry>, Error> {
+        self.quarantine_exchange(Message::QuarantineAccept {
+            team: team.clone(),
+            device: device.clone(),
+        })
+        .await
+    }
+
+    async fn quarantine_exchange(
+        &self,
+        request: Message,
+    ) -> Result<Vec<redline_proto::message::QuarantineEntry>, Error> {
+        let relay = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
+        match self.exchange(&relay, Some(request)).await? {
+            (Message::Error(r), _) | (_, Some(Message::Error(r))) => Err(Error::Refused {
+                code: r.code,
+                text: r.text,
+            }),
+            (Message::Welcome(_), Some(Message::Quarantine(list))) => Ok(list),
             _ => Err(Error::Transport(
                 "the relay did not answer the request".into(),
             )),

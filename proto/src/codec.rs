@@ -145,6 +145,7 @@ mod tests {
                 relay: "relay".into(),
                 epoch: 77,
                 granted: subscription(),
+                quarantined: None,
             }),
             Message::Push(Push {
                 doc: doc.clone(),

@@ -61,6 +61,34 @@ pub enum Message {
     DevicesRequest(crate::TeamId),
     /// The relay's answer to [`Message::DevicesRequest`].
     Devices(Vec<DeviceHealth>),
+    /// A lead or operator asks what the relay holds in quarantine for a team.
+    QuarantineRequest(crate::TeamId),
+    /// Changes held in quarantine (the answer to a request or an accept).
+    Quarantine(Vec<QuarantineEntry>),
+    /// A lead or operator merges a device's quarantined changes for a team.
+    QuarantineAccept {
+        /// The team whose documents they are.
+        team: crate::TeamId,
+        /// The device whose changes to merge.
+        device: DeviceId,
+    },
+}
+
+/// Changes a device pushed after too long offline, held for a lead's review.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineEntry {
+    /// The device.
+    pub device: DeviceId,
+    /// Its member.
+    pub member: String,
+    /// The document.
+    pub doc: DocId,
+    /// Changes held.
+    pub changes: u32,
+    /// When the relay received them (unix ms).
+    pub received_ms: i64,
+    /// How long the device had been offline (ms).
+    pub offline_ms: i64,
 }
 
 /// What the relay knows of one device: for leads and operators.
@@ -132,6 +160,9 @@ impl Message {
             Message::Piece(_) => "piece",
             Message::DevicesRequest(_) => "devices_request",
             Message::Devices(_) => "devices",
+            Message::QuarantineRequest(_) => "quarantine_request",
+            Message::Quarantine(_) => "quarantine",
+            Message::QuarantineAccept { .. } => "quarantine_accept",
         }
     }
 }
@@ -207,6 +238,9 @@ pub struct Welcome {
     pub epoch: u64,
     /// The part of the device's subscription its token allows: what it will receive.
     pub granted: Subscription,
+    /// `Some(ms offline)` if the device is in quarantine: its pushes are held for a
+    /// lead's review.
+    pub quarantined: Option<i64>,
 }
 
 /// One step of the per-document exchange.
@@ -372,6 +406,9 @@ impl ErrorCode {
     pub const RATE_LIMITED: Self = Self(16);
     /// The peer was silent too long on a stream that needed an answer.
     pub const TIMED_OUT: Self = Self(17);
+    /// The device was offline longer than the relay's horizon: its changes are held for
+    /// a lead's review (kept, not merged yet).
+    pub const QUARANTINED: Self = Self(18);
 
     /// Whether the code says the device's credentials are not valid (no token, expired,
     /// revoked): retrying without a new token cannot succeed.
@@ -402,6 +439,7 @@ impl ErrorCode {
             15 => "token_revoked",
             16 => "rate_limited",
             17 => "timed_out",
+            18 => "quarantined",
             _ => "unknown",
         }
     }

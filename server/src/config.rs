@@ -49,6 +49,9 @@ pub struct RelayConfig {
     pub tls: TlsMode,
     /// Limits that protect the relay from misbehaving devices.
     pub limits: Limits,
+    /// A volunteer's device returning after longer than this since its last sync is
+    /// quarantined: its changes are held for a lead's review (`None`: never).
+    pub quarantine_after: Option<Duration>,
 }
 
 /// Where the relay's certificate comes from.
@@ -116,6 +119,7 @@ impl RelayConfig {
             name: "redline-relay".into(),
             tls: TlsMode::Dev,
             limits: Limits::default(),
+            quarantine_after: Some(Duration::from_secs(14 * 86_400)),
         }
     }
 

@@ -284,6 +284,8 @@ struct Peer {
     device: DeviceId,
     /// What its token allows.
     scope: Scope,
+    /// In quarantine after this long offline (ms): pushes are held for review.
+    quarantined: Option<i64>,
     /// What it receives: its subscription narrowed to its scope.
     subscription: Subscription,
     /// Heads the device is known to hold, per document (pushed, uploading or delivered
@@ -377,6 +379,15 @@ async fn run(
     let greeted = std::time::Instant::now();
     span.record("device", tracing::field::display(&hello.device));
     let granted = scope.grant(&hello.subscription);
+    let quarantined = hub
+        .devices
+        .quarantine_check(scope.claims(), config.quarantine_after);
+    if let Some(offline) = quarantined {
+        info!(
+            offline_h = offline / 3_600_000,
+            "device returns after its horizon: quarantined"
+        );
+    }
     hub.devices.hello(
         scope.claims(),
         hello.protocol_version,
@@ -392,6 +403,7 @@ async fn run(
             relay: config.name.clone(),
             epoch: hub.epoch(),
             granted: granted.clone(),
+            quarantined,
         }),
         config.max_frame,
     )
@@ -443,6 +455,7 @@ async fn run(
     let mut peer = Peer {
         device: hello.device.clone(),
         scope,
+        quarantined,
         subscription: granted,
         known: Known::default(),
         resume: HashMap::new(),
@@ -490,6 +503,15 @@ async fn run(
                                         let text = format!("{} changes in one push; the limit is {}", changes.len(), limits.max_changes_per_message);
                                         let _ = out.send(error_msg(ErrorCode::TOO_LARGE, text, Some(p.doc))).await;
                                     }
+                                    Ok(changes) if peer.quarantined.is_some() => {
+                                        let entry = held_entry(&peer, &p.doc, changes.len());
+                                        let hub = hub.clone();
+                                        let heads = hashes_from_wire(&p.heads);
+                                        pushes.spawn(async move {
+                                            let r = hold(&hub, entry, p.bundle).await;
+                                            (p.doc, heads, r)
+                                        });
+                                    }
                                     Ok(changes) => {
                                         peer.known.add_own(&p.doc, &changes);
                                         let hub = hub.clone();
@@ -517,6 +539,25 @@ async fn run(
                                 }
                             } else {
                                 error_msg(ErrorCode::FORBIDDEN, format!("only a lead of {team} or an operator may see its devices"), None)
+                            };
+                            let _ = out.send(reply).await;
+                        }
+                        Message::QuarantineRequest(team) | Message::QuarantineAccept { team, .. }
+                            if !reviews(&peer, &team) =>
+                        {
+                            let _ = out.send(error_msg(ErrorCode::FORBIDDEN, format!("only a lead of {team} or an operator reviews its quarantine"), None)).await;
+                        }
+                        Message::QuarantineRequest(team) => {
+                            let reply = match crate::quarantine::list(&hub, &peer.scope, &team) {
+                                Ok(list) => Message::Quarantine(list),
+                                Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), None),
+                            };
+                            let _ = out.send(reply).await;
+                        }
+                        Message::QuarantineAccept { team, device } => {
+                            let reply = match crate::quarantine::accept(&hub, &peer.scope, &team, &device).await {
+                                Ok(list) => Message::Quarantine(list),
+                                Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), None),
                             };
                             let _ = out.send(reply).await;
                         }
@@ -593,7 +634,8 @@ async fn run(
                         let text = "too many streams; the connection was closed (reconnect later)".to_string();
                         break Err(tell(&out, Error::Refused { code: ErrorCode::RATE_LIMITED, text }).await);
                     }
-                    let up = UploadCtx { hub: hub.clone(), config: config.clone(), device: peer.device.clone(), scope: peer.scope.clone(), known: peer.known.clone(), rate: rate.clone() };
+                    let quarantine = peer.quarantined.map(|_| held_entry(&peer, &DocId::parse("roster/none").expect("valid id"), 0));
+                    let up = UploadCtx { hub: hub.clone(), config: config.clone(), device: peer.device.clone(), scope: peer.scope.clone(), known: peer.known.clone(), rate: rate.clone(), quarantine };
                     uploads.spawn(upload(s, r, up).in_current_span());
                 }
                 Err(e) => break Err(Error::Connection(e.to_string())),
@@ -616,6 +658,41 @@ async fn run(
     result
 }
 
+/// Whether this connection's token reviews `team`'s quarantine and devices.
+fn reviews(peer: &Peer, team: &redline_proto::TeamId) -> bool {
+    let c = peer.scope.claims();
+    c.role == redline_proto::token::Role::Operator
+        || (c.role == redline_proto::token::Role::Lead && c.teams.contains(team))
+}
+
+/// The quarantine entry for a push of `changes` changes to `doc` by this peer.
+fn held_entry(peer: &Peer, doc: &DocId, changes: usize) -> redline_proto::message::QuarantineEntry {
+    redline_proto::message::QuarantineEntry {
+        device: peer.device.clone(),
+        member: peer.scope.claims().member.to_string(),
+        doc: doc.clone(),
+        changes: u32::try_from(changes).unwrap_or(u32::MAX),
+        received_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+        offline_ms: peer.quarantined.unwrap_or(0),
+    }
+}
+
+/// Holds a quarantined push; the answer is always "held" (or a storage failure).
+async fn hold(
+    hub: &Arc<Hub>,
+    entry: redline_proto::message::QuarantineEntry,
+    bundle: Vec<u8>,
+) -> Result<Committed, Error> {
+    let offline_h = entry.offline_ms / 3_600_000;
+    crate::quarantine::hold(hub, entry, bundle).await?;
+    Err(Error::Quarantined(format!(
+        "this phone was offline for {offline_h} h: its changes are kept on the relay for a lead's review and merge once accepted"
+    )))
+}
+
 /// Reports `e` to the device on the control stream and hands it back (to end the
 /// connection with).
 async fn tell(out: &mpsc::Sender<Message>, e: Error) -> Error {
@@ -632,6 +709,7 @@ fn refusal(e: Error, doc: DocId) -> Message {
         Error::BadChanges(text) => error_msg(ErrorCode::BAD_DOCUMENT_DATA, text, Some(doc)),
         e @ Error::ForgedActor { .. } => error_msg(ErrorCode::FORBIDDEN, e.to_string(), Some(doc)),
         Error::TooLarge(text) => error_msg(ErrorCode::TOO_LARGE, text, Some(doc)),
+        Error::Quarantined(text) => error_msg(ErrorCode::QUARANTINED, text, Some(doc)),
         e => error_msg(
             ErrorCode::STORAGE_FAILURE,
             format!("nothing was acknowledged: {e}"),
@@ -843,6 +921,12 @@ async fn resync_step(hub: &Hub, peer: &mut Peer, step: redline_proto::message::S
                 ErrorCode::FORBIDDEN,
                 "your token does not allow this document".to_string(),
             ))
+        } else if peer.quarantined.is_some() {
+            // Only reviewed pushes merge: the device pushes these again, to be held.
+            Some((
+                ErrorCode::QUARANTINED,
+                "this phone is in quarantine: its changes go through a lead's review".to_string(),
+            ))
         } else {
             hub.check_actors(&doc_id, &peer.device, added.iter())
                 .err()
@@ -875,6 +959,9 @@ struct UploadCtx {
     scope: Scope,
     known: Known,
     rate: RateLimit,
+    /// `Some(entry)` when the device is in quarantine: uploads are held like pushes
+    /// (the entry's document and change count are filled in per upload).
+    quarantine: Option<redline_proto::message::QuarantineEntry>,
 }
 
 /// One resumable upload on its own stream.
@@ -886,6 +973,7 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
         scope,
         known,
         rate,
+        quarantine,
     } = ctx;
     let max_frame = config.max_frame;
     let idle = config.limits.stream_idle_timeout;
@@ -1031,6 +1119,15 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
                 ),
                 Some(up.doc.clone()),
             ),
+            Ok(changes) if quarantine.is_some() => {
+                let mut entry = quarantine.clone().expect("checked");
+                entry.doc = up.doc.clone();
+                entry.changes = u32::try_from(changes.len()).unwrap_or(u32::MAX);
+                match hold(&hub, entry, bytes.clone()).await {
+                    Ok(_) => unreachable!("hold always answers held"),
+                    Err(e) => refusal(e, up.doc.clone()),
+                }
+            }
             Ok(changes) => {
                 known.add_own(&up.doc, &changes);
                 match hub.push(&up.doc, &device, changes).await {

@@ -26,6 +26,9 @@ struct Record {
     day: i64,
     /// Open connections.
     connections: u32,
+    /// Held in quarantine since returning after `offline_ms` offline (until a lead
+    /// accepts its changes).
+    quarantined: Option<i64>,
 }
 
 /// Every device the relay has seen.
@@ -106,6 +109,7 @@ impl Registry {
             subscription: granted.clone(),
             day: day_of(now),
             connections: 0,
+            quarantined: None,
         });
         r.health.member = claims.member.to_string();
         r.health.teams = claims.teams.clone();
@@ -117,6 +121,37 @@ impl Registry {
         let copy = r.clone();
         drop(all);
         self.save(&copy);
+    }
+
+    /// Whether `device` is in quarantine: it is already, or it (a volunteer) last synced
+    /// longer than `horizon` ago. Returns how long it had been offline. Call before
+    /// [`hello`](Self::hello).
+    pub fn quarantine_check(
+        &self,
+        claims: &Claims,
+        horizon: Option<std::time::Duration>,
+    ) -> Option<i64> {
+        let mut all = self.devices.lock().expect("devices lock");
+        let r = all.get_mut(&claims.device)?;
+        if r.quarantined.is_none()
+            && claims.role == redline_proto::token::Role::Volunteer
+            && let (Some(h), Some(last)) = (horizon, r.health.last_sync_ms)
+        {
+            let offline = now_ms() - last;
+            if offline > h.as_millis() as i64 {
+                r.quarantined = Some(offline);
+                let copy = r.clone();
+                drop(all);
+                self.save(&copy);
+                return Some(offline);
+            }
+        }
+        r.quarantined
+    }
+
+    /// Ends `device`'s quarantine (a lead accepted all it held).
+    pub fn release(&self, device: &DeviceId) {
+        self.update(device, |r| r.quarantined = None);
     }
 
     /// A device was brought up to feed sequence `seq`.

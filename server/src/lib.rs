@@ -31,6 +31,7 @@ mod connection;
 pub mod health;
 pub mod hub;
 pub mod metrics;
+pub mod quarantine;
 pub mod relay;
 pub mod settings;
 pub mod storage;
@@ -86,6 +87,9 @@ pub enum Error {
     /// Automerge refused the changes.
     #[error("invalid changes: {0}")]
     BadChanges(String),
+    /// The device is in quarantine: its push is held for review, not merged.
+    #[error("{0}")]
+    Quarantined(String),
     /// A document would grow beyond the relay's size limit; nothing was stored.
     #[error("too large: {0}")]
     TooLarge(String),

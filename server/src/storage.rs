@@ -28,6 +28,12 @@ pub struct StoredDoc {
     pub chunks: Vec<Vec<u8>>,
 }
 
+/// Bytes sled may cache (its default is 1 GiB).
+const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A stored key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Where the relay keeps documents and the change feed.
 pub trait DocStorage: Send + Sync + 'static {
     /// This database's epoch: random, fixed at creation. Device cursors carry it.
@@ -65,6 +71,12 @@ pub trait DocStorage: Send + Sync + 'static {
     fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error>;
     /// Every stored device health record.
     fn devices(&self) -> Result<Vec<Vec<u8>>, Error>;
+    /// Holds a quarantined push under `key` (not flushed).
+    fn put_quarantine(&self, key: &[u8], item: &[u8]) -> Result<(), Error>;
+    /// Every quarantined push.
+    fn quarantined(&self) -> Result<Vec<KeyValue>, Error>;
+    /// Drops a quarantined push (after it was merged).
+    fn drop_quarantine(&self, key: &[u8]) -> Result<(), Error>;
 }
 
 /// sled-backed storage.
@@ -78,6 +90,7 @@ pub struct SledStorage {
     uploads: sled::Tree,
     actors: sled::Tree,
     devices: sled::Tree,
+    quarantine: sled::Tree,
     epoch: u64,
 }
 
@@ -113,12 +126,18 @@ fn unflat(v: &[u8]) -> Vec<[u8; 32]> {
 impl SledStorage {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, Error> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| {
-            Error::Storage(format!(
-                "cannot open {}: {e}; is another relay using this data dir?",
-                dir.display()
-            ))
-        })?;
+        // sled caches up to 1 GiB of pages by default; the relay has its own document
+        // cache, so sled's stays small.
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+            .map_err(|e| {
+                Error::Storage(format!(
+                    "cannot open {}: {e}; is another relay using this data dir?",
+                    dir.display()
+                ))
+            })?;
         let meta = db.open_tree("meta").map_err(storage_err)?;
         let epoch = match meta.get("epoch").map_err(storage_err)? {
             Some(v) => u64::from_be_bytes(
@@ -142,6 +161,7 @@ impl SledStorage {
             uploads: db.open_tree("uploads").map_err(storage_err)?,
             actors: db.open_tree("actors").map_err(storage_err)?,
             devices: db.open_tree("devices").map_err(storage_err)?,
+            quarantine: db.open_tree("quarantine").map_err(storage_err)?,
             db,
             epoch,
         })
@@ -370,6 +390,26 @@ impl DocStorage for SledStorage {
             .values()
             .map(|v| v.map(|v| v.to_vec()).map_err(storage_err))
             .collect()
+    }
+
+    fn put_quarantine(&self, key: &[u8], item: &[u8]) -> Result<(), Error> {
+        self.quarantine.insert(key, item).map_err(storage_err)?;
+        Ok(())
+    }
+
+    fn quarantined(&self) -> Result<Vec<KeyValue>, Error> {
+        self.quarantine
+            .iter()
+            .map(|kv| {
+                kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(storage_err)
+            })
+            .collect()
+    }
+
+    fn drop_quarantine(&self, key: &[u8]) -> Result<(), Error> {
+        self.quarantine.remove(key).map_err(storage_err)?;
+        Ok(())
     }
 }
 

@@ -273,6 +273,16 @@ impl DocStorage for FaultyStorage {
     fn devices(&self) -> Result<Vec<Vec<u8>>, Error> {
         self.inner.devices()
     }
+    fn put_quarantine(&self, key: &[u8], item: &[u8]) -> Result<(), Error> {
+        self.check()?;
+        self.inner.put_quarantine(key, item)
+    }
+    fn quarantined(&self) -> Result<Vec<redline_server::storage::KeyValue>, Error> {
+        self.inner.quarantined()
+    }
+    fn drop_quarantine(&self, key: &[u8]) -> Result<(), Error> {
+        self.inner.drop_quarantine(key)
+    }
 }
 
 /// The `redline-server` binary of the same build: next to this executable (binaries) or

@@ -432,3 +432,88 @@ async fn leads_see_their_teams_devices_and_nobody_elses() -> anyhow::Result<()> 
     assert!(body.contains("redline_devices_known 4"), "{body}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_back_after_the_horizon_is_held_until_a_lead_accepts() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut config = redline_server::RelayConfig::new(root.path().join("relay"));
+    config.quarantine_after = Some(Duration::from_millis(800));
+    let relay = redline_tests::start_relay_with(config).await?;
+    let at = endpoint(&relay);
+    let open = |name: &str, role: Role| -> anyhow::Result<Client> {
+        let dir = root.path().join(name);
+        let token = token_for(relay.data_dir(), &dir, name, role, &["team-1"], &[])?;
+        let config = ClientConfig::new(MemberId::new(name)?)
+            .with_relay(at.clone())
+            .with_token(token)
+            .with_teams(vec![TeamId::new("team-1")?]);
+        Ok(Client::open(&dir, config)?)
+    };
+    let (ana, lead) = (open("ana", Role::Volunteer)?, open("lena", Role::Lead)?);
+    let team = TeamId::new("team-1")?;
+    let day = Day::new("2026-11-29")?;
+    let doc = DocId::ledger(&team, &day);
+    ana.add_to_tally(&team, &day, "samples_taken", 1)?;
+    ana.sync().await?;
+    // Ana goes quiet past the horizon, works, and comes back.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    ana.add_to_tally(&team, &day, "samples_taken", 5)?;
+    let report = ana.sync().await?;
+    assert!(
+        report
+            .refused
+            .iter()
+            .any(|(d, why)| *d == doc.to_string() && why.starts_with("quarantined")),
+        "{report:?}"
+    );
+    assert!(ana.pending()?.unacked > 0, "not on the relay's ledger yet");
+    let doctor_lead = lead.sync().await?;
+    assert!(doctor_lead.refused.is_empty());
+    assert_eq!(
+        lead.day_totals(&team, &day)?.get("samples_taken"),
+        Some(&1),
+        "not merged silently"
+    );
+    let doctor = ana.diagnose(Duration::from_secs(3)).await;
+    assert!(
+        matches!(doctor.as_slice(), [Finding::Quarantined { .. }]),
+        "{doctor:?}"
+    );
+    // Still held on the next sync (the quarantine sticks until review).
+    let again = ana.sync().await?;
+    assert!(
+        again
+            .refused
+            .iter()
+            .any(|(_, why)| why.starts_with("quarantined"))
+    );
+    // The lead reviews and accepts.
+    let held = lead.quarantine(&team).await?;
+    assert_eq!(
+        held.len(),
+        1,
+        "held once however often it was pushed: {held:?}"
+    );
+    assert_eq!(
+        (held[0].member.as_str(), held[0].doc.clone()),
+        ("ana", doc.clone())
+    );
+    assert!(held[0].offline_ms >= 800);
+    match ana.quarantine(&team).await {
+        Err(redline_client::Error::Refused { code, .. }) => assert_eq!(code, ErrorCode::FORBIDDEN),
+        other => panic!("a volunteer may not review: {other:?}"),
+    }
+    let remaining = lead.accept_quarantined(&team, &held[0].device).await?;
+    assert!(remaining.is_empty());
+    lead.sync().await?;
+    assert_eq!(
+        lead.day_totals(&team, &day)?.get("samples_taken"),
+        Some(&6),
+        "merged after review"
+    );
+    let report = ana.sync().await?;
+    assert!(report.refused.is_empty(), "out of quarantine: {report:?}");
+    assert_eq!(ana.pending()?.unacked, 0);
+    assert_eq!(ana.heads(&doc)?, lead.heads(&doc)?, "converged");
+    Ok(())
+}
