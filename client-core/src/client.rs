@@ -422,6 +422,89 @@ impl Client {
         *self.inner.conditions.lock().expect("conditions lock") = conditions;
     }
 
+    /// Records of `id` with changes from this phone the relay has not acknowledged
+    /// ("saved on the phone" only), as `container/key` (`tasks/<id>`, `needs/<id>`,
+    /// `duty/<id>`...). Every other record of the document is saved on the relay.
+    pub fn unsaved_records(&self, id: &DocId) -> Result<std::collections::BTreeSet<String>, Error> {
+        use automerge::{ObjType, ReadDoc};
+        let mut docs = self.docs();
+        let Some(doc) = self.load(&mut docs, id)? else {
+            return Ok(Default::default());
+        };
+        let me = self.inner.identity.actor.clone();
+        let acked: Vec<ChangeHash> = self
+            .inner
+            .store
+            .acked_heads(id)?
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+            .collect();
+        let mine: Vec<automerge::Change> = doc
+            .get_changes(&acked)
+            .into_iter()
+            .filter(|c| *c.actor_id() == me)
+            .collect();
+        if mine.is_empty() {
+            return Ok(Default::default());
+        }
+        // Every object inside a record, by (counter, actor): the record it belongs to.
+        let key_of = |o: &automerge::ObjId| match o {
+            automerge::ObjId::Id(counter, actor, _) => Some((*counter, actor.clone())),
+            automerge::ObjId::Root => None,
+        };
+        let mut owner: HashMap<(u64, automerge::ActorId), String> = HashMap::new();
+        let mut containers: HashMap<(u64, automerge::ActorId), String> = HashMap::new();
+        for (container, cid) in doc
+            .map_range(automerge::ROOT, ..)
+            .map(|i| (i.key.to_string(), i.id()))
+        {
+            if !matches!(doc.object_type(&cid), Ok(ObjType::Map)) {
+                continue;
+            }
+            if let Some(k) = key_of(&cid) {
+                containers.insert(k, container.clone());
+            }
+            for item in doc.map_range(&cid, ..) {
+                let record = format!("{container}/{}", item.key);
+                let mut stack = vec![item.id()];
+                while let Some(obj) = stack.pop() {
+                    if doc.object_type(&obj).is_err() {
+                        continue;
+                    }
+                    if let Some(k) = key_of(&obj) {
+                        owner.insert(k, record.clone());
+                    }
+                    for child in doc.map_range(&obj, ..) {
+                        stack.push(child.id());
+                    }
+                    for child in doc.list_range(&obj, ..) {
+                        stack.push(child.id());
+                    }
+                }
+            }
+        }
+        let mut out = std::collections::BTreeSet::new();
+        for change in mine {
+            for op in change.decode().operations {
+                let automerge::legacy::ObjectId::Id(automerge::legacy::OpId(counter, actor)) =
+                    &op.obj
+                else {
+                    continue;
+                };
+                let obj = (*counter, actor.clone());
+                if let Some(r) = owner.get(&obj) {
+                    out.insert(r.clone());
+                } else if let (Some(c), automerge::legacy::Key::Map(k)) =
+                    (containers.get(&obj), &op.key)
+                {
+                    out.insert(format!("{c}/{k}"));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// What is saved on this phone only: per document, this device's changes the relay
     /// has not acknowledged, and when it last acknowledged the document.
     pub fn pending(&self) -> Result<crate::Pending, Error> {

@@ -418,6 +418,13 @@ impl RedlineClient {
         self.with(|c| Ok(c.pending()?.into()))
     }
 
+    /// Records of document `doc` with changes not yet on the relay ("saved on the phone"
+    /// only), as `tasks/<id>`, `needs/<id>`...; every other record is saved on the relay.
+    pub fn unsaved_records(&self, doc: String) -> Result<Vec<String>, RedlineError> {
+        let id = DocId::parse(&doc)?;
+        self.with(|c| Ok(c.unsaved_records(&id)?.into_iter().collect()))
+    }
+
     /// Tells the client the network and charger state: on a metered network or without
     /// a charger the sync policy may hold back large documents; urgent ones always go.
     pub fn set_conditions(&self, metered: bool, charging: bool) -> Result<(), RedlineError> {

@@ -120,12 +120,41 @@ async fn progress_grows_to_done_and_records_turn_from_phone_to_relay() -> anyhow
             .iter()
             .all(|d| d.unacked == 0 && d.last_ack_ms.is_some())
     );
-    // A new offline write: "not on relay" until the next ack.
-    a.add_to_tally(&team, &Day::new("2026-11-21")?, "samples_taken", 1)?;
+    // A new offline write: "not on relay" until the next ack, for that record only.
+    assert!(a.unsaved_records(&doc)?.is_empty());
+    let synced_task = a.ledger(&team, &Day::new("2026-11-21")?)?.unwrap().tasks[0]
+        .id
+        .clone();
+    let offline_task = a.add_task(
+        &team,
+        &Day::new("2026-11-21")?,
+        NewTask::new(TaskKind::Transfer, "to the clinic"),
+    )?;
     let p = a.pending()?;
     assert_eq!(p.docs.iter().find(|d| d.doc == doc).unwrap().unacked, 1);
+    let unsaved = a.unsaved_records(&doc)?;
+    assert!(
+        unsaved.contains(&format!("tasks/{offline_task}")),
+        "{unsaved:?}"
+    );
+    assert!(
+        !unsaved.contains(&format!("tasks/{synced_task}")),
+        "{unsaved:?}"
+    );
+    a.set_task_status(
+        &team,
+        &Day::new("2026-11-21")?,
+        &synced_task,
+        redline_client::TaskStatus::Done,
+    )?;
+    assert!(
+        a.unsaved_records(&doc)?
+            .contains(&format!("tasks/{synced_task}")),
+        "an edit marks its record"
+    );
     a.sync().await?;
     assert_eq!(a.pending()?.unacked, 0);
+    assert!(a.unsaved_records(&doc)?.is_empty(), "all on the relay");
     Ok(())
 }
 

@@ -1000,6 +1000,12 @@ public protocol RedlineClientProtocol: AnyObject, Sendable {
      */
     func syncNow() async throws  -> SyncReportRecord
     
+    /**
+     * Records of document `doc` with changes not yet on the relay ("saved on the phone"
+     * only), as `tasks/<id>`, `needs/<id>`...; every other record is saved on the relay.
+     */
+    func unsavedRecords(doc: String) throws  -> [String]
+    
 }
 /**
  * A device's Redline store and its sync with the relay.
@@ -1490,6 +1496,20 @@ open func syncNow()async throws  -> SyncReportRecord  {
             liftFunc: FfiConverterTypeSyncReportRecord_lift,
             errorHandler: FfiConverterTypeRedlineError_lift
         )
+}
+    
+    /**
+     * Records of document `doc` with changes not yet on the relay ("saved on the phone"
+     * only), as `tasks/<id>`, `needs/<id>`...; every other record is saved on the relay.
+     */
+open func unsavedRecords(doc: String)throws  -> [String]  {
+    return try  FfiConverterSequenceString.lift(try rustCallWithError(FfiConverterTypeRedlineError_lift) {
+        uniffiCallStatus in
+    uniffi_redline_ffi_fn_method_redlineclient_unsaved_records(
+            self.uniffiCloneHandle(),
+        FfiConverterString.lower(doc),uniffiCallStatus
+    )
+})
 }
     
 

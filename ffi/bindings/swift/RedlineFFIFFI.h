@@ -440,6 +440,11 @@ uint64_t uniffi_redline_ffi_fn_method_redlineclient_sync_for(uint64_t ptr, doubl
 uint64_t uniffi_redline_ffi_fn_method_redlineclient_sync_now(uint64_t ptr
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_UNSAVED_RECORDS
+#define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_METHOD_REDLINECLIENT_UNSAVED_RECORDS
+RustBuffer uniffi_redline_ffi_fn_method_redlineclient_unsaved_records(uint64_t ptr, RustBuffer doc, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_CLONE_CHANGEOBSERVER
 #define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_FN_CLONE_CHANGEOBSERVER
 uint64_t uniffi_redline_ffi_fn_clone_changeobserver(uint64_t handle, RustCallStatus *_Nonnull out_status
@@ -929,6 +934,12 @@ uint16_t uniffi_redline_ffi_checksum_method_redlineclient_sync_for(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_SYNC_NOW
 #define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_SYNC_NOW
 uint16_t uniffi_redline_ffi_checksum_method_redlineclient_sync_now(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_UNSAVED_RECORDS
+#define UNIFFI_FFIDEF_UNIFFI_REDLINE_FFI_CHECKSUM_METHOD_REDLINECLIENT_UNSAVED_RECORDS
+uint16_t uniffi_redline_ffi_checksum_method_redlineclient_unsaved_records(void
     
 );
 #endif

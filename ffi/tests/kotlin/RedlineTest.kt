@@ -122,9 +122,11 @@ fun run(exe: String, scratch: File) {
 
         // Sync both phones through the real relay.
         check(a.pending().unacked > 0uL, "before syncing, the work is saved on the phone only")
+        check("needs/$need" in a.unsavedRecords("households/z1"), "the need is marked saved on the phone only")
         val reportA = runBlocking { a.syncNow() }
         check(reportA.refused.isEmpty() && reportA.changesSent > 0uL, "phone A pushed its work")
         check(a.pending().unacked == 0uL && a.pending().lastAckMs != null, "after syncing, saved on the relay")
+        check(a.unsavedRecords("households/z1").isEmpty(), "the need is marked saved on the relay")
         check(eventually(5_000) { statuses.seen.any { it is SyncStatus.Progress && it.progress.finished } },
             "status observer saw progress reach the end")
         check(runBlocking { a.diagnose() } == listOf("all checks passed: this phone can sync"), "doctor: healthy")

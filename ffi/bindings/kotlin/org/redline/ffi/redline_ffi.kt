@@ -787,6 +787,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_redline_ffi_checksum_method_redlineclient_sync_now(
     ): Int
+    external fun uniffi_redline_ffi_checksum_method_redlineclient_unsaved_records(
+    ): Int
     external fun uniffi_redline_ffi_checksum_method_changeobserver_documents_changed(
     ): Int
     external fun uniffi_redline_ffi_checksum_method_syncstatusobserver_sync_status_changed(
@@ -881,6 +883,8 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_redline_ffi_fn_method_redlineclient_sync_now(`ptr`: Long,
     ): Long
+    external fun uniffi_redline_ffi_fn_method_redlineclient_unsaved_records(`ptr`: Long,`doc`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_redline_ffi_fn_clone_changeobserver(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_redline_ffi_fn_free_changeobserver(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -2029,6 +2033,12 @@ public interface RedlineClientInterface {
      */
     suspend fun `syncNow`(): SyncReportRecord
     
+    /**
+     * Records of document `doc` with changes not yet on the relay ("saved on the phone"
+     * only), as `tasks/<id>`, `needs/<id>`...; every other record is saved on the relay.
+     */
+    fun `unsavedRecords`(`doc`: kotlin.String): List<kotlin.String>
+    
     companion object
 }
 
@@ -2708,6 +2718,25 @@ open class RedlineClient: Disposable, AutoCloseable, RedlineClientInterface
         RedlineException.ErrorHandler,
     )
     }
+
+    
+    /**
+     * Records of document `doc` with changes not yet on the relay ("saved on the phone"
+     * only), as `tasks/<id>`, `needs/<id>`...; every other record is saved on the relay.
+     */
+    @Throws(RedlineException::class)override fun `unsavedRecords`(`doc`: kotlin.String): List<kotlin.String> {
+            return FfiConverterSequenceString.lift(
+    callWithHandle {
+    uniffiRustCallWithError(RedlineException) { _status ->
+    UniffiLib.uniffi_redline_ffi_fn_method_redlineclient_unsaved_records(
+        it,
+        
+        FfiConverterString.lower(`doc`),_status)
+}
+    }
+    )
+    }
+    
 
     
 
