@@ -286,6 +286,8 @@ struct Peer {
     scope: Scope,
     /// In quarantine after this long offline (ms): pushes are held for review.
     quarantined: Option<i64>,
+    /// The device had finished a sync before this connection (it is not new).
+    synced_before: bool,
     /// What it receives: its subscription narrowed to its scope.
     subscription: Subscription,
     /// Heads the device is known to hold, per document (pushed, uploading or delivered
@@ -379,6 +381,7 @@ async fn run(
     let greeted = std::time::Instant::now();
     span.record("device", tracing::field::display(&hello.device));
     let granted = scope.grant(&hello.subscription);
+    let synced_before = hub.devices.synced_before(&hello.device);
     let quarantined = hub
         .devices
         .quarantine_check(scope.claims(), config.quarantine_after);
@@ -456,6 +459,7 @@ async fn run(
         device: hello.device.clone(),
         scope,
         quarantined,
+        synced_before,
         subscription: granted,
         known: Known::default(),
         resume: HashMap::new(),
@@ -502,6 +506,24 @@ async fn run(
                                     Ok(changes) if changes.len() > limits.max_changes_per_message => {
                                         let text = format!("{} changes in one push; the limit is {}", changes.len(), limits.max_changes_per_message);
                                         let _ = out.send(error_msg(ErrorCode::TOO_LARGE, text, Some(p.doc))).await;
+                                    }
+                                    Ok(changes) if peer.quarantined.is_none()
+                                        && peer.synced_before
+                                        && peer.scope.claims().role == redline_proto::token::Role::Volunteer
+                                        && new_actor_on_existing(&hub, &peer.device, &p.doc, &changes).await =>
+                                    {
+                                        // A known phone writing as an actor never seen before
+                                        // into an existing document: its store was reset or
+                                        // restored. Held for review from now on.
+                                        warn!(doc = %p.doc, "known device pushes with an unknown actor: quarantined");
+                                        peer.quarantined = Some(hub.devices.mark_quarantined(&peer.device));
+                                        let entry = held_entry(&peer, &p.doc, changes.len());
+                                        let hub = hub.clone();
+                                        let heads = hashes_from_wire(&p.heads);
+                                        pushes.spawn(async move {
+                                            let r = hold(&hub, entry, p.bundle).await;
+                                            (p.doc, heads, r)
+                                        });
                                     }
                                     Ok(changes) if peer.quarantined.is_some() => {
                                         let entry = held_entry(&peer, &p.doc, changes.len());
@@ -656,6 +678,39 @@ async fn run(
     uploads.abort_all();
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     result
+}
+
+/// Whether `changes` carry an actor the relay has never bound, for a document it holds,
+/// from a device that already wrote with another actor (its store was reset or
+/// restored: one install keeps one actor for life).
+async fn new_actor_on_existing(
+    hub: &Arc<Hub>,
+    device: &DeviceId,
+    doc: &DocId,
+    changes: &[automerge::Change],
+) -> bool {
+    let genesis = automerge::ActorId::from(redline_proto::genesis::GENESIS_ACTOR);
+    let mut actors: Vec<&automerge::ActorId> = changes
+        .iter()
+        .map(|c| c.actor_id())
+        .filter(|a| **a != genesis)
+        .collect();
+    actors.dedup();
+    let storage = hub.storage();
+    let unknown = actors
+        .iter()
+        .any(|a| matches!(storage.actor_owner(&a.to_bytes()), Ok(None)));
+    if !unknown || !matches!(storage.actors_of(device), Ok(n) if n > 0) {
+        return false;
+    }
+    match hub.slot(doc).await {
+        Ok(slot) => {
+            let exists = !slot.lock().await.doc.get_heads().is_empty();
+            hub.release(slot);
+            exists
+        }
+        Err(_) => false,
+    }
 }
 
 /// Whether this connection's token reviews `team`'s quarantine and devices.

@@ -149,6 +149,27 @@ impl Registry {
         r.quarantined
     }
 
+    /// Whether `device` finished a sync before (it is known, not new).
+    pub fn synced_before(&self, device: &DeviceId) -> bool {
+        self.devices
+            .lock()
+            .expect("devices lock")
+            .get(device)
+            .is_some_and(|r| r.health.last_sync_ms.is_some())
+    }
+
+    /// Puts `device` in quarantine now (it pushed with an actor never seen before for an
+    /// existing document: its store was reset or restored). Returns the time since its
+    /// last sync.
+    pub fn mark_quarantined(&self, device: &DeviceId) -> i64 {
+        let mut offline = 0;
+        self.update(device, |r| {
+            offline = r.health.last_sync_ms.map_or(0, |l| now_ms() - l);
+            r.quarantined.get_or_insert(offline);
+        });
+        offline
+    }
+
     /// Ends `device`'s quarantine (a lead accepted all it held).
     pub fn release(&self, device: &DeviceId) {
         self.update(device, |r| r.quarantined = None);

@@ -67,6 +67,10 @@ pub trait DocStorage: Send + Sync + 'static {
     /// Binds `actor` to `device` unless it is bound already; returns the device it is
     /// bound to (not flushed: the commit that first uses it flushes).
     fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error>;
+    /// The device `actor` is bound to, if any (without binding it).
+    fn actor_owner(&self, actor: &[u8]) -> Result<Option<DeviceId>, Error>;
+    /// How many actors are bound to `device`.
+    fn actors_of(&self, device: &DeviceId) -> Result<usize, Error>;
     /// Stores a device's health record (not flushed).
     fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error>;
     /// Every stored device health record.
@@ -375,6 +379,29 @@ impl DocStorage for SledStorage {
         let owner = String::from_utf8(owner.to_vec())
             .map_err(|_| Error::Storage("corrupt actor binding".into()))?;
         DeviceId::new(owner).map_err(|e| Error::Storage(format!("corrupt actor binding: {e}")))
+    }
+
+    fn actors_of(&self, device: &DeviceId) -> Result<usize, Error> {
+        let mut n = 0;
+        for v in self.actors.iter().values() {
+            if v.map_err(storage_err)?.as_ref() == device.as_str().as_bytes() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn actor_owner(&self, actor: &[u8]) -> Result<Option<DeviceId>, Error> {
+        match self.actors.get(actor).map_err(storage_err)? {
+            None => Ok(None),
+            Some(v) => {
+                let owner = String::from_utf8(v.to_vec())
+                    .map_err(|_| Error::Storage("corrupt actor binding".into()))?;
+                Ok(Some(DeviceId::new(owner).map_err(|e| {
+                    Error::Storage(format!("corrupt actor binding: {e}"))
+                })?))
+            }
+        }
     }
 
     fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error> {

@@ -267,6 +267,12 @@ impl DocStorage for FaultyStorage {
     fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error> {
         self.inner.bind_actor(actor, device)
     }
+    fn actor_owner(&self, actor: &[u8]) -> Result<Option<DeviceId>, Error> {
+        self.inner.actor_owner(actor)
+    }
+    fn actors_of(&self, device: &DeviceId) -> Result<usize, Error> {
+        self.inner.actors_of(device)
+    }
     fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error> {
         self.inner.save_device(device, record)
     }

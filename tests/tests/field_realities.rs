@@ -546,3 +546,81 @@ async fn a_phone_back_after_the_horizon_is_held_until_a_lead_accepts() -> anyhow
     assert_eq!(ana.heads(&doc)?, lead.heads(&doc)?, "converged");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_writing_as_an_unknown_actor_into_a_known_document_is_held() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let relay = start_relay(&root.path().join("relay")).await?;
+    let (team, day) = (TeamId::new("team-1")?, Day::new("2026-11-29")?);
+    let doc = DocId::ledger(&team, &day);
+    let dir = root.path().join("ana");
+    let token = token_for(
+        relay.data_dir(),
+        &dir,
+        "ana",
+        Role::Volunteer,
+        &["team-1"],
+        &[],
+    )?;
+    let open = |store: &std::path::Path| -> anyhow::Result<Client> {
+        Ok(Client::open(
+            store,
+            ClientConfig::new(MemberId::new("ana")?)
+                .with_relay(endpoint(&relay))
+                .with_token(token.clone())
+                .with_teams(vec![team.clone()]),
+        )?)
+    };
+    let ana = open(&dir)?;
+    ana.add_to_tally(&team, &day, "samples_taken", 1)?;
+    ana.sync().await?;
+    drop(ana);
+    // The phone's store is wiped (reinstall, restore); the same token, a new actor.
+    let fresh_dir = root.path().join("ana-reinstalled");
+    let again = open(&fresh_dir)?;
+    again.sync().await?;
+    again.add_to_tally(&team, &day, "samples_taken", 10)?;
+    let report = again.sync().await?;
+    assert!(
+        report
+            .refused
+            .iter()
+            .any(|(d, why)| *d == doc.to_string() && why.starts_with("quarantined")),
+        "{report:?}"
+    );
+    assert_eq!(
+        relay.document(&doc).await?.map(|d| d.get_heads()),
+        Some(relay.heads(&doc).await?)
+    );
+    let lead_dir = root.path().join("lead");
+    let lead_token = token_for(
+        relay.data_dir(),
+        &lead_dir,
+        "lena",
+        Role::Lead,
+        &["team-1"],
+        &[],
+    )?;
+    let lead = Client::open(
+        &lead_dir,
+        ClientConfig::new(MemberId::new("lena")?)
+            .with_relay(endpoint(&relay))
+            .with_token(lead_token)
+            .with_teams(vec![team.clone()]),
+    )?;
+    lead.sync().await?;
+    assert_eq!(
+        lead.day_totals(&team, &day)?.get("samples_taken"),
+        Some(&1),
+        "held, not merged"
+    );
+    let held = lead.quarantine(&team).await?;
+    assert_eq!(held.len(), 1);
+    lead.accept_quarantined(&team, &held[0].device).await?;
+    lead.sync().await?;
+    assert_eq!(
+        lead.day_totals(&team, &day)?.get("samples_taken"),
+        Some(&11)
+    );
+    Ok(())
+}
