@@ -699,7 +699,7 @@ async fn new_actor_on_existing(
     let storage = hub.storage();
     let unknown = actors
         .iter()
-        .any(|a| matches!(storage.actor_owner(&a.to_bytes()), Ok(None)));
+        .any(|a| matches!(storage.actor_owner(a.to_bytes()), Ok(None)));
     if !unknown || !matches!(storage.actors_of(device), Ok(n) if n > 0) {
         return false;
     }

@@ -404,6 +404,11 @@ impl RelayProcess {
         }
     }
 
+    /// `/proc/<pid>/status` of the relay process.
+    pub fn status_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/status", self.child.id()))
+    }
+
     /// Peak resident memory (VmHWM) and current (VmRSS) in KiB, from /proc.
     pub fn memory_kib(&self) -> Option<(u64, u64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;

@@ -36,8 +36,21 @@ pub struct SoakReport {
     pub rss_end_kib: u64,
     /// Relay peak resident memory, KiB.
     pub rss_peak_kib: u64,
+    /// Relay resident memory every 10 s of the loop: (seconds, KiB).
+    pub rss_samples: Vec<(u64, u64)>,
     /// Every device ended with the relay's heads and the right totals.
     pub converged: bool,
+}
+
+fn rss_kib(status: &Path) -> Option<u64> {
+    std::fs::read_to_string(status)
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Runs `devices` devices (16 per team) against a relay in `dir` for `duration`.
@@ -90,6 +103,17 @@ pub async fn run(dir: &Path, devices: usize, duration: Duration) -> anyhow::Resu
     let errors = Arc::new(std::sync::Mutex::new(BTreeMap::<String, u64>::new()));
     let started = Instant::now();
     let deadline = started + duration;
+    let relay_pid_status = relay.status_path();
+    let sampler = tokio::spawn(async move {
+        let mut samples = Vec::new();
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            if let Some(kib) = rss_kib(&relay_pid_status) {
+                samples.push((started.elapsed().as_secs(), kib));
+            }
+        }
+        samples
+    });
     let mut loops = tokio::task::JoinSet::new();
     for (team, c) in clients.clone() {
         let (syncs, writes, errors, day) =
@@ -117,6 +141,7 @@ pub async fn run(dir: &Path, devices: usize, duration: Duration) -> anyhow::Resu
         });
     }
     while loops.join_next().await.is_some() {}
+    report.rss_samples = sampler.await.unwrap_or_default();
     report.seconds = started.elapsed().as_secs_f64();
     report.syncs = syncs.load(Ordering::Relaxed);
     report.writes += writes.load(Ordering::Relaxed);

@@ -34,6 +34,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     println!("relay RSS end    {} KiB", r.rss_end_kib);
     println!("relay RSS peak   {} KiB", r.rss_peak_kib);
     println!("converged        {}", r.converged);
+    println!("relay RSS every 10 s (s, KiB): {:?}", r.rss_samples);
     if let Some(path) = args.json {
         std::fs::write(path, serde_json::to_string_pretty(&r)?)?;
     }
