@@ -310,6 +310,10 @@ struct Flight {
     updated: HashSet<DocId>,
     resynced: HashSet<DocId>,
     report: SyncReport,
+    /// Why large downloads are held back this session (`None`: they are not).
+    defer_large: Option<String>,
+    /// Large downloads announced but held back: the cursor must not move past them.
+    downloads_deferred: bool,
     /// Progress counters (published after every step).
     progress: crate::progress::SyncProgress,
     /// Changes in each push awaiting its ack.
@@ -469,7 +473,14 @@ impl Client {
             .into_iter()
             .map(|(id, have)| redline_proto::message::UploadOffset { id, have })
             .collect();
-        wire.send(&Message::Pull(Pull { cursor, resume })).await?;
+        let defer = self.download_held_back()?;
+        f.defer_large = defer.clone();
+        wire.send(&Message::Pull(Pull {
+            cursor,
+            resume,
+            defer_large: defer.is_some(),
+        }))
+        .await?;
         f.report.round_trips = 1;
         let mut first_done = false;
 
@@ -631,6 +642,13 @@ impl Client {
         self.inner
             .store
             .put_meta(&key, &(used + spent).to_be_bytes())
+    }
+
+    /// Why the policy holds back large downloads now, if it does.
+    fn download_held_back(&self) -> Result<Option<String>, Error> {
+        Ok(self
+            .held_back(crate::Urgency::Normal, INLINE_MAX + 1)?
+            .map(|why| why.replace("large document waits", "large downloads wait")))
     }
 
     /// Why the policy holds back a push of `len` bytes of `urgency`, if it does.
@@ -821,6 +839,14 @@ impl Client {
     }
 
     fn apply_update(&self, f: &mut Flight, u: Update) -> Result<(), Error> {
+        if let (Payload::Transfer { .. }, Some(why)) = (&u.payload, &f.defer_large) {
+            // Held back by the budget: the relay did not send it; ask again later.
+            f.downloads_deferred = true;
+            if !f.report.deferred.iter().any(|(d, _)| *d == u.doc.as_str()) {
+                f.report.deferred.push((u.doc.to_string(), why.clone()));
+            }
+            return Ok(());
+        }
         let heads = hashes_from_wire(&u.heads);
         f.progress.docs_total += 1;
         if !matches!(u.payload, Payload::Transfer { .. }) {
@@ -983,6 +1009,7 @@ impl Client {
             batch.acked = latest.into_iter().collect();
         }
         if f.settled()
+            && !f.downloads_deferred
             && let Some(c) = &f.caught
         {
             let bytes = postcard::to_stdvec(c).map_err(|e| Error::Store(e.to_string()))?;

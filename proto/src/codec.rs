@@ -162,10 +162,12 @@ mod tests {
                     id: [8; 16],
                     have: 262_144,
                 }],
+                defer_large: false,
             }),
             Message::Pull(Pull {
                 cursor: None,
                 resume: vec![],
+                defer_large: false,
             }),
             Message::Update(Update {
                 doc: doc.clone(),

@@ -287,6 +287,10 @@ pub struct Pull {
     /// Transfers the device holds part of: the relay resumes them at these offsets
     /// (if it would send the very same bytes again; ids are content hashes).
     pub resume: Vec<UploadOffset>,
+    /// The device's data budget holds large downloads back: announce them (as
+    /// transfers) but do not send their bytes; the device keeps its old cursor and asks
+    /// again when conditions allow.
+    pub defer_large: bool,
 }
 
 /// What a device lacks of one document.

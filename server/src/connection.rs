@@ -295,6 +295,8 @@ struct Peer {
     known: Known,
     /// Transfers the device holds part of: id → bytes held.
     resume: HashMap<[u8; 16], u64>,
+    /// The device asked for large downloads to be announced but not sent.
+    defer_large: bool,
     /// Feed sequence the device has been brought up to (`None` before its first pull).
     delivered: Option<u64>,
     resync: RelayResync,
@@ -463,6 +465,7 @@ async fn run(
         subscription: granted,
         known: Known::default(),
         resume: HashMap::new(),
+        defer_large: false,
         delivered: None,
         resync: RelayResync::new(),
     };
@@ -585,6 +588,7 @@ async fn run(
                         }
                         Message::Pull(pull) => {
                             peer.resume = pull.resume.iter().map(|o| (o.id, o.have)).collect();
+                            peer.defer_large = pull.defer_large;
                             pending_pull = Some(pull);
                         }
                         Message::Sync(step) => {
@@ -844,6 +848,32 @@ async fn catch_up(
         let Some((payload, heads)) = hub.missing(&doc, &have, window).await? else {
             continue;
         };
+        let large = match &payload {
+            Payload::Bundle(b) | Payload::Document(b) => b.len() > INLINE_MAX,
+            Payload::Transfer { .. } => false,
+        };
+        if large && peer.defer_large {
+            // Announced, not sent: the device's budget holds it back, and its cursor
+            // stays where it was until it asks again.
+            let (bytes, document) = match &payload {
+                Payload::Document(b) => (b, true),
+                Payload::Bundle(b) => (b, false),
+                Payload::Transfer { .. } => unreachable!("not large"),
+            };
+            let announce = Update {
+                doc: doc.clone(),
+                payload: Payload::Transfer {
+                    id: transfer_id(bytes),
+                    len: bytes.len() as u64,
+                    document,
+                },
+                heads: hashes_to_wire(&heads),
+            };
+            out.send(Message::Update(announce))
+                .await
+                .map_err(|_| Error::Connection("control stream closed".into()))?;
+            continue;
+        }
         let update = match payload {
             Payload::Bundle(b) if b.len() > INLINE_MAX => {
                 transfer(conn, peer, doc.clone(), b, false, &heads).await?

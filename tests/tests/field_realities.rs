@@ -624,3 +624,98 @@ async fn a_phone_writing_as_an_unknown_actor_into_a_known_document_is_held() -> 
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_metered_network_large_downloads_wait_and_urgent_ones_arrive() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let relay = start_relay(&root.path().join("relay")).await?;
+    let a = phone(
+        relay.data_dir(),
+        &root.path().join("a"),
+        endpoint(&relay),
+        SyncPolicy::default(),
+    );
+    let policy = SyncPolicy {
+        bulk_unmetered_only: true,
+        bulk_only_charging: false,
+        metered_daily_cap: None,
+    };
+    let b_dir = root.path().join("b");
+    let b_token = token_for(
+        relay.data_dir(),
+        &b_dir,
+        "bao",
+        Role::Volunteer,
+        &["team-1"],
+        &["z1"],
+    )?;
+    let b = Client::open(
+        &b_dir,
+        ClientConfig::new(MemberId::new("bao")?)
+            .with_relay(endpoint(&relay))
+            .with_token(b_token)
+            .with_teams(vec![TeamId::new("team-1")?])
+            .with_zones(vec![ZoneId::new("z1")?])
+            .with_keep_days(3650)
+            .with_policy(policy),
+    )?;
+    b.sync().await?;
+    b.set_conditions(Conditions {
+        network: Network::Metered,
+        charging: true,
+    });
+    // A (on Wi-Fi) writes a large report and records an emergency.
+    let (team, zone) = (TeamId::new("team-1")?, ZoneId::new("z1")?);
+    let old = Day::new("2026-11-04")?;
+    for i in 0..900 {
+        let mut t = NewTask::new(TaskKind::Inspection, format!("inspection {i}"));
+        t.requirements = Some(noise(1900));
+        a.add_task(&team, &old, t)?;
+    }
+    let house = a.add_household(
+        &zone,
+        NewHousehold {
+            address: "Block 2".into(),
+            residents: 3,
+            contact: None,
+            flags: vec![],
+        },
+    )?;
+    a.add_need(
+        &zone,
+        NewNeed {
+            household: house,
+            category: NeedCategory::Medicine,
+            detail: "insulin".into(),
+            priority: Priority::Emergency,
+        },
+    )?;
+    a.sync().await?;
+    let big = DocId::ledger(&team, &old);
+    let big_len = relay
+        .document(&big)
+        .await?
+        .expect("on the relay")
+        .save()
+        .len() as u64;
+    // B on mobile data: the emergency arrives, the large day waits.
+    let report = b.sync().await?;
+    assert!(
+        report.deferred.iter().any(|(d, _)| *d == big.to_string()),
+        "{:?}",
+        report.deferred
+    );
+    assert_eq!(b.open_needs()?.len(), 1, "the emergency need arrived");
+    assert!(b.ledger(&team, &old)?.is_none(), "the large day waits");
+    assert!(
+        report.bytes_received < big_len / 4,
+        "{} bytes received of a {big_len}-byte day",
+        report.bytes_received
+    );
+    // On Wi-Fi it comes.
+    b.set_conditions(Conditions::default());
+    let report = b.sync().await?;
+    assert!(report.deferred.is_empty());
+    assert_eq!(b.heads(&big)?, a.heads(&big)?);
+    Ok(())
+}

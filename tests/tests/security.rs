@@ -215,6 +215,7 @@ async fn attack(f: &Fixture, which: Attack) -> anyhow::Result<Seen> {
             raw.send(&Message::Pull(redline_proto::message::Pull {
                 cursor: None,
                 resume: vec![],
+                defer_large: false,
             }))
             .await?;
             Ok(Seen::from_messages(&raw.drain(short).await?))
@@ -382,6 +383,7 @@ async fn attack(f: &Fixture, which: Attack) -> anyhow::Result<Seen> {
             raw.send(&Message::Pull(redline_proto::message::Pull {
                 cursor: None,
                 resume: vec![],
+                defer_large: false,
             }))
             .await?;
             let after = raw.drain(short).await?;
