@@ -48,7 +48,28 @@ async fn sync_with_progress(client: &Client) -> anyhow::Result<redline_client::S
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_message("syncing with the relay");
     spinner.enable_steady_tick(Duration::from_millis(100));
+    // Live figures from the client's progress watch.
+    let mut watch = client.progress();
+    let bar = spinner.clone();
+    let shown = tokio::spawn(async move {
+        while watch.changed().await.is_ok() {
+            let p = watch.borrow().clone();
+            let left = p
+                .remaining
+                .map(|d| format!(", about {:.0?} left", d))
+                .unwrap_or_default();
+            bar.set_message(format!(
+                "{}/{} documents, {}/{} changes sent, {} KB{left}",
+                p.docs_done,
+                p.docs_total,
+                p.changes_sent,
+                p.changes_to_send,
+                (p.bytes_sent + p.bytes_received) / 1024
+            ));
+        }
+    });
     let result = client.sync().await;
+    shown.abort();
     spinner.finish_and_clear();
     let report = result.map_err(sync_failure)?;
     Ok(report)
