@@ -384,6 +384,11 @@ impl Client {
         let totals = self.inner.traffic.clone();
         let traffic = Arc::new(Traffic::default());
         let conn = transport::connect(endpoint, relay).await?;
+        debug!(
+            conn = conn.stable_id(),
+            local = ?endpoint.local_addr().ok(),
+            "connected to the relay"
+        );
         let (send, recv) = conn
             .open_bi()
             .await
@@ -552,6 +557,20 @@ impl Client {
             }
         }
         .await;
+        if let Err(e) = &outcome {
+            // Where the session stood, and what the transport saw, for diagnosing stalls.
+            debug!(
+                conn = conn.stable_id(),
+                local = ?endpoint.local_addr().ok(),
+                error = %e,
+                welcomed = f.welcomed,
+                caught = f.caught.is_some(),
+                in_flight = f.in_flight.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                stats = ?conn.stats(),
+                "sync session failed"
+            );
+        }
         let _ = wire.send.finish();
         conn.close(0u8.into(), b"done");
         wire.tasks.shutdown().await;

@@ -38,6 +38,11 @@ pub struct RelayConfig {
     pub max_streams_per_connection: u32,
     /// A connection silent for this long is closed (phones keep alive below it).
     pub idle_timeout: Duration,
+    /// Receive and send buffer asked of the kernel for the UDP socket. Hundreds of phones
+    /// reconnecting at once overflow the default (about 200 KB on Linux): datagrams are
+    /// dropped before the relay sees them, and a handshake can stall for seconds. The
+    /// kernel caps it at `net.core.rmem_max`/`wmem_max`; the relay logs what it got.
+    pub udp_buffer_bytes: usize,
     /// Memory budget of the parsed-document cache (an estimate; cold documents stay
     /// compressed on disk).
     pub cache_budget_bytes: usize,
@@ -114,6 +119,7 @@ impl RelayConfig {
             max_connections: 10_000,
             max_streams_per_connection: 64,
             idle_timeout: Duration::from_secs(60),
+            udp_buffer_bytes: 8 * 1024 * 1024,
             cache_budget_bytes: 512 * 1024 * 1024,
             max_document_bytes: 256 * 1024 * 1024,
             name: "redline-relay".into(),

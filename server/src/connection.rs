@@ -75,6 +75,11 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Shared) {
         if let Some(device) = &wire.device {
             hub.devices.closed(device, wire.received + wire.sent);
         }
+        debug!(
+            ok = result.is_ok(),
+            stats = ?conn.stats(),
+            "connection ended"
+        );
         match result {
             Ok(()) => {}
             Err(e) => {

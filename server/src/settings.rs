@@ -7,6 +7,7 @@
 //! http_listen = "127.0.0.1:7448"   # TCP, /metrics and /health; "off" to disable
 //! cache_mb = 512
 //! max_document_mb = 256
+//! udp_buffer_mb = 8                # kernel UDP buffers; capped by net.core.rmem_max
 //! name = "district-9-relay"
 //! log_format = "json"              # or "human"
 //!
@@ -40,6 +41,8 @@ pub struct FileConfig {
     pub cache_mb: Option<usize>,
     /// Largest document in MiB.
     pub max_document_mb: Option<u64>,
+    /// Kernel UDP receive/send buffer in MiB.
+    pub udp_buffer_mb: Option<usize>,
     /// The relay's name.
     pub name: Option<String>,
     /// `human` or `json`.
@@ -100,6 +103,9 @@ impl FileConfig {
         if let Some(mb) = self.max_document_mb {
             config.max_document_bytes = mb.saturating_mul(1 << 20);
         }
+        if let Some(mb) = self.udp_buffer_mb {
+            config.udp_buffer_bytes = mb.saturating_mul(1 << 20);
+        }
         if let Some(n) = &self.name {
             config.name = n.clone();
         }
@@ -124,6 +130,9 @@ impl FileConfig {
              http_listen = \"{}\"\n\
              cache_mb = {}\n\
              max_document_mb = {}\n\
+             # Kernel UDP buffers. Linux caps them at net.core.rmem_max/wmem_max: raise those\n\
+             # (docs/DEPLOYMENT.md) or phones reconnecting together lose datagrams.\n\
+             udp_buffer_mb = {}\n\
              name = {:?}\n\
              # \"human\" or \"json\"\n\
              log_format = \"human\"\n\
@@ -138,6 +147,7 @@ impl FileConfig {
             crate::config::DEFAULT_HTTP_LISTEN,
             defaults.cache_budget_bytes >> 20,
             defaults.max_document_bytes >> 20,
+            defaults.udp_buffer_bytes >> 20,
             defaults.name,
         )
     }
@@ -157,6 +167,7 @@ mod tests {
         assert_eq!(config.listen, defaults.listen);
         assert_eq!(config.http_listen, defaults.http_listen);
         assert_eq!(config.cache_budget_bytes, defaults.cache_budget_bytes);
+        assert_eq!(config.udp_buffer_bytes, defaults.udp_buffer_bytes);
         assert_eq!(config.tls, TlsMode::Dev);
     }
 

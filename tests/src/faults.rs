@@ -313,6 +313,19 @@ pub fn server_exe() -> PathBuf {
     exe
 }
 
+/// Where a relay child's logs go: appended to the file `REDLINE_RELAY_LOG` names (with
+/// `RUST_LOG` passed through), else nowhere.
+fn relay_log() -> std::io::Result<Stdio> {
+    match std::env::var_os("REDLINE_RELAY_LOG") {
+        Some(path) => Ok(std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?
+            .into()),
+        None => Ok(Stdio::null()),
+    }
+}
+
 /// The relay as a child process.
 pub struct RelayProcess {
     child: Child,
@@ -337,7 +350,7 @@ impl RelayProcess {
             ])
             .arg(dir)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(relay_log()?)
             .spawn()?;
         let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
         let (mut addr, mut pin) = (None, None);

@@ -30,6 +30,8 @@ pub struct SoakReport {
     pub writes: u64,
     /// Sync errors by kind (none expected).
     pub errors: BTreeMap<String, u64>,
+    /// Each failed sync: which device, when, how long it ran, the whole error.
+    pub failures: Vec<Failure>,
     /// Relay resident memory after the first round, KiB.
     pub rss_start_kib: u64,
     /// Relay resident memory at the end, KiB.
@@ -40,6 +42,19 @@ pub struct SoakReport {
     pub rss_samples: Vec<(u64, u64)>,
     /// Every device ended with the relay's heads and the right totals.
     pub converged: bool,
+}
+
+/// One failed sync of a soak.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    /// The device's index.
+    pub device: usize,
+    /// When the sync ended, seconds into the loop.
+    pub at_s: f64,
+    /// How long the sync ran before it failed.
+    pub took_s: f64,
+    /// The error (or `timeout`).
+    pub error: String,
 }
 
 fn rss_kib(status: &Path) -> Option<u64> {
@@ -100,7 +115,7 @@ pub async fn run(dir: &Path, devices: usize, duration: Duration) -> anyhow::Resu
 
     let syncs = Arc::new(AtomicU64::new(0));
     let writes = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(std::sync::Mutex::new(BTreeMap::<String, u64>::new()));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<Failure>::new()));
     let started = Instant::now();
     let deadline = started + duration;
     let relay_pid_status = relay.status_path();
@@ -115,7 +130,7 @@ pub async fn run(dir: &Path, devices: usize, duration: Duration) -> anyhow::Resu
         samples
     });
     let mut loops = tokio::task::JoinSet::new();
-    for (team, c) in clients.clone() {
+    for (device, (team, c)) in clients.clone().into_iter().enumerate() {
         let (syncs, writes, errors, day) =
             (syncs.clone(), writes.clone(), errors.clone(), day.clone());
         loops.spawn(async move {
@@ -123,17 +138,23 @@ pub async fn run(dir: &Path, devices: usize, duration: Duration) -> anyhow::Resu
                 if c.add_to_tally(&team, &day, "soak", 1).is_ok() {
                     writes.fetch_add(1, Ordering::Relaxed);
                 }
+                let began = Instant::now();
                 match tokio::time::timeout(Duration::from_secs(30), c.sync()).await {
                     Ok(Ok(r)) if r.refused.is_empty() => {
                         syncs.fetch_add(1, Ordering::Relaxed);
                     }
                     other => {
-                        let kind = match other {
-                            Ok(Ok(_)) => "refused".to_string(),
-                            Ok(Err(e)) => e.to_string().chars().take(60).collect(),
+                        let error = match other {
+                            Ok(Ok(r)) => format!("refused: {:?}", r.refused),
+                            Ok(Err(e)) => e.to_string(),
                             Err(_) => "timeout".to_string(),
                         };
-                        *errors.lock().expect("errors lock").entry(kind).or_default() += 1;
+                        errors.lock().expect("errors lock").push(Failure {
+                            device,
+                            at_s: started.elapsed().as_secs_f64(),
+                            took_s: began.elapsed().as_secs_f64(),
+                            error,
+                        });
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(rand::random_range(50..250))).await;
@@ -145,7 +166,15 @@ pub async fn run(dir: &Path, devices: usize, duration: Duration) -> anyhow::Resu
     report.seconds = started.elapsed().as_secs_f64();
     report.syncs = syncs.load(Ordering::Relaxed);
     report.writes += writes.load(Ordering::Relaxed);
-    report.errors = errors.lock().expect("errors lock").clone();
+    report.failures = errors.lock().expect("errors lock").clone();
+    for failure in &report.failures {
+        let kind = if failure.error.starts_with("refused") {
+            "refused".to_string()
+        } else {
+            failure.error.chars().take(60).collect()
+        };
+        *report.errors.entry(kind).or_default() += 1;
+    }
     if let Some((peak, now)) = relay.memory_kib() {
         report.rss_peak_kib = peak;
         report.rss_end_kib = now;

@@ -18,11 +18,25 @@ struct Args {
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Write the devices' logs here (filter from `RUST_LOG`, default
+    /// `redline_client=debug`); set `REDLINE_RELAY_LOG` for the relay's.
+    #[arg(long)]
+    log: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
     let args = Args::parse();
+    if let Some(path) = &args.log {
+        let file = std::fs::File::create(path)?;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| "redline_client=debug".into());
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .init();
+    }
     let dir = tempfile::tempdir()?;
     println!("soak: {} devices for {} s", args.devices, args.seconds);
     let r = redline_tests::soak::run(dir.path(), args.devices, Duration::from_secs(args.seconds))
@@ -30,6 +44,12 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     println!("syncs            {}", r.syncs);
     println!("writes           {}", r.writes);
     println!("errors           {:?}", r.errors);
+    for failure in &r.failures {
+        println!(
+            "  device {} at {:.1} s after {:.1} s: {}",
+            failure.device, failure.at_s, failure.took_s, failure.error
+        );
+    }
     println!("relay RSS start  {} KiB", r.rss_start_kib);
     println!("relay RSS end    {} KiB", r.rss_end_kib);
     println!("relay RSS peak   {} KiB", r.rss_peak_kib);
