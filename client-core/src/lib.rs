@@ -59,7 +59,7 @@ pub use progress::{
 };
 pub use reconcile::{MemberActivity, ReconcileView};
 pub use roster::{MemberEntry, Role, RosterView, TeamEntry};
-pub use sync::{INLINE_MAX, PIECE, SyncReport, WINDOW};
+pub use sync::{HELLO_ATTEMPTS, INLINE_MAX, PIECE, SyncReport, WINDOW, hello_wait};
 pub use workflow::{Derived, NeedStatus, StatusEntry, TaskStatus};
 
 /// Everything that can go wrong on the device.

@@ -51,6 +51,17 @@ pub const INLINE_MAX: usize = 512 * 1024;
 pub const PIECE: usize = 64 * 1024;
 /// Upload bytes sent but not yet acknowledged as durable by the relay, at most.
 pub const WINDOW: u64 = 128 * 1024;
+/// Connections one sync tries when the relay leaves the hello unanswered.
+pub const HELLO_ATTEMPTS: u32 = 3;
+
+/// How long the device waits for the relay's `Welcome` before it gives up on a
+/// connection: a handshake whose last packet was lost can leave the relay deaf to the
+/// device for 10 s or more (it drops 1-RTT packets until the handshake completes), while a
+/// fresh connection usually completes at once. Generous on slow links: 10 round trips,
+/// at least 5 s.
+pub fn hello_wait(rtt: Duration) -> Duration {
+    (rtt * 10).max(Duration::from_secs(5))
+}
 
 /// What one sync did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -82,6 +93,9 @@ pub struct SyncReport {
     pub frames_received: u64,
     /// Times the device sent and then had to wait for the relay.
     pub round_trips: u32,
+    /// Connections abandoned because the relay did not answer the device's hello in time
+    /// (a handshake stalled by lost datagrams); each was replaced by a fresh one.
+    pub reconnects: u32,
     /// Wall time, connection set-up included.
     pub duration: Duration,
 }
@@ -361,6 +375,7 @@ fn finish_report(f: &Flight, traffic: &Traffic, started: Instant) -> SyncReport 
 }
 
 /// What a live session needs: a stop signal, and where to report its first flight.
+#[derive(Clone)]
 pub(crate) struct LiveHooks {
     pub stop: watch::Receiver<bool>,
     pub first_flight: mpsc::UnboundedSender<Result<SyncReport, Error>>,
@@ -368,12 +383,43 @@ pub(crate) struct LiveHooks {
 
 impl Client {
     /// Runs one session: the first flight, and if `live` is given, everything after it
-    /// until the signal turns true or the connection fails.
+    /// until the signal turns true or the connection fails. A connection whose hello goes
+    /// unanswered is replaced, up to [`HELLO_ATTEMPTS`] connections.
     pub(crate) async fn session(
         &self,
         endpoint: &quinn::Endpoint,
         relay: &RelayEndpoint,
         live: Option<LiveHooks>,
+    ) -> Result<SyncReport, Error> {
+        let mut reconnects = 0;
+        loop {
+            let mut unanswered = false;
+            let result = self
+                .attempt(endpoint, relay, live.clone(), &mut unanswered)
+                .await;
+            if unanswered && reconnects + 1 < HELLO_ATTEMPTS {
+                reconnects += 1;
+                debug!(
+                    reconnects,
+                    "the relay left the hello unanswered; reconnecting"
+                );
+                continue;
+            }
+            return result.map(|mut report| {
+                report.reconnects = reconnects;
+                report
+            });
+        }
+    }
+
+    /// One connection's session; sets `unanswered` when it ended because the relay did
+    /// not answer the hello in time.
+    async fn attempt(
+        &self,
+        endpoint: &quinn::Endpoint,
+        relay: &RelayEndpoint,
+        live: Option<LiveHooks>,
+        unanswered: &mut bool,
     ) -> Result<SyncReport, Error> {
         let (mut live, first_flight) = match live {
             Some(h) => (Some(h.stop), Some(h.first_flight)),
@@ -491,6 +537,8 @@ impl Client {
 
         self.inner.progress.send_replace(Default::default());
         self.publish(&mut f, &traffic, started);
+        let wait = hello_wait(conn.rtt());
+        let welcome_by = tokio::time::Instant::now() + wait;
         let outcome: Result<(), Error> = async {
             loop {
                 self.publish(&mut f, &traffic, started);
@@ -506,6 +554,13 @@ impl Client {
                 }
                 let is_live = live.is_some() && first_done;
                 tokio::select! {
+                    _ = tokio::time::sleep_until(welcome_by), if !f.welcomed => {
+                        *unanswered = true;
+                        return Err(Error::Transport(format!(
+                            "the relay did not answer within {} s",
+                            wait.as_secs()
+                        )));
+                    }
                     item = inbox.recv() => {
                         let msg = item.unwrap_or_else(|| Err(Error::Transport("control stream ended".into())))?;
                         self.handle(&mut f, msg)?;

@@ -277,6 +277,8 @@ pub struct SyncReportRecord {
     pub bytes_received: u64,
     /// Round trips.
     pub round_trips: u32,
+    /// Connections replaced because the relay left the hello unanswered.
+    pub reconnects: u32,
     /// Wall time.
     pub duration_ms: u64,
 }
@@ -538,6 +540,7 @@ impl From<&core::SyncReport> for SyncReportRecord {
             bytes_sent: r.bytes_sent,
             bytes_received: r.bytes_received,
             round_trips: r.round_trips,
+            reconnects: r.reconnects,
             duration_ms: u64::try_from(r.duration.as_millis()).unwrap_or(u64::MAX),
         }
     }

@@ -73,6 +73,9 @@ struct ServeArgs {
     /// Largest document in MiB [default: 256].
     #[arg(long, env = "REDLINE_MAX_DOCUMENT_MB")]
     max_document_mb: Option<u64>,
+    /// Kernel UDP receive/send buffers in KiB, capped by net.core.rmem_max [default: 8192].
+    #[arg(long, env = "REDLINE_UDP_BUFFER_KB")]
+    udp_buffer_kb: Option<usize>,
     /// Production TLS: certificate chain (PEM). Without it, the dev certificate.
     #[arg(long, env = "REDLINE_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -265,6 +268,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(RelayConfig, FileConfig)> {
     }
     if let Some(mb) = args.max_document_mb {
         config.max_document_bytes = mb.saturating_mul(1 << 20);
+    }
+    if let Some(kb) = args.udp_buffer_kb {
+        config.udp_buffer_bytes = kb.saturating_mul(1 << 10);
     }
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config.tls = TlsMode::Files { cert, key };

@@ -7,7 +7,7 @@
 //! http_listen = "127.0.0.1:7448"   # TCP, /metrics and /health; "off" to disable
 //! cache_mb = 512
 //! max_document_mb = 256
-//! udp_buffer_mb = 8                # kernel UDP buffers; capped by net.core.rmem_max
+//! udp_buffer_kb = 8192             # kernel UDP buffers; capped by net.core.rmem_max
 //! name = "district-9-relay"
 //! log_format = "json"              # or "human"
 //!
@@ -41,8 +41,8 @@ pub struct FileConfig {
     pub cache_mb: Option<usize>,
     /// Largest document in MiB.
     pub max_document_mb: Option<u64>,
-    /// Kernel UDP receive/send buffer in MiB.
-    pub udp_buffer_mb: Option<usize>,
+    /// Kernel UDP receive/send buffer in KiB.
+    pub udp_buffer_kb: Option<usize>,
     /// The relay's name.
     pub name: Option<String>,
     /// `human` or `json`.
@@ -103,8 +103,8 @@ impl FileConfig {
         if let Some(mb) = self.max_document_mb {
             config.max_document_bytes = mb.saturating_mul(1 << 20);
         }
-        if let Some(mb) = self.udp_buffer_mb {
-            config.udp_buffer_bytes = mb.saturating_mul(1 << 20);
+        if let Some(kb) = self.udp_buffer_kb {
+            config.udp_buffer_bytes = kb.saturating_mul(1 << 10);
         }
         if let Some(n) = &self.name {
             config.name = n.clone();
@@ -132,7 +132,7 @@ impl FileConfig {
              max_document_mb = {}\n\
              # Kernel UDP buffers. Linux caps them at net.core.rmem_max/wmem_max: raise those\n\
              # (docs/DEPLOYMENT.md) or phones reconnecting together lose datagrams.\n\
-             udp_buffer_mb = {}\n\
+             udp_buffer_kb = {}\n\
              name = {:?}\n\
              # \"human\" or \"json\"\n\
              log_format = \"human\"\n\
@@ -147,7 +147,7 @@ impl FileConfig {
             crate::config::DEFAULT_HTTP_LISTEN,
             defaults.cache_budget_bytes >> 20,
             defaults.max_document_bytes >> 20,
-            defaults.udp_buffer_bytes >> 20,
+            defaults.udp_buffer_bytes >> 10,
             defaults.name,
         )
     }

@@ -2,7 +2,7 @@
 //! relay, a storage wrapper whose writes can be made to fail, and the relay as a real
 //! child process that can be killed (`SIGKILL`) or stopped (`SIGTERM`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,6 +30,10 @@ pub struct Faults {
     pub jitter: Duration,
     /// Drop everything (a phone in a dead zone).
     pub blackhole: bool,
+    /// Withhold, device to relay, every datagram carrying a QUIC Handshake packet for the
+    /// next this-many connections: the device completes its handshake, the relay never
+    /// does (a lost `Finished`, as a full socket buffer causes under load).
+    pub stall_handshakes: usize,
 }
 
 /// Counts of what the proxy did.
@@ -49,6 +53,41 @@ struct ProxyState {
     faults: Faults,
     /// Bumped by [`UdpProxy::change_address`]: each client's upstream socket is replaced.
     generation: u64,
+    /// Connections (by the relay's connection id) whose handshake is being withheld.
+    stalled: HashSet<Vec<u8>>,
+}
+
+/// The destination connection id of the first Handshake packet among the QUIC packets
+/// coalesced in `datagram` (long headers are not encrypted up to their length field).
+fn handshake_dcid(mut datagram: &[u8]) -> Option<Vec<u8>> {
+    fn varint(b: &[u8]) -> Option<(usize, usize)> {
+        let first = *b.first()?;
+        let n = 1usize << (first >> 6);
+        let rest = b.get(1..n)?;
+        let v = rest
+            .iter()
+            .fold(u64::from(first & 0x3f), |v, x| (v << 8) | u64::from(*x));
+        Some((usize::try_from(v).ok()?, n))
+    }
+    while datagram.first().is_some_and(|b| b & 0x80 != 0) {
+        let kind = (datagram[0] >> 4) & 0x03;
+        let dcid_len = usize::from(*datagram.get(5)?);
+        let dcid = datagram.get(6..6 + dcid_len)?;
+        let mut at = 6 + dcid_len;
+        at += 1 + usize::from(*datagram.get(at)?);
+        match kind {
+            2 => return Some(dcid.to_vec()),
+            3 => return None,
+            0 => {
+                let (token, n) = varint(datagram.get(at..)?)?;
+                at += n + token;
+            }
+            _ => {}
+        }
+        let (len, n) = varint(datagram.get(at..)?)?;
+        datagram = datagram.get(at + n + len..)?;
+    }
+    None
 }
 
 /// A UDP proxy on loopback in front of the relay.
@@ -112,6 +151,23 @@ async fn forward(
     }
 }
 
+/// Whether a device-to-relay datagram is withheld by `stall_handshakes`.
+fn withheld(state: &Mutex<ProxyState>, datagram: &[u8]) -> bool {
+    let Some(dcid) = handshake_dcid(datagram) else {
+        return false;
+    };
+    let mut s = state.lock().expect("proxy lock");
+    if s.stalled.contains(&dcid) {
+        return true;
+    }
+    if s.faults.stall_handshakes > 0 {
+        s.faults.stall_handshakes -= 1;
+        s.stalled.insert(dcid);
+        return true;
+    }
+    false
+}
+
 impl UdpProxy {
     /// Starts a proxy on 127.0.0.1 forwarding to `relay`.
     pub async fn start(relay: SocketAddr) -> anyhow::Result<Self> {
@@ -120,6 +176,7 @@ impl UdpProxy {
         let state = Arc::new(Mutex::new(ProxyState {
             faults: Faults::default(),
             generation: 0,
+            stalled: HashSet::new(),
         }));
         let counts = Arc::new(ProxyCounts::default());
         let (s, c) = (state.clone(), counts.clone());
@@ -158,6 +215,10 @@ impl UdpProxy {
                         }
                     });
                     upstreams.insert(client, (up, generation));
+                }
+                if withheld(&s, &buf[..n]) {
+                    c.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
                 let up = upstreams[&client].0.clone();
                 forward(up, relay, buf[..n].to_vec(), s.clone(), c.clone()).await;

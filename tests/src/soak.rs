@@ -30,6 +30,8 @@ pub struct SoakReport {
     pub writes: u64,
     /// Sync errors by kind (none expected).
     pub errors: BTreeMap<String, u64>,
+    /// Connections replaced within a sync because the relay left the hello unanswered.
+    pub reconnects: u64,
     /// Each failed sync: which device, when, how long it ran, the whole error.
     pub failures: Vec<Failure>,
     /// Relay resident memory after the first round, KiB.
@@ -115,6 +117,7 @@ pub async fn run(dir: &Path, devices: usize, duration: Duration) -> anyhow::Resu
 
     let syncs = Arc::new(AtomicU64::new(0));
     let writes = Arc::new(AtomicU64::new(0));
+    let reconnects = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(std::sync::Mutex::new(Vec::<Failure>::new()));
     let started = Instant::now();
     let deadline = started + duration;
@@ -131,8 +134,13 @@ pub async fn run(dir: &Path, devices: usize, duration: Duration) -> anyhow::Resu
     });
     let mut loops = tokio::task::JoinSet::new();
     for (device, (team, c)) in clients.clone().into_iter().enumerate() {
-        let (syncs, writes, errors, day) =
-            (syncs.clone(), writes.clone(), errors.clone(), day.clone());
+        let (syncs, writes, errors, day, reconnects) = (
+            syncs.clone(),
+            writes.clone(),
+            errors.clone(),
+            day.clone(),
+            reconnects.clone(),
+        );
         loops.spawn(async move {
             while Instant::now() < deadline {
                 if c.add_to_tally(&team, &day, "soak", 1).is_ok() {
@@ -142,6 +150,7 @@ pub async fn run(dir: &Path, devices: usize, duration: Duration) -> anyhow::Resu
                 match tokio::time::timeout(Duration::from_secs(30), c.sync()).await {
                     Ok(Ok(r)) if r.refused.is_empty() => {
                         syncs.fetch_add(1, Ordering::Relaxed);
+                        reconnects.fetch_add(u64::from(r.reconnects), Ordering::Relaxed);
                     }
                     other => {
                         let error = match other {
@@ -166,6 +175,7 @@ pub async fn run(dir: &Path, devices: usize, duration: Duration) -> anyhow::Resu
     report.seconds = started.elapsed().as_secs_f64();
     report.syncs = syncs.load(Ordering::Relaxed);
     report.writes += writes.load(Ordering::Relaxed);
+    report.reconnects = reconnects.load(Ordering::Relaxed);
     report.failures = errors.lock().expect("errors lock").clone();
     for failure in &report.failures {
         let kind = if failure.error.starts_with("refused") {

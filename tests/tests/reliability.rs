@@ -294,7 +294,7 @@ async fn sync_completes_through_lossy_slow_duplicating_reordering_and_dead_netwo
                 duplicate: 0.1,
                 delay: ms(20),
                 jitter: ms(20),
-                blackhole: false,
+                ..Faults::default()
             },
             None,
         ),
@@ -343,6 +343,57 @@ async fn sync_completes_through_lossy_slow_duplicating_reordering_and_dead_netwo
         proxy.counts.dropped.load(Ordering::Relaxed),
         proxy.counts.duplicated.load(Ordering::Relaxed)
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_the_relay_never_completes_is_replaced_by_a_fresh_connection()
+-> anyhow::Result<()> {
+    // The phone's handshake completes on its side; the relay never receives the phone's
+    // last handshake packet, so it drops everything else the phone sends. Without the
+    // hello deadline the sync would hang until QUIC's idle timeout (30 s) and fail.
+    let root = tempfile::tempdir()?;
+    let relay = start_relay(&root.path().join("relay")).await?;
+    let proxy = UdpProxy::start(relay.local_addr()).await?;
+    let mut through = endpoint(&relay);
+    through.addr = proxy.addr();
+    let a = device(
+        relay.data_dir(),
+        &root.path().join("a"),
+        "ana",
+        through,
+        Role::Volunteer,
+    );
+    let b = device(
+        relay.data_dir(),
+        &root.path().join("b"),
+        "bao",
+        endpoint(&relay),
+        Role::Volunteer,
+    );
+    a.add_to_tally(&team("team-1"), &day(), "count", 3)?;
+    proxy.set(Faults {
+        stall_handshakes: 1,
+        ..Faults::default()
+    });
+    let report = tokio::time::timeout(Duration::from_secs(60), a.sync()).await??;
+    assert_eq!(
+        report.reconnects, 1,
+        "the stalled connection was abandoned once"
+    );
+    assert!(
+        proxy.counts.dropped.load(Ordering::Relaxed) >= 1,
+        "the proxy withheld the handshake"
+    );
+    b.sync().await?;
+    assert_eq!(
+        b.day_totals(&team("team-1"), &day())?.get("count"),
+        Some(&3),
+        "the write went through on the fresh connection"
+    );
+    // Healthy networks never reconnect.
+    let again = a.sync().await?;
+    assert_eq!(again.reconnects, 0);
     Ok(())
 }
 

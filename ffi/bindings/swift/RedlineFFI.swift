@@ -3567,6 +3567,10 @@ public struct SyncReportRecord: Equatable, Hashable {
      */
     public var roundTrips: UInt32
     /**
+     * Connections replaced because the relay left the hello unanswered.
+     */
+    public var reconnects: UInt32
+    /**
      * Wall time.
      */
     public var durationMs: UInt64
@@ -3602,6 +3606,9 @@ public struct SyncReportRecord: Equatable, Hashable {
          * Round trips.
          */roundTrips: UInt32, 
         /**
+         * Connections replaced because the relay left the hello unanswered.
+         */reconnects: UInt32, 
+        /**
          * Wall time.
          */durationMs: UInt64) {
         self.documents = documents
@@ -3613,6 +3620,7 @@ public struct SyncReportRecord: Equatable, Hashable {
         self.bytesSent = bytesSent
         self.bytesReceived = bytesReceived
         self.roundTrips = roundTrips
+        self.reconnects = reconnects
         self.durationMs = durationMs
     }
 
@@ -3641,6 +3649,7 @@ public struct FfiConverterTypeSyncReportRecord: FfiConverterRustBuffer {
                 bytesSent: FfiConverterUInt64.read(from: &buf), 
                 bytesReceived: FfiConverterUInt64.read(from: &buf), 
                 roundTrips: FfiConverterUInt32.read(from: &buf), 
+                reconnects: FfiConverterUInt32.read(from: &buf), 
                 durationMs: FfiConverterUInt64.read(from: &buf)
         )
     }
@@ -3655,6 +3664,7 @@ public struct FfiConverterTypeSyncReportRecord: FfiConverterRustBuffer {
         FfiConverterUInt64.write(value.bytesSent, into: &buf)
         FfiConverterUInt64.write(value.bytesReceived, into: &buf)
         FfiConverterUInt32.write(value.roundTrips, into: &buf)
+        FfiConverterUInt32.write(value.reconnects, into: &buf)
         FfiConverterUInt64.write(value.durationMs, into: &buf)
     }
 }

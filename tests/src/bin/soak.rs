@@ -44,6 +44,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     println!("syncs            {}", r.syncs);
     println!("writes           {}", r.writes);
     println!("errors           {:?}", r.errors);
+    println!("reconnects       {}", r.reconnects);
     for failure in &r.failures {
         println!(
             "  device {} at {:.1} s after {:.1} s: {}",

@@ -4422,6 +4422,11 @@ data class SyncReportRecord (
     var `roundTrips`: kotlin.UInt
     , 
     /**
+     * Connections replaced because the relay left the hello unanswered.
+     */
+    var `reconnects`: kotlin.UInt
+    , 
+    /**
      * Wall time.
      */
     var `durationMs`: kotlin.ULong
@@ -4450,6 +4455,7 @@ public object FfiConverterTypeSyncReportRecord: FfiConverterRustBuffer<SyncRepor
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterUInt.read(buf),
+            FfiConverterUInt.read(buf),
             FfiConverterULong.read(buf),
         )
     }
@@ -4464,6 +4470,7 @@ public object FfiConverterTypeSyncReportRecord: FfiConverterRustBuffer<SyncRepor
             FfiConverterULong.allocationSize(value.`bytesSent`) +
             FfiConverterULong.allocationSize(value.`bytesReceived`) +
             FfiConverterUInt.allocationSize(value.`roundTrips`) +
+            FfiConverterUInt.allocationSize(value.`reconnects`) +
             FfiConverterULong.allocationSize(value.`durationMs`)
     )
 
@@ -4477,6 +4484,7 @@ public object FfiConverterTypeSyncReportRecord: FfiConverterRustBuffer<SyncRepor
             FfiConverterULong.write(value.`bytesSent`, buf)
             FfiConverterULong.write(value.`bytesReceived`, buf)
             FfiConverterUInt.write(value.`roundTrips`, buf)
+            FfiConverterUInt.write(value.`reconnects`, buf)
             FfiConverterULong.write(value.`durationMs`, buf)
     }
 }
