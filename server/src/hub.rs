@@ -361,8 +361,12 @@ impl Hub {
     }
 
     /// Commits `changes` to `doc` together with whatever else is queued for it.
+    ///
+    /// The commit runs in a task of its own: a caller that goes away (a phone hanging up
+    /// mid-push) must not cancel a write that holds a sequence number and may carry other
+    /// phones' pushes.
     pub async fn push(
-        &self,
+        self: &Arc<Self>,
         id: &DocId,
         device: &DeviceId,
         changes: Vec<Change>,
@@ -377,14 +381,17 @@ impl Hub {
                 changes,
                 reply,
             });
-        {
-            let mut state = slot.state.lock().await;
-            let batch = std::mem::take(&mut *slot.pending.lock().expect("pending lock"));
-            if !batch.is_empty() {
-                self.commit_batch(id, &slot, &mut state, batch).await;
+        let (hub, id) = (Arc::clone(self), id.clone());
+        tokio::spawn(async move {
+            {
+                let mut state = slot.state.lock().await;
+                let batch = std::mem::take(&mut *slot.pending.lock().expect("pending lock"));
+                if !batch.is_empty() {
+                    hub.commit_batch(&id, &slot, &mut state, batch).await;
+                }
             }
-        }
-        self.release(slot);
+            hub.release(slot);
+        });
         rx.await
             .map_err(|_| Error::Storage("commit dropped".into()))?
     }

@@ -257,6 +257,8 @@ pub struct FaultyStorage {
     pub failing: Arc<AtomicBool>,
     /// Writes refused so far.
     pub refused: Arc<AtomicU64>,
+    /// Each document write takes this many milliseconds longer (a slow disk).
+    commit_delay_ms: Arc<AtomicU64>,
 }
 
 impl FaultyStorage {
@@ -266,7 +268,14 @@ impl FaultyStorage {
             inner,
             failing,
             refused,
+            commit_delay_ms: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Slows every document write down by what `ms` holds (changeable at any time).
+    pub fn with_commit_delay(mut self, ms: Arc<AtomicU64>) -> Self {
+        self.commit_delay_ms = ms;
+        self
     }
 
     fn check(&self) -> Result<(), Error> {
@@ -293,6 +302,10 @@ impl DocStorage for FaultyStorage {
     }
     fn commit(&self, doc: &DocId, seq: u64, chunk: &[u8], heads: &[[u8; 32]]) -> Result<(), Error> {
         self.check()?;
+        let delay = self.commit_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         self.inner.commit(doc, seq, chunk, heads)
     }
     fn compact(&self, doc: &DocId, snapshot: &[u8]) -> Result<(), Error> {

@@ -516,6 +516,60 @@ async fn failing_storage_refuses_writes_keeps_serving_reads_and_recovers() -> an
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_hanging_up_while_the_relay_writes_its_push_stalls_nobody() -> anyhow::Result<()> {
+    // A background sync cut off by its deadline (iOS BGTask, WorkManager) closes the
+    // connection while the relay is still writing the phone's push. The write holds a
+    // sequence number (and may carry other phones' pushes in its batch): it must finish,
+    // or deliveries to every phone stop at that sequence.
+    let root = tempfile::tempdir()?;
+    let slow = Arc::new(AtomicU64::new(0));
+    let mut config = RelayConfig::new(root.path().join("relay"));
+    config.http_listen = None;
+    let config = config.with_listen(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let s = slow.clone();
+    let relay = redline_server::Relay::start_with_storage(config, move |sled| {
+        let never = Arc::new(AtomicBool::new(false));
+        Arc::new(FaultyStorage::new(sled, never, Arc::default()).with_commit_delay(s))
+    })
+    .await?;
+    let phone = |name: &str| {
+        device(
+            relay.data_dir(),
+            &root.path().join(name),
+            name,
+            endpoint(&relay),
+            Role::Volunteer,
+        )
+    };
+    let (a, b, c) = (phone("ana"), phone("bao"), phone("chi"));
+    a.add_to_tally(&team("team-1"), &day(), "count", 1)?;
+    a.sync().await?;
+
+    slow.store(1_500, Ordering::SeqCst);
+    a.add_to_tally(&team("team-1"), &day(), "count", 10)?;
+    let cut = tokio::time::timeout(Duration::from_millis(300), a.sync()).await;
+    assert!(cut.is_err(), "the sync was cut off mid-write");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    slow.store(0, Ordering::SeqCst);
+
+    b.add_to_tally(&team("team-1"), &day(), "count", 100)?;
+    b.sync().await?;
+    c.sync().await?;
+    assert_eq!(
+        c.day_totals(&team("team-1"), &day())?.get("count"),
+        Some(&111),
+        "a new phone gets everything written, the cut-off push included"
+    );
+    a.sync().await?;
+    assert_eq!(
+        a.day_totals(&team("team-1"), &day())?.get("count"),
+        Some(&111)
+    );
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_cleanly_and_phones_reconnect_later() -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
     let relay_dir = root.path().join("relay");
