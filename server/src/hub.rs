@@ -417,6 +417,14 @@ impl Hub {
             .iter()
             .flat_map(|p| p.changes.iter().map(|c| c.hash()))
             .collect();
+        // What the document lacks, looked up once: the actor check, the size check, the
+        // counts and the commit log all ask it of the same changes.
+        let new_to_doc: HashSet<ChangeHash> = in_batch
+            .iter()
+            .filter(|h| !has(&state.doc, h))
+            .copied()
+            .collect();
+        let is_new = |c: &Change| new_to_doc.contains(&c.hash());
         let (ready, missing): (Vec<PendingPush>, Vec<PendingPush>) =
             batch.into_iter().partition(|p| {
                 p.changes
@@ -435,7 +443,7 @@ impl Hub {
             let mut ok = Vec::new();
             let mut forged = Vec::new();
             for p in ready {
-                let new = p.changes.iter().filter(|c| !has(&state.doc, &c.hash()));
+                let new = p.changes.iter().filter(|c| is_new(c));
                 match self.check_actors(id, &p.device, new) {
                     Ok(()) => ok.push(p),
                     Err(e) => forged.push((p, e)),
@@ -454,7 +462,7 @@ impl Hub {
             let adds: u64 = p
                 .changes
                 .iter()
-                .filter(|c| !has(&state.doc, &c.hash()))
+                .filter(|c| is_new(c))
                 .map(|c| c.raw_bytes().len() as u64)
                 .sum();
             size = size.saturating_add(adds);
@@ -474,7 +482,7 @@ impl Hub {
             .map(|p| {
                 p.changes
                     .iter()
-                    .filter(|c| !has(&state.doc, &c.hash()))
+                    .filter(|c| is_new(c))
                     .count() as u32
             })
             .collect();
@@ -484,7 +492,7 @@ impl Hub {
         let fresh: Vec<ChangeHash> = all
             .iter()
             .map(|c| c.hash())
-            .filter(|h| !has(&state.doc, h) && seen.insert(*h))
+            .filter(|h| new_to_doc.contains(h) && seen.insert(*h))
             .collect();
         let n_pushes = ok.len() as u64;
         // One call for the whole batch. If Automerge refuses it (or panics on hostile
