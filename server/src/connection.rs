@@ -559,10 +559,7 @@ async fn run(
                             }
                         }
                         Message::DevicesRequest(team) => {
-                            let claims = peer.scope.claims();
-                            let allowed = claims.role == redline_proto::token::Role::Operator
-                                || (claims.role == redline_proto::token::Role::Lead && claims.teams.contains(&team));
-                            let reply = if allowed {
+                            let reply = if reviews(&peer, &team) {
                                 match hub.devices.team(&team, *hub.stable().borrow()) {
                                     Ok(list) => Message::Devices(list),
                                     Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), None),
@@ -722,7 +719,8 @@ async fn new_actor_on_existing(
     }
 }
 
-/// Whether this connection's token reviews `team`'s quarantine and devices.
+/// Whether this peer oversees `team`: its devices' health and its quarantine (a lead of
+/// the team, or an operator).
 fn reviews(peer: &Peer, team: &redline_proto::TeamId) -> bool {
     let c = peer.scope.claims();
     c.role == redline_proto::token::Role::Operator
