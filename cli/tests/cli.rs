@@ -3,29 +3,14 @@
 //! planted conflict and its resolution, export in every format, status, exit codes, and
 //! the metrics endpoint moving under load.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use assert_cmd::Command as Cmd;
 use redline_client::{Client, ClientConfig, NewNeed, NewTask, RelayEndpoint, TaskKind, TaskUpdate};
 use redline_proto::{Day, DocId, MemberId, TeamId, ZoneId};
-
-fn server_exe() -> PathBuf {
-    let deps = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let exe = deps.parent().unwrap().join("redline-server");
-    assert!(
-        exe.exists(),
-        "{} is missing: run the workspace tests (cargo test --workspace builds it)",
-        exe.display()
-    );
-    exe
-}
+use redline_tests::faults::{RelayProcess, server_exe};
 
 fn server() -> Cmd {
     Cmd::new(server_exe())
@@ -35,83 +20,6 @@ fn redline(config: &Path) -> Cmd {
     let mut c = Cmd::cargo_bin("redline").unwrap();
     c.env("REDLINE_CONFIG", config).env_remove("REDLINE_TOKEN");
     c
-}
-
-struct RelayProcess {
-    child: Child,
-    addr: String,
-    http: String,
-    pin: String,
-}
-
-impl RelayProcess {
-    fn start(data_dir: &Path) -> Self {
-        let mut child = Command::new(server_exe())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut addr, mut http, mut pin) = (None, None, None);
-        while addr.is_none() || http.is_none() || pin.is_none() {
-            let line = lines.next().expect("relay output").unwrap();
-            let words: Vec<&str> = line.split_whitespace().collect();
-            match words.first() {
-                Some(&"listening") => addr = Some(words[2].to_string()),
-                Some(&"metrics") => {
-                    http = Some(
-                        words[1]
-                            .trim_start_matches("http://")
-                            .trim_end_matches("/metrics")
-                            .to_string(),
-                    )
-                }
-                Some(&"fingerprint") => pin = Some(words[1].to_string()),
-                _ => {}
-            }
-        }
-        std::thread::spawn(move || for _ in lines {});
-        Self {
-            child,
-            addr: addr.unwrap(),
-            http: http.unwrap(),
-            pin: pin.unwrap(),
-        }
-    }
-
-    fn get(&self, path: &str) -> String {
-        let mut s = std::net::TcpStream::connect(&self.http).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body
-    }
-
-    /// The value of metric `name` (first sample).
-    fn metric(&self, name: &str) -> f64 {
-        self.get("/metrics")
-            .lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name}"))
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn issue(relay_dir: &Path, member: &str, device: &str, role: &str) -> String {
@@ -132,7 +40,7 @@ fn issue(relay_dir: &Path, member: &str, device: &str, role: &str) -> String {
 
 fn phone(dir: &Path, relay: &RelayProcess, member: &str, token: String) -> Client {
     let config = ClientConfig::new(MemberId::new(member).unwrap())
-        .with_relay(RelayEndpoint::new(relay.addr.parse().unwrap(), &relay.pin))
+        .with_relay(RelayEndpoint::new(relay.addr, &relay.fingerprint))
         .with_token(token)
         .with_teams(vec![TeamId::new("team-1").unwrap()])
         .with_zones(vec![ZoneId::new("z1").unwrap()]);
@@ -153,10 +61,10 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
         .assert()
         .success();
     assert!(stdout(&init).contains("operator token"));
-    let relay = RelayProcess::start(&relay_dir);
-    assert!(relay.get("/health").contains("ok"));
+    let relay = RelayProcess::start_with_http(&relay_dir).unwrap();
+    assert!(relay.get("/health").unwrap().contains("ok"));
     let roster = server()
-        .args(["roster", "--relay", &relay.addr, "--data-dir"])
+        .args(["roster", "--relay", &relay.addr.to_string(), "--data-dir"])
         .arg(&relay_dir)
         .args(["add-team", "team-1", "--name", "Team One"])
         .assert()
@@ -178,7 +86,7 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
         "bao",
         issue(&relay_dir, "bao", "phone-bao", "volunteer"),
     );
-    let changes_before = relay.metric("redline_changes_applied_total");
+    let changes_before = relay.metric("redline_changes_applied_total").unwrap();
     let task = ana
         .add_task(
             &team,
@@ -226,13 +134,14 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
     bao.sync().await.unwrap();
     ana.sync().await.unwrap();
     assert!(
-        relay.metric("redline_changes_applied_total") > changes_before,
+        relay.metric("redline_changes_applied_total").unwrap() > changes_before,
         "metrics move under load"
     );
-    assert!(relay.metric("redline_connections_total") >= 4.0);
+    assert!(relay.metric("redline_connections_total").unwrap() >= 4.0);
     assert!(
         relay
             .get("/metrics")
+            .unwrap()
             .contains("redline_sync_latency_seconds_bucket")
     );
 
@@ -243,9 +152,9 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
         .args([
             "login",
             "--relay",
-            &relay.addr,
+            &relay.addr.to_string(),
             "--pin",
-            &relay.pin,
+            &relay.fingerprint,
             "--token",
             &lead_token,
         ])
@@ -384,9 +293,9 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
         .args([
             "login",
             "--relay",
-            &relay.addr,
+            &relay.addr.to_string(),
             "--pin",
-            &relay.pin,
+            &relay.fingerprint,
             "--token",
             &foreign,
         ])
@@ -397,7 +306,7 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
         !tmp.path().join("m/config.toml").exists(),
         "refused credentials are not kept"
     );
-    assert!(relay.metric("redline_connections_refused_total") >= 1.0);
+    assert!(relay.metric("redline_connections_refused_total").unwrap() >= 1.0);
 }
 
 #[test]

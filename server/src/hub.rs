@@ -479,12 +479,7 @@ impl Hub {
         let before = state.doc.get_heads();
         let news: Vec<u32> = ok
             .iter()
-            .map(|p| {
-                p.changes
-                    .iter()
-                    .filter(|c| is_new(c))
-                    .count() as u32
-            })
+            .map(|p| p.changes.iter().filter(|c| is_new(c)).count() as u32)
             .collect();
         let all: Vec<Change> = ok.iter().flat_map(|p| p.changes.iter().cloned()).collect();
         // What the batch adds, known without walking the history afterwards.

@@ -408,16 +408,28 @@ pub struct RelayProcess {
     pub addr: SocketAddr,
     /// Its certificate fingerprint.
     pub fingerprint: String,
+    /// Its `/metrics` and `/health` endpoint, when started with one.
+    pub http: Option<SocketAddr>,
 }
 
 impl RelayProcess {
-    /// Starts `redline-server serve` on `dir`, at `listen` (port 0: any).
+    /// Starts `redline-server serve` on `dir`, at `listen` (port 0: any), without the
+    /// metrics endpoint.
     pub fn start(dir: &Path, listen: SocketAddr) -> anyhow::Result<Self> {
+        Self::spawn(dir, listen, false)
+    }
+
+    /// Like [`start`](Self::start), with `/metrics` and `/health` on a loopback port.
+    pub fn start_with_http(dir: &Path) -> anyhow::Result<Self> {
+        Self::spawn(dir, SocketAddr::from(([127, 0, 0, 1], 0)), true)
+    }
+
+    fn spawn(dir: &Path, listen: SocketAddr, http: bool) -> anyhow::Result<Self> {
         let mut child = Command::new(server_exe())
             .args([
                 "serve",
                 "--http-listen",
-                "off",
+                if http { "127.0.0.1:0" } else { "off" },
                 "--listen",
                 &listen.to_string(),
                 "--data-dir",
@@ -427,8 +439,8 @@ impl RelayProcess {
             .stderr(relay_log()?)
             .spawn()?;
         let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-        let (mut addr, mut pin) = (None, None);
-        while addr.is_none() || pin.is_none() {
+        let (mut addr, mut pin, mut metrics) = (None, None, None);
+        while addr.is_none() || pin.is_none() || (http && metrics.is_none()) {
             let Some(line) = lines.next() else {
                 anyhow::bail!("the relay exited before it was ready");
             };
@@ -437,6 +449,13 @@ impl RelayProcess {
             match words.first() {
                 Some(&"listening") => addr = Some(words[2].parse()?),
                 Some(&"fingerprint") => pin = Some(words[1].to_string()),
+                Some(&"metrics") => {
+                    let url = words.get(1).copied().unwrap_or_default();
+                    let host = url
+                        .trim_start_matches("http://")
+                        .trim_end_matches("/metrics");
+                    metrics = Some(host.parse()?);
+                }
                 _ => {}
             }
         }
@@ -446,7 +465,31 @@ impl RelayProcess {
             dir: dir.to_path_buf(),
             addr: addr.expect("set"),
             fingerprint: pin.expect("set"),
+            http: metrics,
         })
+    }
+
+    /// The body of an HTTP GET of `path` on the metrics endpoint (headers included).
+    pub fn get(&self, path: &str) -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let http = self
+            .http
+            .ok_or_else(|| anyhow::anyhow!("started without the metrics endpoint"))?;
+        let mut s = std::net::TcpStream::connect(http)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: relay\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body)
+    }
+
+    /// The value of metric `name` (its first sample).
+    pub fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        self.get("/metrics")?
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no metric {name}"))
     }
 
     /// `kill -9`, then wait for the process to be gone.
@@ -461,7 +504,7 @@ impl RelayProcess {
         // The port is free once the process is gone; retry briefly in case the OS lags.
         let mut last = None;
         for _ in 0..20 {
-            match Self::start(&self.dir, self.addr) {
+            match Self::spawn(&self.dir, self.addr, self.http.is_some()) {
                 Ok(again) => {
                     // The old child is already dead; dropping it is harmless.
                     drop(std::mem::replace(self, again));
