@@ -335,6 +335,14 @@ struct Flight {
 }
 
 impl Flight {
+    /// The relay answered the push of `doc` with a resync: it is no longer in flight
+    /// (the resync carries it on), and counts as done.
+    fn answered(&mut self, doc: &DocId) {
+        if self.in_flight.remove(doc).is_some() {
+            self.progress.docs_done += 1;
+        }
+    }
+
     fn settled(&self) -> bool {
         self.welcomed
             && self.caught.is_some()
@@ -573,7 +581,10 @@ impl Client {
                     Some(done) = ups.recv() => {
                         match done? {
                             UploadEnd::Acked { doc, pushed, applied } => self.acked(&mut f, doc, &pushed, applied),
-                            UploadEnd::Resync(doc) => self.start_resync(&mut f, doc)?,
+                            UploadEnd::Resync(doc) => {
+                                f.answered(&doc);
+                                self.start_resync(&mut f, doc)?;
+                            }
                             UploadEnd::Refused(doc, r) => {
                                 f.in_flight.remove(&doc);
                                 f.progress.docs_done += 1;
@@ -651,7 +662,6 @@ impl Client {
         p.elapsed = started.elapsed();
         if f.caught.is_some() && f.in_flight.is_empty() && f.announced.is_empty() {
             p.finished = true;
-            p.docs_done = p.docs_total;
         }
         p.estimate();
         self.inner.progress.send_replace(p.clone());
@@ -863,7 +873,7 @@ impl Client {
                 self.acked(f, ack.doc, &pushed, ack.applied);
             }
             Message::Resync(doc) => {
-                f.in_flight.remove(&doc);
+                f.answered(&doc);
                 self.start_resync(f, doc)?;
             }
             Message::Update(u) => self.apply_update(f, u)?,
