@@ -449,7 +449,7 @@ impl RelayProcess {
             match words.first() {
                 Some(&"listening") => addr = Some(words[2].parse()?),
                 Some(&"fingerprint") => pin = Some(words[1].to_string()),
-                Some(&"metrics") => {
+                Some(&"metrics") if http => {
                     let url = words.get(1).copied().unwrap_or_default();
                     let host = url
                         .trim_start_matches("http://")
