@@ -36,6 +36,7 @@ pub mod relay;
 pub mod settings;
 pub mod storage;
 pub mod tls;
+pub mod udp;
 
 pub use config::{DEFAULT_LISTEN, Limits, RelayConfig, TlsMode};
 pub use relay::{Relay, RelayHandle};

@@ -44,6 +44,8 @@ pub struct Metrics {
     changes_applied: Counter,
     commits: Counter,
     flushes: Counter,
+    udp_drops: Counter,
+    udp_inode: std::sync::OnceLock<u64>,
 }
 
 impl Default for Metrics {
@@ -67,6 +69,8 @@ impl Default for Metrics {
             changes_applied: Counter::default(),
             commits: Counter::default(),
             flushes: Counter::default(),
+            udp_drops: Counter::default(),
+            udp_inode: std::sync::OnceLock::new(),
         };
         registry.register(
             "connections_open",
@@ -140,6 +144,11 @@ impl Default for Metrics {
         );
         registry.register("commits", "Commits written", m.commits.clone());
         registry.register("flushes", "Storage flushes", m.flushes.clone());
+        registry.register(
+            "udp_receive_drops",
+            "Datagrams the kernel dropped before the relay read them (raise the UDP buffers)",
+            m.udp_drops.clone(),
+        );
         m.registry = registry;
         m
     }
@@ -154,12 +163,20 @@ fn mirror(counter: &Counter, total: u64) {
 }
 
 impl Metrics {
+    /// Reports the kernel's drop count of the relay's UDP socket (its inode).
+    pub fn watch_udp_socket(&self, inode: u64) {
+        let _ = self.udp_inode.set(inode);
+    }
+
     /// The metrics in Prometheus text format, gauges refreshed from `hub`.
     pub async fn render(&self, hub: &Hub) -> String {
         let s = &hub.stats;
         mirror(&self.changes_applied, s.changes.load(Ordering::Relaxed));
         mirror(&self.commits, s.commits.load(Ordering::Relaxed));
         mirror(&self.flushes, s.flushes.load(Ordering::Relaxed));
+        if let Some(dropped) = self.udp_inode.get().and_then(|i| crate::udp::drops(*i)) {
+            mirror(&self.udp_drops, dropped);
+        }
         self.documents_cached.set(hub.cached() as i64);
         let (known, connected, hour) = hub.devices.counts();
         self.devices_known.set(known as i64);

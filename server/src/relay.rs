@@ -10,7 +10,7 @@ use automerge::{Automerge, ChangeHash};
 use redline_proto::{DocId, ErrorCode};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::auth::Authority;
 use crate::config::{RelayConfig, TlsMode};
@@ -81,10 +81,15 @@ impl Relay {
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(Arc::new(transport_config(&config)?));
         let socket =
-            udp_socket(config.listen, config.udp_buffer_bytes).map_err(|source| Error::Listen {
-                addr: config.listen,
-                source,
+            crate::udp::socket(config.listen, config.udp_buffer_bytes).map_err(|source| {
+                Error::Listen {
+                    addr: config.listen,
+                    source,
+                }
             })?;
+        if let Some(inode) = crate::udp::inode(&socket) {
+            hub.metrics.watch_udp_socket(inode);
+        }
         let runtime = quinn::default_runtime()
             .ok_or_else(|| Error::Tls("no async runtime for the QUIC endpoint".into()))?;
         let endpoint = quinn::Endpoint::new(
@@ -128,53 +133,6 @@ impl Relay {
             accept_loop,
         })
     }
-}
-
-/// The relay's UDP socket, with kernel buffers as large as `buffer` (or as the kernel
-/// allows: it caps them at `net.core.rmem_max`/`wmem_max`, and the relay says so).
-fn udp_socket(listen: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(
-        Domain::for_address(listen),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )?;
-    if listen.is_ipv6() {
-        // Dual-stack where the OS allows it, as quinn's own binding does.
-        let _ = socket.set_only_v6(false);
-    }
-    for (what, set, get) in [
-        (
-            "receive",
-            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
-            Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>,
-        ),
-        (
-            "send",
-            Socket::set_send_buffer_size,
-            Socket::send_buffer_size,
-        ),
-    ] {
-        if let Err(e) = set(&socket, buffer) {
-            warn!("cannot set the UDP {what} buffer to {buffer} bytes: {e}");
-        }
-        // Linux grants up to the sysctl cap and reports double (its bookkeeping counts
-        // against the same budget).
-        let got = get(&socket).unwrap_or(0);
-        if got < buffer {
-            warn!(
-                wanted = buffer,
-                got,
-                "UDP {what} buffer is smaller than configured; raise net.core.{}mem_max \
-                 (see docs/DEPLOYMENT.md) or many phones at once will lose datagrams",
-                if what == "receive" { "r" } else { "w" }
-            );
-        } else {
-            debug!(bytes = got, "UDP {what} buffer");
-        }
-    }
-    socket.bind(&listen.into())?;
-    Ok(socket.into())
 }
 
 async fn accept_loop(

@@ -5,7 +5,6 @@
 //! test runs 30 seconds.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +31,8 @@ pub struct SoakReport {
     pub errors: BTreeMap<String, u64>,
     /// Connections replaced within a sync because the relay left the hello unanswered.
     pub reconnects: u64,
+    /// Datagrams the kernel dropped at the relay's socket (`None`: not Linux).
+    pub udp_drops: Option<u64>,
     /// Each failed sync: which device, when, how long it ran, the whole error.
     pub failures: Vec<Failure>,
     /// Relay resident memory after the first round, KiB.
@@ -73,7 +74,7 @@ fn rss_kib(status: &Path) -> Option<u64> {
 /// Runs `devices` devices (16 per team) against a relay in `dir` for `duration`.
 pub async fn run(dir: &Path, devices: usize, duration: Duration) -> anyhow::Result<SoakReport> {
     let relay_dir = dir.join("relay");
-    let relay = RelayProcess::start(&relay_dir, SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let relay = RelayProcess::start_with_http(&relay_dir)?;
     let endpoint = RelayEndpoint::new(relay.addr, &relay.fingerprint);
     let day = Day::new("2026-11-29")?;
     let mut clients = Vec::new();
@@ -185,6 +186,10 @@ pub async fn run(dir: &Path, devices: usize, duration: Duration) -> anyhow::Resu
         };
         *report.errors.entry(kind).or_default() += 1;
     }
+    report.udp_drops = relay
+        .metric("redline_udp_receive_drops_total")
+        .ok()
+        .map(|d| d as u64);
     if let Some((peak, now)) = relay.memory_kib() {
         report.rss_peak_kib = peak;
         report.rss_end_kib = now;

@@ -45,6 +45,9 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     println!("writes           {}", r.writes);
     println!("errors           {:?}", r.errors);
     println!("reconnects       {}", r.reconnects);
+    if let Some(drops) = r.udp_drops {
+        println!("relay UDP drops  {drops}");
+    }
     for failure in &r.failures {
         println!(
             "  device {} at {:.1} s after {:.1} s: {}",
