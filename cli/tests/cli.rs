@@ -22,6 +22,15 @@ fn redline(config: &Path) -> Cmd {
     c
 }
 
+/// `redline login` against `relay` with `token`, its profile in `config`.
+fn log_in(config: &Path, relay: &RelayProcess, token: &str) -> Cmd {
+    let mut c = redline(config);
+    c.args(["login", "--relay", &relay.addr.to_string(), "--pin"])
+        .arg(&relay.fingerprint)
+        .args(["--token", token]);
+    c
+}
+
 fn issue(relay_dir: &Path, member: &str, device: &str, role: &str) -> String {
     let out = server()
         .args(["token", "issue", "--data-dir"])
@@ -150,18 +159,7 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
     // The lead logs in and looks at the day.
     let config = tmp.path().join("lead/config.toml");
     let lead_token = issue(&relay_dir, "lena", "lead-laptop", "lead");
-    let login = redline(&config)
-        .args([
-            "login",
-            "--relay",
-            &relay.addr.to_string(),
-            "--pin",
-            &relay.fingerprint,
-            "--token",
-            &lead_token,
-        ])
-        .assert()
-        .success();
+    let login = log_in(&config, &relay, &lead_token).assert().success();
     assert!(
         stdout(&login).contains("logged in as lena"),
         "{}",
@@ -291,16 +289,7 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
         .code(6);
     let elsewhere = tmp.path().join("other-relay");
     let foreign = issue(&elsewhere, "mallory", "laptop-m", "lead");
-    let refused = redline(&tmp.path().join("m/config.toml"))
-        .args([
-            "login",
-            "--relay",
-            &relay.addr.to_string(),
-            "--pin",
-            &relay.fingerprint,
-            "--token",
-            &foreign,
-        ])
+    let refused = log_in(&tmp.path().join("m/config.toml"), &relay, &foreign)
         .assert()
         .code(4);
     assert!(String::from_utf8_lossy(&refused.get_output().stderr).contains("unauthorized"));

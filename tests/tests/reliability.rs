@@ -38,6 +38,37 @@ fn device(relay_dir: &Path, dir: &Path, member: &str, at: RelayEndpoint, role: R
     Client::open(dir, config).unwrap()
 }
 
+/// A relay, a UDP proxy in front of it, phone `a` (ana) behind the proxy and phone `b`
+/// (bao) straight on the relay.
+struct Proxied {
+    relay: redline_server::RelayHandle,
+    proxy: UdpProxy,
+    a: Client,
+    b: Client,
+}
+
+async fn proxied(root: &Path) -> anyhow::Result<Proxied> {
+    let relay = start_relay(&root.join("relay")).await?;
+    let proxy = UdpProxy::start(relay.local_addr()).await?;
+    let mut through = endpoint(&relay);
+    through.addr = proxy.addr();
+    let a = device(
+        relay.data_dir(),
+        &root.join("a"),
+        "ana",
+        through,
+        Role::Volunteer,
+    );
+    let b = device(
+        relay.data_dir(),
+        &root.join("b"),
+        "bao",
+        endpoint(&relay),
+        Role::Volunteer,
+    );
+    Ok(Proxied { relay, proxy, a, b })
+}
+
 /// The hashes of every change an auditor sees on the relay for `doc`.
 fn all_hashes(c: &Client, doc: &DocId) -> HashSet<ChangeHash> {
     c.document(doc)
@@ -235,24 +266,12 @@ async fn a_phone_killed_mid_write_or_mid_sync_keeps_every_saved_write() -> anyho
 async fn sync_completes_through_lossy_slow_duplicating_reordering_and_dead_networks()
 -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
-    let relay = start_relay(&root.path().join("relay")).await?;
-    let proxy = UdpProxy::start(relay.local_addr()).await?;
-    let mut through = endpoint(&relay);
-    through.addr = proxy.addr();
-    let a = device(
-        relay.data_dir(),
-        &root.path().join("a"),
-        "ana",
-        through,
-        Role::Volunteer,
-    );
-    let b = device(
-        relay.data_dir(),
-        &root.path().join("b"),
-        "bao",
-        endpoint(&relay),
-        Role::Volunteer,
-    );
+    let Proxied {
+        relay: _relay,
+        proxy,
+        a,
+        b,
+    } = proxied(root.path()).await?;
     let ms = Duration::from_millis;
     let rows: Vec<(&str, Faults, Option<Duration>)> = vec![
         (
@@ -353,24 +372,12 @@ async fn a_handshake_the_relay_never_completes_is_replaced_by_a_fresh_connection
     // last handshake packet, so it drops everything else the phone sends. Without the
     // hello deadline the sync would hang until QUIC's idle timeout (30 s) and fail.
     let root = tempfile::tempdir()?;
-    let relay = start_relay(&root.path().join("relay")).await?;
-    let proxy = UdpProxy::start(relay.local_addr()).await?;
-    let mut through = endpoint(&relay);
-    through.addr = proxy.addr();
-    let a = device(
-        relay.data_dir(),
-        &root.path().join("a"),
-        "ana",
-        through,
-        Role::Volunteer,
-    );
-    let b = device(
-        relay.data_dir(),
-        &root.path().join("b"),
-        "bao",
-        endpoint(&relay),
-        Role::Volunteer,
-    );
+    let Proxied {
+        relay: _relay,
+        proxy,
+        a,
+        b,
+    } = proxied(root.path()).await?;
     a.add_to_tally(&team("team-1"), &day(), "count", 3)?;
     proxy.set(Faults {
         stall_handshakes: 1,
@@ -400,24 +407,12 @@ async fn a_handshake_the_relay_never_completes_is_replaced_by_a_fresh_connection
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_phone_switching_networks_keeps_its_live_connection() -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
-    let relay = start_relay(&root.path().join("relay")).await?;
-    let proxy = UdpProxy::start(relay.local_addr()).await?;
-    let mut through = endpoint(&relay);
-    through.addr = proxy.addr();
-    let a = device(
-        relay.data_dir(),
-        &root.path().join("a"),
-        "ana",
-        through,
-        Role::Volunteer,
-    );
-    let b = device(
-        relay.data_dir(),
-        &root.path().join("b"),
-        "bao",
-        endpoint(&relay),
-        Role::Volunteer,
-    );
+    let Proxied {
+        relay: _relay,
+        proxy,
+        a,
+        b,
+    } = proxied(root.path()).await?;
     let mut live = a.go_live()?;
     tokio::time::timeout(Duration::from_secs(10), live.reports.recv())
         .await?
