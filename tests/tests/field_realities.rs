@@ -18,6 +18,39 @@ fn noise(len: usize) -> String {
         .collect()
 }
 
+/// Writes a bulk day on `a` (`tasks` inspections with long reports) and an emergency
+/// need (`detail`) for a new household of the zone.
+fn bulk_and_emergency(
+    a: &redline_client::Client,
+    (team, day, tasks): (&TeamId, &Day, usize),
+    (zone, detail): (&ZoneId, &str),
+) -> anyhow::Result<()> {
+    for i in 0..tasks {
+        let mut t = NewTask::new(TaskKind::Inspection, format!("inspection {i}"));
+        t.requirements = Some(noise(1900));
+        a.add_task(team, day, t)?;
+    }
+    let house = a.add_household(
+        zone,
+        NewHousehold {
+            address: "Block 7".into(),
+            residents: 1,
+            contact: None,
+            flags: vec![],
+        },
+    )?;
+    a.add_need(
+        zone,
+        NewNeed {
+            household: house,
+            category: NeedCategory::MedicalTransport,
+            detail: detail.into(),
+            priority: Priority::Emergency,
+        },
+    )?;
+    Ok(())
+}
+
 fn today() -> Day {
     Day::new(time::OffsetDateTime::now_utc().date().to_string()).unwrap()
 }
@@ -183,29 +216,7 @@ async fn past_the_data_cap_an_emergency_still_syncs_and_bulk_waits() -> anyhow::
     a.sync().await?;
     // Then: a bulk document (an old day with a long report) and an emergency need.
     let old = Day::new("2026-11-02")?;
-    for i in 0..400 {
-        let mut t = NewTask::new(TaskKind::Inspection, format!("inspection {i}"));
-        t.requirements = Some(noise(1900));
-        a.add_task(&team, &old, t)?;
-    }
-    let house = a.add_household(
-        &zone,
-        NewHousehold {
-            address: "Block 7".into(),
-            residents: 1,
-            contact: None,
-            flags: vec![],
-        },
-    )?;
-    a.add_need(
-        &zone,
-        NewNeed {
-            household: house,
-            category: NeedCategory::MedicalTransport,
-            detail: "dialysis at 14:00".into(),
-            priority: Priority::Emergency,
-        },
-    )?;
+    bulk_and_emergency(&a, (&team, &old, 400), (&zone, "dialysis at 14:00"))?;
     let report = a.sync().await?;
     let bulk = DocId::ledger(&team, &old).to_string();
     assert!(
@@ -667,29 +678,7 @@ async fn on_a_metered_network_large_downloads_wait_and_urgent_ones_arrive() -> a
     // A (on Wi-Fi) writes a large report and records an emergency.
     let (team, zone) = (TeamId::new("team-1")?, ZoneId::new("z1")?);
     let old = Day::new("2026-11-04")?;
-    for i in 0..900 {
-        let mut t = NewTask::new(TaskKind::Inspection, format!("inspection {i}"));
-        t.requirements = Some(noise(1900));
-        a.add_task(&team, &old, t)?;
-    }
-    let house = a.add_household(
-        &zone,
-        NewHousehold {
-            address: "Block 2".into(),
-            residents: 3,
-            contact: None,
-            flags: vec![],
-        },
-    )?;
-    a.add_need(
-        &zone,
-        NewNeed {
-            household: house,
-            category: NeedCategory::Medicine,
-            detail: "insulin".into(),
-            priority: Priority::Emergency,
-        },
-    )?;
+    bulk_and_emergency(&a, (&team, &old, 900), (&zone, "insulin"))?;
     a.sync().await?;
     let big = DocId::ledger(&team, &old);
     let big_len = relay
