@@ -69,6 +69,26 @@ async fn proxied(root: &Path) -> anyhow::Result<Proxied> {
     Ok(Proxied { relay, proxy, a, b })
 }
 
+/// A relay in-process on `FaultyStorage`: writes fail while `failing` holds (counted in
+/// `refused`) and take `slow` milliseconds longer.
+async fn faulty_relay(
+    root: &Path,
+    failing: &Arc<AtomicBool>,
+    refused: &Arc<AtomicU64>,
+    slow: &Arc<AtomicU64>,
+) -> anyhow::Result<redline_server::RelayHandle> {
+    let mut config = RelayConfig::new(root.join("relay"));
+    config.http_listen = None;
+    let config = config.with_listen(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let (f, r, s) = (failing.clone(), refused.clone(), slow.clone());
+    Ok(
+        redline_server::Relay::start_with_storage(config, move |sled| {
+            Arc::new(FaultyStorage::new(sled, f, r).with_commit_delay(s))
+        })
+        .await?,
+    )
+}
+
 /// The hashes of every change an auditor sees on the relay for `doc`.
 fn all_hashes(c: &Client, doc: &DocId) -> HashSet<ChangeHash> {
     c.document(doc)
@@ -448,14 +468,8 @@ async fn failing_storage_refuses_writes_keeps_serving_reads_and_recovers() -> an
     let root = tempfile::tempdir()?;
     let failing = Arc::new(AtomicBool::new(false));
     let refused = Arc::new(AtomicU64::new(0));
-    let mut config = RelayConfig::new(root.path().join("relay"));
-    config.http_listen = None;
-    let config = config.with_listen(SocketAddr::from(([127, 0, 0, 1], 0)));
-    let (f, r) = (failing.clone(), refused.clone());
-    let relay = redline_server::Relay::start_with_storage(config, move |sled| {
-        Arc::new(FaultyStorage::new(sled, f, r))
-    })
-    .await?;
+    let slow = Arc::new(AtomicU64::new(0));
+    let relay = faulty_relay(root.path(), &failing, &refused, &slow).await?;
     let a = device(
         relay.data_dir(),
         &root.path().join("a"),
@@ -518,15 +532,7 @@ async fn a_phone_hanging_up_while_the_relay_writes_its_push_stalls_nobody() -> a
     // or deliveries to every phone stop at that sequence.
     let root = tempfile::tempdir()?;
     let slow = Arc::new(AtomicU64::new(0));
-    let mut config = RelayConfig::new(root.path().join("relay"));
-    config.http_listen = None;
-    let config = config.with_listen(SocketAddr::from(([127, 0, 0, 1], 0)));
-    let s = slow.clone();
-    let relay = redline_server::Relay::start_with_storage(config, move |sled| {
-        let never = Arc::new(AtomicBool::new(false));
-        Arc::new(FaultyStorage::new(sled, never, Arc::default()).with_commit_delay(s))
-    })
-    .await?;
+    let relay = faulty_relay(root.path(), &Arc::default(), &Arc::default(), &slow).await?;
     let phone = |name: &str| {
         device(
             relay.data_dir(),
