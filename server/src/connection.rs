@@ -515,25 +515,19 @@ async fn run(
                                         let text = format!("{} changes in one push; the limit is {}", changes.len(), limits.max_changes_per_message);
                                         let _ = out.send(error_msg(ErrorCode::TOO_LARGE, text, Some(p.doc))).await;
                                     }
-                                    Ok(changes) if peer.quarantined.is_none()
-                                        && peer.synced_before
-                                        && peer.scope.claims().role == redline_proto::token::Role::Volunteer
-                                        && new_actor_on_existing(&hub, &peer.device, &p.doc, &changes).await =>
+                                    Ok(changes) if peer.quarantined.is_some()
+                                        || (peer.synced_before
+                                            && peer.scope.claims().role == redline_proto::token::Role::Volunteer
+                                            && new_actor_on_existing(&hub, &peer.device, &p.doc, &changes).await) =>
                                     {
-                                        // A known phone writing as an actor never seen before
-                                        // into an existing document: its store was reset or
-                                        // restored. Held for review from now on.
-                                        warn!(doc = %p.doc, "known device pushes with an unknown actor: quarantined");
-                                        peer.quarantined = Some(hub.devices.mark_quarantined(&peer.device));
-                                        let entry = held_entry(&peer, &p.doc, changes.len());
-                                        let hub = hub.clone();
-                                        let heads = hashes_from_wire(&p.heads);
-                                        pushes.spawn(async move {
-                                            let r = hold(&hub, entry, p.bundle).await;
-                                            (p.doc, heads, r)
-                                        });
-                                    }
-                                    Ok(changes) if peer.quarantined.is_some() => {
+                                        if peer.quarantined.is_none() {
+                                            // A known phone writing as an actor never seen
+                                            // before into an existing document: its store
+                                            // was reset or restored. Held for review from
+                                            // now on.
+                                            warn!(doc = %p.doc, "known device pushes with an unknown actor: quarantined");
+                                            peer.quarantined = Some(hub.devices.mark_quarantined(&peer.device));
+                                        }
                                         let entry = held_entry(&peer, &p.doc, changes.len());
                                         let hub = hub.clone();
                                         let heads = hashes_from_wire(&p.heads);
