@@ -89,6 +89,14 @@ async fn faulty_relay(
     )
 }
 
+/// The team's `count` tally on phone `c` today.
+fn count(c: &Client) -> Option<i64> {
+    c.day_totals(&team("team-1"), &day())
+        .expect("the day reads")
+        .get("count")
+        .copied()
+}
+
 /// The hashes of every change an auditor sees on the relay for `doc`.
 fn all_hashes(c: &Client, doc: &DocId) -> HashSet<ChangeHash> {
     c.document(doc)
@@ -165,11 +173,7 @@ async fn killing_the_relay_mid_storm_loses_no_acknowledged_change() -> anyhow::R
     let on_relay = all_hashes(&auditor, &doc);
     let acked = acked.lock().unwrap().clone();
     let lost: Vec<_> = acked.iter().filter(|h| !on_relay.contains(h)).collect();
-    let total = auditor
-        .day_totals(&team("team-1"), &day())?
-        .get("count")
-        .copied()
-        .unwrap_or(0);
+    let total = count(&auditor).unwrap_or(0);
     println!(
         "crashes {crashes}, writes {}, acknowledged heads {}, changes on relay {}, lost {}",
         writes.load(Ordering::Relaxed),
@@ -258,11 +262,7 @@ async fn a_phone_killed_mid_write_or_mid_sync_keeps_every_saved_write() -> anyho
     }
     // The store reopens consistent, with every write that returned; a sync settles it.
     let phone = device(&relay_dir, &store, "ana", at.clone(), Role::Volunteer);
-    let mine = phone
-        .day_totals(&team("team-1"), &day())?
-        .get("count")
-        .copied()
-        .unwrap_or(0);
+    let mine = count(&phone).unwrap_or(0);
     assert!(
         mine >= last_wrote && mine <= last_wrote + 1,
         "store holds {mine}, {last_wrote} writes returned"
@@ -368,7 +368,7 @@ async fn sync_completes_through_lossy_slow_duplicating_reordering_and_dead_netwo
             "{name}: sync failed: {report:?}"
         );
         b.sync().await?;
-        let total = b.day_totals(&team("team-1"), &day())?.get("count").copied();
+        let total = count(&b);
         assert_eq!(
             total,
             Some(expected),
@@ -414,8 +414,8 @@ async fn a_handshake_the_relay_never_completes_is_replaced_by_a_fresh_connection
     );
     b.sync().await?;
     assert_eq!(
-        b.day_totals(&team("team-1"), &day())?.get("count"),
-        Some(&3),
+        count(&b),
+        Some(3),
         "the write went through on the fresh connection"
     );
     // Healthy networks never reconnect.
@@ -443,7 +443,7 @@ async fn a_phone_switching_networks_keeps_its_live_connection() -> anyhow::Resul
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             b.sync().await?;
-            if b.day_totals(&team("team-1"), &day())?.get("count") == Some(&round) {
+            if count(&b) == Some(round) {
                 break;
             }
             assert!(
@@ -505,10 +505,7 @@ async fn failing_storage_refuses_writes_keeps_serving_reads_and_recovers() -> an
         Role::Volunteer,
     );
     b.sync().await?;
-    assert_eq!(
-        b.day_totals(&team("team-1"), &day())?.get("count"),
-        Some(&1)
-    );
+    assert_eq!(count(&b), Some(1));
     assert!(refused.load(Ordering::Relaxed) > 0);
 
     // The disk recovers: the pending write goes through; nothing was lost.
@@ -516,10 +513,7 @@ async fn failing_storage_refuses_writes_keeps_serving_reads_and_recovers() -> an
     let report = a.sync().await?;
     assert!(report.refused.is_empty(), "{report:?}");
     b.sync().await?;
-    assert_eq!(
-        b.day_totals(&team("team-1"), &day())?.get("count"),
-        Some(&2)
-    );
+    assert_eq!(count(&b), Some(2));
     relay.shutdown().await?;
     Ok(())
 }
@@ -557,15 +551,12 @@ async fn a_phone_hanging_up_while_the_relay_writes_its_push_stalls_nobody() -> a
     b.sync().await?;
     c.sync().await?;
     assert_eq!(
-        c.day_totals(&team("team-1"), &day())?.get("count"),
-        Some(&111),
+        count(&c),
+        Some(111),
         "a new phone gets everything written, the cut-off push included"
     );
     a.sync().await?;
-    assert_eq!(
-        a.day_totals(&team("team-1"), &day())?.get("count"),
-        Some(&111)
-    );
+    assert_eq!(count(&a), Some(111));
     relay.shutdown().await?;
     Ok(())
 }
@@ -607,7 +598,7 @@ async fn sigterm_finishes_cleanly_and_phones_reconnect_later() -> anyhow::Result
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         b.sync().await?;
-        if b.day_totals(&team("team-1"), &day())?.get("count") == Some(&2) {
+        if count(&b) == Some(2) {
             break;
         }
         assert!(
