@@ -173,15 +173,13 @@ pub(crate) struct CachedUpload {
     base: Vec<ChangeHash>,
     heads: Vec<ChangeHash>,
     bytes: Arc<Vec<u8>>,
+    /// Changes in the bundle.
+    changes: u64,
 }
 
 /// How an upload ended.
 enum UploadEnd {
-    Acked {
-        doc: DocId,
-        pushed: Vec<ChangeHash>,
-        applied: u32,
-    },
+    Acked { doc: DocId, applied: u32 },
     Resync(DocId),
     Refused(DocId, ErrorReport),
 }
@@ -235,7 +233,6 @@ async fn upload(
             Some(Message::Ack(a)) => {
                 return Ok(UploadEnd::Acked {
                     doc,
-                    pushed,
                     applied: a.applied,
                 });
             }
@@ -307,8 +304,9 @@ fn union(into: &mut Vec<ChangeHash>, more: &[ChangeHash]) {
 struct Flight {
     welcomed: bool,
     caught: Option<Cursor>,
-    /// Pushes (inline or uploads) awaiting an answer: document → heads pushed.
-    in_flight: HashMap<DocId, Vec<ChangeHash>>,
+    /// Pushes (inline or uploads) awaiting an answer: document → (heads pushed, changes
+    /// in the push).
+    in_flight: HashMap<DocId, (Vec<ChangeHash>, u64)>,
     /// Heads the relay is known to hold, per document.
     relay_has: HashMap<DocId, Vec<ChangeHash>>,
     /// Announced transfers not yet applied: id → (doc, heads, whole document?).
@@ -330,17 +328,15 @@ struct Flight {
     downloads_deferred: bool,
     /// Progress counters (published after every step).
     progress: crate::progress::SyncProgress,
-    /// Changes in each push awaiting its ack.
-    push_changes: HashMap<DocId, u64>,
 }
 
 impl Flight {
-    /// The relay answered the push of `doc` with a resync: it is no longer in flight
-    /// (the resync carries it on), and counts as done.
-    fn answered(&mut self, doc: &DocId) {
-        if self.in_flight.remove(doc).is_some() {
-            self.progress.docs_done += 1;
-        }
+    /// The relay answered the push of `doc` (an ack, a refusal or a resync): it is no
+    /// longer in flight and counts as done. Returns what was pushed: heads, changes.
+    fn answered(&mut self, doc: &DocId) -> Option<(Vec<ChangeHash>, u64)> {
+        let pushed = self.in_flight.remove(doc)?;
+        self.progress.docs_done += 1;
+        Some(pushed)
     }
 
     fn settled(&self) -> bool {
@@ -580,15 +576,13 @@ impl Client {
                     }
                     Some(done) = ups.recv() => {
                         match done? {
-                            UploadEnd::Acked { doc, pushed, applied } => self.acked(&mut f, doc, &pushed, applied),
+                            UploadEnd::Acked { doc, applied } => self.acked(&mut f, doc, applied),
                             UploadEnd::Resync(doc) => {
                                 f.answered(&doc);
                                 self.start_resync(&mut f, doc)?;
                             }
                             UploadEnd::Refused(doc, r) => {
-                                f.in_flight.remove(&doc);
-                                f.progress.docs_done += 1;
-                                f.push_changes.remove(&doc);
+                                f.answered(&doc);
                                 f.report.refused.push((doc.to_string(), format!("{}: {}", r.code, r.text)));
                             }
                         }
@@ -730,13 +724,21 @@ impl Client {
 
     /// Why the policy holds back large downloads now, if it does.
     fn download_held_back(&self) -> Result<Option<String>, Error> {
-        Ok(self
-            .held_back(crate::Urgency::Normal, INLINE_MAX + 1)?
-            .map(|why| why.replace("large document waits", "large downloads wait")))
+        self.held_back(
+            crate::Urgency::Normal,
+            INLINE_MAX + 1,
+            "large downloads wait",
+        )
     }
 
-    /// Why the policy holds back a push of `len` bytes of `urgency`, if it does.
-    fn held_back(&self, urgency: crate::Urgency, len: usize) -> Result<Option<String>, Error> {
+    /// Why the policy holds back a transfer of `len` bytes of `urgency` (`large` names it
+    /// when it is held for its size), if it does.
+    fn held_back(
+        &self,
+        urgency: crate::Urgency,
+        len: usize,
+        large: &str,
+    ) -> Result<Option<String>, Error> {
         if urgency == crate::Urgency::Urgent {
             return Ok(None);
         }
@@ -745,10 +747,10 @@ impl Client {
         let metered = conditions.network == crate::Network::Metered;
         let bulk = len > INLINE_MAX;
         if bulk && metered && policy.bulk_unmetered_only {
-            return Ok(Some("large document waits for an unmetered network".into()));
+            return Ok(Some(format!("{large} for an unmetered network")));
         }
         if bulk && policy.bulk_only_charging && !conditions.charging {
-            return Ok(Some("large document waits for a charger".into()));
+            return Ok(Some(format!("{large} for a charger")));
         }
         if metered && let Some(cap) = policy.metered_daily_cap {
             let (_, used) = self.metered_today()?;
@@ -788,20 +790,20 @@ impl Client {
                     .collect();
                 known.sort();
                 let mut cache = self.inner.upload_cache.lock().expect("upload cache lock");
-                let urgency = self.urgency(&id, doc);
+                if let Some(c) = cache
+                    .as_ref()
+                    .filter(|c| c.doc == id && c.base == known && c.heads == heads)
+                {
+                    let urgency = self.urgency(&id, doc);
+                    pushes.push((urgency, id, c.bytes.clone(), heads, c.changes));
+                    continue;
+                }
                 let hashes: Vec<ChangeHash> =
                     doc.get_changes(&known).iter().map(|c| c.hash()).collect();
                 if hashes.is_empty() {
                     continue;
                 }
                 let n = hashes.len() as u64;
-                if let Some(c) = cache
-                    .as_ref()
-                    .filter(|c| c.doc == id && c.base == known && c.heads == heads)
-                {
-                    pushes.push((urgency, id, c.bytes.clone(), heads, n));
-                    continue;
-                }
                 let bundle = doc
                     .bundle(hashes)
                     .map_err(|e| Error::Store(format!("cannot bundle {id}: {e}")))?;
@@ -812,15 +814,17 @@ impl Client {
                         base: known,
                         heads: heads.clone(),
                         bytes: bytes.clone(),
+                        changes: n,
                     });
                 }
+                let urgency = self.urgency(&id, doc);
                 pushes.push((urgency, id, bytes, heads, n));
             }
         }
         // Most valuable first; what the policy holds back waits for better conditions.
         pushes.sort_by_key(|p| p.0);
         for (urgency, doc, bundle, heads, n) in pushes {
-            if let Some(why) = self.held_back(urgency, bundle.len())? {
+            if let Some(why) = self.held_back(urgency, bundle.len(), "large document waits")? {
                 if !f.report.deferred.iter().any(|(d, _)| *d == doc.as_str()) {
                     f.report.deferred.push((doc.to_string(), why));
                 }
@@ -828,8 +832,7 @@ impl Client {
             }
             f.progress.docs_total += 1;
             f.progress.changes_to_send += n;
-            f.push_changes.insert(doc.clone(), n);
-            f.in_flight.insert(doc.clone(), heads.clone());
+            f.in_flight.insert(doc.clone(), (heads.clone(), n));
             f.pushed.insert(doc.clone());
             if bundle.len() > INLINE_MAX {
                 let (conn, up_tx, traffic, totals) = (
@@ -855,13 +858,14 @@ impl Client {
         Ok(())
     }
 
-    fn acked(&self, f: &mut Flight, doc: DocId, pushed: &[ChangeHash], applied: u32) {
-        f.in_flight.remove(&doc);
-        f.progress.docs_done += 1;
-        f.progress.changes_sent += f.push_changes.remove(&doc).unwrap_or(0);
+    fn acked(&self, f: &mut Flight, doc: DocId, applied: u32) {
+        let Some((pushed, changes)) = f.answered(&doc) else {
+            return;
+        };
+        f.progress.changes_sent += changes;
         f.report.changes_sent += u64::from(applied);
         let has = f.relay_has.entry(doc.clone()).or_default();
-        union(has, pushed);
+        union(has, &pushed);
         f.batch.acked.push((doc, has.clone()));
     }
 
@@ -869,8 +873,7 @@ impl Client {
         match msg {
             Message::Welcome(_) => f.welcomed = true,
             Message::Ack(ack) if f.in_flight.contains_key(&ack.doc) => {
-                let pushed = f.in_flight.get(&ack.doc).cloned().unwrap_or_default();
-                self.acked(f, ack.doc, &pushed, ack.applied);
+                self.acked(f, ack.doc, ack.applied);
             }
             Message::Resync(doc) => {
                 f.answered(&doc);
@@ -886,10 +889,7 @@ impl Client {
                         .handle_message(Message::Error(r))?;
                 }
                 Some(doc) => {
-                    if f.in_flight.remove(doc).is_some() {
-                        f.progress.docs_done += 1;
-                        f.push_changes.remove(doc);
-                    }
+                    f.answered(doc);
                     f.report
                         .refused
                         .push((doc.to_string(), format!("{}: {}", r.code, r.text)));
