@@ -398,18 +398,14 @@ impl Client {
     /// urgent documents go first; at the deadline the sync stops cleanly, keeping
     /// everything acknowledged or received so far, and a later call finishes the job.
     pub async fn sync_for(&self, budget: std::time::Duration) -> Result<crate::BoundedSync, Error> {
-        match tokio::time::timeout(budget, self.sync()).await {
-            Ok(report) => Ok(crate::BoundedSync {
-                completed: true,
-                report: Some(report?),
-                progress: self.inner.progress.borrow().clone(),
-            }),
-            Err(_) => Ok(crate::BoundedSync {
-                completed: false,
-                report: None,
-                progress: self.inner.progress.borrow().clone(),
-            }),
-        }
+        let report = match tokio::time::timeout(budget, self.sync()).await {
+            Ok(report) => Some(report?),
+            Err(_) => None,
+        };
+        Ok(crate::BoundedSync {
+            report,
+            progress: self.inner.progress.borrow().clone(),
+        })
     }
 
     /// Watches the progress of syncs (the current one, or the last).
@@ -431,20 +427,7 @@ impl Client {
         let Some(doc) = self.load(&mut docs, id)? else {
             return Ok(Default::default());
         };
-        let me = self.inner.identity.actor.clone();
-        let acked: Vec<ChangeHash> = self
-            .inner
-            .store
-            .acked_heads(id)?
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|h| doc.get_change_meta_by_hash(h).is_some())
-            .collect();
-        let mine: Vec<automerge::Change> = doc
-            .get_changes(&acked)
-            .into_iter()
-            .filter(|c| *c.actor_id() == me)
-            .collect();
+        let mine = self.unacked_changes(id, doc)?;
         if mine.is_empty() {
             return Ok(Default::default());
         }
@@ -505,27 +488,40 @@ impl Client {
         Ok(out)
     }
 
+    /// This device's changes to `doc` (document `id`) that the relay has not
+    /// acknowledged.
+    fn unacked_changes(
+        &self,
+        id: &DocId,
+        doc: &automerge::Automerge,
+    ) -> Result<Vec<automerge::Change>, Error> {
+        let acked: Vec<ChangeHash> = self
+            .inner
+            .store
+            .acked_heads(id)?
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+            .collect();
+        let me = &self.inner.identity.actor;
+        Ok(doc
+            .get_changes(&acked)
+            .into_iter()
+            .filter(|c| c.actor_id() == me)
+            .collect())
+    }
+
     /// What is saved on this phone only: per document, this device's changes the relay
     /// has not acknowledged, and when it last acknowledged the document.
     pub fn pending(&self) -> Result<crate::Pending, Error> {
         let mut out = crate::Pending::default();
-        let me = self.inner.identity.actor.clone();
         let ids = self.inner.store.doc_ids()?;
         let mut docs = self.docs();
         for id in ids {
             let Some(doc) = self.load(&mut docs, &id)? else {
                 continue;
             };
-            let acked = self.inner.store.acked_heads(&id)?.unwrap_or_default();
-            let known: Vec<ChangeHash> = acked
-                .into_iter()
-                .filter(|h| doc.get_change_meta_by_hash(h).is_some())
-                .collect();
-            let unacked = doc
-                .get_changes(&known)
-                .iter()
-                .filter(|c| *c.actor_id() == me)
-                .count() as u64;
+            let unacked = self.unacked_changes(&id, doc)?.len() as u64;
             let last_ack_ms = self.inner.store.acked_at(&id)?;
             out.unacked += unacked;
             out.last_ack_ms = out.last_ack_ms.max(last_ack_ms);

@@ -162,28 +162,9 @@ impl Client {
             }),
             Message::Welcome(w) => {
                 let g = w.granted;
-                let mut missing: Vec<String> = Vec::new();
-                missing.extend(
-                    wanted
-                        .teams
-                        .iter()
-                        .filter(|t| !g.teams.contains(t))
-                        .map(|t| format!("team {t}")),
-                );
-                missing.extend(
-                    wanted
-                        .zones
-                        .iter()
-                        .filter(|z| !g.zones.contains(z))
-                        .map(|z| format!("zone {z}")),
-                );
-                missing.extend(
-                    wanted
-                        .docs
-                        .iter()
-                        .filter(|d| !g.docs.contains(d))
-                        .map(|d| d.to_string()),
-                );
+                let mut missing = lacking(&wanted.teams, &g.teams, "team ");
+                missing.extend(lacking(&wanted.zones, &g.zones, "zone "));
+                missing.extend(lacking(&wanted.docs, &g.docs, ""));
                 (!missing.is_empty()).then_some(Finding::OutOfScope(missing))
             }
             other => Some(Finding::Unreachable(format!(
@@ -306,4 +287,17 @@ impl Client {
         conn.close(0u8.into(), b"done");
         Ok((answer, reply))
     }
+}
+
+/// What of `wanted` is not in `granted`, each named with `prefix`.
+fn lacking<T: PartialEq + std::fmt::Display>(
+    wanted: &[T],
+    granted: &[T],
+    prefix: &str,
+) -> Vec<String> {
+    wanted
+        .iter()
+        .filter(|w| !granted.contains(w))
+        .map(|w| format!("{prefix}{w}"))
+        .collect()
 }

@@ -136,10 +136,15 @@ pub enum Urgency {
 /// [`Client::sync_for`]: crate::Client::sync_for
 #[derive(Clone, Debug)]
 pub struct BoundedSync {
-    /// The sync finished before the deadline.
-    pub completed: bool,
-    /// Its report, if it finished.
+    /// Its report, if it finished before the deadline.
     pub report: Option<crate::SyncReport>,
     /// How far it got.
     pub progress: SyncProgress,
+}
+
+impl BoundedSync {
+    /// The sync finished before the deadline.
+    pub fn completed(&self) -> bool {
+        self.report.is_some()
+    }
 }

@@ -579,7 +579,7 @@ impl RedlineClient {
             .await
         {
             Ok(Ok(b)) => Ok(BoundedSyncRecord {
-                completed: b.completed,
+                completed: b.completed(),
                 progress: (&b.progress).into(),
             }),
             Ok(Err(e)) => Err(e.into()),

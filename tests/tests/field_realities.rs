@@ -280,11 +280,11 @@ async fn a_tiny_background_window_returns_in_time_and_a_later_one_finishes() -> 
         "returned in {:?}",
         started.elapsed()
     );
-    assert!(!short.completed);
+    assert!(!short.completed());
     assert!(a.pending()?.unacked > 0, "not everything fit in 5 ms");
     let long = a.sync_for(Duration::from_secs(60)).await?;
     assert!(
-        long.completed && long.progress.finished,
+        long.completed() && long.progress.finished,
         "{:?}",
         long.progress
     );
