@@ -1,7 +1,9 @@
 //! Per-device health, for leads and operators: when each device was last seen and last
 //! finished a sync, what it runs, what it moved today, and how many commits in its
-//! subscription it has not received. Kept in memory, persisted in the store (`devices`)
-//! on every change, so it survives restarts.
+//! subscription it has not received. Kept in memory and persisted in the store
+//! (`devices`), so it survives restarts: every change is written, except that a live
+//! device's deliveries (one per commit in its subscription) are written at most every
+//! [`SAVE_DELIVERIES_EVERY_MS`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,6 +31,19 @@ struct Record {
     /// Held in quarantine since returning after `offline_ms` offline (until a lead
     /// accepts its changes).
     quarantined: Option<i64>,
+    /// When this record was last written to the store (memory only).
+    #[serde(skip)]
+    saved_ms: i64,
+}
+
+/// A connected device's deliveries reach the store at most this often.
+pub const SAVE_DELIVERIES_EVERY_MS: i64 = 10_000;
+
+/// Whether a change to a record must reach the store now.
+#[derive(PartialEq, Eq)]
+enum Save {
+    Now,
+    IfDue,
 }
 
 /// Every device the relay has seen.
@@ -72,10 +87,15 @@ impl Registry {
         }
     }
 
-    fn update(&self, device: &DeviceId, f: impl FnOnce(&mut Record)) {
+    /// Changes `device`'s record and writes it, unless `f` says it may wait.
+    fn update(&self, device: &DeviceId, f: impl FnOnce(&mut Record) -> Save) {
         let mut all = self.devices.lock().expect("devices lock");
         if let Some(r) = all.get_mut(device) {
-            f(r);
+            let now = now_ms();
+            if f(r) == Save::IfDue && now - r.saved_ms < SAVE_DELIVERIES_EVERY_MS {
+                return;
+            }
+            r.saved_ms = now;
             let copy = r.clone();
             drop(all);
             self.save(&copy);
@@ -110,6 +130,7 @@ impl Registry {
             day: day_of(now),
             connections: 0,
             quarantined: None,
+            saved_ms: 0,
         });
         r.health.member = claims.member.to_string();
         r.health.teams = claims.teams.clone();
@@ -118,6 +139,7 @@ impl Registry {
         r.health.last_seen_ms = now;
         r.subscription = granted.clone();
         r.connections += 1;
+        r.saved_ms = now;
         let copy = r.clone();
         drop(all);
         self.save(&copy);
@@ -140,6 +162,7 @@ impl Registry {
             let offline = now_ms() - last;
             if offline > h.as_millis() as i64 {
                 r.quarantined = Some(offline);
+                r.saved_ms = now_ms();
                 let copy = r.clone();
                 drop(all);
                 self.save(&copy);
@@ -166,20 +189,26 @@ impl Registry {
         self.update(device, |r| {
             offline = r.health.last_sync_ms.map_or(0, |l| now_ms() - l);
             r.quarantined.get_or_insert(offline);
+            Save::Now
         });
         offline
     }
 
     /// Ends `device`'s quarantine (a lead accepted all it held).
     pub fn release(&self, device: &DeviceId) {
-        self.update(device, |r| r.quarantined = None);
+        self.update(device, |r| {
+            r.quarantined = None;
+            Save::Now
+        });
     }
 
-    /// A device was brought up to feed sequence `seq`.
+    /// A device was brought up to feed sequence `seq` (on every live delivery: written
+    /// at most every [`SAVE_DELIVERIES_EVERY_MS`], and when its connection closes).
     pub fn caught(&self, device: &DeviceId, seq: u64) {
         self.update(device, |r| {
             r.delivered = seq;
             r.health.last_sync_ms = Some(now_ms());
+            Save::IfDue
         });
     }
 
@@ -194,6 +223,7 @@ impl Registry {
             r.health.bytes_today += bytes;
             r.health.last_seen_ms = now;
             r.connections = r.connections.saturating_sub(1);
+            Save::Now
         });
     }
 
