@@ -528,7 +528,7 @@ async fn run(
                                             warn!(doc = %p.doc, "known device pushes with an unknown actor: quarantined");
                                             peer.quarantined = Some(hub.devices.mark_quarantined(&peer.device));
                                         }
-                                        let entry = held_entry(&peer, &p.doc, changes.len());
+                                        let entry = held_entry(&peer.device, &peer.scope, peer.quarantined, &p.doc, changes.len());
                                         let hub = hub.clone();
                                         let heads = hashes_from_wire(&p.heads);
                                         pushes.spawn(async move {
@@ -656,8 +656,7 @@ async fn run(
                         let text = "too many streams; the connection was closed (reconnect later)".to_string();
                         break Err(tell(&out, Error::Refused { code: ErrorCode::RATE_LIMITED, text }).await);
                     }
-                    let quarantine = peer.quarantined.map(|_| held_entry(&peer, &DocId::parse("roster/none").expect("valid id"), 0));
-                    let up = UploadCtx { hub: hub.clone(), config: config.clone(), device: peer.device.clone(), scope: peer.scope.clone(), known: peer.known.clone(), rate: rate.clone(), quarantine };
+                    let up = UploadCtx { hub: hub.clone(), config: config.clone(), device: peer.device.clone(), scope: peer.scope.clone(), known: peer.known.clone(), rate: rate.clone(), quarantined: peer.quarantined };
                     uploads.spawn(upload(s, r, up).in_current_span());
                 }
                 Err(e) => break Err(Error::Connection(e.to_string())),
@@ -721,18 +720,25 @@ fn reviews(peer: &Peer, team: &redline_proto::TeamId) -> bool {
         || (c.role == redline_proto::token::Role::Lead && c.teams.contains(team))
 }
 
-/// The quarantine entry for a push of `changes` changes to `doc` by this peer.
-fn held_entry(peer: &Peer, doc: &DocId, changes: usize) -> redline_proto::message::QuarantineEntry {
+/// The quarantine entry for a push of `changes` changes to `doc` by `device`, offline
+/// for `offline_ms` before it came back.
+fn held_entry(
+    device: &DeviceId,
+    scope: &Scope,
+    offline_ms: Option<i64>,
+    doc: &DocId,
+    changes: usize,
+) -> redline_proto::message::QuarantineEntry {
     redline_proto::message::QuarantineEntry {
-        device: peer.device.clone(),
-        member: peer.scope.claims().member.to_string(),
+        device: device.clone(),
+        member: scope.claims().member.to_string(),
         doc: doc.clone(),
         changes: u32::try_from(changes).unwrap_or(u32::MAX),
         received_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0),
-        offline_ms: peer.quarantined.unwrap_or(0),
+        offline_ms: offline_ms.unwrap_or(0),
     }
 }
 
@@ -845,18 +851,13 @@ async fn catch_up(
         let Some((payload, heads)) = hub.missing(&doc, &have, window).await? else {
             continue;
         };
-        let large = match &payload {
-            Payload::Bundle(b) | Payload::Document(b) => b.len() > INLINE_MAX,
-            Payload::Transfer { .. } => false,
-        };
-        if large && peer.defer_large {
+        if peer.defer_large
+            && let Payload::Bundle(bytes) | Payload::Document(bytes) = &payload
+            && bytes.len() > INLINE_MAX
+        {
             // Announced, not sent: the device's budget holds it back, and its cursor
             // stays where it was until it asks again.
-            let (bytes, document) = match &payload {
-                Payload::Document(b) => (b, true),
-                Payload::Bundle(b) => (b, false),
-                Payload::Transfer { .. } => unreachable!("not large"),
-            };
+            let document = matches!(payload, Payload::Document(_));
             let announce = Update {
                 doc: doc.clone(),
                 payload: Payload::Transfer {
@@ -1041,9 +1042,8 @@ struct UploadCtx {
     scope: Scope,
     known: Known,
     rate: RateLimit,
-    /// `Some(entry)` when the device is in quarantine: uploads are held like pushes
-    /// (the entry's document and change count are filled in per upload).
-    quarantine: Option<redline_proto::message::QuarantineEntry>,
+    /// In quarantine after this long offline (ms): uploads are held like pushes.
+    quarantined: Option<i64>,
 }
 
 /// One resumable upload on its own stream.
@@ -1055,7 +1055,7 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
         scope,
         known,
         rate,
-        quarantine,
+        quarantined,
     } = ctx;
     let max_frame = config.max_frame;
     let idle = config.limits.stream_idle_timeout;
@@ -1201,10 +1201,8 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
                 ),
                 Some(up.doc.clone()),
             ),
-            Ok(changes) if quarantine.is_some() => {
-                let mut entry = quarantine.clone().expect("checked");
-                entry.doc = up.doc.clone();
-                entry.changes = u32::try_from(changes.len()).unwrap_or(u32::MAX);
+            Ok(changes) if quarantined.is_some() => {
+                let entry = held_entry(&device, &scope, quarantined, &up.doc, changes.len());
                 match hold(&hub, entry, bytes.clone()).await {
                     Ok(_) => unreachable!("hold always answers held"),
                     Err(e) => refusal(e, up.doc.clone()),

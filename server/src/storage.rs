@@ -127,6 +127,13 @@ fn unflat(v: &[u8]) -> Vec<[u8; 32]> {
         .collect()
 }
 
+/// The device an actor binding names.
+fn bound_device(stored: &[u8]) -> Result<DeviceId, Error> {
+    let owner =
+        std::str::from_utf8(stored).map_err(|_| Error::Storage("corrupt actor binding".into()))?;
+    DeviceId::new(owner).map_err(|e| Error::Storage(format!("corrupt actor binding: {e}")))
+}
+
 impl SledStorage {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, Error> {
@@ -376,9 +383,7 @@ impl DocStorage for SledStorage {
             Ok(()) => return Ok(device.clone()),
             Err(cas) => cas.current.unwrap_or_default(),
         };
-        let owner = String::from_utf8(owner.to_vec())
-            .map_err(|_| Error::Storage("corrupt actor binding".into()))?;
-        DeviceId::new(owner).map_err(|e| Error::Storage(format!("corrupt actor binding: {e}")))
+        bound_device(&owner)
     }
 
     fn actors_of(&self, device: &DeviceId) -> Result<usize, Error> {
@@ -392,16 +397,11 @@ impl DocStorage for SledStorage {
     }
 
     fn actor_owner(&self, actor: &[u8]) -> Result<Option<DeviceId>, Error> {
-        match self.actors.get(actor).map_err(storage_err)? {
-            None => Ok(None),
-            Some(v) => {
-                let owner = String::from_utf8(v.to_vec())
-                    .map_err(|_| Error::Storage("corrupt actor binding".into()))?;
-                Ok(Some(DeviceId::new(owner).map_err(|e| {
-                    Error::Storage(format!("corrupt actor binding: {e}"))
-                })?))
-            }
-        }
+        self.actors
+            .get(actor)
+            .map_err(storage_err)?
+            .map(|v| bound_device(&v))
+            .transpose()
     }
 
     fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error> {
