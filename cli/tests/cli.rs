@@ -147,8 +147,12 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
         "metrics move under load"
     );
     assert!(relay.metric("redline_connections_total").unwrap() >= 4.0);
-    // The kernel's drop count of the relay's socket is exported (Linux).
-    assert!(relay.metric("redline_udp_receive_drops_total").unwrap() >= 0.0);
+    // The kernel's drop count of the relay's socket is exported (Linux): a handful of
+    // phones on loopback loses nothing.
+    assert_eq!(
+        relay.metric("redline_udp_receive_drops_total").unwrap(),
+        0.0
+    );
     assert!(
         relay
             .get("/metrics")

@@ -34,9 +34,14 @@ pub(crate) fn socket(listen: SocketAddr, buffer: usize) -> std::io::Result<std::
         if let Err(e) = set(&socket, buffer) {
             warn!("cannot set the UDP {what} buffer to {buffer} bytes: {e}");
         }
-        // Linux grants up to the sysctl cap and reports double (its bookkeeping counts
-        // against the same budget).
-        let got = get(&socket).unwrap_or(0);
+        // Linux grants up to the sysctl cap and reports double what it granted (its
+        // bookkeeping counts against the same budget).
+        let reported = get(&socket).unwrap_or(0);
+        let got = if cfg!(target_os = "linux") {
+            reported / 2
+        } else {
+            reported
+        };
         if got < buffer {
             warn!(
                 wanted = buffer,

@@ -9,7 +9,7 @@ async fn two_hundred_devices_for_thirty_seconds() -> anyhow::Result<()> {
     let r = redline_tests::soak::run(dir.path(), 200, Duration::from_secs(30)).await?;
     println!("{}", serde_json::to_string_pretty(&r)?);
     // Every sync succeeds: a handshake stalled by lost datagrams is replaced within the
-    // sync (counted in `reconnects`), and the relay's 8 MiB socket buffers keep datagrams
+    // sync (counted in `reconnects`), and the relay's large socket buffers keep datagrams
     // from being dropped in the first place.
     assert!(r.errors.is_empty(), "sync errors: {:?}", r.failures);
     assert!(r.converged, "every device ends with the relay's state");
