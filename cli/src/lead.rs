@@ -611,11 +611,15 @@ pub async fn accept(client: &Client, team: &str, devices: Vec<String>) -> anyhow
     let team = TeamId::new(team)?;
     for d in devices {
         let device = redline_proto::DeviceId::new(d)?;
-        client
+        let review = client
             .accept_quarantined(&team, &device)
             .await
             .map_err(sync_failure)?;
         println!("accepted the changes {device} held in quarantine");
+        for r in &review.refused {
+            let doc = r.doc.as_ref().map(|d| d.to_string()).unwrap_or_default();
+            println!("  refused ({}) for {doc}: {}", r.code.name(), r.text);
+        }
     }
     let report = sync_with_progress(client).await?;
     print_report(&report);

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use redline_proto::codec;
-use redline_proto::message::{Hello, Message};
+use redline_proto::message::{ErrorReport, Hello, Message, QuarantineEntry};
 use redline_proto::{ErrorCode, PROTOCOL_VERSION};
 
 use crate::{Client, Error};
@@ -151,7 +151,7 @@ impl Client {
     /// whole subscription).
     async fn probe(&self, relay: &crate::RelayEndpoint) -> Result<Option<Finding>, Error> {
         let wanted = self.subscription()?;
-        let (answer, _) = self.exchange(relay, None).await?;
+        let (answer, _, _) = self.exchange(relay, None).await?;
         Ok(match answer {
             Message::Error(r) => Some(Finding::Refused {
                 code: r.code,
@@ -181,10 +181,10 @@ impl Client {
         team: &redline_proto::TeamId,
     ) -> Result<Vec<redline_proto::message::DeviceHealth>, Error> {
         let relay = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
-        let (answer, reply) = self
+        let (answer, reply, _) = self
             .exchange(&relay, Some(Message::DevicesRequest(team.clone())))
             .await?;
-        let refused = |r: redline_proto::message::ErrorReport| Error::Refused {
+        let refused = |r: ErrorReport| Error::Refused {
             code: r.code,
             text: r.text,
         };
@@ -204,15 +204,17 @@ impl Client {
     ) -> Result<Vec<redline_proto::message::QuarantineEntry>, Error> {
         self.quarantine_exchange(Message::QuarantineRequest(team.clone()))
             .await
+            .map(|r| r.remaining)
     }
 
-    /// Merges what `device` has held in quarantine for `team` after review; returns what
-    /// stays held.
+    /// Merges what `device` has held in quarantine for `team` after review. Each held
+    /// push merges on its own: the review says what stays held and which held pushes
+    /// the relay refused (and dropped), with why.
     pub async fn accept_quarantined(
         &self,
         team: &redline_proto::TeamId,
         device: &redline_proto::DeviceId,
-    ) -> Result<Vec<redline_proto::message::QuarantineEntry>, Error> {
+    ) -> Result<QuarantineReview, Error> {
         self.quarantine_exchange(Message::QuarantineAccept {
             team: team.clone(),
             device: device.clone(),
@@ -220,17 +222,17 @@ impl Client {
         .await
     }
 
-    async fn quarantine_exchange(
-        &self,
-        request: Message,
-    ) -> Result<Vec<redline_proto::message::QuarantineEntry>, Error> {
+    async fn quarantine_exchange(&self, request: Message) -> Result<QuarantineReview, Error> {
         let relay = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
-        match self.exchange(&relay, Some(request)).await? {
+        let (answer, reply, refused) = self.exchange(&relay, Some(request)).await?;
+        match (answer, reply) {
             (Message::Error(r), _) | (_, Some(Message::Error(r))) => Err(Error::Refused {
                 code: r.code,
                 text: r.text,
             }),
-            (Message::Welcome(_), Some(Message::Quarantine(list))) => Ok(list),
+            (Message::Welcome(_), Some(Message::Quarantine(remaining))) => {
+                Ok(QuarantineReview { remaining, refused })
+            }
             _ => Err(Error::Transport(
                 "the relay did not answer the request".into(),
             )),
@@ -238,12 +240,13 @@ impl Client {
     }
 
     /// Opens a connection, says hello, optionally sends `then`, and returns the relay's
-    /// answer to the hello and its next message (if `then` was sent). Writes nothing.
+    /// answer to the hello and its answer to `then` (if sent), with the per-document
+    /// error reports that came before that answer. Writes nothing.
     async fn exchange(
         &self,
         relay: &crate::RelayEndpoint,
         then: Option<Message>,
-    ) -> Result<(Message, Option<Message>), Error> {
+    ) -> Result<(Message, Option<Message>, Vec<ErrorReport>), Error> {
         let (_endpoint, conn) = crate::transport::open_connection(relay).await?;
         let (mut send, mut recv) = conn
             .open_bi()
@@ -274,19 +277,35 @@ impl Client {
             }
         };
         let answer = next().await?;
+        let mut notes = Vec::new();
         let reply = match then {
             Some(m) if matches!(answer, Message::Welcome(_)) => {
                 send.write_all(&send_one(&m)?)
                     .await
                     .map_err(|e| Error::Transport(e.to_string()))?;
-                Some(next().await?)
+                loop {
+                    match next().await? {
+                        Message::Error(r) if r.doc.is_some() => notes.push(r),
+                        other => break Some(other),
+                    }
+                }
             }
             _ => None,
         };
         let _ = send.finish();
         conn.close(0u8.into(), b"done");
-        Ok((answer, reply))
+        Ok((answer, reply, notes))
     }
+}
+
+/// The outcome of a lead's quarantine review.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QuarantineReview {
+    /// What stays held for the team.
+    pub remaining: Vec<QuarantineEntry>,
+    /// Held pushes the relay refused to merge (and dropped), each with its document,
+    /// code and reason.
+    pub refused: Vec<ErrorReport>,
 }
 
 /// What of `wanted` is not in `granted`, each named with `prefix`.

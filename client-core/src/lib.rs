@@ -47,7 +47,7 @@ use redline_proto::{MemberId, OrgId, TeamId, ZoneId};
 
 pub use client::{ChangeOrigin, Client, DocChange, LiveSync, Rollover};
 pub use conflicts::{Conflict, ConflictValue};
-pub use doctor::Finding;
+pub use doctor::{Finding, QuarantineReview};
 pub use households::{
     Household, HouseholdUpdate, HouseholdsView, Need, NeedCategory, NewHousehold, NewNeed,
     Priority, Vulnerability,

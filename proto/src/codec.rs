@@ -12,6 +12,8 @@ pub const HEADER_LEN: usize = 4;
 
 /// Default largest payload accepted in one frame (16 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+/// Largest `Hello` frame: it arrives before the device is authenticated.
+pub const HELLO_MAX_FRAME: usize = 64 * 1024;
 
 /// Reads a frame header and checks the announced length against `max_frame`.
 pub fn payload_len(header: [u8; HEADER_LEN], max_frame: usize) -> Result<usize, Error> {

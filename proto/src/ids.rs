@@ -146,7 +146,38 @@ impl Day {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Days since 1970-01-01 (negative before).
+    pub fn days_since_epoch(&self) -> i64 {
+        let n = |r: std::ops::Range<usize>| self.0[r].parse::<i64>().unwrap_or(0);
+        days_from_civil(n(0..4), n(5..7), n(8..10))
+    }
 }
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod day_tests {
+    use super::Day;
+
+    #[test]
+    fn days_count_from_the_epoch() {
+        assert_eq!(Day::new("1970-01-01").unwrap().days_since_epoch(), 0);
+        assert_eq!(Day::new("2000-03-01").unwrap().days_since_epoch(), 11_017);
+        assert_eq!(Day::new("2026-12-01").unwrap().days_since_epoch(), 20_788);
+        assert_eq!(Day::new("0000-01-01").unwrap().days_since_epoch(), -719_528);
+    }
+}
+
 impl TryFrom<String> for Day {
     type Error = Error;
     fn try_from(s: String) -> Result<Self, Error> {

@@ -109,6 +109,14 @@ pub enum Error {
         /// Rounds done.
         rounds: u32,
     },
+    /// A subscription lists more documents by id than allowed.
+    #[error("a subscription lists {listed} documents by id; the limit is {max}")]
+    TooManyDocuments {
+        /// Documents listed.
+        listed: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The peer reported an error.
     #[error("peer reported {code}: {text}")]
     Remote {
@@ -123,7 +131,7 @@ impl Error {
     /// The code to report to the peer for this error.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Error::FrameTooLarge { .. } => ErrorCode::TOO_LARGE,
+            Error::FrameTooLarge { .. } | Error::TooManyDocuments { .. } => ErrorCode::TOO_LARGE,
             Error::EmptyFrame | Error::Truncated { .. } => ErrorCode::BAD_FRAME,
             Error::Decode(_) | Error::InvalidId { .. } => ErrorCode::BAD_MESSAGE,
             Error::UnsupportedVersion { .. } => ErrorCode::UNSUPPORTED_VERSION,

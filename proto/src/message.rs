@@ -199,12 +199,27 @@ pub struct Subscription {
     pub docs: Vec<DocId>,
 }
 
+/// Documents a subscription may list by id (beyond its teams, zones and org).
+pub const MAX_SUBSCRIBED_DOCS: usize = 512;
+
 impl Subscription {
     /// Whether `doc` is in this subscription.
     pub fn covers(&self, doc: &DocId) -> bool {
-        if self.docs.contains(doc) {
-            return true;
+        self.docs.contains(doc) || self.covers_by_kind(doc)
+    }
+
+    /// Checks the listed documents against [`MAX_SUBSCRIBED_DOCS`].
+    pub fn check_size(&self) -> Result<(), crate::Error> {
+        if self.docs.len() > MAX_SUBSCRIBED_DOCS {
+            return Err(crate::Error::TooManyDocuments {
+                listed: self.docs.len(),
+                max: MAX_SUBSCRIBED_DOCS,
+            });
         }
+        Ok(())
+    }
+
+    fn covers_by_kind(&self, doc: &DocId) -> bool {
         match doc.kind() {
             DocKind::Roster(org) => self.org.as_ref() == Some(&org),
             DocKind::Households(zone) => self.zones.contains(&zone),
@@ -212,6 +227,32 @@ impl Subscription {
                 self.teams.contains(&team) && self.ledger_since.as_ref().is_none_or(|s| day >= *s)
             }
         }
+    }
+}
+
+/// A subscription prepared for many lookups (the relay asks it for every feed entry of
+/// every catch-up): its listed documents in a set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Coverage {
+    subscription: Subscription,
+    docs: std::collections::HashSet<DocId>,
+}
+
+impl Coverage {
+    /// Prepares `subscription`.
+    pub fn new(subscription: Subscription) -> Self {
+        let docs = subscription.docs.iter().cloned().collect();
+        Self { subscription, docs }
+    }
+
+    /// Whether `doc` is in the subscription (a set lookup, then the kind rule).
+    pub fn covers(&self, doc: &DocId) -> bool {
+        self.docs.contains(doc) || self.subscription.covers_by_kind(doc)
+    }
+
+    /// The subscription itself.
+    pub fn subscription(&self) -> &Subscription {
+        &self.subscription
     }
 }
 
@@ -413,6 +454,9 @@ impl ErrorCode {
     /// The device was offline longer than the relay's horizon: its changes are held for
     /// a lead's review (kept, not merged yet).
     pub const QUARANTINED: Self = Self(18);
+    /// A per-device quota of the relay (staged uploads, held changes, new documents per
+    /// day) would be exceeded; nothing was stored.
+    pub const QUOTA_EXCEEDED: Self = Self(19);
 
     /// Whether the code says the device's credentials are not valid (no token, expired,
     /// revoked): retrying without a new token cannot succeed.
@@ -444,6 +488,7 @@ impl ErrorCode {
             16 => "rate_limited",
             17 => "timed_out",
             18 => "quarantined",
+            19 => "quota_exceeded",
             _ => "unknown",
         }
     }

@@ -33,7 +33,8 @@ use crate::message::{Ack, ErrorCode, ErrorReport, Hello, Message, PROTOCOL_VERSI
 /// two or three; more means the peers disagree about something they cannot fix.
 pub const DEFAULT_MAX_ROUNDS: u32 = 32;
 
-/// Checks a device's [`Hello`]: the version must be ours.
+/// Checks a device's [`Hello`]: the version must be ours, and its subscription may
+/// list at most [`MAX_SUBSCRIBED_DOCS`](crate::message::MAX_SUBSCRIBED_DOCS) documents.
 pub fn check_hello(hello: &Hello) -> Result<(), Error> {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(Error::UnsupportedVersion {
@@ -41,7 +42,7 @@ pub fn check_hello(hello: &Hello) -> Result<(), Error> {
             ours: PROTOCOL_VERSION,
         });
     }
-    Ok(())
+    hello.subscription.check_size()
 }
 
 fn decode_sync(doc: &DocId, data: &[u8]) -> Result<sync::Message, Error> {
@@ -286,9 +287,16 @@ pub struct Applied {
 }
 
 /// The relay's side of Automerge-sync exchanges on one connection.
+///
+/// The relay never lets Automerge apply the changes a device's sync message carries:
+/// the driver takes them out ([`take_changes`](Self::take_changes)), admits and commits
+/// them like a push, and feeds the rest of the message to [`apply`](Self::apply).
+/// Changes whose dependencies the relay lacks are parked here, per document and per
+/// connection (never in the document), and the reply asks for what they need.
 #[derive(Debug, Default)]
 pub struct RelayResync {
     peers: HashMap<DocId, sync::State>,
+    parked: HashMap<DocId, Vec<automerge::Change>>,
     outbox: VecDeque<Message>,
 }
 
@@ -340,22 +348,76 @@ impl RelayResync {
 
     /// Queues the [`Ack`] (the caller has made `doc` durable) and the relay's next step.
     pub fn respond(&mut self, doc_id: &DocId, doc: &Automerge, applied: Applied) {
+        self.respond_with(doc_id, doc, applied, Vec::new());
+    }
+
+    /// Like [`respond`](Self::respond), asking the device for `need` as well (the
+    /// dependencies of changes parked in this session).
+    ///
+    /// The relay's messages carry no capability flags: a device then keeps to version 1
+    /// messages, which carry changes one by one and never a whole document.
+    pub fn respond_with(
+        &mut self,
+        doc_id: &DocId,
+        doc: &Automerge,
+        applied: Applied,
+        need: Vec<ChangeHash>,
+    ) {
         let state = self.peers.entry(doc_id.clone()).or_default();
         self.outbox.push_back(Message::Ack(Ack {
             doc: doc_id.clone(),
             heads: hashes_to_wire(&doc.get_heads()),
             applied: applied.new_changes,
         }));
-        let reply = doc.generate_sync_message(state);
+        let mut reply = doc.generate_sync_message(state);
+        if !need.is_empty() {
+            let r = reply.get_or_insert_with(|| sync::Message {
+                heads: doc.get_heads(),
+                need: Vec::new(),
+                have: Vec::new(),
+                changes: sync::ChunkList::empty(),
+                flags: None,
+                version: sync::MessageVersion::V1,
+            });
+            for h in need {
+                if !r.need.contains(&h) {
+                    r.need.push(h);
+                }
+            }
+        }
+        if let Some(r) = reply.as_mut() {
+            r.flags = None;
+        }
         self.outbox.push_back(Message::Sync(SyncStep {
             doc: doc_id.clone(),
             data: reply.map(sync::Message::encode),
         }));
     }
 
+    /// Takes the changes out of a device's sync message, leaving the rest (heads,
+    /// needs, bloom filters) for [`apply`](Self::apply). Each item is one or more
+    /// concatenated Automerge chunks.
+    pub fn take_changes(message: &mut sync::Message) -> Vec<Vec<u8>> {
+        let chunks = message.changes.iter().map(<[u8]>::to_vec).collect();
+        message.changes = sync::ChunkList::empty();
+        chunks
+    }
+
+    /// Changes of `doc` parked earlier in this session (waiting for dependencies).
+    pub fn take_parked(&mut self, doc: &DocId) -> Vec<automerge::Change> {
+        self.parked.remove(doc).unwrap_or_default()
+    }
+
+    /// Parks changes of `doc` whose dependencies the relay lacks, until the device sends
+    /// them. The caller bounds how many (they count against the per-message limit).
+    pub fn park(&mut self, doc: &DocId, changes: Vec<automerge::Change>) {
+        self.parked.insert(doc.clone(), changes);
+    }
+
     /// Queues an error report for the device about `doc`; its exchange starts afresh.
     pub fn report(&mut self, code: ErrorCode, text: String, doc: DocId) {
         self.peers.remove(&doc);
+        self.parked.remove(&doc);
         self.outbox.push_back(Message::Error(ErrorReport {
             code,
             text,

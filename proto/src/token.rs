@@ -127,6 +127,14 @@ pub enum TokenError {
         /// The expiry claim.
         expired: u64,
     },
+    /// Issued later than the verifier's clock allows (a clock set wrong on one side).
+    #[error(
+        "token issued at {issued} (Unix seconds), later than this clock allows: check the clocks"
+    )]
+    NotYetValid {
+        /// The issue claim.
+        issued: u64,
+    },
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -175,6 +183,11 @@ pub fn verify(token: &str, key: &[u8; KEY_LEN], now: u64) -> Result<Claims, Toke
         .verify_slice(&tag)
         .map_err(|_| TokenError::BadSignature)?;
     let claims = decode_claims(signed)?;
+    if claims.issued > now.saturating_add(MAX_CLOCK_SKEW_SECS) {
+        return Err(TokenError::NotYetValid {
+            issued: claims.issued,
+        });
+    }
     if now >= claims.expires {
         return Err(TokenError::Expired {
             expired: claims.expires,
@@ -182,6 +195,9 @@ pub fn verify(token: &str, key: &[u8; KEY_LEN], now: u64) -> Result<Claims, Toke
     }
     Ok(claims)
 }
+
+/// How far a token's issue time may lie ahead of the verifier's clock (clocks differ).
+pub const MAX_CLOCK_SKEW_SECS: u64 = 300;
 
 /// What `token` claims, *without* checking its signature: for display only.
 pub fn peek(token: &str) -> Result<Claims, TokenError> {

@@ -3,10 +3,14 @@
 //! - The key (32 random bytes) lives in `<data_dir>/secret/token.key`, readable by the
 //!   owner only, created on first use. Tokens are HMAC-SHA256-signed with it (see
 //!   [`redline_proto::token`]); replacing the key invalidates every token at once.
-//! - Revocations are lines of token ids in `<data_dir>/revoked`. `redline-server token
-//!   revoke` appends to it whether or not the relay runs (sled allows one process, a text
-//!   file any number); a running relay notices the change within
-//!   [`REVOCATION_POLL`] and closes the revoked token's connections.
+//! - Revocations are lines of token ids in a text file, `<data_dir>/revoked` unless
+//!   `revoked_file` puts it elsewhere (outside the data dir's backups: restoring an older
+//!   copy of the data dir must not un-revoke a token). `redline-server token revoke`
+//!   appends to it whether or not the relay runs (sled allows one process, a text file
+//!   any number); a running relay notices the change within [`REVOCATION_POLL`] and
+//!   closes the revoked token's connections.
+//! - A clock before [`CLOCK_FLOOR_SECS`] admits nobody, and a token issued later than
+//!   the clock allows (beyond a few minutes of skew) is not valid yet.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -23,7 +27,7 @@ use crate::Error;
 /// How often a running relay looks at the revocation list.
 pub const REVOCATION_POLL: Duration = Duration::from_millis(100);
 
-/// Unix seconds now.
+/// Unix seconds now (0 if the clock reads before 1970).
 pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -31,11 +35,16 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// No clock that admits tokens reads earlier than this (2024-01-01): a relay whose clock
+/// was reset (no battery, no time sync) would otherwise find every token unexpired.
+pub const CLOCK_FLOOR_SECS: u64 = 1_704_067_200;
+
 fn key_path(data_dir: &Path) -> PathBuf {
     data_dir.join("secret").join("token.key")
 }
 
-fn revoked_path(data_dir: &Path) -> PathBuf {
+/// Where the revocation list lives unless configured elsewhere: `<data_dir>/revoked`.
+pub fn default_revoked_file(data_dir: &Path) -> PathBuf {
     data_dir.join("revoked")
 }
 
@@ -48,11 +57,52 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error
     }
 }
 
-/// Loads the relay's token key, creating it on first use.
+/// Creates `dir` (and its parents) readable by the owner only (0700 on Unix); an
+/// existing directory is left as it is.
+pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir).map_err(io("create", dir))
+}
+
+/// Refuses a key file that other users can read: anyone who reads it can mint tokens.
+fn check_key_permissions(path: &Path) -> Result<(), Error> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(io("inspect", path))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(Error::Config(format!(
+                "the token key {} is readable by other users (mode {:o}): anyone who reads it can issue tokens. Run: chmod 600 {}",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            )));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Loads the relay's token key, creating it on first use (0600, in a 0700 directory).
+/// A key file readable by others is refused with an error saying how to fix it.
 pub fn load_or_create_key(data_dir: &Path) -> Result<[u8; KEY_LEN], Error> {
     let path = key_path(data_dir);
     match std::fs::read(&path) {
         Ok(bytes) => {
+            check_key_permissions(&path)?;
             return bytes.try_into().map_err(|b: Vec<u8>| {
                 Error::Tls(format!(
                     "token key {} has {} bytes, expected {KEY_LEN}",
@@ -65,7 +115,8 @@ pub fn load_or_create_key(data_dir: &Path) -> Result<[u8; KEY_LEN], Error> {
         Err(e) => return Err(io("read", &path)(e)),
     }
     let dir = path.parent().expect("key path has a parent");
-    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    create_private_dir(data_dir)?;
+    create_private_dir(dir)?;
     let key: [u8; KEY_LEN] = rand::random();
     let tmp = path.with_extension("tmp");
     let mut opts = std::fs::OpenOptions::new();
@@ -124,8 +175,15 @@ pub fn issue(data_dir: &Path, request: TokenRequest) -> Result<(Claims, String),
 
 /// Adds `id` to the revocation list in `data_dir` (durably, before returning).
 pub fn revoke(data_dir: &Path, id: TokenId) -> Result<(), Error> {
-    std::fs::create_dir_all(data_dir).map_err(io("create", data_dir))?;
-    let path = revoked_path(data_dir);
+    revoke_in(&default_revoked_file(data_dir), id)
+}
+
+/// Adds `id` to the revocation list at `path` (durably, before returning).
+pub fn revoke_in(path: &Path, id: TokenId) -> Result<(), Error> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    }
+    let path = path.to_path_buf();
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -135,10 +193,10 @@ pub fn revoke(data_dir: &Path, id: TokenId) -> Result<(), Error> {
     f.sync_all().map_err(io("sync", &path))
 }
 
-/// Reads the revocation list (missing file: nothing revoked). Lines that are not token
-/// ids (comments, damage) are skipped.
-pub fn revoked(data_dir: &Path) -> Result<HashSet<TokenId>, Error> {
-    let path = revoked_path(data_dir);
+/// Reads the revocation list at `path` (missing file: nothing revoked). Lines that are
+/// not token ids (comments, damage) are skipped.
+pub fn revoked(path: &Path) -> Result<HashSet<TokenId>, Error> {
+    let path = path.to_path_buf();
     match std::fs::read_to_string(&path) {
         Ok(text) => Ok(text
             .lines()
@@ -161,20 +219,21 @@ pub struct Denied {
 /// The running relay's view of tokens: the key, and the revocation list kept current.
 pub struct Authority {
     key: [u8; KEY_LEN],
-    data_dir: PathBuf,
+    revoked_file: PathBuf,
     revoked: RwLock<HashSet<TokenId>>,
     /// Bumped whenever the revocation list changes.
     generation: watch::Sender<u64>,
 }
 
 impl Authority {
-    /// Loads the key (creating it) and the revocation list of `data_dir`.
-    pub fn open(data_dir: &Path) -> Result<Self, Error> {
+    /// Loads the key of `data_dir` (creating it) and the revocation list at
+    /// `revoked_file`.
+    pub fn open(data_dir: &Path, revoked_file: &Path) -> Result<Self, Error> {
         let key = load_or_create_key(data_dir)?;
-        let list = revoked(data_dir)?;
+        let list = revoked(revoked_file)?;
         Ok(Self {
             key,
-            data_dir: data_dir.to_path_buf(),
+            revoked_file: revoked_file.to_path_buf(),
             revoked: RwLock::new(list),
             generation: watch::channel(0).0,
         })
@@ -183,7 +242,21 @@ impl Authority {
     /// Checks a device's token: signature, expiry, revocation, and that it was issued to
     /// `device`.
     pub fn admit(&self, token: &str, device: &DeviceId) -> Result<Claims, Denied> {
-        let claims = token::verify(token, &self.key, now_secs()).map_err(|e| match e {
+        self.admit_at(token, device, now_secs())
+    }
+
+    /// [`admit`](Self::admit) with the clock reading `now` (Unix seconds). A clock
+    /// before [`CLOCK_FLOOR_SECS`] admits nobody.
+    pub fn admit_at(&self, token: &str, device: &DeviceId, now: u64) -> Result<Claims, Denied> {
+        if now < CLOCK_FLOOR_SECS {
+            return Err(Denied {
+                code: ErrorCode::UNAUTHORIZED,
+                text: format!(
+                    "the relay's clock reads {now} (Unix seconds), before it could have issued any token; the operator must set the clock"
+                ),
+            });
+        }
+        let claims = token::verify(token, &self.key, now).map_err(|e| match e {
             TokenError::Expired { .. } => Denied {
                 code: ErrorCode::TOKEN_EXPIRED,
                 text: e.to_string(),
@@ -231,7 +304,7 @@ impl Authority {
 
     /// Re-reads the revocation list; tells watchers if it changed.
     pub fn reload(&self) -> Result<(), Error> {
-        let list = revoked(&self.data_dir)?;
+        let list = revoked(&self.revoked_file)?;
         let mut current = self.revoked.write().expect("revocations lock");
         if *current != list {
             *current = list;
@@ -243,7 +316,7 @@ impl Authority {
 
     /// Polls the revocation list until `stop` fires.
     pub async fn watch_file(&self, mut stop: watch::Receiver<bool>) {
-        let path = revoked_path(&self.data_dir);
+        let path = self.revoked_file.clone();
         let stamp = |p: &Path| {
             std::fs::metadata(p)
                 .ok()
@@ -285,7 +358,7 @@ mod tests {
     fn issued_tokens_are_admitted_until_revoked() {
         let dir = tempfile::tempdir().unwrap();
         let (claims, t) = issue(dir.path(), request()).unwrap();
-        let authority = Authority::open(dir.path()).unwrap();
+        let authority = Authority::open(dir.path(), &default_revoked_file(dir.path())).unwrap();
         let phone = DeviceId::new("phone-1").unwrap();
         assert_eq!(authority.admit(&t, &phone).unwrap(), claims);
         let other = DeviceId::new("phone-2").unwrap();
@@ -308,11 +381,50 @@ mod tests {
         // The key persists: a restarted relay admits the same tokens.
         let (_, t2) = issue(dir.path(), request()).unwrap();
         assert!(
-            Authority::open(dir.path())
+            Authority::open(dir.path(), &default_revoked_file(dir.path()))
                 .unwrap()
                 .admit(&t2, &phone)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn a_clock_before_its_floor_or_a_token_from_the_future_admits_nobody() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, t) = issue(dir.path(), request()).unwrap();
+        let authority = Authority::open(dir.path(), &default_revoked_file(dir.path())).unwrap();
+        let phone = DeviceId::new("phone-1").unwrap();
+        for now in [0, CLOCK_FLOOR_SECS - 1] {
+            let denied = authority.admit_at(&t, &phone, now).unwrap_err();
+            assert_eq!(denied.code, ErrorCode::UNAUTHORIZED);
+            assert!(denied.text.contains("clock"), "{}", denied.text);
+        }
+        // Issued now, checked by a clock an hour behind: not valid yet.
+        let early = now_secs() - 3_600;
+        assert!(
+            authority
+                .admit_at(&t, &phone, early)
+                .unwrap_err()
+                .text
+                .contains("clock")
+        );
+        assert!(authority.admit_at(&t, &phone, now_secs()).is_ok());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_key_is_private_and_a_readable_key_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        load_or_create_key(&data).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&data.join("secret")), 0o700);
+        assert_eq!(mode(&key_path(&data)), 0o600);
+        std::fs::set_permissions(key_path(&data), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load_or_create_key(&data).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
     }
 
     #[test]
@@ -321,7 +433,7 @@ mod tests {
         let mut r = request();
         r.ttl = Duration::ZERO;
         let (_, t) = issue(dir.path(), r).unwrap();
-        let authority = Authority::open(dir.path()).unwrap();
+        let authority = Authority::open(dir.path(), &default_revoked_file(dir.path())).unwrap();
         let denied = authority
             .admit(&t, &DeviceId::new("phone-1").unwrap())
             .unwrap_err();

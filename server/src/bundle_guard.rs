@@ -26,14 +26,16 @@ const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 /// Refuses `bytes` if its columns announce more values (or inflate to more bytes) than
 /// a bundle of its size can legitimately hold.
 pub fn check(bytes: &[u8]) -> Result<(), String> {
-    let mut scan = Scan {
-        bytes,
-        at: 0,
-        items_limit: ITEMS_FLOOR.saturating_add(ITEMS_PER_BYTE.saturating_mul(bytes.len() as u64)),
-        inflate_left: INFLATE_FLOOR
-            .saturating_add(INFLATE_PER_BYTE.saturating_mul(bytes.len() as u64)),
-    };
-    match scan.bundle() {
+    verdict(Scan::new(bytes).bundle())
+}
+
+/// Like [`check`], for one change chunk (the form Automerge's sync messages carry).
+pub fn check_change(bytes: &[u8]) -> Result<(), String> {
+    verdict(Scan::new(bytes).change())
+}
+
+fn verdict(scanned: Option<Result<(), String>>) -> Result<(), String> {
+    match scanned {
         Some(Err(refusal)) => Err(refusal),
         // Well within bounds, or malformed in a way Automerge reports itself.
         Some(Ok(())) | None => Ok(()),
@@ -48,6 +50,17 @@ struct Scan<'a> {
 }
 
 impl<'a> Scan<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Scan {
+            bytes,
+            at: 0,
+            items_limit: ITEMS_FLOOR
+                .saturating_add(ITEMS_PER_BYTE.saturating_mul(bytes.len() as u64)),
+            inflate_left: INFLATE_FLOOR
+                .saturating_add(INFLATE_PER_BYTE.saturating_mul(bytes.len() as u64)),
+        }
+    }
+
     fn take(&mut self, n: u64) -> Option<&'a [u8]> {
         let n = usize::try_from(n).ok()?;
         let end = self.at.checked_add(n)?;
@@ -77,7 +90,41 @@ impl<'a> Scan<'a> {
             let len = self.uleb()?;
             self.take(len)?;
         }
-        for _section in 0..2 {
+        // Change columns, then op columns.
+        self.sections(2)
+    }
+
+    /// A change chunk: header, then deps, actor, seq, start op, time, message, other
+    /// actors, and one section of op columns.
+    fn change(&mut self) -> Option<Result<(), String>> {
+        if self.take(4)? != MAGIC {
+            return None;
+        }
+        self.take(5)?; // checksum, chunk type
+        self.uleb()?; // chunk length
+        let deps = self.uleb()?;
+        self.take(deps.checked_mul(32)?)?;
+        let actor = self.uleb()?;
+        self.take(actor)?;
+        self.uleb()?; // seq
+        self.uleb()?; // start op
+        let (_, used) = sleb(self.bytes.get(self.at..)?)?; // time
+        self.at += used;
+        let message = self.uleb()?;
+        self.take(message)?;
+        let others = self.uleb()?;
+        if others > 1 << 16 {
+            return Some(Err(format!("{others} actors in one change")));
+        }
+        for _ in 0..others {
+            let len = self.uleb()?;
+            self.take(len)?;
+        }
+        self.sections(1)
+    }
+
+    fn sections(&mut self, sections: usize) -> Option<Result<(), String>> {
+        for _section in 0..sections {
             let n = self.uleb()?;
             let mut columns = Vec::new();
             for _ in 0..n.min(1024) {

@@ -57,6 +57,57 @@ pub struct RelayConfig {
     /// A volunteer's device returning after longer than this since its last sync is
     /// quarantined: its changes are held for a lead's review (`None`: never).
     pub quarantine_after: Option<Duration>,
+    /// Connections and per-device storage one token or address may take.
+    pub quotas: Quotas,
+    /// The revocation list (`None`: `<data_dir>/revoked`). Keep it outside what a backup
+    /// restore rolls back.
+    pub revoked_file: Option<PathBuf>,
+}
+
+/// What one token, device or address may take of the relay, so that a hostile token
+/// holder cannot crowd out the others. Refusals are counted in `/metrics`
+/// (`redline_quota_refusals_total`).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Quotas {
+    /// Connections one token may hold at once (a phone replacing an unanswered
+    /// connection needs a few).
+    pub connections_per_token: usize,
+    /// Connections from one source address at once, handshakes included. Phones behind
+    /// one carrier NAT share an address: keep this generous.
+    pub connections_per_address: usize,
+    /// Above this many connections still in their handshake or without a hello, new
+    /// ones must prove their address first (QUIC Retry).
+    pub retry_above_pending: usize,
+    /// Upload bytes one device may have staged (unfinished uploads).
+    pub staged_bytes_per_device: u64,
+    /// An unfinished upload untouched for this long is dropped.
+    pub upload_expiry: Duration,
+    /// Bytes of quarantined changes held for one device.
+    pub held_bytes_per_device: u64,
+    /// Documents one device may create per day (a document is created by its first
+    /// change).
+    pub new_documents_per_device_per_day: u32,
+    /// A ledger day may be created only within this many days before the relay's date...
+    pub ledger_days_back: u32,
+    /// ...and this many after it.
+    pub ledger_days_ahead: u32,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            connections_per_token: 8,
+            connections_per_address: 1_000,
+            retry_above_pending: 256,
+            staged_bytes_per_device: 256 * 1024 * 1024,
+            upload_expiry: Duration::from_secs(24 * 3_600),
+            held_bytes_per_device: 256 * 1024 * 1024,
+            new_documents_per_device_per_day: 200,
+            ledger_days_back: 60,
+            ledger_days_ahead: 2,
+        }
+    }
 }
 
 /// Where the relay's certificate comes from.
@@ -93,6 +144,9 @@ pub struct Limits {
     /// A stream the relay waits on (an upload's next frame, a frame begun but not
     /// finished) is closed after this long without progress.
     pub stream_idle_timeout: Duration,
+    /// Every write to a device and every stream the relay opens to it must complete
+    /// within this long; a device that stops reading is closed (`timed_out`).
+    pub write_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -102,8 +156,9 @@ impl Default for Limits {
             messages_per_second: 2_000,
             message_burst: 20_000,
             streams_per_second: 50,
-            hello_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(5),
             stream_idle_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -126,7 +181,16 @@ impl RelayConfig {
             tls: TlsMode::Dev,
             limits: Limits::default(),
             quarantine_after: Some(Duration::from_secs(14 * 86_400)),
+            quotas: Quotas::default(),
+            revoked_file: None,
         }
+    }
+
+    /// The revocation list in use.
+    pub fn revoked_file(&self) -> PathBuf {
+        self.revoked_file
+            .clone()
+            .unwrap_or_else(|| crate::auth::default_revoked_file(&self.data_dir))
     }
 
     /// Sets the listen address.

@@ -19,8 +19,8 @@ use automerge::ChangeHash;
 use quinn::{RecvStream, SendStream};
 use redline_proto::codec::{self, HEADER_LEN};
 use redline_proto::message::{
-    Ack, Cursor, ErrorReport, Hello, Message, Payload, Piece, Pull, Subscription, Update,
-    UploadOffset, Welcome,
+    Ack, Coverage, Cursor, ErrorReport, Hello, Message, Payload, Piece, Pull, Update, UploadOffset,
+    Welcome,
 };
 use redline_proto::session::{RelayResync, check_hello, hashes_from_wire, hashes_to_wire};
 use redline_proto::{DeviceId, DocId, ErrorCode, PROTOCOL_VERSION};
@@ -32,7 +32,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::Error;
 use crate::access::Scope;
 use crate::auth::Authority;
+use crate::authorship::Author;
 use crate::config::RelayConfig;
+use crate::door::Seat;
 use crate::hub::{Committed, Hub, Window, bundle_changes};
 
 /// Updates larger than this go as a transfer on their own stream.
@@ -48,20 +50,29 @@ pub(crate) struct Shared {
     pub hub: Arc<Hub>,
     pub config: Arc<RelayConfig>,
     pub authority: Arc<Authority>,
+    pub door: Arc<crate::door::Door>,
 }
 
 /// Serves one incoming connection until it closes. A connection the relay ends for cause
 /// (no valid token, revoked, limits, garbage) is closed with the error code as the QUIC
 /// application code, after the device was told why on the control stream.
-pub(crate) async fn serve(incoming: quinn::Incoming, shared: Shared) {
+pub(crate) async fn serve(incoming: quinn::Incoming, shared: Shared, seats: Vec<Seat>) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+    // Until its hello is admitted, the connection counts as pending (see `door`).
+    let pending = shared.door.pending();
+    let handshake = tokio::time::timeout(shared.config.limits.hello_timeout, incoming).await;
+    let conn = match handshake {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             debug!(%remote, "handshake failed: {e}");
             return;
         }
+        Err(_) => {
+            debug!(%remote, "handshake did not finish in time");
+            return;
+        }
     };
+    let _seats = seats;
     let span = info_span!("conn", conn = conn.stable_id(), %remote, device = tracing::field::Empty);
     let span2 = span.clone();
     let hub = shared.hub.clone();
@@ -69,7 +80,7 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Shared) {
     hub.metrics.connections_open.inc();
     async move {
         let mut wire = Wire::default();
-        let result = run(conn.clone(), shared, span2, &mut wire).await;
+        let result = run(conn.clone(), shared, span2, &mut wire, pending).await;
         wire.account(&conn, &hub);
         hub.metrics.connections_open.dec();
         if let Some(device) = &wire.device {
@@ -222,15 +233,26 @@ impl RateLimit {
     }
 }
 
+/// Writes one frame; a device that does not take it within `within` (it stopped
+/// reading) is refused with `timed_out`.
 async fn write_message(
     send: &mut SendStream,
     msg: &Message,
     max_frame: usize,
+    within: Duration,
 ) -> Result<(), Error> {
     let frame = codec::encode_frame(msg, max_frame)?;
-    send.write_all(&frame)
-        .await
-        .map_err(|e| Error::Connection(e.to_string()))
+    match tokio::time::timeout(within, send.write_all(&frame)).await {
+        Ok(written) => written.map_err(|e| Error::Connection(e.to_string())),
+        Err(_) => Err(stopped_reading()),
+    }
+}
+
+fn stopped_reading() -> Error {
+    Error::Refused {
+        code: ErrorCode::TIMED_OUT,
+        text: "the device stopped reading".into(),
+    }
 }
 
 fn error_msg(code: ErrorCode, text: impl Into<String>, doc: Option<DocId>) -> Message {
@@ -287,6 +309,8 @@ impl Known {
 /// What the relay knows of one device on this connection.
 struct Peer {
     device: DeviceId,
+    /// Who its changes must name: the token's member and device.
+    author: Author,
     /// What its token allows.
     scope: Scope,
     /// In quarantine after this long offline (ms): pushes are held for review.
@@ -294,7 +318,7 @@ struct Peer {
     /// The device had finished a sync before this connection (it is not new).
     synced_before: bool,
     /// What it receives: its subscription narrowed to its scope.
-    subscription: Subscription,
+    subscription: Coverage,
     /// Heads the device is known to hold, per document (pushed, uploading or delivered
     /// here). Shared with upload tasks.
     known: Known,
@@ -304,6 +328,8 @@ struct Peer {
     defer_large: bool,
     /// Feed sequence the device has been brought up to (`None` before its first pull).
     delivered: Option<u64>,
+    /// How long a write to the device (or a stream opened to it) may take.
+    write_timeout: Duration,
     resync: RelayResync,
 }
 
@@ -326,9 +352,10 @@ async fn greet(
     let config = &shared.config;
     let limits = &config.limits;
     let refuse = |code: ErrorCode, text: String| Error::Refused { code, text };
+    // Before the token is checked, a frame may be small: a hello, nothing more.
     let first = read_message(
         recv,
-        config.max_frame,
+        config.max_frame.min(codec::HELLO_MAX_FRAME),
         Some(limits.hello_timeout),
         limits.hello_timeout,
     )
@@ -357,6 +384,7 @@ async fn greet(
             send,
             &error_msg(*code, text.clone(), None),
             config.max_frame,
+            limits.write_timeout,
         )
         .await;
         let _ = send.finish();
@@ -370,11 +398,13 @@ async fn run(
     shared: Shared,
     span: tracing::Span,
     wire: &mut Wire,
+    pending: Seat,
 ) -> Result<(), Error> {
     let Shared {
         hub,
         config,
         authority,
+        door,
     } = shared.clone();
     let limits = config.limits.clone();
     let (mut send, mut recv) = tokio::time::timeout(limits.hello_timeout, conn.accept_bi())
@@ -384,7 +414,44 @@ async fn run(
             text: "no stream opened".into(),
         })?
         .map_err(|e| Error::Connection(e.to_string()))?;
+    // Watch revocations before the token is admitted: one that lands in between is seen.
+    let mut revocations = authority.watch();
+    let watchdog_revocations = authority.watch();
     let (hello, scope) = greet(&mut send, &mut recv, &shared).await?;
+    drop(pending);
+    let token_id = scope.claims().id;
+    let Some(_token_seat) = door.token(token_id) else {
+        let text = format!(
+            "too many connections with this token (at most {}); close the others or reconnect later",
+            config.quotas.connections_per_token
+        );
+        hub.metrics.quota_refused("connections_per_token");
+        let _ = write_message(
+            &mut send,
+            &error_msg(ErrorCode::RATE_LIMITED, text.clone(), None),
+            config.max_frame,
+            limits.write_timeout,
+        )
+        .await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        return Err(Error::Refused {
+            code: ErrorCode::RATE_LIMITED,
+            text,
+        });
+    };
+    let expires = scope.claims().expires;
+    let expires_in = Duration::from_secs(expires.saturating_sub(crate::auth::now_secs()));
+    // Revocation and expiry are acted on even while this connection's loop waits on a
+    // device that does not read: the watchdog closes the connection itself.
+    let watchdog = tokio::spawn(watchdog(
+        conn.clone(),
+        authority.clone(),
+        token_id,
+        expires_in,
+        watchdog_revocations,
+    ));
+    let _watchdog = AbortOnDrop(watchdog);
     let greeted = std::time::Instant::now();
     span.record("device", tracing::field::display(&hello.device));
     let granted = scope.grant(&hello.subscription);
@@ -416,17 +483,46 @@ async fn run(
             quarantined,
         }),
         config.max_frame,
+        limits.write_timeout,
     )
     .await?;
+    // A revocation noticed while the welcome was on its way counts too.
+    if authority.is_revoked(&token_id) {
+        let text = format!("token {token_id} was revoked; ask your lead for a new one");
+        let _ = write_message(
+            &mut send,
+            &error_msg(ErrorCode::TOKEN_REVOKED, text.clone(), None),
+            config.max_frame,
+            limits.write_timeout,
+        )
+        .await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        return Err(Error::Refused {
+            code: ErrorCode::TOKEN_REVOKED,
+            text,
+        });
+    }
 
-    // Writer: one task owns the control stream's send side.
+    // Writer: one task owns the control stream's send side. A device that stops reading
+    // is closed once a write has waited `write_timeout`, so nothing waits on it for long.
     let (out, mut outbox) = mpsc::channel::<Message>(256);
     let max_frame = config.max_frame;
+    let write_timeout = limits.write_timeout;
+    let writer_conn = conn.clone();
     let writer = tokio::spawn(async move {
         while let Some(m) = outbox.recv().await {
-            if let Err(e) = write_message(&mut send, &m, max_frame).await {
-                debug!("control stream write failed: {e}");
-                return;
+            match write_message(&mut send, &m, max_frame, write_timeout).await {
+                Ok(()) => {}
+                Err(Error::Refused { code, text }) => {
+                    info!(%code, "closing connection: {text}");
+                    writer_conn.close(u32::from(code.0).into(), code.name().as_bytes());
+                    return;
+                }
+                Err(e) => {
+                    debug!("control stream write failed: {e}");
+                    return;
+                }
             }
         }
         let _ = send.finish();
@@ -457,21 +553,23 @@ async fn run(
         limits.message_burst,
     ))));
     let mut streams = Bucket::new(limits.streams_per_second, config.max_streams_per_connection);
-    let token_id = scope.claims().id;
-    let expires = scope.claims().expires;
-    let mut revocations = authority.watch();
-    let expiry = tokio::time::Instant::now()
-        + Duration::from_secs(expires.saturating_sub(crate::auth::now_secs()));
+    let expiry = tokio::time::Instant::now() + expires_in;
     let mut peer = Peer {
         device: hello.device.clone(),
+        author: Author {
+            device: hello.device.clone(),
+            member: scope.claims().member.clone(),
+            role: scope.claims().role,
+        },
         scope,
         quarantined,
         synced_before,
-        subscription: granted,
+        subscription: Coverage::new(granted),
         known: Known::default(),
         resume: HashMap::new(),
         defer_large: false,
         delivered: None,
+        write_timeout: limits.write_timeout,
         resync: RelayResync::new(),
     };
     let mut pushes: JoinSet<(DocId, Vec<ChangeHash>, Result<Committed, Error>)> = JoinSet::new();
@@ -507,48 +605,40 @@ async fn run(
                     }
                     match msg {
                         Message::Push(p) => {
-                            if !peer.scope.can_write(&p.doc) {
-                                let _ = out.send(forbidden(&p.doc)).await;
-                            } else {
-                                match bundle_changes(&p.bundle) {
-                                    Ok(changes) if changes.len() > limits.max_changes_per_message => {
-                                        let text = format!("{} changes in one push; the limit is {}", changes.len(), limits.max_changes_per_message);
-                                        let _ = out.send(error_msg(ErrorCode::TOO_LARGE, text, Some(p.doc))).await;
+                            let changes = match bundle_changes(&p.bundle) {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    let _ = out.send(error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(p.doc))).await;
+                                    continue;
+                                }
+                            };
+                            let heads = hashes_from_wire(&p.heads);
+                            match admit(&hub, &peer.admission(&config), &p.doc, &changes).await {
+                                Verdict::Refuse(code, text) => {
+                                    let _ = out.send(error_msg(code, text, Some(p.doc))).await;
+                                }
+                                Verdict::Hold { starts } => {
+                                    if starts {
+                                        peer.quarantined = Some(hub.devices.mark_quarantined(&peer.device));
                                     }
-                                    Ok(changes) if peer.quarantined.is_some()
-                                        || (peer.synced_before
-                                            && peer.scope.claims().role == redline_proto::token::Role::Volunteer
-                                            && new_actor_on_existing(&hub, &peer.device, &p.doc, &changes).await) =>
-                                    {
-                                        if peer.quarantined.is_none() {
-                                            // A known phone writing as an actor never seen
-                                            // before into an existing document: its store
-                                            // was reset or restored. Held for review from
-                                            // now on.
-                                            warn!(doc = %p.doc, "known device pushes with an unknown actor: quarantined");
-                                            peer.quarantined = Some(hub.devices.mark_quarantined(&peer.device));
-                                        }
-                                        let entry = held_entry(&peer.device, &peer.scope, peer.quarantined, &p.doc, changes.len());
-                                        let hub = hub.clone();
-                                        let heads = hashes_from_wire(&p.heads);
-                                        pushes.spawn(async move {
-                                            let r = hold(&hub, entry, p.bundle).await;
-                                            (p.doc, heads, r)
-                                        });
-                                    }
-                                    Ok(changes) => {
-                                        peer.known.add_own(&p.doc, &changes);
-                                        let hub = hub.clone();
-                                        let heads = hashes_from_wire(&p.heads);
-                                        let device = peer.device.clone();
-                                        pushes.spawn(async move {
-                                            let arrived = std::time::Instant::now();
-                                            let r = hub.push(&p.doc, &device, changes).await;
-                                            hub.metrics.commit_latency.observe(arrived.elapsed().as_secs_f64());
-                                            (p.doc, heads, r)
-                                        });
-                                    }
-                                    Err(e) => { let _ = out.send(error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(p.doc))).await; }
+                                    let entry = held_entry(&peer.device, &peer.scope, peer.quarantined, &p.doc, changes.len());
+                                    let hub = hub.clone();
+                                    let quota = config.quotas.held_bytes_per_device;
+                                    pushes.spawn(async move {
+                                        let r = hold(&hub, entry, p.bundle, quota).await;
+                                        (p.doc, heads, r)
+                                    });
+                                }
+                                Verdict::Accept => {
+                                    peer.known.add_own(&p.doc, &changes);
+                                    let hub = hub.clone();
+                                    let author = peer.author.clone();
+                                    pushes.spawn(async move {
+                                        let arrived = std::time::Instant::now();
+                                        let r = hub.push(&p.doc, &author, changes).await;
+                                        hub.metrics.commit_latency.observe(arrived.elapsed().as_secs_f64());
+                                        (p.doc, heads, r)
+                                    });
                                 }
                             }
                         }
@@ -576,11 +666,21 @@ async fn run(
                             let _ = out.send(reply).await;
                         }
                         Message::QuarantineAccept { team, device } => {
+                            // Refused held pushes first (per document), then what stays held.
                             let reply = match crate::quarantine::accept(&hub, &peer.scope, &team, &device).await {
-                                Ok(list) => Message::Quarantine(list),
+                                Ok(review) => {
+                                    for r in review.refused {
+                                        let _ = out.send(Message::Error(r)).await;
+                                    }
+                                    Message::Quarantine(review.remaining)
+                                }
                                 Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), None),
                             };
                             let _ = out.send(reply).await;
+                        }
+                        Message::Pull(pull) if pull.cursor.as_ref().is_some_and(|c| c.subscription.check_size().is_err()) => {
+                            let text = format!("a cursor's subscription may list at most {} documents", redline_proto::message::MAX_SUBSCRIBED_DOCS);
+                            break Err(tell(&out, Error::Refused { code: ErrorCode::TOO_LARGE, text }).await);
                         }
                         Message::Pull(pull) => {
                             peer.resume = pull.resume.iter().map(|o| (o.id, o.have)).collect();
@@ -589,7 +689,7 @@ async fn run(
                         }
                         Message::Sync(step) => {
                             if peer.scope.can_read(&step.doc) {
-                                resync_step(&hub, &mut peer, step).await;
+                                resync_step(&hub, &mut peer, &config, step).await;
                                 while let Some(m) = peer.resync.poll_transmit() {
                                     if out.send(m).await.is_err() { break; }
                                 }
@@ -635,7 +735,7 @@ async fn run(
             }
             _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
                 due = None;
-                let cursor = Cursor { epoch: hub.epoch(), seq: peer.delivered.unwrap_or(0), subscription: peer.subscription.clone() };
+                let cursor = Cursor { epoch: hub.epoch(), seq: peer.delivered.unwrap_or(0), subscription: peer.subscription.subscription().clone() };
                 if let Err(e) = catch_up(&hub, &conn, &mut peer, &out, Some(cursor)).await {
                     break Err(e);
                 }
@@ -656,7 +756,7 @@ async fn run(
                         let text = "too many streams; the connection was closed (reconnect later)".to_string();
                         break Err(tell(&out, Error::Refused { code: ErrorCode::RATE_LIMITED, text }).await);
                     }
-                    let up = UploadCtx { hub: hub.clone(), config: config.clone(), device: peer.device.clone(), scope: peer.scope.clone(), known: peer.known.clone(), rate: rate.clone(), quarantined: peer.quarantined };
+                    let up = UploadCtx { hub: hub.clone(), config: config.clone(), who: peer.admission(&config), known: peer.known.clone(), rate: rate.clone() };
                     uploads.spawn(upload(s, r, up).in_current_span());
                 }
                 Err(e) => break Err(Error::Connection(e.to_string())),
@@ -677,6 +777,45 @@ async fn run(
     uploads.abort_all();
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     result
+}
+
+/// Closes `conn` when token `id` is revoked or expires, if the connection's own loop has
+/// not done so (telling the device why) within a short grace: a loop waiting on a
+/// device that does not read cannot keep a revoked token alive.
+async fn watchdog(
+    conn: quinn::Connection,
+    authority: Arc<Authority>,
+    id: redline_proto::token::TokenId,
+    expires_in: Duration,
+    mut revocations: tokio::sync::watch::Receiver<u64>,
+) {
+    const GRACE: Duration = Duration::from_millis(500);
+    let revoked = async {
+        loop {
+            if authority.is_revoked(&id) {
+                return;
+            }
+            if revocations.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let code = tokio::select! {
+        () = revoked => ErrorCode::TOKEN_REVOKED,
+        () = tokio::time::sleep(expires_in) => ErrorCode::TOKEN_EXPIRED,
+    };
+    tokio::time::sleep(GRACE).await;
+    info!(%code, "closing connection (watchdog)");
+    conn.close(u32::from(code.0).into(), code.name().as_bytes());
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Whether `changes` carry an actor the relay has never bound, for a document it holds,
@@ -747,9 +886,10 @@ async fn hold(
     hub: &Arc<Hub>,
     entry: redline_proto::message::QuarantineEntry,
     bundle: Vec<u8>,
+    quota: u64,
 ) -> Result<Committed, Error> {
     let offline_h = entry.offline_ms / 3_600_000;
-    crate::quarantine::hold(hub, entry, bundle).await?;
+    crate::quarantine::hold(hub, entry, bundle, quota).await?;
     Err(Error::Quarantined(format!(
         "this phone was offline for {offline_h} h: its changes are kept on the relay for a lead's review and merge once accepted"
     )))
@@ -766,18 +906,148 @@ async fn tell(out: &mpsc::Sender<Message>, e: Error) -> Error {
 
 /// The answer to a push or upload the hub did not commit.
 fn refusal(e: Error, doc: DocId) -> Message {
+    if let Error::MissingDependencies(_) = e {
+        return Message::Resync(doc);
+    }
+    let (code, text) = refusal_code(e);
+    error_msg(code, text, Some(doc))
+}
+
+/// The code and words for a commit the hub refused.
+fn refusal_code(e: Error) -> (ErrorCode, String) {
     match e {
-        Error::MissingDependencies(_) => Message::Resync(doc),
-        Error::BadChanges(text) => error_msg(ErrorCode::BAD_DOCUMENT_DATA, text, Some(doc)),
-        e @ Error::ForgedActor { .. } => error_msg(ErrorCode::FORBIDDEN, e.to_string(), Some(doc)),
-        Error::TooLarge(text) => error_msg(ErrorCode::TOO_LARGE, text, Some(doc)),
-        Error::Quarantined(text) => error_msg(ErrorCode::QUARANTINED, text, Some(doc)),
-        e => error_msg(
+        e @ Error::MissingDependencies(_) => (ErrorCode::BAD_DOCUMENT_DATA, e.to_string()),
+        Error::BadChanges(text) => (ErrorCode::BAD_DOCUMENT_DATA, text),
+        e @ (Error::ForgedActor { .. } | Error::ForgedAuthorship(_)) => {
+            (ErrorCode::FORBIDDEN, e.to_string())
+        }
+        Error::TooLarge(text) => (ErrorCode::TOO_LARGE, text),
+        Error::QuotaExceeded(text) => (ErrorCode::QUOTA_EXCEEDED, text),
+        Error::Quarantined(text) => (ErrorCode::QUARANTINED, text),
+        e => (
             ErrorCode::STORAGE_FAILURE,
             format!("nothing was acknowledged: {e}"),
-            Some(doc),
         ),
     }
+}
+
+/// What becomes of changes a device sends for a document.
+enum Verdict {
+    /// Commit them (the hub still checks actors, authorship, dependencies and size).
+    Accept,
+    /// Keep them for a lead's review; `starts`: this push puts the device in quarantine.
+    Hold { starts: bool },
+    /// Refuse them with this code.
+    Refuse(ErrorCode, String),
+}
+
+/// Refuses creating `doc` when it would be a ledger day far from the relay's date, or
+/// one document too many for the device today. Writing to existing documents is not
+/// limited here.
+async fn creation_refused(hub: &Arc<Hub>, who: &Admission, doc: &DocId) -> Option<Verdict> {
+    match hub.exists(doc).await {
+        Ok(true) => return None,
+        Ok(false) => {}
+        Err(e) => return Some(Verdict::Refuse(ErrorCode::STORAGE_FAILURE, e.to_string())),
+    }
+    let today = i64::try_from(crate::auth::now_secs() / 86_400).unwrap_or(i64::MAX);
+    let q = &who.quotas;
+    if let redline_proto::DocKind::Ledger(_, day) = doc.kind() {
+        let d = day.days_since_epoch();
+        if d < today - i64::from(q.ledger_days_back) || d > today + i64::from(q.ledger_days_ahead) {
+            hub.metrics.quota_refused("ledger_days");
+            return Some(Verdict::Refuse(
+                ErrorCode::FORBIDDEN,
+                format!(
+                    "a ledger for {day} cannot be started here: new ledger days must lie within {} days before and {} after the relay's date",
+                    q.ledger_days_back, q.ledger_days_ahead
+                ),
+            ));
+        }
+    }
+    if !hub.count_creation(
+        &who.author.device,
+        today,
+        q.new_documents_per_device_per_day,
+    ) {
+        hub.metrics
+            .quota_refused("new_documents_per_device_per_day");
+        return Some(Verdict::Refuse(
+            ErrorCode::QUOTA_EXCEEDED,
+            format!(
+                "this phone has started {} documents today, the most the relay allows",
+                q.new_documents_per_device_per_day
+            ),
+        ));
+    }
+    None
+}
+
+/// What the admission rule knows of a connection's device.
+#[derive(Clone)]
+struct Admission {
+    author: Author,
+    scope: Scope,
+    /// In quarantine after this long offline (ms).
+    quarantined: Option<i64>,
+    /// The device had finished a sync before this connection.
+    synced_before: bool,
+    max_changes: usize,
+    quotas: crate::config::Quotas,
+}
+
+impl Peer {
+    fn admission(&self, config: &RelayConfig) -> Admission {
+        Admission {
+            author: self.author.clone(),
+            scope: self.scope.clone(),
+            quarantined: self.quarantined,
+            synced_before: self.synced_before,
+            max_changes: config.limits.max_changes_per_message,
+            quotas: config.quotas.clone(),
+        }
+    }
+}
+
+/// The one admission rule for push, upload and sync: scope, size, quarantine.
+async fn admit(
+    hub: &Arc<Hub>,
+    who: &Admission,
+    doc: &DocId,
+    changes: &[automerge::Change],
+) -> Verdict {
+    if !who.scope.can_write(doc) {
+        return Verdict::Refuse(
+            ErrorCode::FORBIDDEN,
+            "your token does not allow this document".into(),
+        );
+    }
+    if changes.len() > who.max_changes {
+        return Verdict::Refuse(
+            ErrorCode::TOO_LARGE,
+            format!(
+                "{} changes in one message; the limit is {}",
+                changes.len(),
+                who.max_changes
+            ),
+        );
+    }
+    if let Some(refusal) = creation_refused(hub, who, doc).await {
+        return refusal;
+    }
+    if who.quarantined.is_some() {
+        return Verdict::Hold { starts: false };
+    }
+    if who.synced_before
+        && who.scope.claims().role == redline_proto::token::Role::Volunteer
+        && new_actor_on_existing(hub, &who.author.device, doc, changes).await
+    {
+        // A known phone writing as an actor never seen before into an existing
+        // document: its store was reset or restored. Held for review from now on.
+        warn!(%doc, "known device pushes with an unknown actor: quarantined");
+        return Verdict::Hold { starts: true };
+    }
+    Verdict::Accept
 }
 
 fn merge_heads(into: &mut Vec<ChangeHash>, more: &[ChangeHash]) {
@@ -816,7 +1086,7 @@ async fn catch_up(
         out.send(Message::Caught(Cursor {
             epoch: hub.epoch(),
             seq: upto,
-            subscription: scope,
+            subscription: scope.subscription().clone(),
         }))
         .await
         .map_err(|_| Error::Connection("control stream closed".into()))?;
@@ -826,7 +1096,7 @@ async fn catch_up(
     }
     let usable = cursor;
     let (after, old) = match &usable {
-        Some(c) => (c.seq, Some(c.subscription.clone())),
+        Some(c) => (c.seq, Some(Coverage::new(c.subscription.clone()))),
         None => (0, None),
     };
     let docs = hub
@@ -893,7 +1163,7 @@ async fn catch_up(
     out.send(Message::Caught(Cursor {
         epoch: hub.epoch(),
         seq: upto,
-        subscription: peer.subscription.clone(),
+        subscription: peer.subscription.subscription().clone(),
     }))
     .await
     .map_err(|_| Error::Connection("control stream closed".into()))?;
@@ -912,10 +1182,15 @@ async fn transfer(
     document: bool,
     heads: &[ChangeHash],
 ) -> Result<Update, Error> {
+    let write_timeout = peer.write_timeout;
     let id = transfer_id(&bytes);
-    let mut send = conn
-        .open_uni()
+    // A device that allows no stream (or never reads one) must not hold the loop.
+    let mut send = tokio::time::timeout(write_timeout, conn.open_uni())
         .await
+        .map_err(|_| Error::Refused {
+            code: ErrorCode::TIMED_OUT,
+            text: "the device took no transfer stream".into(),
+        })?
         .map_err(|e| Error::Connection(e.to_string()))?;
     let len = bytes.len() as u64;
     // Resume where the device's durable copy ends (same id: the very same bytes).
@@ -936,10 +1211,17 @@ async fn transfer(
                 offset: offset as u64,
                 data: piece.to_vec(),
             });
-            if write_message(&mut send, &msg, redline_proto::codec::DEFAULT_MAX_FRAME)
-                .await
-                .is_err()
+            if write_message(
+                &mut send,
+                &msg,
+                redline_proto::codec::DEFAULT_MAX_FRAME,
+                write_timeout,
+            )
+            .await
+            .is_err()
             {
+                // The device stopped reading: let go of the stream and its bytes.
+                let _ = send.reset(u32::from(ErrorCode::TIMED_OUT.0).into());
                 return;
             }
             offset += piece.len();
@@ -962,12 +1244,71 @@ pub(crate) fn transfer_id(bytes: &[u8]) -> [u8; 16] {
 }
 
 /// One step of the Automerge-sync fallback.
-async fn resync_step(hub: &Hub, peer: &mut Peer, step: redline_proto::message::SyncStep) {
+///
+/// The changes a step carries never reach Automerge's sync machinery: they go through
+/// the same intake (guard, no documents) and the same admission and commit as a push.
+/// Changes whose dependencies the relay lacks wait in this connection's session (never
+/// in the document) and the relay's reply asks for the missing ones; only the rest of
+/// the message (heads, needs, bloom filters) moves the sync state.
+async fn resync_step(
+    hub: &Arc<Hub>,
+    peer: &mut Peer,
+    config: &RelayConfig,
+    step: redline_proto::message::SyncStep,
+) {
     let doc_id = step.doc.clone();
-    let message = match RelayResync::decode(&step) {
+    let mut message = match RelayResync::decode(&step) {
         Ok(m) => m,
         Err(e) => return peer.resync.report(e.code(), e.to_string(), doc_id),
     };
+    let chunks = message
+        .as_mut()
+        .map(RelayResync::take_changes)
+        .unwrap_or_default();
+    let mut need = Vec::new();
+    let mut applied = 0;
+    if !chunks.is_empty() {
+        let mut changes = peer.resync.take_parked(&doc_id);
+        for chunk in &chunks {
+            match bundle_changes(chunk) {
+                Ok(c) => changes.extend(c),
+                Err(e) => return peer.resync.report(ErrorCode::BAD_DOCUMENT_DATA, e, doc_id),
+            }
+        }
+        match admit(hub, &peer.admission(config), &doc_id, &changes).await {
+            Verdict::Refuse(code, text) => return peer.resync.report(code, text, doc_id),
+            Verdict::Hold { .. } => {
+                // Only reviewed pushes merge: the device pushes these again, to be held.
+                let text = "this phone is in quarantine: its changes go through a lead's review";
+                return peer
+                    .resync
+                    .report(ErrorCode::QUARANTINED, text.into(), doc_id);
+            }
+            Verdict::Accept => {}
+        }
+        let missing = match hub.missing_dependencies(&doc_id, &changes).await {
+            Ok(m) => m,
+            Err(e) => {
+                return peer
+                    .resync
+                    .report(ErrorCode::STORAGE_FAILURE, e.to_string(), doc_id);
+            }
+        };
+        if missing.is_empty() {
+            match hub.push(&doc_id, &peer.author, changes).await {
+                Ok(c) => applied = c.applied,
+                Err(e) => {
+                    let (code, text) = refusal_code(e);
+                    return peer.resync.report(code, text, doc_id);
+                }
+            }
+        } else {
+            peer.resync.park(&doc_id, changes);
+            need = missing;
+        }
+    }
+    // What is left of the message moves only the sync state: the document is read, and
+    // a document that does not exist is not created by asking.
     let slot = match hub.slot(&doc_id).await {
         Ok(s) => s,
         Err(e) => {
@@ -976,74 +1317,39 @@ async fn resync_step(hub: &Hub, peer: &mut Peer, step: redline_proto::message::S
                 .report(ErrorCode::STORAGE_FAILURE, e.to_string(), doc_id);
         }
     };
-    let mut state = slot.lock().await;
-    let before = state.doc.get_heads();
-    let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        peer.resync.apply(&doc_id, &mut state.doc, message)
-    }));
-    let applied = match applied {
-        Ok(Ok(a)) => a,
-        failed => {
-            // The document may be half-changed: back to what the disk holds.
-            let _ = hub.reload(&doc_id, &slot, &mut state).await;
-            let (code, text) = match failed {
-                Ok(Err(e)) => (e.code(), e.to_string()),
-                _ => (
-                    ErrorCode::BAD_DOCUMENT_DATA,
-                    "Automerge could not apply the sync message".to_string(),
-                ),
-            };
-            return peer.resync.report(code, text, doc_id);
-        }
-    };
-    // What the step added must be the device's own, in a document it may write.
-    if state.doc.get_heads() != before {
-        let added = state.doc.get_changes(&before);
-        let refused = if !peer.scope.can_write(&doc_id) {
-            Some((
-                ErrorCode::FORBIDDEN,
-                "your token does not allow this document".to_string(),
-            ))
-        } else if peer.quarantined.is_some() {
-            // Only reviewed pushes merge: the device pushes these again, to be held.
-            Some((
-                ErrorCode::QUARANTINED,
-                "this phone is in quarantine: its changes go through a lead's review".to_string(),
-            ))
-        } else {
-            hub.check_actors(&doc_id, &peer.device, added.iter())
-                .err()
-                .map(|e| (ErrorCode::FORBIDDEN, e.to_string()))
-        };
-        if let Some((code, text)) = refused {
-            let _ = hub.reload(&doc_id, &slot, &mut state).await;
-            return peer.resync.report(code, text, doc_id);
-        }
-    }
-    if let Err(e) = hub
-        .persist_new(&doc_id, &slot, &mut state, &before, None)
-        .await
     {
-        warn!(doc = %doc_id, "cannot persist: {e}");
-        return peer.resync.report(
-            ErrorCode::STORAGE_FAILURE,
-            "nothing was acknowledged".into(),
-            doc_id,
-        );
+        let mut state = slot.lock().await;
+        let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            peer.resync.apply(&doc_id, &mut state.doc, message)
+        }));
+        match received {
+            Ok(Ok(_)) => peer.resync.respond_with(
+                &doc_id,
+                &state.doc,
+                redline_proto::session::Applied {
+                    new_changes: applied,
+                },
+                need,
+            ),
+            Ok(Err(e)) => peer.resync.report(e.code(), e.to_string(), doc_id.clone()),
+            Err(_) => peer.resync.report(
+                ErrorCode::BAD_DOCUMENT_DATA,
+                "Automerge could not read the sync message".into(),
+                doc_id.clone(),
+            ),
+        }
     }
-    peer.resync.respond(&doc_id, &state.doc, applied);
+    hub.release(slot);
 }
 
 /// What an upload stream needs from its connection.
 struct UploadCtx {
     hub: Arc<Hub>,
     config: Arc<RelayConfig>,
-    device: DeviceId,
-    scope: Scope,
+    /// Who uploads, and what the admission rule needs to know of it.
+    who: Admission,
     known: Known,
     rate: RateLimit,
-    /// In quarantine after this long offline (ms): uploads are held like pushes.
-    quarantined: Option<i64>,
 }
 
 /// One resumable upload on its own stream.
@@ -1051,14 +1357,15 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
     let UploadCtx {
         hub,
         config,
-        device,
-        scope,
+        who,
         known,
         rate,
-        quarantined,
     } = ctx;
+    let device = who.author.device.clone();
+    let scope = who.scope.clone();
     let max_frame = config.max_frame;
     let idle = config.limits.stream_idle_timeout;
+    let write_timeout = config.limits.write_timeout;
     let first = read_message(&mut recv, max_frame, Some(idle), idle).await;
     if let Err(e @ (Error::Refused { .. } | Error::Protocol(_))) = &first {
         let (code, text) = match e {
@@ -1066,7 +1373,13 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
             Error::Protocol(p) => (p.code(), p.to_string()),
             _ => unreachable!("matched above"),
         };
-        let _ = write_message(&mut send, &error_msg(code, text.clone(), None), max_frame).await;
+        let _ = write_message(
+            &mut send,
+            &error_msg(code, text.clone(), None),
+            max_frame,
+            write_timeout,
+        )
+        .await;
         let _ = send.finish();
         return Err(Error::Refused { code, text });
     }
@@ -1080,6 +1393,7 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
                 None,
             ),
             max_frame,
+            write_timeout,
         )
         .await?;
         return Err(Error::Refused {
@@ -1088,7 +1402,7 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
         });
     };
     if !scope.can_write(&up.doc) {
-        write_message(&mut send, &forbidden(&up.doc), max_frame).await?;
+        write_message(&mut send, &forbidden(&up.doc), max_frame, write_timeout).await?;
         let _ = send.finish();
         return Ok(());
     }
@@ -1101,6 +1415,7 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
             &mut send,
             &error_msg(ErrorCode::TOO_LARGE, text, Some(up.doc)),
             max_frame,
+            write_timeout,
         )
         .await?;
         return Ok(());
@@ -1122,7 +1437,7 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
                 applied: 0,
             };
             drop(state);
-            write_message(&mut send, &Message::Ack(ack), max_frame).await?;
+            write_message(&mut send, &Message::Ack(ack), max_frame, write_timeout).await?;
             let _ = send.finish();
             return Ok(());
         }
@@ -1136,10 +1451,35 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
     })
     .await
     .map_err(|e| Error::Storage(e.to_string()))??;
+    // What this device has staged, this upload's pieces included, stays within its quota.
+    let prefix = format!("{device}|").into_bytes();
+    let staged = tokio::task::spawn_blocking({
+        let s = storage.clone();
+        move || s.staged_bytes(&prefix)
+    })
+    .await
+    .map_err(|e| Error::Storage(e.to_string()))??;
+    let quota = config.quotas.staged_bytes_per_device;
+    if staged.saturating_add(up.len.saturating_sub(have)) > quota {
+        hub.metrics.quota_refused("staged_bytes_per_device");
+        let text = format!(
+            "this phone has {staged} bytes of unfinished uploads on the relay; with this one it would pass the limit of {quota} (unfinished uploads expire)"
+        );
+        write_message(
+            &mut send,
+            &error_msg(ErrorCode::QUOTA_EXCEEDED, text, Some(up.doc)),
+            max_frame,
+            write_timeout,
+        )
+        .await?;
+        let _ = send.finish();
+        return Ok(());
+    }
     write_message(
         &mut send,
         &Message::UploadOffset(UploadOffset { id: up.id, have }),
         max_frame,
+        write_timeout,
     )
     .await?;
     while have < up.len {
@@ -1161,21 +1501,27 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
                     Some(up.doc.clone()),
                 ),
                 max_frame,
+                write_timeout,
             )
             .await?;
             return Err(Error::Connection("bad piece".into()));
         }
         let (s, k, data, offset) = (storage.clone(), key.clone(), p.data, p.offset);
         let n = data.len() as u64;
-        tokio::task::spawn_blocking(move || s.put_piece(&k, offset, &data))
-            .await
-            .map_err(|e| Error::Storage(e.to_string()))??;
+        let now = crate::auth::now_secs();
+        tokio::task::spawn_blocking(move || {
+            s.put_piece(&k, offset, &data)?;
+            s.touch_upload(&k, now)
+        })
+        .await
+        .map_err(|e| Error::Storage(e.to_string()))??;
         hub.flush().await?;
         have += n;
         write_message(
             &mut send,
             &Message::UploadOffset(UploadOffset { id: up.id, have }),
             max_frame,
+            write_timeout,
         )
         .await?;
     }
@@ -1192,38 +1538,44 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
     } else {
         match bundle_changes(&bytes) {
             Err(e) => error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(up.doc.clone())),
-            Ok(changes) if changes.len() > config.limits.max_changes_per_message => error_msg(
-                ErrorCode::TOO_LARGE,
-                format!(
-                    "{} changes in one upload; the limit is {}",
-                    changes.len(),
-                    config.limits.max_changes_per_message
-                ),
-                Some(up.doc.clone()),
-            ),
-            Ok(changes) if quarantined.is_some() => {
-                let entry = held_entry(&device, &scope, quarantined, &up.doc, changes.len());
-                match hold(&hub, entry, bytes.clone()).await {
-                    Ok(_) => unreachable!("hold always answers held"),
-                    Err(e) => refusal(e, up.doc.clone()),
+            Ok(changes) => match admit(&hub, &who, &up.doc, &changes).await {
+                Verdict::Refuse(code, text) => error_msg(code, text, Some(up.doc.clone())),
+                Verdict::Hold { starts } => {
+                    let quarantined = if starts {
+                        Some(hub.devices.mark_quarantined(&device))
+                    } else {
+                        who.quarantined
+                    };
+                    let entry = held_entry(&device, &scope, quarantined, &up.doc, changes.len());
+                    match hold(
+                        &hub,
+                        entry,
+                        bytes.clone(),
+                        config.quotas.held_bytes_per_device,
+                    )
+                    .await
+                    {
+                        Ok(_) => unreachable!("hold always answers held"),
+                        Err(e) => refusal(e, up.doc.clone()),
+                    }
                 }
-            }
-            Ok(changes) => {
-                known.add_own(&up.doc, &changes);
-                match hub.push(&up.doc, &device, changes).await {
-                    Ok(c) => Message::Ack(Ack {
-                        doc: up.doc.clone(),
-                        heads: hashes_to_wire(&c.heads),
-                        applied: c.applied,
-                    }),
-                    Err(e) => refusal(e, up.doc.clone()),
+                Verdict::Accept => {
+                    known.add_own(&up.doc, &changes);
+                    match hub.push(&up.doc, &who.author, changes).await {
+                        Ok(c) => Message::Ack(Ack {
+                            doc: up.doc.clone(),
+                            heads: hashes_to_wire(&c.heads),
+                            applied: c.applied,
+                        }),
+                        Err(e) => refusal(e, up.doc.clone()),
+                    }
                 }
-            }
+            },
         }
     };
     let (s, k) = (storage, key);
     let _ = tokio::task::spawn_blocking(move || s.drop_upload(&k)).await;
-    write_message(&mut send, &reply, max_frame).await?;
+    write_message(&mut send, &reply, max_frame, write_timeout).await?;
     let _ = send.finish();
     Ok(())
 }

@@ -102,6 +102,16 @@ impl Registry {
         }
     }
 
+    /// The teams `device` belonged to at its last hello (empty if unknown).
+    pub fn teams_of(&self, device: &DeviceId) -> Vec<TeamId> {
+        self.devices
+            .lock()
+            .expect("devices lock")
+            .get(device)
+            .map(|r| r.health.teams.clone())
+            .unwrap_or_default()
+    }
+
     /// A device said hello.
     pub fn hello(
         &self,

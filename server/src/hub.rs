@@ -18,14 +18,15 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use automerge::{ActorId, Automerge, Change, ChangeHash};
+use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
 use redline_proto::genesis::{GENESIS_ACTOR, genesis_hash};
-use redline_proto::message::{Payload, Subscription};
+use redline_proto::message::{Coverage, Payload};
 use redline_proto::{DeviceId, DocId};
 use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
 use crate::Error;
+use crate::authorship::{self, Author};
 use crate::storage::{DocStorage, StoredDoc};
 
 /// In-memory size of a parsed document relative to its stored (compressed) size: an
@@ -113,7 +114,7 @@ impl DocSlot {
 }
 
 struct PendingPush {
-    device: DeviceId,
+    author: Author,
     changes: Vec<Change>,
     reply: oneshot::Sender<Result<Committed, Error>>,
 }
@@ -162,6 +163,9 @@ pub struct Hub {
     flusher: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
     /// Actor → the device it is bound to (a cache of the storage's table).
     actors: Mutex<HashMap<ActorId, DeviceId>>,
+    /// Documents each device created today: (day since the epoch, count). In memory: a
+    /// restart forgives the day's count.
+    creations: Mutex<HashMap<DeviceId, (i64, u32)>>,
     /// Counters.
     pub stats: HubStats,
     /// Prometheus metrics (the connection layer records into them too).
@@ -179,19 +183,10 @@ fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
     heads.iter().copied().collect()
 }
 
-/// Decodes a bundle into changes.
+/// Decodes device bytes (a bundle, or change chunks) into changes, through the guard
+/// every path shares ([`crate::intake`]).
 pub fn bundle_changes(bytes: &[u8]) -> Result<Vec<Change>, String> {
-    // Size bombs first: Automerge would materialise whatever the columns announce.
-    crate::bundle_guard::check(bytes)?;
-    // Automerge parses hostile bytes here: a panic inside it is a refusal, not a crash.
-    std::panic::catch_unwind(|| {
-        let bundle = automerge::Bundle::try_from(bytes)
-            .map_err(|e| format!("not an Automerge bundle: {e}"))?;
-        bundle
-            .to_changes()
-            .map_err(|e| format!("bundle does not decode: {e}"))
-    })
-    .unwrap_or_else(|_| Err("Automerge could not parse the bundle".into()))
+    crate::intake::device_changes(bytes)
 }
 
 /// Bundles `changes` of `doc` (hashes must be in the document).
@@ -228,6 +223,7 @@ impl Hub {
             metrics: crate::metrics::Metrics::default(),
             devices,
             actors: Mutex::new(HashMap::new()),
+            creations: Mutex::new(HashMap::new()),
         });
         // The flusher holds the hub weakly: when the relay shuts down, storage is released.
         let weak = Arc::downgrade(&hub);
@@ -324,8 +320,20 @@ impl Hub {
     }
 
     /// Drops idle documents, least recently used first, until the cache fits its budget.
+    /// Idle slots of documents that do not exist (a read of a missing document) are
+    /// dropped at once: asking about a document creates nothing.
     fn evict(&self) {
         let mut slots = self.slots.lock().expect("hub lock");
+        slots.retain(|_, slot| {
+            let absent = slot.stored_bytes.load(Ordering::Relaxed) == 0
+                && Arc::strong_count(slot) == 1
+                && slot.pending.lock().expect("pending lock").is_empty()
+                && slot
+                    .state
+                    .try_lock()
+                    .is_ok_and(|s| s.doc.get_heads().is_empty());
+            !absent
+        });
         let mut total: usize = slots
             .values()
             .map(|s| s.stored_bytes.load(Ordering::Relaxed) * MEMORY_FACTOR)
@@ -368,7 +376,7 @@ impl Hub {
     pub async fn push(
         self: &Arc<Self>,
         id: &DocId,
-        device: &DeviceId,
+        author: &Author,
         changes: Vec<Change>,
     ) -> Result<Committed, Error> {
         let slot = self.slot(id).await?;
@@ -377,7 +385,7 @@ impl Hub {
             .lock()
             .expect("pending lock")
             .push(PendingPush {
-                device: device.clone(),
+                author: author.clone(),
                 changes,
                 reply,
             });
@@ -410,49 +418,33 @@ impl Hub {
         state: &mut SlotState,
         batch: Vec<PendingPush>,
     ) {
-        // Dependencies: a push is accepted only if every dependency is in the document or
-        // in the batch. Otherwise the changes would sit in Automerge's queue, heads would
-        // not move, and nothing could honestly be acknowledged.
-        let in_batch: HashSet<ChangeHash> = batch
-            .iter()
-            .flat_map(|p| p.changes.iter().map(|c| c.hash()))
-            .collect();
         // What the document lacks, looked up once: the actor check, the size check, the
         // counts and the commit log all ask it of the same changes.
-        let new_to_doc: HashSet<ChangeHash> = in_batch
+        let new_to_doc: HashSet<ChangeHash> = batch
             .iter()
+            .flat_map(|p| p.changes.iter().map(|c| c.hash()))
             .filter(|h| !has(&state.doc, h))
-            .copied()
             .collect();
         let is_new = |c: &Change| new_to_doc.contains(&c.hash());
-        let (ready, missing): (Vec<PendingPush>, Vec<PendingPush>) =
-            batch.into_iter().partition(|p| {
-                p.changes
-                    .iter()
-                    .flat_map(|c| c.deps().iter())
-                    .all(|d| in_batch.contains(d) || has(&state.doc, d))
-            });
-        for p in missing {
-            let _ = p
-                .reply
-                .send(Err(Error::MissingDependencies(id.to_string())));
-        }
-        // Actor binding: every change new to the relay must be by an actor of the
-        // pushing device (or be the document's genesis).
-        let (ok, forged): (Vec<PendingPush>, Vec<(PendingPush, Error)>) = {
-            let mut ok = Vec::new();
-            let mut forged = Vec::new();
-            for p in ready {
-                let new = p.changes.iter().filter(|c| is_new(c));
-                match self.check_actors(id, &p.device, new) {
-                    Ok(()) => ok.push(p),
-                    Err(e) => forged.push((p, e)),
+        // Who may write what: every change new to the relay must be by an actor of the
+        // pushing device (or be the document's genesis), and name nobody else.
+        let tallies = authorship::tallies_object(id);
+        let mut ok = Vec::new();
+        for p in batch {
+            let mut new = p.changes.iter().filter(|c| is_new(c)).peekable();
+            if new.peek().is_none() {
+                ok.push(p);
+                continue;
+            }
+            let verdict = self
+                .check_actors(id, &p.author.device, new.clone())
+                .and_then(|()| self.check_authorship(&p.author, new, tallies.as_deref()));
+            match verdict {
+                Ok(()) => ok.push(p),
+                Err(e) => {
+                    let _ = p.reply.send(Err(e));
                 }
             }
-            (ok, forged)
-        };
-        for (p, e) in forged {
-            let _ = p.reply.send(Err(e));
         }
         // Size: what the batch adds, estimated by the changes' raw bytes (the stored chunk
         // is smaller), must keep the document within its limit.
@@ -472,6 +464,34 @@ impl Hub {
             let _ = p.reply.send(Err(Error::TooLarge(format!(
                 "{id} would grow beyond the relay's limit of {limit} bytes per document"
             ))));
+        }
+        // Dependencies: a push is accepted only if every dependency is in the document or
+        // in a push still accepted. Otherwise Automerge would queue the changes inside the
+        // document (heads unmoved, nothing honestly acknowledged, and a queued change
+        // would be released unchecked by whoever later pushes its dependency). Refusing
+        // one push can strand another that built on it: repeat until nothing changes.
+        let mut ok = ok;
+        loop {
+            let available: HashSet<ChangeHash> = ok
+                .iter()
+                .flat_map(|p| p.changes.iter().map(|c| c.hash()))
+                .collect();
+            let (ready, missing): (Vec<PendingPush>, Vec<PendingPush>) =
+                ok.into_iter().partition(|p| {
+                    p.changes
+                        .iter()
+                        .flat_map(|c| c.deps().iter())
+                        .all(|d| available.contains(d) || has(&state.doc, d))
+                });
+            ok = ready;
+            if missing.is_empty() {
+                break;
+            }
+            for p in missing {
+                let _ = p
+                    .reply
+                    .send(Err(Error::MissingDependencies(id.to_string())));
+            }
         }
         if ok.is_empty() {
             return;
@@ -531,6 +551,17 @@ impl Hub {
                     }
                 }
             }
+        }
+        // Nothing may stay queued inside the document (see the dependency check above).
+        if !state.doc.get_missing_deps(&[]).is_empty() {
+            warn!(doc = %id, "a batch left changes queued in the document; refused, reloading");
+            for (p, _) in accepted {
+                let _ = p
+                    .reply
+                    .send(Err(Error::MissingDependencies(id.to_string())));
+            }
+            let _ = self.reload(id, slot, state).await;
+            return;
         }
         // Changes of refused pushes never entered the document: keep only what did.
         let fresh: Vec<ChangeHash> = fresh.into_iter().filter(|h| has(&state.doc, h)).collect();
@@ -687,6 +718,25 @@ impl Hub {
         Ok(())
     }
 
+    /// Checks that every change in `new` names only `author` (see [`authorship`]).
+    fn check_authorship<'c>(
+        &self,
+        author: &Author,
+        new: impl IntoIterator<Item = &'c Change>,
+        tallies: Option<&str>,
+    ) -> Result<(), Error> {
+        let actors = self.actors.lock().expect("actors lock");
+        let own = |a: &ActorId| actors.get(a) == Some(&author.device);
+        for change in new {
+            // The genesis was checked byte for byte by the actor check.
+            if change.actor_id().to_bytes() == GENESIS_ACTOR {
+                continue;
+            }
+            authorship::check(author, change, tallies, &own).map_err(Error::ForgedAuthorship)?;
+        }
+        Ok(())
+    }
+
     fn finish_seq(&self, seq: u64) {
         let stable = {
             let mut s = self.seq.lock().expect("seq lock");
@@ -707,6 +757,11 @@ impl Hub {
     }
 
     async fn compact(&self, id: &DocId, slot: &DocSlot, state: &mut SlotState) {
+        // `save()` keeps changes queued for missing dependencies: never write those.
+        if !state.doc.get_missing_deps(&[]).is_empty() {
+            warn!(doc = %id, "not compacting: the document holds queued changes");
+            return;
+        }
         let snapshot = state.saved();
         let len = snapshot.len();
         let key = id.clone();
@@ -803,10 +858,10 @@ impl Hub {
     /// that the old subscription did not cover (all stored ones, if `old` is `None`).
     pub async fn changed_in_scope(
         &self,
-        scope: &Subscription,
+        scope: &Coverage,
         after: u64,
         upto: u64,
-        old: Option<&Subscription>,
+        old: Option<&Coverage>,
     ) -> Result<Vec<DocId>, Error> {
         let mut out: Vec<DocId> = Vec::new();
         let mut seen = HashSet::new();
@@ -846,6 +901,62 @@ impl Hub {
         Ok(out)
     }
 
+    /// Whether `doc` holds anything (the cache first, then storage). Creates nothing.
+    pub async fn exists(&self, id: &DocId) -> Result<bool, Error> {
+        let cached = self.slots.lock().expect("hub lock").get(id).cloned();
+        if let Some(slot) = cached {
+            let held = slot.stored_bytes.load(Ordering::Relaxed) > 0
+                || !slot.state.lock().await.doc.get_heads().is_empty();
+            self.release(slot);
+            if held {
+                return Ok(true);
+            }
+        }
+        let key = id.clone();
+        self.blocking(move |s| s.exists(&key)).await
+    }
+
+    /// Counts a document created by `device` on `day` (days since the epoch); `false`
+    /// (and not counted) once `limit` documents were created that day.
+    pub fn count_creation(&self, device: &DeviceId, day: i64, limit: u32) -> bool {
+        let mut all = self.creations.lock().expect("creations lock");
+        let entry = all.entry(device.clone()).or_insert((day, 0));
+        if entry.0 != day {
+            *entry = (day, 0);
+        }
+        if entry.1 >= limit {
+            return false;
+        }
+        entry.1 += 1;
+        true
+    }
+
+    /// Dependencies of `changes` that neither `doc` nor `changes` hold.
+    pub async fn missing_dependencies(
+        &self,
+        id: &DocId,
+        changes: &[Change],
+    ) -> Result<Vec<ChangeHash>, Error> {
+        let within: HashSet<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
+        let wanted: Vec<ChangeHash> = changes
+            .iter()
+            .flat_map(|c| c.deps().iter().copied())
+            .filter(|d| !within.contains(d))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let slot = self.slot(id).await?;
+        let mut missing: Vec<ChangeHash> = {
+            let state = slot.state.lock().await;
+            wanted.into_iter().filter(|d| !has(&state.doc, d)).collect()
+        };
+        self.release(slot);
+        missing.sort();
+        missing.dedup();
+        Ok(missing)
+    }
+
     /// Heads of `doc` as of feed sequence `seq`.
     pub async fn heads_at(&self, doc: &DocId, seq: u64) -> Result<Vec<ChangeHash>, Error> {
         let key = doc.clone();
@@ -866,6 +977,32 @@ impl Hub {
     /// Storage access for uploads.
     pub(crate) fn storage(&self) -> Arc<dyn DocStorage> {
         self.storage.clone()
+    }
+}
+
+/// Drops unfinished uploads untouched for `expiry`, every quarter of it (at least every
+/// second, at most every five minutes), until `stop` fires or the hub is gone.
+pub async fn expire_uploads(
+    hub: std::sync::Weak<Hub>,
+    expiry: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = (expiry / 4).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(300),
+    );
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let Some(hub) = hub.upgrade() else { return };
+        let cutoff = crate::auth::now_secs().saturating_sub(expiry.as_secs());
+        match hub.blocking(move |s| s.expire_uploads(cutoff)).await {
+            Ok(0) => {}
+            Ok(n) => debug!(uploads = n, "dropped abandoned uploads"),
+            Err(e) => warn!("cannot expire abandoned uploads: {e}"),
+        }
     }
 }
 

@@ -25,11 +25,14 @@
 
 pub mod access;
 pub mod auth;
+pub mod authorship;
 pub mod bundle_guard;
 pub mod config;
 mod connection;
+pub mod door;
 pub mod health;
 pub mod hub;
+pub mod intake;
 pub mod metrics;
 pub mod quarantine;
 pub mod relay;
@@ -38,7 +41,7 @@ pub mod storage;
 pub mod tls;
 pub mod udp;
 
-pub use config::{DEFAULT_LISTEN, Limits, RelayConfig, TlsMode};
+pub use config::{DEFAULT_LISTEN, Limits, Quotas, RelayConfig, TlsMode};
 pub use relay::{Relay, RelayHandle};
 
 use std::path::PathBuf;
@@ -102,6 +105,12 @@ pub enum Error {
         /// The device (or genesis) it belongs to.
         owner: String,
     },
+    /// Changes name another member or device than the token that pushed them.
+    #[error("forged authorship: {0}")]
+    ForgedAuthorship(String),
+    /// A per-device quota would be exceeded; nothing was stored.
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
     /// A protocol error on a stream.
     #[error(transparent)]
     Protocol(#[from] redline_proto::Error),

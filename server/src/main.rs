@@ -82,6 +82,9 @@ struct ServeArgs {
     /// Production TLS: private key (PEM).
     #[arg(long, env = "REDLINE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// The revocation list [default: <data dir>/revoked]. Keep it out of backups.
+    #[arg(long, env = "REDLINE_REVOKED_FILE")]
+    revoked_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -118,10 +121,15 @@ enum TokenCommand {
         /// The relay's data dir.
         #[arg(long, env = "REDLINE_DATA_DIR", default_value = "./redline-data")]
         data_dir: PathBuf,
+        /// The revocation list [default: revoked_file of the data dir's redline.toml,
+        /// else <data dir>/revoked].
+        #[arg(long, env = "REDLINE_REVOKED_FILE")]
+        revoked_file: Option<PathBuf>,
         /// The token id (32 hex digits, printed at issue), or the token itself.
         id: String,
     },
-    /// Show what a token claims (without checking its signature).
+    /// Show what a token claims. The claims are NOT verified: anyone can write a token
+    /// that claims anything; only the relay's key can tell.
     Show {
         /// The token.
         token: String,
@@ -275,6 +283,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(RelayConfig, FileConfig)> {
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config.tls = TlsMode::Files { cert, key };
     }
+    if let Some(r) = args.revoked_file {
+        config.revoked_file = Some(r);
+    }
     Ok((config, file))
 }
 
@@ -320,7 +331,7 @@ const ADMIN_DEVICE: &str = "relay-admin";
 
 fn init(data_dir: &Path, org: &str) -> anyhow::Result<()> {
     redline_proto::OrgId::new(org)?;
-    std::fs::create_dir_all(data_dir)
+    redline_server::auth::create_private_dir(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let config_path = data_dir.join(settings::FILE_NAME);
     if config_path.exists() {
@@ -550,7 +561,11 @@ fn token_command(command: TokenCommand) -> anyhow::Result<()> {
             );
             println!("{token}");
         }
-        TokenCommand::Revoke { data_dir, id } => {
+        TokenCommand::Revoke {
+            data_dir,
+            revoked_file,
+            id,
+        } => {
             let id = match TokenId::parse(&id) {
                 Ok(id) => id,
                 Err(_) => {
@@ -559,11 +574,27 @@ fn token_command(command: TokenCommand) -> anyhow::Result<()> {
                         .id
                 }
             };
-            redline_server::auth::revoke(&data_dir, id)?;
-            println!("revoked {id}");
+            let file = match revoked_file {
+                Some(f) => f,
+                None => {
+                    let toml = data_dir.join(settings::FILE_NAME);
+                    let from_file = if toml.exists() {
+                        FileConfig::load(&toml)?.revoked_file
+                    } else {
+                        None
+                    };
+                    from_file
+                        .unwrap_or_else(|| redline_server::auth::default_revoked_file(&data_dir))
+                }
+            };
+            redline_server::auth::revoke_in(&file, id)?;
+            println!("revoked {id} (in {})", file.display());
         }
         TokenCommand::Show { token } => {
             let c = token::peek(&token)?;
+            println!(
+                "UNVERIFIED: these are the token's claims; its signature is not checked here."
+            );
             println!("id       {}", c.id);
             println!("device   {}", c.device);
             println!("member   {}", c.member);

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -46,6 +47,43 @@ pub struct Metrics {
     flushes: Counter,
     udp_drops: Counter,
     udp_inode: std::sync::OnceLock<u64>,
+    quota_refusals: Family<Vec<(String, String)>, Counter>,
+    quota_limits: Family<Vec<(String, String)>, Gauge>,
+}
+
+fn quota_label(quota: &str) -> Vec<(String, String)> {
+    vec![("quota".to_string(), quota.to_string())]
+}
+
+impl Metrics {
+    /// Counts a refusal for `quota` (its configuration name).
+    pub fn quota_refused(&self, quota: &str) {
+        self.quota_refusals.get_or_create(&quota_label(quota)).inc();
+    }
+
+    /// Publishes the configured quotas.
+    pub fn set_quotas(&self, quotas: &crate::config::Quotas) {
+        let set = |name: &str, v: u64| {
+            self.quota_limits
+                .get_or_create(&quota_label(name))
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set("connections_per_token", quotas.connections_per_token as u64);
+        set(
+            "connections_per_address",
+            quotas.connections_per_address as u64,
+        );
+        set("retry_above_pending", quotas.retry_above_pending as u64);
+        set("staged_bytes_per_device", quotas.staged_bytes_per_device);
+        set("upload_expiry_seconds", quotas.upload_expiry.as_secs());
+        set("held_bytes_per_device", quotas.held_bytes_per_device);
+        set(
+            "new_documents_per_device_per_day",
+            quotas.new_documents_per_device_per_day.into(),
+        );
+        set("ledger_days_back", quotas.ledger_days_back.into());
+        set("ledger_days_ahead", quotas.ledger_days_ahead.into());
+    }
 }
 
 impl Default for Metrics {
@@ -71,7 +109,19 @@ impl Default for Metrics {
             flushes: Counter::default(),
             udp_drops: Counter::default(),
             udp_inode: std::sync::OnceLock::new(),
+            quota_refusals: Family::default(),
+            quota_limits: Family::default(),
         };
+        registry.register(
+            "quota_refusals",
+            "Requests refused because a per-token, per-device or per-address quota was reached",
+            m.quota_refusals.clone(),
+        );
+        registry.register(
+            "quota_limit",
+            "The relay's quotas as configured (connections, bytes, documents per day)",
+            m.quota_limits.clone(),
+        );
         registry.register(
             "connections_open",
             "Device connections open now",

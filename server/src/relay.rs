@@ -10,7 +10,7 @@ use automerge::{Automerge, ChangeHash};
 use redline_proto::{DocId, ErrorCode};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::auth::Authority;
 use crate::config::{RelayConfig, TlsMode};
@@ -28,6 +28,7 @@ pub struct RelayHandle {
     local_addr: SocketAddr,
     http_addr: Option<SocketAddr>,
     data_dir: std::path::PathBuf,
+    revoked_file: std::path::PathBuf,
     identity: Identity,
     hub: Arc<Hub>,
     stop: watch::Sender<bool>,
@@ -58,16 +59,14 @@ impl Relay {
         wrap: impl FnOnce(SledStorage) -> Arc<dyn DocStorage>,
     ) -> Result<RelayHandle, Error> {
         let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).map_err(|source| Error::Io {
-            action: "create data dir",
-            path: data_dir.clone(),
-            source,
-        })?;
+        // Owner only: the data dir holds the token key and the district's households.
+        crate::auth::create_private_dir(&data_dir)?;
         let identity = match &config.tls {
             TlsMode::Dev => tls::load_or_create_dev_identity(&data_dir.join("tls"))?,
             TlsMode::Files { cert, key } => tls::load_pem_identity(cert, key)?,
         };
-        let authority = Arc::new(Authority::open(&data_dir)?);
+        let revoked_file = config.revoked_file();
+        let authority = Arc::new(Authority::open(&data_dir, &revoked_file)?);
         let db_dir = data_dir.join("db");
         let storage = tokio::task::spawn_blocking(move || SledStorage::open(&db_dir))
             .await
@@ -116,8 +115,15 @@ impl Relay {
             Some(addr) => Some(crate::metrics::serve(addr, hub.clone(), stopped.clone()).await?),
             None => None,
         };
+        hub.metrics.set_quotas(&config.quotas);
+        tokio::spawn(crate::hub::expire_uploads(
+            Arc::downgrade(&hub),
+            config.quotas.upload_expiry,
+            stopped.clone(),
+        ));
         let shared = Shared {
             hub: hub.clone(),
+            door: crate::door::Door::new(config.quotas.clone()),
             config: Arc::new(config),
             authority,
         };
@@ -127,6 +133,7 @@ impl Relay {
             local_addr,
             http_addr,
             data_dir,
+            revoked_file,
             identity,
             hub,
             stop,
@@ -150,7 +157,24 @@ async fn accept_loop(
                     incoming.refuse();
                     continue;
                 }
-                connections.spawn(connection::serve(incoming, shared.clone()));
+                // Under handshake load, a new peer proves its address before the relay
+                // spends a TLS handshake on it (QUIC Retry: one round trip more).
+                if shared.door.under_handshake_load()
+                    && !incoming.remote_address_validated()
+                    && incoming.may_retry()
+                {
+                    if let Err(e) = incoming.retry() {
+                        debug!("retry not sent: {e}");
+                    }
+                    continue;
+                }
+                let Some(seat) = shared.door.address(incoming.remote_address().ip()) else {
+                    debug!(remote = %incoming.remote_address(), "too many connections from this address; refusing");
+                    shared.hub.metrics.quota_refused("connections_per_address");
+                    incoming.refuse();
+                    continue;
+                };
+                connections.spawn(connection::serve(incoming, shared.clone(), vec![seat]));
             }
             Some(_) = connections.join_next() => {}
             _ = stopped.changed() => break,
@@ -186,6 +210,11 @@ impl RelayHandle {
     /// The relay's data dir (documents, certificate, token key, revocation list).
     pub fn data_dir(&self) -> &std::path::Path {
         &self.data_dir
+    }
+
+    /// The revocation list this relay watches.
+    pub fn revoked_file(&self) -> &std::path::Path {
+        &self.revoked_file
     }
 
     /// SHA-256 fingerprint of the relay's certificate (lowercase hex): what devices pin.

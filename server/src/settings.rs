@@ -51,6 +51,8 @@ pub struct FileConfig {
     pub org: Option<String>,
     /// Production certificate files.
     pub tls: Option<TlsFiles>,
+    /// The revocation list, if not `<data_dir>/revoked`.
+    pub revoked_file: Option<PathBuf>,
 }
 
 /// Production certificate files.
@@ -109,6 +111,9 @@ impl FileConfig {
         if let Some(n) = &self.name {
             config.name = n.clone();
         }
+        if let Some(r) = &self.revoked_file {
+            config.revoked_file = Some(r.clone());
+        }
         if let Some(t) = &self.tls {
             config.tls = TlsMode::Files {
                 cert: t.cert.clone(),
@@ -136,6 +141,10 @@ impl FileConfig {
              name = {:?}\n\
              # \"human\" or \"json\"\n\
              log_format = \"human\"\n\
+             \n\
+             # The revocation list. Keep it outside the data dir's backups (a restore must\n\
+             # not un-revoke tokens): for example /etc/redline/revoked.\n\
+             # revoked_file = \"/etc/redline/revoked\"\n\
              \n\
              # Production certificate (PEM). Without it, the dev certificate in tls/ is used\n\
              # and devices pin its fingerprint.\n\

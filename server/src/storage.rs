@@ -64,6 +64,15 @@ pub trait DocStorage: Send + Sync + 'static {
     fn upload_bytes(&self, key: &[u8]) -> Result<Vec<u8>, Error>;
     /// Drops upload `key`.
     fn drop_upload(&self, key: &[u8]) -> Result<(), Error>;
+    /// Records that upload `key` was worked on at `now` (Unix seconds), for expiry.
+    fn touch_upload(&self, key: &[u8], now: u64) -> Result<(), Error>;
+    /// Bytes staged by unfinished uploads whose keys start with `prefix` (one device's).
+    fn staged_bytes(&self, prefix: &[u8]) -> Result<u64, Error>;
+    /// Drops every upload last worked on before `cutoff` (Unix seconds); returns how
+    /// many were dropped.
+    fn expire_uploads(&self, cutoff: u64) -> Result<usize, Error>;
+    /// Whether `doc` is stored.
+    fn exists(&self, doc: &DocId) -> Result<bool, Error>;
     /// Binds `actor` to `device` unless it is bound already; returns the device it is
     /// bound to (not flushed: the commit that first uses it flushes).
     fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error>;
@@ -77,8 +86,14 @@ pub trait DocStorage: Send + Sync + 'static {
     fn devices(&self) -> Result<Vec<Vec<u8>>, Error>;
     /// Holds a quarantined push under `key` (not flushed).
     fn put_quarantine(&self, key: &[u8], item: &[u8]) -> Result<(), Error>;
-    /// Every quarantined push.
-    fn quarantined(&self) -> Result<Vec<KeyValue>, Error>;
+    /// Visits every quarantined push, one at a time (never all in memory at once),
+    /// until `visit` returns `false`.
+    fn visit_quarantined(&self, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), Error>;
+    /// The quarantined pushes whose keys start with `prefix` (one device's: bounded by
+    /// its quota).
+    fn quarantined_with(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, Error>;
+    /// Bytes held in quarantine under keys starting with `prefix`.
+    fn held_bytes(&self, prefix: &[u8]) -> Result<u64, Error>;
     /// Drops a quarantined push (after it was merged).
     fn drop_quarantine(&self, key: &[u8]) -> Result<(), Error>;
 }
@@ -92,6 +107,8 @@ pub struct SledStorage {
     feed: sled::Tree,
     doc_seq: sled::Tree,
     uploads: sled::Tree,
+    /// Upload key → when it was last worked on (Unix seconds, big-endian).
+    upload_times: sled::Tree,
     actors: sled::Tree,
     devices: sled::Tree,
     quarantine: sled::Tree,
@@ -170,6 +187,7 @@ impl SledStorage {
             feed: db.open_tree("feed").map_err(storage_err)?,
             doc_seq: db.open_tree("doc_seq").map_err(storage_err)?,
             uploads: db.open_tree("uploads").map_err(storage_err)?,
+            upload_times: db.open_tree("upload_times").map_err(storage_err)?,
             actors: db.open_tree("actors").map_err(storage_err)?,
             devices: db.open_tree("devices").map_err(storage_err)?,
             quarantine: db.open_tree("quarantine").map_err(storage_err)?,
@@ -297,31 +315,27 @@ impl DocStorage for SledStorage {
     }
 
     fn list(&self) -> Result<Vec<DocId>, Error> {
-        let mut out: Vec<DocId> = Vec::new();
+        let parse = |k: &[u8]| -> Result<DocId, Error> {
+            Ok(DocId::parse(
+                std::str::from_utf8(k).map_err(|_| Error::Storage("non-UTF-8 key".into()))?,
+            )?)
+        };
+        let mut out = std::collections::BTreeSet::new();
         for k in self.snapshots.iter().keys() {
-            let k = k.map_err(storage_err)?;
-            out.push(DocId::parse(
-                std::str::from_utf8(&k).map_err(|_| Error::Storage("non-UTF-8 key".into()))?,
-            )?);
+            out.insert(parse(&k.map_err(storage_err)?)?);
         }
-        // Documents not compacted yet exist only as chunks.
-        let mut last: Option<Vec<u8>> = None;
-        for k in self.chunks.iter().keys() {
-            let k = k.map_err(storage_err)?;
+        // Documents not compacted yet exist only as chunks: jump from one document's
+        // chunks to the next one's, rather than reading every chunk key.
+        let mut from: Vec<u8> = Vec::new();
+        while let Some(kv) = self.chunks.range(from.as_slice()..).next() {
+            let (k, _) = kv.map_err(storage_err)?;
             let name = k.split(|b| *b == 0).next().unwrap_or_default().to_vec();
-            if last.as_deref() != Some(name.as_slice()) {
-                let id = DocId::parse(
-                    std::str::from_utf8(&name)
-                        .map_err(|_| Error::Storage("non-UTF-8 key".into()))?,
-                )?;
-                if !out.contains(&id) {
-                    out.push(id);
-                }
-                last = Some(name);
-            }
+            out.insert(parse(&name)?);
+            // The first key after every `name \0 ...` key.
+            from = name;
+            from.push(1);
         }
-        out.sort();
-        Ok(out)
+        Ok(out.into_iter().collect())
     }
 
     fn upload_len(&self, key: &[u8]) -> Result<u64, Error> {
@@ -367,7 +381,56 @@ impl DocStorage for SledStorage {
                 .remove(k.map_err(storage_err)?)
                 .map_err(storage_err)?;
         }
+        self.upload_times.remove(key).map_err(storage_err)?;
         Ok(())
+    }
+
+    fn touch_upload(&self, key: &[u8], now: u64) -> Result<(), Error> {
+        self.upload_times
+            .insert(key, &now.to_be_bytes())
+            .map_err(storage_err)?;
+        Ok(())
+    }
+
+    fn staged_bytes(&self, prefix: &[u8]) -> Result<u64, Error> {
+        self.uploads
+            .scan_prefix(prefix)
+            .values()
+            .map(|v| v.map(|v| v.len() as u64))
+            .sum::<Result<u64, _>>()
+            .map_err(storage_err)
+    }
+
+    fn expire_uploads(&self, cutoff: u64) -> Result<usize, Error> {
+        let mut stale = Vec::new();
+        for kv in self.upload_times.iter() {
+            let (k, v) = kv.map_err(storage_err)?;
+            let at = <[u8; 8]>::try_from(v.as_ref())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if at < cutoff {
+                stale.push(k);
+            }
+        }
+        for k in &stale {
+            self.drop_upload(k)?;
+        }
+        Ok(stale.len())
+    }
+
+    fn exists(&self, doc: &DocId) -> Result<bool, Error> {
+        Ok(self
+            .snapshots
+            .contains_key(doc.as_str())
+            .map_err(storage_err)?
+            || self
+                .chunks
+                .scan_prefix(doc_prefix(doc))
+                .keys()
+                .next()
+                .transpose()
+                .map_err(storage_err)?
+                .is_some())
     }
 
     fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error> {
@@ -424,14 +487,33 @@ impl DocStorage for SledStorage {
         Ok(())
     }
 
-    fn quarantined(&self) -> Result<Vec<KeyValue>, Error> {
+    fn visit_quarantined(&self, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), Error> {
+        for kv in self.quarantine.iter() {
+            let (k, v) = kv.map_err(storage_err)?;
+            if !visit(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn quarantined_with(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, Error> {
         self.quarantine
-            .iter()
+            .scan_prefix(prefix)
             .map(|kv| {
                 kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
                     .map_err(storage_err)
             })
             .collect()
+    }
+
+    fn held_bytes(&self, prefix: &[u8]) -> Result<u64, Error> {
+        self.quarantine
+            .scan_prefix(prefix)
+            .values()
+            .map(|v| v.map(|v| v.len() as u64))
+            .sum::<Result<u64, _>>()
+            .map_err(storage_err)
     }
 
     fn drop_quarantine(&self, key: &[u8]) -> Result<(), Error> {
@@ -490,5 +572,40 @@ mod tests {
         assert_eq!(s.upload_bytes(b"dev|id").unwrap(), b"hello world");
         s.drop_upload(b"dev|id").unwrap();
         assert_eq!(s.upload_len(b"dev|id").unwrap(), 0);
+    }
+
+    #[test]
+    fn abandoned_uploads_expire_and_count_per_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path()).unwrap();
+        s.put_piece(b"a|1", 0, b"12345").unwrap();
+        s.touch_upload(b"a|1", 100).unwrap();
+        s.put_piece(b"a|2", 0, b"123").unwrap();
+        s.touch_upload(b"a|2", 200).unwrap();
+        s.put_piece(b"b|1", 0, b"1").unwrap();
+        s.touch_upload(b"b|1", 300).unwrap();
+        assert_eq!(s.staged_bytes(b"a|").unwrap(), 8);
+        assert_eq!(s.expire_uploads(150).unwrap(), 1);
+        assert_eq!(s.staged_bytes(b"a|").unwrap(), 3);
+        assert_eq!(s.staged_bytes(b"b|").unwrap(), 1);
+    }
+
+    #[test]
+    fn listing_is_one_entry_per_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path()).unwrap();
+        let docs: Vec<DocId> = (0..50)
+            .map(|i| DocId::parse(&format!("households/z{i:02}")).unwrap())
+            .collect();
+        for (i, d) in docs.iter().enumerate() {
+            for j in 0..5 {
+                s.commit(d, (i * 5 + j + 1) as u64, b"c", &[[1; 32]])
+                    .unwrap();
+            }
+        }
+        s.compact(&docs[3], b"snap").unwrap();
+        assert_eq!(s.list().unwrap(), docs);
+        assert!(s.exists(&docs[3]).unwrap() && s.exists(&docs[4]).unwrap());
+        assert!(!s.exists(&DocId::parse("households/none").unwrap()).unwrap());
     }
 }

@@ -338,6 +338,19 @@ impl DocStorage for FaultyStorage {
     fn drop_upload(&self, key: &[u8]) -> Result<(), Error> {
         self.inner.drop_upload(key)
     }
+    fn touch_upload(&self, key: &[u8], now: u64) -> Result<(), Error> {
+        self.check()?;
+        self.inner.touch_upload(key, now)
+    }
+    fn staged_bytes(&self, prefix: &[u8]) -> Result<u64, Error> {
+        self.inner.staged_bytes(prefix)
+    }
+    fn expire_uploads(&self, cutoff: u64) -> Result<usize, Error> {
+        self.inner.expire_uploads(cutoff)
+    }
+    fn exists(&self, doc: &DocId) -> Result<bool, Error> {
+        self.inner.exists(doc)
+    }
     fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error> {
         self.inner.bind_actor(actor, device)
     }
@@ -357,8 +370,17 @@ impl DocStorage for FaultyStorage {
         self.check()?;
         self.inner.put_quarantine(key, item)
     }
-    fn quarantined(&self) -> Result<Vec<redline_server::storage::KeyValue>, Error> {
-        self.inner.quarantined()
+    fn visit_quarantined(&self, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), Error> {
+        self.inner.visit_quarantined(visit)
+    }
+    fn quarantined_with(
+        &self,
+        prefix: &[u8],
+    ) -> Result<Vec<redline_server::storage::KeyValue>, Error> {
+        self.inner.quarantined_with(prefix)
+    }
+    fn held_bytes(&self, prefix: &[u8]) -> Result<u64, Error> {
+        self.inner.held_bytes(prefix)
     }
     fn drop_quarantine(&self, key: &[u8]) -> Result<(), Error> {
         self.inner.drop_quarantine(key)

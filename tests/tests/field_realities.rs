@@ -543,8 +543,8 @@ async fn a_phone_back_after_the_horizon_is_held_until_a_lead_accepts() -> anyhow
         Err(redline_client::Error::Refused { code, .. }) => assert_eq!(code, ErrorCode::FORBIDDEN),
         other => panic!("a volunteer may not review: {other:?}"),
     }
-    let remaining = lead.accept_quarantined(&team, &held[0].device).await?;
-    assert!(remaining.is_empty());
+    let review = lead.accept_quarantined(&team, &held[0].device).await?;
+    assert!(review.remaining.is_empty() && review.refused.is_empty());
     lead.sync().await?;
     assert_eq!(
         lead.day_totals(&team, &day)?.get("samples_taken"),

@@ -1,0 +1,164 @@
+//! Device bytes on their way to Automerge: the one door for every path.
+//!
+//! A push carries a bundle, an upload carries a bundle in pieces, a fallback sync step
+//! carries change chunks (Automerge's sync messages). Whatever the path, the bytes are
+//! split into chunks here, each chunk is pre-scanned by the [`bundle_guard`] (size
+//! bombs) and parsed under `catch_unwind` (automerge 0.12 panics on some malformed
+//! input). Whole-document chunks are refused: a device sends changes, never a document
+//! (a document chunk would bring in whatever it holds, unchecked, and Automerge's
+//! loader is the least guarded parser). What comes out is a list of [`Change`]s that the
+//! relay then admits change by change (actors, scope, authorship, quarantine, size)
+//! before anything is applied.
+//!
+//! [`bundle_guard`]: crate::bundle_guard
+
+use automerge::Change;
+
+use crate::bundle_guard;
+
+const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+const DOCUMENT: u8 = 0;
+const CHANGE: u8 = 1;
+const COMPRESSED_CHANGE: u8 = 2;
+const BUNDLE: u8 = 3;
+
+/// Splits `bytes` (one or more concatenated Automerge chunks) into changes, refusing
+/// documents, size bombs and anything Automerge cannot parse (empty input too).
+pub fn device_changes(bytes: &[u8]) -> Result<Vec<Change>, String> {
+    if bytes.is_empty() {
+        return Err("no Automerge data".into());
+    }
+    let mut changes = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (chunk, kind, after) = split_chunk(rest)?;
+        match kind {
+            DOCUMENT => {
+                return Err(
+                    "a whole-document chunk: devices send changes, never a document".into(),
+                );
+            }
+            BUNDLE => changes.extend(bundle(chunk)?),
+            CHANGE => changes.push(change(chunk)?),
+            COMPRESSED_CHANGE => {
+                return Err(
+                    "a compressed change chunk: send changes uncompressed or as a bundle".into(),
+                );
+            }
+            other => return Err(format!("unknown Automerge chunk type {other}")),
+        }
+        rest = after;
+    }
+    Ok(changes)
+}
+
+/// The first chunk of `bytes`, its type, and what follows it.
+fn split_chunk(bytes: &[u8]) -> Result<(&[u8], u8, &[u8]), String> {
+    let truncated = || "not an Automerge chunk (truncated header)".to_string();
+    if bytes.len() < 9 {
+        return Err(truncated());
+    }
+    if bytes[..4] != MAGIC {
+        return Err("not an Automerge chunk (bad magic bytes)".into());
+    }
+    let kind = bytes[8];
+    let (len, used) = uleb(&bytes[9..]).ok_or_else(truncated)?;
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|l| l.checked_add(9 + used))
+        .filter(|end| *end <= bytes.len())
+        .ok_or_else(|| "an Automerge chunk is cut short".to_string())?;
+    Ok((&bytes[..end], kind, &bytes[end..]))
+}
+
+fn uleb(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v: u64 = 0;
+    for (i, byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f).checked_shl(7 * i as u32)?;
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+fn bundle(chunk: &[u8]) -> Result<Vec<Change>, String> {
+    // Size bombs first: Automerge would materialise whatever the columns announce.
+    bundle_guard::check(chunk)?;
+    std::panic::catch_unwind(|| {
+        let bundle = automerge::Bundle::try_from(chunk)
+            .map_err(|e| format!("not an Automerge bundle: {e}"))?;
+        bundle
+            .to_changes()
+            .map_err(|e| format!("bundle does not decode: {e}"))
+    })
+    .unwrap_or_else(|_| Err("Automerge could not parse the bundle".into()))
+}
+
+fn change(chunk: &[u8]) -> Result<Change, String> {
+    bundle_guard::check_change(chunk)?;
+    std::panic::catch_unwind(|| {
+        Change::try_from(chunk).map_err(|e| format!("not an Automerge change: {e}"))
+    })
+    .unwrap_or_else(|_| Err("Automerge could not parse the change".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::{Automerge, ROOT};
+
+    fn doc_with_changes(n: usize) -> Automerge {
+        let mut doc = Automerge::new();
+        for i in 0..n {
+            doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+                tx.put(ROOT, format!("k{i}"), i as i64)?;
+                Ok(())
+            })
+            .unwrap();
+        }
+        doc
+    }
+
+    #[test]
+    fn bundles_and_change_chunks_decode_alike() {
+        let doc = doc_with_changes(3);
+        let hashes: Vec<_> = doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
+        let bundle = doc.bundle(hashes.clone()).unwrap().bytes().to_vec();
+        let from_bundle: Vec<_> = device_changes(&bundle)
+            .unwrap()
+            .iter()
+            .map(|c| c.hash())
+            .collect();
+        assert_eq!(from_bundle, hashes);
+        // Concatenated raw change chunks, as an Automerge sync message carries them.
+        let raw: Vec<u8> = doc
+            .get_changes(&[])
+            .iter()
+            .flat_map(|c| c.raw_bytes().to_vec())
+            .collect();
+        let from_raw: Vec<_> = device_changes(&raw)
+            .unwrap()
+            .iter()
+            .map(|c| c.hash())
+            .collect();
+        assert_eq!(from_raw, hashes);
+        assert!(device_changes(&[]).is_err());
+    }
+
+    #[test]
+    fn documents_and_cut_chunks_are_refused() {
+        let doc = doc_with_changes(2);
+        let saved = doc.save();
+        assert!(
+            device_changes(&saved)
+                .unwrap_err()
+                .contains("whole-document")
+        );
+        let raw = doc.get_changes(&[])[0].raw_bytes().to_vec();
+        for keep in 0..raw.len() {
+            assert!(device_changes(&raw[..keep]).is_err(), "cut at {keep}");
+        }
+    }
+}
