@@ -113,9 +113,23 @@ enum Trust {
     Ca(Vec<u8>),
 }
 
+/// How a connection from a tool or test differs from a phone's: where it comes from and
+/// how much it lets the relay send (a device that stops reading, or takes no streams).
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    /// Local address to send from (default: any, of the relay's family).
+    pub bind: Option<SocketAddr>,
+    /// Bytes the relay may send on one stream before this side reads (QUIC flow
+    /// control).
+    pub stream_receive_window: Option<u32>,
+    /// Unidirectional streams the relay may open to this side.
+    pub max_uni_streams: Option<u32>,
+}
+
 fn client_config(
     trust: Trust,
     mismatch: Arc<Mutex<Option<String>>>,
+    options: &ConnectOptions,
 ) -> Result<quinn::ClientConfig, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -147,6 +161,12 @@ fn client_config(
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("30 s is in range"),
     ));
+    if let Some(w) = options.stream_receive_window {
+        transport.stream_receive_window(w.into());
+    }
+    if let Some(n) = options.max_uni_streams {
+        transport.max_concurrent_uni_streams(n.into());
+    }
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -157,6 +177,14 @@ pub(crate) async fn connect(
     endpoint: &quinn::Endpoint,
     relay: &RelayEndpoint,
 ) -> Result<quinn::Connection, Error> {
+    connect_with(endpoint, relay, &ConnectOptions::default()).await
+}
+
+async fn connect_with(
+    endpoint: &quinn::Endpoint,
+    relay: &RelayEndpoint,
+    options: &ConnectOptions,
+) -> Result<quinn::Connection, Error> {
     let (trust, pin) = match &relay.ca_der {
         Some(ca) if relay.fingerprint.is_empty() => (Trust::Ca(ca.clone()), [0; 32]),
         _ => {
@@ -165,7 +193,7 @@ pub(crate) async fn connect(
         }
     };
     let mismatch = Arc::new(Mutex::new(None));
-    let config = client_config(trust, mismatch.clone())?;
+    let config = client_config(trust, mismatch.clone(), options)?;
     let connecting = endpoint
         .connect_with(config, relay.addr, &relay.server_name)
         .map_err(|e| Error::Transport(format!("cannot connect to {}: {e}", relay.addr)))?;
@@ -192,7 +220,19 @@ pub(crate) async fn connect(
 pub async fn open_connection(
     relay: &RelayEndpoint,
 ) -> Result<(quinn::Endpoint, quinn::Connection), Error> {
-    let endpoint = client_endpoint(&relay.addr)?;
-    let conn = connect(&endpoint, relay).await?;
+    open_connection_with(relay, &ConnectOptions::default()).await
+}
+
+/// [`open_connection`] with [`ConnectOptions`] (tests that play a misbehaving device).
+pub async fn open_connection_with(
+    relay: &RelayEndpoint,
+    options: &ConnectOptions,
+) -> Result<(quinn::Endpoint, quinn::Connection), Error> {
+    let endpoint = match options.bind {
+        Some(bind) => quinn::Endpoint::client(bind)
+            .map_err(|e| Error::Transport(format!("cannot open a UDP socket on {bind}: {e}")))?,
+        None => client_endpoint(&relay.addr)?,
+    };
+    let conn = connect_with(&endpoint, relay, options).await?;
     Ok((endpoint, conn))
 }

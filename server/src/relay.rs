@@ -255,6 +255,24 @@ impl RelayHandle {
         self.hub.cached()
     }
 
+    /// Bytes of unfinished uploads `device` has staged.
+    pub async fn staged_bytes(&self, device: &redline_proto::DeviceId) -> Result<u64, Error> {
+        let prefix = format!("{device}|").into_bytes();
+        let storage = self.hub.storage();
+        tokio::task::spawn_blocking(move || storage.staged_bytes(&prefix))
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))?
+    }
+
+    /// Bytes `device` has held in quarantine.
+    pub async fn held_bytes(&self, device: &redline_proto::DeviceId) -> Result<u64, Error> {
+        let prefix = format!("{device}|").into_bytes();
+        let storage = self.hub.storage();
+        tokio::task::spawn_blocking(move || storage.held_bytes(&prefix))
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))?
+    }
+
     /// Every document id in storage.
     pub async fn documents(&self) -> Result<Vec<DocId>, Error> {
         self.hub.list().await

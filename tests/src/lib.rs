@@ -151,7 +151,17 @@ pub struct RawDevice {
 impl RawDevice {
     /// Connects to `relay` (real TLS, pinned) and opens the control stream.
     pub async fn connect(relay: &RelayHandle) -> anyhow::Result<Self> {
-        let (endpoint, conn) = redline_client::transport::open_connection(&endpoint(relay)).await?;
+        Self::connect_with(relay, &redline_client::transport::ConnectOptions::default()).await
+    }
+
+    /// [`connect`](Self::connect) from another address, or with a receive window so
+    /// small that the relay's writes stall until this side reads.
+    pub async fn connect_with(
+        relay: &RelayHandle,
+        options: &redline_client::transport::ConnectOptions,
+    ) -> anyhow::Result<Self> {
+        let (endpoint, conn) =
+            redline_client::transport::open_connection_with(&endpoint(relay), options).await?;
         let (send, recv) = conn.open_bi().await?;
         Ok(Self {
             _endpoint: endpoint,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use automerge::sync::SyncDoc;
 use automerge::transaction::Transactable;
-use automerge::{ActorId, ChangeHash, ROOT};
+use automerge::{ActorId, ChangeHash, ROOT, ReadDoc};
 use redline_client::{Client, ClientConfig, Error as ClientError};
 use redline_proto::message::{Push, Subscription, SyncStep};
 use redline_proto::token::Role;
@@ -17,6 +17,8 @@ use redline_server::{Limits, RelayConfig, RelayHandle};
 use redline_tests::{RawDevice, device_for, endpoint, start_relay_with, token_for};
 
 const ORG: &str = "district-9";
+/// The relay's connection cap in this suite (small, so one token could fill it).
+const MAX_CONNECTIONS: usize = 40;
 const T3: &str = "team-3";
 const T5: &str = "team-5";
 
@@ -47,7 +49,14 @@ impl Fixture {
         limits.hello_timeout = Duration::from_secs(1);
         limits.stream_idle_timeout = Duration::from_secs(1);
         limits.streams_per_second = 20;
+        limits.write_timeout = Duration::from_secs(1);
         config.limits = limits;
+        config.max_connections = MAX_CONNECTIONS;
+        config.quotas.connections_per_token = 4;
+        config.quotas.connections_per_address = 16;
+        config.quotas.retry_above_pending = 8;
+        config.quotas.staged_bytes_per_device = 64 * 1024;
+        config.quotas.held_bytes_per_device = 64 * 1024;
         let relay = start_relay_with(config).await?;
         let day = Day::new(time::OffsetDateTime::now_utc().date().to_string())?;
         let token = token_for(
@@ -194,6 +203,25 @@ enum Attack {
     TenThousandTinyStreams,
     SilentStreams,
     SilentConnection,
+    // Round two (issue 15), in its order.
+    SyncBomb,
+    QueuedForgery,
+    RevokedBeforeWelcome,
+    QuotaFlood,
+    ConnectionFlood,
+    StalledReader,
+    OversizedHello,
+    ForgedAuthorship,
+    QuarantineAcrossTeams,
+    TokenFromTheFuture,
+}
+
+impl Attack {
+    /// Rows whose honest side effects are stored (an ordinary push of the attacker's
+    /// own, a lead's accepted review); the row checks itself what must not be there.
+    fn stores_something(self) -> bool {
+        matches!(self, Attack::QueuedForgery | Attack::QuarantineAcrossTeams)
+    }
 }
 
 async fn attack(f: &Fixture, which: Attack) -> anyhow::Result<Seen> {
@@ -450,6 +478,37 @@ async fn attack(f: &Fixture, which: Attack) -> anyhow::Result<Seen> {
             }
             Ok(seen)
         }
+        Attack::SyncBomb => sync_bomb(f).await,
+        Attack::QueuedForgery => queued_forgery(f).await,
+        Attack::RevokedBeforeWelcome => revoked_before_welcome(f).await,
+        Attack::QuotaFlood => quota_flood(f).await,
+        Attack::ConnectionFlood => connection_flood(f).await,
+        Attack::StalledReader => stalled_reader(f).await,
+        Attack::OversizedHello => oversized_hello(f).await,
+        Attack::ForgedAuthorship => forged_authorship(f).await,
+        Attack::QuarantineAcrossTeams => quarantine_across_teams(f).await,
+        Attack::TokenFromTheFuture => {
+            let name = "time-traveller";
+            let device = device_for(&f.dir(name));
+            let key = redline_server::auth::load_or_create_key(f.relay.data_dir())?;
+            let issued = redline_server::auth::now_secs() + 86_400;
+            let claims = redline_proto::token::Claims {
+                id: redline_proto::token::TokenId::random(),
+                device: device.clone(),
+                member: MemberId::new(name)?,
+                role: Role::Operator,
+                teams: vec![team(T3), team(T5)],
+                zones: vec![],
+                issued,
+                expires: issued + 86_400,
+            };
+            let token = redline_proto::token::sign(&claims, &key);
+            let mut raw = RawDevice::connect(&f.relay).await?;
+            let answer = raw.hello(&device, &token, subscription(&[T3, T5])).await?;
+            let mut seen = Seen::from_messages(&[answer]);
+            seen.closed = raw.closed_with(Duration::from_secs(3)).await;
+            Ok(seen)
+        }
         Attack::SilentConnection => {
             // Connects, opens nothing, says nothing.
             let (_endpoint, conn) =
@@ -466,6 +525,11 @@ async fn attack(f: &Fixture, which: Attack) -> anyhow::Result<Seen> {
 }
 
 type Expect = Box<dyn Fn(&Seen) -> bool>;
+
+/// Refused with `code`, and nothing the row checks itself went wrong (`internal`).
+fn refused_and_clean(code: ErrorCode) -> Expect {
+    Box::new(move |s: &Seen| s.codes.contains(&code) && !s.codes.contains(&ErrorCode::INTERNAL))
+}
 
 fn closed_with(code: ErrorCode) -> Expect {
     Box::new(move |s: &Seen| s.closed == Some(code.0) && s.codes.contains(&code))
@@ -535,8 +599,70 @@ async fn every_attack_is_refused_and_nothing_leaks() -> anyhow::Result<()> {
             Attack::SilentConnection,
             Box::new(|s: &Seen| s.closed == Some(ErrorCode::TIMED_OUT.0)),
         ),
+        // 1. A valid-checksum run-length bomb in a sync step, as a bundle, a document and
+        //    a change chunk: refused by the same guard as pushes, memory stays flat.
+        (
+            Attack::SyncBomb,
+            Box::new(|s: &Seen| s.codes == [ErrorCode::BAD_DOCUMENT_DATA; 3]),
+        ),
+        // 2. A change signed with the honest device's actor, parked through sync behind
+        //    a missing dependency, then released by an ordinary push of that dependency.
+        (
+            Attack::QueuedForgery,
+            refused_and_clean(ErrorCode::FORBIDDEN),
+        ),
+        // 3. A device stalls its welcome by not reading; its token is revoked meanwhile.
+        (
+            Attack::RevokedBeforeWelcome,
+            Box::new(|s: &Seen| s.closed == Some(ErrorCode::TOKEN_REVOKED.0)),
+        ),
+        // 4. Syncs for 10,000 absent documents, a ledger day far from today, an upload
+        //    beyond the staging quota.
+        (
+            Attack::QuotaFlood,
+            Box::new(|s: &Seen| {
+                s.codes.contains(&ErrorCode::FORBIDDEN)
+                    && s.codes.contains(&ErrorCode::QUOTA_EXCEEDED)
+                    && !s.codes.contains(&ErrorCode::INTERNAL)
+            }),
+        ),
+        // 5. One token opens more connections than the relay's cap.
+        (
+            Attack::ConnectionFlood,
+            refused_and_clean(ErrorCode::RATE_LIMITED),
+        ),
+        // 6. A device that stops reading.
+        (
+            Attack::StalledReader,
+            Box::new(|s: &Seen| s.closed == Some(ErrorCode::TIMED_OUT.0)),
+        ),
+        // 7. A 100 KB hello, and one listing 600 documents.
+        (
+            Attack::OversizedHello,
+            Box::new(|s: &Seen| {
+                s.codes == [ErrorCode::TOO_LARGE, ErrorCode::TOO_LARGE]
+                    && s.closed == Some(ErrorCode::TOO_LARGE.0)
+            }),
+        ),
+        // 8. A commit message, a tally key and a duty entry naming someone else.
+        (
+            Attack::ForgedAuthorship,
+            Box::new(|s: &Seen| s.codes == [ErrorCode::FORBIDDEN; 3]),
+        ),
+        // 9. A lead of team 5 reviews a team-3 phone's held changes to a shared zone;
+        //    a forged held change does not block the rest.
+        (
+            Attack::QuarantineAcrossTeams,
+            Box::new(|s: &Seen| s.codes == [ErrorCode::FORBIDDEN]),
+        ),
+        // 10. A token issued a day in the future (a relay clock set back).
+        (
+            Attack::TokenFromTheFuture,
+            closed_with(ErrorCode::UNAUTHORIZED),
+        ),
     ];
     let out_of_scope = |d: &DocId| *d == f.ledger(T5);
+    let n_rows = rows.len() as i64;
     let mut failures = Vec::new();
     for (which, expect) in rows {
         let before = f.stored().await;
@@ -552,7 +678,7 @@ async fn every_attack_is_refused_and_nothing_leaks() -> anyhow::Result<()> {
         {
             failures.push(format!("{row}: the attacker received {doc}"));
         }
-        if before != after {
+        if before != after && !which.stores_something() {
             failures.push(format!("{row}: stored documents changed"));
         }
         // The relay still serves an honest device.
@@ -570,7 +696,7 @@ async fn every_attack_is_refused_and_nothing_leaks() -> anyhow::Result<()> {
     );
     // Nothing the attacks sent reached the stored team-3 ledger: only honest tallies.
     let totals = f.honest.day_totals(&team(T3), &f.day)?;
-    assert_eq!(totals.get("samples_taken"), Some(&(3 + 17)));
+    assert_eq!(totals.get("samples_taken"), Some(&(3 + n_rows)));
     Ok(())
 }
 
@@ -684,4 +810,522 @@ async fn a_document_cannot_grow_past_the_relays_size_limit() -> anyhow::Result<(
     assert_eq!(phone.ledger(&team(T3), &day)?.unwrap().tasks.len(), 40);
     relay.shutdown().await?;
     Ok(())
+}
+
+// Round two: the attacks of a hostile token holder (issue 15), one function a row.
+
+/// An Automerge sync message (version 1) carrying `chunks` as its changes.
+fn sync_data(heads: Vec<ChangeHash>, chunks: Vec<Vec<u8>>) -> Vec<u8> {
+    automerge::sync::Message {
+        heads,
+        need: Vec::new(),
+        have: Vec::new(),
+        changes: automerge::sync::ChunkList::from(chunks),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    }
+    .encode()
+}
+
+/// `chunk` (an Automerge chunk) made a chunk of type `kind` with a correct length and a
+/// valid checksum (SHA-256 over type, length and body; its first four bytes).
+fn rechunk(chunk: &[u8], kind: u8) -> Vec<u8> {
+    use sha2::Digest;
+    // magic (4), checksum (4), type (1), LEB128 length, body.
+    let mut at = 9;
+    while chunk[at] & 0x80 != 0 {
+        at += 1;
+    }
+    let body = &chunk[at + 1..];
+    let mut header = vec![kind];
+    let mut n = body.len();
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            header.push(byte);
+            break;
+        }
+        header.push(byte | 0x80);
+    }
+    let digest = sha2::Sha256::new()
+        .chain_update(&header)
+        .chain_update(body)
+        .finalize();
+    let mut out = chunk[..4].to_vec();
+    out.extend_from_slice(&digest[..4]);
+    out.extend_from_slice(&header);
+    out.extend_from_slice(body);
+    out
+}
+
+/// The process's peak resident memory (KiB), from /proc.
+fn peak_rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// One change on a copy of `base` by `actor`, with an optional commit `message`.
+fn change_on(
+    base: &automerge::Automerge,
+    actor: ActorId,
+    message: Option<&str>,
+    edit: impl FnOnce(
+        &mut automerge::transaction::Transaction<'_>,
+    ) -> Result<(), automerge::AutomergeError>,
+) -> anyhow::Result<(automerge::Automerge, automerge::Change)> {
+    let mut doc = base.fork().with_actor(actor);
+    let mut tx = doc.transaction();
+    edit(&mut tx).map_err(|e| anyhow::anyhow!("{e}"))?;
+    match message {
+        Some(m) => tx.commit_with(automerge::transaction::CommitOptions::default().with_message(m)),
+        None => tx.commit(),
+    };
+    let change = doc
+        .get_last_local_change()
+        .ok_or_else(|| anyhow::anyhow!("the edit made no change"))?
+        .clone();
+    Ok((doc, change))
+}
+
+fn push_of(
+    doc: &DocId,
+    source: &automerge::Automerge,
+    change: &automerge::Change,
+) -> anyhow::Result<Message> {
+    Ok(Message::Push(Push {
+        doc: doc.clone(),
+        bundle: source.bundle([change.hash()])?.bytes().to_vec(),
+        heads: vec![change.hash().0],
+    }))
+}
+
+/// A map under a root container of the document (the genesis made it).
+fn container(
+    tx: &automerge::transaction::Transaction<'_>,
+    name: &str,
+) -> Result<automerge::ObjId, automerge::AutomergeError> {
+    Ok(tx.get(ROOT, name)?.expect("genesis container").1)
+}
+
+async fn sync_bomb(f: &Fixture) -> anyhow::Result<Seen> {
+    // The fuzzer's run-length bomb (a mode byte, then the chunk), given a correct
+    // length and checksum, as each kind of chunk a sync message can carry. The roster:
+    // any token may read it, so any token reaches this path.
+    let bomb = &include_bytes!("../../server/tests/regressions/bundle-rle-bomb.bin")[1..];
+    let mut raw = f.raw_volunteer("bomber").await?;
+    let before = peak_rss_kb();
+    for kind in [3u8, 0, 1] {
+        raw.send(&Message::Sync(SyncStep {
+            doc: f.roster(),
+            data: Some(sync_data(Vec::new(), vec![rechunk(bomb, kind)])),
+        }))
+        .await?;
+    }
+    let mut seen = Seen::from_messages(&raw.drain(Duration::from_millis(800)).await?);
+    let grown_mb = peak_rss_kb().saturating_sub(before) / 1024;
+    if grown_mb > 256 {
+        eprintln!("sync bomb: peak memory grew by {grown_mb} MB");
+        seen.codes.push(ErrorCode::INTERNAL);
+    }
+    Ok(seen)
+}
+
+async fn queued_forgery(f: &Fixture) -> anyhow::Result<Seen> {
+    let doc = f.ledger(T3);
+    let base = f.relay.document(&doc).await?.expect("seeded");
+    // X: an ordinary change of the attacker's own. Y, on top of X: signed with the
+    // honest phone's actor, at the sequence number that phone will use next.
+    let (mine, x) = change_on(&base, ActorId::random(), None, |tx| {
+        let tasks = container(tx, "tasks")?;
+        tx.put_object(&tasks, "t-queued", automerge::ObjType::Map)?;
+        Ok(())
+    })?;
+    let (_, y) = change_on(&mine, f.honest.identity().actor.clone(), None, |tx| {
+        let tasks = container(tx, "tasks")?;
+        let (_, task) = tx.get(&tasks, "t-queued")?.expect("made by x");
+        tx.put(&task, "title", "approved by the lead (not really)")?;
+        Ok(())
+    })?;
+    let mut raw = f.raw_volunteer("queuer").await?;
+    let short = Duration::from_millis(500);
+    // Y alone through the fallback path: its dependency is missing, so it waits.
+    let step = |chunks| {
+        Message::Sync(SyncStep {
+            doc: doc.clone(),
+            data: Some(sync_data(vec![y.hash()], chunks)),
+        })
+    };
+    raw.send(&step(vec![y.raw_bytes().to_vec()])).await?;
+    let mut messages = raw.drain(short).await?;
+    // X through an ordinary push, then Y again: now its dependency is there.
+    raw.send(&push_of(&doc, &mine, &x)?).await?;
+    messages.extend(raw.drain(short).await?);
+    raw.send(&step(vec![y.raw_bytes().to_vec()])).await?;
+    messages.extend(raw.drain(short).await?);
+    let mut seen = Seen::from_messages(&messages);
+    let relay_copy = f.relay.document(&doc).await?.expect("seeded");
+    if relay_copy.get_change_by_hash(&y.hash()).is_some() {
+        eprintln!("queued forgery: the relay holds the forged change");
+        seen.codes.push(ErrorCode::INTERNAL);
+    }
+    // A phone that downloads the day now gets no trace of it.
+    let fresh = f.device("fresh-after-forgery", Role::Volunteer, &[T3]);
+    fresh.sync().await?;
+    if fresh
+        .document(&doc)?
+        .is_some_and(|d| d.get_change_by_hash(&y.hash()).is_some())
+    {
+        eprintln!("queued forgery: a fresh phone downloaded the forged change");
+        seen.codes.push(ErrorCode::INTERNAL);
+    }
+    Ok(seen)
+}
+
+async fn revoked_before_welcome(f: &Fixture) -> anyhow::Result<Seen> {
+    let name = "stalls-welcome";
+    let token = f.token(name, Role::Volunteer, &[T3]);
+    let id = redline_proto::token::peek(&token)?.id;
+    // A receive window of 16 bytes: the relay's welcome cannot be written until this
+    // side reads, and it does not read.
+    let options = redline_client::transport::ConnectOptions {
+        stream_receive_window: Some(16),
+        ..Default::default()
+    };
+    let mut raw = RawDevice::connect_with(&f.relay, &options).await?;
+    raw.send(&Message::Hello(redline_proto::message::Hello {
+        protocol_version: redline_proto::PROTOCOL_VERSION,
+        device: device_for(&f.dir(name)),
+        app_version: "raw-test".into(),
+        subscription: subscription(&[T3]),
+        token,
+    }))
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redline_server::auth::revoke_in(f.relay.revoked_file(), id)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Reading again: the connection must be gone within a second.
+    let read = tokio::spawn(async move {
+        let _ = raw.drain(Duration::from_secs(1)).await;
+        raw
+    });
+    let raw = read.await?;
+    let mut seen = Seen::default();
+    seen.closed = raw.closed_with(Duration::from_millis(100)).await;
+    Ok(seen)
+}
+
+async fn quota_flood(f: &Fixture) -> anyhow::Result<Seen> {
+    let mut raw = f.raw_volunteer("hoarder").await?;
+    let cached = f.relay.cached_documents();
+    let mut seen = Seen::default();
+    // 10,000 syncs for documents that do not exist (every one in the token's scope),
+    // read as they are answered.
+    let days: Vec<DocId> = (0..10_000)
+        .map(|i| {
+            let day = Day::new(format!(
+                "{:04}-{:02}-{:02}",
+                3000 + i / 336,
+                1 + (i / 28) % 12,
+                1 + i % 28
+            ))
+            .expect("a valid day");
+            DocId::ledger(&team(T3), &day)
+        })
+        .collect();
+    for batch in days.chunks(500) {
+        for doc in batch {
+            raw.send(&Message::Sync(SyncStep {
+                doc: doc.clone(),
+                data: None,
+            }))
+            .await?;
+        }
+        let got = raw.drain(Duration::from_millis(150)).await?;
+        seen.codes.extend(Seen::from_messages(&got).codes);
+    }
+    let grown = f.relay.cached_documents().saturating_sub(cached);
+    if grown > 100 {
+        eprintln!("quota flood: {grown} documents stayed in the cache");
+        seen.codes.push(ErrorCode::INTERNAL);
+    }
+    // A ledger day far from the relay's date: not started.
+    let far = DocId::ledger(&team(T3), &Day::new("2001-01-01")?);
+    let genesis = redline_proto::genesis::genesis(&far);
+    let (doc, change) = change_on(&genesis, ActorId::random(), None, |tx| {
+        let tasks = container(tx, "tasks")?;
+        tx.put_object(&tasks, "t-old", automerge::ObjType::Map)?;
+        Ok(())
+    })?;
+    let all: Vec<ChangeHash> = doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
+    raw.send(&Message::Push(Push {
+        doc: far,
+        bundle: doc.bundle(all)?.bytes().to_vec(),
+        heads: vec![change.hash().0],
+    }))
+    .await?;
+    // An upload larger than what the device may stage.
+    let (mut s, mut r) = raw.conn.open_bi().await?;
+    let upload = Message::Upload(redline_proto::message::Upload {
+        id: [7; 16],
+        doc: f.ledger(T3),
+        len: 100 * 1024,
+        document: false,
+        heads: vec![],
+    });
+    s.write_all(&redline_proto::codec::encode_frame(&upload, 1 << 20)?)
+        .await?;
+    let answer = tokio::time::timeout(Duration::from_secs(3), r.read_to_end(64 * 1024)).await;
+    if let Ok(Ok(bytes)) = answer {
+        let mut d = redline_proto::codec::FrameDecoder::new(1 << 20);
+        d.push(&bytes);
+        if let Ok(Some(Message::Error(e))) = d.next_message() {
+            seen.codes.push(e.code);
+        }
+    }
+    seen.codes
+        .extend(Seen::from_messages(&raw.drain(Duration::from_millis(500)).await?).codes);
+    Ok(seen)
+}
+
+async fn connection_flood(f: &Fixture) -> anyhow::Result<Seen> {
+    // From another loopback address, one token, more connections than the relay's cap,
+    // each saying hello.
+    let name = "flooder";
+    let token = f.token(name, Role::Volunteer, &[T3]);
+    let device = device_for(&f.dir(name));
+    let options = redline_client::transport::ConnectOptions {
+        bind: Some("127.0.0.2:0".parse()?),
+        ..Default::default()
+    };
+    let mut held = Vec::new();
+    let mut seen = Seen::default();
+    for _ in 0..=MAX_CONNECTIONS {
+        let Ok(Ok(mut raw)) = tokio::time::timeout(
+            Duration::from_secs(3),
+            RawDevice::connect_with(&f.relay, &options),
+        )
+        .await
+        else {
+            continue; // refused at the door
+        };
+        if let Ok(answer) = raw.hello(&device, &token, subscription(&[T3])).await {
+            seen.codes.extend(Seen::from_messages(&[answer]).codes);
+        }
+        held.push(raw);
+    }
+    // While the flood holds what it got, an honest device is welcomed.
+    if let Err(e) = f.raw_volunteer("after-the-flood").await {
+        eprintln!("connection flood: an honest device was not welcomed: {e}");
+        seen.codes.push(ErrorCode::INTERNAL);
+    }
+    drop(held);
+    Ok(seen)
+}
+
+async fn stalled_reader(f: &Fixture) -> anyhow::Result<Seen> {
+    // Reads its welcome, asks for everything, then never reads again (and takes no
+    // streams): the relay must not wait on it.
+    let options = redline_client::transport::ConnectOptions {
+        stream_receive_window: Some(64),
+        max_uni_streams: Some(0),
+        ..Default::default()
+    };
+    let mut raw = RawDevice::connect_with(&f.relay, &options).await?;
+    let name = "stops-reading";
+    let token = f.token(name, Role::Volunteer, &[T3]);
+    let answer = raw
+        .hello(&device_for(&f.dir(name)), &token, subscription(&[T3]))
+        .await?;
+    anyhow::ensure!(
+        matches!(answer, Message::Welcome(_)),
+        "not welcomed: {answer:?}"
+    );
+    raw.send(&Message::Pull(redline_proto::message::Pull {
+        cursor: None,
+        resume: vec![],
+        defer_large: false,
+    }))
+    .await?;
+    let mut seen = Seen::default();
+    seen.closed = raw.closed_with(Duration::from_secs(5)).await;
+    Ok(seen)
+}
+
+async fn oversized_hello(f: &Fixture) -> anyhow::Result<Seen> {
+    let name = "chatty";
+    let token = f.token(name, Role::Volunteer, &[T3]);
+    let device = device_for(&f.dir(name));
+    let mut seen = Seen::default();
+    // A 100 KB hello (its app version), then a hello listing 600 documents.
+    let mut big = subscription(&[T3]);
+    big.docs = (0..600)
+        .map(|i| DocId::parse(&format!("households/z{i}")))
+        .collect::<Result<_, _>>()?;
+    for (app_version, wanted) in [
+        ("x".repeat(100_000), subscription(&[T3])),
+        (String::new(), big),
+    ] {
+        let mut raw = RawDevice::connect(&f.relay).await?;
+        raw.send(&Message::Hello(redline_proto::message::Hello {
+            protocol_version: redline_proto::PROTOCOL_VERSION,
+            device: device.clone(),
+            app_version,
+            subscription: wanted,
+            token: token.clone(),
+        }))
+        .await?;
+        seen.codes
+            .extend(Seen::from_messages(&raw.drain(Duration::from_millis(800)).await?).codes);
+        seen.closed = raw.closed_with(Duration::from_secs(3)).await;
+    }
+    Ok(seen)
+}
+
+async fn forged_authorship(f: &Fixture) -> anyhow::Result<Seen> {
+    let doc = f.ledger(T3);
+    let base = f.relay.document(&doc).await?.expect("seeded");
+    let actor = ActorId::random();
+    let honest_device = f.honest.identity().device.to_string();
+    let name = "impostor";
+    let own = format!("{name}@{}", device_for(&f.dir(name)));
+    let as_lead = "lead@".to_string() + &device_for(&f.dir("lead")).to_string();
+    let forgeries = [
+        // Signed as the lead's phone.
+        change_on(&base, actor.clone(), Some(&as_lead), |tx| {
+            let tasks = container(tx, "tasks")?;
+            tx.put_object(&tasks, "t-signed", automerge::ObjType::Map)?;
+            Ok(())
+        })?,
+        // A tally under the honest phone's key ("one writer per counter").
+        change_on(&base, actor.clone(), Some(&own), |tx| {
+            let tallies = container(tx, "tallies")?;
+            tx.put_object(&tallies, honest_device.as_str(), automerge::ObjType::Map)?;
+            Ok(())
+        })?,
+        // A duty check-in as the lead.
+        change_on(&base, actor.clone(), Some(&own), |tx| {
+            let duty = container(tx, "duty")?;
+            let e = tx.put_object(&duty, "e-forged", automerge::ObjType::Map)?;
+            tx.put(&e, "member", "lead")?;
+            tx.put(&e, "action", "in")?;
+            Ok(())
+        })?,
+    ];
+    let mut raw = f.raw_volunteer(name).await?;
+    for (source, change) in &forgeries {
+        raw.send(&push_of(&doc, source, change)?).await?;
+    }
+    Ok(Seen::from_messages(
+        &raw.drain(Duration::from_millis(800)).await?,
+    ))
+}
+
+async fn quarantine_across_teams(f: &Fixture) -> anyhow::Result<Seen> {
+    let zone = ZoneId::new("z1")?;
+    let doc = DocId::households(&zone);
+    // The shared zone's book exists (both teams' tokens cover z1).
+    let lead3 = f.device("lead", Role::Lead, &[T3]);
+    lead3.sync().await?;
+    lead3.add_zone(&zone, "Zone one")?;
+    lead3.sync().await?;
+    f.honest.sync().await?;
+    f.honest.add_household(
+        &zone,
+        redline_client::households::NewHousehold {
+            address: "12 Shared Street".into(),
+            residents: 2,
+            contact: None,
+            flags: vec![],
+        },
+    )?;
+    f.honest.sync().await?;
+    let base = f.relay.document(&doc).await?.expect("just synced");
+    // A team-3 phone syncs once with its actor, then comes back as a new actor (a reset
+    // store): quarantined, its pushes held.
+    let name = "returner";
+    let token = f.token(name, Role::Volunteer, &[T3]);
+    let device = device_for(&f.dir(name));
+    let own = format!("{name}@{device}");
+    let short = Duration::from_millis(500);
+    {
+        let mut raw = RawDevice::connect(&f.relay).await?;
+        raw.hello(&device, &token, subscription(&[T3])).await?;
+        let (d, c) = change_on(&base, ActorId::random(), Some(&own), |tx| {
+            let h = container(tx, "households")?;
+            tx.put_object(&h, "h-first", automerge::ObjType::Map)?;
+            Ok(())
+        })?;
+        raw.send(&push_of(&doc, &d, &c)?).await?;
+        raw.send(&Message::Pull(redline_proto::message::Pull {
+            cursor: None,
+            resume: vec![],
+            defer_large: false,
+        }))
+        .await?;
+        raw.drain(short).await?;
+    }
+    let base = f.relay.document(&doc).await?.expect("there");
+    let (good, good_change) = change_on(&base, ActorId::random(), Some(&own), |tx| {
+        let h = container(tx, "households")?;
+        tx.put_object(&h, "h-held", automerge::ObjType::Map)?;
+        Ok(())
+    })?;
+    let (forged, forged_change) =
+        change_on(&base, ActorId::random(), Some("lead@someone"), |tx| {
+            let h = container(tx, "households")?;
+            tx.put_object(&h, "h-forged", automerge::ObjType::Map)?;
+            Ok(())
+        })?;
+    {
+        let mut raw = RawDevice::connect(&f.relay).await?;
+        raw.hello(&device, &token, subscription(&[T3])).await?;
+        raw.send(&push_of(&doc, &forged, &forged_change)?).await?;
+        raw.send(&push_of(&doc, &good, &good_change)?).await?;
+        let answers = Seen::from_messages(&raw.drain(short).await?);
+        anyhow::ensure!(
+            answers.codes == [ErrorCode::QUARANTINED; 2],
+            "the returning phone was not held: {answers:?}"
+        );
+    }
+    let mut seen = Seen::default();
+    // A lead of team 5 shares the zone, not the phone's team: sees nothing, merges nothing.
+    let lead5 = f.device("lead-five", Role::Lead, &[T5]);
+    let five = team(T5);
+    if lead5
+        .quarantine(&five)
+        .await?
+        .iter()
+        .any(|e| e.device == device)
+    {
+        eprintln!("quarantine: a lead of team 5 sees a team-3 phone's held changes");
+        seen.codes.push(ErrorCode::INTERNAL);
+    }
+    lead5.accept_quarantined(&five, &device).await?;
+    if f.relay
+        .document(&doc)
+        .await?
+        .is_some_and(|d| d.get_change_by_hash(&good_change.hash()).is_some())
+    {
+        eprintln!("quarantine: a lead of team 5 merged a team-3 phone's held change");
+        seen.codes.push(ErrorCode::INTERNAL);
+    }
+    // Team 3's lead accepts: the forged one is refused and reported, the good one merges.
+    let review = lead3.accept_quarantined(&team(T3), &device).await?;
+    seen.codes.extend(review.refused.iter().map(|r| r.code));
+    let merged = f.relay.document(&doc).await?.expect("there");
+    if merged.get_change_by_hash(&good_change.hash()).is_none()
+        || merged.get_change_by_hash(&forged_change.hash()).is_some()
+        || !review.remaining.is_empty()
+    {
+        eprintln!("quarantine: accepting did not merge exactly the good change: {review:?}");
+        seen.codes.push(ErrorCode::INTERNAL);
+    }
+    Ok(seen)
 }
