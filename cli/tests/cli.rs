@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use assert_cmd::Command as Cmd;
 use redline_client::{Client, ClientConfig, NewNeed, NewTask, RelayEndpoint, TaskKind, TaskUpdate};
-use redline_proto::{Day, DocId, MemberId, TeamId, ZoneId};
+use redline_proto::{DocId, MemberId, TeamId, ZoneId};
 use redline_tests::faults::{RelayProcess, server_exe};
 
 fn server() -> Cmd {
@@ -81,7 +81,7 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
     assert!(stdout(&roster).contains("Team One"));
 
     // Two phones work offline; both retitle the same task: a conflict.
-    let day = Day::new("2026-11-29").unwrap();
+    let day = redline_tests::today();
     let (team, zone) = (TeamId::new("team-1").unwrap(), ZoneId::new("z1").unwrap());
     let ana = phone(
         &tmp.path().join("ana"),
@@ -172,7 +172,7 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
     redline(&config).arg("sync").assert().success();
     let ledger = stdout(
         &redline(&config)
-            .args(["ledger", "show", "--team", "team-1", "--date", "2026-11-29"])
+            .args(["ledger", "show", "--team", "team-1", "--date", day.as_str()])
             .assert()
             .success(),
     );
@@ -199,7 +199,7 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
         .expect("the planted conflict");
     let recon = stdout(
         &redline(&config)
-            .args(["reconcile", "--team", "team-1", "--date", "2026-11-29"])
+            .args(["reconcile", "--team", "team-1", "--date", day.as_str()])
             .assert()
             .success(),
     );
@@ -214,7 +214,7 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
             "--team",
             "team-1",
             "--date",
-            "2026-11-29",
+            day.as_str(),
             "--resolve",
             &format!("{}=0", conflict.id),
         ])

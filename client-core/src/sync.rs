@@ -417,7 +417,7 @@ impl Client {
     }
 
     /// One connection's session; sets `unanswered` when it ended because the relay did
-    /// not answer the hello in time.
+    /// not answer the hello in time, or the connection was lost before any welcome.
     async fn attempt(
         &self,
         endpoint: &quinn::Endpoint,
@@ -566,7 +566,16 @@ impl Client {
                         )));
                     }
                     item = inbox.recv() => {
-                        let msg = item.unwrap_or_else(|| Err(Error::Transport("control stream ended".into())))?;
+                        let msg = match item.unwrap_or_else(|| Err(Error::Transport("control stream ended".into()))) {
+                            Ok(m) => m,
+                            // Lost before any welcome (the relay gave up on a handshake it
+                            // never completed): as good as unanswered, so replaced.
+                            Err(e @ Error::Transport(_)) if !f.welcomed => {
+                                *unanswered = true;
+                                return Err(e);
+                            }
+                            Err(e) => return Err(e),
+                        };
                         self.handle(&mut f, msg)?;
                     }
                     Some(done) = xfers.recv() => {

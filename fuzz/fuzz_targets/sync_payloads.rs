@@ -1,5 +1,6 @@
-//! The relay's handling of sync payloads: push bundles and Automerge sync messages
-//! applied to a stored document. Hostile bytes are refused; nothing panics the relay.
+//! The relay's handling of sync payloads: push bundles applied to a stored document, and
+//! Automerge sync messages taken apart by the relay's intake (the same guard as pushes).
+//! Hostile bytes are refused; nothing panics the relay.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -44,9 +45,13 @@ fuzz_target!(|data: &[u8]| {
             doc: DocId::parse("ledger/t1/2026-11-29").unwrap(),
             data: Some(bytes.to_vec()),
         };
-        if let Ok(message) = RelayResync::decode(&step) {
+        // The relay's sync path: the intake takes the step apart (its changes guarded
+        // like a push's), and only what is left reaches Automerge's sync state.
+        if let Ok((message, _changes)) = redline_server::intake::sync_step(&step) {
+            let before = doc.get_heads();
             let mut session = RelayResync::new();
             let _ = session.apply(&step.doc, &mut doc, message);
+            assert_eq!(doc.get_heads(), before, "a sync step changed the document");
         }
     }
 });

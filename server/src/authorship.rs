@@ -14,7 +14,8 @@
 //!   checks volunteers in);
 //! - a key put directly under `tallies` must be the token's device, and a counter may
 //!   only be incremented inside a map made by one of the device's own actors;
-//! - the root of a document belongs to its genesis: no device writes there.
+//! - the root keys the genesis made (schema, kind, the containers) are nobody's to
+//!   rewrite: a device replacing `tallies` would hide every counter.
 
 use automerge::legacy::{Key, ObjectId, OpType};
 use automerge::{ActorId, Change, ReadDoc, ScalarValue};
@@ -39,27 +40,37 @@ impl Author {
     }
 }
 
-/// The `tallies` map of a ledger, as made by its genesis (`counter@actor`).
-pub fn tallies_object(doc: &DocId) -> Option<String> {
-    if !matches!(doc.kind(), DocKind::Ledger(..)) {
-        return None;
-    }
-    let genesis = redline_proto::genesis::genesis(doc);
-    match genesis.get(automerge::ROOT, "tallies") {
-        Ok(Some((_, id))) => Some(id.to_string()),
-        _ => None,
+/// What a document's genesis made that nobody else may touch: its root keys (schema,
+/// kind, the containers...) and, in a ledger, the `tallies` map (`counter@actor`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Genesis {
+    root_keys: Vec<String>,
+    tallies: Option<String>,
+}
+
+impl Genesis {
+    /// The genesis facts of `doc`.
+    pub fn of(doc: &DocId) -> Self {
+        let genesis = redline_proto::genesis::genesis(doc);
+        let root_keys = genesis.keys(automerge::ROOT).collect();
+        let tallies = match (doc.kind(), genesis.get(automerge::ROOT, "tallies")) {
+            (DocKind::Ledger(..), Ok(Some((_, id)))) => Some(id.to_string()),
+            _ => None,
+        };
+        Self { root_keys, tallies }
     }
 }
 
-/// Refuses `change` if its content names anyone but `author`. `tallies` is
-/// [`tallies_object`] of the document; `own_actor` says whether an actor belongs to the
-/// author's device.
+/// Refuses `change` if its content names anyone but `author`, or touches what the
+/// document's `genesis` made; `own_actor` says whether an actor belongs to the author's
+/// device.
 pub fn check(
     author: &Author,
     change: &Change,
-    tallies: Option<&str>,
+    genesis: &Genesis,
     own_actor: &dyn Fn(&ActorId) -> bool,
 ) -> Result<(), String> {
+    let tallies = genesis.tallies.as_deref();
     if let Some(message) = change.message()
         && *message != author.message()
     {
@@ -70,15 +81,23 @@ pub fn check(
     }
     let may_name_others = matches!(author.role, Role::Lead | Role::Operator);
     for op in change.decode().operations {
-        let obj = match &op.obj {
-            ObjectId::Root => {
-                return Err("a change to the document's root (it belongs to its genesis)".into());
-            }
-            ObjectId::Id(id) => id,
-        };
         let key = match &op.key {
             Key::Map(k) => Some(k.as_str()),
             Key::Seq(_) => None,
+        };
+        let obj = match &op.obj {
+            // Other root keys stay open (a newer schema may add some).
+            ObjectId::Root => {
+                if let Some(k) = key
+                    && genesis.root_keys.iter().any(|g| g == k)
+                {
+                    return Err(format!(
+                        "a change to the document's \"{k}\" (its genesis made it; nobody rewrites it)"
+                    ));
+                }
+                continue;
+            }
+            ObjectId::Id(id) => id,
         };
         if let (Some(field), OpType::Put(ScalarValue::Str(value))) = (key, &op.action) {
             let named = value.as_str();
@@ -158,8 +177,7 @@ mod tests {
     }
 
     fn verdict(role: Role, c: &Change) -> Result<(), String> {
-        let tallies = tallies_object(&ledger());
-        check(&author(role), c, tallies.as_deref(), &|a| {
+        check(&author(role), c, &Genesis::of(&ledger()), &|a| {
             *a == ActorId::from([7; 16])
         })
     }
@@ -208,6 +226,10 @@ mod tests {
             tx.put(ROOT, "tallies", "gone").unwrap();
         });
         assert!(verdict(Role::Operator, &root).is_err());
+        let new_root_key = change(None, |tx, _| {
+            tx.put(ROOT, "added_by_a_newer_schema", 1).unwrap();
+        });
+        assert_eq!(verdict(Role::Volunteer, &new_root_key), Ok(()));
     }
 
     #[test]
@@ -217,7 +239,14 @@ mod tests {
             tx.put(&d, "samples", ScalarValue::counter(0)).unwrap();
             tx.increment(&d, "samples", 1).unwrap();
         });
-        let tallies = tallies_object(&ledger());
-        assert!(check(&author(Role::Volunteer), &c, tallies.as_deref(), &|_| false).is_err());
+        assert!(
+            check(
+                &author(Role::Volunteer),
+                &c,
+                &Genesis::of(&ledger()),
+                &|_| false
+            )
+            .is_err()
+        );
     }
 }

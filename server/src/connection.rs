@@ -1257,24 +1257,15 @@ async fn resync_step(
     step: redline_proto::message::SyncStep,
 ) {
     let doc_id = step.doc.clone();
-    let mut message = match RelayResync::decode(&step) {
-        Ok(m) => m,
-        Err(e) => return peer.resync.report(e.code(), e.to_string(), doc_id),
+    let (message, carried) = match crate::intake::sync_step(&step) {
+        Ok(taken) => taken,
+        Err((code, text)) => return peer.resync.report(code, text, doc_id),
     };
-    let chunks = message
-        .as_mut()
-        .map(RelayResync::take_changes)
-        .unwrap_or_default();
     let mut need = Vec::new();
     let mut applied = 0;
-    if !chunks.is_empty() {
+    if !carried.is_empty() {
         let mut changes = peer.resync.take_parked(&doc_id);
-        for chunk in &chunks {
-            match bundle_changes(chunk) {
-                Ok(c) => changes.extend(c),
-                Err(e) => return peer.resync.report(ErrorCode::BAD_DOCUMENT_DATA, e, doc_id),
-            }
-        }
+        changes.extend(carried);
         match admit(hub, &peer.admission(config), &doc_id, &changes).await {
             Verdict::Refuse(code, text) => return peer.resync.report(code, text, doc_id),
             Verdict::Hold { .. } => {
@@ -1509,12 +1500,35 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
         let (s, k, data, offset) = (storage.clone(), key.clone(), p.data, p.offset);
         let n = data.len() as u64;
         let now = crate::auth::now_secs();
-        tokio::task::spawn_blocking(move || {
+        let (h, prefix) = (hub.clone(), format!("{device}|").into_bytes());
+        // The quota is checked again with each piece, and the check and the write are one
+        // step: a device's concurrent uploads cannot together pass it.
+        let stored = tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = h.staging.lock().expect("staging lock");
+            if s.staged_bytes(&prefix)?.saturating_add(n) > quota {
+                return Ok(false);
+            }
             s.put_piece(&k, offset, &data)?;
-            s.touch_upload(&k, now)
+            s.touch_upload(&k, now)?;
+            Ok::<_, Error>(true)
         })
         .await
         .map_err(|e| Error::Storage(e.to_string()))??;
+        if !stored {
+            hub.metrics.quota_refused("staged_bytes_per_device");
+            let text = format!(
+                "this phone's unfinished uploads on the relay reached the limit of {quota} bytes (unfinished uploads expire)"
+            );
+            write_message(
+                &mut send,
+                &error_msg(ErrorCode::QUOTA_EXCEEDED, text, Some(up.doc.clone())),
+                max_frame,
+                write_timeout,
+            )
+            .await?;
+            let _ = send.finish();
+            return Ok(());
+        }
         hub.flush().await?;
         have += n;
         write_message(

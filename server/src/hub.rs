@@ -73,6 +73,8 @@ pub struct SlotState {
     /// no walk of the history.
     log: std::collections::VecDeque<(u64, Vec<ChangeHash>)>,
     log_floor: u64,
+    /// What the document's genesis made (for the authorship check), made once.
+    genesis: Option<Arc<authorship::Genesis>>,
 }
 
 /// Commits kept in a document's in-memory log.
@@ -88,6 +90,7 @@ impl SlotState {
             deliveries_at: Vec::new(),
             log: std::collections::VecDeque::new(),
             log_floor: u64::MAX,
+            genesis: None,
         }
     }
 
@@ -166,6 +169,10 @@ pub struct Hub {
     /// Documents each device created today: (day since the epoch, count). In memory: a
     /// restart forgives the day's count.
     creations: Mutex<HashMap<DeviceId, (i64, u32)>>,
+    /// Makes "check a device's staged bytes, then store a piece" one step.
+    pub(crate) staging: Mutex<()>,
+    /// Makes "check a device's held bytes, then hold a push" one step.
+    pub(crate) holding: AsyncMutex<()>,
     /// Counters.
     pub stats: HubStats,
     /// Prometheus metrics (the connection layer records into them too).
@@ -224,6 +231,8 @@ impl Hub {
             devices,
             actors: Mutex::new(HashMap::new()),
             creations: Mutex::new(HashMap::new()),
+            staging: Mutex::new(()),
+            holding: AsyncMutex::new(()),
         });
         // The flusher holds the hub weakly: when the relay shuts down, storage is released.
         let weak = Arc::downgrade(&hub);
@@ -428,7 +437,10 @@ impl Hub {
         let is_new = |c: &Change| new_to_doc.contains(&c.hash());
         // Who may write what: every change new to the relay must be by an actor of the
         // pushing device (or be the document's genesis), and name nobody else.
-        let tallies = authorship::tallies_object(id);
+        let genesis = state
+            .genesis
+            .get_or_insert_with(|| Arc::new(authorship::Genesis::of(id)))
+            .clone();
         let mut ok = Vec::new();
         for p in batch {
             let mut new = p.changes.iter().filter(|c| is_new(c)).peekable();
@@ -438,7 +450,7 @@ impl Hub {
             }
             let verdict = self
                 .check_actors(id, &p.author.device, new.clone())
-                .and_then(|()| self.check_authorship(&p.author, new, tallies.as_deref()));
+                .and_then(|()| self.check_authorship(&p.author, new, &genesis));
             match verdict {
                 Ok(()) => ok.push(p),
                 Err(e) => {
@@ -723,7 +735,7 @@ impl Hub {
         &self,
         author: &Author,
         new: impl IntoIterator<Item = &'c Change>,
-        tallies: Option<&str>,
+        genesis: &authorship::Genesis,
     ) -> Result<(), Error> {
         let actors = self.actors.lock().expect("actors lock");
         let own = |a: &ActorId| actors.get(a) == Some(&author.device);
@@ -732,7 +744,7 @@ impl Hub {
             if change.actor_id().to_bytes() == GENESIS_ACTOR {
                 continue;
             }
-            authorship::check(author, change, tallies, &own).map_err(Error::ForgedAuthorship)?;
+            authorship::check(author, change, genesis, &own).map_err(Error::ForgedAuthorship)?;
         }
         Ok(())
     }

@@ -52,6 +52,27 @@ pub fn device_changes(bytes: &[u8]) -> Result<Vec<Change>, String> {
     Ok(changes)
 }
 
+/// A device's sync step, as the relay takes it apart: the Automerge sync message with
+/// its changes taken out (it only moves the sync state), and those changes through
+/// [`device_changes`]. `Ok((None, []))` for a step that carries no message.
+pub fn sync_step(
+    step: &redline_proto::message::SyncStep,
+) -> Result<(Option<automerge::sync::Message>, Vec<Change>), (redline_proto::ErrorCode, String)> {
+    use redline_proto::session::RelayResync;
+    let mut message = RelayResync::decode(step).map_err(|e| (e.code(), e.to_string()))?;
+    let chunks = message
+        .as_mut()
+        .map(RelayResync::take_changes)
+        .unwrap_or_default();
+    let mut changes = Vec::new();
+    for chunk in &chunks {
+        changes.extend(
+            device_changes(chunk).map_err(|e| (redline_proto::ErrorCode::BAD_DOCUMENT_DATA, e))?,
+        );
+    }
+    Ok((message, changes))
+}
+
 /// The first chunk of `bytes`, its type, and what follows it.
 fn split_chunk(bytes: &[u8]) -> Result<(&[u8], u8, &[u8]), String> {
     let truncated = || "not an Automerge chunk (truncated header)".to_string();

@@ -337,8 +337,9 @@ fn init(data_dir: &Path, org: &str) -> anyhow::Result<()> {
     if config_path.exists() {
         println!("kept      {} (already there)", config_path.display());
     } else {
+        // Top-level keys before the file's tables ([quotas], [tls]).
         let text = format!(
-            "{}# The organisation whose roster `redline-server roster` edits.\norg = {org:?}\n",
+            "# The organisation whose roster `redline-server roster` edits.\norg = {org:?}\n{}",
             FileConfig::starter(data_dir)
         );
         std::fs::write(&config_path, text)

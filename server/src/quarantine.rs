@@ -73,6 +73,8 @@ pub async fn hold(
     let item = postcard::to_stdvec(&Held { entry, bundle })
         .map_err(|e| Error::Storage(format!("cannot encode a held push: {e}")))?;
     let len = item.len() as u64;
+    // Checking and holding are one step: concurrent pushes cannot together pass the quota.
+    let _one_at_a_time = hub.holding.lock().await;
     let held = blocking(hub, move |s| s.held_bytes(&prefix)).await?;
     if held.saturating_add(len) > quota {
         hub.metrics.quota_refused("held_bytes_per_device");

@@ -14,6 +14,17 @@
 //! [tls]                            # omit for the dev certificate
 //! cert = "/etc/redline/relay.pem"
 //! key = "/etc/redline/relay-key.pem"
+//!
+//! [quotas]                         # what one token, device or address may take
+//! connections_per_token = 8
+//! connections_per_address = 1000
+//! retry_above_pending = 256
+//! staged_mb_per_device = 256
+//! upload_expiry_hours = 24
+//! held_mb_per_device = 256
+//! new_documents_per_device_per_day = 200
+//! ledger_days_back = 60
+//! ledger_days_ahead = 2
 //! ```
 
 use std::net::SocketAddr;
@@ -53,6 +64,65 @@ pub struct FileConfig {
     pub tls: Option<TlsFiles>,
     /// The revocation list, if not `<data_dir>/revoked`.
     pub revoked_file: Option<PathBuf>,
+    /// Per-token, per-device and per-address quotas.
+    pub quotas: Option<QuotaSettings>,
+}
+
+/// The `[quotas]` table: each key optional (see [`crate::config::Quotas`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSettings {
+    /// Connections one token may hold at once.
+    pub connections_per_token: Option<usize>,
+    /// Connections from one source address at once.
+    pub connections_per_address: Option<usize>,
+    /// Above this many connections in their handshake, new ones must prove their
+    /// address (QUIC Retry).
+    pub retry_above_pending: Option<usize>,
+    /// Unfinished upload MiB one device may have staged.
+    pub staged_mb_per_device: Option<u64>,
+    /// Hours after which an untouched unfinished upload is dropped.
+    pub upload_expiry_hours: Option<u64>,
+    /// Quarantined MiB held for one device.
+    pub held_mb_per_device: Option<u64>,
+    /// Documents one device may create per day.
+    pub new_documents_per_device_per_day: Option<u32>,
+    /// New ledger days at most this many days before the relay's date...
+    pub ledger_days_back: Option<u32>,
+    /// ...and after it.
+    pub ledger_days_ahead: Option<u32>,
+}
+
+impl QuotaSettings {
+    fn apply(&self, q: &mut crate::config::Quotas) {
+        if let Some(n) = self.connections_per_token {
+            q.connections_per_token = n.max(1);
+        }
+        if let Some(n) = self.connections_per_address {
+            q.connections_per_address = n.max(1);
+        }
+        if let Some(n) = self.retry_above_pending {
+            q.retry_above_pending = n;
+        }
+        if let Some(mb) = self.staged_mb_per_device {
+            q.staged_bytes_per_device = mb.saturating_mul(1 << 20);
+        }
+        if let Some(h) = self.upload_expiry_hours {
+            q.upload_expiry = std::time::Duration::from_secs(h.saturating_mul(3_600).max(60));
+        }
+        if let Some(mb) = self.held_mb_per_device {
+            q.held_bytes_per_device = mb.saturating_mul(1 << 20);
+        }
+        if let Some(n) = self.new_documents_per_device_per_day {
+            q.new_documents_per_device_per_day = n;
+        }
+        if let Some(n) = self.ledger_days_back {
+            q.ledger_days_back = n;
+        }
+        if let Some(n) = self.ledger_days_ahead {
+            q.ledger_days_ahead = n;
+        }
+    }
 }
 
 /// Production certificate files.
@@ -114,6 +184,9 @@ impl FileConfig {
         if let Some(r) = &self.revoked_file {
             config.revoked_file = Some(r.clone());
         }
+        if let Some(q) = &self.quotas {
+            q.apply(&mut config.quotas);
+        }
         if let Some(t) = &self.tls {
             config.tls = TlsMode::Files {
                 cert: t.cert.clone(),
@@ -146,6 +219,19 @@ impl FileConfig {
              # not un-revoke tokens): for example /etc/redline/revoked.\n\
              # revoked_file = \"/etc/redline/revoked\"\n\
              \n\
+             # What one token, device or address may take (defaults shown).\n\
+             [quotas]\n\
+             connections_per_token = {}\n\
+             connections_per_address = {}\n\
+             retry_above_pending = {}\n\
+             staged_mb_per_device = {}\n\
+             upload_expiry_hours = {}\n\
+             held_mb_per_device = {}\n\
+             new_documents_per_device_per_day = {}\n\
+             # New ledger days only within this window around the relay's date.\n\
+             ledger_days_back = {}\n\
+             ledger_days_ahead = {}\n\
+             \n\
              # Production certificate (PEM). Without it, the dev certificate in tls/ is used\n\
              # and devices pin its fingerprint.\n\
              # [tls]\n\
@@ -158,6 +244,15 @@ impl FileConfig {
             defaults.max_document_bytes >> 20,
             defaults.udp_buffer_bytes >> 10,
             defaults.name,
+            defaults.quotas.connections_per_token,
+            defaults.quotas.connections_per_address,
+            defaults.quotas.retry_above_pending,
+            defaults.quotas.staged_bytes_per_device >> 20,
+            defaults.quotas.upload_expiry.as_secs() / 3_600,
+            defaults.quotas.held_bytes_per_device >> 20,
+            defaults.quotas.new_documents_per_device_per_day,
+            defaults.quotas.ledger_days_back,
+            defaults.quotas.ledger_days_ahead,
         )
     }
 }
@@ -178,6 +273,32 @@ mod tests {
         assert_eq!(config.cache_budget_bytes, defaults.cache_budget_bytes);
         assert_eq!(config.udp_buffer_bytes, defaults.udp_buffer_bytes);
         assert_eq!(config.tls, TlsMode::Dev);
+        let (q, d) = (&config.quotas, &defaults.quotas);
+        assert_eq!(
+            (
+                q.connections_per_token,
+                q.staged_bytes_per_device,
+                q.upload_expiry
+            ),
+            (
+                d.connections_per_token,
+                d.staged_bytes_per_device,
+                d.upload_expiry
+            )
+        );
+        assert_eq!((q.ledger_days_back, q.ledger_days_ahead), (60, 2));
+    }
+
+    #[test]
+    fn quotas_are_settings() {
+        let file: FileConfig =
+            toml::from_str("[quotas]\nledger_days_back = 400\nheld_mb_per_device = 1\n").unwrap();
+        let q = file.apply(RelayConfig::default()).unwrap().quotas;
+        assert_eq!(
+            (q.ledger_days_back, q.held_bytes_per_device),
+            (400, 1 << 20)
+        );
+        assert!(toml::from_str::<FileConfig>("[quotas]\nledger_days = 1\n").is_err());
     }
 
     #[test]

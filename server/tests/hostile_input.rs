@@ -67,13 +67,76 @@ proptest! {
 
     #[test]
     fn random_sync_steps_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let step = SyncStep { doc: DocId::parse("ledger/t1/2026-11-29").unwrap(), data: Some(bytes) };
-        if let Ok(message) = RelayResync::decode(&step) {
-            let mut doc = base();
-            let mut session = RelayResync::new();
-            let _ = session.apply(&step.doc, &mut doc, message);
-        }
+        sync_step_leaves_the_document_alone(bytes);
     }
+
+    #[test]
+    fn sync_steps_carrying_mutated_chunks_never_panic(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        kind in 0u8..4,
+    ) {
+        // A real change or bundle, damaged, in a well-formed sync message: the path
+        // the relay guards like a push.
+        let mut chunk = if kind % 2 == 0 { valid_bundle() } else { valid_change() };
+        for (at, value) in flips {
+            let i = at.index(chunk.len());
+            chunk[i] ^= value;
+        }
+        sync_step_leaves_the_document_alone(sync_message(vec![chunk]));
+    }
+}
+
+/// A valid change chunk (as Automerge's sync messages carry them) on top of `base()`.
+fn valid_change() -> Vec<u8> {
+    let mut doc = base().fork();
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+        tx.put(ROOT, "note", "in a sync message")?;
+        Ok(())
+    })
+    .unwrap();
+    doc.get_last_local_change().unwrap().raw_bytes().to_vec()
+}
+
+fn sync_message(chunks: Vec<Vec<u8>>) -> Vec<u8> {
+    automerge::sync::Message {
+        heads: Vec::new(),
+        need: Vec::new(),
+        have: Vec::new(),
+        changes: automerge::sync::ChunkList::from(chunks),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    }
+    .encode()
+}
+
+/// What the relay does with a sync step's bytes: take it apart through the intake
+/// (guarded like a push), then let Automerge read what is left. Nothing the device
+/// sent reaches the document this way.
+fn sync_step_leaves_the_document_alone(bytes: Vec<u8>) {
+    let step = SyncStep {
+        doc: DocId::parse("ledger/t1/2026-11-29").unwrap(),
+        data: Some(bytes),
+    };
+    if let Ok((message, _changes)) = redline_server::intake::sync_step(&step) {
+        let mut doc = base();
+        let before = doc.get_heads();
+        let mut session = RelayResync::new();
+        let _ = session.apply(&step.doc, &mut doc, message);
+        assert_eq!(doc.get_heads(), before, "a sync step changed the document");
+    }
+}
+
+#[test]
+fn valid_changes_in_a_sync_step_come_out_whole_and_bombs_do_not() {
+    let step = |chunk: Vec<u8>| SyncStep {
+        doc: DocId::parse("ledger/t1/2026-11-29").unwrap(),
+        data: Some(sync_message(vec![chunk])),
+    };
+    let (_, changes) = redline_server::intake::sync_step(&step(valid_change())).unwrap();
+    assert_eq!(changes.len(), 1);
+    let bomb = &include_bytes!("regressions/bundle-rle-bomb.bin")[1..];
+    let refused = redline_server::intake::sync_step(&step(bomb.to_vec())).unwrap_err();
+    assert_eq!(refused.0, redline_proto::ErrorCode::BAD_DOCUMENT_DATA);
 }
 
 #[test]

@@ -175,8 +175,9 @@ impl RelayChild {
 /// The relay child's main: serve `dir` on 127.0.0.1, print `LISTEN addr fingerprint`, and
 /// shut down cleanly when stdin closes.
 pub async fn serve_relay_child(dir: &Path) -> anyhow::Result<()> {
-    let mut config = redline_server::RelayConfig::new(dir)
-        .with_listen(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    // The no-op reconnect holds hundreds of ledger days on one phone.
+    let mut config =
+        crate::test_config(dir).with_listen(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     config.http_listen = None;
     let relay = redline_server::Relay::start(config).await?;
     println!("LISTEN {} {}", relay.local_addr(), relay.fingerprint());

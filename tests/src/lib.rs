@@ -20,9 +20,26 @@ use redline_server::{Relay, RelayConfig, RelayHandle};
 use sha2::{Digest, Sha256};
 
 /// Starts a relay with its data in `dir`, on 127.0.0.1 with free ports (QUIC and
-/// metrics).
+/// metrics), configured by [`test_config`].
 pub async fn start_relay(dir: &Path) -> anyhow::Result<RelayHandle> {
-    start_relay_with(RelayConfig::new(dir)).await
+    start_relay_with(test_config(dir)).await
+}
+
+/// The defaults, except that any ledger day may be started and a device may start as
+/// many documents as it likes: these suites write fixed dates (2025, November 2026)
+/// and many days per phone. The security suite checks the default window and quotas.
+pub fn test_config(dir: impl Into<std::path::PathBuf>) -> RelayConfig {
+    let mut config = RelayConfig::new(dir);
+    config.quotas.ledger_days_back = 36_500;
+    config.quotas.ledger_days_ahead = 36_500;
+    config.quotas.new_documents_per_device_per_day = 1_000_000;
+    config
+}
+
+/// Today (UTC) as a ledger day.
+pub fn today() -> redline_proto::Day {
+    redline_proto::Day::new(time::OffsetDateTime::now_utc().date().to_string())
+        .expect("today is a valid day")
 }
 
 /// Starts a relay with `config`, its QUIC and metrics addresses forced to 127.0.0.1 with
@@ -226,6 +243,27 @@ impl RawDevice {
                 Ok(Ok(None)) | Ok(Err(_)) => return Ok(None),
             }
         }
+    }
+
+    /// Messages until one matches `last` (included), the stream ends or `within` passes.
+    pub async fn until(
+        &mut self,
+        within: Duration,
+        last: impl Fn(&redline_proto::Message) -> bool,
+    ) -> anyhow::Result<Vec<redline_proto::Message>> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut all = Vec::new();
+        while let Some(m) = self
+            .next(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await?
+        {
+            let done = last(&m);
+            all.push(m);
+            if done {
+                break;
+            }
+        }
+        Ok(all)
     }
 
     /// Every message until the stream ends or `within` passes.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use redline_client::{Client, ClientConfig, RelayEndpoint};
 use redline_proto::token::Role;
-use redline_proto::{Day, DocId, MemberId, TeamId};
+use redline_proto::{DocId, MemberId, TeamId};
 
 use crate::faults::RelayProcess;
 
@@ -76,7 +76,7 @@ pub async fn run(dir: &Path, devices: usize, duration: Duration) -> anyhow::Resu
     let relay_dir = dir.join("relay");
     let relay = RelayProcess::start_with_http(&relay_dir)?;
     let endpoint = RelayEndpoint::new(relay.addr, &relay.fingerprint);
-    let day = Day::new("2026-11-29")?;
+    let day = crate::today();
     let mut clients = Vec::new();
     for d in 0..devices {
         let team = format!("team-{}", d / 16 + 1);

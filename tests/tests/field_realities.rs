@@ -476,7 +476,7 @@ async fn leads_see_their_teams_devices_and_nobody_elses() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_phone_back_after_the_horizon_is_held_until_a_lead_accepts() -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
-    let mut config = redline_server::RelayConfig::new(root.path().join("relay"));
+    let mut config = redline_tests::test_config(root.path().join("relay"));
     config.quarantine_after = Some(Duration::from_millis(800));
     let relay = redline_tests::start_relay_with(config).await?;
     let at = endpoint(&relay);

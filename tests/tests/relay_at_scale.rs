@@ -10,7 +10,6 @@ use automerge::transaction::Transactable;
 use automerge::{ActorId, Automerge, ObjType, ROOT, ReadDoc};
 use redline_client::{NewHousehold, NewTask, TaskKind};
 use redline_proto::{Day, DocId, TeamId, ZoneId};
-use redline_server::RelayConfig;
 use redline_tests::{start_relay, start_relay_with, team_phone};
 
 fn team(t: &str) -> TeamId {
@@ -407,7 +406,7 @@ async fn a_new_device_downloads_a_20_mb_document_over_cut_connections_and_resume
 #[tokio::test]
 async fn a_small_cache_evicts_documents_without_losing_anything() -> anyhow::Result<()> {
     let rd = tempfile::tempdir()?;
-    let mut config = RelayConfig::new(rd.path());
+    let mut config = redline_tests::test_config(rd.path());
     config.cache_budget_bytes = 1;
     let relay = start_relay_with(config).await?;
     let dirs: Vec<_> = (0..3)

@@ -22,7 +22,7 @@ use redline_tests::faults::{Faults, FaultyStorage, RelayProcess, UdpProxy};
 use redline_tests::{endpoint, start_relay, token_for};
 
 fn day() -> Day {
-    Day::new("2026-11-29").unwrap()
+    redline_tests::today()
 }
 
 fn team(t: &str) -> TeamId {

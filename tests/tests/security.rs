@@ -53,7 +53,7 @@ impl Fixture {
         config.limits = limits;
         config.max_connections = MAX_CONNECTIONS;
         config.quotas.connections_per_token = 4;
-        config.quotas.connections_per_address = 16;
+        config.quotas.connections_per_address = 32;
         config.quotas.retry_above_pending = 8;
         config.quotas.staged_bytes_per_device = 64 * 1024;
         config.quotas.held_bytes_per_device = 64 * 1024;
@@ -728,7 +728,7 @@ async fn production_tls_loads_pem_files_and_devices_trust_the_ca_or_a_pin() -> a
         !root.path().join("relay/tls/dev-cert.der").exists(),
         "no dev certificate in production"
     );
-    let day = Day::new("2026-11-29")?;
+    let day = redline_tests::today();
     let open = |name: &str, at: redline_client::RelayEndpoint| -> anyhow::Result<Client> {
         let dir = root.path().join(name);
         let token = token_for(relay.data_dir(), &dir, name, Role::Volunteer, &[T3], &[])?;
@@ -784,7 +784,7 @@ async fn a_document_cannot_grow_past_the_relays_size_limit() -> anyhow::Result<(
     let mut config = RelayConfig::new(root.path().join("relay"));
     config.max_document_bytes = 8 * 1024;
     let relay = start_relay_with(config).await?;
-    let day = Day::new("2026-11-29")?;
+    let day = redline_tests::today();
     let dir = root.path().join("phone");
     let token = token_for(relay.data_dir(), &dir, "ana", Role::Volunteer, &[T3], &[])?;
     let phone = client(&dir, &relay, "ana", token, &[T3]);
@@ -964,11 +964,17 @@ async fn queued_forgery(f: &Fixture) -> anyhow::Result<Seen> {
     };
     raw.send(&step(vec![y.raw_bytes().to_vec()])).await?;
     let mut messages = raw.drain(short).await?;
-    // X through an ordinary push, then Y again: now its dependency is there.
+    // X through an ordinary push (acknowledged), then Y again: its dependency is there.
     raw.send(&push_of(&doc, &mine, &x)?).await?;
-    messages.extend(raw.drain(short).await?);
+    messages.extend(
+        raw.until(Duration::from_secs(10), |m| matches!(m, Message::Ack(_)))
+            .await?,
+    );
     raw.send(&step(vec![y.raw_bytes().to_vec()])).await?;
-    messages.extend(raw.drain(short).await?);
+    messages.extend(
+        raw.until(Duration::from_secs(10), |m| matches!(m, Message::Error(_)))
+            .await?,
+    );
     let mut seen = Seen::from_messages(&messages);
     let relay_copy = f.relay.document(&doc).await?.expect("seeded");
     if relay_copy.get_change_by_hash(&y.hash()).is_some() {
@@ -1328,4 +1334,279 @@ async fn quarantine_across_teams(f: &Fixture) -> anyhow::Result<Seen> {
         seen.codes.push(ErrorCode::INTERNAL);
     }
     Ok(seen)
+}
+
+/// The process's resident memory now (KiB), from /proc.
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Messages until `n` of them were counted by `count`, or nothing came for `quiet`.
+async fn answers(
+    raw: &mut RawDevice,
+    n: usize,
+    quiet: Duration,
+    count: impl Fn(&Message) -> bool,
+) -> anyhow::Result<Vec<Message>> {
+    let mut all = Vec::new();
+    let mut counted = 0;
+    while counted < n {
+        let Some(m) = raw.next(quiet).await? else {
+            break;
+        };
+        if count(&m) {
+            counted += 1;
+        }
+        all.push(m);
+    }
+    Ok(all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_cannot_fill_the_relays_disk_or_memory() -> anyhow::Result<()> {
+    const N: usize = 10_000;
+    const QUOTA: u64 = 64 * 1024;
+    let root = tempfile::tempdir()?;
+    let mut config = RelayConfig::new(root.path().join("relay"));
+    // Streams and messages as fast as the attacker can send them: only the quotas hold.
+    config.limits.streams_per_second = 1_000_000;
+    config.limits.messages_per_second = 1_000_000;
+    config.limits.message_burst = 1_000_000;
+    config.max_streams_per_connection = 256;
+    config.quotas.staged_bytes_per_device = QUOTA;
+    config.quotas.held_bytes_per_device = QUOTA;
+    config.quotas.upload_expiry = Duration::from_secs(3);
+    let relay = start_relay_with(config).await?;
+    let day = redline_tests::today();
+    let honest_token = token_for(
+        relay.data_dir(),
+        &root.path().join("honest"),
+        "honest",
+        Role::Volunteer,
+        &[T3],
+        &["z1"],
+    )?;
+    let honest = client(
+        &root.path().join("honest"),
+        &relay,
+        "honest",
+        honest_token,
+        &[T3],
+    );
+    let served = async |what: &str| -> anyhow::Result<()> {
+        honest.add_to_tally(&team(T3), &day, "samples_taken", 1)?;
+        let r = honest.sync().await?;
+        anyhow::ensure!(
+            r.refused.is_empty() && r.changes_sent >= 1,
+            "honest device not served after {what}: {r:?}"
+        );
+        Ok(())
+    };
+    served("nothing").await?;
+    let doc = DocId::ledger(&team(T3), &day);
+    let name = "hoarder";
+    let dir = root.path().join(name);
+    let token = token_for(
+        relay.data_dir(),
+        &dir,
+        name,
+        Role::Volunteer,
+        &[T3],
+        &["z1"],
+    )?;
+    let device = device_for(&dir);
+    let rss_before = rss_kb();
+
+    // 1. 10,000 uploads, each abandoned after its first piece (16 at a time).
+    let mut raw = RawDevice::connect(&relay).await?;
+    anyhow::ensure!(matches!(
+        raw.hello(&device, &token, subscription(&[T3])).await?,
+        Message::Welcome(_)
+    ));
+    let conn = raw.conn.clone();
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..16usize {
+        let (conn, doc, refused) = (conn.clone(), doc.clone(), refused.clone());
+        workers.spawn(async move {
+            for i in (w..N).step_by(16) {
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                let (mut s, mut r) = conn.open_bi().await?;
+                let upload = Message::Upload(redline_proto::message::Upload {
+                    id,
+                    doc: doc.clone(),
+                    len: 4096,
+                    document: false,
+                    heads: vec![],
+                });
+                let piece = Message::Piece(redline_proto::message::Piece {
+                    id,
+                    offset: 0,
+                    data: vec![i as u8; 1024],
+                });
+                for m in [upload, piece] {
+                    s.write_all(&redline_proto::codec::encode_frame(&m, 1 << 20)?)
+                        .await?;
+                }
+                let _ = s.finish();
+                let answer = r.read_to_end(64 * 1024).await.unwrap_or_default();
+                let mut d = redline_proto::codec::FrameDecoder::new(1 << 20);
+                d.push(&answer);
+                while let Ok(Some(m)) = d.next_message() {
+                    if matches!(m, Message::Error(ref e) if e.code == ErrorCode::QUOTA_EXCEEDED) {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done??;
+    }
+    let staged = relay.staged_bytes(&device).await?;
+    let refused = refused.load(std::sync::atomic::Ordering::Relaxed);
+    println!("abandoned uploads: {N} sent, {refused} refused for the quota, {staged} bytes staged");
+    assert!(
+        staged <= QUOTA,
+        "{staged} bytes staged past the quota of {QUOTA}"
+    );
+    assert!(
+        refused >= N - (QUOTA as usize / 1024),
+        "only {refused} refused"
+    );
+    served("10,000 abandoned uploads").await?;
+    drop(raw);
+
+    // 2. 10,000 syncs for documents that do not exist.
+    let mut raw = RawDevice::connect(&relay).await?;
+    raw.hello(&device, &token, subscription(&[T3])).await?;
+    let stored = relay.documents().await?;
+    for batch in (0..N).collect::<Vec<_>>().chunks(500) {
+        for i in batch {
+            let absent = Day::new(format!(
+                "{:04}-{:02}-{:02}",
+                3000 + i / 336,
+                1 + (i / 28) % 12,
+                1 + i % 28
+            ))?;
+            raw.send(&Message::Sync(SyncStep {
+                doc: DocId::ledger(&team(T3), &absent),
+                data: None,
+            }))
+            .await?;
+        }
+        answers(&mut raw, batch.len(), Duration::from_secs(5), |m| {
+            matches!(m, Message::Sync(_))
+        })
+        .await?;
+    }
+    assert_eq!(relay.documents().await?, stored, "asking created documents");
+    assert!(
+        relay.cached_documents() <= stored.len() + 1,
+        "{} documents cached",
+        relay.cached_documents()
+    );
+    served("10,000 syncs for absent documents").await?;
+    drop(raw);
+
+    // 3. 10,000 pushes held in quarantine: the phone synced once as one actor, then
+    //    writes as another (a reset store), so everything it sends is held.
+    let base = relay
+        .document(&doc)
+        .await?
+        .expect("the honest phone wrote it");
+    {
+        let mut raw = RawDevice::connect(&relay).await?;
+        raw.hello(&device, &token, subscription(&[T3])).await?;
+        let own = format!("{name}@{device}");
+        let (d, c) = change_on(&base, ActorId::random(), Some(&own), |tx| {
+            let tasks = container(tx, "tasks")?;
+            tx.put_object(&tasks, "t-first", automerge::ObjType::Map)?;
+            Ok(())
+        })?;
+        raw.send(&push_of(&doc, &d, &c)?).await?;
+        raw.until(Duration::from_secs(10), |m| matches!(m, Message::Ack(_)))
+            .await?;
+        raw.send(&Message::Pull(redline_proto::message::Pull {
+            cursor: None,
+            resume: vec![],
+            defer_large: false,
+        }))
+        .await?;
+        raw.until(Duration::from_secs(10), |m| matches!(m, Message::Caught(_)))
+            .await?;
+    }
+    let base = relay.document(&doc).await?.expect("there");
+    let mut chain = base.fork().with_actor(ActorId::random());
+    let mut bundles = Vec::with_capacity(N);
+    for i in 0..N {
+        chain
+            .transact::<_, _, automerge::AutomergeError>(|tx| {
+                let tasks = container(tx, "tasks")?;
+                tx.put(&tasks, "t-held", i as i64)?;
+                Ok(())
+            })
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let c = chain.get_last_local_change().expect("made").clone();
+        bundles.push(Message::Push(Push {
+            doc: doc.clone(),
+            bundle: chain.bundle([c.hash()])?.bytes().to_vec(),
+            heads: vec![c.hash().0],
+        }));
+    }
+    let mut raw = RawDevice::connect(&relay).await?;
+    raw.hello(&device, &token, subscription(&[T3])).await?;
+    let mut codes = std::collections::BTreeMap::<u16, usize>::new();
+    for batch in bundles.chunks(500) {
+        for m in batch {
+            raw.send(m).await?;
+        }
+        for m in answers(&mut raw, batch.len(), Duration::from_secs(10), |m| {
+            matches!(m, Message::Error(_))
+        })
+        .await?
+        {
+            if let Message::Error(e) = m {
+                *codes.entry(e.code.0).or_default() += 1;
+            }
+        }
+    }
+    let held = relay.held_bytes(&device).await?;
+    println!("held pushes: {N} sent, answers by code {codes:?}, {held} bytes held");
+    assert!(held <= QUOTA, "{held} bytes held past the quota of {QUOTA}");
+    assert!(
+        codes.get(&ErrorCode::QUARANTINED.0).copied().unwrap_or(0) > 0,
+        "nothing was held: {codes:?}"
+    );
+    assert!(
+        codes
+            .get(&ErrorCode::QUOTA_EXCEEDED.0)
+            .copied()
+            .unwrap_or(0)
+            > N / 2,
+        "{codes:?}"
+    );
+    served("10,000 pushes to hold").await?;
+
+    // Abandoned uploads expire; memory stayed bounded throughout.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        relay.staged_bytes(&device).await?,
+        0,
+        "abandoned uploads did not expire"
+    );
+    let grown_mb = rss_kb().saturating_sub(rss_before) / 1024;
+    println!("resident memory grew by {grown_mb} MB");
+    assert!(grown_mb < 200, "resident memory grew by {grown_mb} MB");
+    relay.shutdown().await?;
+    Ok(())
 }

@@ -7,7 +7,7 @@
 use std::io::Write;
 
 use redline_client::{Client, ClientConfig, RelayEndpoint};
-use redline_proto::{Day, MemberId, TeamId};
+use redline_proto::{MemberId, TeamId};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -23,7 +23,7 @@ async fn main() -> anyhow::Result<()> {
         .with_token(&args[4])
         .with_teams(vec![TeamId::new("team-1")?]);
     let client = Client::open(&args[1], config)?;
-    let (team, day) = (TeamId::new("team-1")?, Day::new("2026-11-29")?);
+    let (team, day) = (TeamId::new("team-1")?, redline_tests::today());
     let me = client.identity().device.to_string();
     let mut n = client
         .ledger(&team, &day)?
