@@ -39,7 +39,11 @@ fn batch_apply(c: &mut Criterion) {
         let storage = SledStorage::open(dir.path()).unwrap();
         Hub::new(Arc::new(storage), 256 * 1024 * 1024).unwrap()
     });
-    let device = redline_proto::DeviceId::new("bench-phone").unwrap();
+    let device = redline_server::authorship::Author {
+        device: redline_proto::DeviceId::new("bench-phone").unwrap(),
+        member: redline_proto::MemberId::new("bench").unwrap(),
+        role: redline_proto::token::Role::Volunteer,
+    };
     let mut group = c.benchmark_group("relay_push");
     group.sample_size(10);
     for n in [100usize, 1000] {

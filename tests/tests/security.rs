@@ -1022,9 +1022,10 @@ async fn revoked_before_welcome(f: &Fixture) -> anyhow::Result<Seen> {
         raw
     });
     let raw = read.await?;
-    let mut seen = Seen::default();
-    seen.closed = raw.closed_with(Duration::from_millis(100)).await;
-    Ok(seen)
+    Ok(Seen {
+        closed: raw.closed_with(Duration::from_millis(100)).await,
+        ..Seen::default()
+    })
 }
 
 async fn quota_flood(f: &Fixture) -> anyhow::Result<Seen> {
@@ -1159,9 +1160,10 @@ async fn stalled_reader(f: &Fixture) -> anyhow::Result<Seen> {
         defer_large: false,
     }))
     .await?;
-    let mut seen = Seen::default();
-    seen.closed = raw.closed_with(Duration::from_secs(5)).await;
-    Ok(seen)
+    Ok(Seen {
+        closed: raw.closed_with(Duration::from_secs(5)).await,
+        ..Seen::default()
+    })
 }
 
 async fn oversized_hello(f: &Fixture) -> anyhow::Result<Seen> {
