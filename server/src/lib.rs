@@ -5,6 +5,9 @@
 //! - [`auth`]: the token key, token issuance and the revocation list;
 //! - [`access`]: what a token allows, per document kind;
 //! - [`tls`]: the dev certificate and its fingerprint, or production PEM files;
+//! - [`intake`]: the one door for device bytes (guard, no documents, `catch_unwind`);
+//! - [`authorship`]: a change may name only the token that pushes it;
+//! - [`door`]: connection seats per token and per address, QUIC Retry under load;
 //! - [`storage`]: the storage trait and its sled implementation;
 //! - [`hub`]: the documents the relay holds, loaded on demand;
 //! - [`relay`]: the QUIC endpoint, accept loop and shutdown;

@@ -1612,3 +1612,32 @@ async fn one_token_cannot_fill_the_relays_disk_or_memory() -> anyhow::Result<()>
     relay.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn under_handshake_load_every_new_peer_proves_its_address_first() -> anyhow::Result<()> {
+    // With the threshold at zero, every connection goes through QUIC Retry: phones and
+    // raw devices still get in (one round trip more), and the relay counts nothing odd.
+    let root = tempfile::tempdir()?;
+    let mut config = RelayConfig::new(root.path().join("relay"));
+    config.quotas.retry_above_pending = 0;
+    let relay = start_relay_with(config).await?;
+    let day = redline_tests::today();
+    let dir = root.path().join("phone");
+    let token = token_for(relay.data_dir(), &dir, "ana", Role::Volunteer, &[T3], &[])?;
+    let phone = client(&dir, &relay, "ana", token, &[T3]);
+    phone.add_to_tally(&team(T3), &day, "samples_taken", 4)?;
+    let report = phone.sync().await?;
+    assert!(
+        report.refused.is_empty() && report.changes_sent >= 1,
+        "{report:?}"
+    );
+    let other = root.path().join("other");
+    let token = token_for(relay.data_dir(), &other, "bo", Role::Volunteer, &[T3], &[])?;
+    let mut raw = RawDevice::connect(&relay).await?;
+    let answer = raw
+        .hello(&device_for(&other), &token, subscription(&[T3]))
+        .await?;
+    assert!(matches!(answer, Message::Welcome(_)), "{answer:?}");
+    relay.shutdown().await?;
+    Ok(())
+}
