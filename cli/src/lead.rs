@@ -150,9 +150,15 @@ fn time_of(ms: i64) -> String {
 }
 
 fn day_or_today(date: Option<String>) -> anyhow::Result<Day> {
-    Ok(Day::new(date.unwrap_or_else(|| {
-        time::OffsetDateTime::now_utc().date().to_string()
-    }))?)
+    match date {
+        Some(d) => Ok(Day::new(d)?),
+        None => today().map_err(anyhow::Error::msg),
+    }
+}
+
+/// Today (UTC) as a ledger day.
+pub fn today() -> Result<Day, String> {
+    Day::new(time::OffsetDateTime::now_utc().date().to_string()).map_err(|e| e.to_string())
 }
 
 fn missing_day(team: &TeamId, day: &Day) -> anyhow::Error {
@@ -376,7 +382,23 @@ pub fn export(
     format: Format,
     out: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let id = DocId::parse(doc)?;
+    let bytes = export_bytes(client, &DocId::parse(doc)?, format)?;
+    match out {
+        Some(path) => {
+            std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {} bytes to {}", bytes.len(), path.display());
+        }
+        None => {
+            use std::io::Write;
+            std::io::stdout().write_all(&bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// Document `id` in `format` (what `redline export` writes and the console downloads).
+pub fn export_bytes(client: &Client, id: &DocId, format: Format) -> anyhow::Result<Vec<u8>> {
+    let id = id.clone();
     let missing = || -> anyhow::Error {
         Failure::new(
             NOT_FOUND,
@@ -438,17 +460,7 @@ pub fn export(
             .into());
         }
     };
-    match out {
-        Some(path) => {
-            std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
-            eprintln!("wrote {} bytes to {}", bytes.len(), path.display());
-        }
-        None => {
-            use std::io::Write;
-            std::io::stdout().write_all(&bytes)?;
-        }
-    }
-    Ok(())
+    Ok(bytes)
 }
 
 /// `redline status`.

@@ -4,9 +4,11 @@
 //! relay refused this machine's credentials; 5 the relay could not be reached; 6 the
 //! document or day is not on this machine. Messages say what to do next.
 
+mod console;
 mod demo;
 mod lead;
 mod profile;
+mod write;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -108,6 +110,21 @@ enum Command {
     /// Explain why syncing is not working: network, relay, certificate, token, scope,
     /// data budget.
     Doctor,
+    /// The lead's console: a local web page over this machine's copy (Today, Needs,
+    /// Conflicts, Devices, Export) that syncs in the background and updates live.
+    Console(console::ConsoleArgs),
+    /// Tasks of a team's ledger: add, assign, set status.
+    #[command(subcommand)]
+    Task(write::TaskCommand),
+    /// Household needs: add, assign, set status or priority.
+    #[command(subcommand)]
+    Need(write::NeedCommand),
+    /// Check this member in or out for a team's day.
+    #[command(subcommand)]
+    Duty(write::DutyCommand),
+    /// Tallies: add to one of this member's counters for a team's day.
+    #[command(subcommand)]
+    Tally(write::TallyCommand),
 }
 
 #[derive(Subcommand)]
@@ -200,6 +217,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Doctor => return lead::doctor(&config()?).await,
         Command::Devices { team } => lead::devices(&lead::open(&config()?)?.1, &team).await?,
+        Command::Console(args) => {
+            let (profile, client) = lead::open(&config()?)?;
+            console::run(profile, client, args).await?
+        }
+        Command::Task(c) => write::task(&lead::open(&config()?)?.1, c).await?,
+        Command::Need(c) => write::need(&lead::open(&config()?)?.1, c).await?,
+        Command::Duty(c) => write::duty(&lead::open(&config()?)?.1, c).await?,
+        Command::Tally(c) => write::tally(&lead::open(&config()?)?.1, c).await?,
         Command::Status => {
             let path = config()?;
             let (profile, client) = lead::open(&path)?;

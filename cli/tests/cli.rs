@@ -4,61 +4,14 @@
 //! the metrics endpoint moving under load.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 
-use assert_cmd::Command as Cmd;
-use redline_client::{Client, ClientConfig, NewNeed, NewTask, RelayEndpoint, TaskKind, TaskUpdate};
-use redline_proto::{DocId, MemberId, TeamId, ZoneId};
+use common::{issue, log_in, phone, redline, server, stdout};
+use redline_client::{Client, NewNeed, NewTask, TaskKind, TaskUpdate};
+use redline_proto::{DocId, TeamId, ZoneId};
 use redline_tests::faults::{RelayProcess, server_exe};
 
-fn server() -> Cmd {
-    Cmd::new(server_exe())
-}
-
-fn redline(config: &Path) -> Cmd {
-    let mut c = Cmd::cargo_bin("redline").unwrap();
-    c.env("REDLINE_CONFIG", config).env_remove("REDLINE_TOKEN");
-    c
-}
-
-/// `redline login` against `relay` with `token`, its profile in `config`.
-fn log_in(config: &Path, relay: &RelayProcess, token: &str) -> Cmd {
-    let mut c = redline(config);
-    c.args(["login", "--relay", &relay.addr.to_string(), "--pin"])
-        .arg(&relay.fingerprint)
-        .args(["--token", token]);
-    c
-}
-
-fn issue(relay_dir: &Path, member: &str, device: &str, role: &str) -> String {
-    let out = server()
-        .args(["token", "issue", "--data-dir"])
-        .arg(relay_dir)
-        .args([
-            "--member", member, "--device", device, "--role", role, "--team", "team-1", "--zones",
-            "z1",
-        ])
-        .assert()
-        .success();
-    String::from_utf8(out.get_output().stdout.clone())
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
-fn phone(dir: &Path, relay: &RelayProcess, member: &str, token: String) -> Client {
-    let config = ClientConfig::new(MemberId::new(member).unwrap())
-        .with_relay(RelayEndpoint::new(relay.addr, &relay.fingerprint))
-        .with_token(token)
-        .with_teams(vec![TeamId::new("team-1").unwrap()])
-        .with_zones(vec![ZoneId::new("z1").unwrap()]);
-    Client::open(dir, config).unwrap()
-}
-
-fn stdout(a: &assert_cmd::assert::Assert) -> String {
-    String::from_utf8_lossy(&a.get_output().stdout).into_owned()
-}
+mod common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lead_works_a_field_day_from_the_command_line() {
@@ -345,4 +298,105 @@ fn serve_reads_its_toml_file_and_flags_override_it() {
         .assert()
         .failure();
     assert!(String::from_utf8_lossy(&bad.get_output().stderr).contains("http_listen"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lead_writes_tasks_needs_duty_and_tallies_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay_dir = tmp.path().join("relay");
+    server()
+        .args(["init", "--org", "district-9", "--data-dir"])
+        .arg(&relay_dir)
+        .assert()
+        .success();
+    let relay = RelayProcess::start(&relay_dir, ([127, 0, 0, 1], 0).into()).unwrap();
+    let (team, zone) = (TeamId::new("team-1").unwrap(), ZoneId::new("z1").unwrap());
+    let day = redline_tests::today();
+    let ana = phone(
+        &tmp.path().join("ana"),
+        &relay,
+        "ana",
+        issue(&relay_dir, "ana", "phone-ana", "volunteer"),
+    );
+    let house = ana
+        .add_household(
+            &zone,
+            redline_client::NewHousehold {
+                address: "Block 7".into(),
+                residents: 1,
+                contact: None,
+                flags: vec![],
+            },
+        )
+        .unwrap();
+    ana.sync().await.unwrap();
+    let config = tmp.path().join("lead.toml");
+    log_in(
+        &config,
+        &relay,
+        &issue(&relay_dir, "lena", "laptop-lena", "lead"),
+    )
+    .assert()
+    .success();
+    let run = |args: &[&str]| -> String {
+        let a = redline(&config).args(args).assert().success();
+        stdout(&a)
+    };
+    let task = run(&[
+        "task",
+        "add",
+        "--team",
+        "team-1",
+        "--kind",
+        "supply",
+        "--title",
+        "Water to block 7",
+    ]);
+    let task = task.lines().next().unwrap().trim().to_string();
+    assert!(run(&["task", "assign", "--team", "team-1", &task, "ana"]).contains("synced"));
+    run(&["task", "status", "--team", "team-1", &task, "in_progress"]);
+    let need = run(&[
+        "need",
+        "add",
+        "--zone",
+        "z1",
+        "--household",
+        &house,
+        "--category",
+        "water",
+        "--detail",
+        "20 litres",
+    ]);
+    let need = need.lines().next().unwrap().trim().to_string();
+    run(&["need", "priority", "--zone", "z1", &need, "urgent"]);
+    run(&["need", "assign", "--zone", "z1", &need, "ana"]);
+    run(&["need", "status", "--zone", "z1", &need, "fulfilled"]);
+    run(&["duty", "in", "--team", "team-1"]);
+    run(&["tally", "add", "--team", "team-1", "deliveries", "4"]);
+    // Bad input: a clear usage error, nothing written.
+    let bad = redline(&config)
+        .args(["need", "priority", "--zone", "z1", &need, "whenever"])
+        .assert()
+        .code(2);
+    assert!(String::from_utf8_lossy(&bad.get_output().stderr).contains("urgent"));
+
+    // A volunteer's phone sees all of it.
+    ana.sync().await.unwrap();
+    let ledger = ana.ledger(&team, &day).unwrap().unwrap();
+    let t = ledger.tasks.iter().find(|t| t.id == task).unwrap();
+    assert_eq!(t.title, "Water to block 7");
+    assert_eq!(t.assignees, vec!["ana".to_string()]);
+    assert_eq!(t.status.status, redline_client::TaskStatus::InProgress);
+    assert_eq!(ledger.on_duty(), vec!["lena".to_string()]);
+    assert_eq!(ledger.tallies.get("deliveries"), Some(&4));
+    let needs = ana.households(&zone).unwrap().unwrap().needs;
+    let n = needs.iter().find(|n| n.id == need).unwrap();
+    assert_eq!(
+        (n.priority, n.assignee.as_deref(), n.status.status),
+        (
+            redline_client::Priority::Urgent,
+            Some("ana"),
+            redline_client::NeedStatus::Fulfilled
+        )
+    );
 }
