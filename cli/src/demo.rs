@@ -323,11 +323,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             if converged { "yes".into() } else { "NO".into() },
         ),
     ];
-    println!("+--------------------------+--------------+");
+    let mut summary = crate::lead::table(&["field day", ""]);
     for (k, v) in rows {
-        println!("| {k:<24} | {v:>12} |");
+        summary.add_row(vec![k.to_string(), v]);
     }
-    println!("+--------------------------+--------------+");
+    println!("{summary}");
     relay.shutdown().await?;
     if args.data_dir.is_some() {
         println!("data kept in {}", root.display());
@@ -348,6 +348,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             println!("  export REDLINE_CONFIG={}", path.display());
             println!("  redline ledger show --team {} --date {day}", teams[0]);
             println!("  redline reconcile --team {} --date {day}", teams[0]);
+            println!("  redline console      # the lead's web page (works offline)");
             println!("  redline needs --urgent");
             println!(
                 "  redline export --doc ledger/{}/{day} --format csv",

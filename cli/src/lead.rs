@@ -136,7 +136,7 @@ pub async fn sync(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
     t.set_header(header.to_vec());

@@ -19,32 +19,18 @@ mod common;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
-/// Chromium and playwright-core, installed if missing.
+/// Chromium and playwright-core, installed if missing (`tests/browser/tools.sh`).
 fn browser_ready() -> PathBuf {
-    if !Path::new(CHROMIUM).exists() {
-        let ok = Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "chromium"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            ok && Path::new(CHROMIUM).exists(),
-            "Chromium is needed for the console test and could not be installed: run `apt-get install chromium` as root"
-        );
-    }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    if !dir.join("node_modules/playwright-core").exists() {
-        let ok = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            ok,
-            "playwright-core is needed for the console test: run `npm ci` in {}",
-            dir.display()
-        );
-    }
+    let ok = Command::new("bash")
+        .arg(dir.join("tools.sh"))
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok && Path::new(CHROMIUM).exists() && dir.join("node_modules/playwright-core").exists(),
+        "the console test needs Chromium (apt) and playwright-core (npm), and could not install them: run {}",
+        dir.join("tools.sh").display()
+    );
     dir
 }
 

@@ -318,6 +318,7 @@ async fn serve(config: RelayConfig) -> anyhow::Result<()> {
         );
     }
     println!("  fingerprint  {}", relay.fingerprint());
+    println!("  udp buffers  {}", relay.udp_buffers().describe());
     println!("Devices pin this fingerprint and need a token: redline-server token issue --help");
     println!("Stop with Ctrl-C.");
     wait_for_signal().await?;

@@ -48,6 +48,7 @@ pub struct Metrics {
     udp_drops: Counter,
     udp_inode: std::sync::OnceLock<u64>,
     quota_refusals: Family<Vec<(String, String)>, Counter>,
+    udp_buffers: std::sync::OnceLock<crate::udp::UdpBuffers>,
     quota_limits: Family<Vec<(String, String)>, Gauge>,
 }
 
@@ -56,6 +57,16 @@ fn quota_label(quota: &str) -> Vec<(String, String)> {
 }
 
 impl Metrics {
+    /// Records the UDP buffers the kernel granted (once, at start).
+    pub fn set_udp_buffers(&self, b: crate::udp::UdpBuffers) {
+        let _ = self.udp_buffers.set(b);
+    }
+
+    /// The UDP buffers the kernel granted.
+    pub fn udp_buffers(&self) -> crate::udp::UdpBuffers {
+        self.udp_buffers.get().copied().unwrap_or_default()
+    }
+
     /// Counts a refusal for `quota` (its configuration name).
     pub fn quota_refused(&self, quota: &str) {
         self.quota_refusals.get_or_create(&quota_label(quota)).inc();
@@ -110,6 +121,7 @@ impl Default for Metrics {
             udp_drops: Counter::default(),
             udp_inode: std::sync::OnceLock::new(),
             quota_refusals: Family::default(),
+            udp_buffers: std::sync::OnceLock::new(),
             quota_limits: Family::default(),
         };
         registry.register(
@@ -279,7 +291,11 @@ pub(crate) async fn serve(
                 let hub = hub.clone();
                 async move {
                     let stable = *hub.stable().borrow();
-                    format!("ok\nepoch {}\nstable_seq {stable}\n", hub.epoch())
+                    format!(
+                        "ok\nepoch {}\nstable_seq {stable}\nudp_buffers {}\n",
+                        hub.epoch(),
+                        hub.metrics.udp_buffers().describe()
+                    )
                 }
             }),
         );

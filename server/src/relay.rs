@@ -79,13 +79,14 @@ impl Relay {
                 .map_err(|e| Error::Tls(e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(Arc::new(transport_config(&config)?));
-        let socket =
-            crate::udp::socket(config.listen, config.udp_buffer_bytes).map_err(|source| {
-                Error::Listen {
-                    addr: config.listen,
-                    source,
-                }
+        let (socket, udp_buffers) = crate::udp::socket(config.listen, config.udp_buffer_bytes)
+            .map_err(|source| Error::Listen {
+                addr: config.listen,
+                source,
             })?;
+        // Said once, where operators look (the log at start, `serve`'s banner, /health).
+        tracing::info!("UDP buffers: {}", udp_buffers.describe());
+        hub.metrics.set_udp_buffers(udp_buffers);
         if let Some(inode) = crate::udp::inode(&socket) {
             hub.metrics.watch_udp_socket(inode);
         }
@@ -210,6 +211,11 @@ impl RelayHandle {
     /// The relay's data dir (documents, certificate, token key, revocation list).
     pub fn data_dir(&self) -> &std::path::Path {
         &self.data_dir
+    }
+
+    /// The UDP buffers the kernel granted the relay's socket.
+    pub fn udp_buffers(&self) -> crate::udp::UdpBuffers {
+        self.hub.metrics.udp_buffers()
     }
 
     /// The revocation list this relay watches.

@@ -4,11 +4,48 @@
 
 use std::net::SocketAddr;
 
-use tracing::{debug, warn};
+use tracing::debug;
+
+/// The UDP buffers the relay asked the kernel for, and what it got.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpBuffers {
+    /// Bytes asked for, each way.
+    pub wanted: usize,
+    /// Receive buffer granted.
+    pub receive: usize,
+    /// Send buffer granted.
+    pub send: usize,
+}
+
+impl UdpBuffers {
+    /// Whether the kernel granted less than asked (its `rmem_max`/`wmem_max` cap).
+    pub fn capped(&self) -> bool {
+        self.receive < self.wanted || self.send < self.wanted
+    }
+
+    /// One calm line for operators: what the relay got and, if capped, what to do.
+    pub fn describe(&self) -> String {
+        let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+        if self.capped() {
+            format!(
+                "{:.1} MiB receive, {:.1} MiB send (asked {:.0} MiB: the kernel caps them; for hundreds of phones at once raise net.core.rmem_max and wmem_max, docs/DEPLOYMENT.md)",
+                mib(self.receive),
+                mib(self.send),
+                mib(self.wanted)
+            )
+        } else {
+            format!("{:.0} MiB each way", mib(self.receive))
+        }
+    }
+}
 
 /// The relay's UDP socket, with kernel buffers as large as `buffer` (or as the kernel
-/// allows: it caps them at `net.core.rmem_max`/`wmem_max`, and the relay says so).
-pub(crate) fn socket(listen: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
+/// allows: it caps them at `net.core.rmem_max`/`wmem_max`; the relay reports what it
+/// got in its start-up line and `/health`).
+pub(crate) fn socket(
+    listen: SocketAddr,
+    buffer: usize,
+) -> std::io::Result<(std::net::UdpSocket, UdpBuffers)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(
         Domain::for_address(listen),
@@ -19,6 +56,10 @@ pub(crate) fn socket(listen: SocketAddr, buffer: usize) -> std::io::Result<std::
         // Dual-stack where the OS allows it, as quinn's own binding does.
         let _ = socket.set_only_v6(false);
     }
+    let mut granted = UdpBuffers {
+        wanted: buffer,
+        ..UdpBuffers::default()
+    };
     for (what, set, get) in [
         (
             "receive",
@@ -32,7 +73,7 @@ pub(crate) fn socket(listen: SocketAddr, buffer: usize) -> std::io::Result<std::
         ),
     ] {
         if let Err(e) = set(&socket, buffer) {
-            warn!("cannot set the UDP {what} buffer to {buffer} bytes: {e}");
+            debug!("cannot set the UDP {what} buffer to {buffer} bytes: {e}");
         }
         // Linux grants up to the sysctl cap and reports double what it granted (its
         // bookkeeping counts against the same budget).
@@ -42,20 +83,15 @@ pub(crate) fn socket(listen: SocketAddr, buffer: usize) -> std::io::Result<std::
         } else {
             reported
         };
-        if got < buffer {
-            warn!(
-                wanted = buffer,
-                got,
-                "UDP {what} buffer is smaller than configured; raise net.core.{}mem_max \
-                 (see docs/DEPLOYMENT.md) or many phones at once will lose datagrams",
-                if what == "receive" { "r" } else { "w" }
-            );
+        debug!(bytes = got, wanted = buffer, "UDP {what} buffer");
+        if what == "receive" {
+            granted.receive = got;
         } else {
-            debug!(bytes = got, "UDP {what} buffer");
+            granted.send = got;
         }
     }
     socket.bind(&listen.into())?;
-    Ok(socket.into())
+    Ok((socket.into(), granted))
 }
 
 /// The socket's inode, which names it in `/proc/self/net/udp` (Linux only).
@@ -114,7 +150,10 @@ mod tests {
 
     #[test]
     fn a_live_socket_is_found_with_no_drops() {
-        let socket = socket(SocketAddr::from(([127, 0, 0, 1], 0)), 1 << 20).unwrap();
+        let (socket, buffers) = socket(SocketAddr::from(([127, 0, 0, 1], 0)), 1 << 20).unwrap();
+        assert_eq!(buffers.wanted, 1 << 20);
+        assert!(buffers.receive > 0 && buffers.send > 0);
+        assert!(buffers.describe().contains("MiB"));
         if cfg!(target_os = "linux") {
             let inode = inode(&socket).expect("a socket inode");
             assert_eq!(drops(inode), Some(0));

@@ -260,16 +260,14 @@ async fn events(
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let rx = c.events.subscribe();
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // Changes landing together are one refresh.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    while rx.try_recv().is_ok() {}
-                    return Some((Ok(Event::default().event("changed").data("1")), rx));
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
+        match rx.recv().await {
+            Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                // Changes landing together are one refresh.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while rx.try_recv().is_ok() {}
+                Some((Ok(Event::default().event("changed").data("1")), rx))
             }
+            Err(broadcast::error::RecvError::Closed) => None,
         }
     });
     Sse::new(stream).keep_alive(KeepAlive::default())

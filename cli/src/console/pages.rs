@@ -194,7 +194,7 @@ fn chart(by_hour: &BTreeMap<String, [i64; 24]>) -> Markup {
             svg viewBox=(format!("0 0 {w} {}", h + 18)) role="img" aria-labelledby="chart-title" {
                 title #chart-title { "Tallies added per hour (UTC)" }
                 @for (i, v) in totals.iter().enumerate() {
-                    @let bar = (*v * h / max) as i64;
+                    @let bar = *v * h / max;
                     rect x=(i * 22 + 3) y=(h - bar) width="16" height=(bar) {
                         title { (format!("{i:02}:00: {v}")) }
                     }
