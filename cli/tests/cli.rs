@@ -68,17 +68,7 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
     };
     retitle(&ana, "Deliver insulin to block 7");
     retitle(&bao, "Deliver insulin to block 9");
-    let house = ana
-        .add_household(
-            &zone,
-            redline_client::NewHousehold {
-                address: "Block 7".into(),
-                residents: 2,
-                contact: None,
-                flags: vec![],
-            },
-        )
-        .unwrap();
+    let house = common::block_7(&ana, &zone);
     let need = |detail: &str, priority| NewNeed {
         household: house.clone(),
         category: redline_client::NeedCategory::Medicine,
@@ -304,12 +294,7 @@ fn serve_reads_its_toml_file_and_flags_override_it() {
 async fn a_lead_writes_tasks_needs_duty_and_tallies_from_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();
     let relay_dir = tmp.path().join("relay");
-    server()
-        .args(["init", "--org", "district-9", "--data-dir"])
-        .arg(&relay_dir)
-        .assert()
-        .success();
-    let relay = RelayProcess::start(&relay_dir, ([127, 0, 0, 1], 0).into()).unwrap();
+    let relay = common::init_and_start(&relay_dir);
     let (team, zone) = (TeamId::new("team-1").unwrap(), ZoneId::new("z1").unwrap());
     let day = redline_tests::today();
     let ana = phone(
@@ -318,26 +303,9 @@ async fn a_lead_writes_tasks_needs_duty_and_tallies_from_the_command_line() {
         "ana",
         issue(&relay_dir, "ana", "phone-ana", "volunteer"),
     );
-    let house = ana
-        .add_household(
-            &zone,
-            redline_client::NewHousehold {
-                address: "Block 7".into(),
-                residents: 1,
-                contact: None,
-                flags: vec![],
-            },
-        )
-        .unwrap();
+    let house = common::block_7(&ana, &zone);
     ana.sync().await.unwrap();
-    let config = tmp.path().join("lead.toml");
-    log_in(
-        &config,
-        &relay,
-        &issue(&relay_dir, "lena", "laptop-lena", "lead"),
-    )
-    .assert()
-    .success();
+    let config = common::lead_logged_in(tmp.path(), &relay_dir, &relay);
     let run = |args: &[&str]| -> String {
         let a = redline(&config).args(args).assert().success();
         stdout(&a)

@@ -10,10 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{issue, log_in, phone};
+use common::{issue, phone};
 use redline_client::{NeedStatus, NewNeed, NewTask, TaskKind, TaskUpdate};
 use redline_proto::{DocId, TeamId, ZoneId};
-use redline_tests::faults::RelayProcess;
 
 mod common;
 
@@ -49,12 +48,7 @@ async fn a_lead_runs_the_day_from_the_console_in_a_real_browser() {
     let browser_dir = browser_ready();
     let tmp = tempfile::tempdir().unwrap();
     let relay_dir = tmp.path().join("relay");
-    common::server()
-        .args(["init", "--org", "district-9", "--data-dir"])
-        .arg(&relay_dir)
-        .assert()
-        .success();
-    let relay = RelayProcess::start(&relay_dir, ([127, 0, 0, 1], 0).into()).unwrap();
+    let relay = common::init_and_start(&relay_dir);
     let day = redline_tests::today();
     let (team, zone) = (TeamId::new("team-1").unwrap(), ZoneId::new("z1").unwrap());
     let ledger = DocId::ledger(&team, &day);
@@ -96,17 +90,7 @@ async fn a_lead_runs_the_day_from_the_console_in_a_real_browser() {
         phone.update_task(&team, &day, &task, update).unwrap();
     }
     bao.add_to_tally(&team, &day, "samples_taken", 5).unwrap();
-    let house = ana
-        .add_household(
-            &zone,
-            redline_client::NewHousehold {
-                address: "Block 7".into(),
-                residents: 2,
-                contact: None,
-                flags: vec![],
-            },
-        )
-        .unwrap();
+    let house = common::block_7(&ana, &zone);
     ana.add_need(
         &zone,
         NewNeed {
@@ -136,14 +120,7 @@ async fn a_lead_runs_the_day_from_the_console_in_a_real_browser() {
     );
 
     // The lead logs in and starts the console.
-    let config = tmp.path().join("lead.toml");
-    log_in(
-        &config,
-        &relay,
-        &issue(&relay_dir, "lena", "laptop-lena", "lead"),
-    )
-    .assert()
-    .success();
+    let config = common::lead_logged_in(tmp.path(), &relay_dir, &relay);
     let mut console = Reaped(
         Command::new(assert_cmd::cargo::cargo_bin("redline"))
             .env("REDLINE_CONFIG", &config)

@@ -171,7 +171,7 @@ impl<'a> Scan<'a> {
 }
 
 /// An unsigned LEB128 and the bytes it used.
-fn uleb(b: &[u8]) -> Option<(u64, usize)> {
+pub(crate) fn uleb(b: &[u8]) -> Option<(u64, usize)> {
     let mut v: u64 = 0;
     for (i, byte) in b.iter().enumerate().take(10) {
         v |= u64::from(byte & 0x7f).checked_shl(7 * i as u32)?;

@@ -60,7 +60,9 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Shared, seats: Vec<
     let remote = incoming.remote_address();
     // Until its hello is admitted, the connection counts as pending (see `door`).
     let pending = shared.door.pending();
-    let handshake = tokio::time::timeout(shared.config.limits.hello_timeout, incoming).await;
+    // A handshake on a lossy mobile link can take a few retransmissions: twice the hello
+    // deadline, then the place is given back.
+    let handshake = tokio::time::timeout(2 * shared.config.limits.hello_timeout, incoming).await;
     let conn = match handshake {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -379,18 +381,30 @@ async fn greet(
         Err(Error::Protocol(p)) => refuse(p.code(), p.to_string()),
         Err(e) => return Err(e),
     };
-    if let Error::Refused { code, text } = &denial {
-        let _ = write_message(
-            send,
-            &error_msg(*code, text.clone(), None),
-            config.max_frame,
-            limits.write_timeout,
-        )
-        .await;
-        let _ = send.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    match denial {
+        Error::Refused { code, text } => Err(turn_away(send, config, code, text).await),
+        other => Err(other),
     }
-    Err(denial)
+}
+
+/// Tells a device at the door why it is turned away (within the write deadline), lets
+/// the words reach it, and returns the refusal to close the connection with.
+async fn turn_away(
+    send: &mut SendStream,
+    config: &RelayConfig,
+    code: ErrorCode,
+    text: String,
+) -> Error {
+    let _ = write_message(
+        send,
+        &error_msg(code, text.clone(), None),
+        config.max_frame,
+        config.limits.write_timeout,
+    )
+    .await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    Error::Refused { code, text }
 }
 
 async fn run(
@@ -426,19 +440,7 @@ async fn run(
             config.quotas.connections_per_token
         );
         hub.metrics.quota_refused("connections_per_token");
-        let _ = write_message(
-            &mut send,
-            &error_msg(ErrorCode::RATE_LIMITED, text.clone(), None),
-            config.max_frame,
-            limits.write_timeout,
-        )
-        .await;
-        let _ = send.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-        return Err(Error::Refused {
-            code: ErrorCode::RATE_LIMITED,
-            text,
-        });
+        return Err(turn_away(&mut send, &config, ErrorCode::RATE_LIMITED, text).await);
     };
     let expires = scope.claims().expires;
     let expires_in = Duration::from_secs(expires.saturating_sub(crate::auth::now_secs()));
@@ -489,19 +491,7 @@ async fn run(
     // A revocation noticed while the welcome was on its way counts too.
     if authority.is_revoked(&token_id) {
         let text = format!("token {token_id} was revoked; ask your lead for a new one");
-        let _ = write_message(
-            &mut send,
-            &error_msg(ErrorCode::TOKEN_REVOKED, text.clone(), None),
-            config.max_frame,
-            limits.write_timeout,
-        )
-        .await;
-        let _ = send.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-        return Err(Error::Refused {
-            code: ErrorCode::TOKEN_REVOKED,
-            text,
-        });
+        return Err(turn_away(&mut send, &config, ErrorCode::TOKEN_REVOKED, text).await);
     }
 
     // Writer: one task owns the control stream's send side. A device that stops reading
@@ -1268,7 +1258,10 @@ async fn resync_step(
         changes.extend(carried);
         match admit(hub, &peer.admission(config), &doc_id, &changes).await {
             Verdict::Refuse(code, text) => return peer.resync.report(code, text, doc_id),
-            Verdict::Hold { .. } => {
+            Verdict::Hold { starts } => {
+                if starts {
+                    peer.quarantined = Some(hub.devices.mark_quarantined(&peer.device));
+                }
                 // Only reviewed pushes merge: the device pushes these again, to be held.
                 let text = "this phone is in quarantine: its changes go through a lead's review";
                 return peer

@@ -83,24 +83,13 @@ fn split_chunk(bytes: &[u8]) -> Result<(&[u8], u8, &[u8]), String> {
         return Err("not an Automerge chunk (bad magic bytes)".into());
     }
     let kind = bytes[8];
-    let (len, used) = uleb(&bytes[9..]).ok_or_else(truncated)?;
+    let (len, used) = bundle_guard::uleb(&bytes[9..]).ok_or_else(truncated)?;
     let end = usize::try_from(len)
         .ok()
         .and_then(|l| l.checked_add(9 + used))
         .filter(|end| *end <= bytes.len())
         .ok_or_else(|| "an Automerge chunk is cut short".to_string())?;
     Ok((&bytes[..end], kind, &bytes[end..]))
-}
-
-fn uleb(b: &[u8]) -> Option<(u64, usize)> {
-    let mut v: u64 = 0;
-    for (i, byte) in b.iter().enumerate().take(10) {
-        v |= u64::from(byte & 0x7f).checked_shl(7 * i as u32)?;
-        if byte & 0x80 == 0 {
-            return Some((v, i + 1));
-        }
-    }
-    None
 }
 
 fn bundle(chunk: &[u8]) -> Result<Vec<Change>, String> {

@@ -56,3 +56,41 @@ pub fn phone(dir: &Path, relay: &RelayProcess, member: &str, token: String) -> C
 pub fn stdout(a: &assert_cmd::assert::Assert) -> String {
     String::from_utf8_lossy(&a.get_output().stdout).into_owned()
 }
+
+/// `redline-server init` in `relay_dir`, then the relay as a process on a free port.
+pub fn init_and_start(relay_dir: &Path) -> RelayProcess {
+    server()
+        .args(["init", "--org", "district-9", "--data-dir"])
+        .arg(relay_dir)
+        .assert()
+        .success();
+    RelayProcess::start(relay_dir, ([127, 0, 0, 1], 0).into()).unwrap()
+}
+
+/// A household at "Block 7" in `zone`, recorded on `phone`; its id.
+pub fn block_7(phone: &Client, zone: &ZoneId) -> String {
+    phone
+        .add_household(
+            zone,
+            redline_client::NewHousehold {
+                address: "Block 7".into(),
+                residents: 2,
+                contact: None,
+                flags: vec![],
+            },
+        )
+        .unwrap()
+}
+
+/// The lead "lena" logged in with `redline login`; the profile's path.
+pub fn lead_logged_in(dir: &Path, relay_dir: &Path, relay: &RelayProcess) -> std::path::PathBuf {
+    let config = dir.join("lead.toml");
+    log_in(
+        &config,
+        relay,
+        &issue(relay_dir, "lena", "laptop-lena", "lead"),
+    )
+    .assert()
+    .success();
+    config
+}
