@@ -379,11 +379,11 @@ impl RelayResync {
                 flags: None,
                 version: sync::MessageVersion::V1,
             });
-            for h in need {
-                if !r.need.contains(&h) {
-                    r.need.push(h);
-                }
-            }
+            r.need.extend(need);
+            // The encoding requires them sorted (Automerge asserts it: an unsorted list
+            // would panic the relay on a device's input).
+            r.need.sort();
+            r.need.dedup();
         }
         if let Some(r) = reply.as_mut() {
             r.flags = None;
@@ -540,6 +540,30 @@ mod tests {
             messages <= 8,
             "{messages} messages for a document already in sync"
         );
+    }
+
+    #[test]
+    fn a_reply_asking_for_many_missing_changes_encodes() {
+        let id = DocId::parse("ledger/t/2026-01-01").unwrap();
+        let doc = doc_with(5, "k", 1);
+        let mut relay = RelayResync::new();
+        // Hashes in no particular order, one twice: the reply must still encode.
+        let need: Vec<ChangeHash> = [9u8, 3, 7, 3, 1]
+            .iter()
+            .map(|b| ChangeHash([*b; 32]))
+            .collect();
+        relay.respond_with(&id, &doc, Applied { new_changes: 0 }, need);
+        let _ack = relay.poll_transmit().unwrap();
+        let Some(Message::Sync(SyncStep {
+            data: Some(data), ..
+        })) = relay.poll_transmit()
+        else {
+            panic!("no sync reply")
+        };
+        let reply = sync::Message::decode(&data).unwrap();
+        assert_eq!(reply.need.len(), 4);
+        assert!(reply.need.windows(2).all(|w| w[0] < w[1]));
+        assert!(reply.flags.is_none(), "no capability flags from the relay");
     }
 
     #[test]

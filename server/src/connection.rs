@@ -1307,14 +1307,23 @@ async fn resync_step(
             peer.resync.apply(&doc_id, &mut state.doc, message)
         }));
         match received {
-            Ok(Ok(_)) => peer.resync.respond_with(
-                &doc_id,
-                &state.doc,
-                redline_proto::session::Applied {
+            Ok(Ok(_)) => {
+                // Automerge builds and encodes the reply: a panic in there must not take
+                // the connection's task down with it.
+                let applied = redline_proto::session::Applied {
                     new_changes: applied,
-                },
-                need,
-            ),
+                };
+                let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    peer.resync.respond_with(&doc_id, &state.doc, applied, need)
+                }));
+                if answered.is_err() {
+                    peer.resync.report(
+                        ErrorCode::INTERNAL,
+                        "the relay could not answer this sync step".into(),
+                        doc_id.clone(),
+                    );
+                }
+            }
             Ok(Err(e)) => peer.resync.report(e.code(), e.to_string(), doc_id.clone()),
             Err(_) => peer.resync.report(
                 ErrorCode::BAD_DOCUMENT_DATA,

@@ -772,3 +772,54 @@ pub fn table(r: &FieldDayResult) -> String {
     }
     out
 }
+
+/// Before and after, side by side: every number in either JSON result (written by
+/// `fieldday --json`), with the ratio after/before, so a regression shows at a glance.
+/// Keys only one side has are listed with a dash on the other.
+pub fn compare(before: &serde_json::Value, after: &serde_json::Value) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    let (Some(b), Some(a)) = (before.as_object(), after.as_object()) else {
+        bail!("both files must hold one JSON object, as `fieldday --json` writes");
+    };
+    let mut keys: Vec<&String> = b.keys().chain(a.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let show = |v: Option<&serde_json::Value>| match v {
+        Some(serde_json::Value::Number(n)) => n
+            .as_f64()
+            .map_or_else(|| n.to_string(), |f| format!("{f:.3}")),
+        Some(other) => other.to_string(),
+        None => "-".into(),
+    };
+    let mut out = String::new();
+    writeln!(
+        out,
+        "{:<28} {:>16} {:>16} {:>9}",
+        "figure", "before", "after", "after/before"
+    )?;
+    for k in keys {
+        let (x, y) = (b.get(k), a.get(k));
+        let ratio = match (x.and_then(|v| v.as_f64()), y.and_then(|v| v.as_f64())) {
+            (Some(x), Some(y)) if x != 0.0 => format!("{:.2}x", y / x),
+            _ => String::new(),
+        };
+        writeln!(out, "{k:<28} {:>16} {:>16} {ratio:>9}", show(x), show(y))?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn compare_lines_up_both_runs_and_their_ratio() {
+        let before = serde_json::json!({"relay_cpu_s": 18.0, "converged": true, "devices": 208});
+        let after = serde_json::json!({"relay_cpu_s": 4.5, "converged": true, "live_p99_ms": 9.0});
+        let t = super::compare(&before, &after).unwrap();
+        let line = |k: &str| t.lines().find(|l| l.starts_with(k)).unwrap().to_string();
+        assert!(line("relay_cpu_s").ends_with("0.25x"), "{t}");
+        assert!(line("devices").contains('-'), "{t}");
+        assert!(line("live_p99_ms").contains("9.000"), "{t}");
+        assert!(line("converged").contains("true"), "{t}");
+        assert!(super::compare(&serde_json::json!([1]), &after).is_err());
+    }
+}

@@ -19,6 +19,10 @@ use redline_tests::{RawDevice, device_for, endpoint, start_relay_with, token_for
 const ORG: &str = "district-9";
 /// The relay's connection cap in this suite (small, so one token could fill it).
 const MAX_CONNECTIONS: usize = 40;
+
+/// The tests of this file run one at a time: some measure the process's memory, and
+/// each relay's limits are tight enough that neighbours' load would blur them.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const T3: &str = "team-3";
 const T5: &str = "team-5";
 
@@ -537,6 +541,7 @@ fn closed_with(code: ErrorCode) -> Expect {
 
 #[tokio::test]
 async fn every_attack_is_refused_and_nothing_leaks() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let f = Fixture::new().await?;
     let rows: Vec<(Attack, Expect)> = vec![
         (
@@ -719,6 +724,7 @@ fn production_certificates(dir: &Path) -> anyhow::Result<(Vec<u8>, PathBuf, Path
 
 #[tokio::test]
 async fn production_tls_loads_pem_files_and_devices_trust_the_ca_or_a_pin() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let root = tempfile::tempdir()?;
     let (ca_der, cert, key) = production_certificates(root.path())?;
     let mut config = RelayConfig::new(root.path().join("relay"));
@@ -780,6 +786,7 @@ async fn production_tls_loads_pem_files_and_devices_trust_the_ca_or_a_pin() -> a
 
 #[tokio::test]
 async fn a_document_cannot_grow_past_the_relays_size_limit() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let root = tempfile::tempdir()?;
     let mut config = RelayConfig::new(root.path().join("relay"));
     config.max_document_bytes = 8 * 1024;
@@ -1373,6 +1380,7 @@ async fn answers(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_token_cannot_fill_the_relays_disk_or_memory() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     const N: usize = 10_000;
     const QUOTA: u64 = 64 * 1024;
     let root = tempfile::tempdir()?;
@@ -1615,6 +1623,7 @@ async fn one_token_cannot_fill_the_relays_disk_or_memory() -> anyhow::Result<()>
 
 #[tokio::test]
 async fn under_handshake_load_every_new_peer_proves_its_address_first() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     // With the threshold at zero, every connection goes through QUIC Retry: phones and
     // raw devices still get in (one round trip more), and the relay counts nothing odd.
     let root = tempfile::tempdir()?;

@@ -38,6 +38,10 @@ struct Args {
     /// Keep the data here (default: a temporary directory).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Compare two results written by `--json` (before, after) and exit: every figure
+    /// side by side with the ratio after/before.
+    #[arg(long, num_args = 2, value_names = ["BEFORE", "AFTER"])]
+    compare: Option<Vec<PathBuf>>,
     /// Internal: serve a relay on this data dir (the benchmark's child process).
     #[arg(long, hide = true)]
     serve_relay: Option<PathBuf>,
@@ -48,6 +52,19 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(dir) = &args.serve_relay {
         return fieldday::serve_relay_child(dir).await;
+    }
+    if let Some(files) = &args.compare {
+        let read = |p: &PathBuf| -> anyhow::Result<serde_json::Value> {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+            serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{} is not a fieldday JSON result: {e}", p.display()))
+        };
+        print!(
+            "{}",
+            fieldday::compare(&read(&files[0])?, &read(&files[1])?)?
+        );
+        return Ok(());
     }
     let temp = tempfile::tempdir()?;
     let work_dir = args
