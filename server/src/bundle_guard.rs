@@ -76,8 +76,9 @@ impl<'a> Scan<'a> {
         Some(v)
     }
 
-    /// `None`: malformed (Automerge will say so); `Some(Err)`: refused for size.
-    fn bundle(&mut self) -> Option<Result<(), String>> {
+    /// The chunk header (magic, checksum, type, length) and the dependency hashes that
+    /// bundles and changes both begin with.
+    fn header_and_deps(&mut self) -> Option<()> {
         if self.take(4)? != MAGIC {
             return None;
         }
@@ -85,11 +86,24 @@ impl<'a> Scan<'a> {
         self.uleb()?; // chunk length
         let deps = self.uleb()?;
         self.take(deps.checked_mul(32)?)?;
-        let actors = self.uleb()?;
-        for _ in 0..actors {
+        Some(())
+    }
+
+    /// A count, then that many length-prefixed byte strings (actor ids). Each takes at
+    /// least a byte, so a huge count ends at the input's end.
+    fn byte_strings(&mut self) -> Option<()> {
+        let n = self.uleb()?;
+        for _ in 0..n {
             let len = self.uleb()?;
             self.take(len)?;
         }
+        Some(())
+    }
+
+    /// `None`: malformed (Automerge will say so); `Some(Err)`: refused for size.
+    fn bundle(&mut self) -> Option<Result<(), String>> {
+        self.header_and_deps()?;
+        self.byte_strings()?; // actors
         // Change columns, then op columns.
         self.sections(2)
     }
@@ -97,13 +111,7 @@ impl<'a> Scan<'a> {
     /// A change chunk: header, then deps, actor, seq, start op, time, message, other
     /// actors, and one section of op columns.
     fn change(&mut self) -> Option<Result<(), String>> {
-        if self.take(4)? != MAGIC {
-            return None;
-        }
-        self.take(5)?; // checksum, chunk type
-        self.uleb()?; // chunk length
-        let deps = self.uleb()?;
-        self.take(deps.checked_mul(32)?)?;
+        self.header_and_deps()?;
         let actor = self.uleb()?;
         self.take(actor)?;
         self.uleb()?; // seq
@@ -112,14 +120,7 @@ impl<'a> Scan<'a> {
         self.at += used;
         let message = self.uleb()?;
         self.take(message)?;
-        let others = self.uleb()?;
-        if others > 1 << 16 {
-            return Some(Err(format!("{others} actors in one change")));
-        }
-        for _ in 0..others {
-            let len = self.uleb()?;
-            self.take(len)?;
-        }
+        self.byte_strings()?; // other actors
         self.sections(1)
     }
 

@@ -737,8 +737,9 @@ impl Hub {
         new: impl IntoIterator<Item = &'c Change>,
         genesis: &authorship::Genesis,
     ) -> Result<(), Error> {
-        let actors = self.actors.lock().expect("actors lock");
-        let own = |a: &ActorId| actors.get(a) == Some(&author.device);
+        // Looked up only for increments: decoding the changes does not hold the lock.
+        let own =
+            |a: &ActorId| self.actors.lock().expect("actors lock").get(a) == Some(&author.device);
         for change in new {
             // The genesis was checked byte for byte by the actor check.
             if change.actor_id().to_bytes() == GENESIS_ACTOR {
