@@ -12,7 +12,7 @@ use redline_proto::{Day, DocId, DocKind, MemberId};
 
 use crate::identity::{self, DeviceIdentity};
 use crate::schema::{self, Writer};
-use crate::store::Store;
+use crate::store::{DeviceStore, SledStore};
 use crate::sync::{SyncReport, Traffic};
 use crate::{ClientConfig, Error, transport};
 
@@ -23,7 +23,7 @@ pub struct Client {
 }
 
 pub(crate) struct Inner {
-    pub(crate) store: Store,
+    pub(crate) store: Arc<dyn DeviceStore>,
     pub(crate) identity: DeviceIdentity,
     pub(crate) config: ClientConfig,
     /// Parsed documents, loaded on first use. Local writes and sync merges go through it.
@@ -101,7 +101,12 @@ impl Client {
     /// Opens (or creates) the store in `dir`. The device identity is created on first open
     /// and kept.
     pub fn open(dir: impl AsRef<Path>, config: ClientConfig) -> Result<Self, Error> {
-        let store = Store::open(dir.as_ref())?;
+        Self::with_store(Arc::new(SledStore::open(dir.as_ref())?), config)
+    }
+
+    /// A client over `store` (any [`DeviceStore`]: the simulation's is in memory). The
+    /// device identity is created on first use of the store and kept.
+    pub fn with_store(store: Arc<dyn DeviceStore>, config: ClientConfig) -> Result<Self, Error> {
         let token_device = match &config.token {
             Some(t) => Some(
                 redline_proto::token::peek(t)
@@ -110,7 +115,7 @@ impl Client {
             ),
             None => None,
         };
-        let identity = identity::load_or_create(&store, token_device)?;
+        let identity = identity::load_or_create(store.as_ref(), token_device)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 store,

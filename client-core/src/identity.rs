@@ -7,7 +7,7 @@ use automerge::ActorId;
 use redline_proto::DeviceId;
 
 use crate::Error;
-use crate::store::Store;
+use crate::store::DeviceStore;
 
 /// This install's identity.
 #[derive(Clone, Debug)]
@@ -24,7 +24,7 @@ const ACTOR_KEY: &str = "actor_id";
 /// Loads this install's identity, creating it on first open. A device token names the
 /// device id (`assigned`): the stored id follows it; the actor never changes.
 pub(crate) fn load_or_create(
-    store: &Store,
+    store: &dyn DeviceStore,
     assigned: Option<DeviceId>,
 ) -> Result<DeviceIdentity, Error> {
     if let (Some(device), Some(actor)) = (store.meta(DEVICE_KEY)?, store.meta(ACTOR_KEY)?) {

@@ -35,7 +35,7 @@ pub mod progress;
 pub mod reconcile;
 pub mod roster;
 pub mod schema;
-mod store;
+pub mod store;
 mod sync;
 pub mod transport;
 pub mod workflow;

@@ -14,7 +14,7 @@ use redline_proto::{DeviceId, TeamId};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::storage::DocStorage;
+use crate::storage::RelayStorage;
 
 /// What the relay keeps per device.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -48,7 +48,7 @@ enum Save {
 
 /// Every device the relay has seen.
 pub struct Registry {
-    storage: Arc<dyn DocStorage>,
+    storage: Arc<dyn RelayStorage>,
     devices: Mutex<HashMap<DeviceId, Record>>,
 }
 
@@ -65,7 +65,7 @@ fn day_of(ms: i64) -> i64 {
 
 impl Registry {
     /// Loads what `storage` remembers.
-    pub fn load(storage: Arc<dyn DocStorage>) -> Result<Self, Error> {
+    pub fn load(storage: Arc<dyn RelayStorage>) -> Result<Self, Error> {
         let mut devices = HashMap::new();
         for bytes in storage.devices()? {
             if let Ok(mut r) = postcard::from_bytes::<Record>(&bytes) {

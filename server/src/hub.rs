@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 
 use crate::Error;
 use crate::authorship::{self, Author};
-use crate::storage::{DocStorage, StoredDoc};
+use crate::storage::{RelayStorage, StoredDoc};
 
 /// In-memory size of a parsed document relative to its stored (compressed) size: an
 /// estimate for the cache budget.
@@ -155,7 +155,7 @@ struct SeqState {
 
 /// The relay's documents.
 pub struct Hub {
-    storage: Arc<dyn DocStorage>,
+    storage: Arc<dyn RelayStorage>,
     slots: Mutex<HashMap<DocId, Arc<DocSlot>>>,
     budget: usize,
     /// Largest stored size of one document; pushes beyond it are refused.
@@ -208,7 +208,7 @@ pub fn make_bundle(
 
 impl Hub {
     /// A hub over `storage`, keeping parsed documents within about `budget` bytes.
-    pub fn new(storage: Arc<dyn DocStorage>, budget: usize) -> Result<Arc<Self>, Error> {
+    pub fn new(storage: Arc<dyn RelayStorage>, budget: usize) -> Result<Arc<Self>, Error> {
         let last = storage.last_seq()?;
         let (stable, _) = watch::channel(last);
         let (flusher, mut requests) =
@@ -290,7 +290,7 @@ impl Hub {
 
     async fn blocking<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&dyn DocStorage) -> Result<R, Error> + Send + 'static,
+        f: impl FnOnce(&dyn RelayStorage) -> Result<R, Error> + Send + 'static,
     ) -> Result<R, Error> {
         let s = self.storage.clone();
         tokio::task::spawn_blocking(move || f(s.as_ref()))
@@ -988,7 +988,7 @@ impl Hub {
     }
 
     /// Storage access for uploads.
-    pub(crate) fn storage(&self) -> Arc<dyn DocStorage> {
+    pub(crate) fn storage(&self) -> Arc<dyn RelayStorage> {
         self.storage.clone()
     }
 }

@@ -53,7 +53,7 @@ fn key(entry: &QuarantineEntry, bundle: &[u8]) -> Vec<u8> {
 
 async fn blocking<R: Send + 'static>(
     hub: &Hub,
-    f: impl FnOnce(&dyn crate::storage::DocStorage) -> Result<R, Error> + Send + 'static,
+    f: impl FnOnce(&dyn crate::storage::RelayStorage) -> Result<R, Error> + Send + 'static,
 ) -> Result<R, Error> {
     let storage = hub.storage();
     tokio::task::spawn_blocking(move || f(storage.as_ref()))

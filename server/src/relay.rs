@@ -16,7 +16,7 @@ use crate::auth::Authority;
 use crate::config::{RelayConfig, TlsMode};
 use crate::connection::Shared;
 use crate::hub::Hub;
-use crate::storage::{DocStorage, SledStorage};
+use crate::storage::{RelayStorage, SledStorage};
 use crate::tls::{self, Identity};
 use crate::{Error, connection};
 
@@ -56,7 +56,7 @@ impl Relay {
     /// injection in tests, instrumentation, another engine behind the same trait).
     pub async fn start_with_storage(
         config: RelayConfig,
-        wrap: impl FnOnce(SledStorage) -> Arc<dyn DocStorage>,
+        wrap: impl FnOnce(SledStorage) -> Arc<dyn RelayStorage>,
     ) -> Result<RelayHandle, Error> {
         let data_dir = config.data_dir.clone();
         // Owner only: the data dir holds the token key and the district's households.

@@ -14,7 +14,10 @@ use std::time::Duration;
 use rand::Rng;
 use redline_proto::{DeviceId, DocId};
 use redline_server::Error;
-use redline_server::storage::{DocStorage, SledStorage, StoredDoc};
+use redline_server::storage::{
+    ActorBindings, DeviceRecords, Documents, KeyValue, QuarantineStore, SledStorage, StoredDoc,
+    Uploads,
+};
 use tokio::net::UdpSocket;
 
 /// What the proxy does to datagrams, in both directions.
@@ -290,7 +293,7 @@ impl FaultyStorage {
     }
 }
 
-impl DocStorage for FaultyStorage {
+impl Documents for FaultyStorage {
     fn epoch(&self) -> u64 {
         self.inner.epoch()
     }
@@ -325,6 +328,12 @@ impl DocStorage for FaultyStorage {
     fn list(&self) -> Result<Vec<DocId>, Error> {
         self.inner.list()
     }
+    fn exists(&self, doc: &DocId) -> Result<bool, Error> {
+        self.inner.exists(doc)
+    }
+}
+
+impl Uploads for FaultyStorage {
     fn upload_len(&self, key: &[u8]) -> Result<u64, Error> {
         self.inner.upload_len(key)
     }
@@ -348,9 +357,9 @@ impl DocStorage for FaultyStorage {
     fn expire_uploads(&self, cutoff: u64) -> Result<usize, Error> {
         self.inner.expire_uploads(cutoff)
     }
-    fn exists(&self, doc: &DocId) -> Result<bool, Error> {
-        self.inner.exists(doc)
-    }
+}
+
+impl ActorBindings for FaultyStorage {
     fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error> {
         self.inner.bind_actor(actor, device)
     }
@@ -360,12 +369,18 @@ impl DocStorage for FaultyStorage {
     fn actors_of(&self, device: &DeviceId) -> Result<usize, Error> {
         self.inner.actors_of(device)
     }
+}
+
+impl DeviceRecords for FaultyStorage {
     fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error> {
         self.inner.save_device(device, record)
     }
     fn devices(&self) -> Result<Vec<Vec<u8>>, Error> {
         self.inner.devices()
     }
+}
+
+impl QuarantineStore for FaultyStorage {
     fn put_quarantine(&self, key: &[u8], item: &[u8]) -> Result<(), Error> {
         self.check()?;
         self.inner.put_quarantine(key, item)
@@ -373,10 +388,7 @@ impl DocStorage for FaultyStorage {
     fn visit_quarantined(&self, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), Error> {
         self.inner.visit_quarantined(visit)
     }
-    fn quarantined_with(
-        &self,
-        prefix: &[u8],
-    ) -> Result<Vec<redline_server::storage::KeyValue>, Error> {
+    fn quarantined_with(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, Error> {
         self.inner.quarantined_with(prefix)
     }
     fn held_bytes(&self, prefix: &[u8]) -> Result<u64, Error> {
@@ -581,5 +593,41 @@ impl Drop for RelayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redline_server::storage::conformance::{self, Harness};
+
+    /// The fault-injecting wrapper, not failing: it must keep the storage contract too,
+    /// or the reliability suite would test a store the relay never has.
+    struct Faulty {
+        dirs: Vec<tempfile::TempDir>,
+    }
+
+    impl Harness for Faulty {
+        type Store = FaultyStorage;
+        fn fresh(&mut self) -> FaultyStorage {
+            let dir = tempfile::tempdir().unwrap();
+            let inner = SledStorage::open(dir.path()).unwrap();
+            self.dirs.push(dir);
+            FaultyStorage::new(inner, Default::default(), Default::default())
+        }
+        fn restart(&mut self, store: FaultyStorage) -> FaultyStorage {
+            let path = store.inner.path();
+            drop(store);
+            FaultyStorage::new(
+                SledStorage::open(&path).unwrap(),
+                Default::default(),
+                Default::default(),
+            )
+        }
+    }
+
+    #[test]
+    fn the_faulty_wrapper_keeps_the_storage_contract_while_healthy() {
+        conformance::run(&mut Faulty { dirs: Vec::new() });
     }
 }

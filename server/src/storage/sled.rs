@@ -1,102 +1,16 @@
-//! Durable relay storage behind a trait, so another engine can replace sled.
-//!
-//! Per document: a compressed snapshot (`save()`) plus appended chunks (Automerge bundles
-//! of the changes each commit added), compacted into a new snapshot now and then. A commit
-//! therefore writes only what it adds, not the whole document.
-//!
-//! The change feed lives beside the documents: every commit gets the next sequence
-//! number; `feed` maps it to the document, `doc_seq` maps (document, seq) to the heads
-//! after it, so the relay can tell what a device with cursor `seq` already has.
-//!
-//! Writes ([`DocStorage::commit`], [`DocStorage::put_piece`]...) are atomic but not
-//! flushed; [`DocStorage::flush`] makes everything before it durable. The relay
-//! acknowledges only after a flush. All methods block: the relay calls them off the async
-//! worker threads.
+//! The embedded default backend: sled trees in the relay's data directory.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use redline_proto::{DeviceId, DocId};
 
+use super::{
+    ActorBindings, DeviceRecords, Documents, KeyValue, QuarantineStore, StoredDoc, Uploads,
+};
 use crate::Error;
-
-/// A document as stored: an optional snapshot and the chunks appended after it.
-#[derive(Debug, Default)]
-pub struct StoredDoc {
-    /// `save()` bytes of the last compaction.
-    pub snapshot: Option<Vec<u8>>,
-    /// Bundles appended since, in order.
-    pub chunks: Vec<Vec<u8>>,
-}
 
 /// Bytes sled may cache (its default is 1 GiB).
 const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
-
-/// A stored key and its value.
-pub type KeyValue = (Vec<u8>, Vec<u8>);
-
-/// Where the relay keeps documents and the change feed.
-pub trait DocStorage: Send + Sync + 'static {
-    /// This database's epoch: random, fixed at creation. Device cursors carry it.
-    fn epoch(&self) -> u64;
-    /// The highest feed sequence number stored (0 if none).
-    fn last_seq(&self) -> Result<u64, Error>;
-    /// The stored form of `doc`, if any.
-    fn load(&self, doc: &DocId) -> Result<Option<StoredDoc>, Error>;
-    /// Appends a chunk to `doc` and records feed entry `seq` with the heads after it, in
-    /// one atomic write (not flushed).
-    fn commit(&self, doc: &DocId, seq: u64, chunk: &[u8], heads: &[[u8; 32]]) -> Result<(), Error>;
-    /// Replaces the snapshot of `doc` and drops its chunks, atomically (not flushed).
-    fn compact(&self, doc: &DocId, snapshot: &[u8]) -> Result<(), Error>;
-    /// Makes every write before it durable.
-    fn flush(&self) -> Result<(), Error>;
-    /// Feed entries with `after < seq <= upto`, in order.
-    fn feed(&self, after: u64, upto: u64) -> Result<Vec<(u64, DocId)>, Error>;
-    /// The heads of `doc` after the last commit with sequence `<= seq` (`None`: the
-    /// document did not exist yet).
-    fn heads_at(&self, doc: &DocId, seq: u64) -> Result<Option<Vec<[u8; 32]>>, Error>;
-    /// Every stored document id.
-    fn list(&self) -> Result<Vec<DocId>, Error>;
-    /// Bytes of upload `key` held (contiguous from 0).
-    fn upload_len(&self, key: &[u8]) -> Result<u64, Error>;
-    /// Stores a piece of upload `key` at `offset` (must equal the length held).
-    fn put_piece(&self, key: &[u8], offset: u64, data: &[u8]) -> Result<(), Error>;
-    /// The whole upload `key`.
-    fn upload_bytes(&self, key: &[u8]) -> Result<Vec<u8>, Error>;
-    /// Drops upload `key`.
-    fn drop_upload(&self, key: &[u8]) -> Result<(), Error>;
-    /// Records that upload `key` was worked on at `now` (Unix seconds), for expiry.
-    fn touch_upload(&self, key: &[u8], now: u64) -> Result<(), Error>;
-    /// Bytes staged by unfinished uploads whose keys start with `prefix` (one device's).
-    fn staged_bytes(&self, prefix: &[u8]) -> Result<u64, Error>;
-    /// Drops every upload last worked on before `cutoff` (Unix seconds); returns how
-    /// many were dropped.
-    fn expire_uploads(&self, cutoff: u64) -> Result<usize, Error>;
-    /// Whether `doc` is stored.
-    fn exists(&self, doc: &DocId) -> Result<bool, Error>;
-    /// Binds `actor` to `device` unless it is bound already; returns the device it is
-    /// bound to (not flushed: the commit that first uses it flushes).
-    fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error>;
-    /// The device `actor` is bound to, if any (without binding it).
-    fn actor_owner(&self, actor: &[u8]) -> Result<Option<DeviceId>, Error>;
-    /// How many actors are bound to `device`.
-    fn actors_of(&self, device: &DeviceId) -> Result<usize, Error>;
-    /// Stores a device's health record (not flushed).
-    fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error>;
-    /// Every stored device health record.
-    fn devices(&self) -> Result<Vec<Vec<u8>>, Error>;
-    /// Holds a quarantined push under `key` (not flushed).
-    fn put_quarantine(&self, key: &[u8], item: &[u8]) -> Result<(), Error>;
-    /// Visits every quarantined push, one at a time (never all in memory at once),
-    /// until `visit` returns `false`.
-    fn visit_quarantined(&self, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), Error>;
-    /// The quarantined pushes whose keys start with `prefix` (one device's: bounded by
-    /// its quota).
-    fn quarantined_with(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, Error>;
-    /// Bytes held in quarantine under keys starting with `prefix`.
-    fn held_bytes(&self, prefix: &[u8]) -> Result<u64, Error>;
-    /// Drops a quarantined push (after it was merged).
-    fn drop_quarantine(&self, key: &[u8]) -> Result<(), Error>;
-}
 
 /// sled-backed storage.
 #[derive(Clone)]
@@ -113,6 +27,7 @@ pub struct SledStorage {
     devices: sled::Tree,
     quarantine: sled::Tree,
     epoch: u64,
+    dir: PathBuf,
 }
 
 fn storage_err(e: impl std::fmt::Display) -> Error {
@@ -193,7 +108,15 @@ impl SledStorage {
             quarantine: db.open_tree("quarantine").map_err(storage_err)?,
             db,
             epoch,
+            dir: dir.to_path_buf(),
         })
+    }
+}
+
+impl SledStorage {
+    /// The directory the store lives in.
+    pub fn path(&self) -> PathBuf {
+        self.dir.clone()
     }
 }
 
@@ -210,7 +133,7 @@ fn rand_epoch() -> u64 {
     h.finish() | 1
 }
 
-impl DocStorage for SledStorage {
+impl Documents for SledStorage {
     fn epoch(&self) -> u64 {
         self.epoch
     }
@@ -338,6 +261,23 @@ impl DocStorage for SledStorage {
         Ok(out.into_iter().collect())
     }
 
+    fn exists(&self, doc: &DocId) -> Result<bool, Error> {
+        Ok(self
+            .snapshots
+            .contains_key(doc.as_str())
+            .map_err(storage_err)?
+            || self
+                .chunks
+                .scan_prefix(doc_prefix(doc))
+                .keys()
+                .next()
+                .transpose()
+                .map_err(storage_err)?
+                .is_some())
+    }
+}
+
+impl Uploads for SledStorage {
     fn upload_len(&self, key: &[u8]) -> Result<u64, Error> {
         let mut prefix = key.to_vec();
         prefix.push(0);
@@ -417,22 +357,9 @@ impl DocStorage for SledStorage {
         }
         Ok(stale.len())
     }
+}
 
-    fn exists(&self, doc: &DocId) -> Result<bool, Error> {
-        Ok(self
-            .snapshots
-            .contains_key(doc.as_str())
-            .map_err(storage_err)?
-            || self
-                .chunks
-                .scan_prefix(doc_prefix(doc))
-                .keys()
-                .next()
-                .transpose()
-                .map_err(storage_err)?
-                .is_some())
-    }
-
+impl ActorBindings for SledStorage {
     fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error> {
         let owner = match self
             .actors
@@ -466,7 +393,9 @@ impl DocStorage for SledStorage {
             .map(|v| bound_device(&v))
             .transpose()
     }
+}
 
+impl DeviceRecords for SledStorage {
     fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error> {
         self.devices
             .insert(device.as_str(), record)
@@ -481,7 +410,9 @@ impl DocStorage for SledStorage {
             .map(|v| v.map(|v| v.to_vec()).map_err(storage_err))
             .collect()
     }
+}
 
+impl QuarantineStore for SledStorage {
     fn put_quarantine(&self, key: &[u8], item: &[u8]) -> Result<(), Error> {
         self.quarantine.insert(key, item).map_err(storage_err)?;
         Ok(())
@@ -519,93 +450,5 @@ impl DocStorage for SledStorage {
     fn drop_quarantine(&self, key: &[u8]) -> Result<(), Error> {
         self.quarantine.remove(key).map_err(storage_err)?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commits_compactions_and_the_feed_survive_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = DocId::parse("ledger/t1/2026-11-29").unwrap();
-        let b = DocId::parse("households/z1").unwrap();
-        let epoch = {
-            let s = SledStorage::open(dir.path()).unwrap();
-            assert_eq!(s.load(&a).unwrap().map(|d| d.chunks.len()), None);
-            s.commit(&a, 1, b"c1", &[[1; 32]]).unwrap();
-            s.commit(&b, 2, b"x1", &[[2; 32]]).unwrap();
-            s.commit(&a, 3, b"c2", &[[3; 32], [4; 32]]).unwrap();
-            s.flush().unwrap();
-            s.epoch()
-        };
-        let s = SledStorage::open(dir.path()).unwrap();
-        assert_eq!(s.epoch(), epoch, "epoch is fixed at creation");
-        assert_eq!(s.last_seq().unwrap(), 3);
-        assert_eq!(
-            s.load(&a).unwrap().unwrap().chunks,
-            vec![b"c1".to_vec(), b"c2".to_vec()]
-        );
-        assert_eq!(s.feed(1, 3).unwrap(), vec![(2, b.clone()), (3, a.clone())]);
-        assert_eq!(s.heads_at(&a, 2).unwrap(), Some(vec![[1; 32]]));
-        assert_eq!(s.heads_at(&a, 3).unwrap(), Some(vec![[3; 32], [4; 32]]));
-        assert_eq!(s.heads_at(&b, 1).unwrap(), None);
-        assert_eq!(s.list().unwrap(), vec![b.clone(), a.clone()]);
-        s.compact(&a, b"snapshot").unwrap();
-        let stored = s.load(&a).unwrap().unwrap();
-        assert_eq!(
-            (stored.snapshot.as_deref(), stored.chunks.len()),
-            (Some(&b"snapshot"[..]), 0)
-        );
-        assert_eq!(s.list().unwrap(), vec![b, a]);
-    }
-
-    #[test]
-    fn uploads_accumulate_in_order_and_refuse_gaps() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path()).unwrap();
-        s.put_piece(b"dev|id", 0, b"hello ").unwrap();
-        assert!(s.put_piece(b"dev|id", 3, b"x").is_err(), "a gap is refused");
-        s.put_piece(b"dev|id", 6, b"world").unwrap();
-        assert_eq!(s.upload_len(b"dev|id").unwrap(), 11);
-        assert_eq!(s.upload_bytes(b"dev|id").unwrap(), b"hello world");
-        s.drop_upload(b"dev|id").unwrap();
-        assert_eq!(s.upload_len(b"dev|id").unwrap(), 0);
-    }
-
-    #[test]
-    fn abandoned_uploads_expire_and_count_per_device() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path()).unwrap();
-        s.put_piece(b"a|1", 0, b"12345").unwrap();
-        s.touch_upload(b"a|1", 100).unwrap();
-        s.put_piece(b"a|2", 0, b"123").unwrap();
-        s.touch_upload(b"a|2", 200).unwrap();
-        s.put_piece(b"b|1", 0, b"1").unwrap();
-        s.touch_upload(b"b|1", 300).unwrap();
-        assert_eq!(s.staged_bytes(b"a|").unwrap(), 8);
-        assert_eq!(s.expire_uploads(150).unwrap(), 1);
-        assert_eq!(s.staged_bytes(b"a|").unwrap(), 3);
-        assert_eq!(s.staged_bytes(b"b|").unwrap(), 1);
-    }
-
-    #[test]
-    fn listing_is_one_entry_per_document() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStorage::open(dir.path()).unwrap();
-        let docs: Vec<DocId> = (0..50)
-            .map(|i| DocId::parse(&format!("households/z{i:02}")).unwrap())
-            .collect();
-        for (i, d) in docs.iter().enumerate() {
-            for j in 0..5 {
-                s.commit(d, (i * 5 + j + 1) as u64, b"c", &[[1; 32]])
-                    .unwrap();
-            }
-        }
-        s.compact(&docs[3], b"snap").unwrap();
-        assert_eq!(s.list().unwrap(), docs);
-        assert!(s.exists(&docs[3]).unwrap() && s.exists(&docs[4]).unwrap());
-        assert!(!s.exists(&DocId::parse("households/none").unwrap()).unwrap());
     }
 }

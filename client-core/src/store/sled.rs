@@ -1,25 +1,27 @@
-//! The device's durable store, in sled.
+//! The device store on phones: sled.
 //!
 //! Trees: `docs` (document id → Automerge `save()` bytes), `acked` (document id → heads the
 //! relay is known to hold durably: what it acknowledged or sent), `follows` (documents
-//! followed by id), `meta` (device identity, feed cursor). Every write that a caller is
-//! told succeeded has been flushed.
+//! followed by id), `transfers` (staged download pieces), `meta` (device identity, feed
+//! cursor per relay, acknowledgement times).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use automerge::ChangeHash;
 use redline_proto::DocId;
 
+use super::{DeviceStore, SyncBatch};
 use crate::Error;
 
 /// The device's sled database.
-pub(crate) struct Store {
+pub struct SledStore {
     db: sled::Db,
     docs: sled::Tree,
     acked: sled::Tree,
     follows: sled::Tree,
     transfers: sled::Tree,
     meta: sled::Tree,
+    dir: PathBuf,
 }
 
 fn err(e: sled::Error) -> Error {
@@ -38,26 +40,8 @@ fn doc_id_keys(tree: &sled::Tree) -> Result<Vec<DocId>, Error> {
         .collect()
 }
 
-/// What a sync step leaves to persist, written with one flush.
-#[derive(Default)]
-pub(crate) struct SyncBatch {
-    /// Documents to store (`save()` bytes).
-    pub docs: Vec<(DocId, Vec<u8>)>,
-    /// New relay-held heads per document.
-    pub acked: Vec<(DocId, Vec<ChangeHash>)>,
-    /// The new feed cursor (encoded), per relay key.
-    pub cursor: Option<(String, Vec<u8>)>,
-    /// When the acknowledgements in `acked` arrived (unix ms).
-    pub acked_at_ms: i64,
-}
-
-impl SyncBatch {
-    pub fn is_empty(&self) -> bool {
-        self.docs.is_empty() && self.acked.is_empty() && self.cursor.is_none()
-    }
-}
-
-impl Store {
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, Error> {
         let db = sled::Config::new().path(dir).open().map_err(|e| {
             Error::Store(format!(
@@ -72,39 +56,49 @@ impl Store {
             transfers: db.open_tree("transfers").map_err(err)?,
             meta: db.open_tree("meta").map_err(err)?,
             db,
+            dir: dir.to_path_buf(),
         })
     }
+}
 
+impl SledStore {
+    /// The directory the store lives in.
+    pub fn path(&self) -> PathBuf {
+        self.dir.clone()
+    }
+}
+
+impl DeviceStore for SledStore {
     fn flush(&self) -> Result<(), Error> {
         self.db.flush().map(|_| ()).map_err(err)
     }
 
-    pub fn load_doc(&self, id: &DocId) -> Result<Option<Vec<u8>>, Error> {
+    fn load_doc(&self, id: &DocId) -> Result<Option<Vec<u8>>, Error> {
         Ok(self.docs.get(id.as_str()).map_err(err)?.map(|v| v.to_vec()))
     }
 
     /// Stores a document durably.
-    pub fn save_doc(&self, id: &DocId, bytes: &[u8]) -> Result<(), Error> {
+    fn save_doc(&self, id: &DocId, bytes: &[u8]) -> Result<(), Error> {
         self.docs.insert(id.as_str(), bytes).map_err(err)?;
         self.flush()
     }
 
-    pub fn doc_ids(&self) -> Result<Vec<DocId>, Error> {
+    fn doc_ids(&self) -> Result<Vec<DocId>, Error> {
         doc_id_keys(&self.docs)
     }
 
     /// When the relay last acknowledged `id` (unix ms).
-    pub fn acked_at(&self, id: &DocId) -> Result<Option<i64>, Error> {
+    fn acked_at(&self, id: &DocId) -> Result<Option<i64>, Error> {
         Ok(self
             .meta
-            .get(format!("acked_at:{id}"))
+            .get(super::acked_at_key(id))
             .map_err(err)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map(i64::from_be_bytes))
     }
 
     /// Heads the relay is known to hold for `id`.
-    pub fn acked_heads(&self, id: &DocId) -> Result<Option<Vec<ChangeHash>>, Error> {
+    fn acked_heads(&self, id: &DocId) -> Result<Option<Vec<ChangeHash>>, Error> {
         let Some(v) = self.acked.get(id.as_str()).map_err(err)? else {
             return Ok(None);
         };
@@ -120,7 +114,7 @@ impl Store {
     }
 
     /// Persists what a sync step produced, with one flush.
-    pub fn write_batch(&self, b: &SyncBatch) -> Result<(), Error> {
+    fn write_batch(&self, b: &SyncBatch) -> Result<(), Error> {
         for (id, bytes) in &b.docs {
             self.docs
                 .insert(id.as_str(), bytes.as_slice())
@@ -130,7 +124,7 @@ impl Store {
             let flat: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
             self.acked.insert(id.as_str(), flat).map_err(err)?;
             self.meta
-                .insert(format!("acked_at:{id}"), &b.acked_at_ms.to_be_bytes())
+                .insert(super::acked_at_key(id), &b.acked_at_ms.to_be_bytes())
                 .map_err(err)?;
         }
         if let Some((key, cursor)) = &b.cursor {
@@ -143,18 +137,18 @@ impl Store {
 
     /// Records that `id` is followed explicitly (not covered by the subscription's
     /// teams, zones or org). Not flushed on its own: the write that caused it flushes.
-    pub fn follow(&self, id: &DocId) -> Result<(), Error> {
+    fn follow(&self, id: &DocId) -> Result<(), Error> {
         self.follows.insert(id.as_str(), &[]).map_err(err)?;
         Ok(())
     }
 
     /// Documents followed explicitly.
-    pub fn follows(&self) -> Result<Vec<DocId>, Error> {
+    fn follows(&self) -> Result<Vec<DocId>, Error> {
         doc_id_keys(&self.follows)
     }
 
     /// Removes a document and its sync metadata, durably.
-    pub fn remove_doc(&self, id: &DocId) -> Result<(), Error> {
+    fn remove_doc(&self, id: &DocId) -> Result<(), Error> {
         self.docs.remove(id.as_str()).map_err(err)?;
         self.acked.remove(id.as_str()).map_err(err)?;
         self.follows.remove(id.as_str()).map_err(err)?;
@@ -162,7 +156,7 @@ impl Store {
     }
 
     /// Bytes of incoming transfer `id` held (contiguous from 0).
-    pub fn transfer_len(&self, id: &[u8; 16]) -> Result<u64, Error> {
+    fn transfer_len(&self, id: &[u8; 16]) -> Result<u64, Error> {
         self.transfers
             .scan_prefix(id)
             .values()
@@ -174,7 +168,7 @@ impl Store {
     /// Stores a piece of incoming transfer `id` durably. Ids are content hashes, so bytes
     /// already held (an earlier attempt's write finishing late) are simply skipped; a gap
     /// is an error.
-    pub fn put_transfer_piece(&self, id: &[u8; 16], offset: u64, data: &[u8]) -> Result<(), Error> {
+    fn put_transfer_piece(&self, id: &[u8; 16], offset: u64, data: &[u8]) -> Result<(), Error> {
         let have = self.transfer_len(id)?;
         if offset > have {
             return Err(Error::Store(format!(
@@ -192,7 +186,7 @@ impl Store {
     }
 
     /// The bytes of incoming transfer `id` held so far.
-    pub fn transfer_bytes(&self, id: &[u8; 16]) -> Result<Vec<u8>, Error> {
+    fn transfer_bytes(&self, id: &[u8; 16]) -> Result<Vec<u8>, Error> {
         let mut out = Vec::new();
         for v in self.transfers.scan_prefix(id).values() {
             out.extend_from_slice(&v.map_err(err)?);
@@ -201,7 +195,7 @@ impl Store {
     }
 
     /// Incoming transfers held in part: id → bytes held.
-    pub fn partial_transfers(&self) -> Result<Vec<([u8; 16], u64)>, Error> {
+    fn partial_transfers(&self) -> Result<Vec<([u8; 16], u64)>, Error> {
         let mut out: Vec<([u8; 16], u64)> = Vec::new();
         for kv in self.transfers.iter() {
             let (k, v) = kv.map_err(err)?;
@@ -217,18 +211,18 @@ impl Store {
     }
 
     /// Drops incoming transfer `id`.
-    pub fn drop_transfer(&self, id: &[u8; 16]) -> Result<(), Error> {
+    fn drop_transfer(&self, id: &[u8; 16]) -> Result<(), Error> {
         for k in self.transfers.scan_prefix(id).keys() {
             self.transfers.remove(k.map_err(err)?).map_err(err)?;
         }
         Ok(())
     }
 
-    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
         Ok(self.meta.get(key).map_err(err)?.map(|v| v.to_vec()))
     }
 
-    pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), Error> {
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), Error> {
         self.meta.insert(key, value).map_err(err)?;
         self.flush()
     }

@@ -1,0 +1,89 @@
+//! The device's durable store, behind [`DeviceStore`] so the client runs on sled on phones
+//! and on memory in the simulation.
+//!
+//! What it keeps: documents (Automerge `save()` bytes), the heads the relay is known to
+//! hold durably per document (what it acknowledged or sent) and when, documents followed
+//! by id, staged download pieces, and small metadata (device identity, feed cursor per
+//! relay). Every write that a caller is told succeeded has been flushed, except the two
+//! that say otherwise ([`DeviceStore::follow`], [`DeviceStore::drop_transfer`]): the
+//! write that caused them flushes.
+
+mod memory;
+mod sled;
+
+pub use self::memory::MemoryStore;
+pub use self::sled::SledStore;
+
+use automerge::ChangeHash;
+use redline_proto::DocId;
+
+use crate::Error;
+
+/// What a sync step leaves to persist, written with one flush.
+#[derive(Default)]
+pub struct SyncBatch {
+    /// Documents to store (`save()` bytes).
+    pub docs: Vec<(DocId, Vec<u8>)>,
+    /// New relay-held heads per document.
+    pub acked: Vec<(DocId, Vec<ChangeHash>)>,
+    /// The new feed cursor (encoded), per relay key.
+    pub cursor: Option<(String, Vec<u8>)>,
+    /// When the acknowledgements in `acked` arrived (unix ms).
+    pub acked_at_ms: i64,
+}
+
+impl SyncBatch {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.docs.is_empty() && self.acked.is_empty() && self.cursor.is_none()
+    }
+}
+
+/// Where a device keeps its documents and sync state.
+pub trait DeviceStore: Send + Sync + 'static {
+    /// Makes every write before it durable.
+    fn flush(&self) -> Result<(), Error>;
+    /// The stored bytes of document `id`.
+    fn load_doc(&self, id: &DocId) -> Result<Option<Vec<u8>>, Error>;
+    /// Stores a document durably.
+    fn save_doc(&self, id: &DocId, bytes: &[u8]) -> Result<(), Error>;
+    /// Every stored document, in order.
+    fn doc_ids(&self) -> Result<Vec<DocId>, Error>;
+    /// When the relay last acknowledged `id` (unix ms).
+    fn acked_at(&self, id: &DocId) -> Result<Option<i64>, Error>;
+    /// Heads the relay is known to hold for `id`.
+    fn acked_heads(&self, id: &DocId) -> Result<Option<Vec<ChangeHash>>, Error>;
+    /// Persists what a sync step produced, with one flush.
+    fn write_batch(&self, b: &SyncBatch) -> Result<(), Error>;
+    /// Records that `id` is followed explicitly (not covered by the subscription's
+    /// teams, zones or org). Not flushed on its own: the write that caused it flushes.
+    fn follow(&self, id: &DocId) -> Result<(), Error>;
+    /// Documents followed explicitly, in order.
+    fn follows(&self) -> Result<Vec<DocId>, Error>;
+    /// Removes a document and its sync metadata, durably.
+    fn remove_doc(&self, id: &DocId) -> Result<(), Error>;
+    /// Bytes of incoming transfer `id` held (contiguous from 0).
+    fn transfer_len(&self, id: &[u8; 16]) -> Result<u64, Error>;
+    /// Stores a piece of incoming transfer `id` durably. Ids are content hashes, so bytes
+    /// already held (an earlier attempt's write finishing late) are simply skipped; a gap
+    /// is an error.
+    fn put_transfer_piece(&self, id: &[u8; 16], offset: u64, data: &[u8]) -> Result<(), Error>;
+    /// The bytes of incoming transfer `id` held so far.
+    fn transfer_bytes(&self, id: &[u8; 16]) -> Result<Vec<u8>, Error>;
+    /// Incoming transfers held in part: id → bytes held, in id order.
+    fn partial_transfers(&self) -> Result<Vec<([u8; 16], u64)>, Error>;
+    /// Drops incoming transfer `id` (not flushed on its own).
+    fn drop_transfer(&self, id: &[u8; 16]) -> Result<(), Error>;
+    /// A metadata value.
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, Error>;
+    /// Stores a metadata value durably.
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), Error>;
+}
+
+/// The key under which the acknowledgement time of `id` is kept.
+pub(crate) fn acked_at_key(id: &DocId) -> String {
+    format!("acked_at:{id}")
+}
+
+#[cfg(test)]
+mod conformance;

@@ -1,0 +1,425 @@
+//! The contract every relay storage backend keeps, as one suite of checks.
+//!
+//! A backend's tests implement [`Harness`] (how to make an empty store and how to bring
+//! one back after its process died) and call [`run`]. sled and memory run it in this
+//! crate's unit tests; the test crate runs it on the fault-injecting wrapper, and every
+//! later backend runs it too.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use redline_proto::{DeviceId, DocId};
+
+use super::{ActorBindings, DeviceRecords, Documents, QuarantineStore, RelayStorage, Uploads};
+
+/// How the suite gets stores of one backend.
+pub trait Harness {
+    /// The backend under test.
+    type Store: RelayStorage;
+    /// A new, empty store.
+    fn fresh(&mut self) -> Self::Store;
+    /// The same store after its process died: only what a flush covered must be back.
+    fn restart(&mut self, store: Self::Store) -> Self::Store;
+}
+
+/// A check of the suite.
+type Check<H> = fn(&mut H);
+
+/// Runs every check; panics naming each one that failed.
+pub fn run<H: Harness>(h: &mut H) {
+    let checks: Vec<(&str, Check<H>)> = vec![
+        ("an empty store", empty_store::<H>),
+        (
+            "flushed commits survive a restart",
+            flushed_commits_survive::<H>,
+        ),
+        ("the feed and heads answer by sequence", feed_and_heads::<H>),
+        ("compaction replaces the chunks", compaction::<H>),
+        ("listing is one entry per document", listing::<H>),
+        ("uploads accumulate and refuse gaps", uploads_in_order::<H>),
+        ("abandoned uploads expire", uploads_expire::<H>),
+        ("an actor binds to its first device", actor_binding::<H>),
+        ("one device wins a binding race", binding_race::<H>),
+        ("device records replace each other", device_records::<H>),
+        ("quarantine holds, visits and drops", quarantine::<H>),
+        (
+            "a restart loses no flushed write of any kind",
+            every_kind_survives::<H>,
+        ),
+        (
+            "unflushed commits vanish whole or stay whole",
+            torn_commits::<H>,
+        ),
+    ];
+    let mut failed = Vec::new();
+    for (name, check) in checks {
+        if catch_unwind(AssertUnwindSafe(|| check(h))).is_err() {
+            failed.push(name);
+        }
+    }
+    assert!(failed.is_empty(), "storage conformance failed: {failed:?}");
+}
+
+fn doc(s: &str) -> DocId {
+    DocId::parse(s).expect("test document id")
+}
+
+fn device(s: &str) -> DeviceId {
+    DeviceId::new(s).expect("test device id")
+}
+
+fn empty_store<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    assert_eq!(s.last_seq().unwrap(), 0);
+    assert!(s.list().unwrap().is_empty());
+    assert!(s.feed(0, 10).unwrap().is_empty());
+    let a = doc("ledger/t1/2026-11-29");
+    assert!(s.load(&a).unwrap().is_none());
+    assert!(!s.exists(&a).unwrap());
+    assert_eq!(s.heads_at(&a, 5).unwrap(), None);
+    assert_ne!(
+        s.epoch(),
+        0,
+        "an epoch is never 0 (0 is a device without cursor)"
+    );
+}
+
+fn flushed_commits_survive<H: Harness>(h: &mut H) {
+    let a = doc("ledger/t1/2026-11-29");
+    let b = doc("households/z1");
+    let s = h.fresh();
+    let epoch = s.epoch();
+    s.commit(&a, 1, b"c1", &[[1; 32]]).unwrap();
+    s.commit(&b, 2, b"x1", &[[2; 32]]).unwrap();
+    s.commit(&a, 3, b"c2", &[[3; 32], [4; 32]]).unwrap();
+    s.flush().unwrap();
+    let s = h.restart(s);
+    assert_eq!(s.epoch(), epoch, "the epoch is fixed at creation");
+    assert_eq!(s.last_seq().unwrap(), 3);
+    assert_eq!(
+        s.load(&a).unwrap().unwrap().chunks,
+        vec![b"c1".to_vec(), b"c2".to_vec()]
+    );
+    assert_eq!(s.load(&b).unwrap().unwrap().chunks, vec![b"x1".to_vec()]);
+}
+
+fn feed_and_heads<H: Harness>(h: &mut H) {
+    let a = doc("ledger/t1/2026-11-29");
+    let b = doc("households/z1");
+    let s = h.fresh();
+    s.commit(&a, 1, b"c1", &[[1; 32]]).unwrap();
+    s.commit(&b, 2, b"x1", &[[2; 32]]).unwrap();
+    s.commit(&a, 3, b"c2", &[[3; 32], [4; 32]]).unwrap();
+    assert_eq!(s.feed(1, 3).unwrap(), vec![(2, b.clone()), (3, a.clone())]);
+    assert_eq!(s.feed(0, 1).unwrap(), vec![(1, a.clone())]);
+    assert!(s.feed(3, 3).unwrap().is_empty());
+    assert!(
+        s.feed(3, 1).unwrap().is_empty(),
+        "an empty range, not an error"
+    );
+    assert_eq!(s.heads_at(&a, 1).unwrap(), Some(vec![[1; 32]]));
+    assert_eq!(s.heads_at(&a, 2).unwrap(), Some(vec![[1; 32]]));
+    assert_eq!(s.heads_at(&a, 3).unwrap(), Some(vec![[3; 32], [4; 32]]));
+    assert_eq!(
+        s.heads_at(&a, u64::MAX).unwrap(),
+        Some(vec![[3; 32], [4; 32]])
+    );
+    assert_eq!(s.heads_at(&b, 1).unwrap(), None, "b did not exist at 1");
+    assert_eq!(s.heads_at(&a, 0).unwrap(), None);
+}
+
+fn compaction<H: Harness>(h: &mut H) {
+    let a = doc("ledger/t1/2026-11-29");
+    let s = h.fresh();
+    s.commit(&a, 1, b"c1", &[[1; 32]]).unwrap();
+    s.commit(&a, 2, b"c2", &[[2; 32]]).unwrap();
+    s.compact(&a, b"snapshot").unwrap();
+    let stored = s.load(&a).unwrap().unwrap();
+    assert_eq!(stored.snapshot.as_deref(), Some(&b"snapshot"[..]));
+    assert!(stored.chunks.is_empty());
+    s.commit(&a, 3, b"c3", &[[3; 32]]).unwrap();
+    s.flush().unwrap();
+    let s = h.restart(s);
+    let stored = s.load(&a).unwrap().unwrap();
+    assert_eq!(stored.snapshot.as_deref(), Some(&b"snapshot"[..]));
+    assert_eq!(stored.chunks, vec![b"c3".to_vec()]);
+    assert_eq!(
+        s.heads_at(&a, 2).unwrap(),
+        Some(vec![[2; 32]]),
+        "compaction keeps the feed's heads"
+    );
+    assert!(s.exists(&a).unwrap());
+}
+
+fn listing<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    let docs: Vec<DocId> = (0..50)
+        .map(|i| doc(&format!("households/z{i:02}")))
+        .collect();
+    let mut seq = 0;
+    for d in &docs {
+        for _ in 0..5 {
+            seq += 1;
+            s.commit(d, seq, b"c", &[[1; 32]]).unwrap();
+        }
+    }
+    let day = doc("ledger/t1/2026-11-29");
+    seq += 1;
+    s.commit(&day, seq, b"c", &[[1; 32]]).unwrap();
+    s.compact(&docs[3], b"snap").unwrap();
+    s.compact(&day, b"snap").unwrap();
+    let mut all = docs.clone();
+    all.push(day);
+    assert_eq!(s.list().unwrap(), all, "each document once, in order");
+    assert!(s.exists(&docs[3]).unwrap() && s.exists(&docs[4]).unwrap());
+    assert!(!s.exists(&doc("households/none")).unwrap());
+    assert!(
+        !s.exists(&doc("households/z0")).unwrap(),
+        "a prefix of a stored id is not stored"
+    );
+}
+
+fn uploads_in_order<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    s.put_piece(b"dev|id", 0, b"hello ").unwrap();
+    assert!(s.put_piece(b"dev|id", 3, b"x").is_err(), "a gap is refused");
+    assert!(
+        s.put_piece(b"dev|id", 0, b"x").is_err(),
+        "an overlap is refused"
+    );
+    s.put_piece(b"dev|id", 6, b"world").unwrap();
+    assert_eq!(s.upload_len(b"dev|id").unwrap(), 11);
+    assert_eq!(s.upload_bytes(b"dev|id").unwrap(), b"hello world");
+    assert_eq!(s.upload_len(b"dev|other").unwrap(), 0);
+    s.drop_upload(b"dev|id").unwrap();
+    assert_eq!(s.upload_len(b"dev|id").unwrap(), 0);
+    assert!(s.upload_bytes(b"dev|id").unwrap().is_empty());
+}
+
+fn uploads_expire<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    s.put_piece(b"a|1", 0, b"12345").unwrap();
+    s.touch_upload(b"a|1", 100).unwrap();
+    s.put_piece(b"a|2", 0, b"123").unwrap();
+    s.touch_upload(b"a|2", 200).unwrap();
+    s.put_piece(b"b|1", 0, b"1").unwrap();
+    s.touch_upload(b"b|1", 300).unwrap();
+    assert_eq!(s.staged_bytes(b"a|").unwrap(), 8);
+    assert_eq!(s.expire_uploads(150).unwrap(), 1);
+    assert_eq!(s.staged_bytes(b"a|").unwrap(), 3);
+    assert_eq!(s.staged_bytes(b"b|").unwrap(), 1);
+    assert_eq!(s.upload_len(b"a|1").unwrap(), 0);
+    s.touch_upload(b"a|2", 400).unwrap();
+    assert_eq!(s.expire_uploads(350).unwrap(), 1, "only b|1 is stale now");
+    assert_eq!(s.staged_bytes(b"").unwrap(), 3);
+}
+
+fn actor_binding<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    let (d1, d2) = (device("phone-1"), device("phone-2"));
+    assert_eq!(s.actor_owner(b"actor-a").unwrap(), None);
+    assert_eq!(s.bind_actor(b"actor-a", &d1).unwrap(), d1);
+    assert_eq!(s.bind_actor(b"actor-a", &d2).unwrap(), d1, "first use wins");
+    assert_eq!(s.bind_actor(b"actor-b", &d1).unwrap(), d1);
+    assert_eq!(s.actor_owner(b"actor-a").unwrap(), Some(d1.clone()));
+    assert_eq!(s.actors_of(&d1).unwrap(), 2);
+    assert_eq!(s.actors_of(&d2).unwrap(), 0);
+}
+
+fn binding_race<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    let winners: Vec<DeviceId> = std::thread::scope(|scope| {
+        let racers: Vec<_> = (0..8)
+            .map(|i| {
+                let s = &s;
+                scope.spawn(move || {
+                    s.bind_actor(b"contested", &device(&format!("phone-{i}")))
+                        .unwrap()
+                })
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert!(
+        winners.windows(2).all(|w| w[0] == w[1]),
+        "every racer sees the same owner: {winners:?}"
+    );
+    let owners: usize = (0..8)
+        .map(|i| s.actors_of(&device(&format!("phone-{i}"))).unwrap())
+        .sum();
+    assert_eq!(owners, 1, "the actor is bound exactly once");
+}
+
+fn device_records<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    s.save_device(&device("phone-1"), b"one").unwrap();
+    s.save_device(&device("phone-2"), b"two").unwrap();
+    s.save_device(&device("phone-1"), b"one again").unwrap();
+    let mut all = s.devices().unwrap();
+    all.sort();
+    assert_eq!(all, vec![b"one again".to_vec(), b"two".to_vec()]);
+}
+
+fn quarantine<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    s.put_quarantine(b"a|doc|1", b"xx").unwrap();
+    s.put_quarantine(b"a|doc|2", b"yyy").unwrap();
+    s.put_quarantine(b"b|doc|1", b"z").unwrap();
+    assert_eq!(s.held_bytes(b"a|").unwrap(), 5);
+    assert_eq!(s.held_bytes(b"b|").unwrap(), 1);
+    assert_eq!(
+        s.quarantined_with(b"a|").unwrap(),
+        vec![
+            (b"a|doc|1".to_vec(), b"xx".to_vec()),
+            (b"a|doc|2".to_vec(), b"yyy".to_vec())
+        ]
+    );
+    let mut seen = Vec::new();
+    s.visit_quarantined(&mut |k, _| {
+        seen.push(k.to_vec());
+        seen.len() < 2
+    })
+    .unwrap();
+    assert_eq!(
+        seen,
+        vec![b"a|doc|1".to_vec(), b"a|doc|2".to_vec()],
+        "in key order, stopping when told"
+    );
+    s.drop_quarantine(b"a|doc|1").unwrap();
+    assert_eq!(s.held_bytes(b"a|").unwrap(), 3);
+    let mut n = 0;
+    s.visit_quarantined(&mut |_, _| {
+        n += 1;
+        true
+    })
+    .unwrap();
+    assert_eq!(n, 2);
+}
+
+fn every_kind_survives<H: Harness>(h: &mut H) {
+    let a = doc("households/z1");
+    let s = h.fresh();
+    s.commit(&a, 1, b"c1", &[[1; 32]]).unwrap();
+    s.put_piece(b"d|u", 0, b"piece").unwrap();
+    s.touch_upload(b"d|u", 7).unwrap();
+    s.bind_actor(b"actor", &device("phone-1")).unwrap();
+    s.save_device(&device("phone-1"), b"record").unwrap();
+    s.put_quarantine(b"d|a|h", b"held").unwrap();
+    s.flush().unwrap();
+    let s = h.restart(s);
+    assert_eq!(s.load(&a).unwrap().unwrap().chunks, vec![b"c1".to_vec()]);
+    assert_eq!(s.upload_bytes(b"d|u").unwrap(), b"piece");
+    assert_eq!(s.expire_uploads(8).unwrap(), 1, "the touch time survived");
+    assert_eq!(s.actor_owner(b"actor").unwrap(), Some(device("phone-1")));
+    assert_eq!(s.devices().unwrap(), vec![b"record".to_vec()]);
+    assert_eq!(s.held_bytes(b"d|").unwrap(), 4);
+}
+
+fn torn_commits<H: Harness>(h: &mut H) {
+    let a = doc("households/z1");
+    let s = h.fresh();
+    s.commit(&a, 1, b"c1", &[[1; 32]]).unwrap();
+    s.flush().unwrap();
+    s.commit(&a, 2, b"c2", &[[2; 32]]).unwrap();
+    s.commit(&a, 3, b"c3", &[[3; 32]]).unwrap();
+    let s = h.restart(s);
+    // Whatever survived of the unflushed commits, each is whole: a feed entry has its
+    // heads and its chunk, and the chunks are a prefix of what was written.
+    let last = s.last_seq().unwrap();
+    assert!((1..=3).contains(&last), "the flushed commit is there");
+    let chunks = s.load(&a).unwrap().unwrap().chunks;
+    let written: Vec<Vec<u8>> = vec![b"c1".to_vec(), b"c2".to_vec(), b"c3".to_vec()];
+    assert_eq!(chunks, written[..last as usize].to_vec());
+    for seq in 1..=last {
+        assert!(s.heads_at(&a, seq).unwrap().is_some());
+    }
+    // And the store takes new commits after the last one it kept.
+    s.commit(&a, last + 1, b"again", &[[9; 32]]).unwrap();
+    assert_eq!(s.last_seq().unwrap(), last + 1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{MemoryStorage, SledStorage};
+
+    /// sled in a temporary directory, reopened from disk on restart.
+    struct Sled {
+        dirs: Vec<tempfile::TempDir>,
+    }
+
+    impl Harness for Sled {
+        type Store = SledStorage;
+        fn fresh(&mut self) -> SledStorage {
+            let dir = tempfile::tempdir().unwrap();
+            let s = SledStorage::open(dir.path()).unwrap();
+            self.dirs.push(dir);
+            s
+        }
+        fn restart(&mut self, store: SledStorage) -> SledStorage {
+            let path = store.path();
+            drop(store);
+            SledStorage::open(&path).unwrap()
+        }
+    }
+
+    /// Memory that forgets what was not flushed on restart.
+    struct Memory {
+        epoch: u64,
+    }
+
+    impl Harness for Memory {
+        type Store = MemoryStorage;
+        fn fresh(&mut self) -> MemoryStorage {
+            self.epoch += 1;
+            MemoryStorage::new(self.epoch)
+        }
+        fn restart(&mut self, store: MemoryStorage) -> MemoryStorage {
+            store.crash();
+            store
+        }
+    }
+
+    #[test]
+    fn sled_keeps_the_storage_contract() {
+        run(&mut Sled { dirs: Vec::new() });
+    }
+
+    #[test]
+    fn memory_keeps_the_storage_contract() {
+        run(&mut Memory { epoch: 0 });
+    }
+
+    /// A backend that forgets everything on restart, flushed or not.
+    struct Amnesiac;
+
+    impl Harness for Amnesiac {
+        type Store = MemoryStorage;
+        fn fresh(&mut self) -> MemoryStorage {
+            MemoryStorage::new(1)
+        }
+        fn restart(&mut self, _store: MemoryStorage) -> MemoryStorage {
+            MemoryStorage::new(1)
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "flushed commits survive a restart")]
+    fn the_suite_fails_a_backend_that_loses_flushed_writes() {
+        run(&mut Amnesiac);
+    }
+
+    #[test]
+    fn memory_forgets_what_was_not_flushed() {
+        let s = MemoryStorage::new(7);
+        let a = doc("households/z1");
+        s.commit(&a, 1, b"c1", &[[1; 32]]).unwrap();
+        s.flush().unwrap();
+        s.commit(&a, 2, b"c2", &[[2; 32]]).unwrap();
+        s.bind_actor(b"actor", &device("phone-1")).unwrap();
+        assert_eq!(s.unflushed(), 2);
+        s.crash();
+        assert_eq!(s.last_seq().unwrap(), 1);
+        assert_eq!(s.actor_owner(b"actor").unwrap(), None);
+        assert_eq!(s.unflushed(), 0);
+    }
+}

@@ -1,0 +1,146 @@
+//! Durable relay storage behind traits, one per concern, so another engine can replace
+//! sled (and the simulation can run on memory).
+//!
+//! Per document: a compressed snapshot (`save()`) plus appended chunks (Automerge bundles
+//! of the changes each commit added), compacted into a new snapshot now and then. A commit
+//! therefore writes only what it adds, not the whole document.
+//!
+//! The change feed lives beside the documents: every commit gets the next sequence
+//! number; `feed` maps it to the document, `doc_seq` maps (document, seq) to the heads
+//! after it, so the relay can tell what a device with cursor `seq` already has.
+//!
+//! Writes ([`Documents::commit`], [`Uploads::put_piece`]...) are atomic but not flushed;
+//! [`Documents::flush`] makes everything before it durable, whatever the concern. The
+//! relay acknowledges only after a flush. All methods block: the relay calls them off the
+//! async worker threads.
+//!
+//! The concerns:
+//! - [`Documents`]: snapshots, chunks, the feed and the heads after each commit, epoch.
+//! - [`Uploads`]: resumable uploads staged piece by piece, with expiry.
+//! - [`ActorBindings`]: which device each Automerge actor belongs to (first use wins).
+//! - [`DeviceRecords`]: per-device health records.
+//! - [`QuarantineStore`]: pushes held for a lead's review.
+//!
+//! [`RelayStorage`] is all of them together: what a relay needs. Every backend passes
+//! the same [`conformance`] suite.
+
+pub mod conformance;
+mod memory;
+mod sled;
+
+pub use self::memory::MemoryStorage;
+pub use self::sled::SledStorage;
+
+use redline_proto::{DeviceId, DocId};
+
+use crate::Error;
+
+/// A document as stored: an optional snapshot and the chunks appended after it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StoredDoc {
+    /// `save()` bytes of the last compaction.
+    pub snapshot: Option<Vec<u8>>,
+    /// Bundles appended since, in order.
+    pub chunks: Vec<Vec<u8>>,
+}
+
+/// A stored key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// Documents and the change feed.
+pub trait Documents {
+    /// This database's epoch: random, fixed at creation. Device cursors carry it.
+    fn epoch(&self) -> u64;
+    /// The highest feed sequence number stored (0 if none).
+    fn last_seq(&self) -> Result<u64, Error>;
+    /// The stored form of `doc`, if any.
+    fn load(&self, doc: &DocId) -> Result<Option<StoredDoc>, Error>;
+    /// Appends a chunk to `doc` and records feed entry `seq` with the heads after it, in
+    /// one atomic write (not flushed).
+    fn commit(&self, doc: &DocId, seq: u64, chunk: &[u8], heads: &[[u8; 32]]) -> Result<(), Error>;
+    /// Replaces the snapshot of `doc` and drops its chunks, atomically (not flushed).
+    fn compact(&self, doc: &DocId, snapshot: &[u8]) -> Result<(), Error>;
+    /// Makes every write before it durable, of every concern.
+    fn flush(&self) -> Result<(), Error>;
+    /// Feed entries with `after < seq <= upto`, in order.
+    fn feed(&self, after: u64, upto: u64) -> Result<Vec<(u64, DocId)>, Error>;
+    /// The heads of `doc` after the last commit with sequence `<= seq` (`None`: the
+    /// document did not exist yet).
+    fn heads_at(&self, doc: &DocId, seq: u64) -> Result<Option<Vec<[u8; 32]>>, Error>;
+    /// Every stored document id, in order.
+    fn list(&self) -> Result<Vec<DocId>, Error>;
+    /// Whether `doc` is stored.
+    fn exists(&self, doc: &DocId) -> Result<bool, Error>;
+}
+
+/// Resumable uploads, staged durably piece by piece.
+pub trait Uploads {
+    /// Bytes of upload `key` held (contiguous from 0).
+    fn upload_len(&self, key: &[u8]) -> Result<u64, Error>;
+    /// Stores a piece of upload `key` at `offset` (must equal the length held).
+    fn put_piece(&self, key: &[u8], offset: u64, data: &[u8]) -> Result<(), Error>;
+    /// The whole upload `key`.
+    fn upload_bytes(&self, key: &[u8]) -> Result<Vec<u8>, Error>;
+    /// Drops upload `key`.
+    fn drop_upload(&self, key: &[u8]) -> Result<(), Error>;
+    /// Records that upload `key` was worked on at `now` (Unix seconds), for expiry.
+    fn touch_upload(&self, key: &[u8], now: u64) -> Result<(), Error>;
+    /// Bytes staged by unfinished uploads whose keys start with `prefix` (one device's).
+    fn staged_bytes(&self, prefix: &[u8]) -> Result<u64, Error>;
+    /// Drops every upload last worked on before `cutoff` (Unix seconds); returns how
+    /// many were dropped.
+    fn expire_uploads(&self, cutoff: u64) -> Result<usize, Error>;
+}
+
+/// Which device each Automerge actor belongs to.
+pub trait ActorBindings {
+    /// Binds `actor` to `device` unless it is bound already; returns the device it is
+    /// bound to (not flushed: the commit that first uses it flushes).
+    fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error>;
+    /// The device `actor` is bound to, if any (without binding it).
+    fn actor_owner(&self, actor: &[u8]) -> Result<Option<DeviceId>, Error>;
+    /// How many actors are bound to `device`.
+    fn actors_of(&self, device: &DeviceId) -> Result<usize, Error>;
+}
+
+/// Per-device health records.
+pub trait DeviceRecords {
+    /// Stores a device's health record, replacing the last one (not flushed).
+    fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error>;
+    /// Every stored device health record.
+    fn devices(&self) -> Result<Vec<Vec<u8>>, Error>;
+}
+
+/// Pushes held for a lead's review.
+pub trait QuarantineStore {
+    /// Holds a quarantined push under `key` (not flushed).
+    fn put_quarantine(&self, key: &[u8], item: &[u8]) -> Result<(), Error>;
+    /// Visits every quarantined push in key order, one at a time (never all in memory
+    /// at once), until `visit` returns `false`.
+    fn visit_quarantined(&self, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), Error>;
+    /// The quarantined pushes whose keys start with `prefix` (one device's: bounded by
+    /// its quota).
+    fn quarantined_with(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, Error>;
+    /// Bytes held in quarantine under keys starting with `prefix`.
+    fn held_bytes(&self, prefix: &[u8]) -> Result<u64, Error>;
+    /// Drops a quarantined push (after it was merged).
+    fn drop_quarantine(&self, key: &[u8]) -> Result<(), Error>;
+}
+
+/// Everything a relay stores: every concern of this module in one backend.
+pub trait RelayStorage:
+    Documents + Uploads + ActorBindings + DeviceRecords + QuarantineStore + Send + Sync + 'static
+{
+}
+
+impl<T> RelayStorage for T where
+    T: Documents
+        + Uploads
+        + ActorBindings
+        + DeviceRecords
+        + QuarantineStore
+        + Send
+        + Sync
+        + 'static
+{
+}
