@@ -43,6 +43,9 @@ pub(crate) struct Inner {
     pub(crate) progress: tokio::sync::watch::Sender<crate::progress::SyncProgress>,
     /// The phone's network and charger, as the app last said.
     pub(crate) conditions: Mutex<crate::progress::Conditions>,
+    /// The newest protocol version to say hello with: the build's, or the oldest it
+    /// speaks once a relay from before version negotiation refused it.
+    pub(crate) speak: std::sync::atomic::AtomicU16,
 }
 
 /// Where a document change came from.
@@ -116,6 +119,7 @@ impl Client {
             None => None,
         };
         let identity = identity::load_or_create(store.as_ref(), token_device)?;
+        let speak = std::sync::atomic::AtomicU16::new(config.protocol_version);
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
@@ -129,6 +133,7 @@ impl Client {
                 upload_cache: Mutex::new(None),
                 progress: tokio::sync::watch::channel(Default::default()).0,
                 conditions: Mutex::new(Default::default()),
+                speak,
             }),
         })
     }

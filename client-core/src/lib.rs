@@ -213,6 +213,9 @@ pub struct ClientConfig {
     pub token: Option<String>,
     /// What a sync may spend on metered networks and batteries.
     pub policy: SyncPolicy,
+    /// The newest protocol version to say hello with (default: this build's newest).
+    /// Lower only to play an app a release behind (tests, the simulation).
+    pub protocol_version: u16,
 }
 
 impl ClientConfig {
@@ -230,6 +233,7 @@ impl ClientConfig {
             clock: Clock::system(),
             token: None,
             policy: SyncPolicy::default(),
+            protocol_version: redline_proto::PROTOCOL_VERSION,
         }
     }
 

@@ -32,11 +32,12 @@ use automerge::sync::State as SyncState;
 use automerge::{Automerge, ChangeHash, ReadDoc};
 use quinn::{RecvStream, SendStream};
 use redline_proto::codec::{self, HEADER_LEN};
+use redline_proto::message::ext;
 use redline_proto::message::{
     Cursor, ErrorReport, Hello, Message, Payload, Piece, Pull, Push, Subscription, Update, Upload,
 };
 use redline_proto::session::{DeviceResync, DocToSync, hashes_from_wire, hashes_to_wire};
-use redline_proto::{DocId, PROTOCOL_VERSION};
+use redline_proto::{DocId, MIN_PROTOCOL_VERSION};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
@@ -98,6 +99,12 @@ pub struct SyncReport {
     pub reconnects: u32,
     /// Wall time, connection set-up included.
     pub duration: Duration,
+    /// The protocol version spoken with the relay (its `Welcome`; 0 before one).
+    pub protocol_version: u16,
+    /// The oldest and newest protocol versions the relay serves, when it says (version
+    /// 2 relays do). An app whose newest version is the relay's oldest is the last one
+    /// the relay still serves: time to update.
+    pub relay_versions: Option<(u16, u16)>,
 }
 
 /// Byte and frame counters shared by a session's streams.
@@ -133,6 +140,38 @@ async fn read(
     traffic: &Traffic,
     totals: &Traffic,
 ) -> Result<Option<Message>, Error> {
+    Ok(read_with_extensions(recv, max_frame, traffic, totals)
+        .await?
+        .map(|(m, _)| m))
+}
+
+/// Reads the next message of a kind this build knows, with its extensions; messages of
+/// unknown kinds (from a newer relay) are skipped.
+async fn read_with_extensions(
+    recv: &mut RecvStream,
+    max_frame: usize,
+    traffic: &Traffic,
+    totals: &Traffic,
+) -> Result<Option<(Message, codec::Extensions)>, Error> {
+    loop {
+        let Some(payload) = read_frame(recv, max_frame, traffic, totals).await? else {
+            return Ok(None);
+        };
+        match codec::decode_with_extensions(&payload) {
+            Err(redline_proto::Error::UnknownMessage { index }) => {
+                debug!(index, "skipped a message of an unknown kind");
+            }
+            decoded => return Ok(Some(decoded?)),
+        }
+    }
+}
+
+async fn read_frame(
+    recv: &mut RecvStream,
+    max_frame: usize,
+    traffic: &Traffic,
+    totals: &Traffic,
+) -> Result<Option<Vec<u8>>, Error> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -157,7 +196,7 @@ async fn read(
             .fetch_add((HEADER_LEN + len) as u64, Ordering::Relaxed);
         t.frames_received.fetch_add(1, Ordering::Relaxed);
     }
-    Ok(Some(codec::decode_payload(&payload)?))
+    Ok(Some(payload))
 }
 
 fn transfer_id(bytes: &[u8]) -> [u8; 16] {
@@ -401,6 +440,18 @@ impl Client {
             let result = self
                 .attempt(endpoint, relay, live.clone(), &mut unanswered)
                 .await;
+            // A relay from before version negotiation refuses any version but its own:
+            // say hello again at the oldest version this build speaks, once.
+            if let Err(Error::Refused { code, text }) = &result
+                && *code == redline_proto::ErrorCode::UNSUPPORTED_VERSION
+                && self.inner.speak.load(Ordering::Relaxed) > MIN_PROTOCOL_VERSION
+            {
+                debug!("the relay refused protocol version: {text}; trying the oldest");
+                self.inner
+                    .speak
+                    .store(MIN_PROTOCOL_VERSION, Ordering::Relaxed);
+                continue;
+            }
             if unanswered && reconnects + 1 < HELLO_ATTEMPTS {
                 reconnects += 1;
                 debug!(
@@ -447,13 +498,13 @@ impl Client {
         // Reader, transfer and upload tasks feed the loop through channels (reads are not
         // cancel-safe inside select!). The session owns them all: dropping it aborts them.
         let mut tasks: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
-        let (in_tx, mut inbox) = mpsc::channel::<Result<Message, Error>>(64);
+        let (in_tx, mut inbox) = mpsc::channel::<Result<(Message, codec::Extensions), Error>>(64);
         {
             let (traffic, totals) = (traffic.clone(), totals.clone());
             let mut recv = recv;
             tasks.spawn(async move {
                 loop {
-                    let r = read(&mut recv, max_frame, &traffic, &totals).await;
+                    let r = read_with_extensions(&mut recv, max_frame, &traffic, &totals).await;
                     let stop = !matches!(r, Ok(Some(_)));
                     let item = match r {
                         Ok(Some(m)) => Ok(m),
@@ -504,7 +555,7 @@ impl Client {
             .meta(&cursor_key)?
             .and_then(|b| postcard::from_bytes::<Cursor>(&b).ok());
         let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: self.inner.speak.load(Ordering::Relaxed),
             device: self.inner.identity.device.clone(),
             app_version: self.inner.config.app_version.clone(),
             subscription: subscription.clone(),
@@ -576,7 +627,7 @@ impl Client {
                             }
                             Err(e) => return Err(e),
                         };
-                        self.handle(&mut f, msg)?;
+                        self.handle(&mut f, msg.0, msg.1)?;
                     }
                     Some(done) = xfers.recv() => {
                         let (id, bytes) = done?;
@@ -878,9 +929,19 @@ impl Client {
         f.batch.acked.push((doc, has.clone()));
     }
 
-    fn handle(&self, f: &mut Flight, msg: Message) -> Result<(), Error> {
+    fn handle(&self, f: &mut Flight, msg: Message, ext: codec::Extensions) -> Result<(), Error> {
         match msg {
-            Message::Welcome(_) => f.welcomed = true,
+            Message::Welcome(w) => {
+                f.welcomed = true;
+                f.report.protocol_version = w.protocol_version;
+                f.report.relay_versions = match (
+                    ext.get::<u16>(ext::WELCOME_OLDEST_VERSION)?,
+                    ext.get::<u16>(ext::WELCOME_NEWEST_VERSION)?,
+                ) {
+                    (Some(oldest), Some(newest)) => Some((oldest, newest)),
+                    _ => None,
+                };
+            }
             Message::Ack(ack) if f.in_flight.contains_key(&ack.doc) => {
                 self.acked(f, ack.doc, ack.applied);
             }

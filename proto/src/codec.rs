@@ -1,11 +1,77 @@
-//! Length-prefixed framing: a 4-byte big-endian payload length, then the payload (one
-//! postcard-encoded [`Message`]).
+//! Length-prefixed framing: a 4-byte big-endian payload length, then the payload: one
+//! postcard-encoded [`Message`], and from protocol version 2 on, optionally its
+//! [`Extensions`] (see the evolution rules in [`crate::message`]).
 //!
 //! The length is checked against the limit as soon as the 4 header bytes are known, before
 //! any buffer for the payload is reserved, so a peer announcing a 4 GiB frame costs
 //! nothing. Decoding never panics on any input; every failure is an [`Error`].
 
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
 use crate::{Error, Message};
+
+/// How many kinds of [`Message`] this build knows (the variants, in wire order).
+pub const KNOWN_MESSAGE_KINDS: u32 = 18;
+
+/// Tagged values after a message in its frame: the fields added to a message after
+/// version 1. Unknown tags are ignored by the receiver; a missing tag means the sender
+/// does not know the field. Sent only when the negotiated version is 2 or more.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Extensions(BTreeMap<u16, Vec<u8>>);
+
+impl Extensions {
+    /// No extensions.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Sets `tag` to `value` (postcard-encoded).
+    pub fn insert<T: Serialize>(&mut self, tag: u16, value: &T) -> Result<(), Error> {
+        let bytes = postcard::to_allocvec(value).map_err(|e| Error::Encode(e.to_string()))?;
+        self.0.insert(tag, bytes);
+        Ok(())
+    }
+
+    /// The value of `tag`, if the sender set it.
+    pub fn get<T: DeserializeOwned>(&self, tag: u16) -> Result<Option<T>, Error> {
+        self.0
+            .get(&tag)
+            .map(|b| {
+                postcard::from_bytes(b).map_err(|e| Error::Decode(format!("extension {tag}: {e}")))
+            })
+            .transpose()
+    }
+
+    fn encode_into(&self, out: Vec<u8>) -> Result<Vec<u8>, Error> {
+        let list: Vec<(u16, &serde_bytes::Bytes)> = self
+            .0
+            .iter()
+            .map(|(t, v)| (*t, serde_bytes::Bytes::new(v)))
+            .collect();
+        postcard::to_extend(&list, out).map_err(|e| Error::Encode(e.to_string()))
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        // Anything after the list is for versions newer than this build: ignored.
+        let (list, _newer) = postcard::take_from_bytes::<Vec<(u16, serde_bytes::ByteBuf)>>(bytes)
+            .map_err(|e| Error::Decode(format!("extensions: {e}")))?;
+        let mut map = BTreeMap::new();
+        for (tag, value) in list {
+            if map.insert(tag, value.into_vec()).is_some() {
+                return Err(Error::Decode(format!("extension {tag} appears twice")));
+            }
+        }
+        Ok(Self(map))
+    }
+}
 
 /// Bytes of the length prefix.
 pub const HEADER_LEN: usize = 4;
@@ -30,10 +96,25 @@ pub fn payload_len(header: [u8; HEADER_LEN], max_frame: usize) -> Result<usize, 
     Ok(len)
 }
 
-/// Encodes `msg` as one frame (header and payload).
+/// Encodes `msg` as one frame (header and payload), without extensions: what every
+/// version reads.
 pub fn encode_frame(msg: &Message, max_frame: usize) -> Result<Vec<u8>, Error> {
+    encode_frame_with(msg, &Extensions::new(), 1, max_frame)
+}
+
+/// Encodes `msg` with `ext` for a peer speaking `version`: the extensions go only to a
+/// peer of version 2 or later (version 1 refuses trailing bytes).
+pub fn encode_frame_with(
+    msg: &Message,
+    ext: &Extensions,
+    version: u16,
+    max_frame: usize,
+) -> Result<Vec<u8>, Error> {
     let mut out = vec![0u8; HEADER_LEN];
     out = postcard::to_extend(msg, out).map_err(|e| Error::Encode(e.to_string()))?;
+    if version >= 2 && !ext.is_empty() {
+        out = ext.encode_into(out)?;
+    }
     let len = out.len() - HEADER_LEN;
     if len > max_frame {
         return Err(Error::FrameTooLarge {
@@ -49,17 +130,37 @@ pub fn encode_frame(msg: &Message, max_frame: usize) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
-/// Decodes one message from a frame's payload. Trailing bytes are an error.
+/// Decodes one message from a frame's payload, checking and dropping its extensions. A
+/// message of a kind this build does not know is [`Error::UnknownMessage`]: the caller
+/// skips it.
 pub fn decode_payload(payload: &[u8]) -> Result<Message, Error> {
-    let (msg, rest) =
-        postcard::take_from_bytes::<Message>(payload).map_err(|e| Error::Decode(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(Error::Decode(format!(
-            "{} trailing bytes after the message",
-            rest.len()
-        )));
-    }
-    Ok(msg)
+    decode_with_extensions(payload).map(|(m, _)| m)
+}
+
+/// Decodes one message and its extensions from a frame's payload.
+pub fn decode_with_extensions(payload: &[u8]) -> Result<(Message, Extensions), Error> {
+    let (msg, rest) = match postcard::take_from_bytes::<Message>(payload) {
+        Ok(ok) => ok,
+        Err(e) => {
+            return Err(match message_kind(payload) {
+                Some(index) if index >= KNOWN_MESSAGE_KINDS => Error::UnknownMessage { index },
+                _ => Error::Decode(e.to_string()),
+            });
+        }
+    };
+    let ext = if rest.is_empty() {
+        Extensions::new()
+    } else {
+        Extensions::decode(rest)?
+    };
+    Ok((msg, ext))
+}
+
+/// The kind index a payload starts with (postcard's varint enum tag).
+fn message_kind(payload: &[u8]) -> Option<u32> {
+    postcard::take_from_bytes::<u32>(payload)
+        .ok()
+        .map(|(i, _)| i)
 }
 
 /// Incremental frame decoder for a byte stream: push what arrived, pop whole messages.
@@ -67,6 +168,7 @@ pub fn decode_payload(payload: &[u8]) -> Result<Message, Error> {
 pub struct FrameDecoder {
     buf: Vec<u8>,
     max_frame: usize,
+    skipped: u64,
 }
 
 impl FrameDecoder {
@@ -75,7 +177,13 @@ impl FrameDecoder {
         Self {
             buf: Vec::new(),
             max_frame,
+            skipped: 0,
         }
+    }
+
+    /// Messages of unknown kinds skipped so far.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
     }
 
     /// Appends received bytes.
@@ -91,16 +199,22 @@ impl FrameDecoder {
     /// The next whole message, `Ok(None)` if more bytes are needed, or the error that makes
     /// the rest of this stream unreadable.
     pub fn next_message(&mut self) -> Result<Option<Message>, Error> {
-        let Some(header) = self.buf.first_chunk::<HEADER_LEN>() else {
-            return Ok(None);
-        };
-        let len = payload_len(*header, self.max_frame)?;
-        let Some(frame) = self.buf.get(HEADER_LEN..HEADER_LEN + len) else {
-            return Ok(None);
-        };
-        let msg = decode_payload(frame)?;
-        self.buf.drain(..HEADER_LEN + len);
-        Ok(Some(msg))
+        loop {
+            let Some(header) = self.buf.first_chunk::<HEADER_LEN>() else {
+                return Ok(None);
+            };
+            let len = payload_len(*header, self.max_frame)?;
+            let Some(frame) = self.buf.get(HEADER_LEN..HEADER_LEN + len) else {
+                return Ok(None);
+            };
+            let decoded = decode_payload(frame);
+            self.buf.drain(..HEADER_LEN + len);
+            match decoded {
+                // A kind from a newer peer: skipped, the stream goes on.
+                Err(Error::UnknownMessage { .. }) => self.skipped += 1,
+                other => return other.map(Some),
+            }
+        }
     }
 
     /// Call at end of stream: an error if a partial frame is left over.
@@ -225,6 +339,10 @@ mod tests {
                 text: "not your team".into(),
                 doc: Some(doc),
             }),
+            Message::QuarantineAccept {
+                team: crate::TeamId::new("team-3").unwrap(),
+                device: DeviceId::new("phone-1").unwrap(),
+            },
         ]
     }
 
@@ -301,6 +419,95 @@ mod tests {
         let pos = frame.windows(3).position(|w| w == b"abc").unwrap();
         frame[pos + 1] = b'/';
         assert!(decode_payload(&frame[HEADER_LEN..]).is_err());
+    }
+
+    /// How a version 1 peer (today's phones in the field) decodes: trailing bytes are an
+    /// error.
+    fn decode_v1(payload: &[u8]) -> Result<Message, String> {
+        let (m, rest) = postcard::take_from_bytes::<Message>(payload).map_err(|e| e.to_string())?;
+        if rest.is_empty() {
+            Ok(m)
+        } else {
+            Err(format!("{} trailing bytes", rest.len()))
+        }
+    }
+
+    fn welcome_ext() -> Extensions {
+        let mut ext = Extensions::new();
+        ext.insert(ext::WELCOME_OLDEST_VERSION, &1u16).unwrap();
+        ext.insert(999, &"from a newer build").unwrap();
+        ext
+    }
+
+    #[test]
+    fn a_version_1_peer_reads_every_frame_meant_for_it() {
+        for msg in samples() {
+            let frame = encode_frame_with(&msg, &welcome_ext(), 1, DEFAULT_MAX_FRAME).unwrap();
+            assert_eq!(decode_v1(&frame[HEADER_LEN..]).unwrap(), msg);
+            let frame = encode_frame(&msg, DEFAULT_MAX_FRAME).unwrap();
+            assert_eq!(decode_v1(&frame[HEADER_LEN..]).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn extensions_travel_to_version_2_and_unknown_tags_are_ignored() {
+        let msg = samples().remove(0);
+        let frame = encode_frame_with(&msg, &welcome_ext(), 2, DEFAULT_MAX_FRAME).unwrap();
+        assert!(
+            decode_v1(&frame[HEADER_LEN..]).is_err(),
+            "why v1 never gets them"
+        );
+        let (back, ext) = decode_with_extensions(&frame[HEADER_LEN..]).unwrap();
+        assert_eq!(back, msg);
+        assert_eq!(
+            ext.get::<u16>(ext::WELCOME_OLDEST_VERSION).unwrap(),
+            Some(1)
+        );
+        assert_eq!(
+            ext.get::<u16>(77).unwrap(),
+            None,
+            "a tag the sender did not set"
+        );
+        // A newer build may append more after the list: still read.
+        let mut longer = frame[HEADER_LEN..].to_vec();
+        longer.extend_from_slice(b"future");
+        assert_eq!(decode_payload(&longer).unwrap(), msg);
+        // A list that does not decode is an error, not silently dropped.
+        let mut broken = encode_frame(&msg, DEFAULT_MAX_FRAME).unwrap()[HEADER_LEN..].to_vec();
+        broken.extend_from_slice(&[5, 1]);
+        assert!(decode_payload(&broken).is_err());
+    }
+
+    #[test]
+    fn unknown_message_kinds_are_skipped_and_the_stream_goes_on() {
+        let last = samples()
+            .into_iter()
+            .map(|m| encode_frame(&m, DEFAULT_MAX_FRAME).unwrap()[HEADER_LEN])
+            .max()
+            .unwrap();
+        assert_eq!(
+            u32::from(last) + 1,
+            KNOWN_MESSAGE_KINDS,
+            "samples cover the last kind, and KNOWN_MESSAGE_KINDS counts every kind"
+        );
+        // Kind 40 from a newer peer, with some body.
+        let unknown = [40u8, 3, 1, 2, 3];
+        assert!(matches!(
+            decode_payload(&unknown),
+            Err(Error::UnknownMessage { index: 40 })
+        ));
+        let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        d.push(&(unknown.len() as u32).to_be_bytes());
+        d.push(&unknown);
+        let next = samples().remove(1);
+        d.push(&encode_frame(&next, DEFAULT_MAX_FRAME).unwrap());
+        assert_eq!(d.next_message().unwrap(), Some(next));
+        assert_eq!(d.skipped(), 1);
+        // A known kind with a broken body is still an error.
+        assert!(matches!(
+            decode_payload(&[0u8, 0xff]),
+            Err(Error::Decode(_))
+        ));
     }
 
     proptest! {

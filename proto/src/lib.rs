@@ -33,7 +33,7 @@ pub mod session;
 pub mod token;
 
 pub use ids::{Day, DeviceId, DocId, DocKind, MemberId, OrgId, TeamId, ZoneId};
-pub use message::{ALPN, ErrorCode, Message, PROTOCOL_VERSION};
+pub use message::{ALPN, ErrorCode, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION};
 
 /// Everything that can go wrong in the protocol layer.
 #[derive(Debug, thiserror::Error)]
@@ -72,15 +72,23 @@ pub enum Error {
     /// A frame's payload is not a valid message.
     #[error("malformed message: {0}")]
     Decode(String),
-    /// The peer speaks another protocol version.
+    /// The peer speaks a protocol version this build no longer serves.
     #[error(
-        "peer speaks protocol version {theirs}, this build speaks {ours}; update the older side"
+        "the device speaks protocol version {theirs}, this relay serves versions {oldest} to {newest}: update the app"
     )]
     UnsupportedVersion {
         /// The peer's version.
         theirs: u16,
-        /// Ours.
-        ours: u16,
+        /// The oldest version served.
+        oldest: u16,
+        /// The newest version spoken.
+        newest: u16,
+    },
+    /// A message of a kind this build does not know (from a newer peer); skipped.
+    #[error("message kind {index} is unknown to this build")]
+    UnknownMessage {
+        /// The kind's index on the wire.
+        index: u32,
     },
     /// A valid message arrived when it makes no sense.
     #[error("protocol violation: {0}")]
@@ -133,7 +141,9 @@ impl Error {
         match self {
             Error::FrameTooLarge { .. } | Error::TooManyDocuments { .. } => ErrorCode::TOO_LARGE,
             Error::EmptyFrame | Error::Truncated { .. } => ErrorCode::BAD_FRAME,
-            Error::Decode(_) | Error::InvalidId { .. } => ErrorCode::BAD_MESSAGE,
+            Error::Decode(_) | Error::InvalidId { .. } | Error::UnknownMessage { .. } => {
+                ErrorCode::BAD_MESSAGE
+            }
             Error::UnsupportedVersion { .. } => ErrorCode::UNSUPPORTED_VERSION,
             Error::ProtocolViolation(_) => ErrorCode::PROTOCOL_VIOLATION,
             Error::BadSyncData { .. } | Error::Automerge { .. } => ErrorCode::BAD_DOCUMENT_DATA,

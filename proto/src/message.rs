@@ -1,10 +1,31 @@
 //! The messages devices and the relay exchange, and their stable error codes.
 //!
 //! Messages are encoded with postcard (a compact, schema-less serde format) inside
-//! length-prefixed frames (see [`crate::codec`]). Compatibility rules: variants and fields
-//! are only ever appended, never reordered or removed; a peer announces its
-//! [`PROTOCOL_VERSION`] in [`Hello`] and the relay refuses versions it cannot speak with
-//! [`ErrorCode::UNSUPPORTED_VERSION`].
+//! length-prefixed frames (see [`crate::codec`]).
+//!
+//! # How the protocol evolves
+//!
+//! Phones in the field run app versions months old, so a relay serves every version from
+//! [`MIN_PROTOCOL_VERSION`] to [`PROTOCOL_VERSION`], and a phone talks to relays older
+//! than itself:
+//! - **Versions are negotiated.** A device names the newest version it speaks in
+//!   [`Hello`]; the relay answers [`Welcome`] with the version both will speak (the
+//!   lower of the two, [`negotiate`]). A device older than the relay's
+//!   [`MIN_PROTOCOL_VERSION`] is refused with [`ErrorCode::UNSUPPORTED_VERSION`] and
+//!   told to update the app. A relay from before negotiation (version 1) refuses any
+//!   hello but its own version: the device then says hello again at the lowest version
+//!   it speaks.
+//! - **Nothing in a message struct ever changes.** Variants of [`Message`] and fields of
+//!   its structs are never reordered, removed or added. New fields travel as
+//!   *extensions*: tagged values after the message in the same frame
+//!   ([`crate::codec::Extensions`]). A version 1 peer refuses trailing bytes, so
+//!   extensions are sent only once the negotiated version is 2 or more; from version 2
+//!   on, unknown tags are ignored and a missing tag means "the sender does not know it".
+//! - **New message kinds are appended** as new variants and sent only to peers whose
+//!   negotiated version knows them; a version 2 peer skips a kind it does not know
+//!   ([`crate::Error::UnknownMessage`]) instead of ending the connection.
+//! - **Before the `Welcome`**, a device sends only what the oldest relay it supports
+//!   understands (its first flight has no extensions).
 
 use std::fmt;
 
@@ -12,8 +33,35 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{Day, DeviceId, DocId, DocKind, OrgId, TeamId, ZoneId};
 
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this crate speaks. Version 2: versions are negotiated,
+/// frames may carry extensions, unknown message kinds are skipped.
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The oldest protocol version this crate still speaks (phones a release behind).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// The version a peer speaking `ours` (at most [`PROTOCOL_VERSION`], serving versions from
+/// [`MIN_PROTOCOL_VERSION`]) and a device speaking up to `theirs` will use: the lower of
+/// the two. A device older than [`MIN_PROTOCOL_VERSION`] must update.
+pub fn negotiate(theirs: u16, ours: u16) -> Result<u16, crate::Error> {
+    if theirs < MIN_PROTOCOL_VERSION {
+        return Err(crate::Error::UnsupportedVersion {
+            theirs,
+            oldest: MIN_PROTOCOL_VERSION,
+            newest: ours,
+        });
+    }
+    Ok(theirs.min(ours))
+}
+
+/// Extension tags (see [`crate::codec::Extensions`]), per message kind.
+pub mod ext {
+    /// On [`super::Welcome`]: the oldest protocol version the relay serves (`u16`), so a
+    /// device can warn before its app version stops being served.
+    pub const WELCOME_OLDEST_VERSION: u16 = 1;
+    /// On [`super::Welcome`]: the newest protocol version the relay speaks (`u16`).
+    pub const WELCOME_NEWEST_VERSION: u16 = 2;
+}
 
 /// The QUIC ALPN token of protocol version 1. A peer offering anything else is refused
 /// during the TLS handshake.

@@ -27,22 +27,20 @@ use automerge::{Automerge, ChangeHash};
 
 use crate::Error;
 use crate::ids::DocId;
-use crate::message::{Ack, ErrorCode, ErrorReport, Hello, Message, PROTOCOL_VERSION, SyncStep};
+use crate::message::{Ack, ErrorCode, ErrorReport, Hello, Message, SyncStep};
 
 /// Upper bound on rounds for one document in one session. Automerge's protocol settles in
 /// two or three; more means the peers disagree about something they cannot fix.
 pub const DEFAULT_MAX_ROUNDS: u32 = 32;
 
-/// Checks a device's [`Hello`]: the version must be ours, and its subscription may
-/// list at most [`MAX_SUBSCRIBED_DOCS`](crate::message::MAX_SUBSCRIBED_DOCS) documents.
-pub fn check_hello(hello: &Hello) -> Result<(), Error> {
-    if hello.protocol_version != PROTOCOL_VERSION {
-        return Err(Error::UnsupportedVersion {
-            theirs: hello.protocol_version,
-            ours: PROTOCOL_VERSION,
-        });
-    }
-    hello.subscription.check_size()
+/// Checks a device's [`Hello`] for a relay speaking up to `ours`: the version must be one
+/// the relay serves, and the subscription may list at most
+/// [`MAX_SUBSCRIBED_DOCS`](crate::message::MAX_SUBSCRIBED_DOCS) documents. Returns the
+/// version both will speak.
+pub fn check_hello(hello: &Hello, ours: u16) -> Result<u16, Error> {
+    let version = crate::message::negotiate(hello.protocol_version, ours)?;
+    hello.subscription.check_size()?;
+    Ok(version)
 }
 
 fn decode_sync(doc: &DocId, data: &[u8]) -> Result<sync::Message, Error> {
@@ -579,18 +577,24 @@ mod tests {
     }
 
     #[test]
-    fn wrong_protocol_version_is_refused() {
-        let hello = Hello {
-            protocol_version: 99,
+    fn versions_are_negotiated_down_and_too_old_devices_refused() {
+        let hello = |v| Hello {
+            protocol_version: v,
             device: DeviceId::new("f").unwrap(),
             app_version: String::new(),
             subscription: Default::default(),
             token: String::new(),
         };
-        assert!(matches!(
-            check_hello(&hello),
-            Err(Error::UnsupportedVersion { theirs: 99, .. })
-        ));
+        use crate::message::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+        assert_eq!(
+            check_hello(&hello(99), PROTOCOL_VERSION).unwrap(),
+            PROTOCOL_VERSION
+        );
+        assert_eq!(check_hello(&hello(1), PROTOCOL_VERSION).unwrap(), 1);
+        assert_eq!(check_hello(&hello(2), 1).unwrap(), 1, "a relay pinned to 1");
+        let e = check_hello(&hello(MIN_PROTOCOL_VERSION - 1), PROTOCOL_VERSION).unwrap_err();
+        assert!(matches!(e, Error::UnsupportedVersion { theirs: 0, .. }));
+        assert!(e.to_string().contains("update the app"), "{e}");
     }
 
     #[test]

@@ -62,6 +62,11 @@ pub struct RelayConfig {
     /// The revocation list (`None`: `<data_dir>/revoked`). Keep it outside what a backup
     /// restore rolls back.
     pub revoked_file: Option<PathBuf>,
+    /// The newest protocol version this relay speaks (default: the build's
+    /// [`PROTOCOL_VERSION`](redline_proto::PROTOCOL_VERSION)). During a staged rollout,
+    /// pin every relay of a deployment to the version the oldest of them speaks, so a
+    /// phone moving between relays meets one version.
+    pub protocol_version: u16,
 }
 
 /// What one token, device or address may take of the relay, so that a hostile token
@@ -183,6 +188,7 @@ impl RelayConfig {
             quarantine_after: Some(Duration::from_secs(14 * 86_400)),
             quotas: Quotas::default(),
             revoked_file: None,
+            protocol_version: redline_proto::PROTOCOL_VERSION,
         }
     }
 

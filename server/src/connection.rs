@@ -18,12 +18,13 @@ use std::time::Duration;
 use automerge::ChangeHash;
 use quinn::{RecvStream, SendStream};
 use redline_proto::codec::{self, HEADER_LEN};
+use redline_proto::message::ext;
 use redline_proto::message::{
     Ack, Coverage, Cursor, ErrorReport, Hello, Message, Payload, Piece, Pull, Update, UploadOffset,
     Welcome,
 };
 use redline_proto::session::{RelayResync, check_hello, hashes_from_wire, hashes_to_wire};
-use redline_proto::{DeviceId, DocId, ErrorCode, PROTOCOL_VERSION};
+use redline_proto::{DeviceId, DocId, ErrorCode, MIN_PROTOCOL_VERSION};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -125,6 +126,28 @@ pub(crate) async fn read_message(
     first: Option<Duration>,
     rest: Duration,
 ) -> Result<Option<Message>, Error> {
+    loop {
+        match read_frame(recv, max_frame, first, rest).await? {
+            None => return Ok(None),
+            Some(payload) => match codec::decode_payload(&payload) {
+                // A kind from a newer device: skipped (it still counted against the
+                // message rate when it was read).
+                Err(redline_proto::Error::UnknownMessage { index }) => {
+                    debug!(index, "skipped a message of an unknown kind");
+                }
+                decoded => return Ok(Some(decoded?)),
+            },
+        }
+    }
+}
+
+/// Reads one frame's payload, with [`read_message`]'s deadlines.
+async fn read_frame(
+    recv: &mut RecvStream,
+    max_frame: usize,
+    first: Option<Duration>,
+    rest: Duration,
+) -> Result<Option<Vec<u8>>, Error> {
     let timed_out = || Error::Refused {
         code: ErrorCode::TIMED_OUT,
         text: "the stream was silent too long".into(),
@@ -158,7 +181,7 @@ pub(crate) async fn read_message(
             }
             quinn::ReadExactError::ReadError(e) => Error::Connection(e.to_string()),
         })?;
-    Ok(Some(codec::decode_payload(&payload)?))
+    Ok(Some(payload))
 }
 
 /// Bytes of one connection already added to the relay's counters.
@@ -244,7 +267,11 @@ async fn write_message(
     within: Duration,
 ) -> Result<(), Error> {
     let frame = codec::encode_frame(msg, max_frame)?;
-    match tokio::time::timeout(within, send.write_all(&frame)).await {
+    write_frame(send, &frame, within).await
+}
+
+async fn write_frame(send: &mut SendStream, frame: &[u8], within: Duration) -> Result<(), Error> {
+    match tokio::time::timeout(within, send.write_all(frame)).await {
         Ok(written) => written.map_err(|e| Error::Connection(e.to_string())),
         Err(_) => Err(stopped_reading()),
     }
@@ -363,10 +390,14 @@ async fn greet(
     )
     .await;
     let denial = match first {
-        Ok(Some(Message::Hello(hello))) => match check_hello(&hello) {
+        Ok(Some(Message::Hello(mut hello))) => match check_hello(&hello, config.protocol_version) {
             Err(e) => refuse(e.code(), e.to_string()),
-            Ok(()) => match shared.authority.admit(&hello.token, &hello.device) {
-                Ok(claims) => return Ok((hello, Scope::new(claims))),
+            Ok(version) => match shared.authority.admit(&hello.token, &hello.device) {
+                Ok(claims) => {
+                    // From here on, the version both speak.
+                    hello.protocol_version = version;
+                    return Ok((hello, Scope::new(claims)));
+                }
                 Err(d) => refuse(d.code, d.text),
             },
         },
@@ -475,19 +506,20 @@ async fn run(
     );
     wire.device = Some(hello.device.clone());
     info!(app_version = %hello.app_version, member = %scope.claims().member, role = %scope.claims().role, "device hello");
-    write_message(
-        &mut send,
-        &Message::Welcome(Welcome {
-            protocol_version: PROTOCOL_VERSION,
-            relay: config.name.clone(),
-            epoch: hub.epoch(),
-            granted: granted.clone(),
-            quarantined,
-        }),
-        config.max_frame,
-        limits.write_timeout,
-    )
-    .await?;
+    let welcome = Message::Welcome(Welcome {
+        protocol_version: hello.protocol_version,
+        relay: config.name.clone(),
+        epoch: hub.epoch(),
+        granted: granted.clone(),
+        quarantined,
+    });
+    // Extensions go only to devices of version 2 or later (encode_frame_with drops them
+    // for version 1, whose decoder refuses trailing bytes).
+    let mut ext = codec::Extensions::new();
+    ext.insert(ext::WELCOME_OLDEST_VERSION, &MIN_PROTOCOL_VERSION)?;
+    ext.insert(ext::WELCOME_NEWEST_VERSION, &config.protocol_version)?;
+    let frame = codec::encode_frame_with(&welcome, &ext, hello.protocol_version, config.max_frame)?;
+    write_frame(&mut send, &frame, limits.write_timeout).await?;
     // A revocation noticed while the welcome was on its way counts too.
     if authority.is_revoked(&token_id) {
         let text = format!("token {token_id} was revoked; ask your lead for a new one");

@@ -66,6 +66,8 @@ pub struct FileConfig {
     pub revoked_file: Option<PathBuf>,
     /// Per-token, per-device and per-address quotas.
     pub quotas: Option<QuotaSettings>,
+    /// The newest protocol version to speak (pinned during a staged rollout).
+    pub protocol_version: Option<u16>,
 }
 
 /// The `[quotas]` table: each key optional (see [`crate::config::Quotas`]).
@@ -187,6 +189,18 @@ impl FileConfig {
         if let Some(q) = &self.quotas {
             q.apply(&mut config.quotas);
         }
+        if let Some(v) = self.protocol_version {
+            let (oldest, newest) = (
+                redline_proto::MIN_PROTOCOL_VERSION,
+                redline_proto::PROTOCOL_VERSION,
+            );
+            if !(oldest..=newest).contains(&v) {
+                return Err(Error::Config(format!(
+                    "protocol_version = {v}: this relay speaks versions {oldest} to {newest}"
+                )));
+            }
+            config.protocol_version = v;
+        }
         if let Some(t) = &self.tls {
             config.tls = TlsMode::Files {
                 cert: t.cert.clone(),
@@ -219,6 +233,10 @@ impl FileConfig {
              # not un-revoke tokens): for example /etc/redline/revoked.\n\
              # revoked_file = \"/etc/redline/revoked\"\n\
              \n\
+             # The newest protocol version to speak. Leave it unset; during a staged rollout\n\
+             # of several relays, pin it to what the oldest relay speaks.\n\
+             # protocol_version = {}\n\
+             \n\
              # What one token, device or address may take (defaults shown).\n\
              [quotas]\n\
              connections_per_token = {}\n\
@@ -244,6 +262,7 @@ impl FileConfig {
             defaults.max_document_bytes >> 20,
             defaults.udp_buffer_bytes >> 10,
             defaults.name,
+            defaults.protocol_version,
             defaults.quotas.connections_per_token,
             defaults.quotas.connections_per_address,
             defaults.quotas.retry_above_pending,

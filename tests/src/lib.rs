@@ -199,6 +199,11 @@ impl RawDevice {
         Ok(())
     }
 
+    /// The control stream's receive side, for tests that read frames themselves.
+    pub fn recv_mut(&mut self) -> &mut quinn::RecvStream {
+        &mut self.recv
+    }
+
     /// Sends raw bytes on the control stream.
     pub async fn send_bytes(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         self.send.write_all(bytes).await?;
@@ -212,9 +217,21 @@ impl RawDevice {
         token: &str,
         subscription: redline_proto::message::Subscription,
     ) -> anyhow::Result<redline_proto::Message> {
+        self.hello_at(redline_proto::PROTOCOL_VERSION, device, token, subscription)
+            .await
+    }
+
+    /// [`hello`](Self::hello) naming protocol `version`.
+    pub async fn hello_at(
+        &mut self,
+        version: u16,
+        device: &DeviceId,
+        token: &str,
+        subscription: redline_proto::message::Subscription,
+    ) -> anyhow::Result<redline_proto::Message> {
         self.send(&redline_proto::Message::Hello(
             redline_proto::message::Hello {
-                protocol_version: redline_proto::PROTOCOL_VERSION,
+                protocol_version: version,
                 device: device.clone(),
                 app_version: "raw-test".into(),
                 subscription,
