@@ -145,24 +145,16 @@ async fn read(
         .map(|(m, _)| m))
 }
 
-/// Reads the next message of a kind this build knows, with its extensions; messages of
-/// unknown kinds (from a newer relay) are skipped.
+/// Reads the next message with its extensions.
 async fn read_with_extensions(
     recv: &mut RecvStream,
     max_frame: usize,
     traffic: &Traffic,
     totals: &Traffic,
 ) -> Result<Option<(Message, codec::Extensions)>, Error> {
-    loop {
-        let Some(payload) = read_frame(recv, max_frame, traffic, totals).await? else {
-            return Ok(None);
-        };
-        match codec::decode_with_extensions(&payload) {
-            Err(redline_proto::Error::UnknownMessage { index }) => {
-                debug!(index, "skipped a message of an unknown kind");
-            }
-            decoded => return Ok(Some(decoded?)),
-        }
+    match read_frame(recv, max_frame, traffic, totals).await? {
+        None => Ok(None),
+        Some(payload) => Ok(Some(codec::decode_with_extensions(&payload)?)),
     }
 }
 

@@ -154,7 +154,7 @@ int main(void) {
     RustCallStatus status = {0};
     uint16_t v = uniffi_redline_ffi_fn_func_protocol_version(&status);
     printf("protocol %u status %d\n", v, status.code);
-    return (v == 1 && status.code == 0) ? 0 : 1;
+    return (v == 2 && status.code == 0) ? 0 : 1;
 }
 "#,
     )
@@ -176,5 +176,5 @@ int main(void) {
         Command::new(&exe).env("LD_LIBRARY_PATH", &deps),
         "the C program",
     );
-    assert_eq!(out.trim(), "protocol 1 status 0");
+    assert_eq!(out.trim(), "protocol 2 status 0");
 }

@@ -131,8 +131,8 @@ pub fn encode_frame_with(
 }
 
 /// Decodes one message from a frame's payload, checking and dropping its extensions. A
-/// message of a kind this build does not know is [`Error::UnknownMessage`]: the caller
-/// skips it.
+/// message of a kind this build does not know is [`Error::UnknownMessage`]: a peer
+/// sends only kinds of the negotiated version, so it is garbage or a broken peer.
 pub fn decode_payload(payload: &[u8]) -> Result<Message, Error> {
     decode_with_extensions(payload).map(|(m, _)| m)
 }
@@ -168,7 +168,6 @@ fn message_kind(payload: &[u8]) -> Option<u32> {
 pub struct FrameDecoder {
     buf: Vec<u8>,
     max_frame: usize,
-    skipped: u64,
 }
 
 impl FrameDecoder {
@@ -177,13 +176,7 @@ impl FrameDecoder {
         Self {
             buf: Vec::new(),
             max_frame,
-            skipped: 0,
         }
-    }
-
-    /// Messages of unknown kinds skipped so far.
-    pub fn skipped(&self) -> u64 {
-        self.skipped
     }
 
     /// Appends received bytes.
@@ -199,22 +192,16 @@ impl FrameDecoder {
     /// The next whole message, `Ok(None)` if more bytes are needed, or the error that makes
     /// the rest of this stream unreadable.
     pub fn next_message(&mut self) -> Result<Option<Message>, Error> {
-        loop {
-            let Some(header) = self.buf.first_chunk::<HEADER_LEN>() else {
-                return Ok(None);
-            };
-            let len = payload_len(*header, self.max_frame)?;
-            let Some(frame) = self.buf.get(HEADER_LEN..HEADER_LEN + len) else {
-                return Ok(None);
-            };
-            let decoded = decode_payload(frame);
-            self.buf.drain(..HEADER_LEN + len);
-            match decoded {
-                // A kind from a newer peer: skipped, the stream goes on.
-                Err(Error::UnknownMessage { .. }) => self.skipped += 1,
-                other => return other.map(Some),
-            }
-        }
+        let Some(header) = self.buf.first_chunk::<HEADER_LEN>() else {
+            return Ok(None);
+        };
+        let len = payload_len(*header, self.max_frame)?;
+        let Some(frame) = self.buf.get(HEADER_LEN..HEADER_LEN + len) else {
+            return Ok(None);
+        };
+        let msg = decode_payload(frame)?;
+        self.buf.drain(..HEADER_LEN + len);
+        Ok(Some(msg))
     }
 
     /// Call at end of stream: an error if a partial frame is left over.
@@ -479,7 +466,7 @@ mod tests {
     }
 
     #[test]
-    fn unknown_message_kinds_are_skipped_and_the_stream_goes_on() {
+    fn unknown_message_kinds_are_named_as_such() {
         let last = samples()
             .into_iter()
             .map(|m| encode_frame(&m, DEFAULT_MAX_FRAME).unwrap()[HEADER_LEN])
@@ -490,20 +477,17 @@ mod tests {
             KNOWN_MESSAGE_KINDS,
             "samples cover the last kind, and KNOWN_MESSAGE_KINDS counts every kind"
         );
-        // Kind 40 from a newer peer, with some body.
         let unknown = [40u8, 3, 1, 2, 3];
         assert!(matches!(
             decode_payload(&unknown),
             Err(Error::UnknownMessage { index: 40 })
         ));
-        let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
-        d.push(&(unknown.len() as u32).to_be_bytes());
-        d.push(&unknown);
-        let next = samples().remove(1);
-        d.push(&encode_frame(&next, DEFAULT_MAX_FRAME).unwrap());
-        assert_eq!(d.next_message().unwrap(), Some(next));
-        assert_eq!(d.skipped(), 1);
-        // A known kind with a broken body is still an error.
+        assert_eq!(
+            Error::UnknownMessage { index: 40 }.code(),
+            ErrorCode::BAD_MESSAGE,
+            "a peer sends only kinds of the negotiated version: anything else is refused"
+        );
+        // A known kind with a broken body is a decode error.
         assert!(matches!(
             decode_payload(&[0u8, 0xff]),
             Err(Error::Decode(_))

@@ -84,7 +84,8 @@ pub enum Error {
         /// The newest version spoken.
         newest: u16,
     },
-    /// A message of a kind this build does not know (from a newer peer); skipped.
+    /// A message of a kind this build does not know (a peer sends only kinds of the
+    /// negotiated version: this is garbage or a broken peer).
     #[error("message kind {index} is unknown to this build")]
     UnknownMessage {
         /// The kind's index on the wire.

@@ -21,9 +21,9 @@
 //!   ([`crate::codec::Extensions`]). A version 1 peer refuses trailing bytes, so
 //!   extensions are sent only once the negotiated version is 2 or more; from version 2
 //!   on, unknown tags are ignored and a missing tag means "the sender does not know it".
-//! - **New message kinds are appended** as new variants and sent only to peers whose
-//!   negotiated version knows them; a version 2 peer skips a kind it does not know
-//!   ([`crate::Error::UnknownMessage`]) instead of ending the connection.
+//! - **New message kinds are appended** as new variants and sent only when the
+//!   negotiated version knows them, so a conforming peer never receives a kind it does
+//!   not know: one is refused as [`crate::Error::UnknownMessage`] (`bad_message`).
 //! - **Before the `Welcome`**, a device sends only what the oldest relay it supports
 //!   understands (its first flight has no extensions).
 
@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{Day, DeviceId, DocId, DocKind, OrgId, TeamId, ZoneId};
 
-/// The newest protocol version this crate speaks. Version 2: versions are negotiated,
-/// frames may carry extensions, unknown message kinds are skipped.
+/// The newest protocol version this crate speaks. Version 2: versions are negotiated and
+/// frames may carry extensions.
 pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The oldest protocol version this crate still speaks (phones a release behind).

@@ -36,7 +36,8 @@ use crate::auth::Authority;
 use crate::authorship::Author;
 use crate::config::RelayConfig;
 use crate::door::Seat;
-use crate::hub::{Committed, Hub, Window, bundle_changes};
+use crate::hub::{Committed, Window, bundle_changes};
+use crate::state::RelayState;
 
 /// Updates larger than this go as a transfer on their own stream.
 pub(crate) const INLINE_MAX: usize = 512 * 1024;
@@ -48,7 +49,7 @@ const PIECE: usize = 256 * 1024;
 /// What one connection shares with the rest of the relay.
 #[derive(Clone)]
 pub(crate) struct Shared {
-    pub hub: Arc<Hub>,
+    pub relay: Arc<RelayState>,
     pub config: Arc<RelayConfig>,
     pub authority: Arc<Authority>,
     pub door: Arc<crate::door::Door>,
@@ -78,16 +79,16 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Shared, seats: Vec<
     let _seats = seats;
     let span = info_span!("conn", conn = conn.stable_id(), %remote, device = tracing::field::Empty);
     let span2 = span.clone();
-    let hub = shared.hub.clone();
-    hub.metrics.connections.inc();
-    hub.metrics.connections_open.inc();
+    let relay = shared.relay.clone();
+    relay.metrics.connections.inc();
+    relay.metrics.connections_open.inc();
     async move {
         let mut wire = Wire::default();
         let result = run(conn.clone(), shared, span2, &mut wire, pending).await;
-        wire.account(&conn, &hub);
-        hub.metrics.connections_open.dec();
+        wire.account(&conn, &relay);
+        relay.metrics.connections_open.dec();
         if let Some(device) = &wire.device {
-            hub.devices.closed(device, wire.received + wire.sent);
+            relay.devices.closed(device, wire.received + wire.sent);
         }
         debug!(
             ok = result.is_ok(),
@@ -104,7 +105,7 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Shared, seats: Vec<
                 };
                 match code {
                     Some(code) => {
-                        hub.metrics.connections_refused.inc();
+                        relay.metrics.connections_refused.inc();
                         info!(%code, "closing connection: {e}");
                         conn.close(u32::from(code.0).into(), code.name().as_bytes());
                     }
@@ -126,18 +127,9 @@ pub(crate) async fn read_message(
     first: Option<Duration>,
     rest: Duration,
 ) -> Result<Option<Message>, Error> {
-    loop {
-        match read_frame(recv, max_frame, first, rest).await? {
-            None => return Ok(None),
-            Some(payload) => match codec::decode_payload(&payload) {
-                // A kind from a newer device: skipped (it still counted against the
-                // message rate when it was read).
-                Err(redline_proto::Error::UnknownMessage { index }) => {
-                    debug!(index, "skipped a message of an unknown kind");
-                }
-                decoded => return Ok(Some(decoded?)),
-            },
-        }
+    match read_frame(recv, max_frame, first, rest).await? {
+        None => Ok(None),
+        Some(payload) => Ok(Some(codec::decode_payload(&payload)?)),
     }
 }
 
@@ -196,13 +188,17 @@ struct Wire {
 impl Wire {
     /// Adds what the connection moved since the last call (UDP payload bytes, QUIC
     /// overhead included) to the relay's counters.
-    fn account(&mut self, conn: &quinn::Connection, hub: &Hub) {
+    fn account(&mut self, conn: &quinn::Connection, relay: &RelayState) {
         let stats = conn.stats();
         let (rx, tx) = (stats.udp_rx.bytes, stats.udp_tx.bytes);
-        hub.metrics
+        relay
+            .metrics
             .bytes_received
             .inc_by(rx.saturating_sub(self.received));
-        hub.metrics.bytes_sent.inc_by(tx.saturating_sub(self.sent));
+        relay
+            .metrics
+            .bytes_sent
+            .inc_by(tx.saturating_sub(self.sent));
         self.received = rx.max(self.received);
         self.sent = tx.max(self.sent);
     }
@@ -446,7 +442,7 @@ async fn run(
     pending: Seat,
 ) -> Result<(), Error> {
     let Shared {
-        hub,
+        relay,
         config,
         authority,
         door,
@@ -470,7 +466,7 @@ async fn run(
             "too many connections with this token (at most {}); close the others or reconnect later",
             config.quotas.connections_per_token
         );
-        hub.metrics.quota_refused("connections_per_token");
+        relay.metrics.quota_refused("connections_per_token");
         return Err(turn_away(&mut send, &config, ErrorCode::RATE_LIMITED, text).await);
     };
     let expires = scope.claims().expires;
@@ -488,8 +484,8 @@ async fn run(
     let greeted = std::time::Instant::now();
     span.record("device", tracing::field::display(&hello.device));
     let granted = scope.grant(&hello.subscription);
-    let synced_before = hub.devices.synced_before(&hello.device);
-    let quarantined = hub
+    let synced_before = relay.devices.synced_before(&hello.device);
+    let quarantined = relay
         .devices
         .quarantine_check(scope.claims(), config.quarantine_after);
     if let Some(offline) = quarantined {
@@ -498,7 +494,7 @@ async fn run(
             "device returns after its horizon: quarantined"
         );
     }
-    hub.devices.hello(
+    relay.devices.hello(
         scope.claims(),
         hello.protocol_version,
         &hello.app_version,
@@ -509,7 +505,7 @@ async fn run(
     let welcome = Message::Welcome(Welcome {
         protocol_version: hello.protocol_version,
         relay: config.name.clone(),
-        epoch: hub.epoch(),
+        epoch: relay.hub.epoch(),
         granted: granted.clone(),
         quarantined,
     });
@@ -597,18 +593,19 @@ async fn run(
     let mut pushes: JoinSet<(DocId, Vec<ChangeHash>, Result<Committed, Error>)> = JoinSet::new();
     let mut uploads: JoinSet<Result<(), Error>> = JoinSet::new();
     let mut pending_pull: Option<Pull> = None;
-    let mut stable = hub.stable();
+    let mut stable = relay.hub.stable();
     let mut due: Option<tokio::time::Instant> = None;
     let mut first_caught = true;
     let result = loop {
         let live = peer.delivered.is_some();
         if first_caught && live {
             first_caught = false;
-            hub.metrics
+            relay
+                .metrics
                 .sync_latency
                 .observe(greeted.elapsed().as_secs_f64());
         }
-        wire.account(&conn, &hub);
+        wire.account(&conn, &relay);
         tokio::select! {
             item = inbox.recv() => match item {
                 None => break Ok(()),
@@ -635,30 +632,30 @@ async fn run(
                                 }
                             };
                             let heads = hashes_from_wire(&p.heads);
-                            match admit(&hub, &peer.admission(&config), &p.doc, &changes).await {
+                            match admit(&relay, &peer.admission(&config), &p.doc, &changes).await {
                                 Verdict::Refuse(code, text) => {
                                     let _ = out.send(error_msg(code, text, Some(p.doc))).await;
                                 }
                                 Verdict::Hold { starts } => {
                                     if starts {
-                                        peer.quarantined = Some(hub.devices.mark_quarantined(&peer.device));
+                                        peer.quarantined = Some(relay.devices.mark_quarantined(&peer.device));
                                     }
                                     let entry = held_entry(&peer.device, &peer.scope, peer.quarantined, &p.doc, changes.len());
-                                    let hub = hub.clone();
+                                    let relay = relay.clone();
                                     let quota = config.quotas.held_bytes_per_device;
                                     pushes.spawn(async move {
-                                        let r = hold(&hub, entry, p.bundle, quota).await;
+                                        let r = hold(&relay, entry, p.bundle, quota).await;
                                         (p.doc, heads, r)
                                     });
                                 }
                                 Verdict::Accept => {
                                     peer.known.add_own(&p.doc, &changes);
-                                    let hub = hub.clone();
+                                    let relay = relay.clone();
                                     let author = peer.author.clone();
                                     pushes.spawn(async move {
                                         let arrived = std::time::Instant::now();
-                                        let r = hub.push(&p.doc, &author, changes).await;
-                                        hub.metrics.commit_latency.observe(arrived.elapsed().as_secs_f64());
+                                        let r = relay.hub.push(&p.doc, &author, changes).await;
+                                        relay.metrics.commit_latency.observe(arrived.elapsed().as_secs_f64());
                                         (p.doc, heads, r)
                                     });
                                 }
@@ -666,7 +663,7 @@ async fn run(
                         }
                         Message::DevicesRequest(team) => {
                             let reply = if reviews(&peer, &team) {
-                                match hub.devices.team(&team, *hub.stable().borrow()) {
+                                match relay.devices.team(&team, *relay.hub.stable().borrow()) {
                                     Ok(list) => Message::Devices(list),
                                     Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), None),
                                 }
@@ -681,7 +678,7 @@ async fn run(
                             let _ = out.send(error_msg(ErrorCode::FORBIDDEN, format!("only a lead of {team} or an operator reviews its quarantine"), None)).await;
                         }
                         Message::QuarantineRequest(team) => {
-                            let reply = match crate::quarantine::list(&hub, &peer.scope, &team) {
+                            let reply = match crate::quarantine::list(&relay, &peer.scope, &team) {
                                 Ok(list) => Message::Quarantine(list),
                                 Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), None),
                             };
@@ -689,7 +686,7 @@ async fn run(
                         }
                         Message::QuarantineAccept { team, device } => {
                             // Refused held pushes first (per document), then what stays held.
-                            let reply = match crate::quarantine::accept(&hub, &peer.scope, &team, &device).await {
+                            let reply = match crate::quarantine::accept(&relay, &peer.scope, &team, &device).await {
                                 Ok(review) => {
                                     for r in review.refused {
                                         let _ = out.send(Message::Error(r)).await;
@@ -711,7 +708,7 @@ async fn run(
                         }
                         Message::Sync(step) => {
                             if peer.scope.can_read(&step.doc) {
-                                resync_step(&hub, &mut peer, &config, step).await;
+                                resync_step(&relay, &mut peer, &config, step).await;
                                 while let Some(m) = peer.resync.poll_transmit() {
                                     if out.send(m).await.is_err() { break; }
                                 }
@@ -726,7 +723,7 @@ async fn run(
                     }
                     if pushes.is_empty()
                         && let Some(pull) = pending_pull.take()
-                        && let Err(e) = catch_up(&hub, &conn, &mut peer, &out, pull.cursor).await
+                        && let Err(e) = catch_up(&relay, &conn, &mut peer, &out, pull.cursor).await
                     {
                         break Err(e);
                     }
@@ -745,7 +742,7 @@ async fn run(
                 }
                 if pushes.is_empty()
                     && let Some(pull) = pending_pull.take()
-                    && let Err(e) = catch_up(&hub, &conn, &mut peer, &out, pull.cursor).await
+                    && let Err(e) = catch_up(&relay, &conn, &mut peer, &out, pull.cursor).await
                 {
                     break Err(e);
                 }
@@ -757,8 +754,8 @@ async fn run(
             }
             _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
                 due = None;
-                let cursor = Cursor { epoch: hub.epoch(), seq: peer.delivered.unwrap_or(0), subscription: peer.subscription.subscription().clone() };
-                if let Err(e) = catch_up(&hub, &conn, &mut peer, &out, Some(cursor)).await {
+                let cursor = Cursor { epoch: relay.hub.epoch(), seq: peer.delivered.unwrap_or(0), subscription: peer.subscription.subscription().clone() };
+                if let Err(e) = catch_up(&relay, &conn, &mut peer, &out, Some(cursor)).await {
                     break Err(e);
                 }
             }
@@ -778,7 +775,7 @@ async fn run(
                         let text = "too many streams; the connection was closed (reconnect later)".to_string();
                         break Err(tell(&out, Error::Refused { code: ErrorCode::RATE_LIMITED, text }).await);
                     }
-                    let up = UploadCtx { hub: hub.clone(), config: config.clone(), who: peer.admission(&config), known: peer.known.clone(), rate: rate.clone() };
+                    let up = UploadCtx { relay: relay.clone(), config: config.clone(), who: peer.admission(&config), known: peer.known.clone(), rate: rate.clone() };
                     uploads.spawn(upload(s, r, up).in_current_span());
                 }
                 Err(e) => break Err(Error::Connection(e.to_string())),
@@ -844,7 +841,7 @@ impl Drop for AbortOnDrop {
 /// from a device that already wrote with another actor (its store was reset or
 /// restored: one install keeps one actor for life).
 async fn new_actor_on_existing(
-    hub: &Arc<Hub>,
+    relay: &Arc<RelayState>,
     device: &DeviceId,
     doc: &DocId,
     changes: &[automerge::Change],
@@ -856,17 +853,17 @@ async fn new_actor_on_existing(
         .filter(|a| **a != genesis)
         .collect();
     actors.dedup();
-    let storage = hub.storage();
+    let storage = relay.hub.storage();
     let unknown = actors
         .iter()
         .any(|a| matches!(storage.actor_owner(a.to_bytes()), Ok(None)));
     if !unknown || !matches!(storage.actors_of(device), Ok(n) if n > 0) {
         return false;
     }
-    match hub.slot(doc).await {
+    match relay.hub.slot(doc).await {
         Ok(slot) => {
             let exists = !slot.lock().await.doc.get_heads().is_empty();
-            hub.release(slot);
+            relay.hub.release(slot);
             exists
         }
         Err(_) => false,
@@ -905,13 +902,13 @@ fn held_entry(
 
 /// Holds a quarantined push; the answer is always "held" (or a storage failure).
 async fn hold(
-    hub: &Arc<Hub>,
+    relay: &Arc<RelayState>,
     entry: redline_proto::message::QuarantineEntry,
     bundle: Vec<u8>,
     quota: u64,
 ) -> Result<Committed, Error> {
     let offline_h = entry.offline_ms / 3_600_000;
-    crate::quarantine::hold(hub, entry, bundle, quota).await?;
+    crate::quarantine::hold(relay, entry, bundle, quota).await?;
     Err(Error::Quarantined(format!(
         "this phone was offline for {offline_h} h: its changes are kept on the relay for a lead's review and merge once accepted"
     )))
@@ -926,7 +923,7 @@ async fn tell(out: &mpsc::Sender<Message>, e: Error) -> Error {
     e
 }
 
-/// The answer to a push or upload the hub did not commit.
+/// The answer to a push or upload the relay did not commit.
 fn refusal(e: Error, doc: DocId) -> Message {
     if let Error::MissingDependencies(_) = e {
         return Message::Resync(doc);
@@ -935,7 +932,7 @@ fn refusal(e: Error, doc: DocId) -> Message {
     error_msg(code, text, Some(doc))
 }
 
-/// The code and words for a commit the hub refused.
+/// The code and words for a commit the relay refused.
 fn refusal_code(e: Error) -> (ErrorCode, String) {
     match e {
         e @ Error::MissingDependencies(_) => (ErrorCode::BAD_DOCUMENT_DATA, e.to_string()),
@@ -955,7 +952,7 @@ fn refusal_code(e: Error) -> (ErrorCode, String) {
 
 /// What becomes of changes a device sends for a document.
 enum Verdict {
-    /// Commit them (the hub still checks actors, authorship, dependencies and size).
+    /// Commit them (the relay still checks actors, authorship, dependencies and size).
     Accept,
     /// Keep them for a lead's review; `starts`: this push puts the device in quarantine.
     Hold { starts: bool },
@@ -966,8 +963,12 @@ enum Verdict {
 /// Refuses creating `doc` when it would be a ledger day far from the relay's date, or
 /// one document too many for the device today. Writing to existing documents is not
 /// limited here.
-async fn creation_refused(hub: &Arc<Hub>, who: &Admission, doc: &DocId) -> Option<Verdict> {
-    match hub.exists(doc).await {
+async fn creation_refused(
+    relay: &Arc<RelayState>,
+    who: &Admission,
+    doc: &DocId,
+) -> Option<Verdict> {
+    match relay.hub.exists(doc).await {
         Ok(true) => return None,
         Ok(false) => {}
         Err(e) => return Some(Verdict::Refuse(ErrorCode::STORAGE_FAILURE, e.to_string())),
@@ -977,7 +978,7 @@ async fn creation_refused(hub: &Arc<Hub>, who: &Admission, doc: &DocId) -> Optio
     if let redline_proto::DocKind::Ledger(_, day) = doc.kind() {
         let d = day.days_since_epoch();
         if d < today - i64::from(q.ledger_days_back) || d > today + i64::from(q.ledger_days_ahead) {
-            hub.metrics.quota_refused("ledger_days");
+            relay.metrics.quota_refused("ledger_days");
             return Some(Verdict::Refuse(
                 ErrorCode::FORBIDDEN,
                 format!(
@@ -987,12 +988,13 @@ async fn creation_refused(hub: &Arc<Hub>, who: &Admission, doc: &DocId) -> Optio
             ));
         }
     }
-    if !hub.count_creation(
+    if !relay.hub.count_creation(
         &who.author.device,
         today,
         q.new_documents_per_device_per_day,
     ) {
-        hub.metrics
+        relay
+            .metrics
             .quota_refused("new_documents_per_device_per_day");
         return Some(Verdict::Refuse(
             ErrorCode::QUOTA_EXCEEDED,
@@ -1033,7 +1035,7 @@ impl Peer {
 
 /// The one admission rule for push, upload and sync: scope, size, quarantine.
 async fn admit(
-    hub: &Arc<Hub>,
+    relay: &Arc<RelayState>,
     who: &Admission,
     doc: &DocId,
     changes: &[automerge::Change],
@@ -1054,7 +1056,7 @@ async fn admit(
             ),
         );
     }
-    if let Some(refusal) = creation_refused(hub, who, doc).await {
+    if let Some(refusal) = creation_refused(relay, who, doc).await {
         return refusal;
     }
     if who.quarantined.is_some() {
@@ -1062,7 +1064,7 @@ async fn admit(
     }
     if who.synced_before
         && who.scope.claims().role == redline_proto::token::Role::Volunteer
-        && new_actor_on_existing(hub, &who.author.device, doc, changes).await
+        && new_actor_on_existing(relay, &who.author.device, doc, changes).await
     {
         // A known phone writing as an actor never seen before into an existing
         // document: its store was reset or restored. Held for review from now on.
@@ -1082,38 +1084,44 @@ fn merge_heads(into: &mut Vec<ChangeHash>, more: &[ChangeHash]) {
 
 /// Sends the device what it lacks in its subscription since `cursor`, then `Caught`.
 async fn catch_up(
-    hub: &Hub,
+    relay: &RelayState,
     conn: &quinn::Connection,
     peer: &mut Peer,
     out: &mpsc::Sender<Message>,
     cursor: Option<Cursor>,
 ) -> Result<(), Error> {
-    let upto = *hub.stable().borrow();
+    let upto = *relay.hub.stable().borrow();
     // A cursor from another epoch or from a sequence this relay never reached means the
     // relay was replaced or restored from an older copy: what the device believes the
     // relay holds may be gone. Automerge's own protocol finds and repairs the difference.
     if cursor
         .as_ref()
-        .is_some_and(|c| c.epoch != hub.epoch() || c.seq > upto)
+        .is_some_and(|c| c.epoch != relay.hub.epoch() || c.seq > upto)
     {
         warn!(
             "device cursor is ahead of this relay (restored from an older copy?); resyncing its documents"
         );
         let scope = peer.subscription.clone();
-        for doc in hub.list().await?.into_iter().filter(|d| scope.covers(d)) {
+        for doc in relay
+            .hub
+            .list()
+            .await?
+            .into_iter()
+            .filter(|d| scope.covers(d))
+        {
             out.send(Message::Resync(doc))
                 .await
                 .map_err(|_| Error::Connection("control stream closed".into()))?;
         }
         out.send(Message::Caught(Cursor {
-            epoch: hub.epoch(),
+            epoch: relay.hub.epoch(),
             seq: upto,
             subscription: scope.subscription().clone(),
         }))
         .await
         .map_err(|_| Error::Connection("control stream closed".into()))?;
         peer.delivered = Some(upto);
-        hub.devices.caught(&peer.device, upto);
+        relay.devices.caught(&peer.device, upto);
         return Ok(());
     }
     let usable = cursor;
@@ -1121,12 +1129,13 @@ async fn catch_up(
         Some(c) => (c.seq, Some(Coverage::new(c.subscription.clone()))),
         None => (0, None),
     };
-    let docs = hub
+    let docs = relay
+        .hub
         .changed_in_scope(&peer.subscription, after, upto, old.as_ref())
         .await?;
     for doc in docs {
         let mut have = match &old {
-            Some(o) if o.covers(&doc) => hub.heads_at(&doc, after).await?,
+            Some(o) if o.covers(&doc) => relay.hub.heads_at(&doc, after).await?,
             _ => Vec::new(),
         };
         merge_heads(&mut have, &peer.known.get(&doc));
@@ -1140,7 +1149,7 @@ async fn catch_up(
             }),
             _ => None,
         };
-        let Some((payload, heads)) = hub.missing(&doc, &have, window).await? else {
+        let Some((payload, heads)) = relay.hub.missing(&doc, &have, window).await? else {
             continue;
         };
         if peer.defer_large
@@ -1183,14 +1192,14 @@ async fn catch_up(
         peer.known.add(&doc, &heads);
     }
     out.send(Message::Caught(Cursor {
-        epoch: hub.epoch(),
+        epoch: relay.hub.epoch(),
         seq: upto,
         subscription: peer.subscription.subscription().clone(),
     }))
     .await
     .map_err(|_| Error::Connection("control stream closed".into()))?;
     peer.delivered = Some(upto);
-    hub.devices.caught(&peer.device, upto);
+    relay.devices.caught(&peer.device, upto);
     Ok(())
 }
 
@@ -1273,7 +1282,7 @@ pub(crate) fn transfer_id(bytes: &[u8]) -> [u8; 16] {
 /// in the document) and the relay's reply asks for the missing ones; only the rest of
 /// the message (heads, needs, bloom filters) moves the sync state.
 async fn resync_step(
-    hub: &Arc<Hub>,
+    relay: &Arc<RelayState>,
     peer: &mut Peer,
     config: &RelayConfig,
     step: redline_proto::message::SyncStep,
@@ -1288,11 +1297,11 @@ async fn resync_step(
     if !carried.is_empty() {
         let mut changes = peer.resync.take_parked(&doc_id);
         changes.extend(carried);
-        match admit(hub, &peer.admission(config), &doc_id, &changes).await {
+        match admit(relay, &peer.admission(config), &doc_id, &changes).await {
             Verdict::Refuse(code, text) => return peer.resync.report(code, text, doc_id),
             Verdict::Hold { starts } => {
                 if starts {
-                    peer.quarantined = Some(hub.devices.mark_quarantined(&peer.device));
+                    peer.quarantined = Some(relay.devices.mark_quarantined(&peer.device));
                 }
                 // Only reviewed pushes merge: the device pushes these again, to be held.
                 let text = "this phone is in quarantine: its changes go through a lead's review";
@@ -1302,7 +1311,7 @@ async fn resync_step(
             }
             Verdict::Accept => {}
         }
-        let missing = match hub.missing_dependencies(&doc_id, &changes).await {
+        let missing = match relay.hub.missing_dependencies(&doc_id, &changes).await {
             Ok(m) => m,
             Err(e) => {
                 return peer
@@ -1311,7 +1320,7 @@ async fn resync_step(
             }
         };
         if missing.is_empty() {
-            match hub.push(&doc_id, &peer.author, changes).await {
+            match relay.hub.push(&doc_id, &peer.author, changes).await {
                 Ok(c) => applied = c.applied,
                 Err(e) => {
                     let (code, text) = refusal_code(e);
@@ -1325,7 +1334,7 @@ async fn resync_step(
     }
     // What is left of the message moves only the sync state: the document is read, and
     // a document that does not exist is not created by asking.
-    let slot = match hub.slot(&doc_id).await {
+    let slot = match relay.hub.slot(&doc_id).await {
         Ok(s) => s,
         Err(e) => {
             return peer
@@ -1364,12 +1373,12 @@ async fn resync_step(
             ),
         }
     }
-    hub.release(slot);
+    relay.hub.release(slot);
 }
 
 /// What an upload stream needs from its connection.
 struct UploadCtx {
-    hub: Arc<Hub>,
+    relay: Arc<RelayState>,
     config: Arc<RelayConfig>,
     /// Who uploads, and what the admission rule needs to know of it.
     who: Admission,
@@ -1380,7 +1389,7 @@ struct UploadCtx {
 /// One resumable upload on its own stream.
 async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> Result<(), Error> {
     let UploadCtx {
-        hub,
+        relay,
         config,
         who,
         known,
@@ -1450,7 +1459,7 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
     known.add(&up.doc, &pushed);
     // Already committed (the ack of an earlier attempt was lost): answer at once.
     if !pushed.is_empty() {
-        let slot = hub.slot(&up.doc).await?;
+        let slot = relay.hub.slot(&up.doc).await?;
         let state = slot.lock().await;
         if pushed
             .iter()
@@ -1468,7 +1477,7 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
         }
     }
     let key: Vec<u8> = format!("{device}|{}", hex::encode(up.id)).into_bytes();
-    let storage = hub.storage();
+    let storage = relay.hub.storage();
     let k = key.clone();
     let mut have = tokio::task::spawn_blocking({
         let s = storage.clone();
@@ -1486,7 +1495,7 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
     .map_err(|e| Error::Storage(e.to_string()))??;
     let quota = config.quotas.staged_bytes_per_device;
     if staged.saturating_add(up.len.saturating_sub(have)) > quota {
-        hub.metrics.quota_refused("staged_bytes_per_device");
+        relay.metrics.quota_refused("staged_bytes_per_device");
         let text = format!(
             "this phone has {staged} bytes of unfinished uploads on the relay; with this one it would pass the limit of {quota} (unfinished uploads expire)"
         );
@@ -1534,11 +1543,11 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
         let (s, k, data, offset) = (storage.clone(), key.clone(), p.data, p.offset);
         let n = data.len() as u64;
         let now = crate::auth::now_secs();
-        let (h, prefix) = (hub.clone(), format!("{device}|").into_bytes());
+        let (h, prefix) = (relay.clone(), format!("{device}|").into_bytes());
         // The quota is checked again with each piece, and the check and the write are one
         // step: a device's concurrent uploads cannot together pass it.
         let stored = tokio::task::spawn_blocking(move || {
-            let _one_at_a_time = h.staging.lock().expect("staging lock");
+            let _one_at_a_time = h.hub.staging.lock().expect("staging lock");
             if s.staged_bytes(&prefix)?.saturating_add(n) > quota {
                 return Ok(false);
             }
@@ -1549,7 +1558,7 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
         .await
         .map_err(|e| Error::Storage(e.to_string()))??;
         if !stored {
-            hub.metrics.quota_refused("staged_bytes_per_device");
+            relay.metrics.quota_refused("staged_bytes_per_device");
             let text = format!(
                 "this phone's unfinished uploads on the relay reached the limit of {quota} bytes (unfinished uploads expire)"
             );
@@ -1563,7 +1572,7 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
             let _ = send.finish();
             return Ok(());
         }
-        hub.flush().await?;
+        relay.hub.flush().await?;
         have += n;
         write_message(
             &mut send,
@@ -1586,17 +1595,17 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
     } else {
         match bundle_changes(&bytes) {
             Err(e) => error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(up.doc.clone())),
-            Ok(changes) => match admit(&hub, &who, &up.doc, &changes).await {
+            Ok(changes) => match admit(&relay, &who, &up.doc, &changes).await {
                 Verdict::Refuse(code, text) => error_msg(code, text, Some(up.doc.clone())),
                 Verdict::Hold { starts } => {
                     let quarantined = if starts {
-                        Some(hub.devices.mark_quarantined(&device))
+                        Some(relay.devices.mark_quarantined(&device))
                     } else {
                         who.quarantined
                     };
                     let entry = held_entry(&device, &scope, quarantined, &up.doc, changes.len());
                     match hold(
-                        &hub,
+                        &relay,
                         entry,
                         bytes.clone(),
                         config.quotas.held_bytes_per_device,
@@ -1609,7 +1618,7 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
                 }
                 Verdict::Accept => {
                     known.add_own(&up.doc, &changes);
-                    match hub.push(&up.doc, &who.author, changes).await {
+                    match relay.hub.push(&up.doc, &who.author, changes).await {
                         Ok(c) => Message::Ack(Ack {
                             doc: up.doc.clone(),
                             heads: hashes_to_wire(&c.heads),

@@ -40,6 +40,7 @@ pub mod metrics;
 pub mod quarantine;
 pub mod relay;
 pub mod settings;
+pub mod state;
 pub mod storage;
 pub mod tls;
 pub mod udp;

@@ -16,7 +16,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::Error;
-use crate::hub::Hub;
+use crate::state::RelayState;
 
 /// Counters, gauges and histograms the relay keeps.
 pub struct Metrics {
@@ -230,8 +230,9 @@ impl Metrics {
         let _ = self.udp_inode.set(inode);
     }
 
-    /// The metrics in Prometheus text format, gauges refreshed from `hub`.
-    pub async fn render(&self, hub: &Hub) -> String {
+    /// The metrics in Prometheus text format, gauges refreshed from the relay's state.
+    pub async fn render(&self, relay: &RelayState) -> String {
+        let hub = &relay.hub;
         let s = &hub.stats;
         mirror(&self.changes_applied, s.changes.load(Ordering::Relaxed));
         mirror(&self.commits, s.commits.load(Ordering::Relaxed));
@@ -240,7 +241,7 @@ impl Metrics {
             mirror(&self.udp_drops, dropped);
         }
         self.documents_cached.set(hub.cached() as i64);
-        let (known, connected, hour) = hub.devices.counts();
+        let (known, connected, hour) = relay.devices.counts();
         self.devices_known.set(known as i64);
         self.devices_connected.set(connected as i64);
         self.devices_seen_hour.set(hour as i64);
@@ -257,7 +258,7 @@ impl Metrics {
 /// address.
 pub(crate) async fn serve(
     addr: SocketAddr,
-    hub: Arc<Hub>,
+    relay: Arc<RelayState>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<SocketAddr, Error> {
     use axum::http::header;
@@ -268,19 +269,19 @@ pub(crate) async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|source| Error::Listen { addr, source })?;
-    let metrics_hub = hub.clone();
+    let for_metrics = relay.clone();
     let app = axum::Router::new()
         .route(
             "/metrics",
             get(move || {
-                let hub = metrics_hub.clone();
+                let relay = for_metrics.clone();
                 async move {
                     (
                         [(
                             header::CONTENT_TYPE,
                             "text/plain; version=0.0.4; charset=utf-8",
                         )],
-                        hub.metrics.render(&hub).await,
+                        relay.metrics.render(&relay).await,
                     )
                 }
             }),
@@ -288,13 +289,13 @@ pub(crate) async fn serve(
         .route(
             "/health",
             get(move || {
-                let hub = hub.clone();
+                let relay = relay.clone();
                 async move {
-                    let stable = *hub.stable().borrow();
+                    let stable = *relay.hub.stable().borrow();
                     format!(
                         "ok\nepoch {}\nstable_seq {stable}\nudp_buffers {}\n",
-                        hub.epoch(),
-                        hub.metrics.udp_buffers().describe()
+                        relay.hub.epoch(),
+                        relay.metrics.udp_buffers().describe()
                     )
                 }
             }),

@@ -22,7 +22,8 @@ use sha2::{Digest, Sha256};
 
 use crate::Error;
 use crate::access::Scope;
-use crate::hub::{Hub, bundle_changes};
+use crate::hub::bundle_changes;
+use crate::state::RelayState;
 
 /// One held push.
 #[derive(Serialize, Deserialize)]
@@ -52,10 +53,10 @@ fn key(entry: &QuarantineEntry, bundle: &[u8]) -> Vec<u8> {
 }
 
 async fn blocking<R: Send + 'static>(
-    hub: &Hub,
+    relay: &RelayState,
     f: impl FnOnce(&dyn crate::storage::RelayStorage) -> Result<R, Error> + Send + 'static,
 ) -> Result<R, Error> {
-    let storage = hub.storage();
+    let storage = relay.hub.storage();
     tokio::task::spawn_blocking(move || f(storage.as_ref()))
         .await
         .map_err(|e| Error::Storage(e.to_string()))?
@@ -63,7 +64,7 @@ async fn blocking<R: Send + 'static>(
 
 /// Holds a push durably for review, within the device's quota of held bytes.
 pub async fn hold(
-    hub: &Arc<Hub>,
+    relay: &Arc<RelayState>,
     entry: QuarantineEntry,
     bundle: Vec<u8>,
     quota: u64,
@@ -74,21 +75,21 @@ pub async fn hold(
         .map_err(|e| Error::Storage(format!("cannot encode a held push: {e}")))?;
     let len = item.len() as u64;
     // Checking and holding are one step: concurrent pushes cannot together pass the quota.
-    let _one_at_a_time = hub.holding.lock().await;
-    let held = blocking(hub, move |s| s.held_bytes(&prefix)).await?;
+    let _one_at_a_time = relay.hub.holding.lock().await;
+    let held = blocking(relay, move |s| s.held_bytes(&prefix)).await?;
     if held.saturating_add(len) > quota {
-        hub.metrics.quota_refused("held_bytes_per_device");
+        relay.metrics.quota_refused("held_bytes_per_device");
         return Err(Error::QuotaExceeded(format!(
             "this phone already has {held} bytes held for review (the limit is {quota}); ask a lead to review them"
         )));
     }
-    blocking(hub, move |s| s.put_quarantine(&k, &item)).await?;
-    hub.flush().await
+    blocking(relay, move |s| s.put_quarantine(&k, &item)).await?;
+    relay.hub.flush().await
 }
 
 /// Whether a reviewer with `scope` sees `entry` for `team`: the held device belongs to
 /// `team`, and the reviewer may write the document.
-fn concerns(hub: &Hub, scope: &Scope, team: &TeamId, entry: &QuarantineEntry) -> bool {
+fn concerns(relay: &RelayState, scope: &Scope, team: &TeamId, entry: &QuarantineEntry) -> bool {
     if !scope.can_write(&entry.doc) {
         return false;
     }
@@ -98,17 +99,21 @@ fn concerns(hub: &Hub, scope: &Scope, team: &TeamId, entry: &QuarantineEntry) ->
     match entry.doc.kind() {
         DocKind::Ledger(t, _) => t == *team,
         DocKind::Households(_) | DocKind::Roster(_) => {
-            hub.devices.teams_of(&entry.device).contains(team)
+            relay.devices.teams_of(&entry.device).contains(team)
         }
     }
 }
 
 /// What is held that `scope` reviews for `team`, read one held push at a time.
-pub fn list(hub: &Hub, scope: &Scope, team: &TeamId) -> Result<Vec<QuarantineEntry>, Error> {
+pub fn list(
+    relay: &RelayState,
+    scope: &Scope,
+    team: &TeamId,
+) -> Result<Vec<QuarantineEntry>, Error> {
     let mut out = Vec::new();
-    hub.storage().visit_quarantined(&mut |_, v| {
+    relay.hub.storage().visit_quarantined(&mut |_, v| {
         if let Ok(h) = postcard::from_bytes::<Held>(v)
-            && concerns(hub, scope, team, &h.entry)
+            && concerns(relay, scope, team, &h.entry)
         {
             out.push(h.entry);
         }
@@ -129,19 +134,19 @@ pub struct Accepted {
 /// Merges what `device` has held for `team` (that `scope` reviews), each held push on
 /// its own.
 pub async fn accept(
-    hub: &Arc<Hub>,
+    relay: &Arc<RelayState>,
     scope: &Scope,
     team: &TeamId,
     device: &DeviceId,
 ) -> Result<Accepted, Error> {
     let prefix = device_prefix(device);
-    let mine = blocking(hub, move |s| s.quarantined_with(&prefix)).await?;
+    let mine = blocking(relay, move |s| s.quarantined_with(&prefix)).await?;
     let mut refused = Vec::new();
     for (k, v) in mine {
         let Ok(h) = postcard::from_bytes::<Held>(&v) else {
             continue;
         };
-        if h.entry.device != *device || !concerns(hub, scope, team, &h.entry) {
+        if h.entry.device != *device || !concerns(relay, scope, team, &h.entry) {
             continue;
         }
         let doc = h.entry.doc.clone();
@@ -155,7 +160,7 @@ pub async fn accept(
                         member,
                         role: Role::Volunteer,
                     };
-                    hub.push(&doc, &author, changes).await.map(|_| ())
+                    relay.hub.push(&doc, &author, changes).await.map(|_| ())
                 }
             },
         };
@@ -178,16 +183,16 @@ pub async fn accept(
             }
             Ok(()) => {}
         }
-        blocking(hub, move |s| s.drop_quarantine(&k)).await?;
+        blocking(relay, move |s| s.drop_quarantine(&k)).await?;
     }
-    hub.flush().await?;
-    let remaining = list(hub, scope, team)?;
+    relay.hub.flush().await?;
+    let remaining = list(relay, scope, team)?;
     let prefix = device_prefix(device);
-    let still_held = !blocking(hub, move |s| s.quarantined_with(&prefix))
+    let still_held = !blocking(relay, move |s| s.quarantined_with(&prefix))
         .await?
         .is_empty();
     if !still_held {
-        hub.devices.release(device);
+        relay.devices.release(device);
     }
     Ok(Accepted { remaining, refused })
 }

@@ -16,6 +16,7 @@ use crate::auth::Authority;
 use crate::config::{RelayConfig, TlsMode};
 use crate::connection::Shared;
 use crate::hub::Hub;
+use crate::state::RelayState;
 use crate::storage::{RelayStorage, SledStorage};
 use crate::tls::{self, Identity};
 use crate::{Error, connection};
@@ -31,6 +32,7 @@ pub struct RelayHandle {
     revoked_file: std::path::PathBuf,
     identity: Identity,
     hub: Arc<Hub>,
+    state: Arc<RelayState>,
     stop: watch::Sender<bool>,
     accept_loop: tokio::task::JoinHandle<()>,
 }
@@ -73,6 +75,7 @@ impl Relay {
             .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
         let hub = Hub::new(wrap(storage), config.cache_budget_bytes)?;
         hub.set_max_document_bytes(config.max_document_bytes);
+        let state = RelayState::new(hub.clone())?;
 
         let crypto =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_crypto(&identity)?)
@@ -86,9 +89,9 @@ impl Relay {
             })?;
         // Said once, where operators look (the log at start, `serve`'s banner, /health).
         tracing::info!("UDP buffers: {}", udp_buffers.describe());
-        hub.metrics.set_udp_buffers(udp_buffers);
+        state.metrics.set_udp_buffers(udp_buffers);
         if let Some(inode) = crate::udp::inode(&socket) {
-            hub.metrics.watch_udp_socket(inode);
+            state.metrics.watch_udp_socket(inode);
         }
         let runtime = quinn::default_runtime()
             .ok_or_else(|| Error::Tls("no async runtime for the QUIC endpoint".into()))?;
@@ -113,17 +116,17 @@ impl Relay {
             async move { authority.watch_file(stopped).await }
         });
         let http_addr = match config.http_listen {
-            Some(addr) => Some(crate::metrics::serve(addr, hub.clone(), stopped.clone()).await?),
+            Some(addr) => Some(crate::metrics::serve(addr, state.clone(), stopped.clone()).await?),
             None => None,
         };
-        hub.metrics.set_quotas(&config.quotas);
+        state.metrics.set_quotas(&config.quotas);
         tokio::spawn(crate::hub::expire_uploads(
             Arc::downgrade(&hub),
             config.quotas.upload_expiry,
             stopped.clone(),
         ));
         let shared = Shared {
-            hub: hub.clone(),
+            relay: state.clone(),
             door: crate::door::Door::new(config.quotas.clone()),
             config: Arc::new(config),
             authority,
@@ -137,6 +140,7 @@ impl Relay {
             revoked_file,
             identity,
             hub,
+            state,
             stop,
             accept_loop,
         })
@@ -171,7 +175,7 @@ async fn accept_loop(
                 }
                 let Some(seat) = shared.door.address(incoming.remote_address().ip()) else {
                     debug!(remote = %incoming.remote_address(), "too many connections from this address; refusing");
-                    shared.hub.metrics.quota_refused("connections_per_address");
+                    shared.relay.metrics.quota_refused("connections_per_address");
                     incoming.refuse();
                     continue;
                 };
@@ -215,7 +219,7 @@ impl RelayHandle {
 
     /// The UDP buffers the kernel granted the relay's socket.
     pub fn udp_buffers(&self) -> crate::udp::UdpBuffers {
-        self.hub.metrics.udp_buffers()
+        self.state.metrics.udp_buffers()
     }
 
     /// The revocation list this relay watches.

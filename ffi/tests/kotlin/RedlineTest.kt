@@ -94,7 +94,7 @@ fun run(exe: String, scratch: File) {
     try {
         val day = "2026-11-29"
         val ledgerDoc = "ledger/team-1/$day"
-        check(protocolVersion().toInt() == 1, "protocol version crosses the boundary")
+        check(protocolVersion().toInt() == 2, "protocol version crosses the boundary")
 
         // Phone A: writes offline, reads back, observers fire on a background thread.
         val a = RedlineClient.open(File(scratch, "a").path,

@@ -1,0 +1,188 @@
+//! Catch-up queries: which documents of a subscription changed in a window of the feed,
+//! and what a device lacks of one (from the commit log when the window is recent, else
+//! from the heads it knows, shared between devices that knew the same heads).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use automerge::ChangeHash;
+use redline_proto::DocId;
+use redline_proto::message::{Coverage, Payload};
+
+use super::slots::DocSlot;
+use super::{Hub, has, make_bundle};
+use crate::Error;
+use automerge::Change;
+
+/// A catch-up window: the device holds every commit up to `after`; send those up to
+/// `upto`, except the changes in `own` (the device pushed them).
+#[derive(Clone, Copy)]
+pub struct Window<'a> {
+    /// Feed sequence the device is caught up to.
+    pub after: u64,
+    /// Stable sequence to catch up to.
+    pub upto: u64,
+    /// Changes the device pushed itself.
+    pub own: &'a HashSet<ChangeHash>,
+}
+
+fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
+    heads.iter().copied().collect()
+}
+
+impl Hub {
+    /// What a device that knows `have` of `doc` lacks, or `None` if nothing.
+    pub async fn missing(
+        &self,
+        id: &DocId,
+        have: &[ChangeHash],
+        window: Option<Window<'_>>,
+    ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
+        let slot = self.slot(id).await?;
+        let result = Self::missing_in(&slot, have, window).await;
+        self.release(slot);
+        result
+    }
+
+    async fn missing_in(
+        slot: &DocSlot,
+        have: &[ChangeHash],
+        window: Option<Window<'_>>,
+    ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
+        let mut state = slot.state.lock().await;
+        let heads = state.doc.get_heads();
+        if heads.is_empty() {
+            return Ok(None);
+        }
+        // From the commit log: what was committed in the window, less the device's own.
+        if let Some(w) = window
+            && w.after.saturating_add(1) >= state.log_floor
+        {
+            let mut seen = HashSet::new();
+            let hashes: Vec<ChangeHash> = state
+                .log
+                .iter()
+                .filter(|(seq, _)| *seq > w.after && *seq <= w.upto)
+                .flat_map(|(_, h)| h.iter())
+                .filter(|h| !w.own.contains(h) && seen.insert(**h))
+                .copied()
+                .collect();
+            if hashes.is_empty() {
+                return Ok(None);
+            }
+            let bundle = make_bundle(&state.doc, hashes)?;
+            return Ok(Some((Payload::Bundle(bundle), heads)));
+        }
+        let have_set = hash_set(have);
+        if heads.iter().all(|h| have_set.contains(h)) {
+            return Ok(None);
+        }
+        if have.is_empty() {
+            return Ok(Some((Payload::Document(state.saved().to_vec()), heads)));
+        }
+        let mut known: Vec<ChangeHash> = have
+            .iter()
+            .filter(|h| has(&state.doc, h))
+            .copied()
+            .collect();
+        known.sort();
+        known.dedup();
+        if state.deliveries_at != heads {
+            state.deliveries.clear();
+            state.deliveries_at = heads.clone();
+        }
+        if let Some((_, bytes)) = state.deliveries.iter().find(|(k, _)| *k == known) {
+            return Ok(Some((Payload::Bundle(bytes.to_vec()), heads)));
+        }
+        let changes = state.doc.get_changes(&known);
+        if changes.is_empty() {
+            return Ok(None);
+        }
+        let bundle = make_bundle(&state.doc, changes.iter().map(|c| c.hash()))?;
+        if state.deliveries.len() >= 16 {
+            state.deliveries.remove(0);
+        }
+        state.deliveries.push((known, Arc::new(bundle.clone())));
+        Ok(Some((Payload::Bundle(bundle), heads)))
+    }
+
+    /// Documents in `scope` changed after `after` up to `upto`, and documents in `scope`
+    /// that the old subscription did not cover (all stored ones, if `old` is `None`).
+    pub async fn changed_in_scope(
+        &self,
+        scope: &Coverage,
+        after: u64,
+        upto: u64,
+        old: Option<&Coverage>,
+    ) -> Result<Vec<DocId>, Error> {
+        let mut out: Vec<DocId> = Vec::new();
+        let mut seen = HashSet::new();
+        let newly = match old {
+            Some(old) if old == scope => Vec::new(),
+            Some(old) => {
+                let (scope, old) = (scope.clone(), old.clone());
+                self.blocking(move |s| {
+                    Ok(s.list()?
+                        .into_iter()
+                        .filter(|d| scope.covers(d) && !old.covers(d))
+                        .collect())
+                })
+                .await?
+            }
+            None => {
+                let scope = scope.clone();
+                self.blocking(move |s| {
+                    Ok(s.list()?.into_iter().filter(|d| scope.covers(d)).collect())
+                })
+                .await?
+            }
+        };
+        for d in newly {
+            if seen.insert(d.clone()) {
+                out.push(d);
+            }
+        }
+        if old.is_some() {
+            let entries = self.blocking(move |s| s.feed(after, upto)).await?;
+            for (_, d) in entries {
+                if scope.covers(&d) && seen.insert(d.clone()) {
+                    out.push(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Dependencies of `changes` that neither `doc` nor `changes` hold.
+    pub async fn missing_dependencies(
+        &self,
+        id: &DocId,
+        changes: &[Change],
+    ) -> Result<Vec<ChangeHash>, Error> {
+        let within: HashSet<ChangeHash> = changes.iter().map(|c| c.hash()).collect();
+        let wanted: Vec<ChangeHash> = changes
+            .iter()
+            .flat_map(|c| c.deps().iter().copied())
+            .filter(|d| !within.contains(d))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let slot = self.slot(id).await?;
+        let mut missing: Vec<ChangeHash> = {
+            let state = slot.state.lock().await;
+            wanted.into_iter().filter(|d| !has(&state.doc, d)).collect()
+        };
+        self.release(slot);
+        missing.sort();
+        missing.dedup();
+        Ok(missing)
+    }
+
+    /// Heads of `doc` as of feed sequence `seq`.
+    pub async fn heads_at(&self, doc: &DocId, seq: u64) -> Result<Vec<ChangeHash>, Error> {
+        let key = doc.clone();
+        let h = self.blocking(move |s| s.heads_at(&key, seq)).await?;
+        Ok(h.unwrap_or_default().into_iter().map(ChangeHash).collect())
+    }
+}

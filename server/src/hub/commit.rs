@@ -1,0 +1,407 @@
+//! The merge path: group commit per document (queue, one plan, one `apply_changes`, one
+//! chunk, one shared flush, then every sender answered), actor bindings, compaction, and
+//! recovery from a refused or failed batch by reloading from disk.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
+use redline_proto::genesis::{GENESIS_ACTOR, genesis_hash};
+use redline_proto::{DeviceId, DocId};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use super::slots::{DocSlot, LOG_LEN, SlotState, load_state};
+use super::{Hub, bundle_changes, has, make_bundle, plan};
+use crate::Error;
+use crate::authorship::{self, Author};
+
+/// Chunks after which a document is compacted into a new snapshot.
+const COMPACT_AFTER_CHUNKS: usize = 64;
+
+pub(super) struct PendingPush {
+    pub(super) author: Author,
+    pub(super) changes: Vec<Change>,
+    pub(super) reply: oneshot::Sender<Result<Committed, Error>>,
+}
+
+/// What a commit did for one sender.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    /// The document's heads after the commit (durable).
+    pub heads: Vec<ChangeHash>,
+    /// How many of the sender's changes were new to the relay.
+    pub applied: u32,
+}
+
+/// What the relay does with a push's bytes before they can reach a stored document:
+/// decode the bundle, apply it. On error `doc` may be half-changed (the relay reloads it
+/// from disk); the fuzz targets and property tests drive this with hostile bytes.
+pub fn apply_untrusted(doc: &mut Automerge, bytes: &[u8]) -> Result<usize, String> {
+    let changes = bundle_changes(bytes)?;
+    let n = changes.len();
+    guarded_apply(doc, changes)?;
+    Ok(n)
+}
+
+/// `apply_changes` that turns a panic inside Automerge (hostile data) into an error. The
+/// document may be half-changed afterwards either way: callers reload it.
+pub(super) fn guarded_apply(doc: &mut Automerge, changes: Vec<Change>) -> Result<(), String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.apply_changes(changes))) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("Automerge could not apply the changes".into()),
+    }
+}
+
+impl Hub {
+    /// Commits `changes` to `doc` together with whatever else is queued for it.
+    ///
+    /// The commit runs in a task of its own: a caller that goes away (a phone hanging up
+    /// mid-push) must not cancel a write that holds a sequence number and may carry other
+    /// phones' pushes.
+    pub async fn push(
+        self: &Arc<Self>,
+        id: &DocId,
+        author: &Author,
+        changes: Vec<Change>,
+    ) -> Result<Committed, Error> {
+        let slot = self.slot(id).await?;
+        let (reply, rx) = oneshot::channel();
+        slot.pending
+            .lock()
+            .expect("pending lock")
+            .push(PendingPush {
+                author: author.clone(),
+                changes,
+                reply,
+            });
+        let (hub, id) = (Arc::clone(self), id.clone());
+        tokio::spawn(async move {
+            {
+                let mut state = slot.state.lock().await;
+                let batch = std::mem::take(&mut *slot.pending.lock().expect("pending lock"));
+                if !batch.is_empty() {
+                    hub.commit_batch(&id, &slot, &mut state, batch).await;
+                }
+            }
+            hub.release(slot);
+        });
+        rx.await
+            .map_err(|_| Error::Storage("commit dropped".into()))?
+    }
+
+    async fn commit_batch(
+        &self,
+        id: &DocId,
+        slot: &DocSlot,
+        state: &mut SlotState,
+        batch: Vec<PendingPush>,
+    ) {
+        let genesis = state
+            .genesis
+            .get_or_insert_with(|| Arc::new(authorship::Genesis::of(id)))
+            .clone();
+        let proposals: Vec<plan::Proposal<'_>> = batch
+            .iter()
+            .map(|p| plan::Proposal {
+                author: &p.author,
+                changes: &p.changes,
+            })
+            .collect();
+        // Who may write what: every change new to the relay must be by an actor of the
+        // pushing device (or be the document's genesis), and name nobody else.
+        let mut admit = |author: &Author, new: &[&Change]| {
+            self.check_actors(id, &author.device, new.iter().copied())
+                .and_then(|()| self.check_authorship(author, new.iter().copied(), &genesis))
+        };
+        let plan = plan::plan_batch(
+            id,
+            &state.doc,
+            slot.stored_bytes.load(Ordering::Relaxed) as u64,
+            self.max_document_bytes.load(Ordering::Relaxed),
+            &proposals,
+            &mut admit,
+        );
+        drop(proposals);
+        let mut ok = Vec::new();
+        let mut news = Vec::new();
+        for (p, verdict) in batch.into_iter().zip(plan.verdicts) {
+            match verdict {
+                Ok(n) => {
+                    ok.push(p);
+                    news.push(n);
+                }
+                Err(e) => {
+                    let _ = p.reply.send(Err(e));
+                }
+            }
+        }
+        if ok.is_empty() {
+            return;
+        }
+        let before = state.doc.get_heads();
+        let all: Vec<Change> = ok.iter().flat_map(|p| p.changes.iter().cloned()).collect();
+        // What the batch adds, known without walking the history afterwards.
+        let fresh = plan.fresh;
+        let n_pushes = ok.len() as u64;
+        // One call for the whole batch. If Automerge refuses it (or panics on hostile
+        // data), the document may be half-changed: reload it from disk and retry each push
+        // alone, so only the bad sender is refused.
+        let mut accepted: Vec<(PendingPush, u32)> = Vec::new();
+        if guarded_apply(&mut state.doc, all).is_ok() {
+            accepted = ok.into_iter().zip(news).collect();
+        } else {
+            if let Err(e) = self.reload(id, slot, state).await {
+                for p in ok {
+                    let _ = p.reply.send(Err(Error::Storage(e.to_string())));
+                }
+                return;
+            }
+            for (p, n) in ok.into_iter().zip(news) {
+                match guarded_apply(&mut state.doc, p.changes.clone()) {
+                    Ok(()) => accepted.push((p, n)),
+                    Err(e) => {
+                        let _ = p.reply.send(Err(Error::BadChanges(e)));
+                        if let Err(e) = self.reload(id, slot, state).await {
+                            for (p, _) in accepted {
+                                let _ = p.reply.send(Err(Error::Storage(e.to_string())));
+                            }
+                            return;
+                        }
+                        // What the reload dropped must be applied again.
+                        let again: Vec<Change> = accepted
+                            .iter()
+                            .flat_map(|(p, _)| p.changes.clone())
+                            .collect();
+                        if guarded_apply(&mut state.doc, again).is_err() {
+                            for (p, _) in accepted {
+                                let _ = p.reply.send(Err(Error::BadChanges(
+                                    "batch could not be applied".into(),
+                                )));
+                            }
+                            let _ = self.reload(id, slot, state).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        // Nothing may stay queued inside the document (see the dependency check above).
+        if !state.doc.get_missing_deps(&[]).is_empty() {
+            warn!(doc = %id, "a batch left changes queued in the document; refused, reloading");
+            for (p, _) in accepted {
+                let _ = p
+                    .reply
+                    .send(Err(Error::MissingDependencies(id.to_string())));
+            }
+            let _ = self.reload(id, slot, state).await;
+            return;
+        }
+        // Changes of refused pushes never entered the document: keep only what did.
+        let fresh: Vec<ChangeHash> = fresh.into_iter().filter(|h| has(&state.doc, h)).collect();
+        let result = self
+            .persist_new(id, slot, state, &before, Some(fresh))
+            .await;
+        let heads = state.doc.get_heads();
+        self.stats.pushes.fetch_add(n_pushes, Ordering::Relaxed);
+        self.stats.max_batch.fetch_max(n_pushes, Ordering::Relaxed);
+        if let Some(observe) = self.batch_observer.get() {
+            observe(n_pushes);
+        }
+        for (p, applied) in accepted {
+            let r = match &result {
+                Ok(()) => Ok(Committed {
+                    heads: heads.clone(),
+                    applied,
+                }),
+                Err(e) => Err(Error::Storage(e.to_string())),
+            };
+            let _ = p.reply.send(r);
+        }
+    }
+
+    /// Writes what the document gained since `before` as one chunk with the next feed
+    /// sequence, waits for the flush, then advances the stable sequence. On a storage
+    /// failure the document is reloaded from disk, so memory never runs ahead of it.
+    pub(crate) async fn persist_new(
+        &self,
+        id: &DocId,
+        slot: &DocSlot,
+        state: &mut SlotState,
+        before: &[ChangeHash],
+        new: Option<Vec<ChangeHash>>,
+    ) -> Result<(), Error> {
+        let heads = state.doc.get_heads();
+        if heads == before {
+            return Ok(());
+        }
+        let new: Vec<ChangeHash> = match new {
+            Some(n) => n,
+            None => state
+                .doc
+                .get_changes(before)
+                .iter()
+                .map(|c| c.hash())
+                .collect(),
+        };
+        self.stats
+            .changes
+            .fetch_add(new.len() as u64, Ordering::Relaxed);
+        let new_hashes = new.clone();
+        let chunk = make_bundle(&state.doc, new)?;
+        let seq = self.seq.lock().expect("seq lock").begin();
+        let wire: Vec<[u8; 32]> = heads.iter().map(|h| h.0).collect();
+        let key = id.clone();
+        let chunk_len = chunk.len();
+        let written = self
+            .blocking(move |s| s.commit(&key, seq, &chunk, &wire))
+            .await;
+        let result = match written {
+            Ok(()) => self.flush().await,
+            Err(e) => Err(e),
+        };
+        self.finish_seq(seq);
+        match result {
+            Ok(()) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                state.log.push_back((seq, new_hashes));
+                if state.log.len() > LOG_LEN
+                    && let Some((oldest, _)) = state.log.pop_front()
+                {
+                    state.log_floor = oldest + 1;
+                }
+                state.chunks += 1;
+                slot.stored_bytes.fetch_add(chunk_len, Ordering::Relaxed);
+                if state.chunks >= COMPACT_AFTER_CHUNKS {
+                    self.compact(id, slot, state).await;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                warn!(doc = %id, "commit failed, reloading from disk: {e}");
+                let _ = self.reload(id, slot, state).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Replaces the in-memory document with what storage holds: after a failed write
+    /// or a refused apply, memory never runs ahead of the disk.
+    pub(crate) async fn reload(
+        &self,
+        id: &DocId,
+        slot: &DocSlot,
+        state: &mut SlotState,
+    ) -> Result<(), Error> {
+        let key = id.clone();
+        let (mut fresh, bytes) = self
+            .blocking(move |s| s.load(&key))
+            .await
+            .and_then(|d| load_state(id, d))?;
+        fresh.log_floor = self.seq.lock().expect("seq lock").next();
+        *state = fresh;
+        slot.stored_bytes.store(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Checks that every change in `new` (changes new to the relay) is by an actor bound
+    /// to `device`, binding actors seen for the first time. The genesis actor belongs to
+    /// nobody: only the document's genesis change may carry it.
+    pub fn check_actors<'c>(
+        &self,
+        id: &DocId,
+        device: &DeviceId,
+        new: impl IntoIterator<Item = &'c Change>,
+    ) -> Result<(), Error> {
+        let mut genesis = None;
+        for change in new {
+            let actor = change.actor_id();
+            if actor.to_bytes() == GENESIS_ACTOR {
+                let expected = *genesis.get_or_insert_with(|| genesis_hash(id));
+                if change.hash() != expected {
+                    return Err(Error::ForgedActor {
+                        actor: actor.to_hex_string(),
+                        owner: "the document's genesis".into(),
+                    });
+                }
+                continue;
+            }
+            let known = self.actors.lock().expect("actors lock").get(actor).cloned();
+            let owner = match known {
+                Some(owner) => owner,
+                None => {
+                    let owner = self.storage.bind_actor(actor.to_bytes(), device)?;
+                    self.actors
+                        .lock()
+                        .expect("actors lock")
+                        .insert(actor.clone(), owner.clone());
+                    owner
+                }
+            };
+            if owner != *device {
+                return Err(Error::ForgedActor {
+                    actor: actor.to_hex_string(),
+                    owner: owner.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every change in `new` names only `author` (see [`authorship`]).
+    fn check_authorship<'c>(
+        &self,
+        author: &Author,
+        new: impl IntoIterator<Item = &'c Change>,
+        genesis: &authorship::Genesis,
+    ) -> Result<(), Error> {
+        // Looked up only for increments: decoding the changes does not hold the lock.
+        let own =
+            |a: &ActorId| self.actors.lock().expect("actors lock").get(a) == Some(&author.device);
+        for change in new {
+            // The genesis was checked byte for byte by the actor check.
+            if change.actor_id().to_bytes() == GENESIS_ACTOR {
+                continue;
+            }
+            authorship::check(author, change, genesis, &own).map_err(Error::ForgedAuthorship)?;
+        }
+        Ok(())
+    }
+
+    fn finish_seq(&self, seq: u64) {
+        let moved = self.seq.lock().expect("seq lock").finish(seq);
+        if let Some(stable) = moved {
+            self.stable.send_if_modified(|v| {
+                let forward = stable > *v;
+                if forward {
+                    *v = stable;
+                }
+                forward
+            });
+        }
+    }
+
+    async fn compact(&self, id: &DocId, slot: &DocSlot, state: &mut SlotState) {
+        // `save()` keeps changes queued for missing dependencies: never write those.
+        if !state.doc.get_missing_deps(&[]).is_empty() {
+            warn!(doc = %id, "not compacting: the document holds queued changes");
+            return;
+        }
+        let snapshot = state.saved();
+        let len = snapshot.len();
+        let key = id.clone();
+        let done = self
+            .blocking(move |s| s.compact(&key, snapshot.as_slice()))
+            .await;
+        match done {
+            Ok(()) => {
+                state.chunks = 0;
+                slot.stored_bytes.store(len, Ordering::Relaxed);
+                debug!(doc = %id, bytes = len, "compacted");
+            }
+            // The chunks are still there: nothing is lost, compaction is retried later.
+            Err(e) => warn!(doc = %id, "compaction failed: {e}"),
+        }
+    }
+}

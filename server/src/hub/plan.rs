@@ -1,0 +1,277 @@
+//! Which pushes of a batch a commit takes, decided without IO.
+//!
+//! Given the document as it is and the pushes queued for it, [`plan_batch`] decides each
+//! push's fate, in this order:
+//! 1. **Admission** of the changes new to the relay (the caller's `admit`: actor
+//!    bindings, authorship). Pushes that bring nothing new are accepted as they are.
+//! 2. **Size**: what the accepted pushes add (their changes' raw bytes, an upper bound
+//!    of the stored chunk) keeps the document within its limit, first come first served.
+//! 3. **Dependencies**: every dependency is in the document or in an accepted push.
+//!    Refusing one push can strand another that built on it, so this repeats until
+//!    nothing changes. Otherwise Automerge would queue the changes inside the document:
+//!    heads unmoved, nothing honestly acknowledged, and a queued change released
+//!    unchecked by whoever later pushes its dependency.
+
+use std::collections::HashSet;
+
+use automerge::{Automerge, Change, ChangeHash};
+use redline_proto::DocId;
+
+use crate::Error;
+use crate::authorship::Author;
+
+/// The caller's admission of a push's changes new to the relay (actor bindings,
+/// authorship).
+pub type Admit<'f> = dyn FnMut(&Author, &[&Change]) -> Result<(), Error> + 'f;
+
+/// One queued push, as the planner sees it.
+pub struct Proposal<'a> {
+    /// Who pushed it.
+    pub author: &'a Author,
+    /// Its changes (some may be in the document already).
+    pub changes: &'a [Change],
+}
+
+/// What a commit will do with a batch.
+#[derive(Debug)]
+pub struct BatchPlan {
+    /// Per proposal, in order: accepted with this many changes new to the relay, or
+    /// refused with why.
+    pub verdicts: Vec<Result<u32, Error>>,
+    /// The changes the accepted proposals add, each once, in order.
+    pub fresh: Vec<ChangeHash>,
+}
+
+impl BatchPlan {
+    /// Whether any proposal was accepted.
+    pub fn accepts_any(&self) -> bool {
+        self.verdicts.iter().any(|v| v.is_ok())
+    }
+}
+
+/// Decides the fate of every proposal of a batch for document `id` (see the module
+/// docs). `stored_bytes` is the document's stored size, `limit` the largest allowed.
+pub fn plan_batch(
+    id: &DocId,
+    doc: &Automerge,
+    stored_bytes: u64,
+    limit: u64,
+    proposals: &[Proposal<'_>],
+    admit: &mut Admit<'_>,
+) -> BatchPlan {
+    let has = |h: &ChangeHash| doc.get_change_meta_by_hash(h).is_some();
+    // What the document lacks, looked up once for every later question.
+    let new_to_doc: HashSet<ChangeHash> = proposals
+        .iter()
+        .flat_map(|p| p.changes.iter().map(|c| c.hash()))
+        .filter(|h| !has(h))
+        .collect();
+    let is_new = |c: &Change| new_to_doc.contains(&c.hash());
+    let mut verdicts: Vec<Result<u32, Error>> = Vec::with_capacity(proposals.len());
+    let mut size = stored_bytes;
+    for p in proposals {
+        let new: Vec<&Change> = p.changes.iter().filter(|c| is_new(c)).collect();
+        if new.is_empty() {
+            verdicts.push(Ok(0));
+            continue;
+        }
+        if let Err(e) = admit(p.author, &new) {
+            verdicts.push(Err(e));
+            continue;
+        }
+        let adds: u64 = new.iter().map(|c| c.raw_bytes().len() as u64).sum();
+        if size.saturating_add(adds) > limit {
+            verdicts.push(Err(Error::TooLarge(format!(
+                "{id} would grow beyond the relay's limit of {limit} bytes per document"
+            ))));
+            continue;
+        }
+        size = size.saturating_add(adds);
+        verdicts.push(Ok(new.len() as u32));
+    }
+    loop {
+        let available: HashSet<ChangeHash> = proposals
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| v.is_ok())
+            .flat_map(|(p, _)| p.changes.iter().map(|c| c.hash()))
+            .collect();
+        let mut stranded = false;
+        for (p, v) in proposals.iter().zip(verdicts.iter_mut()) {
+            let complete = p
+                .changes
+                .iter()
+                .flat_map(|c| c.deps().iter())
+                .all(|d| available.contains(d) || has(d));
+            if v.is_ok() && !complete {
+                *v = Err(Error::MissingDependencies(id.to_string()));
+                stranded = true;
+            }
+        }
+        if !stranded {
+            break;
+        }
+    }
+    let mut seen = HashSet::new();
+    let fresh = proposals
+        .iter()
+        .zip(&verdicts)
+        .filter(|(_, v)| v.is_ok())
+        .flat_map(|(p, _)| p.changes.iter().map(|c| c.hash()))
+        .filter(|h| new_to_doc.contains(h) && seen.insert(*h))
+        .collect();
+    BatchPlan { verdicts, fresh }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::{ActorId, ROOT, ReadDoc};
+    use redline_proto::token::Role;
+    use redline_proto::{DeviceId, MemberId};
+
+    fn author(device: &str) -> Author {
+        Author {
+            device: DeviceId::new(device).unwrap(),
+            member: MemberId::new("ana").unwrap(),
+            role: Role::Volunteer,
+        }
+    }
+
+    /// A base document and `n` changes on top of it, each depending on the one before.
+    fn chain(base: &mut Automerge, actor: u8, n: usize) -> Vec<Change> {
+        let mut fork = base.fork().with_actor(ActorId::from([actor; 16]));
+        let start = fork.get_heads();
+        for i in 0..n {
+            let mut tx = fork.transaction();
+            tx.put(ROOT, format!("k{actor}-{i}"), i as i64).unwrap();
+            tx.commit();
+        }
+        fork.get_changes(&start).into_iter().collect()
+    }
+
+    fn base() -> Automerge {
+        let mut d = Automerge::new().with_actor(ActorId::from([9u8; 16]));
+        let mut tx = d.transaction();
+        tx.put(ROOT, "genesis", 1).unwrap();
+        tx.commit();
+        d
+    }
+
+    fn id() -> DocId {
+        DocId::parse("households/z1").unwrap()
+    }
+
+    #[test]
+    fn a_push_built_on_a_refused_push_is_refused_too() {
+        let mut doc = base();
+        let ch = chain(&mut doc, 1, 2);
+        let (a, b) = (author("forger"), author("honest"));
+        let first = [ch[0].clone()];
+        let second = [ch[1].clone()];
+        let proposals = [
+            Proposal {
+                author: &a,
+                changes: &first,
+            },
+            Proposal {
+                author: &b,
+                changes: &second,
+            },
+        ];
+        let plan = plan_batch(&id(), &doc, 0, u64::MAX, &proposals, &mut |who, _| {
+            if who.device.as_str() == "forger" {
+                Err(Error::ForgedAuthorship("no".into()))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(matches!(plan.verdicts[0], Err(Error::ForgedAuthorship(_))));
+        assert!(matches!(
+            plan.verdicts[1],
+            Err(Error::MissingDependencies(_))
+        ));
+        assert!(plan.fresh.is_empty() && !plan.accepts_any());
+    }
+
+    #[test]
+    fn dependencies_inside_the_batch_count_and_duplicates_add_once() {
+        let mut doc = base();
+        let ch = chain(&mut doc, 1, 3);
+        let a = author("phone-1");
+        let all = ch.clone();
+        let again = ch[1..].to_vec();
+        let known = [doc.get_change_by_hash(&doc.get_heads()[0]).unwrap().clone()];
+        let proposals = [
+            Proposal {
+                author: &a,
+                changes: &all,
+            },
+            Proposal {
+                author: &a,
+                changes: &again,
+            },
+            Proposal {
+                author: &a,
+                changes: &known,
+            },
+        ];
+        let mut admitted = 0;
+        let plan = plan_batch(&id(), &doc, 0, u64::MAX, &proposals, &mut |_, new| {
+            admitted += new.len();
+            Ok(())
+        });
+        assert_eq!(
+            plan.verdicts
+                .iter()
+                .map(|v| *v.as_ref().unwrap())
+                .collect::<Vec<_>>(),
+            vec![3, 2, 0]
+        );
+        assert_eq!(
+            admitted, 5,
+            "nothing already in the document is asked about"
+        );
+        assert_eq!(plan.fresh, ch.iter().map(|c| c.hash()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_size_limit_is_first_come_first_served() {
+        let mut doc = base();
+        let (x, y) = (chain(&mut doc, 1, 1), chain(&mut doc, 2, 1));
+        let a = author("phone-1");
+        let limit = 100 + x[0].raw_bytes().len() as u64;
+        let proposals = [
+            Proposal {
+                author: &a,
+                changes: &x,
+            },
+            Proposal {
+                author: &a,
+                changes: &y,
+            },
+        ];
+        let plan = plan_batch(&id(), &doc, 100, limit, &proposals, &mut |_, _| Ok(()));
+        assert!(plan.verdicts[0].is_ok());
+        assert!(matches!(plan.verdicts[1], Err(Error::TooLarge(_))));
+        assert_eq!(plan.fresh, vec![x[0].hash()]);
+    }
+
+    #[test]
+    fn a_missing_dependency_outside_the_batch_is_refused() {
+        let mut doc = base();
+        let ch = chain(&mut doc, 1, 2);
+        let a = author("phone-1");
+        let only_second = [ch[1].clone()];
+        let proposals = [Proposal {
+            author: &a,
+            changes: &only_second,
+        }];
+        let plan = plan_batch(&id(), &doc, 0, u64::MAX, &proposals, &mut |_, _| Ok(()));
+        assert!(matches!(
+            plan.verdicts[0],
+            Err(Error::MissingDependencies(_))
+        ));
+    }
+}

@@ -1,0 +1,226 @@
+//! The document cache: parsed documents in slots, bounded by a memory budget (an
+//! estimate: stored bytes × [`MEMORY_FACTOR`]); only idle documents are evicted, least
+//! recently used first. A slot also keeps, per document, the recent commit log, the last
+//! whole-document save and the bundles made for catch-ups.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use automerge::{Automerge, ChangeHash};
+use redline_proto::DocId;
+use tokio::sync::Mutex as AsyncMutex;
+
+use super::commit::PendingPush;
+use super::{Hub, bundle_changes};
+use crate::Error;
+use crate::authorship;
+use crate::storage::StoredDoc;
+
+/// In-memory size of a parsed document relative to its stored (compressed) size: an
+/// estimate for the cache budget.
+pub const MEMORY_FACTOR: usize = 8;
+
+/// A document in the cache.
+pub struct DocSlot {
+    pub(super) state: AsyncMutex<SlotState>,
+    pub(super) pending: Mutex<Vec<PendingPush>>,
+    pub(super) last_used: AtomicU64,
+    pub(super) stored_bytes: AtomicUsize,
+}
+
+/// The parsed document and how it is stored.
+pub struct SlotState {
+    /// The document.
+    pub doc: Automerge,
+    pub(super) chunks: usize,
+    /// The last whole-document save and the heads it was made at: new devices and
+    /// resumed transfers get the same bytes without saving again.
+    pub(super) saved: Option<(Vec<ChangeHash>, Arc<Vec<u8>>)>,
+    /// Bundles made for catch-ups at the current heads, by what the device knew: every
+    /// device of a team that was at the same heads gets the same bytes, built once.
+    pub(super) deliveries: Vec<(Vec<ChangeHash>, Arc<Vec<u8>>)>,
+    pub(super) deliveries_at: Vec<ChangeHash>,
+    /// Recent commits of this document: feed sequence → the hashes it added. Every commit
+    /// with a sequence of at least `log_floor` is here, so "what changed after seq S" needs
+    /// no walk of the history.
+    pub(super) log: std::collections::VecDeque<(u64, Vec<ChangeHash>)>,
+    pub(super) log_floor: u64,
+    /// What the document's genesis made (for the authorship check), made once.
+    pub(super) genesis: Option<Arc<authorship::Genesis>>,
+}
+
+/// Commits kept in a document's in-memory log.
+pub(super) const LOG_LEN: usize = 512;
+
+impl SlotState {
+    pub(super) fn new(doc: Automerge, chunks: usize) -> Self {
+        Self {
+            doc,
+            chunks,
+            saved: None,
+            deliveries: Vec::new(),
+            deliveries_at: Vec::new(),
+            log: std::collections::VecDeque::new(),
+            log_floor: u64::MAX,
+            genesis: None,
+        }
+    }
+
+    /// `save()` of the document, reused while its heads have not moved.
+    pub(super) fn saved(&mut self) -> Arc<Vec<u8>> {
+        let heads = self.doc.get_heads();
+        match &self.saved {
+            Some((h, bytes)) if *h == heads => bytes.clone(),
+            _ => {
+                let bytes = Arc::new(self.doc.save());
+                self.saved = Some((heads, bytes.clone()));
+                bytes
+            }
+        }
+    }
+}
+
+impl DocSlot {
+    /// Locks the document (the Automerge-sync fallback path); persist with
+    /// [`Hub::persist_new`] before unlocking.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().await
+    }
+}
+
+pub(super) fn load_state(
+    id: &DocId,
+    stored: Option<StoredDoc>,
+) -> Result<(SlotState, usize), Error> {
+    let Some(stored) = stored else {
+        return Ok((SlotState::new(Automerge::new(), 0), 0));
+    };
+    let corrupt = |reason: String| Error::CorruptDocument {
+        doc: id.to_string(),
+        reason,
+    };
+    let mut bytes = 0;
+    let mut doc = match &stored.snapshot {
+        Some(s) => {
+            bytes += s.len();
+            Automerge::load(s).map_err(|e| corrupt(e.to_string()))?
+        }
+        None => Automerge::new(),
+    };
+    let mut changes = Vec::new();
+    let mut chunk_bytes = 0;
+    for c in &stored.chunks {
+        chunk_bytes += c.len();
+        changes.extend(bundle_changes(c).map_err(corrupt)?);
+    }
+    // All chunks in one call: loading is a batch apply, never one change at a time.
+    doc.apply_changes(changes)
+        .map_err(|e| corrupt(e.to_string()))?;
+    Ok((
+        SlotState::new(doc, stored.chunks.len()),
+        bytes + chunk_bytes,
+    ))
+}
+
+impl Hub {
+    /// The cached slot of `id`, loading it from storage if needed.
+    pub async fn slot(&self, id: &DocId) -> Result<Arc<DocSlot>, Error> {
+        let tick = self.tick.fetch_add(1, Ordering::Relaxed);
+        if let Some(s) = self.slots.lock().expect("hub lock").get(id) {
+            s.last_used.store(tick, Ordering::Relaxed);
+            return Ok(s.clone());
+        }
+        let key = id.clone();
+        let stored = self.blocking(move |s| s.load(&key)).await?;
+        let (mut state, bytes) = load_state(id, stored)?;
+        // Commits to this document need its slot, so every later one will be logged.
+        state.log_floor = self.seq.lock().expect("seq lock").next();
+        let slot = {
+            let mut slots = self.slots.lock().expect("hub lock");
+            slots
+                .entry(id.clone())
+                .or_insert_with(|| {
+                    Arc::new(DocSlot {
+                        state: AsyncMutex::new(state),
+                        pending: Mutex::new(Vec::new()),
+                        last_used: AtomicU64::new(tick),
+                        stored_bytes: AtomicUsize::new(bytes),
+                    })
+                })
+                .clone()
+        };
+        self.evict();
+        Ok(slot)
+    }
+
+    /// Drops idle documents, least recently used first, until the cache fits its budget.
+    /// Idle slots of documents that do not exist (a read of a missing document) are
+    /// dropped at once: asking about a document creates nothing.
+    pub(super) fn evict(&self) {
+        let mut slots = self.slots.lock().expect("hub lock");
+        slots.retain(|_, slot| {
+            let absent = slot.stored_bytes.load(Ordering::Relaxed) == 0
+                && Arc::strong_count(slot) == 1
+                && slot.pending.lock().expect("pending lock").is_empty()
+                && slot
+                    .state
+                    .try_lock()
+                    .is_ok_and(|s| s.doc.get_heads().is_empty());
+            !absent
+        });
+        let mut total: usize = slots
+            .values()
+            .map(|s| s.stored_bytes.load(Ordering::Relaxed) * MEMORY_FACTOR)
+            .sum();
+        if total <= self.budget {
+            return;
+        }
+        let mut by_age: Vec<(u64, DocId)> = slots
+            .iter()
+            .map(|(k, s)| (s.last_used.load(Ordering::Relaxed), k.clone()))
+            .collect();
+        by_age.sort();
+        for (_, id) in by_age {
+            if total <= self.budget {
+                break;
+            }
+            let Some(slot) = slots.get(&id) else { continue };
+            // In use (a handle outside the cache, a commit, queued pushes): keep.
+            let idle = Arc::strong_count(slot) == 1
+                && slot.state.try_lock().is_ok()
+                && slot.pending.lock().expect("pending lock").is_empty();
+            if idle {
+                total -= slot.stored_bytes.load(Ordering::Relaxed) * MEMORY_FACTOR;
+                slots.remove(&id);
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Documents currently parsed in memory.
+    pub fn cached(&self) -> usize {
+        self.slots.lock().expect("hub lock").len()
+    }
+
+    /// Lets go of a slot and trims the cache (a document can only be evicted once
+    /// nobody holds it).
+    pub fn release(&self, slot: Arc<DocSlot>) {
+        drop(slot);
+        self.evict();
+    }
+
+    /// Whether `doc` holds anything (the cache first, then storage). Creates nothing.
+    pub async fn exists(&self, id: &DocId) -> Result<bool, Error> {
+        let cached = self.slots.lock().expect("hub lock").get(id).cloned();
+        if let Some(slot) = cached {
+            let held = slot.stored_bytes.load(Ordering::Relaxed) > 0
+                || !slot.state.lock().await.doc.get_heads().is_empty();
+            self.release(slot);
+            if held {
+                return Ok(true);
+            }
+        }
+        let key = id.clone();
+        self.blocking(move |s| s.exists(&key)).await
+    }
+}
