@@ -19,10 +19,20 @@ async fn a_small_field_day_converges_and_measures_itself() -> anyhow::Result<()>
         relay_exe: env!("CARGO_BIN_EXE_fieldday").into(),
         work_dir: dir.path().to_path_buf(),
     };
-    // `run` fails unless every device converged and equals the relay's copies.
+    // `run` fails if a converged device differs from the relay's copies.
     let r = fieldday::run(&cfg, |line| println!("{line}")).await?;
     println!("{}", fieldday::table(&r));
+    assert!(r.converged, "the small day converges");
     assert_eq!(r.devices, 6);
+    // Each phone applies what its 2 teammates made (every document of a team is shared
+    // by the whole team): at most 2 x 20 changes each.
+    assert!(
+        r.device_applied_changes > 0 && r.device_applied_changes <= 6 * 2 * 20,
+        "{}",
+        r.device_applied_changes
+    );
+    assert!(r.device_cpu_s > 0.0 && r.device_apply_per_change_us > 0.0);
+    assert!(r.relay_cpu_per_change_us > 0.0);
     assert_eq!(r.changes, 6 * 20);
     assert!(r.relay_cpu_s > 0.0 && r.floor_cpu_s > 0.0);
     assert!(

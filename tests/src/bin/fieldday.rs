@@ -29,6 +29,10 @@ struct Args {
     /// Seed of the simulated work.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Runs this many seeds in a row (seed, seed + 1, ...) and reports the worst of
+    /// each figure; every run must converge.
+    #[arg(long, default_value_t = 1)]
+    seeds: u64,
     /// A small run that finishes in under a minute.
     #[arg(long)]
     quick: bool,
@@ -67,45 +71,77 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let temp = tempfile::tempdir()?;
-    let work_dir = args
+    let base_dir = args
         .data_dir
         .clone()
         .unwrap_or_else(|| temp.path().to_path_buf());
-    let mut cfg = FieldDayConfig {
-        teams: args.teams,
-        devices_per_team: args.devices_per_team,
-        zones: args.zones,
-        households_per_zone: args.households_per_zone,
-        ops_per_device: args.ops,
-        seed: args.seed,
-        live_samples: 100,
-        noop_docs: 500,
-        relay_exe: std::env::current_exe()?,
-        work_dir,
-    };
-    if args.quick {
-        cfg.teams = cfg.teams.min(4);
-        cfg.devices_per_team = cfg.devices_per_team.min(8);
-        cfg.zones = cfg.zones.min(8);
-        cfg.households_per_zone = cfg.households_per_zone.min(30);
-        cfg.ops_per_device = cfg.ops_per_device.min(60);
-        cfg.live_samples = 50;
+    let mut runs = Vec::new();
+    for seed in args.seed..args.seed + args.seeds.max(1) {
+        let work_dir = if args.seeds > 1 {
+            base_dir.join(format!("seed-{seed}"))
+        } else {
+            base_dir.clone()
+        };
+        let mut cfg = FieldDayConfig {
+            teams: args.teams,
+            devices_per_team: args.devices_per_team,
+            zones: args.zones,
+            households_per_zone: args.households_per_zone,
+            ops_per_device: args.ops,
+            seed,
+            live_samples: 100,
+            noop_docs: 500,
+            relay_exe: std::env::current_exe()?,
+            work_dir,
+        };
+        if args.quick {
+            cfg.teams = cfg.teams.min(4);
+            cfg.devices_per_team = cfg.devices_per_team.min(8);
+            cfg.zones = cfg.zones.min(8);
+            cfg.households_per_zone = cfg.households_per_zone.min(30);
+            cfg.ops_per_device = cfg.ops_per_device.min(60);
+            cfg.live_samples = 50;
+        }
+        println!(
+            "field day: {} teams x {} devices, {} zones x {} households, {} ops per device (seed {})",
+            cfg.teams,
+            cfg.devices_per_team,
+            cfg.zones,
+            cfg.households_per_zone,
+            cfg.ops_per_device,
+            cfg.seed
+        );
+        let result = fieldday::run(&cfg, |line| println!("  {line}")).await?;
+        println!();
+        print!("{}", fieldday::table(&result));
+        println!();
+        if args.seeds > 1 {
+            // One run's data is not needed once measured (a default run keeps ~1 GB).
+            let _ = std::fs::remove_dir_all(&cfg.work_dir);
+        }
+        runs.push(result);
     }
-    println!(
-        "field day: {} teams x {} devices, {} zones x {} households, {} ops per device (seed {})",
-        cfg.teams,
-        cfg.devices_per_team,
-        cfg.zones,
-        cfg.households_per_zone,
-        cfg.ops_per_device,
-        cfg.seed
-    );
-    let result = fieldday::run(&cfg, |line| println!("  {line}")).await?;
-    println!();
-    print!("{}", fieldday::table(&result));
+    let json = if runs.len() > 1 {
+        let worst = fieldday::worst(&runs)?;
+        println!("worst of {} seeds:", runs.len());
+        for (k, v) in worst.as_object().into_iter().flatten() {
+            println!("  {k:<30} {v}");
+        }
+        worst
+    } else {
+        serde_json::to_value(&runs[0])?
+    };
     if let Some(path) = args.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
+        std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
         println!("wrote {}", path.display());
+    }
+    let failed: Vec<u64> = runs
+        .iter()
+        .filter(|r| !r.converged)
+        .map(|r| r.seed)
+        .collect();
+    if !failed.is_empty() {
+        anyhow::bail!("seeds {failed:?} did not converge");
     }
     Ok(())
 }
