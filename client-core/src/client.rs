@@ -302,14 +302,44 @@ impl Client {
         )
     }
 
-    /// Merges a saved Automerge document (an export, a backup) into `id` on this device,
-    /// durably; it syncs like any local change. Returns how many changes were new.
+    /// Merges a saved Automerge document (an export, a backup) or a bundle of changes
+    /// (what the relay sends) into `id` on this device, durably; it syncs like any local
+    /// change. Returns how many changes were new.
     pub fn import(&self, id: &DocId, bytes: &[u8]) -> Result<usize, Error> {
-        let mut other = Automerge::load(bytes)
-            .map_err(|e| Error::Invalid(format!("not an Automerge document: {e}")))?;
+        let changes = match automerge::Bundle::try_from(bytes) {
+            Ok(bundle) => Some(
+                bundle
+                    .to_changes()
+                    .map_err(|e| Error::Invalid(format!("not a valid bundle: {e}")))?,
+            ),
+            Err(_) => None,
+        };
+        let mut other = match changes {
+            Some(_) => None,
+            None => Some(
+                Automerge::load(bytes)
+                    .map_err(|e| Error::Invalid(format!("not an Automerge document: {e}")))?,
+            ),
+        };
         let mut docs = self.docs();
         let doc = self.load_or_genesis(&mut docs, id)?;
-        let new = doc.merge(&mut other)?.len();
+        let merged = match (changes, other.as_mut()) {
+            (Some(changes), _) => {
+                let before = doc.get_heads();
+                doc.apply_changes(changes)
+                    .map(|()| doc.get_changes(&before).len())
+            }
+            (None, Some(other)) => doc.merge(other).map(|h| h.len()),
+            (None, None) => Ok(0),
+        };
+        let new = match merged {
+            Ok(n) => n,
+            Err(e) => {
+                // Memory never runs ahead of the store: reload on next use.
+                docs.remove(id);
+                return Err(e.into());
+            }
+        };
         if !self.covered_by_patterns(id) {
             self.inner.store.follow(id)?;
         }

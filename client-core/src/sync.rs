@@ -482,10 +482,13 @@ impl Client {
             local = ?endpoint.local_addr().ok(),
             "connected to the relay"
         );
-        let (send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| Error::Transport(format!("cannot open a stream: {e}")))?;
+        // A relay that gave up on the handshake (a storm on a busy relay) closes the
+        // connection while this side believes it is connected: lost before any welcome,
+        // so replaced like an unanswered hello, not reported as a failed sync.
+        let (send, recv) = conn.open_bi().await.map_err(|e| {
+            *unanswered = true;
+            Error::Transport(format!("cannot open a stream: {e}"))
+        })?;
 
         // Reader, transfer and upload tasks feed the loop through channels (reads are not
         // cancel-safe inside select!). The session owns them all: dropping it aborts them.

@@ -1,0 +1,77 @@
+//! The phone's hot paths, on a real sled store: a local write into a day that already
+//! holds 5,000 changes, and applying a 200-change update from the relay (decode, one
+//! `apply_changes`, store, flush). `cargo bench -p redline-client --bench device`.
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use redline_client::{Client, ClientConfig};
+use redline_proto::{Day, DocId, MemberId, TeamId};
+
+fn phone(dir: &std::path::Path, member: &str) -> Client {
+    Client::open(dir, ClientConfig::new(MemberId::new(member).unwrap())).unwrap()
+}
+
+/// A phone whose day holds `n` changes of its own (tally increments).
+fn busy_day(dir: &std::path::Path, n: usize) -> (Client, TeamId, Day) {
+    let c = phone(dir, "ana");
+    let (team, day) = (
+        TeamId::new("team-1").unwrap(),
+        Day::new("2026-12-01").unwrap(),
+    );
+    for i in 0..n {
+        c.add_to_tally(&team, &day, ["samples_taken", "deliveries"][i % 2], 1)
+            .unwrap();
+    }
+    (c, team, day)
+}
+
+fn device(c: &mut Criterion) {
+    let mut group = c.benchmark_group("device");
+    group.sample_size(20);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (ana, team, day) = busy_day(dir.path(), 5_000);
+    group.bench_function("write_into_5000_change_day", |b| {
+        b.iter(|| ana.add_to_tally(&team, &day, "samples_taken", 1).unwrap())
+    });
+
+    // A teammate's 200 changes on the same day, as the relay would bundle them.
+    let base_dir = tempfile::tempdir().unwrap();
+    let (base, _, _) = busy_day(base_dir.path(), 50);
+    let id = DocId::ledger(&team, &day);
+    let base_doc = base.document(&id).unwrap().unwrap();
+    let mate_dir = tempfile::tempdir().unwrap();
+    let mate = phone(mate_dir.path(), "ben");
+    mate.import(&id, &base_doc.save()).unwrap();
+    let before = mate.heads(&id).unwrap();
+    for _ in 0..200 {
+        mate.add_to_tally(&team, &day, "deliveries", 1).unwrap();
+    }
+    let mate_doc = mate.document(&id).unwrap().unwrap();
+    let hashes: Vec<_> = mate_doc
+        .get_changes(&before)
+        .iter()
+        .map(|c| c.hash())
+        .collect();
+    assert_eq!(hashes.len(), 200);
+    let update = mate_doc.bundle(hashes).unwrap().bytes().to_vec();
+    let saved_base = base_doc.save();
+    group.bench_function("apply_200_change_update", |b| {
+        b.iter_batched(
+            || {
+                let d = tempfile::tempdir().unwrap();
+                let c = phone(d.path(), "cai");
+                c.import(&id, &saved_base).unwrap();
+                (d, c)
+            },
+            |(d, c)| {
+                assert_eq!(c.import(&id, &update).unwrap(), 200);
+                (d, c)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, device);
+criterion_main!(benches);
