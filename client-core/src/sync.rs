@@ -37,8 +37,8 @@ use redline_proto::message::{
     Cursor, ErrorReport, Hello, Message, Payload, Piece, Pull, Push, Subscription, Update, Upload,
 };
 use redline_proto::session::{DeviceResync, DocToSync, hashes_from_wire, hashes_to_wire};
+use redline_proto::wire::{transfer_id, union_heads};
 use redline_proto::{DocId, MIN_PROTOCOL_VERSION};
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
@@ -46,8 +46,7 @@ use crate::client::Client;
 use crate::store::SyncBatch;
 use crate::{Error, RelayEndpoint, transport};
 
-/// Pushes larger than this go as resumable uploads.
-pub const INLINE_MAX: usize = 512 * 1024;
+pub use redline_proto::wire::INLINE_MAX;
 /// Piece size of uploads.
 pub const PIECE: usize = 64 * 1024;
 /// Upload bytes sent but not yet acknowledged as durable by the relay, at most.
@@ -191,13 +190,6 @@ async fn read_frame(
     Ok(Some(payload))
 }
 
-fn transfer_id(bytes: &[u8]) -> [u8; 16] {
-    let d = Sha256::digest(bytes);
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&d[..16]);
-    id
-}
-
 /// A large push kept for the next attempt.
 pub(crate) struct CachedUpload {
     doc: DocId,
@@ -319,15 +311,6 @@ async fn receive_transfer(
         ));
     }
     Ok((id, buf))
-}
-
-/// Adds `more` to `into`, skipping duplicates.
-fn union(into: &mut Vec<ChangeHash>, more: &[ChangeHash]) {
-    for h in more {
-        if !into.contains(h) {
-            into.push(*h);
-        }
-    }
 }
 
 /// The state of one session.
@@ -920,7 +903,7 @@ impl Client {
         f.progress.changes_sent += changes;
         f.report.changes_sent += u64::from(applied);
         let has = f.relay_has.entry(doc.clone()).or_default();
-        union(has, &pushed);
+        union_heads(has, &pushed);
         f.batch.acked.push((doc, has.clone()));
     }
 
@@ -1071,7 +1054,7 @@ impl Client {
             self.start_resync(f, id)?;
         } else {
             let has = f.relay_has.entry(id.clone()).or_default();
-            union(has, relay_heads);
+            union_heads(has, relay_heads);
             f.batch.acked.push((id, has.clone()));
         }
         Ok(())
@@ -1121,7 +1104,7 @@ impl Client {
             }
             // Both sides now hold what the settled exchange ended with.
             let has = f.relay_has.entry(s.id.clone()).or_default();
-            union(has, &s.doc.get_heads());
+            union_heads(has, &s.doc.get_heads());
             f.batch.acked.push((s.id, has.clone()));
         }
         Ok(())

@@ -31,6 +31,7 @@ pub mod ids;
 pub mod message;
 pub mod session;
 pub mod token;
+pub mod wire;
 
 pub use ids::{Day, DeviceId, DocId, DocKind, MemberId, OrgId, TeamId, ZoneId};
 pub use message::{ALPN, ErrorCode, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION};

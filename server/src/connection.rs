@@ -15,17 +15,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use automerge::ChangeHash;
 use quinn::{RecvStream, SendStream};
 use redline_proto::codec::{self, HEADER_LEN};
 use redline_proto::message::ext;
 use redline_proto::message::{
-    Ack, Coverage, Cursor, ErrorReport, Hello, Message, Payload, Piece, Pull, Update, UploadOffset,
-    Welcome,
+    Ack, Coverage, ErrorReport, Hello, Message, Piece, UploadOffset, Welcome,
 };
 use redline_proto::session::{RelayResync, check_hello, hashes_from_wire, hashes_to_wire};
+use redline_proto::wire::{TRANSFER_PIECE, transfer_id, union_heads};
 use redline_proto::{DeviceId, DocId, ErrorCode, MIN_PROTOCOL_VERSION};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -37,14 +35,11 @@ use crate::authorship::Author;
 use crate::config::RelayConfig;
 use crate::door::Seat;
 use crate::hub::{Committed, Window, bundle_changes};
+use crate::session::{
+    Action, Admission, Answer, Bucket, Input, Known, Peer, Query, Request, Session, SessionLimits,
+    Verdict, forbidden, held_entry, refusal, refusal_code,
+};
 use crate::state::RelayState;
-
-/// Updates larger than this go as a transfer on their own stream.
-pub(crate) const INLINE_MAX: usize = 512 * 1024;
-/// How long live fan-out waits to coalesce commits that land together.
-const LIVE_COALESCE: Duration = Duration::from_millis(8);
-/// Piece size of relay-to-device transfers.
-const PIECE: usize = 256 * 1024;
 
 /// What one connection shares with the rest of the relay.
 #[derive(Clone)]
@@ -204,46 +199,18 @@ impl Wire {
     }
 }
 
-/// A token bucket: `rate` per second on average, bursts up to `burst`.
-struct Bucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: std::time::Instant,
-}
-
-impl Bucket {
-    fn new(rate: u32, burst: u32) -> Self {
-        Self {
-            rate: f64::from(rate),
-            burst: f64::from(burst.max(1)),
-            tokens: f64::from(burst.max(1)),
-            last: std::time::Instant::now(),
-        }
-    }
-
-    /// Takes one token; false if the bucket is empty.
-    fn take(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        let elapsed = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// The per-connection message budget, shared by the control stream and uploads.
 #[derive(Clone)]
 struct RateLimit(Arc<std::sync::Mutex<Bucket>>);
 
 impl RateLimit {
     fn check(&self) -> Result<(), Error> {
-        if self.0.lock().expect("rate lock").take() {
+        let allowed = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(std::time::Instant::now());
+        if allowed {
             Ok(())
         } else {
             Err(Error::Refused {
@@ -286,86 +253,6 @@ fn error_msg(code: ErrorCode, text: impl Into<String>, doc: Option<DocId>) -> Me
         text: text.into(),
         doc,
     })
-}
-
-/// What a device holds, per document: heads (pushed, uploading or delivered here) and the
-/// changes it pushed itself; shared between the control loop and uploads.
-#[derive(Clone, Default)]
-struct Known(Arc<std::sync::Mutex<KnownInner>>);
-
-#[derive(Default)]
-struct KnownInner {
-    heads: HashMap<DocId, Vec<ChangeHash>>,
-    own: HashMap<DocId, std::collections::HashSet<ChangeHash>>,
-}
-
-impl Known {
-    fn add(&self, doc: &DocId, heads: &[ChangeHash]) {
-        let mut m = self.0.lock().expect("known lock");
-        merge_heads(m.heads.entry(doc.clone()).or_default(), heads);
-    }
-    fn get(&self, doc: &DocId) -> Vec<ChangeHash> {
-        self.0
-            .lock()
-            .expect("known lock")
-            .heads
-            .get(doc)
-            .cloned()
-            .unwrap_or_default()
-    }
-    fn add_own(&self, doc: &DocId, changes: &[automerge::Change]) {
-        let mut m = self.0.lock().expect("known lock");
-        m.own
-            .entry(doc.clone())
-            .or_default()
-            .extend(changes.iter().map(|c| c.hash()));
-    }
-    fn own(&self, doc: &DocId) -> std::collections::HashSet<ChangeHash> {
-        self.0
-            .lock()
-            .expect("known lock")
-            .own
-            .get(doc)
-            .cloned()
-            .unwrap_or_default()
-    }
-}
-
-/// What the relay knows of one device on this connection.
-struct Peer {
-    device: DeviceId,
-    /// Who its changes must name: the token's member and device.
-    author: Author,
-    /// What its token allows.
-    scope: Scope,
-    /// In quarantine after this long offline (ms): pushes are held for review.
-    quarantined: Option<i64>,
-    /// The device had finished a sync before this connection (it is not new).
-    synced_before: bool,
-    /// What it receives: its subscription narrowed to its scope.
-    subscription: Coverage,
-    /// Heads the device is known to hold, per document (pushed, uploading or delivered
-    /// here). Shared with upload tasks.
-    known: Known,
-    /// Transfers the device holds part of: id → bytes held.
-    resume: HashMap<[u8; 16], u64>,
-    /// The device asked for large downloads to be announced but not sent.
-    defer_large: bool,
-    /// Feed sequence the device has been brought up to (`None` before its first pull).
-    delivered: Option<u64>,
-    /// How long a write to the device (or a stream opened to it) may take.
-    write_timeout: Duration,
-    resync: RelayResync,
-}
-
-/// The refusal sent for anything outside the token's scope. The same words whether or not
-/// the document exists.
-fn forbidden(doc: &DocId) -> Message {
-    error_msg(
-        ErrorCode::FORBIDDEN,
-        "your token does not allow this document",
-        Some(doc.clone()),
-    )
 }
 
 /// Reads the device's `Hello` and checks its version and token.
@@ -566,13 +453,8 @@ async fn run(
         }
     });
 
-    let rate = RateLimit(Arc::new(std::sync::Mutex::new(Bucket::new(
-        limits.messages_per_second,
-        limits.message_burst,
-    ))));
-    let mut streams = Bucket::new(limits.streams_per_second, config.max_streams_per_connection);
-    let expiry = tokio::time::Instant::now() + expires_in;
-    let mut peer = Peer {
+    let now = std::time::Instant::now();
+    let peer = Peer {
         device: hello.device.clone(),
         author: Author {
             device: hello.device.clone(),
@@ -587,18 +469,41 @@ async fn run(
         resume: HashMap::new(),
         defer_large: false,
         delivered: None,
-        write_timeout: limits.write_timeout,
         resync: RelayResync::new(),
     };
-    let mut pushes: JoinSet<(DocId, Vec<ChangeHash>, Result<Committed, Error>)> = JoinSet::new();
-    let mut uploads: JoinSet<Result<(), Error>> = JoinSet::new();
-    let mut pending_pull: Option<Pull> = None;
+    let session_limits = SessionLimits {
+        messages_per_second: limits.messages_per_second,
+        message_burst: limits.message_burst,
+        streams_per_second: limits.streams_per_second,
+        stream_burst: config.max_streams_per_connection,
+    };
     let mut stable = relay.hub.stable();
-    let mut due: Option<tokio::time::Instant> = None;
+    let mut session = Session::new(
+        peer,
+        session_limits,
+        relay.hub.epoch(),
+        *stable.borrow_and_update(),
+        now,
+        now + expires_in,
+    );
+    let mut driver = Driver {
+        relay: relay.clone(),
+        config: config.clone(),
+        conn: conn.clone(),
+        out,
+        rate: RateLimit(session.rate()),
+        pushes: JoinSet::new(),
+        uploads: JoinSet::new(),
+        opened: None,
+    };
     let mut first_caught = true;
-    let result = loop {
-        let live = peer.delivered.is_some();
-        if first_caught && live {
+    let result = 'session: loop {
+        while let Some(action) = session.poll_action() {
+            if let Some(end) = driver.perform(&mut session, action).await {
+                break 'session end;
+            }
+        }
+        if first_caught && session.peer().delivered.is_some() {
             first_caught = false;
             relay
                 .metrics
@@ -606,196 +511,318 @@ async fn run(
                 .observe(greeted.elapsed().as_secs_f64());
         }
         wire.account(&conn, &relay);
-        tokio::select! {
+        let timer = session.poll_timeout().map(tokio::time::Instant::from_std);
+        let input = tokio::select! {
             item = inbox.recv() => match item {
-                None => break Ok(()),
-                Some(Err(e)) => {
-                    let (code, text) = match &e {
-                        Error::Protocol(p) => (p.code(), p.to_string()),
-                        Error::Refused { code, text } => (*code, text.clone()),
-                        other => (ErrorCode::BAD_FRAME, other.to_string()),
-                    };
-                    let _ = out.send(error_msg(code, text.clone(), None)).await;
-                    break Err(match e { Error::Connection(_) => e, _ => Error::Refused { code, text } });
-                }
-                Some(Ok(msg)) => {
-                    if let Err(e) = rate.check() {
-                        break Err(tell(&out, e).await);
-                    }
-                    match msg {
-                        Message::Push(p) => {
-                            let changes = match bundle_changes(&p.bundle) {
-                                Ok(c) => c,
-                                Err(e) => {
-                                    let _ = out.send(error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(p.doc))).await;
-                                    continue;
-                                }
-                            };
-                            let heads = hashes_from_wire(&p.heads);
-                            match admit(&relay, &peer.admission(&config), &p.doc, &changes).await {
-                                Verdict::Refuse(code, text) => {
-                                    let _ = out.send(error_msg(code, text, Some(p.doc))).await;
-                                }
-                                Verdict::Hold { starts } => {
-                                    if starts {
-                                        peer.quarantined = Some(relay.devices.mark_quarantined(&peer.device));
-                                    }
-                                    let entry = held_entry(&peer.device, &peer.scope, peer.quarantined, &p.doc, changes.len());
-                                    let relay = relay.clone();
-                                    let quota = config.quotas.held_bytes_per_device;
-                                    pushes.spawn(async move {
-                                        let r = hold(&relay, entry, p.bundle, quota).await;
-                                        (p.doc, heads, r)
-                                    });
-                                }
-                                Verdict::Accept => {
-                                    peer.known.add_own(&p.doc, &changes);
-                                    let relay = relay.clone();
-                                    let author = peer.author.clone();
-                                    pushes.spawn(async move {
-                                        let arrived = std::time::Instant::now();
-                                        let r = relay.hub.push(&p.doc, &author, changes).await;
-                                        relay.metrics.commit_latency.observe(arrived.elapsed().as_secs_f64());
-                                        (p.doc, heads, r)
-                                    });
-                                }
-                            }
-                        }
-                        Message::DevicesRequest(team) => {
-                            let reply = if reviews(&peer, &team) {
-                                match relay.devices.team(&team, *relay.hub.stable().borrow()) {
-                                    Ok(list) => Message::Devices(list),
-                                    Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), None),
-                                }
-                            } else {
-                                error_msg(ErrorCode::FORBIDDEN, format!("only a lead of {team} or an operator may see its devices"), None)
-                            };
-                            let _ = out.send(reply).await;
-                        }
-                        Message::QuarantineRequest(team) | Message::QuarantineAccept { team, .. }
-                            if !reviews(&peer, &team) =>
-                        {
-                            let _ = out.send(error_msg(ErrorCode::FORBIDDEN, format!("only a lead of {team} or an operator reviews its quarantine"), None)).await;
-                        }
-                        Message::QuarantineRequest(team) => {
-                            let reply = match crate::quarantine::list(&relay, &peer.scope, &team) {
-                                Ok(list) => Message::Quarantine(list),
-                                Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), None),
-                            };
-                            let _ = out.send(reply).await;
-                        }
-                        Message::QuarantineAccept { team, device } => {
-                            // Refused held pushes first (per document), then what stays held.
-                            let reply = match crate::quarantine::accept(&relay, &peer.scope, &team, &device).await {
-                                Ok(review) => {
-                                    for r in review.refused {
-                                        let _ = out.send(Message::Error(r)).await;
-                                    }
-                                    Message::Quarantine(review.remaining)
-                                }
-                                Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), None),
-                            };
-                            let _ = out.send(reply).await;
-                        }
-                        Message::Pull(pull) if pull.cursor.as_ref().is_some_and(|c| c.subscription.check_size().is_err()) => {
-                            let text = format!("a cursor's subscription may list at most {} documents", redline_proto::message::MAX_SUBSCRIBED_DOCS);
-                            break Err(tell(&out, Error::Refused { code: ErrorCode::TOO_LARGE, text }).await);
-                        }
-                        Message::Pull(pull) => {
-                            peer.resume = pull.resume.iter().map(|o| (o.id, o.have)).collect();
-                            peer.defer_large = pull.defer_large;
-                            pending_pull = Some(pull);
-                        }
-                        Message::Sync(step) => {
-                            if peer.scope.can_read(&step.doc) {
-                                resync_step(&relay, &mut peer, &config, step).await;
-                                while let Some(m) = peer.resync.poll_transmit() {
-                                    if out.send(m).await.is_err() { break; }
-                                }
-                            } else {
-                                let _ = out.send(forbidden(&step.doc)).await;
-                            }
-                        }
-                        other => {
-                            let text = format!("unexpected {} on the control stream", other.kind());
-                            break Err(tell(&out, Error::Refused { code: ErrorCode::PROTOCOL_VIOLATION, text }).await);
-                        }
-                    }
-                    if pushes.is_empty()
-                        && let Some(pull) = pending_pull.take()
-                        && let Err(e) = catch_up(&relay, &conn, &mut peer, &out, pull.cursor).await
-                    {
-                        break Err(e);
-                    }
+                None => Input::StreamEnded,
+                Some(Err(e)) => Input::StreamFailed(e),
+                Some(Ok(m)) => Input::Message(m),
+            },
+            Some(done) = driver.pushes.join_next() => match done {
+                Ok(input) => input,
+                Err(e) => {
+                    warn!("a commit task failed: {e}");
+                    continue;
                 }
             },
-            Some(done) = pushes.join_next() => {
-                if let Ok((doc, device_heads, r)) = done {
-                    let reply = match r {
-                        Ok(c) => {
-                            peer.known.add(&doc, &device_heads);
-                            Message::Ack(Ack { doc, heads: hashes_to_wire(&c.heads), applied: c.applied })
-                        }
-                        Err(e) => refusal(e, doc),
-                    };
-                    if out.send(reply).await.is_err() { break Ok(()); }
+            changed = stable.changed() => {
+                if changed.is_err() {
+                    break Ok(());
                 }
-                if pushes.is_empty()
-                    && let Some(pull) = pending_pull.take()
-                    && let Err(e) = catch_up(&relay, &conn, &mut peer, &out, pull.cursor).await
-                {
-                    break Err(e);
-                }
+                Input::StableMoved(*stable.borrow_and_update())
             }
-            changed = stable.changed(), if live && due.is_none() => {
-                if changed.is_err() { break Ok(()); }
-                // Let commits that land together reach the device as one update per doc.
-                due = Some(tokio::time::Instant::now() + LIVE_COALESCE);
-            }
-            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
-                due = None;
-                let cursor = Cursor { epoch: relay.hub.epoch(), seq: peer.delivered.unwrap_or(0), subscription: peer.subscription.subscription().clone() };
-                if let Err(e) = catch_up(&relay, &conn, &mut peer, &out, Some(cursor)).await {
-                    break Err(e);
-                }
+            _ = tokio::time::sleep_until(timer.unwrap_or_else(tokio::time::Instant::now)), if timer.is_some() => {
+                session.handle_timeout(std::time::Instant::now());
+                continue;
             }
             changed = revocations.changed() => {
                 if changed.is_ok() && authority.is_revoked(&token_id) {
-                    let text = format!("token {token_id} was revoked; ask your lead for a new one");
-                    break Err(tell(&out, Error::Refused { code: ErrorCode::TOKEN_REVOKED, text }).await);
+                    Input::Revoked
+                } else {
+                    continue;
                 }
             }
-            _ = tokio::time::sleep_until(expiry) => {
-                let text = "token expired during the session; ask your lead for a new one".to_string();
-                break Err(tell(&out, Error::Refused { code: ErrorCode::TOKEN_EXPIRED, text }).await);
-            }
             accepted = conn.accept_bi() => match accepted {
-                Ok((s, r)) => {
-                    if !streams.take() {
-                        let text = "too many streams; the connection was closed (reconnect later)".to_string();
-                        break Err(tell(&out, Error::Refused { code: ErrorCode::RATE_LIMITED, text }).await);
-                    }
-                    let up = UploadCtx { relay: relay.clone(), config: config.clone(), who: peer.admission(&config), known: peer.known.clone(), rate: rate.clone() };
-                    uploads.spawn(upload(s, r, up).in_current_span());
+                Ok(stream) => {
+                    driver.opened = Some(stream);
+                    Input::StreamOpened
                 }
                 Err(e) => break Err(Error::Connection(e.to_string())),
             },
-            Some(done) = uploads.join_next() => {
-                match done {
-                    Ok(Err(e @ Error::Refused { code, .. })) if code != ErrorCode::TIMED_OUT => {
-                        break Err(tell(&out, e).await);
+            Some(done) = driver.uploads.join_next() => match done {
+                Ok(result) => {
+                    if let Err(e) = &result {
+                        debug!("upload ended: {e}");
                     }
-                    Ok(Err(e)) => debug!("upload ended: {e}"),
-                    _ => {}
+                    Input::UploadEnded(result)
                 }
-            }
-        }
+                Err(_) => continue,
+            },
+        };
+        let now = std::time::Instant::now();
+        // Catch-ups read the newest stable sequence, whichever input woke the loop.
+        let newest = *stable.borrow_and_update();
+        session.handle(now, Input::StableMoved(newest));
+        session.handle(now, input);
     };
-    drop(out);
+    drop(driver.out);
     reader.abort();
-    uploads.abort_all();
+    driver.uploads.abort_all();
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     result
+}
+
+/// Performs a [`Session`]'s actions over QUIC and the hub, and feeds their results back.
+struct Driver {
+    relay: Arc<RelayState>,
+    config: Arc<RelayConfig>,
+    conn: quinn::Connection,
+    /// The control stream's writer.
+    out: mpsc::Sender<Message>,
+    /// The message budget, shared with upload streams.
+    rate: RateLimit,
+    /// Commits and holds in flight; each ends in an input.
+    pushes: JoinSet<Input>,
+    uploads: JoinSet<Result<(), Error>>,
+    /// The stream the device opened last, until the session accepts it.
+    opened: Option<(SendStream, RecvStream)>,
+}
+
+impl Driver {
+    /// Performs `action`; `Some` ends the connection with that result.
+    async fn perform(
+        &mut self,
+        session: &mut Session,
+        action: Action,
+    ) -> Option<Result<(), Error>> {
+        let relay = self.relay.clone();
+        match action {
+            Action::Send(m) => {
+                if self.out.send(m).await.is_err() {
+                    return Some(Ok(()));
+                }
+            }
+            Action::Admit(push) => {
+                let who = session.peer().admission(&self.config);
+                let verdict = admit(&relay, &who, &push.doc, &push.changes).await;
+                session.handle(std::time::Instant::now(), Input::Admitted(push, verdict));
+            }
+            Action::Commit(push, author) => {
+                self.pushes.spawn(async move {
+                    let arrived = std::time::Instant::now();
+                    let result = relay.hub.push(&push.doc, &author, push.changes).await;
+                    relay
+                        .metrics
+                        .commit_latency
+                        .observe(arrived.elapsed().as_secs_f64());
+                    Input::Committed {
+                        doc: push.doc,
+                        device_heads: push.device_heads,
+                        result,
+                    }
+                });
+            }
+            Action::Hold(push, starts) => {
+                if starts {
+                    let offline = relay.devices.mark_quarantined(&session.peer().device);
+                    session.handle(std::time::Instant::now(), Input::QuarantineStarted(offline));
+                }
+                let entry = session
+                    .peer()
+                    .held_entry(&push.doc, push.changes.len(), now_ms());
+                let quota = self.config.quotas.held_bytes_per_device;
+                self.pushes.spawn(async move {
+                    let result = hold(&relay, entry, push.bundle, quota).await;
+                    Input::Committed {
+                        doc: push.doc,
+                        device_heads: push.device_heads,
+                        result,
+                    }
+                });
+            }
+            Action::Query(q) => {
+                let answer = match answer(&relay, q).await {
+                    Ok(a) => a,
+                    Err(e) => Answer::Failed(e),
+                };
+                session.handle(std::time::Instant::now(), Input::Answer(answer));
+            }
+            Action::Transfer {
+                bytes,
+                start,
+                update,
+            } => {
+                let timeout = self.config.limits.write_timeout;
+                match transfer(&self.conn, bytes, start, timeout).await {
+                    Ok(()) => {
+                        if self.out.send(Message::Update(update)).await.is_err() {
+                            return Some(Ok(()));
+                        }
+                    }
+                    Err(e) => session.handle(std::time::Instant::now(), Input::TransferFailed(e)),
+                }
+            }
+            Action::Delivered(upto) => relay.devices.caught(&session.peer().device, upto),
+            Action::Serve(request) => {
+                for reply in serve_request(&relay, session.peer(), request).await {
+                    if self.out.send(reply).await.is_err() {
+                        return Some(Ok(()));
+                    }
+                }
+            }
+            Action::Resync(step) => {
+                resync_step(&relay, session.peer_mut(), &self.config, step).await;
+                while let Some(m) = session.peer_mut().resync.poll_transmit() {
+                    if self.out.send(m).await.is_err() {
+                        return Some(Ok(()));
+                    }
+                }
+            }
+            Action::AcceptUpload => {
+                if let Some((s, r)) = self.opened.take() {
+                    let up = UploadCtx {
+                        relay,
+                        config: self.config.clone(),
+                        who: session.peer().admission(&self.config),
+                        known: session.peer().known.clone(),
+                        rate: self.rate.clone(),
+                    };
+                    self.uploads.spawn(upload(s, r, up).in_current_span());
+                }
+            }
+            Action::Close(e) => return Some(Err(e)),
+            Action::End => return Some(Ok(())),
+        }
+        None
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Answers a session's hub query.
+async fn answer(relay: &RelayState, query: Query) -> Result<Answer, Error> {
+    Ok(match query {
+        Query::List => Answer::Listed(relay.hub.list().await?),
+        Query::ChangedInScope {
+            scope,
+            after,
+            upto,
+            old,
+        } => Answer::Changed(
+            relay
+                .hub
+                .changed_in_scope(&scope, after, upto, old.as_deref())
+                .await?,
+        ),
+        Query::Lacks {
+            doc,
+            have_at,
+            known,
+            window,
+        } => {
+            let mut have = match have_at {
+                Some(seq) => relay.hub.heads_at(&doc, seq).await?,
+                None => Vec::new(),
+            };
+            union_heads(&mut have, &known);
+            let window = window.as_ref().map(|(after, upto, own)| Window {
+                after: *after,
+                upto: *upto,
+                own,
+            });
+            Answer::Lacks(relay.hub.missing(&doc, &have, window).await?)
+        }
+    })
+}
+
+/// A lead's or operator's request, answered from the relay's records (the session
+/// checked that the peer may ask).
+async fn serve_request(relay: &Arc<RelayState>, peer: &Peer, request: Request) -> Vec<Message> {
+    match request {
+        Request::Devices(team) => vec![
+            match relay.devices.team(&team, *relay.hub.stable().borrow()) {
+                Ok(list) => Message::Devices(list),
+                Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), None),
+            },
+        ],
+        Request::Quarantine(team) => {
+            vec![match crate::quarantine::list(relay, &peer.scope, &team) {
+                Ok(list) => Message::Quarantine(list),
+                Err(e) => error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), None),
+            }]
+        }
+        // Refused held pushes first (per document), then what stays held.
+        Request::Accept(team, device) => {
+            match crate::quarantine::accept(relay, &peer.scope, &team, &device).await {
+                Ok(review) => {
+                    let mut out: Vec<Message> =
+                        review.refused.into_iter().map(Message::Error).collect();
+                    out.push(Message::Quarantine(review.remaining));
+                    out
+                }
+                Err(e) => vec![error_msg(ErrorCode::STORAGE_FAILURE, e.to_string(), None)],
+            }
+        }
+    }
+}
+
+/// Starts sending `bytes` from `start` on a new unidirectional stream (pieces written by
+/// a task of their own; a device that stops reading gets the stream reset).
+async fn transfer(
+    conn: &quinn::Connection,
+    bytes: Vec<u8>,
+    start: u64,
+    write_timeout: Duration,
+) -> Result<(), Error> {
+    let id = transfer_id(&bytes);
+    // A device that allows no stream (or never reads one) must not hold the loop.
+    let mut send = tokio::time::timeout(write_timeout, conn.open_uni())
+        .await
+        .map_err(|_| Error::Refused {
+            code: ErrorCode::TIMED_OUT,
+            text: "the device took no transfer stream".into(),
+        })?
+        .map_err(|e| Error::Connection(e.to_string()))?;
+    let start = start as usize;
+    tokio::spawn(async move {
+        let mut offset = start;
+        // At least one piece, even an empty one, so the device learns the id of a
+        // transfer it already holds whole.
+        let rest = &bytes[start..];
+        let pieces: Vec<&[u8]> = if rest.is_empty() {
+            vec![rest]
+        } else {
+            rest.chunks(TRANSFER_PIECE).collect()
+        };
+        for piece in pieces {
+            let msg = Message::Piece(Piece {
+                id,
+                offset: offset as u64,
+                data: piece.to_vec(),
+            });
+            if write_message(
+                &mut send,
+                &msg,
+                redline_proto::codec::DEFAULT_MAX_FRAME,
+                write_timeout,
+            )
+            .await
+            .is_err()
+            {
+                // The device stopped reading: let go of the stream and its bytes.
+                let _ = send.reset(u32::from(ErrorCode::TIMED_OUT.0).into());
+                return;
+            }
+            offset += piece.len();
+        }
+        let _ = send.finish();
+    });
+    Ok(())
 }
 
 /// Closes `conn` when token `id` is revoked or expires, if the connection's own loop has
@@ -870,36 +897,6 @@ async fn new_actor_on_existing(
     }
 }
 
-/// Whether this peer oversees `team`: its devices' health and its quarantine (a lead of
-/// the team, or an operator).
-fn reviews(peer: &Peer, team: &redline_proto::TeamId) -> bool {
-    let c = peer.scope.claims();
-    c.role == redline_proto::token::Role::Operator
-        || (c.role == redline_proto::token::Role::Lead && c.teams.contains(team))
-}
-
-/// The quarantine entry for a push of `changes` changes to `doc` by `device`, offline
-/// for `offline_ms` before it came back.
-fn held_entry(
-    device: &DeviceId,
-    scope: &Scope,
-    offline_ms: Option<i64>,
-    doc: &DocId,
-    changes: usize,
-) -> redline_proto::message::QuarantineEntry {
-    redline_proto::message::QuarantineEntry {
-        device: device.clone(),
-        member: scope.claims().member.to_string(),
-        doc: doc.clone(),
-        changes: u32::try_from(changes).unwrap_or(u32::MAX),
-        received_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0),
-        offline_ms: offline_ms.unwrap_or(0),
-    }
-}
-
 /// Holds a quarantined push; the answer is always "held" (or a storage failure).
 async fn hold(
     relay: &Arc<RelayState>,
@@ -912,52 +909,6 @@ async fn hold(
     Err(Error::Quarantined(format!(
         "this phone was offline for {offline_h} h: its changes are kept on the relay for a lead's review and merge once accepted"
     )))
-}
-
-/// Reports `e` to the device on the control stream and hands it back (to end the
-/// connection with).
-async fn tell(out: &mpsc::Sender<Message>, e: Error) -> Error {
-    if let Error::Refused { code, text } = &e {
-        let _ = out.send(error_msg(*code, text.clone(), None)).await;
-    }
-    e
-}
-
-/// The answer to a push or upload the relay did not commit.
-fn refusal(e: Error, doc: DocId) -> Message {
-    if let Error::MissingDependencies(_) = e {
-        return Message::Resync(doc);
-    }
-    let (code, text) = refusal_code(e);
-    error_msg(code, text, Some(doc))
-}
-
-/// The code and words for a commit the relay refused.
-fn refusal_code(e: Error) -> (ErrorCode, String) {
-    match e {
-        e @ Error::MissingDependencies(_) => (ErrorCode::BAD_DOCUMENT_DATA, e.to_string()),
-        Error::BadChanges(text) => (ErrorCode::BAD_DOCUMENT_DATA, text),
-        e @ (Error::ForgedActor { .. } | Error::ForgedAuthorship(_)) => {
-            (ErrorCode::FORBIDDEN, e.to_string())
-        }
-        Error::TooLarge(text) => (ErrorCode::TOO_LARGE, text),
-        Error::QuotaExceeded(text) => (ErrorCode::QUOTA_EXCEEDED, text),
-        Error::Quarantined(text) => (ErrorCode::QUARANTINED, text),
-        e => (
-            ErrorCode::STORAGE_FAILURE,
-            format!("nothing was acknowledged: {e}"),
-        ),
-    }
-}
-
-/// What becomes of changes a device sends for a document.
-enum Verdict {
-    /// Commit them (the relay still checks actors, authorship, dependencies and size).
-    Accept,
-    /// Keep them for a lead's review; `starts`: this push puts the device in quarantine.
-    Hold { starts: bool },
-    /// Refuse them with this code.
-    Refuse(ErrorCode, String),
 }
 
 /// Refuses creating `doc` when it would be a ledger day far from the relay's date, or
@@ -1007,32 +958,6 @@ async fn creation_refused(
     None
 }
 
-/// What the admission rule knows of a connection's device.
-#[derive(Clone)]
-struct Admission {
-    author: Author,
-    scope: Scope,
-    /// In quarantine after this long offline (ms).
-    quarantined: Option<i64>,
-    /// The device had finished a sync before this connection.
-    synced_before: bool,
-    max_changes: usize,
-    quotas: crate::config::Quotas,
-}
-
-impl Peer {
-    fn admission(&self, config: &RelayConfig) -> Admission {
-        Admission {
-            author: self.author.clone(),
-            scope: self.scope.clone(),
-            quarantined: self.quarantined,
-            synced_before: self.synced_before,
-            max_changes: config.limits.max_changes_per_message,
-            quotas: config.quotas.clone(),
-        }
-    }
-}
-
 /// The one admission rule for push, upload and sync: scope, size, quarantine.
 async fn admit(
     relay: &Arc<RelayState>,
@@ -1072,206 +997,6 @@ async fn admit(
         return Verdict::Hold { starts: true };
     }
     Verdict::Accept
-}
-
-fn merge_heads(into: &mut Vec<ChangeHash>, more: &[ChangeHash]) {
-    for h in more {
-        if !into.contains(h) {
-            into.push(*h);
-        }
-    }
-}
-
-/// Sends the device what it lacks in its subscription since `cursor`, then `Caught`.
-async fn catch_up(
-    relay: &RelayState,
-    conn: &quinn::Connection,
-    peer: &mut Peer,
-    out: &mpsc::Sender<Message>,
-    cursor: Option<Cursor>,
-) -> Result<(), Error> {
-    let upto = *relay.hub.stable().borrow();
-    // A cursor from another epoch or from a sequence this relay never reached means the
-    // relay was replaced or restored from an older copy: what the device believes the
-    // relay holds may be gone. Automerge's own protocol finds and repairs the difference.
-    if cursor
-        .as_ref()
-        .is_some_and(|c| c.epoch != relay.hub.epoch() || c.seq > upto)
-    {
-        warn!(
-            "device cursor is ahead of this relay (restored from an older copy?); resyncing its documents"
-        );
-        let scope = peer.subscription.clone();
-        for doc in relay
-            .hub
-            .list()
-            .await?
-            .into_iter()
-            .filter(|d| scope.covers(d))
-        {
-            out.send(Message::Resync(doc))
-                .await
-                .map_err(|_| Error::Connection("control stream closed".into()))?;
-        }
-        out.send(Message::Caught(Cursor {
-            epoch: relay.hub.epoch(),
-            seq: upto,
-            subscription: scope.subscription().clone(),
-        }))
-        .await
-        .map_err(|_| Error::Connection("control stream closed".into()))?;
-        peer.delivered = Some(upto);
-        relay.devices.caught(&peer.device, upto);
-        return Ok(());
-    }
-    let usable = cursor;
-    let (after, old) = match &usable {
-        Some(c) => (c.seq, Some(Coverage::new(c.subscription.clone()))),
-        None => (0, None),
-    };
-    let docs = relay
-        .hub
-        .changed_in_scope(&peer.subscription, after, upto, old.as_ref())
-        .await?;
-    for doc in docs {
-        let mut have = match &old {
-            Some(o) if o.covers(&doc) => relay.hub.heads_at(&doc, after).await?,
-            _ => Vec::new(),
-        };
-        merge_heads(&mut have, &peer.known.get(&doc));
-        // Covered before: the commit log says what came since, without a history walk.
-        let own = peer.known.own(&doc);
-        let window = match &old {
-            Some(o) if o.covers(&doc) => Some(Window {
-                after,
-                upto,
-                own: &own,
-            }),
-            _ => None,
-        };
-        let Some((payload, heads)) = relay.hub.missing(&doc, &have, window).await? else {
-            continue;
-        };
-        if peer.defer_large
-            && let Payload::Bundle(bytes) | Payload::Document(bytes) = &payload
-            && bytes.len() > INLINE_MAX
-        {
-            // Announced, not sent: the device's budget holds it back, and its cursor
-            // stays where it was until it asks again.
-            let document = matches!(payload, Payload::Document(_));
-            let announce = Update {
-                doc: doc.clone(),
-                payload: Payload::Transfer {
-                    id: transfer_id(bytes),
-                    len: bytes.len() as u64,
-                    document,
-                },
-                heads: hashes_to_wire(&heads),
-            };
-            out.send(Message::Update(announce))
-                .await
-                .map_err(|_| Error::Connection("control stream closed".into()))?;
-            continue;
-        }
-        let update = match payload {
-            Payload::Bundle(b) if b.len() > INLINE_MAX => {
-                transfer(conn, peer, doc.clone(), b, false, &heads).await?
-            }
-            Payload::Document(b) if b.len() > INLINE_MAX => {
-                transfer(conn, peer, doc.clone(), b, true, &heads).await?
-            }
-            small => Update {
-                doc: doc.clone(),
-                payload: small,
-                heads: hashes_to_wire(&heads),
-            },
-        };
-        out.send(Message::Update(update))
-            .await
-            .map_err(|_| Error::Connection("control stream closed".into()))?;
-        peer.known.add(&doc, &heads);
-    }
-    out.send(Message::Caught(Cursor {
-        epoch: relay.hub.epoch(),
-        seq: upto,
-        subscription: peer.subscription.subscription().clone(),
-    }))
-    .await
-    .map_err(|_| Error::Connection("control stream closed".into()))?;
-    peer.delivered = Some(upto);
-    relay.devices.caught(&peer.device, upto);
-    Ok(())
-}
-
-/// Starts sending `bytes` on a new unidirectional stream; returns the `Update` that
-/// announces it.
-async fn transfer(
-    conn: &quinn::Connection,
-    peer: &mut Peer,
-    doc: DocId,
-    bytes: Vec<u8>,
-    document: bool,
-    heads: &[ChangeHash],
-) -> Result<Update, Error> {
-    let write_timeout = peer.write_timeout;
-    let id = transfer_id(&bytes);
-    // A device that allows no stream (or never reads one) must not hold the loop.
-    let mut send = tokio::time::timeout(write_timeout, conn.open_uni())
-        .await
-        .map_err(|_| Error::Refused {
-            code: ErrorCode::TIMED_OUT,
-            text: "the device took no transfer stream".into(),
-        })?
-        .map_err(|e| Error::Connection(e.to_string()))?;
-    let len = bytes.len() as u64;
-    // Resume where the device's durable copy ends (same id: the very same bytes).
-    let start = peer.resume.remove(&id).unwrap_or(0).min(len) as usize;
-    tokio::spawn(async move {
-        let mut offset = start;
-        // At least one piece, even an empty one, so the device learns the id of a
-        // transfer it already holds whole.
-        let rest = &bytes[start..];
-        let pieces: Vec<&[u8]> = if rest.is_empty() {
-            vec![rest]
-        } else {
-            rest.chunks(PIECE).collect()
-        };
-        for piece in pieces {
-            let msg = Message::Piece(Piece {
-                id,
-                offset: offset as u64,
-                data: piece.to_vec(),
-            });
-            if write_message(
-                &mut send,
-                &msg,
-                redline_proto::codec::DEFAULT_MAX_FRAME,
-                write_timeout,
-            )
-            .await
-            .is_err()
-            {
-                // The device stopped reading: let go of the stream and its bytes.
-                let _ = send.reset(u32::from(ErrorCode::TIMED_OUT.0).into());
-                return;
-            }
-            offset += piece.len();
-        }
-        let _ = send.finish();
-    });
-    Ok(Update {
-        doc,
-        payload: Payload::Transfer { id, len, document },
-        heads: hashes_to_wire(heads),
-    })
-}
-
-/// The content-derived id of a transfer.
-pub(crate) fn transfer_id(bytes: &[u8]) -> [u8; 16] {
-    let digest = Sha256::digest(bytes);
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&digest[..16]);
-    id
 }
 
 /// One step of the Automerge-sync fallback.
@@ -1603,7 +1328,14 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
                     } else {
                         who.quarantined
                     };
-                    let entry = held_entry(&device, &scope, quarantined, &up.doc, changes.len());
+                    let entry = held_entry(
+                        &device,
+                        &scope,
+                        quarantined,
+                        &up.doc,
+                        changes.len(),
+                        now_ms(),
+                    );
                     match hold(
                         &relay,
                         entry,

@@ -39,6 +39,7 @@ pub mod intake;
 pub mod metrics;
 pub mod quarantine;
 pub mod relay;
+pub mod session;
 pub mod settings;
 pub mod state;
 pub mod storage;
