@@ -8,6 +8,7 @@ mod console;
 mod demo;
 mod lead;
 mod profile;
+mod roster;
 mod write;
 
 use std::path::PathBuf;
@@ -113,6 +114,9 @@ enum Command {
     /// The lead's console: a local web page over this machine's copy (Today, Needs,
     /// Conflicts, Devices, Export) that syncs in the background and updates live.
     Console(console::ConsoleArgs),
+    /// Edit the roster (teams, zones, members) through the running relay, as its
+    /// operator (on the relay's machine: reads its data dir).
+    Roster(roster::RosterArgs),
     /// Tasks of a team's ledger: add, assign, set status.
     #[command(subcommand)]
     Task(write::TaskCommand),
@@ -217,6 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Doctor => return lead::doctor(&config()?).await,
         Command::Devices { team } => lead::devices(&lead::open(&config()?)?.1, &team).await?,
+        Command::Roster(args) => roster::run(args).await?,
         Command::Console(args) => {
             let (profile, client) = lead::open(&config()?)?;
             console::run(profile, client, args).await?

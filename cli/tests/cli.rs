@@ -25,13 +25,24 @@ async fn a_lead_works_a_field_day_from_the_command_line() {
     assert!(stdout(&init).contains("operator token"));
     let relay = RelayProcess::start_with_http(&relay_dir).unwrap();
     assert!(relay.get("/health").unwrap().contains("ok"));
-    let roster = server()
+    let roster = redline(&tmp.path().join("operator.toml"))
         .args(["roster", "--relay", &relay.addr.to_string(), "--data-dir"])
         .arg(&relay_dir)
         .args(["add-team", "team-1", "--name", "Team One"])
         .assert()
         .success();
     assert!(stdout(&roster).contains("Team One"));
+    // The relay binary points there instead of carrying a device core.
+    let moved = server()
+        .args(["roster", "--data-dir"])
+        .arg(&relay_dir)
+        .args(["show"])
+        .assert()
+        .failure();
+    assert!(
+        String::from_utf8_lossy(&moved.get_output().stderr).contains("redline roster"),
+        "the old command says where roster administration went"
+    );
 
     // Two phones work offline; both retitle the same task: a conflict.
     let day = redline_tests::today();

@@ -49,8 +49,13 @@ enum Command {
     /// Issue, revoke and inspect device tokens.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Edit the roster (teams, zones, members) through the running relay, as its operator.
-    Roster(RosterArgs),
+    /// Moved: roster administration is `redline roster` (same arguments), so the relay
+    /// binary carries no device core.
+    #[command(hide = true, disable_help_flag = true)]
+    Roster {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -136,64 +141,6 @@ enum TokenCommand {
     },
 }
 
-#[derive(clap::Args)]
-struct RosterArgs {
-    /// The relay's data dir (its config, certificate and operator token from `init`).
-    #[arg(long, env = "REDLINE_DATA_DIR", default_value = "./redline-data")]
-    data_dir: PathBuf,
-    /// The relay's UDP address, if not the one in the data dir's config.
-    #[arg(long, env = "REDLINE_RELAY")]
-    relay: Option<SocketAddr>,
-    #[command(subcommand)]
-    change: RosterChange,
-}
-
-#[derive(Subcommand)]
-enum RosterChange {
-    /// Add (or rename) a team.
-    AddTeam {
-        /// Team id, e.g. team-3.
-        team: String,
-        /// Display name.
-        #[arg(long)]
-        name: String,
-    },
-    /// Add (or rename) a zone.
-    AddZone {
-        /// Zone id, e.g. z1.
-        zone: String,
-        /// Display name.
-        #[arg(long)]
-        name: String,
-    },
-    /// Record that a team covers a zone (--remove: no longer).
-    Cover {
-        /// Team id.
-        team: String,
-        /// Zone id.
-        zone: String,
-        /// Remove the coverage instead.
-        #[arg(long)]
-        remove: bool,
-    },
-    /// Add (or update) a member.
-    AddMember {
-        /// Member id, e.g. ana.
-        member: String,
-        /// Display name.
-        #[arg(long)]
-        name: String,
-        /// volunteer, lead or operator.
-        #[arg(long, default_value = "volunteer")]
-        role: String,
-        /// Teams (repeat or separate with commas).
-        #[arg(long = "team", value_delimiter = ',')]
-        teams: Vec<String>,
-    },
-    /// Print the roster as the relay holds it.
-    Show,
-}
-
 fn init_logs(format: LogFormat) {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
@@ -240,7 +187,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match other {
                 Command::Init { data_dir, org } => init(&data_dir, &org),
                 Command::Token(t) => token_command(t),
-                Command::Roster(r) => roster(r).await,
+                Command::Roster { .. } => anyhow::bail!(
+                    "roster administration moved to the `redline` tool: `redline roster` takes the same arguments"
+                ),
                 Command::Serve(_) => unreachable!("handled above"),
             }
         }
@@ -327,7 +276,7 @@ async fn serve(config: RelayConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-const OPERATOR_TOKEN: &str = "operator.token";
+use redline_server::settings::OPERATOR_TOKEN;
 const ADMIN_DEVICE: &str = "relay-admin";
 
 fn init(data_dir: &Path, org: &str) -> anyhow::Result<()> {
@@ -340,7 +289,7 @@ fn init(data_dir: &Path, org: &str) -> anyhow::Result<()> {
     } else {
         // Top-level keys before the file's tables ([quotas], [tls]).
         let text = format!(
-            "# The organisation whose roster `redline-server roster` edits.\norg = {org:?}\n{}",
+            "# The organisation whose roster `redline roster` edits.\norg = {org:?}\n{}",
             FileConfig::starter(data_dir)
         );
         std::fs::write(&config_path, text)
@@ -386,7 +335,7 @@ fn init(data_dir: &Path, org: &str) -> anyhow::Result<()> {
         data_dir.display()
     );
     println!(
-        "      redline-server roster --data-dir {} add-team team-1 --name \"Team 1\"",
+        "      redline roster --data-dir {} add-team team-1 --name \"Team 1\"",
         data_dir.display()
     );
     println!(
@@ -410,98 +359,6 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
-    Ok(())
-}
-
-/// The operator's client for roster commands: a store in `<data>/admin`, the relay from
-/// the data dir's config (loopback when it listens on every address), the dev
-/// certificate's pin, and the operator token from `init`.
-fn admin_client(
-    data_dir: &Path,
-    relay: Option<SocketAddr>,
-) -> anyhow::Result<(redline_client::Client, redline_proto::OrgId)> {
-    let file_path = data_dir.join(settings::FILE_NAME);
-    let file = if file_path.exists() {
-        FileConfig::load(&file_path)?
-    } else {
-        FileConfig::default()
-    };
-    let config = file.apply(RelayConfig::new(data_dir))?;
-    let org = redline_proto::OrgId::new(file.org.clone().unwrap_or_else(|| "org".into()))?;
-    let mut addr = relay.unwrap_or(config.listen);
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
-    let fingerprint = match &config.tls {
-        TlsMode::Dev => {
-            redline_server::tls::load_or_create_dev_identity(&data_dir.join("tls"))?.fingerprint()
-        }
-        TlsMode::Files { cert, key } => {
-            redline_server::tls::load_pem_identity(cert, key)?.fingerprint()
-        }
-    };
-    let token = std::fs::read_to_string(data_dir.join(OPERATOR_TOKEN)).with_context(|| {
-        format!(
-            "no operator token in {}: run `redline-server init --data-dir {}` first",
-            data_dir.display(),
-            data_dir.display()
-        )
-    })?;
-    let client_config =
-        redline_client::ClientConfig::new(redline_proto::MemberId::new("operator")?)
-            .with_relay(redline_client::RelayEndpoint::new(addr, fingerprint))
-            .with_token(token.trim())
-            .with_org(org.clone());
-    let client = redline_client::Client::open(data_dir.join("admin"), client_config)?;
-    Ok((client, org))
-}
-
-async fn roster(args: RosterArgs) -> anyhow::Result<()> {
-    use redline_proto::{MemberId, TeamId, ZoneId};
-    let (client, org) = admin_client(&args.data_dir, args.relay)?;
-    let reach = |e: redline_client::Error| {
-        anyhow::anyhow!(
-            "{e}\n(is the relay running? start it with `redline-server serve --data-dir {}`)",
-            args.data_dir.display()
-        )
-    };
-    // Start from the relay's roster, change it, send it back.
-    client.sync().await.map_err(reach)?;
-    match args.change {
-        RosterChange::AddTeam { team, name } => client.add_team(&TeamId::new(team)?, &name)?,
-        RosterChange::AddZone { zone, name } => client.add_zone(&ZoneId::new(zone)?, &name)?,
-        RosterChange::Cover { team, zone, remove } => {
-            client.set_coverage(&TeamId::new(team)?, &ZoneId::new(zone)?, !remove)?
-        }
-        RosterChange::AddMember {
-            member,
-            name,
-            role,
-            teams,
-        } => client.add_member(
-            &MemberId::new(member)?,
-            &name,
-            redline_client::Role::parse(&role)?,
-            &teams
-                .into_iter()
-                .map(TeamId::new)
-                .collect::<Result<Vec<_>, _>>()?,
-        )?,
-        RosterChange::Show => {}
-    }
-    let report = client.sync().await.map_err(reach)?;
-    if let Some((doc, why)) = report.refused.first() {
-        anyhow::bail!("the relay refused {doc}: {why}");
-    }
-    let roster = client.roster()?;
-    match roster {
-        Some(r) => println!("{}", serde_json::to_string_pretty(&r)?),
-        None => println!("roster/{org} is empty"),
-    }
     Ok(())
 }
 

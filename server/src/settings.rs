@@ -38,6 +38,9 @@ use crate::config::{RelayConfig, TlsMode};
 /// The file name `init` writes and `serve` looks for in the data dir.
 pub const FILE_NAME: &str = "redline.toml";
 
+/// The operator token `init` writes into the data dir (for roster administration).
+pub const OPERATOR_TOKEN: &str = "operator.token";
+
 /// The configuration file's contents.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
