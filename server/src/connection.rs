@@ -34,10 +34,10 @@ use crate::auth::Authority;
 use crate::authorship::Author;
 use crate::config::RelayConfig;
 use crate::door::Seat;
-use crate::hub::{Committed, Window, bundle_changes};
+use crate::hub::{Window, bundle_changes};
 use crate::session::{
-    Action, Admission, Answer, Bucket, Input, Known, Peer, Query, Request, Session, SessionLimits,
-    Verdict, forbidden, held_entry, refusal, refusal_code,
+    Action, Admission, Answer, Bucket, Input, Known, Outcome, Peer, Query, Request, Session,
+    SessionLimits, Verdict, forbidden, held_entry, refusal_code, reply,
 };
 use crate::state::RelayState;
 
@@ -608,9 +608,14 @@ impl Driver {
                 session.handle(std::time::Instant::now(), Input::Admitted(push, verdict));
             }
             Action::Commit(push, author) => {
+                let pushed = push.changes.iter().map(|c| c.hash()).collect();
                 self.pushes.spawn(async move {
                     let arrived = std::time::Instant::now();
-                    let result = relay.hub.push(&push.doc, &author, push.changes).await;
+                    let result = relay
+                        .hub
+                        .push(&push.doc, &author, push.changes)
+                        .await
+                        .map(Outcome::Committed);
                     relay
                         .metrics
                         .commit_latency
@@ -618,6 +623,7 @@ impl Driver {
                     Input::Committed {
                         doc: push.doc,
                         device_heads: push.device_heads,
+                        pushed,
                         result,
                     }
                 });
@@ -636,6 +642,7 @@ impl Driver {
                     Input::Committed {
                         doc: push.doc,
                         device_heads: push.device_heads,
+                        pushed: Vec::new(),
                         result,
                     }
                 });
@@ -897,16 +904,16 @@ async fn new_actor_on_existing(
     }
 }
 
-/// Holds a quarantined push; the answer is always "held" (or a storage failure).
+/// Holds a quarantined push: held (with the words for the device), or why not.
 async fn hold(
     relay: &Arc<RelayState>,
     entry: redline_proto::message::QuarantineEntry,
     bundle: Vec<u8>,
     quota: u64,
-) -> Result<Committed, Error> {
+) -> Result<Outcome, Error> {
     let offline_h = entry.offline_ms / 3_600_000;
     crate::quarantine::hold(relay, entry, bundle, quota).await?;
-    Err(Error::Quarantined(format!(
+    Ok(Outcome::Held(format!(
         "this phone was offline for {offline_h} h: its changes are kept on the relay for a lead's review and merge once accepted"
     )))
 }
@@ -1336,28 +1343,22 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
                         changes.len(),
                         now_ms(),
                     );
-                    match hold(
+                    let held = hold(
                         &relay,
                         entry,
                         bytes.clone(),
                         config.quotas.held_bytes_per_device,
                     )
-                    .await
-                    {
-                        Ok(_) => unreachable!("hold always answers held"),
-                        Err(e) => refusal(e, up.doc.clone()),
-                    }
+                    .await;
+                    reply(up.doc.clone(), held)
                 }
                 Verdict::Accept => {
                     known.add_own(&up.doc, &changes);
-                    match relay.hub.push(&up.doc, &who.author, changes).await {
-                        Ok(c) => Message::Ack(Ack {
-                            doc: up.doc.clone(),
-                            heads: hashes_to_wire(&c.heads),
-                            applied: c.applied,
-                        }),
-                        Err(e) => refusal(e, up.doc.clone()),
-                    }
+                    let pushed: Vec<_> = changes.iter().map(|c| c.hash()).collect();
+                    let committed = relay.hub.push(&up.doc, &who.author, changes).await;
+                    let seq = committed.as_ref().ok().map(|c| c.seq);
+                    known.settle_own(&up.doc, &pushed, seq);
+                    reply(up.doc.clone(), committed.map(Outcome::Committed))
                 }
             },
         }

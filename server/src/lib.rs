@@ -96,9 +96,6 @@ pub enum Error {
     /// Automerge refused the changes.
     #[error("invalid changes: {0}")]
     BadChanges(String),
-    /// The device is in quarantine: its push is held for review, not merged.
-    #[error("{0}")]
-    Quarantined(String),
     /// A document would grow beyond the relay's size limit; nothing was stored.
     #[error("too large: {0}")]
     TooLarge(String),

@@ -75,14 +75,23 @@ impl Bucket {
 }
 
 /// What a device holds, per document: heads (pushed, uploading or delivered here) and
-/// the changes it pushed itself; shared between the session and its upload streams.
+/// the changes it pushed itself, so catch-ups never send them back; shared between the
+/// session and its upload streams.
+///
+/// An own change matters only until the device is delivered past the commit that
+/// stored it (later windows start after that): each is kept with that commit's
+/// sequence ([`IN_FLIGHT`] until it is known) and pruned once delivered, so a live
+/// connection pushing all day does not grow without bound.
 #[derive(Clone, Default)]
 pub struct Known(Arc<std::sync::Mutex<KnownInner>>);
+
+/// The sequence of an own change whose commit has not answered yet.
+pub const IN_FLIGHT: u64 = u64::MAX;
 
 #[derive(Default)]
 struct KnownInner {
     heads: HashMap<DocId, Vec<ChangeHash>>,
-    own: HashMap<DocId, HashSet<ChangeHash>>,
+    own: HashMap<DocId, HashMap<ChangeHash, u64>>,
 }
 
 impl Known {
@@ -99,15 +108,54 @@ impl Known {
     }
     /// The device pushed `changes` of `doc` itself (never sent back to it).
     pub fn add_own(&self, doc: &DocId, changes: &[Change]) {
+        let mut k = self.lock();
+        let own = k.own.entry(doc.clone()).or_default();
+        for c in changes {
+            own.entry(c.hash()).or_insert(IN_FLIGHT);
+        }
+    }
+    /// The commit of own changes `pushed` of `doc` answered: stored at or below `seq`
+    /// (`None`: not stored at all, held or refused).
+    pub fn settle_own(&self, doc: &DocId, pushed: &[ChangeHash], seq: Option<u64>) {
+        let mut k = self.lock();
+        let Some(own) = k.own.get_mut(doc) else {
+            return;
+        };
+        for h in pushed {
+            match seq {
+                Some(seq) => {
+                    if let Some(s) = own.get_mut(h) {
+                        *s = (*s).min(seq);
+                    }
+                }
+                None => {
+                    if own.get(h) == Some(&IN_FLIGHT) {
+                        own.remove(h);
+                    }
+                }
+            }
+        }
+    }
+    /// The device was delivered everything up to `seq`: own changes stored at or below
+    /// it can never be in a later window.
+    pub fn prune_own(&self, seq: u64) {
+        let mut k = self.lock();
+        k.own.retain(|_, own| {
+            own.retain(|_, s| *s > seq);
+            !own.is_empty()
+        });
+    }
+    /// The changes of `doc` the device pushed itself (still needed).
+    pub fn own(&self, doc: &DocId) -> HashSet<ChangeHash> {
         self.lock()
             .own
-            .entry(doc.clone())
-            .or_default()
-            .extend(changes.iter().map(|c| c.hash()));
+            .get(doc)
+            .map(|own| own.keys().copied().collect())
+            .unwrap_or_default()
     }
-    /// The changes of `doc` the device pushed itself.
-    pub fn own(&self, doc: &DocId) -> HashSet<ChangeHash> {
-        self.lock().own.get(doc).cloned().unwrap_or_default()
+    /// Own changes kept, over all documents.
+    pub fn own_len(&self) -> usize {
+        self.lock().own.values().map(HashMap::len).sum()
     }
 }
 
@@ -223,6 +271,28 @@ pub enum Verdict {
     Refuse(ErrorCode, String),
 }
 
+/// What became of a push the relay admitted.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Merged and durable.
+    Committed(Committed),
+    /// Held for a lead's review (the words for the device).
+    Held(String),
+}
+
+/// The device's answer for a push or upload of `doc` that ended with `result`.
+pub fn reply(doc: DocId, result: Result<Outcome, Error>) -> Message {
+    match result {
+        Ok(Outcome::Committed(c)) => Message::Ack(Ack {
+            doc,
+            heads: hashes_to_wire(&c.heads),
+            applied: c.applied,
+        }),
+        Ok(Outcome::Held(text)) => error_msg(ErrorCode::QUARANTINED, text, Some(doc)),
+        Err(e) => refusal(e, doc),
+    }
+}
+
 /// A push on its way through admission and commit.
 pub struct PushWork {
     /// The document.
@@ -306,8 +376,10 @@ pub enum Input {
         doc: DocId,
         /// The heads the device holds if it was committed.
         device_heads: Vec<ChangeHash>,
-        /// The hub's answer (a hold answers `Quarantined`).
-        result: Result<Committed, Error>,
+        /// The hashes of the changes pushed.
+        pushed: Vec<ChangeHash>,
+        /// Committed or held, or why not.
+        result: Result<Outcome, Error>,
     },
     /// The stable feed sequence is now this.
     StableMoved(u64),
@@ -451,7 +523,6 @@ pub fn refusal_code(e: Error) -> (ErrorCode, String) {
         }
         Error::TooLarge(text) => (ErrorCode::TOO_LARGE, text),
         Error::QuotaExceeded(text) => (ErrorCode::QUOTA_EXCEEDED, text),
-        Error::Quarantined(text) => (ErrorCode::QUARANTINED, text),
         e => (
             ErrorCode::STORAGE_FAILURE,
             format!("nothing was acknowledged: {e}"),
@@ -576,21 +647,18 @@ impl Session {
             Input::Committed {
                 doc,
                 device_heads,
+                pushed,
                 result,
             } => {
                 self.pushes_in_flight = self.pushes_in_flight.saturating_sub(1);
-                let reply = match result {
-                    Ok(c) => {
+                match &result {
+                    Ok(Outcome::Committed(c)) => {
                         self.peer.known.add(&doc, &device_heads);
-                        Message::Ack(Ack {
-                            doc,
-                            heads: hashes_to_wire(&c.heads),
-                            applied: c.applied,
-                        })
+                        self.peer.known.settle_own(&doc, &pushed, Some(c.seq));
                     }
-                    Err(e) => refusal(e, doc),
-                };
-                self.send(reply);
+                    _ => self.peer.known.settle_own(&doc, &pushed, None),
+                }
+                self.send(reply(doc, result));
                 self.answer_pending_pull();
             }
             Input::StableMoved(seq) => {
@@ -908,6 +976,7 @@ impl Session {
             subscription: self.peer.subscription.subscription().clone(),
         }));
         self.peer.delivered = Some(upto);
+        self.peer.known.prune_own(upto);
         self.actions.push_back(Action::Delivered(upto));
         if let Some(cursor) = self.again.take() {
             self.start_catch_up(cursor);
@@ -1064,10 +1133,12 @@ mod tests {
             Input::Committed {
                 doc: work.doc.clone(),
                 device_heads: work.device_heads.clone(),
-                result: Ok(Committed {
+                pushed: work.changes.iter().map(|c| c.hash()).collect(),
+                result: Ok(Outcome::Committed(Committed {
                     heads: work.device_heads.clone(),
                     applied: 1,
-                }),
+                    seq: 6,
+                })),
             },
         );
         let a = actions(&mut s);
@@ -1083,6 +1154,17 @@ mod tests {
             ),
             "the pull is answered once the push is acknowledged"
         );
+        // The own change (committed at 6) is kept while windows may still hold it...
+        assert_eq!(s.peer().known.own_len(), 1);
+        s.handle(t0, Input::Answer(Answer::Changed(vec![])));
+        assert_eq!(s.peer().known.own_len(), 1, "delivered up to 5 only");
+        actions(&mut s);
+        // ...and dropped once the device is delivered past it.
+        s.handle(t0, Input::StableMoved(6));
+        s.handle_timeout(t0 + LIVE_COALESCE);
+        actions(&mut s);
+        s.handle(t0, Input::Answer(Answer::Changed(vec![])));
+        assert_eq!(s.peer().known.own_len(), 0);
     }
 
     #[test]

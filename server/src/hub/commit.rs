@@ -32,6 +32,9 @@ pub struct Committed {
     pub heads: Vec<ChangeHash>,
     /// How many of the sender's changes were new to the relay.
     pub applied: u32,
+    /// The feed sequence at or below which the sender's changes are stored: the
+    /// commit's own, or (nothing new) the last one when it was answered.
+    pub seq: u64,
 }
 
 /// What the relay does with a push's bytes before they can reach a stored document:
@@ -211,9 +214,10 @@ impl Hub {
         }
         for (p, applied) in accepted {
             let r = match &result {
-                Ok(()) => Ok(Committed {
+                Ok(seq) => Ok(Committed {
                     heads: heads.clone(),
                     applied,
+                    seq: seq.unwrap_or_else(|| self.last_seq()),
                 }),
                 Err(e) => Err(Error::Storage(e.to_string())),
             };
@@ -222,8 +226,9 @@ impl Hub {
     }
 
     /// Writes what the document gained since `before` as one chunk with the next feed
-    /// sequence, waits for the flush, then advances the stable sequence. On a storage
-    /// failure the document is reloaded from disk, so memory never runs ahead of it.
+    /// sequence, waits for the flush, then advances the stable sequence; returns the
+    /// sequence (`None`: nothing was new). On a storage failure the document is reloaded
+    /// from disk, so memory never runs ahead of it.
     pub(crate) async fn persist_new(
         &self,
         id: &DocId,
@@ -231,10 +236,10 @@ impl Hub {
         state: &mut SlotState,
         before: &[ChangeHash],
         new: Option<Vec<ChangeHash>>,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<u64>, Error> {
         let heads = state.doc.get_heads();
         if heads == before {
-            return Ok(());
+            return Ok(None);
         }
         let new: Vec<ChangeHash> = match new {
             Some(n) => n,
@@ -276,7 +281,7 @@ impl Hub {
                 if state.chunks >= COMPACT_AFTER_CHUNKS {
                     self.compact(id, slot, state).await;
                 }
-                Ok(())
+                Ok(Some(seq))
             }
             Err(e) => {
                 warn!(doc = %id, "commit failed, reloading from disk: {e}");
