@@ -7,6 +7,7 @@
 pub mod faults;
 pub mod fieldday;
 pub mod soak;
+pub mod steady;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;

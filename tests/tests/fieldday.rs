@@ -45,3 +45,28 @@ async fn a_small_field_day_converges_and_measures_itself() -> anyhow::Result<()>
     assert!(r.live_p50_ms > 0.0 && r.live_p99_ms >= r.live_p50_ms);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_steady_load_measures_the_relay_and_live_latency() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = redline_tests::steady::SteadyConfig {
+        phones: 6,
+        devices_per_team: 3,
+        seconds: 3,
+        every: std::time::Duration::from_millis(500),
+        seed: 3,
+        relay_exe: env!("CARGO_BIN_EXE_fieldday").into(),
+        work_dir: dir.path().to_path_buf(),
+    };
+    let r = redline_tests::steady::run(&cfg, |line| println!("{line}")).await?;
+    println!("{}", redline_tests::steady::table(&r));
+    assert_eq!(r.phones, 6);
+    // Six phones, a write each every 0.5 s, for 3 s.
+    assert!(r.writes >= 6 * 5, "{} writes", r.writes);
+    // Two teams' leads probe every 0.5 s; their teammates see (nearly) every probe.
+    assert!(r.live_samples >= 2 * 4, "{} probes seen", r.live_samples);
+    assert!(r.live_p99_ms >= r.live_p50_ms && r.live_p50_ms > 0.0);
+    assert!(r.relay_cpu_share > 0.0 && r.bytes_per_phone_per_minute > 0.0);
+    assert!(r.relay_peak_rss_bytes > 0);
+    Ok(())
+}

@@ -46,6 +46,19 @@ struct Args {
     /// side by side with the ratio after/before.
     #[arg(long, num_args = 2, value_names = ["BEFORE", "AFTER"])]
     compare: Option<Vec<PathBuf>>,
+    /// Steady load instead of the storm: --phones phones live, each writing every
+    /// --every seconds, measured for --seconds.
+    #[arg(long)]
+    steady: bool,
+    /// Steady load: phones live at once.
+    #[arg(long, default_value_t = 500)]
+    phones: usize,
+    /// Steady load: the measured window in seconds.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// Steady load: each phone writes once per this many seconds.
+    #[arg(long, default_value_t = 10)]
+    every: u64,
     /// Internal: serve a relay on this data dir (the benchmark's child process).
     #[arg(long, hide = true)]
     serve_relay: Option<PathBuf>,
@@ -71,6 +84,32 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let temp = tempfile::tempdir()?;
+    if args.steady {
+        let cfg = redline_tests::steady::SteadyConfig {
+            phones: args.phones,
+            devices_per_team: args.devices_per_team,
+            seconds: args.seconds,
+            every: std::time::Duration::from_secs(args.every.max(1)),
+            seed: args.seed,
+            relay_exe: std::env::current_exe()?,
+            work_dir: args
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| temp.path().to_path_buf()),
+        };
+        println!(
+            "steady load: {} phones ({} per team), a write each every {} s, for {} s",
+            cfg.phones, cfg.devices_per_team, args.every, cfg.seconds
+        );
+        let result = redline_tests::steady::run(&cfg, |line| println!("  {line}")).await?;
+        println!();
+        print!("{}", redline_tests::steady::table(&result));
+        if let Some(path) = args.json {
+            std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
+            println!("wrote {}", path.display());
+        }
+        return Ok(());
+    }
     let base_dir = args
         .data_dir
         .clone()
