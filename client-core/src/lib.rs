@@ -75,6 +75,9 @@ pub enum Error {
     /// The local store failed.
     #[error("local store: {0}")]
     Store(String),
+    /// sled, the local store on phones, failed.
+    #[error("local store (sled): {0}")]
+    Sled(#[from] sled::Error),
     /// A stored document is unreadable.
     #[error("document is damaged: {0}")]
     Corrupt(String),

@@ -1215,16 +1215,14 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
         let s = storage.clone();
         move || s.upload_len(&k)
     })
-    .await
-    .map_err(|e| Error::Storage(e.to_string()))??;
+    .await??;
     // What this device has staged, this upload's pieces included, stays within its quota.
     let prefix = format!("{device}|").into_bytes();
     let staged = tokio::task::spawn_blocking({
         let s = storage.clone();
         move || s.staged_bytes(&prefix)
     })
-    .await
-    .map_err(|e| Error::Storage(e.to_string()))??;
+    .await??;
     let quota = config.quotas.staged_bytes_per_device;
     if staged.saturating_add(up.len.saturating_sub(have)) > quota {
         relay.metrics.quota_refused("staged_bytes_per_device");
@@ -1287,8 +1285,7 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
             s.touch_upload(&k, now)?;
             Ok::<_, Error>(true)
         })
-        .await
-        .map_err(|e| Error::Storage(e.to_string()))??;
+        .await??;
         if !stored {
             relay.metrics.quota_refused("staged_bytes_per_device");
             let text = format!(
@@ -1315,9 +1312,7 @@ async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> R
         .await?;
     }
     let (s, k) = (storage.clone(), key.clone());
-    let bytes = tokio::task::spawn_blocking(move || s.upload_bytes(&k))
-        .await
-        .map_err(|e| Error::Storage(e.to_string()))??;
+    let bytes = tokio::task::spawn_blocking(move || s.upload_bytes(&k)).await??;
     let reply = if transfer_id(&bytes) != up.id {
         error_msg(
             ErrorCode::BAD_TRANSFER,

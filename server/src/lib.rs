@@ -68,6 +68,15 @@ pub enum Error {
     /// The document store failed.
     #[error("storage: {0}")]
     Storage(String),
+    /// sled, the embedded store, failed.
+    #[error("storage (sled): {0}")]
+    Sled(#[from] sled::Error),
+    /// A blocking storage task could not finish (it panicked or the runtime stopped).
+    #[error("storage task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// A commit failed for every push in its batch; the cause, shared by all of them.
+    #[error("commit failed: {0}")]
+    Commit(#[source] std::sync::Arc<Error>),
     /// A stored document could not be read back.
     #[error("stored document {doc} is unreadable: {reason}")]
     CorruptDocument {
@@ -127,4 +136,16 @@ pub enum Error {
         /// Why.
         text: String,
     },
+}
+
+impl Error {
+    /// Whether this is a failure of the relay's own storage (the data sent is not at
+    /// fault: kept, retried later), rather than a refusal of the data.
+    pub fn is_storage_failure(&self) -> bool {
+        match self {
+            Error::Storage(_) | Error::Sled(_) | Error::Task(_) | Error::Io { .. } => true,
+            Error::Commit(cause) => cause.is_storage_failure(),
+            _ => false,
+        }
+    }
 }

@@ -57,9 +57,7 @@ async fn blocking<R: Send + 'static>(
     f: impl FnOnce(&dyn crate::storage::RelayStorage) -> Result<R, Error> + Send + 'static,
 ) -> Result<R, Error> {
     let storage = relay.hub.storage();
-    tokio::task::spawn_blocking(move || f(storage.as_ref()))
-        .await
-        .map_err(|e| Error::Storage(e.to_string()))?
+    tokio::task::spawn_blocking(move || f(storage.as_ref())).await?
 }
 
 /// Holds a push durably for review, within the device's quota of held bytes.
@@ -168,7 +166,7 @@ pub async fn accept(
             // Depends on changes still held elsewhere: kept for later.
             Err(Error::MissingDependencies(_)) => continue,
             // The relay may not be able to write now: kept, and the lead is told.
-            Err(e @ (Error::Storage(_) | Error::Io { .. })) => return Err(e),
+            Err(e) if e.is_storage_failure() => return Err(e),
             Err(e) => {
                 let code = match &e {
                     Error::ForgedActor { .. } | Error::ForgedAuthorship(_) => ErrorCode::FORBIDDEN,

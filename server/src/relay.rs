@@ -70,9 +70,7 @@ impl Relay {
         let revoked_file = config.revoked_file();
         let authority = Arc::new(Authority::open(&data_dir, &revoked_file)?);
         let db_dir = data_dir.join("db");
-        let storage = tokio::task::spawn_blocking(move || SledStorage::open(&db_dir))
-            .await
-            .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
+        let storage = tokio::task::spawn_blocking(move || SledStorage::open(&db_dir)).await??;
         let hub = Hub::new(wrap(storage), config.cache_budget_bytes)?;
         hub.set_max_document_bytes(config.max_document_bytes);
         let state = RelayState::new(hub.clone())?;
@@ -269,18 +267,14 @@ impl RelayHandle {
     pub async fn staged_bytes(&self, device: &redline_proto::DeviceId) -> Result<u64, Error> {
         let prefix = format!("{device}|").into_bytes();
         let storage = self.hub.storage();
-        tokio::task::spawn_blocking(move || storage.staged_bytes(&prefix))
-            .await
-            .map_err(|e| Error::Storage(e.to_string()))?
+        tokio::task::spawn_blocking(move || storage.staged_bytes(&prefix)).await?
     }
 
     /// Bytes `device` has held in quarantine.
     pub async fn held_bytes(&self, device: &redline_proto::DeviceId) -> Result<u64, Error> {
         let prefix = format!("{device}|").into_bytes();
         let storage = self.hub.storage();
-        tokio::task::spawn_blocking(move || storage.held_bytes(&prefix))
-            .await
-            .map_err(|e| Error::Storage(e.to_string()))?
+        tokio::task::spawn_blocking(move || storage.held_bytes(&prefix)).await?
     }
 
     /// Every document id in storage.

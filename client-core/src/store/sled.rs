@@ -25,7 +25,7 @@ pub struct SledStore {
 }
 
 fn err(e: sled::Error) -> Error {
-    Error::Store(e.to_string())
+    Error::Sled(e)
 }
 
 /// The keys of `tree`, as document ids.

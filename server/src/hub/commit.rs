@@ -156,8 +156,9 @@ impl Hub {
             accepted = ok.into_iter().zip(news).collect();
         } else {
             if let Err(e) = self.reload(id, slot, state).await {
+                let e = Arc::new(e);
                 for p in ok {
-                    let _ = p.reply.send(Err(Error::Storage(e.to_string())));
+                    let _ = p.reply.send(Err(Error::Commit(e.clone())));
                 }
                 return;
             }
@@ -167,8 +168,9 @@ impl Hub {
                     Err(e) => {
                         let _ = p.reply.send(Err(Error::BadChanges(e)));
                         if let Err(e) = self.reload(id, slot, state).await {
+                            let e = Arc::new(e);
                             for (p, _) in accepted {
-                                let _ = p.reply.send(Err(Error::Storage(e.to_string())));
+                                let _ = p.reply.send(Err(Error::Commit(e.clone())));
                             }
                             return;
                         }
@@ -212,6 +214,7 @@ impl Hub {
         if let Some(observe) = self.batch_observer.get() {
             observe(n_pushes);
         }
+        let result = result.map_err(Arc::new);
         for (p, applied) in accepted {
             let r = match &result {
                 Ok(seq) => Ok(Committed {
@@ -219,7 +222,7 @@ impl Hub {
                     applied,
                     seq: seq.unwrap_or_else(|| self.last_seq()),
                 }),
-                Err(e) => Err(Error::Storage(e.to_string())),
+                Err(e) => Err(Error::Commit(e.clone())),
             };
             let _ = p.reply.send(r);
         }

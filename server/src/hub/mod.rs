@@ -191,9 +191,7 @@ impl Hub {
         f: impl FnOnce(&dyn RelayStorage) -> Result<R, Error> + Send + 'static,
     ) -> Result<R, Error> {
         let s = self.storage.clone();
-        tokio::task::spawn_blocking(move || f(s.as_ref()))
-            .await
-            .map_err(|e| Error::Storage(format!("storage task failed: {e}")))?
+        tokio::task::spawn_blocking(move || f(s.as_ref())).await?
     }
 
     /// Counts a document created by `device` on `day` (days since the epoch); `false`

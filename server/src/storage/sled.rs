@@ -30,8 +30,18 @@ pub struct SledStorage {
     dir: PathBuf,
 }
 
-fn storage_err(e: impl std::fmt::Display) -> Error {
-    Error::Storage(e.to_string())
+fn storage_err(e: sled::Error) -> Error {
+    Error::Sled(e)
+}
+
+/// A failed multi-tree transaction: sled's own error keeps its source.
+fn transaction_err(e: sled::transaction::TransactionError<()>) -> Error {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => Error::Sled(e),
+        sled::transaction::TransactionError::Abort(()) => {
+            Error::Storage("transaction aborted".into())
+        }
+    }
 }
 
 /// `doc \0 seq` keys sort by document, then sequence.
@@ -178,7 +188,7 @@ impl Documents for SledStorage {
                 doc_seq.insert(key.as_slice(), heads.as_slice())?;
                 Ok(())
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| storage_err(format!("{e:?}")))
+            .map_err(transaction_err)
     }
 
     fn compact(&self, doc: &DocId, snapshot: &[u8]) -> Result<(), Error> {
@@ -197,7 +207,7 @@ impl Documents for SledStorage {
                 }
                 Ok(())
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| storage_err(format!("{e:?}")))
+            .map_err(transaction_err)
     }
 
     fn flush(&self) -> Result<(), Error> {
