@@ -7,8 +7,11 @@
 //! walks the bundle's layout (header, deps, actors, change and op columns), inflates
 //! deflated columns within a bound, and counts the values each column would decode to,
 //! without materialising them. Bundles announcing more than a legitimate bundle of their
-//! size could hold are refused. Anything it does not understand is left for Automerge
-//! to refuse: the scan only ever says no to sizes.
+//! size could hold are refused. So are columns that break off inside a value or hold a
+//! run of no values after the first: automerge 0.12 loops forever verifying a bundle
+//! whose boolean column ends inside a run length (a CPU bomb found by the property
+//! tests), and no encoder writes either. Anything else it does not understand is left
+//! for Automerge to refuse.
 
 use std::io::Read;
 
@@ -158,7 +161,11 @@ impl<'a> Scan<'a> {
                 } else {
                     data
                 };
-                let items = count_items(spec & 0b111, data)?;
+                let Some(items) = count_items(spec & 0b111, data) else {
+                    return Some(Err(
+                        "a column breaks off inside a value, or holds an empty run".into(),
+                    ));
+                };
                 if items > self.items_limit {
                     return Some(Err(format!(
                         "a column announces {items} values in a bundle of {} bytes",
@@ -200,12 +207,11 @@ fn sleb(b: &[u8]) -> Option<(i64, usize)> {
     None
 }
 
-/// How many values a column of `col_type` announces, without decoding them. A column
-/// that breaks off counts what it announced before the break (Automerge materialises
-/// that much before it notices).
+/// How many values a column of `col_type` announces, without decoding them; `None` if
+/// it breaks off inside a value or holds an empty run where no encoder writes one.
 fn count_items(col_type: u64, data: &[u8]) -> Option<u64> {
     let mut items: u64 = 0;
-    count_into(col_type, data, &mut items);
+    count_into(col_type, data, &mut items)?;
     Some(items)
 }
 
@@ -238,11 +244,16 @@ fn count_into(col_type: u64, data: &[u8], items: &mut u64) -> Option<()> {
     match col_type {
         // Raw values: their size is their bytes.
         7 => {}
-        // Booleans: alternating run lengths.
+        // Booleans: alternating run lengths; only the first (of `false`) may be empty.
         4 => {
+            let mut first = true;
             while at < data.len() {
                 let (n, used) = uleb(&data[at..])?;
                 at += used;
+                if n == 0 && !first {
+                    return None;
+                }
+                first = false;
                 *items = items.saturating_add(n);
             }
         }
@@ -262,6 +273,9 @@ fn count_into(col_type: u64, data: &[u8], items: &mut u64) -> Option<()> {
                 } else {
                     let (n, used) = uleb(data.get(at..)?)?;
                     at += used;
+                    if n == 0 {
+                        return None;
+                    }
                     *items = items.saturating_add(n);
                 }
             }
@@ -300,6 +314,14 @@ mod tests {
             0x01, 0x23, 0x08, 0x85, 0xff, 0xff, 0xff, 0x05, 0xf2, 0x02, 0x26, 0x8e, 0x80, 0x00,
         ];
         assert!(check(&bomb).is_err());
+    }
+
+    #[test]
+    fn a_boolean_column_cut_inside_a_run_length_is_refused() {
+        // Found by the property tests: automerge 0.12 loops forever verifying it.
+        let hang = include_bytes!("../tests/regressions/bundle-bool-truncated-hang.bin");
+        let refused = check(hang).unwrap_err();
+        assert!(refused.contains("breaks off"), "{refused}");
     }
 
     #[test]

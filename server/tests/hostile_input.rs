@@ -137,6 +137,13 @@ fn valid_changes_in_a_sync_step_come_out_whole_and_bombs_do_not() {
     let bomb = &include_bytes!("regressions/bundle-rle-bomb.bin")[1..];
     let refused = redline_server::intake::sync_step(&step(bomb.to_vec())).unwrap_err();
     assert_eq!(refused.0, redline_proto::ErrorCode::BAD_DOCUMENT_DATA);
+    // A CPU bomb: a boolean column cut inside a run length made automerge 0.12 loop
+    // forever verifying the bundle (found by the property test below, which then never
+    // finished). Refused by the guard, on the sync path and as a push.
+    let hang = include_bytes!("regressions/bundle-bool-truncated-hang.bin").to_vec();
+    let refused = redline_server::intake::sync_step(&step(hang.clone())).unwrap_err();
+    assert_eq!(refused.0, redline_proto::ErrorCode::BAD_DOCUMENT_DATA);
+    assert!(apply_untrusted(&mut base(), &hang).is_err());
 }
 
 #[test]
