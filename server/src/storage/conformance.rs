@@ -342,6 +342,18 @@ mod tests {
     use super::*;
     use crate::storage::{MemoryStorage, SledStorage};
 
+    /// Opens again what was just dropped: sled lets go of its lock file once its own
+    /// background flush finishes, a moment after the handle is dropped.
+    pub(super) fn reopen<S, E: std::fmt::Debug>(open: impl Fn() -> Result<S, E>) -> S {
+        for _ in 0..200 {
+            match open() {
+                Ok(s) => return s,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+        open().expect("the store opens again once its last handle is gone")
+    }
+
     /// sled in a temporary directory, reopened from disk on restart.
     struct Sled {
         dirs: Vec<tempfile::TempDir>,
@@ -358,7 +370,7 @@ mod tests {
         fn restart(&mut self, store: SledStorage) -> SledStorage {
             let path = store.path();
             drop(store);
-            SledStorage::open(&path).unwrap()
+            reopen(|| SledStorage::open(&path))
         }
     }
 
