@@ -370,88 +370,17 @@ async fn run(
     let _watchdog = AbortOnDrop(watchdog);
     let greeted = std::time::Instant::now();
     span.record("device", tracing::field::display(&hello.device));
-    let granted = scope.grant(&hello.subscription);
-    let synced_before = relay.devices.synced_before(&hello.device);
-    let quarantined = relay
-        .devices
-        .quarantine_check(scope.claims(), config.quarantine_after);
-    if let Some(offline) = quarantined {
-        info!(
-            offline_h = offline / 3_600_000,
-            "device returns after its horizon: quarantined"
-        );
-    }
-    relay.devices.hello(
-        scope.claims(),
-        hello.protocol_version,
-        &hello.app_version,
-        &granted,
-    );
+    let (granted, synced_before, quarantined) =
+        welcome(&relay, &config, &hello, &scope, &mut send).await?;
     wire.device = Some(hello.device.clone());
-    info!(app_version = %hello.app_version, member = %scope.claims().member, role = %scope.claims().role, "device hello");
-    let welcome = Message::Welcome(Welcome {
-        protocol_version: hello.protocol_version,
-        relay: config.name.clone(),
-        epoch: relay.hub.epoch(),
-        granted: granted.clone(),
-        quarantined,
-    });
-    // Extensions go only to devices of version 2 or later (encode_frame_with drops them
-    // for version 1, whose decoder refuses trailing bytes).
-    let mut ext = codec::Extensions::new();
-    ext.insert(ext::WELCOME_OLDEST_VERSION, &MIN_PROTOCOL_VERSION)?;
-    ext.insert(ext::WELCOME_NEWEST_VERSION, &config.protocol_version)?;
-    let frame = codec::encode_frame_with(&welcome, &ext, hello.protocol_version, config.max_frame)?;
-    write_frame(&mut send, &frame, limits.write_timeout).await?;
     // A revocation noticed while the welcome was on its way counts too.
     if authority.is_revoked(&token_id) {
         let text = format!("token {token_id} was revoked; ask your lead for a new one");
         return Err(turn_away(&mut send, &config, ErrorCode::TOKEN_REVOKED, text).await);
     }
 
-    // Writer: one task owns the control stream's send side. A device that stops reading
-    // is closed once a write has waited `write_timeout`, so nothing waits on it for long.
-    let (out, mut outbox) = mpsc::channel::<Message>(256);
-    let max_frame = config.max_frame;
-    let write_timeout = limits.write_timeout;
-    let writer_conn = conn.clone();
-    let writer = tokio::spawn(async move {
-        while let Some(m) = outbox.recv().await {
-            match write_message(&mut send, &m, max_frame, write_timeout).await {
-                Ok(()) => {}
-                Err(Error::Refused { code, text }) => {
-                    info!(%code, "closing connection: {text}");
-                    writer_conn.close(u32::from(code.0).into(), code.name().as_bytes());
-                    return;
-                }
-                Err(e) => {
-                    debug!("control stream write failed: {e}");
-                    return;
-                }
-            }
-        }
-        let _ = send.finish();
-        // Let the last words (an error report) reach the device before any close.
-        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-    });
-    // Reader: frames into a channel, so the main loop can also wait on other things. A
-    // live device may be quiet between frames; a frame once begun must arrive in time.
-    let (inbox_tx, mut inbox) = mpsc::channel::<Result<Message, Error>>(64);
-    let stream_idle = limits.stream_idle_timeout;
-    let reader = tokio::spawn(async move {
-        loop {
-            let r = read_message(&mut recv, max_frame, None, stream_idle).await;
-            let end = !matches!(r, Ok(Some(_)));
-            let item = match r {
-                Ok(Some(m)) => Ok(m),
-                Ok(None) => break,
-                Err(e) => Err(e),
-            };
-            if inbox_tx.send(item).await.is_err() || end {
-                break;
-            }
-        }
-    });
+    let (out, writer) = spawn_writer(send, &conn, &config);
+    let (mut inbox, reader) = spawn_reader(recv, &config);
 
     let now = std::time::Instant::now();
     let peer = Peer {
@@ -496,24 +425,173 @@ async fn run(
         uploads: JoinSet::new(),
         opened: None,
     };
+    let result = drive(
+        &mut session,
+        &mut driver,
+        Inputs {
+            inbox: &mut inbox,
+            stable: &mut stable,
+            revocations: &mut revocations,
+        },
+        &authority,
+        token_id,
+        wire,
+        greeted,
+    )
+    .await;
+    drop(driver.out);
+    reader.abort();
+    driver.uploads.abort_all();
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    result
+}
+
+/// Records the device's hello, tells it what it receives (its subscription narrowed to
+/// its token) and whether it is in quarantine; returns those and whether it had synced
+/// before.
+async fn welcome(
+    relay: &RelayState,
+    config: &RelayConfig,
+    hello: &Hello,
+    scope: &Scope,
+    send: &mut SendStream,
+) -> Result<(redline_proto::message::Subscription, bool, Option<i64>), Error> {
+    let granted = scope.grant(&hello.subscription);
+    let synced_before = relay.devices.synced_before(&hello.device);
+    let quarantined = relay
+        .devices
+        .quarantine_check(scope.claims(), config.quarantine_after);
+    if let Some(offline) = quarantined {
+        info!(
+            offline_h = offline / 3_600_000,
+            "device returns after its horizon: quarantined"
+        );
+    }
+    relay.devices.hello(
+        scope.claims(),
+        hello.protocol_version,
+        &hello.app_version,
+        &granted,
+    );
+    info!(app_version = %hello.app_version, member = %scope.claims().member, role = %scope.claims().role, "device hello");
+    let welcome = Message::Welcome(Welcome {
+        protocol_version: hello.protocol_version,
+        relay: config.name.clone(),
+        epoch: relay.hub.epoch(),
+        granted: granted.clone(),
+        quarantined,
+    });
+    // Extensions go only to devices of version 2 or later (encode_frame_with drops them
+    // for version 1, whose decoder refuses trailing bytes).
+    let mut ext = codec::Extensions::new();
+    ext.insert(ext::WELCOME_OLDEST_VERSION, &MIN_PROTOCOL_VERSION)?;
+    ext.insert(ext::WELCOME_NEWEST_VERSION, &config.protocol_version)?;
+    let frame = codec::encode_frame_with(&welcome, &ext, hello.protocol_version, config.max_frame)?;
+    write_frame(send, &frame, config.limits.write_timeout).await?;
+    Ok((granted, synced_before, quarantined))
+}
+
+/// The control stream's writer: one task owns its send side. A device that stops
+/// reading is closed once a write has waited `write_timeout`, so nothing waits on it.
+fn spawn_writer(
+    mut send: SendStream,
+    conn: &quinn::Connection,
+    config: &RelayConfig,
+) -> (mpsc::Sender<Message>, tokio::task::JoinHandle<()>) {
+    let (out, mut outbox) = mpsc::channel::<Message>(256);
+    let max_frame = config.max_frame;
+    let write_timeout = config.limits.write_timeout;
+    let writer_conn = conn.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(m) = outbox.recv().await {
+            match write_message(&mut send, &m, max_frame, write_timeout).await {
+                Ok(()) => {}
+                Err(Error::Refused { code, text }) => {
+                    info!(%code, "closing connection: {text}");
+                    writer_conn.close(u32::from(code.0).into(), code.name().as_bytes());
+                    return;
+                }
+                Err(e) => {
+                    debug!("control stream write failed: {e}");
+                    return;
+                }
+            }
+        }
+        let _ = send.finish();
+        // Let the last words (an error report) reach the device before any close.
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    });
+    (out, writer)
+}
+
+/// The control stream's reader: frames into a channel, so the session's loop can also
+/// wait on other things. A live device may be quiet between frames; a frame once begun
+/// must arrive in time.
+fn spawn_reader(
+    mut recv: RecvStream,
+    config: &RelayConfig,
+) -> (
+    mpsc::Receiver<Result<Message, Error>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (inbox_tx, inbox) = mpsc::channel::<Result<Message, Error>>(64);
+    let max_frame = config.max_frame;
+    let stream_idle = config.limits.stream_idle_timeout;
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = read_message(&mut recv, max_frame, None, stream_idle).await;
+            let end = !matches!(r, Ok(Some(_)));
+            let item = match r {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            if inbox_tx.send(item).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    (inbox, reader)
+}
+
+/// What wakes a session besides its driver's own tasks.
+struct Inputs<'a> {
+    inbox: &'a mut mpsc::Receiver<Result<Message, Error>>,
+    stable: &'a mut tokio::sync::watch::Receiver<u64>,
+    revocations: &'a mut tokio::sync::watch::Receiver<u64>,
+}
+
+/// Runs `session` until it ends: performs its actions, then waits for the next input
+/// (a frame, a commit done, the stable sequence moving, a timer, a revocation, a stream
+/// or an upload ending) and feeds it in with `now`.
+async fn drive(
+    session: &mut Session,
+    driver: &mut Driver,
+    inputs: Inputs<'_>,
+    authority: &Authority,
+    token_id: redline_proto::token::TokenId,
+    wire: &mut Wire,
+    greeted: std::time::Instant,
+) -> Result<(), Error> {
     let mut first_caught = true;
-    let result = 'session: loop {
+    'session: loop {
         while let Some(action) = session.poll_action() {
-            if let Some(end) = driver.perform(&mut session, action).await {
+            if let Some(end) = driver.perform(session, action).await {
                 break 'session end;
             }
         }
         if first_caught && session.peer().delivered.is_some() {
             first_caught = false;
-            relay
+            driver
+                .relay
                 .metrics
                 .sync_latency
                 .observe(greeted.elapsed().as_secs_f64());
         }
-        wire.account(&conn, &relay);
+        wire.account(&driver.conn, &driver.relay);
         let timer = session.poll_timeout().map(tokio::time::Instant::from_std);
         let input = tokio::select! {
-            item = inbox.recv() => match item {
+            item = inputs.inbox.recv() => match item {
                 None => Input::StreamEnded,
                 Some(Err(e)) => Input::StreamFailed(e),
                 Some(Ok(m)) => Input::Message(m),
@@ -525,24 +603,24 @@ async fn run(
                     continue;
                 }
             },
-            changed = stable.changed() => {
+            changed = inputs.stable.changed() => {
                 if changed.is_err() {
                     break Ok(());
                 }
-                Input::StableMoved(*stable.borrow_and_update())
+                Input::StableMoved(*inputs.stable.borrow_and_update())
             }
             _ = tokio::time::sleep_until(timer.unwrap_or_else(tokio::time::Instant::now)), if timer.is_some() => {
                 session.handle_timeout(std::time::Instant::now());
                 continue;
             }
-            changed = revocations.changed() => {
+            changed = inputs.revocations.changed() => {
                 if changed.is_ok() && authority.is_revoked(&token_id) {
                     Input::Revoked
                 } else {
                     continue;
                 }
             }
-            accepted = conn.accept_bi() => match accepted {
+            accepted = driver.conn.accept_bi() => match accepted {
                 Ok(stream) => {
                     driver.opened = Some(stream);
                     Input::StreamOpened
@@ -561,15 +639,10 @@ async fn run(
         };
         let now = std::time::Instant::now();
         // Catch-ups read the newest stable sequence, whichever input woke the loop.
-        let newest = *stable.borrow_and_update();
+        let newest = *inputs.stable.borrow_and_update();
         session.handle(now, Input::StableMoved(newest));
         session.handle(now, input);
-    };
-    drop(driver.out);
-    reader.abort();
-    driver.uploads.abort_all();
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-    result
+    }
 }
 
 /// Performs a [`Session`]'s actions over QUIC and the hub, and feeds their results back.
