@@ -618,16 +618,8 @@ mod tests {
         fn restart(&mut self, store: FaultyStorage) -> FaultyStorage {
             let path = store.inner.path();
             drop(store);
-            // sled lets go of its lock once its background flush ends, a moment later.
-            let mut opened = SledStorage::open(&path);
-            for _ in 0..200 {
-                if opened.is_ok() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                opened = SledStorage::open(&path);
-            }
-            FaultyStorage::new(opened.unwrap(), Default::default(), Default::default())
+            let opened = conformance::reopen(|| SledStorage::open(&path));
+            FaultyStorage::new(opened, Default::default(), Default::default())
         }
     }
 

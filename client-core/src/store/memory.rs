@@ -143,17 +143,11 @@ impl DeviceStore for MemoryStore {
 
     fn put_transfer_piece(&self, id: &[u8; 16], offset: u64, data: &[u8]) -> Result<(), Error> {
         let have = self.transfer_len(id)?;
-        if offset > have {
-            return Err(Error::Store(format!(
-                "transfer piece at {offset}, but only {have} bytes are held"
-            )));
-        }
-        let skip = (have - offset) as usize;
-        if skip >= data.len() {
+        let Some(new) = super::new_part_of_piece(have, offset, data)? else {
             return Ok(());
-        }
+        };
         self.write(true, |t| {
-            Arc::make_mut(t.transfers.entry(*id).or_default()).extend_from_slice(&data[skip..]);
+            Arc::make_mut(t.transfers.entry(*id).or_default()).extend_from_slice(new);
         });
         Ok(())
     }

@@ -80,6 +80,23 @@ pub trait DeviceStore: Send + Sync + 'static {
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), Error>;
 }
 
+/// What of a transfer piece at `offset` to append when `have` bytes are held: ids are
+/// content hashes, so bytes already held (an earlier attempt's write finishing late) are
+/// skipped (`None`: nothing new); a gap is an error.
+pub(crate) fn new_part_of_piece(
+    have: u64,
+    offset: u64,
+    data: &[u8],
+) -> Result<Option<&[u8]>, Error> {
+    if offset > have {
+        return Err(Error::Store(format!(
+            "transfer piece at {offset}, but only {have} bytes are held"
+        )));
+    }
+    let skip = (have - offset) as usize;
+    Ok((skip < data.len()).then(|| &data[skip..]))
+}
+
 /// The key under which the acknowledgement time of `id` is kept.
 pub(crate) fn acked_at_key(id: &DocId) -> String {
     format!("acked_at:{id}")

@@ -170,18 +170,12 @@ impl DeviceStore for SledStore {
     /// is an error.
     fn put_transfer_piece(&self, id: &[u8; 16], offset: u64, data: &[u8]) -> Result<(), Error> {
         let have = self.transfer_len(id)?;
-        if offset > have {
-            return Err(Error::Store(format!(
-                "transfer piece at {offset}, but only {have} bytes are held"
-            )));
-        }
-        let skip = (have - offset) as usize;
-        if skip >= data.len() {
+        let Some(new) = super::new_part_of_piece(have, offset, data)? else {
             return Ok(());
-        }
+        };
         let mut key = id.to_vec();
         key.extend_from_slice(&have.to_be_bytes());
-        self.transfers.insert(key, &data[skip..]).map_err(err)?;
+        self.transfers.insert(key, new).map_err(err)?;
         self.flush()
     }
 

@@ -42,13 +42,6 @@ pub struct BatchPlan {
     pub fresh: Vec<ChangeHash>,
 }
 
-impl BatchPlan {
-    /// Whether any proposal was accepted.
-    pub fn accepts_any(&self) -> bool {
-        self.verdicts.iter().any(|v| v.is_ok())
-    }
-}
-
 /// Decides the fate of every proposal of a batch for document `id` (see the module
 /// docs). `stored_bytes` is the document's stored size, `limit` the largest allowed.
 pub fn plan_batch(
@@ -192,7 +185,7 @@ mod tests {
             plan.verdicts[1],
             Err(Error::MissingDependencies(_))
         ));
-        assert!(plan.fresh.is_empty() && !plan.accepts_any());
+        assert!(plan.fresh.is_empty());
     }
 
     #[test]

@@ -21,6 +21,18 @@ pub trait Harness {
     fn restart(&mut self, store: Self::Store) -> Self::Store;
 }
 
+/// Opens again what was just dropped: sled lets go of its lock file once its own
+/// background flush finishes, a moment after the handle is dropped.
+pub fn reopen<S, E: std::fmt::Debug>(open: impl Fn() -> Result<S, E>) -> S {
+    for _ in 0..200 {
+        match open() {
+            Ok(s) => return s,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+    open().expect("the store opens again once its last handle is gone")
+}
+
 /// A check of the suite.
 type Check<H> = fn(&mut H);
 
@@ -341,18 +353,6 @@ fn torn_commits<H: Harness>(h: &mut H) {
 mod tests {
     use super::*;
     use crate::storage::{MemoryStorage, SledStorage};
-
-    /// Opens again what was just dropped: sled lets go of its lock file once its own
-    /// background flush finishes, a moment after the handle is dropped.
-    pub(super) fn reopen<S, E: std::fmt::Debug>(open: impl Fn() -> Result<S, E>) -> S {
-        for _ in 0..200 {
-            match open() {
-                Ok(s) => return s,
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
-            }
-        }
-        open().expect("the store opens again once its last handle is gone")
-    }
 
     /// sled in a temporary directory, reopened from disk on restart.
     struct Sled {
