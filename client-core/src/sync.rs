@@ -252,7 +252,16 @@ async fn upload(
             next = end as u64;
         }
         match read(&mut recv, max_frame, &traffic, &totals).await? {
-            Some(Message::UploadOffset(o)) if o.id == id => acked = o.have,
+            Some(Message::UploadOffset(o)) if o.id == id => {
+                // The relay acknowledges only bytes it was sent on this stream.
+                if o.have < acked || o.have > next {
+                    return Err(Error::Transport(format!(
+                        "the relay acknowledged {} bytes of an upload after {acked}, with {next} sent",
+                        o.have
+                    )));
+                }
+                acked = o.have;
+            }
             Some(Message::Ack(a)) => {
                 return Ok(UploadEnd::Acked {
                     doc,

@@ -543,3 +543,134 @@ async fn devices_repair_a_relay_restored_from_an_older_copy() -> anyhow::Result<
     relay.shutdown().await?;
     Ok(())
 }
+
+/// Reads one message from an upload stream (`None` when it ended or stayed silent).
+async fn upload_answer(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut redline_proto::codec::FrameDecoder,
+) -> anyhow::Result<Option<redline_proto::Message>> {
+    loop {
+        if let Some(m) = decoder.next_message()? {
+            return Ok(Some(m));
+        }
+        match tokio::time::timeout(Duration::from_secs(5), recv.read_chunk(64 * 1024, true)).await {
+            Ok(Ok(Some(chunk))) => decoder.push(&chunk.bytes),
+            _ => return Ok(None),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_upload_resumed_on_a_new_connection_takes_over_from_the_stream_of_the_cut_one()
+-> anyhow::Result<()> {
+    use redline_proto::Message;
+    use redline_proto::message::{Piece, Upload};
+    use redline_tests::{RawDevice, device_for, token_for};
+
+    let (rd, pd) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let relay = start_relay(rd.path()).await?;
+    let device = device_for(pd.path());
+    let token = token_for(
+        relay.data_dir(),
+        pd.path(),
+        "amira",
+        redline_proto::token::Role::Volunteer,
+        &["team-1"],
+        &[],
+    )?;
+    // The device's changes: one change with a 6 KB note that does not compress, bundled with the genesis.
+    let id = DocId::ledger(&team("team-1"), &redline_tests::today());
+    let mut doc = redline_proto::genesis::genesis(&id).with_actor(ActorId::random());
+    let mut tx = doc.transaction();
+    let noise: Vec<u8> = {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        (0..6 * 1024).map(|_| rng.random::<u8>()).collect()
+    };
+    tx.put(ROOT, "notes", automerge::ScalarValue::Bytes(noise))?;
+    tx.commit_with(
+        automerge::transaction::CommitOptions::default().with_message(format!("amira@{device}")),
+    );
+    let head = doc.get_heads()[0];
+    let all: Vec<_> = doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
+    let bytes = doc.bundle(all)?.bytes().to_vec();
+    let upload = Upload {
+        id: redline_proto::wire::transfer_id(&bytes),
+        doc: id.clone(),
+        len: bytes.len() as u64,
+        document: false,
+        heads: vec![head.0],
+    };
+    let piece = |from: usize, to: usize| {
+        Message::Piece(Piece {
+            id: upload.id,
+            offset: from as u64,
+            data: bytes[from..to.min(bytes.len())].to_vec(),
+        })
+    };
+    let frame = |m: &Message| redline_proto::codec::encode_frame(m, 1 << 20);
+    let subscription = redline_proto::message::Subscription {
+        teams: vec![team("team-1")],
+        ..Default::default()
+    };
+    let decoder = || redline_proto::codec::FrameDecoder::new(1 << 20);
+
+    // The first connection stages 1 KB, then goes quiet (its phone lost the network).
+    let mut first = RawDevice::connect(&relay).await?;
+    first.hello(&device, &token, subscription.clone()).await?;
+    let (mut s1, mut r1) = first.conn.open_bi().await?;
+    let mut d1 = decoder();
+    s1.write_all(&frame(&Message::Upload(upload.clone()))?)
+        .await?;
+    let offset = upload_answer(&mut r1, &mut d1).await?;
+    assert!(
+        matches!(&offset, Some(Message::UploadOffset(o)) if o.have == 0),
+        "{offset:?}"
+    );
+    s1.write_all(&frame(&piece(0, 1024))?).await?;
+    let acked = upload_answer(&mut r1, &mut d1).await?;
+    assert!(
+        matches!(&acked, Some(Message::UploadOffset(o)) if o.have == 1024),
+        "{acked:?}"
+    );
+
+    // The phone reconnects and resumes from what the relay holds.
+    let mut second = RawDevice::connect(&relay).await?;
+    second.hello(&device, &token, subscription).await?;
+    let (mut s2, mut r2) = second.conn.open_bi().await?;
+    let mut d2 = decoder();
+    s2.write_all(&frame(&Message::Upload(upload.clone()))?)
+        .await?;
+    let resumed = upload_answer(&mut r2, &mut d2).await?;
+    assert!(
+        matches!(&resumed, Some(Message::UploadOffset(o)) if o.have == 1024),
+        "{resumed:?}"
+    );
+
+    // The old stream wakes up and sends its next piece: it no longer owns the upload,
+    // and writing it would shift the offset under the new stream.
+    s1.write_all(&frame(&piece(1024, 2048))?).await?;
+    let old = upload_answer(&mut r1, &mut d1).await?;
+    assert!(
+        matches!(&old, Some(Message::Error(e)) if e.code == redline_proto::ErrorCode::BAD_TRANSFER && e.text.contains("newer connection")),
+        "{old:?}"
+    );
+
+    // The new stream finishes the upload and gets the push's answer.
+    let mut at = 1024;
+    while at < bytes.len() {
+        s2.write_all(&frame(&piece(at, at + 1024))?).await?;
+        at = (at + 1024).min(bytes.len());
+        let got = upload_answer(&mut r2, &mut d2).await?;
+        match got {
+            Some(Message::UploadOffset(o)) => assert_eq!(o.have, at as u64),
+            Some(Message::Ack(_)) if at == bytes.len() => {}
+            other => panic!("at {at}: {other:?}"),
+        }
+    }
+    let last = upload_answer(&mut r2, &mut d2).await?;
+    assert!(matches!(last, Some(Message::Ack(_)) | None), "{last:?}");
+    assert!(relay.heads(&id).await?.contains(&head));
+    relay.shutdown().await?;
+    Ok(())
+}

@@ -19,6 +19,7 @@ mod commit;
 pub mod feed;
 pub mod plan;
 mod slots;
+pub mod staging;
 
 pub use catchup::Window;
 pub use commit::{Committed, apply_untrusted};
@@ -72,8 +73,9 @@ pub struct Hub {
     /// Documents each device created today: (day since the epoch, count). In memory: a
     /// restart forgives the day's count.
     creations: Mutex<HashMap<DeviceId, (i64, u32)>>,
-    /// Makes "check a device's staged bytes, then store a piece" one step.
-    pub(crate) staging: Mutex<()>,
+    /// Who writes each unfinished upload; its lock makes "check a device's staged bytes
+    /// and that this stream still owns the upload, then store a piece" one step.
+    pub(crate) staging: Mutex<staging::Staging>,
     /// Makes "check a device's held bytes, then hold a push" one step.
     pub(crate) holding: AsyncMutex<()>,
     /// Counters.
@@ -123,7 +125,7 @@ impl Hub {
             batch_observer: std::sync::OnceLock::new(),
             actors: Mutex::new(HashMap::new()),
             creations: Mutex::new(HashMap::new()),
-            staging: Mutex::new(()),
+            staging: Mutex::new(staging::Staging::default()),
             holding: AsyncMutex::new(()),
         });
         // The flusher holds the hub weakly: when the relay shuts down, storage is released.

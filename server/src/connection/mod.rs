@@ -18,10 +18,8 @@ use std::time::Duration;
 use quinn::{RecvStream, SendStream};
 use redline_proto::codec::{self, HEADER_LEN};
 use redline_proto::message::ext;
-use redline_proto::message::{
-    Ack, Coverage, ErrorReport, Hello, Message, Piece, UploadOffset, Welcome,
-};
-use redline_proto::session::{RelayResync, check_hello, hashes_from_wire, hashes_to_wire};
+use redline_proto::message::{Coverage, ErrorReport, Hello, Message, Piece, Welcome};
+use redline_proto::session::{RelayResync, check_hello};
 use redline_proto::wire::{TRANSFER_PIECE, transfer_id, union_heads};
 use redline_proto::{DeviceId, DocId, ErrorCode, MIN_PROTOCOL_VERSION};
 use tokio::sync::mpsc;
@@ -34,12 +32,15 @@ use crate::auth::Authority;
 use crate::authorship::Author;
 use crate::config::RelayConfig;
 use crate::door::Seat;
-use crate::hub::{Window, bundle_changes};
+use crate::hub::Window;
 use crate::session::{
     Action, Admission, Answer, Bucket, Input, Known, Outcome, Peer, Query, Request, Session,
-    SessionLimits, Verdict, forbidden, held_entry, refusal_code, reply,
+    SessionLimits, Verdict, refusal_code,
 };
 use crate::state::RelayState;
+
+mod upload;
+use upload::{UploadCtx, upload};
 
 /// What one connection shares with the rest of the relay.
 #[derive(Clone)]
@@ -1179,261 +1180,4 @@ async fn resync_step(
         }
     }
     relay.hub.release(slot);
-}
-
-/// What an upload stream needs from its connection.
-struct UploadCtx {
-    relay: Arc<RelayState>,
-    config: Arc<RelayConfig>,
-    /// Who uploads, and what the admission rule needs to know of it.
-    who: Admission,
-    known: Known,
-    rate: RateLimit,
-}
-
-/// One resumable upload on its own stream.
-async fn upload(mut send: SendStream, mut recv: RecvStream, ctx: UploadCtx) -> Result<(), Error> {
-    let UploadCtx {
-        relay,
-        config,
-        who,
-        known,
-        rate,
-    } = ctx;
-    let device = who.author.device.clone();
-    let scope = who.scope.clone();
-    let max_frame = config.max_frame;
-    let idle = config.limits.stream_idle_timeout;
-    let write_timeout = config.limits.write_timeout;
-    let first = read_message(&mut recv, max_frame, Some(idle), idle).await;
-    if let Err(e @ (Error::Refused { .. } | Error::Protocol(_))) = &first {
-        let (code, text) = match e {
-            Error::Refused { code, text } => (*code, text.clone()),
-            Error::Protocol(p) => (p.code(), p.to_string()),
-            _ => unreachable!("matched above"),
-        };
-        let _ = write_message(
-            &mut send,
-            &error_msg(code, text.clone(), None),
-            max_frame,
-            write_timeout,
-        )
-        .await;
-        let _ = send.finish();
-        return Err(Error::Refused { code, text });
-    }
-    rate.check()?;
-    let Some(Message::Upload(up)) = first? else {
-        write_message(
-            &mut send,
-            &error_msg(
-                ErrorCode::PROTOCOL_VIOLATION,
-                "a stream must start with an upload",
-                None,
-            ),
-            max_frame,
-            write_timeout,
-        )
-        .await?;
-        return Err(Error::Refused {
-            code: ErrorCode::PROTOCOL_VIOLATION,
-            text: "a stream must start with an upload".into(),
-        });
-    };
-    if !scope.can_write(&up.doc) {
-        write_message(&mut send, &forbidden(&up.doc), max_frame, write_timeout).await?;
-        let _ = send.finish();
-        return Ok(());
-    }
-    if up.len > config.max_document_bytes {
-        let text = format!(
-            "upload of {} bytes exceeds the limit of {}",
-            up.len, config.max_document_bytes
-        );
-        write_message(
-            &mut send,
-            &error_msg(ErrorCode::TOO_LARGE, text, Some(up.doc)),
-            max_frame,
-            write_timeout,
-        )
-        .await?;
-        return Ok(());
-    }
-    // The device holds what it uploads: never send it back.
-    let pushed = hashes_from_wire(&up.heads);
-    known.add(&up.doc, &pushed);
-    // Already committed (the ack of an earlier attempt was lost): answer at once.
-    if !pushed.is_empty() {
-        let slot = relay.hub.slot(&up.doc).await?;
-        let state = slot.lock().await;
-        if pushed
-            .iter()
-            .all(|h| state.doc.get_change_meta_by_hash(h).is_some())
-        {
-            let ack = Ack {
-                doc: up.doc.clone(),
-                heads: hashes_to_wire(&state.doc.get_heads()),
-                applied: 0,
-            };
-            drop(state);
-            write_message(&mut send, &Message::Ack(ack), max_frame, write_timeout).await?;
-            let _ = send.finish();
-            return Ok(());
-        }
-    }
-    let key: Vec<u8> = format!("{device}|{}", hex::encode(up.id)).into_bytes();
-    let storage = relay.hub.storage();
-    let k = key.clone();
-    let mut have = tokio::task::spawn_blocking({
-        let s = storage.clone();
-        move || s.upload_len(&k)
-    })
-    .await??;
-    // What this device has staged, this upload's pieces included, stays within its quota.
-    let prefix = format!("{device}|").into_bytes();
-    let staged = tokio::task::spawn_blocking({
-        let s = storage.clone();
-        move || s.staged_bytes(&prefix)
-    })
-    .await??;
-    let quota = config.quotas.staged_bytes_per_device;
-    if staged.saturating_add(up.len.saturating_sub(have)) > quota {
-        relay.metrics.quota_refused("staged_bytes_per_device");
-        let text = format!(
-            "this phone has {staged} bytes of unfinished uploads on the relay; with this one it would pass the limit of {quota} (unfinished uploads expire)"
-        );
-        write_message(
-            &mut send,
-            &error_msg(ErrorCode::QUOTA_EXCEEDED, text, Some(up.doc)),
-            max_frame,
-            write_timeout,
-        )
-        .await?;
-        let _ = send.finish();
-        return Ok(());
-    }
-    write_message(
-        &mut send,
-        &Message::UploadOffset(UploadOffset { id: up.id, have }),
-        max_frame,
-        write_timeout,
-    )
-    .await?;
-    while have < up.len {
-        let Some(Message::Piece(p)) = read_message(&mut recv, max_frame, Some(idle), idle).await?
-        else {
-            return Err(Error::Connection("upload stream ended early".into()));
-        };
-        rate.check()?;
-        if p.id != up.id
-            || p.offset != have
-            || p.data.len() > redline_proto::message::MAX_PIECE
-            || have + p.data.len() as u64 > up.len
-        {
-            write_message(
-                &mut send,
-                &error_msg(
-                    ErrorCode::BAD_TRANSFER,
-                    "piece out of place",
-                    Some(up.doc.clone()),
-                ),
-                max_frame,
-                write_timeout,
-            )
-            .await?;
-            return Err(Error::Connection("bad piece".into()));
-        }
-        let (s, k, data, offset) = (storage.clone(), key.clone(), p.data, p.offset);
-        let n = data.len() as u64;
-        let now = crate::auth::now_secs();
-        let (h, prefix) = (relay.clone(), format!("{device}|").into_bytes());
-        // The quota is checked again with each piece, and the check and the write are one
-        // step: a device's concurrent uploads cannot together pass it.
-        let stored = tokio::task::spawn_blocking(move || {
-            let _one_at_a_time = h.hub.staging.lock().expect("staging lock");
-            if s.staged_bytes(&prefix)?.saturating_add(n) > quota {
-                return Ok(false);
-            }
-            s.put_piece(&k, offset, &data)?;
-            s.touch_upload(&k, now)?;
-            Ok::<_, Error>(true)
-        })
-        .await??;
-        if !stored {
-            relay.metrics.quota_refused("staged_bytes_per_device");
-            let text = format!(
-                "this phone's unfinished uploads on the relay reached the limit of {quota} bytes (unfinished uploads expire)"
-            );
-            write_message(
-                &mut send,
-                &error_msg(ErrorCode::QUOTA_EXCEEDED, text, Some(up.doc.clone())),
-                max_frame,
-                write_timeout,
-            )
-            .await?;
-            let _ = send.finish();
-            return Ok(());
-        }
-        relay.hub.flush().await?;
-        have += n;
-        write_message(
-            &mut send,
-            &Message::UploadOffset(UploadOffset { id: up.id, have }),
-            max_frame,
-            write_timeout,
-        )
-        .await?;
-    }
-    let (s, k) = (storage.clone(), key.clone());
-    let bytes = tokio::task::spawn_blocking(move || s.upload_bytes(&k)).await??;
-    let reply = if transfer_id(&bytes) != up.id {
-        error_msg(
-            ErrorCode::BAD_TRANSFER,
-            "upload bytes do not match their id",
-            Some(up.doc.clone()),
-        )
-    } else {
-        match bundle_changes(&bytes) {
-            Err(e) => error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(up.doc.clone())),
-            Ok(changes) => match admit(&relay, &who, &up.doc, &changes).await {
-                Verdict::Refuse(code, text) => error_msg(code, text, Some(up.doc.clone())),
-                Verdict::Hold { starts } => {
-                    let quarantined = if starts {
-                        Some(relay.devices.mark_quarantined(&device))
-                    } else {
-                        who.quarantined
-                    };
-                    let entry = held_entry(
-                        &device,
-                        &scope,
-                        quarantined,
-                        &up.doc,
-                        changes.len(),
-                        now_ms(),
-                    );
-                    let held = hold(
-                        &relay,
-                        entry,
-                        bytes.clone(),
-                        config.quotas.held_bytes_per_device,
-                    )
-                    .await;
-                    reply(up.doc.clone(), held)
-                }
-                Verdict::Accept => {
-                    known.add_own(&up.doc, &changes);
-                    let pushed: Vec<_> = changes.iter().map(|c| c.hash()).collect();
-                    let committed = relay.hub.push(&up.doc, &who.author, changes).await;
-                    let seq = committed.as_ref().ok().map(|c| c.seq);
-                    known.settle_own(&up.doc, &pushed, seq);
-                    reply(up.doc.clone(), committed.map(Outcome::Committed))
-                }
-            },
-        }
-    };
-    let (s, k) = (storage, key);
-    let _ = tokio::task::spawn_blocking(move || s.drop_upload(&k)).await;
-    write_message(&mut send, &reply, max_frame, write_timeout).await?;
-    let _ = send.finish();
-    Ok(())
 }
