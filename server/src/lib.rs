@@ -36,6 +36,8 @@ pub mod door;
 pub mod health;
 pub mod hub;
 pub mod intake;
+/// The relay without QUIC, for the deterministic simulation.
+pub use connection::loopback;
 pub mod metrics;
 pub mod quarantine;
 pub mod relay;

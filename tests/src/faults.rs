@@ -15,8 +15,8 @@ use rand::Rng;
 use redline_proto::{DeviceId, DocId};
 use redline_server::Error;
 use redline_server::storage::{
-    ActorBindings, DeviceRecords, Documents, KeyValue, QuarantineStore, SledStorage, StoredDoc,
-    Uploads,
+    ActorBindings, DeviceRecords, Documents, KeyValue, QuarantineStore, RelayStorage, SledStorage,
+    StoredDoc, Uploads,
 };
 use tokio::net::UdpSocket;
 
@@ -254,25 +254,40 @@ impl UdpProxy {
 
 /// Storage whose writes fail while [`FaultyStorage::failing`] is set (a full or broken
 /// disk); reads keep working.
-pub struct FaultyStorage {
-    inner: SledStorage,
+pub struct FaultyStorage<S: RelayStorage = SledStorage> {
+    inner: Arc<S>,
     /// While true, every write fails.
     pub failing: Arc<AtomicBool>,
     /// Writes refused so far.
     pub refused: Arc<AtomicU64>,
     /// Each document write takes this many milliseconds longer (a slow disk).
     commit_delay_ms: Arc<AtomicU64>,
+    /// While true, a flush reports success without making anything durable (a disk
+    /// that lies about its cache: the relay acknowledges before the data is safe).
+    lying_flush: Arc<AtomicBool>,
 }
 
-impl FaultyStorage {
+impl<S: RelayStorage> FaultyStorage<S> {
     /// Wraps `inner`.
-    pub fn new(inner: SledStorage, failing: Arc<AtomicBool>, refused: Arc<AtomicU64>) -> Self {
+    pub fn new(inner: S, failing: Arc<AtomicBool>, refused: Arc<AtomicU64>) -> Self {
+        Self::over(Arc::new(inner), failing, refused)
+    }
+
+    /// Wraps `inner`, which the caller keeps a handle to (to crash it, say).
+    pub fn over(inner: Arc<S>, failing: Arc<AtomicBool>, refused: Arc<AtomicU64>) -> Self {
         Self {
             inner,
             failing,
             refused,
             commit_delay_ms: Arc::new(AtomicU64::new(0)),
+            lying_flush: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Makes flushes lie while `lying` holds true (see the field).
+    pub fn with_lying_flush(mut self, lying: Arc<AtomicBool>) -> Self {
+        self.lying_flush = lying;
+        self
     }
 
     /// Slows every document write down by what `ms` holds (changeable at any time).
@@ -293,9 +308,12 @@ impl FaultyStorage {
     }
 }
 
-impl Documents for FaultyStorage {
+impl<S: RelayStorage> Documents for FaultyStorage<S> {
     fn epoch(&self) -> u64 {
         self.inner.epoch()
+    }
+    fn blocks(&self) -> bool {
+        self.inner.blocks()
     }
     fn last_seq(&self) -> Result<u64, Error> {
         self.inner.last_seq()
@@ -317,6 +335,9 @@ impl Documents for FaultyStorage {
     }
     fn flush(&self) -> Result<(), Error> {
         self.check()?;
+        if self.lying_flush.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         self.inner.flush()
     }
     fn feed(&self, after: u64, upto: u64) -> Result<Vec<(u64, DocId)>, Error> {
@@ -333,7 +354,7 @@ impl Documents for FaultyStorage {
     }
 }
 
-impl Uploads for FaultyStorage {
+impl<S: RelayStorage> Uploads for FaultyStorage<S> {
     fn upload_len(&self, key: &[u8]) -> Result<u64, Error> {
         self.inner.upload_len(key)
     }
@@ -359,7 +380,7 @@ impl Uploads for FaultyStorage {
     }
 }
 
-impl ActorBindings for FaultyStorage {
+impl<S: RelayStorage> ActorBindings for FaultyStorage<S> {
     fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error> {
         self.inner.bind_actor(actor, device)
     }
@@ -371,7 +392,7 @@ impl ActorBindings for FaultyStorage {
     }
 }
 
-impl DeviceRecords for FaultyStorage {
+impl<S: RelayStorage> DeviceRecords for FaultyStorage<S> {
     fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error> {
         self.inner.save_device(device, record)
     }
@@ -380,7 +401,7 @@ impl DeviceRecords for FaultyStorage {
     }
 }
 
-impl QuarantineStore for FaultyStorage {
+impl<S: RelayStorage> QuarantineStore for FaultyStorage<S> {
     fn put_quarantine(&self, key: &[u8], item: &[u8]) -> Result<(), Error> {
         self.check()?;
         self.inner.put_quarantine(key, item)

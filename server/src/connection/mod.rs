@@ -39,6 +39,7 @@ use crate::session::{
 };
 use crate::state::RelayState;
 
+pub mod loopback;
 mod upload;
 use upload::{UploadCtx, upload};
 
@@ -384,29 +385,8 @@ async fn run(
     let (mut inbox, reader) = spawn_reader(recv, &config);
 
     let now = std::time::Instant::now();
-    let peer = Peer {
-        device: hello.device.clone(),
-        author: Author {
-            device: hello.device.clone(),
-            member: scope.claims().member.clone(),
-            role: scope.claims().role,
-        },
-        scope,
-        quarantined,
-        synced_before,
-        subscription: Coverage::new(granted),
-        known: Known::default(),
-        resume: HashMap::new(),
-        defer_large: false,
-        delivered: None,
-        resync: RelayResync::new(),
-    };
-    let session_limits = SessionLimits {
-        messages_per_second: limits.messages_per_second,
-        message_burst: limits.message_burst,
-        streams_per_second: limits.streams_per_second,
-        stream_burst: config.max_streams_per_connection,
-    };
+    let peer = new_peer(&hello, scope, granted, synced_before, quarantined);
+    let session_limits = session_limits(&config);
     let mut stable = relay.hub.stable();
     let mut session = Session::new(
         peer,
@@ -447,16 +427,64 @@ async fn run(
     result
 }
 
-/// Records the device's hello, tells it what it receives (its subscription narrowed to
-/// its token) and whether it is in quarantine; returns those and whether it had synced
-/// before.
-async fn welcome(
+/// What the session knows of a device it just welcomed.
+fn new_peer(
+    hello: &Hello,
+    scope: Scope,
+    granted: redline_proto::message::Subscription,
+    synced_before: bool,
+    quarantined: Option<i64>,
+) -> Peer {
+    Peer {
+        device: hello.device.clone(),
+        author: Author {
+            device: hello.device.clone(),
+            member: scope.claims().member.clone(),
+            role: scope.claims().role,
+        },
+        scope,
+        quarantined,
+        synced_before,
+        subscription: Coverage::new(granted),
+        known: Known::default(),
+        resume: HashMap::new(),
+        defer_large: false,
+        delivered: None,
+        resync: RelayResync::new(),
+    }
+}
+
+/// The limits a session enforces, from the relay's configuration.
+fn session_limits(config: &RelayConfig) -> SessionLimits {
+    let limits = &config.limits;
+    SessionLimits {
+        messages_per_second: limits.messages_per_second,
+        message_burst: limits.message_burst,
+        streams_per_second: limits.streams_per_second,
+        stream_burst: config.max_streams_per_connection,
+    }
+}
+
+/// What a relay says to a device it admitted.
+struct Greeting {
+    /// The `Welcome`, framed (with its extensions) for the device's protocol version.
+    frame: Vec<u8>,
+    /// The device's subscription, narrowed to its token.
+    granted: redline_proto::message::Subscription,
+    /// Whether the device had synced with this relay before.
+    synced_before: bool,
+    /// `Some(ms offline)` if the device is in quarantine.
+    quarantined: Option<i64>,
+}
+
+/// Records the device's hello and makes its `Welcome`: what it receives (its
+/// subscription narrowed to its token) and whether it is in quarantine.
+fn greeting(
     relay: &RelayState,
     config: &RelayConfig,
     hello: &Hello,
     scope: &Scope,
-    send: &mut SendStream,
-) -> Result<(redline_proto::message::Subscription, bool, Option<i64>), Error> {
+) -> Result<Greeting, Error> {
     let granted = scope.grant(&hello.subscription);
     let synced_before = relay.devices.synced_before(&hello.device);
     let quarantined = relay
@@ -488,8 +516,26 @@ async fn welcome(
     ext.insert(ext::WELCOME_OLDEST_VERSION, &MIN_PROTOCOL_VERSION)?;
     ext.insert(ext::WELCOME_NEWEST_VERSION, &config.protocol_version)?;
     let frame = codec::encode_frame_with(&welcome, &ext, hello.protocol_version, config.max_frame)?;
-    write_frame(send, &frame, config.limits.write_timeout).await?;
-    Ok((granted, synced_before, quarantined))
+    Ok(Greeting {
+        frame,
+        granted,
+        synced_before,
+        quarantined,
+    })
+}
+
+/// Greets the device ([`greeting`]) on the control stream; returns what the session
+/// needs: the granted subscription, whether it synced before, its quarantine.
+async fn welcome(
+    relay: &RelayState,
+    config: &RelayConfig,
+    hello: &Hello,
+    scope: &Scope,
+    send: &mut SendStream,
+) -> Result<(redline_proto::message::Subscription, bool, Option<i64>), Error> {
+    let g = greeting(relay, config, hello, scope)?;
+    write_frame(send, &g.frame, config.limits.write_timeout).await?;
+    Ok((g.granted, g.synced_before, g.quarantined))
 }
 
 /// The control stream's writer: one task owns its send side. A device that stops

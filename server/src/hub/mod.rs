@@ -141,10 +141,14 @@ impl Hub {
                         hub.stats.flushes.fetch_add(1, Ordering::Relaxed);
                         let s = hub.storage.clone();
                         drop(hub);
-                        tokio::task::spawn_blocking(move || s.flush())
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| r.map_err(|e| e.to_string()))
+                        if s.blocks() {
+                            tokio::task::spawn_blocking(move || s.flush())
+                                .await
+                                .map_err(|e| e.to_string())
+                                .and_then(|r| r.map_err(|e| e.to_string()))
+                        } else {
+                            s.flush().map_err(|e| e.to_string())
+                        }
                     }
                     None => Err("relay shut down".to_string()),
                 };
@@ -193,6 +197,9 @@ impl Hub {
         f: impl FnOnce(&dyn RelayStorage) -> Result<R, Error> + Send + 'static,
     ) -> Result<R, Error> {
         let s = self.storage.clone();
+        if !s.blocks() {
+            return f(s.as_ref());
+        }
         tokio::task::spawn_blocking(move || f(s.as_ref())).await?
     }
 

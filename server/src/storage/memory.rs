@@ -168,6 +168,9 @@ impl MemoryStorage {
 }
 
 impl Documents for MemoryStorage {
+    fn blocks(&self) -> bool {
+        false
+    }
     fn epoch(&self) -> u64 {
         self.epoch
     }

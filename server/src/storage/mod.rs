@@ -51,6 +51,12 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 pub trait Documents {
     /// This database's epoch: random, fixed at creation. Device cursors carry it.
     fn epoch(&self) -> u64;
+
+    /// Whether calls may block on IO (disk, network): the hub then runs them on
+    /// tokio's blocking threads. Storage in memory answers `false` and is called inline.
+    fn blocks(&self) -> bool {
+        true
+    }
     /// The highest feed sequence number stored (0 if none).
     fn last_seq(&self) -> Result<u64, Error>;
     /// The stored form of `doc`, if any.

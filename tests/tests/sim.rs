@@ -1,0 +1,99 @@
+//! The deterministic simulation (`redline_tests::sim`) as tests: a budget of seeds of a
+//! small field day with loss, cuts, relay and phone crashes, old app versions and a
+//! forger, each checked for every invariant; a seed that replays exactly; and an
+//! injected bug (acknowledging before the flush) that the checks must catch.
+//!
+//! `REDLINE_SIM_SEEDS` sets the budget (default 100); the `sim` binary runs more and larger.
+
+use redline_tests::sim::{Bug, SimConfig, SimFailure, run};
+
+/// The CI day: small enough for a debug build, with every kind of weather.
+fn ci_day() -> SimConfig {
+    SimConfig {
+        phones: 24,
+        team_size: 6,
+        ops: 30,
+        day_secs: 180,
+        relay_crashes: 5,
+        phone_crashes: 4,
+        ..SimConfig::default()
+    }
+}
+
+/// Runs `seeds` on two threads; the failures.
+fn run_seeds(seeds: Vec<u64>, config: &SimConfig) -> Vec<SimFailure> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let chunks: Vec<Vec<u64>> = vec![
+        seeds.iter().copied().step_by(2).collect(),
+        seeds.iter().copied().skip(1).step_by(2).collect(),
+    ];
+    std::thread::scope(|s| {
+        for chunk in chunks {
+            let tx = tx.clone();
+            s.spawn(move || {
+                for seed in chunk {
+                    tx.send(run(seed, config)).expect("collector");
+                }
+            });
+        }
+    });
+    drop(tx);
+    rx.into_iter().filter_map(Result::err).collect()
+}
+
+#[test]
+fn a_budget_of_seeds_holds_every_invariant() {
+    let budget: u64 = std::env::var("REDLINE_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    let started = std::time::Instant::now();
+    let failures = run_seeds((1..=budget).collect(), &ci_day());
+    println!(
+        "{budget} seeds of {:?} in {:.1} s",
+        ci_day(),
+        started.elapsed().as_secs_f64()
+    );
+    for f in &failures {
+        println!("{f}");
+    }
+    assert!(failures.is_empty(), "{} seeds failed", failures.len());
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    let config = SimConfig {
+        phones: 12,
+        team_size: 4,
+        ops: 20,
+        day_secs: 120,
+        ..SimConfig::default()
+    };
+    let first = run(7, &config).unwrap_or_else(|f| panic!("{f}"));
+    let again = run(7, &config).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(first.digest, again.digest);
+    assert_eq!(first.messages, again.messages);
+    assert_eq!(first.virtual_secs, again.virtual_secs);
+    // A different seed is a different day.
+    let other = run(8, &config).unwrap_or_else(|f| panic!("{f}"));
+    assert_ne!(first.digest, other.digest);
+}
+
+#[test]
+fn acknowledging_before_the_flush_is_caught() {
+    let config = SimConfig {
+        bug: Some(Bug::AckBeforeFlush),
+        ..ci_day()
+    };
+    let failures = run_seeds(vec![1, 2], &config);
+    assert_eq!(failures.len(), 2, "a seed missed the injected bug");
+    for f in &failures {
+        assert!(
+            f.what
+                .iter()
+                .any(|w| w.contains("acknowledged change") && w.contains("not on the relay")),
+            "seed {} failed, but not on the lost acknowledged change: {f}",
+            f.seed
+        );
+    }
+}
