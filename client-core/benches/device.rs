@@ -3,7 +3,7 @@
 //! `apply_changes`, store, flush). `cargo bench -p redline-client --bench device`.
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use redline_client::{Client, ClientConfig};
+use redline_client::{Client, ClientConfig, NewTask, TaskKind, TaskStatus};
 use redline_proto::{Day, DocId, MemberId, TeamId};
 
 fn phone(dir: &std::path::Path, member: &str) -> Client {
@@ -32,6 +32,44 @@ fn device(c: &mut Criterion) {
     let (ana, team, day) = busy_day(dir.path(), 5_000);
     group.bench_function("write_into_5000_change_day", |b| {
         b.iter(|| ana.add_to_tally(&team, &day, "samples_taken", 1).unwrap())
+    });
+
+    // A day of mixed work: tasks opened and closed, check-ins, twenty tallies.
+    let mixed_dir = tempfile::tempdir().unwrap();
+    let mixed = phone(mixed_dir.path(), "cai");
+    let mut tasks = Vec::new();
+    for i in 0..5_000 {
+        match i % 4 {
+            0 => tasks.push(
+                mixed
+                    .add_task(
+                        &team,
+                        &day,
+                        NewTask::new(TaskKind::Screening, format!("block {i}")),
+                    )
+                    .unwrap(),
+            ),
+            1 => mixed
+                .set_task_status(&team, &day, &tasks[tasks.len() - 1], TaskStatus::InProgress)
+                .unwrap(),
+            2 => mixed
+                .add_to_tally(&team, &day, &format!("metric_{}", i % 20), 1)
+                .unwrap(),
+            _ => mixed.check_in(&team, &day).unwrap(),
+        }
+    }
+    let mut n = 0;
+    group.bench_function("write_task_into_5000_change_mixed_day", |b| {
+        b.iter(|| {
+            n += 1;
+            mixed
+                .add_task(
+                    &team,
+                    &day,
+                    NewTask::new(TaskKind::Supply, format!("run {n}")),
+                )
+                .unwrap()
+        })
     });
 
     // A teammate's 200 changes on the same day, as the relay would bundle them.

@@ -12,7 +12,7 @@ use redline_proto::{Day, DocId, DocKind, MemberId};
 
 use crate::identity::{self, DeviceIdentity};
 use crate::schema::{self, Writer};
-use crate::store::{DeviceStore, SledStore};
+use crate::store::{DeviceStore, DocWrite, SledStore};
 use crate::sync::{SyncReport, Traffic};
 use crate::{ClientConfig, Error, transport};
 
@@ -28,6 +28,9 @@ pub(crate) struct Inner {
     pub(crate) config: ClientConfig,
     /// Parsed documents, loaded on first use. Local writes and sync merges go through it.
     docs: Mutex<HashMap<DocId, Automerge>>,
+    /// The heads of what the store holds of each document loaded or written: a write
+    /// appends the changes after them (locked after `docs`, never before).
+    stored_heads: Mutex<HashMap<DocId, Vec<ChangeHash>>>,
     /// One sync at a time per client; holds the QUIC endpoint, made on first sync.
     syncing: tokio::sync::Mutex<Option<quinn::Endpoint>>,
     /// Bytes and frames over the client's lifetime.
@@ -126,6 +129,7 @@ impl Client {
                 identity,
                 config,
                 docs: Mutex::new(HashMap::new()),
+                stored_heads: Mutex::new(HashMap::new()),
                 syncing: tokio::sync::Mutex::new(None),
                 traffic: Arc::new(Traffic::default()),
                 local_change: tokio::sync::Notify::new(),
@@ -173,9 +177,95 @@ impl Client {
             let mut doc =
                 Automerge::load(&bytes).map_err(|e| Error::Corrupt(format!("{id}: {e}")))?;
             doc.set_actor(self.inner.identity.actor.clone());
+            self.stored_as(id, doc.get_heads());
             docs.insert(id.clone(), doc);
         }
         Ok(docs.get_mut(id))
+    }
+
+    /// How to write `doc` to the store now: the changes after what the store holds of
+    /// it, or a whole snapshot if it holds none. `before`: the heads before a local
+    /// transaction; when the store holds exactly those, the transaction's change is all
+    /// there is to append (no walk over the document's history).
+    pub(crate) fn doc_write(
+        &self,
+        id: &DocId,
+        doc: &Automerge,
+        before: Option<&[ChangeHash]>,
+    ) -> DocWrite {
+        let stored = self.stored_heads().get(id).cloned();
+        let Some(h) = stored else {
+            return DocWrite::Snapshot(doc.save());
+        };
+        // The new changes, bundled (Automerge 0.12 encodes a bundle from its columns far
+        // more cheaply than it rebuilds a single change, and `load` takes bundle chunks).
+        let new: Vec<ChangeHash> = if before == Some(h.as_slice()) {
+            doc.get_heads()
+                .into_iter()
+                .filter(|x| !h.contains(x))
+                .collect()
+        } else {
+            doc.get_changes_meta(&h).iter().map(|m| m.hash).collect()
+        };
+        if new.is_empty() {
+            return DocWrite::Append(Vec::new());
+        }
+        match doc.bundle(new) {
+            Ok(b) => DocWrite::Append(b.bytes().to_vec()),
+            Err(_) => DocWrite::Snapshot(doc.save()),
+        }
+    }
+
+    /// Writes what the store lacks of `doc` (one flush), and folds its chunks into a
+    /// new snapshot when they have grown heavy.
+    fn store_doc(
+        &self,
+        id: &DocId,
+        doc: &Automerge,
+        before: Option<&[ChangeHash]>,
+    ) -> Result<(), Error> {
+        match self.doc_write(id, doc, before) {
+            DocWrite::Snapshot(bytes) => self.inner.store.save_doc(id, &bytes)?,
+            DocWrite::Append(chunk) if chunk.is_empty() => {}
+            DocWrite::Append(chunk) => return self.append_chunk(id, doc, &chunk),
+        }
+        self.stored_as(id, doc.get_heads());
+        Ok(())
+    }
+
+    /// Appends `chunk` (what the store lacks of `doc`) durably, then folds the chunks
+    /// into a snapshot if they have grown heavy.
+    fn append_chunk(&self, id: &DocId, doc: &Automerge, chunk: &[u8]) -> Result<(), Error> {
+        let stored = self.inner.store.append_doc(id, chunk)?;
+        // The chunk is durable already: a failed compaction only leaves the chunks for
+        // the next write to fold.
+        if crate::store::wants_compaction(&stored) {
+            let _ = self.inner.store.save_doc(id, &doc.save());
+        }
+        self.stored_as(id, doc.get_heads());
+        Ok(())
+    }
+
+    /// Records that the store now holds `id` up to `heads`.
+    pub(crate) fn stored_as(&self, id: &DocId, heads: Vec<ChangeHash>) {
+        self.stored_heads().insert(id.clone(), heads);
+    }
+
+    /// Whether the store holds `id` (as loaded or written by this client).
+    pub(crate) fn is_stored(&self, id: &DocId) -> bool {
+        self.stored_heads().contains_key(id)
+    }
+
+    /// Forgets what the store held of `id` (it was removed).
+    pub(crate) fn stored_removed(&self, id: &DocId) {
+        self.stored_heads().remove(id);
+    }
+
+    fn stored_heads(&self) -> MutexGuard<'_, HashMap<DocId, Vec<ChangeHash>>> {
+        self.inner
+            .stored_heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// The cached document `id`, started from its genesis if the device does not hold it
@@ -232,6 +322,7 @@ impl Client {
             device: &self.inner.identity.device,
             now_ms: self.inner.config.clock.now_ms(),
         };
+        let before = doc.get_heads();
         let mut tx = doc.transaction();
         let result = match change(&mut tx, &writer, prepared) {
             Ok(r) => r,
@@ -241,11 +332,10 @@ impl Client {
             }
         };
         schema::commit(tx, &writer);
-        let bytes = doc.save();
         if !self.covered_by_patterns(id) {
             self.inner.store.follow(id)?;
         }
-        if let Err(e) = self.inner.store.save_doc(id, &bytes) {
+        if let Err(e) = self.store_doc(id, doc, Some(&before)) {
             // Keep memory equal to disk: what was not stored did not happen.
             docs.remove(id);
             return Err(e);
@@ -271,7 +361,7 @@ impl Client {
         if !self.covered_by_patterns(id) {
             self.inner.store.follow(id)?;
         }
-        self.inner.store.save_doc(id, &doc.save())?;
+        self.store_doc(id, &doc, None)?;
         docs.insert(id.clone(), doc);
         Ok(())
     }
@@ -323,11 +413,12 @@ impl Client {
         };
         let mut docs = self.docs();
         let doc = self.load_or_genesis(&mut docs, id)?;
+        let is_bundle = changes.is_some();
         let merged = match (changes, other.as_mut()) {
             (Some(changes), _) => {
                 let before = doc.get_heads();
                 doc.apply_changes(changes)
-                    .map(|()| doc.get_changes(&before).len())
+                    .map(|()| doc.get_changes_meta(&before).len())
             }
             (None, Some(other)) => doc.merge(other).map(|h| h.len()),
             (None, None) => Ok(0),
@@ -343,7 +434,13 @@ impl Client {
         if !self.covered_by_patterns(id) {
             self.inner.store.follow(id)?;
         }
-        if let Err(e) = self.inner.store.save_doc(id, &doc.save()) {
+        // A bundle is stored as it came when the store holds the rest of the document.
+        let stored = if is_bundle && new > 0 && self.is_stored(id) {
+            self.append_chunk(id, doc, bytes)
+        } else {
+            self.store_doc(id, doc, None)
+        };
+        if let Err(e) = stored {
             docs.remove(id);
             return Err(e);
         }
@@ -399,6 +496,7 @@ impl Client {
             let acked = self.inner.store.acked_heads(&id)?.unwrap_or_default();
             if heads.iter().all(|h| acked.contains(h)) {
                 self.inner.store.remove_doc(&id)?;
+                self.stored_removed(&id);
                 docs.remove(&id);
                 out.dropped.push(id);
             } else {
@@ -675,6 +773,62 @@ pub(crate) fn day_minus(day: &Day, n: u32) -> Result<Day, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::MemoryStore;
+    use redline_proto::TeamId;
+
+    fn phone(store: &Arc<MemoryStore>) -> Client {
+        let config = crate::ClientConfig::new(MemberId::new("amira").unwrap());
+        Client::with_store(store.clone(), config).unwrap()
+    }
+
+    #[test]
+    fn a_write_appends_its_change_and_a_reopen_loads_snapshot_and_chunks() {
+        let store = Arc::new(MemoryStore::new());
+        let (team, day) = (TeamId::new("t1").unwrap(), Day::new("2026-12-01").unwrap());
+        let id = DocId::ledger(&team, &day);
+        let client = phone(&store);
+        for _ in 0..10 {
+            client.add_to_tally(&team, &day, "screened", 2).unwrap();
+        }
+        // The first write stores the document whole; each later one only its change.
+        let stored = store.stored(&id).unwrap();
+        assert_eq!(stored.chunks, 9);
+        assert!(stored.chunk_bytes < stored.snapshot_bytes * 9);
+        let heads = client.heads(&id).unwrap();
+        drop(client);
+        store.crash();
+        let client = phone(&store);
+        assert_eq!(client.heads(&id).unwrap(), heads);
+        assert_eq!(client.day_totals(&team, &day).unwrap()["screened"], 20);
+        // Writes after a reopen append after what was loaded.
+        client.add_to_tally(&team, &day, "screened", 1).unwrap();
+        drop(client);
+        store.crash();
+        let client = phone(&store);
+        assert_eq!(client.day_totals(&team, &day).unwrap()["screened"], 21);
+        assert_eq!(store.stored(&id).unwrap().chunks, 10);
+    }
+
+    #[test]
+    fn chunks_fold_into_a_snapshot_once_they_outweigh_it() {
+        let store = Arc::new(MemoryStore::new());
+        let (team, day) = (TeamId::new("t1").unwrap(), Day::new("2026-12-01").unwrap());
+        let id = DocId::ledger(&team, &day);
+        let client = phone(&store);
+        let mut most = 0;
+        for i in 0..2_000 {
+            client.add_to_tally(&team, &day, "screened", 1).unwrap();
+            let s = store.stored(&id).unwrap();
+            assert!(!crate::store::wants_compaction(&s), "write {i} left {s:?}");
+            most = most.max(s.chunks);
+        }
+        assert!(most > 100, "chunks were folded too eagerly ({most})");
+        assert!(store.stored(&id).unwrap().chunks < most, "never folded");
+        drop(client);
+        store.crash();
+        let client = phone(&store);
+        assert_eq!(client.day_totals(&team, &day).unwrap()["screened"], 2_000);
+    }
 
     #[test]
     fn day_arithmetic_crosses_months_and_years() {

@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
 use crate::client::Client;
-use crate::store::SyncBatch;
+use crate::store::{DocWrite, SyncBatch};
 use crate::{Error, RelayEndpoint, transport};
 
 pub use redline_proto::wire::INLINE_MAX;
@@ -341,6 +341,11 @@ struct Flight {
     applied_transfers: Vec<[u8; 16]>,
     batch: SyncBatch,
     dirty: HashSet<DocId>,
+    /// The bundles applied to each dirty document, in order: what the store lacks of it,
+    /// appended as they came (no re-encoding) unless the document changed otherwise.
+    received: HashMap<DocId, Vec<u8>>,
+    /// Dirty documents changed by more than bundles (a whole document, a resync merge).
+    merged: HashSet<DocId>,
     pushed: HashSet<DocId>,
     updated: HashSet<DocId>,
     resynced: HashSet<DocId>,
@@ -1052,9 +1057,18 @@ impl Client {
                 doc.apply_changes(changes)?;
             }
             if doc.get_heads() != before {
-                f.report.changes_received += doc.get_changes(&before).len() as u64;
+                // Metadata only: extracting the changes themselves costs like a save.
+                f.report.changes_received += doc.get_changes_meta(&before).len() as u64;
                 f.updated.insert(id.clone());
                 f.dirty.insert(id.clone());
+                if document {
+                    f.merged.insert(id.clone());
+                } else {
+                    f.received
+                        .entry(id.clone())
+                        .or_default()
+                        .extend_from_slice(bytes);
+                }
             }
             !doc.get_missing_deps(&[]).is_empty()
         };
@@ -1109,6 +1123,7 @@ impl Client {
             if live.get_heads() != before {
                 f.report.changes_received += live.get_changes(&before).len() as u64;
                 f.dirty.insert(s.id.clone());
+                f.merged.insert(s.id.clone());
                 f.updated.insert(s.id.clone());
             }
             // Both sides now hold what the settled exchange ended with.
@@ -1124,11 +1139,24 @@ impl Client {
     fn persist(&self, f: &mut Flight, cursor_key: &str) -> Result<(), Error> {
         let mut batch = std::mem::take(&mut f.batch);
         batch.acked_at_ms = self.inner.config.clock.now_ms();
+        let mut written = Vec::new();
         {
             let docs = self.docs();
             for id in f.dirty.drain() {
+                let received = f.received.remove(&id);
+                let merged = f.merged.remove(&id);
                 if let Some(d) = docs.get(&id) {
-                    batch.docs.push((id, d.save()));
+                    let write = match received {
+                        Some(bundles) if !merged && self.is_stored(&id) => {
+                            DocWrite::Append(bundles)
+                        }
+                        _ => self.doc_write(&id, d, None),
+                    };
+                    match write {
+                        DocWrite::Append(chunk) if chunk.is_empty() => {}
+                        write => batch.docs.push((id.clone(), write)),
+                    }
+                    written.push((id, d.get_heads()));
                 }
             }
             // A set of heads: sorted, and collapsed to the document's heads once the relay
@@ -1169,6 +1197,10 @@ impl Client {
                 return Err(e);
             }
         }
+        for (id, heads) in written {
+            self.stored_as(&id, heads);
+        }
+        self.compact_heavy(&changed);
         for id in changed {
             let _ = self.inner.changes.send(crate::client::DocChange {
                 doc: id,
@@ -1188,6 +1220,27 @@ impl Client {
         }
         debug!("sync step persisted");
         Ok(())
+    }
+
+    /// Folds the chunks of `ids` into new snapshots where they have grown heavy. Best
+    /// effort: what the chunks hold is durable already.
+    fn compact_heavy(&self, ids: &[DocId]) {
+        for id in ids {
+            let heavy = self
+                .inner
+                .store
+                .stored(id)
+                .is_ok_and(|s| crate::store::wants_compaction(&s));
+            if !heavy {
+                continue;
+            }
+            let docs = self.docs();
+            if let Some(d) = docs.get(id)
+                && self.inner.store.save_doc(id, &d.save()).is_ok()
+            {
+                self.stored_as(id, d.get_heads());
+            }
+        }
     }
 
     /// Relay-held heads of every held document.

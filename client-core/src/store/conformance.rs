@@ -3,7 +3,7 @@
 use automerge::ChangeHash;
 use redline_proto::DocId;
 
-use super::{DeviceStore, MemoryStore, SledStore, SyncBatch};
+use super::{DeviceStore, DocWrite, MemoryStore, SledStore, Stored, SyncBatch};
 
 fn doc(s: &str) -> DocId {
     DocId::parse(s).unwrap()
@@ -21,7 +21,10 @@ fn contract<S: DeviceStore>(mut fresh: impl FnMut() -> S, mut restart: impl FnMu
     assert_eq!(s.load_doc(&a).unwrap(), None);
     s.save_doc(&a, b"one").unwrap();
     s.write_batch(&SyncBatch {
-        docs: vec![(b.clone(), b"two".to_vec()), (a.clone(), b"one'".to_vec())],
+        docs: vec![
+            (b.clone(), DocWrite::Snapshot(b"two".to_vec())),
+            (a.clone(), DocWrite::Snapshot(b"one'".to_vec())),
+        ],
         acked: vec![(a.clone(), vec![ChangeHash([7; 32])])],
         cursor: Some(("cursor:relay".into(), b"c".to_vec())),
         acked_at_ms: 42,
@@ -46,11 +49,32 @@ fn contract<S: DeviceStore>(mut fresh: impl FnMut() -> S, mut restart: impl FnMu
         Some(&b"phone-1"[..])
     );
 
-    // Removing a document removes its sync state with it.
+    // Chunks follow the snapshot in order, by themselves and in a batch; a snapshot
+    // drops them.
+    let st = s.append_doc(&a, b"+1").unwrap();
+    assert_eq!((st.snapshot_bytes, st.chunks, st.chunk_bytes), (4, 1, 2));
+    s.write_batch(&SyncBatch {
+        docs: vec![(a.clone(), DocWrite::Append(b"+22".to_vec()))],
+        ..Default::default()
+    })
+    .unwrap();
+    let s = restart(s);
+    assert_eq!(s.load_doc(&a).unwrap().as_deref(), Some(&b"one'+1+22"[..]));
+    assert_eq!(s.stored(&a).unwrap().chunks, 2);
+    assert_eq!(s.doc_ids().unwrap(), vec![b.clone(), a.clone()]);
+    s.save_doc(&a, b"one'+1+22").unwrap();
+    let s = restart(s);
+    assert_eq!(s.stored(&a).unwrap().chunks, 0);
+    assert_eq!(s.load_doc(&a).unwrap().as_deref(), Some(&b"one'+1+22"[..]));
+    s.append_doc(&b, b"!").unwrap();
+
+    // Removing a document removes its chunks and sync state with it.
     s.remove_doc(&b).unwrap();
     let s = restart(s);
     assert_eq!(s.doc_ids().unwrap(), vec![a.clone()]);
     assert!(s.follows().unwrap().is_empty());
+    assert_eq!(s.stored(&b).unwrap(), Stored::default());
+    assert_eq!(s.load_doc(&b).unwrap(), None);
 
     // Transfers: pieces in order, late duplicates skipped, gaps refused.
     let s = fresh();

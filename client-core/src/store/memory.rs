@@ -8,18 +8,34 @@ use std::sync::{Arc, Mutex};
 use automerge::ChangeHash;
 use redline_proto::DocId;
 
-use super::{DeviceStore, SyncBatch};
+use super::{DeviceStore, DocWrite, Stored, SyncBatch};
 use crate::Error;
 
 /// Large values sit behind `Arc`, so taking a durable copy costs per entry, not per byte.
 #[derive(Clone, Default)]
 struct Tables {
     docs: BTreeMap<DocId, Arc<Vec<u8>>>,
+    /// Chunks appended after each snapshot.
+    chunks: BTreeMap<DocId, Vec<Arc<Vec<u8>>>>,
     acked: BTreeMap<DocId, Vec<ChangeHash>>,
     follows: BTreeMap<DocId, ()>,
     /// Transfer id → bytes held (contiguous from 0).
     transfers: BTreeMap<[u8; 16], Arc<Vec<u8>>>,
     meta: BTreeMap<String, Vec<u8>>,
+}
+
+impl Tables {
+    fn snapshot(&mut self, id: &DocId, bytes: Vec<u8>) {
+        self.docs.insert(id.clone(), Arc::new(bytes));
+        self.chunks.remove(id);
+    }
+
+    fn append(&mut self, id: &DocId, chunk: Vec<u8>) {
+        self.chunks
+            .entry(id.clone())
+            .or_default()
+            .push(Arc::new(chunk));
+    }
 }
 
 #[derive(Default)]
@@ -71,14 +87,34 @@ impl DeviceStore for MemoryStore {
     }
 
     fn load_doc(&self, id: &DocId) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.read(|t| t.docs.get(id).map(|d| d.to_vec())))
+        Ok(self.read(|t| {
+            let mut bytes = t.docs.get(id)?.to_vec();
+            for c in t.chunks.get(id).into_iter().flatten() {
+                bytes.extend_from_slice(c);
+            }
+            Some(bytes)
+        }))
     }
 
     fn save_doc(&self, id: &DocId, bytes: &[u8]) -> Result<(), Error> {
-        self.write(true, |t| {
-            t.docs.insert(id.clone(), Arc::new(bytes.to_vec()));
-        });
+        self.write(true, |t| t.snapshot(id, bytes.to_vec()));
         Ok(())
+    }
+
+    fn append_doc(&self, id: &DocId, chunk: &[u8]) -> Result<Stored, Error> {
+        self.write(true, |t| t.append(id, chunk.to_vec()));
+        self.stored(id)
+    }
+
+    fn stored(&self, id: &DocId) -> Result<Stored, Error> {
+        Ok(self.read(|t| Stored {
+            snapshot_bytes: t.docs.get(id).map_or(0, |d| d.len() as u64),
+            chunks: t.chunks.get(id).map_or(0, |c| c.len() as u64),
+            chunk_bytes: t
+                .chunks
+                .get(id)
+                .map_or(0, |c| c.iter().map(|b| b.len() as u64).sum()),
+        }))
     }
 
     fn doc_ids(&self) -> Result<Vec<DocId>, Error> {
@@ -100,8 +136,11 @@ impl DeviceStore for MemoryStore {
 
     fn write_batch(&self, b: &SyncBatch) -> Result<(), Error> {
         self.write(true, |t| {
-            for (id, bytes) in &b.docs {
-                t.docs.insert(id.clone(), Arc::new(bytes.clone()));
+            for (id, write) in &b.docs {
+                match write {
+                    DocWrite::Snapshot(bytes) => t.snapshot(id, bytes.clone()),
+                    DocWrite::Append(chunk) => t.append(id, chunk.clone()),
+                }
             }
             for (id, heads) in &b.acked {
                 t.acked.insert(id.clone(), heads.clone());
@@ -131,6 +170,7 @@ impl DeviceStore for MemoryStore {
     fn remove_doc(&self, id: &DocId) -> Result<(), Error> {
         self.write(true, |t| {
             t.docs.remove(id);
+            t.chunks.remove(id);
             t.acked.remove(id);
             t.follows.remove(id);
         });

@@ -1,12 +1,19 @@
 //! The device's durable store, behind [`DeviceStore`] so the client runs on sled on phones
 //! and on memory in the simulation.
 //!
-//! What it keeps: documents (Automerge `save()` bytes), the heads the relay is known to
-//! hold durably per document (what it acknowledged or sent) and when, documents followed
-//! by id, staged download pieces, and small metadata (device identity, feed cursor per
-//! relay). Every write that a caller is told succeeded has been flushed, except the two
-//! that say otherwise ([`DeviceStore::follow`], [`DeviceStore::drop_transfer`]): the
-//! write that caused them flushes.
+//! What it keeps: documents, the heads the relay is known to hold durably per document
+//! (what it acknowledged or sent) and when, documents followed by id, staged download
+//! pieces, and small metadata (device identity, feed cursor per relay). Every write that
+//! a caller is told succeeded has been flushed, except the two that say otherwise
+//! ([`DeviceStore::follow`], [`DeviceStore::drop_transfer`]): the write that caused them
+//! flushes.
+//!
+//! A document is stored as a snapshot (Automerge `save()` bytes) followed by appended
+//! chunks (the raw bytes of the changes written or received since), the way the relay
+//! stores its own: a write costs what it adds, not the document's size. Loading hands
+//! back the snapshot and the chunks as one byte string, which `Automerge::load` takes
+//! whole; saving a snapshot drops the chunks it covers ([`wants_compaction`] says when).
+//! A store from before chunks simply has none.
 
 mod memory;
 mod sled;
@@ -19,11 +26,38 @@ use redline_proto::DocId;
 
 use crate::Error;
 
+/// How a document's bytes are written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DocWrite {
+    /// A whole document (`save()` bytes): replaces the snapshot and drops every chunk.
+    Snapshot(Vec<u8>),
+    /// Changes' raw bytes, appended after what is stored.
+    Append(Vec<u8>),
+}
+
+/// What is stored of one document.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// Bytes of the snapshot.
+    pub snapshot_bytes: u64,
+    /// Chunks appended after it.
+    pub chunks: u64,
+    /// Their bytes.
+    pub chunk_bytes: u64,
+}
+
+/// Whether a document's chunks are worth folding into a new snapshot: once they weigh
+/// more than the snapshot (and 64 KiB), or number over 1,024. A write then costs a
+/// whole save about once per doubling of the document, so it stays off the p99.
+pub fn wants_compaction(s: &Stored) -> bool {
+    s.chunks > 1_024 || s.chunk_bytes > s.snapshot_bytes.max(64 * 1024)
+}
+
 /// What a sync step leaves to persist, written with one flush.
 #[derive(Default)]
 pub struct SyncBatch {
-    /// Documents to store (`save()` bytes).
-    pub docs: Vec<(DocId, Vec<u8>)>,
+    /// Documents to write.
+    pub docs: Vec<(DocId, DocWrite)>,
     /// New relay-held heads per document.
     pub acked: Vec<(DocId, Vec<ChangeHash>)>,
     /// The new feed cursor (encoded), per relay key.
@@ -43,10 +77,14 @@ impl SyncBatch {
 pub trait DeviceStore: Send + Sync + 'static {
     /// Makes every write before it durable.
     fn flush(&self) -> Result<(), Error>;
-    /// The stored bytes of document `id`.
+    /// The stored bytes of document `id`: its snapshot, then its chunks in order.
     fn load_doc(&self, id: &DocId) -> Result<Option<Vec<u8>>, Error>;
-    /// Stores a document durably.
+    /// Stores a whole document durably (a new snapshot; its chunks are dropped).
     fn save_doc(&self, id: &DocId, bytes: &[u8]) -> Result<(), Error>;
+    /// Appends changes' raw bytes to document `id` durably; what is stored after.
+    fn append_doc(&self, id: &DocId, chunk: &[u8]) -> Result<Stored, Error>;
+    /// What is stored of document `id`.
+    fn stored(&self, id: &DocId) -> Result<Stored, Error>;
     /// Every stored document, in order.
     fn doc_ids(&self) -> Result<Vec<DocId>, Error>;
     /// When the relay last acknowledged `id` (unix ms).

@@ -1,22 +1,29 @@
 //! The device store on phones: sled.
 //!
-//! Trees: `docs` (document id → Automerge `save()` bytes), `acked` (document id → heads the
-//! relay is known to hold durably: what it acknowledged or sent), `follows` (documents
-//! followed by id), `transfers` (staged download pieces), `meta` (device identity, feed
-//! cursor per relay, acknowledgement times).
+//! Trees: `docs` (document id → snapshot: Automerge `save()` bytes), `chunks` (document
+//! id, 0, sequence → changes appended after the snapshot), `chunk_stats` (document id →
+//! how many chunks and bytes), `acked` (document id → heads the relay is known to hold
+//! durably: what it acknowledged or sent), `follows` (documents followed by id),
+//! `transfers` (staged download pieces), `meta` (device identity, feed cursor per relay,
+//! acknowledgement times). Stores from before chunks have empty `chunks` trees.
+//!
+//! Writing a snapshot inserts it, then drops the chunks: a crash in between leaves
+//! chunks whose changes the snapshot holds too, which loading applies again harmlessly.
 
 use std::path::{Path, PathBuf};
 
 use automerge::ChangeHash;
 use redline_proto::DocId;
 
-use super::{DeviceStore, SyncBatch};
+use super::{DeviceStore, DocWrite, SyncBatch};
 use crate::Error;
 
 /// The device's sled database.
 pub struct SledStore {
     db: sled::Db,
     docs: sled::Tree,
+    chunks: sled::Tree,
+    chunk_stats: sled::Tree,
     acked: sled::Tree,
     follows: sled::Tree,
     transfers: sled::Tree,
@@ -51,6 +58,8 @@ impl SledStore {
         })?;
         Ok(Self {
             docs: db.open_tree("docs").map_err(err)?,
+            chunks: db.open_tree("chunks").map_err(err)?,
+            chunk_stats: db.open_tree("chunk_stats").map_err(err)?,
             acked: db.open_tree("acked").map_err(err)?,
             follows: db.open_tree("follows").map_err(err)?,
             transfers: db.open_tree("transfers").map_err(err)?,
@@ -66,6 +75,61 @@ impl SledStore {
     pub fn path(&self) -> PathBuf {
         self.dir.clone()
     }
+
+    /// `(chunks, bytes)` appended to `id`.
+    fn chunk_stats(&self, id: &DocId) -> Result<(u64, u64), Error> {
+        Ok(match self.chunk_stats.get(id.as_str()).map_err(err)? {
+            Some(v) if v.len() == 16 => (
+                u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
+                u64::from_be_bytes(v[8..].try_into().expect("8 bytes")),
+            ),
+            _ => (0, 0),
+        })
+    }
+
+    /// Writes a snapshot of `id` and drops its chunks (not flushed).
+    fn put_snapshot(&self, id: &DocId, bytes: &[u8]) -> Result<(), Error> {
+        self.docs.insert(id.as_str(), bytes).map_err(err)?;
+        self.drop_chunks(id)
+    }
+
+    fn drop_chunks(&self, id: &DocId) -> Result<(), Error> {
+        for k in self.chunks.scan_prefix(chunk_prefix(id)).keys() {
+            self.chunks.remove(k.map_err(err)?).map_err(err)?;
+        }
+        self.chunk_stats.remove(id.as_str()).map_err(err)?;
+        Ok(())
+    }
+
+    /// Appends a chunk to `id` (not flushed).
+    fn put_chunk(&self, id: &DocId, chunk: &[u8]) -> Result<(), Error> {
+        let prefix = chunk_prefix(id);
+        let next = match self.chunks.scan_prefix(&prefix).keys().next_back() {
+            Some(k) => {
+                let k = k.map_err(err)?;
+                let seq: [u8; 8] = k[prefix.len()..]
+                    .try_into()
+                    .map_err(|_| Error::Store(format!("corrupt chunk key for {id}")))?;
+                u64::from_be_bytes(seq) + 1
+            }
+            None => 0,
+        };
+        let mut key = prefix;
+        key.extend_from_slice(&next.to_be_bytes());
+        self.chunks.insert(key, chunk).map_err(err)?;
+        let (n, bytes) = self.chunk_stats(id)?;
+        let mut stats = (n + 1).to_be_bytes().to_vec();
+        stats.extend_from_slice(&(bytes + chunk.len() as u64).to_be_bytes());
+        self.chunk_stats.insert(id.as_str(), stats).map_err(err)?;
+        Ok(())
+    }
+}
+
+/// Keys of `id`'s chunks start with this.
+fn chunk_prefix(id: &DocId) -> Vec<u8> {
+    let mut p = id.as_str().as_bytes().to_vec();
+    p.push(0);
+    p
 }
 
 impl DeviceStore for SledStore {
@@ -74,13 +138,40 @@ impl DeviceStore for SledStore {
     }
 
     fn load_doc(&self, id: &DocId) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.docs.get(id.as_str()).map_err(err)?.map(|v| v.to_vec()))
+        let Some(snapshot) = self.docs.get(id.as_str()).map_err(err)? else {
+            return Ok(None);
+        };
+        let mut bytes = snapshot.to_vec();
+        for chunk in self.chunks.scan_prefix(chunk_prefix(id)).values() {
+            bytes.extend_from_slice(&chunk.map_err(err)?);
+        }
+        Ok(Some(bytes))
     }
 
     /// Stores a document durably.
     fn save_doc(&self, id: &DocId, bytes: &[u8]) -> Result<(), Error> {
-        self.docs.insert(id.as_str(), bytes).map_err(err)?;
+        self.put_snapshot(id, bytes)?;
         self.flush()
+    }
+
+    fn append_doc(&self, id: &DocId, chunk: &[u8]) -> Result<super::Stored, Error> {
+        self.put_chunk(id, chunk)?;
+        self.flush()?;
+        self.stored(id)
+    }
+
+    fn stored(&self, id: &DocId) -> Result<super::Stored, Error> {
+        let snapshot_bytes = self
+            .docs
+            .get(id.as_str())
+            .map_err(err)?
+            .map_or(0, |v| v.len() as u64);
+        let (chunks, chunk_bytes) = self.chunk_stats(id)?;
+        Ok(super::Stored {
+            snapshot_bytes,
+            chunks,
+            chunk_bytes,
+        })
     }
 
     fn doc_ids(&self) -> Result<Vec<DocId>, Error> {
@@ -115,10 +206,11 @@ impl DeviceStore for SledStore {
 
     /// Persists what a sync step produced, with one flush.
     fn write_batch(&self, b: &SyncBatch) -> Result<(), Error> {
-        for (id, bytes) in &b.docs {
-            self.docs
-                .insert(id.as_str(), bytes.as_slice())
-                .map_err(err)?;
+        for (id, write) in &b.docs {
+            match write {
+                DocWrite::Snapshot(bytes) => self.put_snapshot(id, bytes)?,
+                DocWrite::Append(chunk) => self.put_chunk(id, chunk)?,
+            }
         }
         for (id, heads) in &b.acked {
             let flat: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
@@ -150,6 +242,7 @@ impl DeviceStore for SledStore {
     /// Removes a document and its sync metadata, durably.
     fn remove_doc(&self, id: &DocId) -> Result<(), Error> {
         self.docs.remove(id.as_str()).map_err(err)?;
+        self.drop_chunks(id)?;
         self.acked.remove(id.as_str()).map_err(err)?;
         self.follows.remove(id.as_str()).map_err(err)?;
         self.flush()
