@@ -122,7 +122,33 @@ async fn write(
     totals: &Traffic,
 ) -> Result<(), Error> {
     let frame = codec::encode_frame(msg, codec::DEFAULT_MAX_FRAME)?;
-    send.write_all(&frame)
+    write_frame(send, &frame, traffic, totals).await
+}
+
+/// The changes of `bytes`: one Automerge bundle, or several bundles and change chunks
+/// one after another (what a relay sends a device that says it reads them).
+fn chunk_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, String> {
+    let mut changes = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (chunk, _, after) = redline_proto::wire::split_chunk(rest)?;
+        match automerge::Bundle::try_from(chunk) {
+            Ok(b) => changes.extend(b.to_changes().map_err(|e| e.to_string())?),
+            Err(_) => changes.push(automerge::Change::try_from(chunk).map_err(|e| e.to_string())?),
+        }
+        rest = after;
+    }
+    Ok(changes)
+}
+
+/// Writes one framed message (counted like [`write`]).
+async fn write_frame(
+    send: &mut SendStream,
+    frame: &[u8],
+    traffic: &Traffic,
+    totals: &Traffic,
+) -> Result<(), Error> {
+    send.write_all(frame)
         .await
         .map_err(|e| Error::Transport(e.to_string()))?;
     for t in [traffic, totals] {
@@ -562,7 +588,18 @@ impl Client {
             totals: totals.clone(),
             max_frame,
         };
-        wire.send(&Message::Hello(hello)).await?;
+        // This client reads several stored chunks in one update (version 2 and later
+        // carry the extension; version 1 relays never see it).
+        let version = hello.protocol_version;
+        let mut ext = codec::Extensions::new();
+        ext.insert(ext::HELLO_ACCEPTS_CHUNKS, &true)?;
+        let frame = codec::encode_frame_with(
+            &Message::Hello(hello),
+            &ext,
+            version,
+            codec::DEFAULT_MAX_FRAME,
+        )?;
+        write_frame(&mut wire.send, &frame, &wire.traffic, &wire.totals).await?;
         self.push_dirty(&mut f, &mut wire).await?;
         let resume = self
             .inner
@@ -1050,10 +1087,9 @@ impl Client {
                 let mut other = Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?;
                 doc.merge(&mut other)?;
             } else {
-                let changes = automerge::Bundle::try_from(bytes)
-                    .map_err(|e| corrupt(e.to_string()))?
-                    .to_changes()
-                    .map_err(|e| corrupt(e.to_string()))?;
+                // One bundle, or several stored chunks one after another: every one is
+                // decoded, then all are applied at once.
+                let changes = chunk_changes(bytes).map_err(corrupt)?;
                 doc.apply_changes(changes)?;
             }
             if doc.get_heads() != before {
@@ -1268,5 +1304,46 @@ impl Client {
             zones: c.zones.clone(),
             docs: self.inner.store.follows()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use automerge::transaction::Transactable;
+    use automerge::{ActorId, Automerge, ROOT};
+
+    use super::chunk_changes;
+
+    #[test]
+    fn an_update_of_several_chunks_gives_every_change_and_a_cut_one_is_refused() {
+        let mut doc = Automerge::new().with_actor(ActorId::random());
+        let mut bundles = Vec::new();
+        for i in 0..3 {
+            let before = doc.get_heads();
+            for j in 0..2 {
+                let mut tx = doc.transaction();
+                tx.put(ROOT, format!("k{i}-{j}"), i * 10 + j).unwrap();
+                tx.commit();
+            }
+            let new: Vec<_> = doc.get_changes(&before).iter().map(|c| c.hash()).collect();
+            bundles.push(doc.bundle(new).unwrap().bytes().to_vec());
+        }
+        // One change as a plain change chunk between the bundles.
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "single", 1).unwrap();
+        tx.commit();
+        let single = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
+        let mut all = bundles[0].clone();
+        all.extend_from_slice(&single);
+        all.extend_from_slice(&bundles[1]);
+        all.extend_from_slice(&bundles[2]);
+        assert_eq!(chunk_changes(&bundles[0]).unwrap().len(), 2);
+        let changes = chunk_changes(&all).unwrap();
+        assert_eq!(changes.len(), 7);
+        let mut copy = Automerge::new();
+        copy.apply_changes(changes).unwrap();
+        assert_eq!(copy.get_heads(), doc.get_heads());
+        assert!(chunk_changes(&all[..all.len() - 1]).is_err());
+        assert!(chunk_changes(&[0x85, 0x6f, 0x4a]).is_err());
     }
 }

@@ -61,6 +61,10 @@ pub mod ext {
     pub const WELCOME_OLDEST_VERSION: u16 = 1;
     /// On [`super::Welcome`]: the newest protocol version the relay speaks (`u16`).
     pub const WELCOME_NEWEST_VERSION: u16 = 2;
+    /// On [`super::Hello`]: the device reads an [`super::Payload::Bundle`] that holds
+    /// several Automerge chunks one after another (`bool`). The relay then ships the
+    /// chunks it stored per commit as they are, instead of bundling anew per device.
+    pub const HELLO_ACCEPTS_CHUNKS: u16 = 3;
 }
 
 /// The QUIC ALPN token of protocol version 1. A peer offering anything else is refused
@@ -396,7 +400,8 @@ pub struct Update {
 /// The bytes of an [`Update`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Payload {
-    /// An Automerge bundle of changes.
+    /// An Automerge bundle of changes; for a device that said
+    /// [`ext::HELLO_ACCEPTS_CHUNKS`], possibly several bundles one after another.
     Bundle(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A whole document, as Automerge `save()` bytes.
     Document(#[serde(with = "serde_bytes")] Vec<u8>),

@@ -29,6 +29,42 @@ pub fn union_heads(into: &mut Vec<ChangeHash>, more: &[ChangeHash]) {
     }
 }
 
+/// The first four bytes of every Automerge chunk.
+pub const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+
+/// The first Automerge chunk of `bytes` (magic, checksum, type, LEB128 length, that many
+/// bytes), its type byte, and what follows it. Payloads and stored documents may hold
+/// several chunks one after another; this is how both ends take them apart.
+pub fn split_chunk(bytes: &[u8]) -> Result<(&[u8], u8, &[u8]), String> {
+    let truncated = || "not an Automerge chunk (truncated header)".to_string();
+    if bytes.len() < 9 {
+        return Err(truncated());
+    }
+    if bytes[..4] != CHUNK_MAGIC {
+        return Err("not an Automerge chunk (bad magic bytes)".into());
+    }
+    let kind = bytes[8];
+    let (len, used) = uleb(&bytes[9..]).ok_or_else(truncated)?;
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|l| l.checked_add(9 + used))
+        .filter(|end| *end <= bytes.len())
+        .ok_or_else(|| "an Automerge chunk is cut short".to_string())?;
+    Ok((&bytes[..end], kind, &bytes[end..]))
+}
+
+/// An unsigned LEB128 value at the start of `b` and the bytes it took (at most 10).
+pub fn uleb(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v: u64 = 0;
+    for (i, byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f).checked_shl(7 * i as u32)?;
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

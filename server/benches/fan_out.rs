@@ -1,5 +1,6 @@
 //! Live fan-out: one commit lands in a team's day and its 16 phones catch up on it
-//! (`Hub::missing` over the commit-log window, as the connection does). Real sled.
+//! (`Hub::missing` over the commit-log window, as the connection does), for apps that
+//! read stored chunks and for older ones. Real sled.
 //! `cargo bench -p redline-server --bench fan_out`.
 
 use std::collections::HashSet;
@@ -49,36 +50,44 @@ fn fan_out(c: &mut Criterion) {
     let none = HashSet::new();
     let mut group = c.benchmark_group("relay_fan_out");
     group.sample_size(20);
-    group.bench_function("one_commit_to_16_devices", |b| {
-        b.iter_custom(|iters| {
-            let mut spent = Duration::ZERO;
-            for _ in 0..iters {
-                // One phone writes (not timed)...
-                let before = hub.last_seq();
-                let heads = doc.get_heads();
-                let mut tx = doc.transaction();
-                let (_, notes) = tx.get(ROOT, "notes").unwrap().unwrap();
-                tx.put(&notes, "latest", before as i64).unwrap();
-                tx.commit();
-                let new = doc.get_changes(&heads);
-                rt.block_on(hub.push(&id, &author(0), new)).unwrap();
-                let upto = hub.last_seq();
-                // ...and its 16 teammates catch up on it (timed).
-                let t = Instant::now();
-                for _ in 0..16 {
-                    let w = Window {
-                        after: before,
-                        upto,
-                        own: &none,
-                    };
-                    let got = rt.block_on(hub.missing(&id, &heads, Some(w))).unwrap();
-                    assert!(got.is_some());
+    // Devices that read stored chunks get the commit's chunk as stored; older apps get
+    // a bundle made for them.
+    for (name, chunks) in [
+        ("one_commit_to_16_devices", false),
+        ("one_commit_to_16_devices_stored_chunks", true),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    // One phone writes (not timed)...
+                    let before = hub.last_seq();
+                    let heads = doc.get_heads();
+                    let mut tx = doc.transaction();
+                    let (_, notes) = tx.get(ROOT, "notes").unwrap().unwrap();
+                    tx.put(&notes, "latest", before as i64).unwrap();
+                    tx.commit();
+                    let new = doc.get_changes(&heads);
+                    rt.block_on(hub.push(&id, &author(0), new)).unwrap();
+                    let upto = hub.last_seq();
+                    // ...and its 16 teammates catch up on it (timed).
+                    let t = Instant::now();
+                    for _ in 0..16 {
+                        let w = Window {
+                            after: before,
+                            upto,
+                            own: &none,
+                            chunks,
+                        };
+                        let got = rt.block_on(hub.missing(&id, &heads, Some(w))).unwrap();
+                        assert!(got.is_some());
+                    }
+                    spent += t.elapsed();
                 }
-                spent += t.elapsed();
-            }
-            spent
-        })
-    });
+                spent
+            })
+        });
+    }
     group.finish();
 }
 

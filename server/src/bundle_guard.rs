@@ -24,7 +24,7 @@ const INFLATE_FLOOR: u64 = 4 << 20;
 /// ...plus this many per byte of bundle.
 const INFLATE_PER_BYTE: u64 = 32;
 
-const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+use redline_proto::wire::CHUNK_MAGIC as MAGIC;
 
 /// Refuses `bytes` if its columns announce more values (or inflate to more bytes) than
 /// a bundle of its size can legitimately hold.
@@ -178,17 +178,7 @@ impl<'a> Scan<'a> {
     }
 }
 
-/// An unsigned LEB128 and the bytes it used.
-pub(crate) fn uleb(b: &[u8]) -> Option<(u64, usize)> {
-    let mut v: u64 = 0;
-    for (i, byte) in b.iter().enumerate().take(10) {
-        v |= u64::from(byte & 0x7f).checked_shl(7 * i as u32)?;
-        if byte & 0x80 == 0 {
-            return Some((v, i + 1));
-        }
-    }
-    None
-}
+pub(crate) use redline_proto::wire::uleb;
 
 /// A signed LEB128 and the bytes it used.
 fn sleb(b: &[u8]) -> Option<(i64, usize)> {

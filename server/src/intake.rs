@@ -14,9 +14,10 @@
 
 use automerge::Change;
 
+use redline_proto::wire::split_chunk;
+
 use crate::bundle_guard;
 
-const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 const DOCUMENT: u8 = 0;
 const CHANGE: u8 = 1;
 const COMPRESSED_CHANGE: u8 = 2;
@@ -71,25 +72,6 @@ pub fn sync_step(
         );
     }
     Ok((message, changes))
-}
-
-/// The first chunk of `bytes`, its type, and what follows it.
-fn split_chunk(bytes: &[u8]) -> Result<(&[u8], u8, &[u8]), String> {
-    let truncated = || "not an Automerge chunk (truncated header)".to_string();
-    if bytes.len() < 9 {
-        return Err(truncated());
-    }
-    if bytes[..4] != MAGIC {
-        return Err("not an Automerge chunk (bad magic bytes)".into());
-    }
-    let kind = bytes[8];
-    let (len, used) = bundle_guard::uleb(&bytes[9..]).ok_or_else(truncated)?;
-    let end = usize::try_from(len)
-        .ok()
-        .and_then(|l| l.checked_add(9 + used))
-        .filter(|end| *end <= bytes.len())
-        .ok_or_else(|| "an Automerge chunk is cut short".to_string())?;
-    Ok((&bytes[..end], kind, &bytes[end..]))
 }
 
 fn bundle(chunk: &[u8]) -> Result<Vec<Change>, String> {

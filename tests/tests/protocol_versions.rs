@@ -320,3 +320,137 @@ async fn a_new_phone_says_hello_again_to_a_relay_from_before_negotiation() -> an
     assert_eq!(*hellos.lock().unwrap(), vec![PROTOCOL_VERSION, 1, 1]);
     Ok(())
 }
+
+/// Says hello at the current version, with or without the extension that asks for
+/// stored chunks, and pulls from `cursor`; returns every message up to `Caught`.
+async fn pull_as_raw(
+    relay: &redline_server::RelayHandle,
+    dir: &std::path::Path,
+    token: &str,
+    chunks: bool,
+    cursor: Option<Cursor>,
+) -> anyhow::Result<Vec<Message>> {
+    let mut raw = RawDevice::connect(relay).await?;
+    let hello = Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        device: device_for(dir),
+        app_version: "raw-test".into(),
+        subscription: Subscription {
+            teams: vec![TeamId::new("team-1")?],
+            ..Default::default()
+        },
+        token: token.into(),
+    });
+    let mut ext = codec::Extensions::new();
+    if chunks {
+        ext.insert(redline_proto::message::ext::HELLO_ACCEPTS_CHUNKS, &true)?;
+    }
+    let frame = codec::encode_frame_with(&hello, &ext, PROTOCOL_VERSION, codec::DEFAULT_MAX_FRAME)?;
+    raw.send_bytes(&frame).await?;
+    raw.send(&Message::Pull(Pull {
+        cursor,
+        resume: Vec::new(),
+        defer_large: false,
+    }))
+    .await?;
+    raw.until(Duration::from_secs(10), |m| matches!(m, Message::Caught(_)))
+        .await
+}
+
+/// The Automerge chunks of an update's bundle payload.
+fn chunks_of(msgs: &[Message]) -> Vec<usize> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            Message::Update(u) => match &u.payload {
+                redline_proto::message::Payload::Bundle(b) => {
+                    let mut n = 0;
+                    let mut rest = b.as_slice();
+                    while !rest.is_empty() {
+                        rest = redline_proto::wire::split_chunk(rest)
+                            .expect("whole chunks")
+                            .2;
+                        n += 1;
+                    }
+                    Some(n)
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_chunks_go_only_to_apps_that_say_they_read_them() -> anyhow::Result<()> {
+    let relay_dir = tempfile::tempdir()?;
+    let relay = start_relay(relay_dir.path()).await?;
+    let writer_dir = tempfile::tempdir()?;
+    let writer = team_phone_speaking(
+        relay_dir.path(),
+        writer_dir.path(),
+        "ana",
+        endpoint(&relay),
+        PROTOCOL_VERSION,
+    )?;
+    let (team, day) = (TeamId::new("team-1")?, today());
+    writer.add_to_tally(&team, &day, "screened", 1)?;
+    writer.sync().await?;
+    // Two readers, caught up now: one app that reads stored chunks, one that does not.
+    let (new_dir, old_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let token = |dir: &std::path::Path, who: &str| {
+        token_for(
+            relay_dir.path(),
+            dir,
+            who,
+            Role::Volunteer,
+            &["team-1"],
+            &[],
+        )
+    };
+    let (new_token, old_token) = (token(new_dir.path(), "bo")?, token(old_dir.path(), "cy")?);
+    let cursor = |msgs: &[Message]| {
+        msgs.iter().find_map(|m| match m {
+            Message::Caught(c) => Some(c.clone()),
+            _ => None,
+        })
+    };
+    let first = pull_as_raw(&relay, new_dir.path(), &new_token, true, None).await?;
+    let new_cursor = cursor(&first).expect("caught");
+    let first = pull_as_raw(&relay, old_dir.path(), &old_token, false, None).await?;
+    let old_cursor = cursor(&first).expect("caught");
+    // The writer commits twice more.
+    for n in 2..=3 {
+        writer.add_to_tally(&team, &day, "screened", n)?;
+        writer.sync().await?;
+    }
+    let id = DocId::ledger(&team, &day);
+    let newer = pull_as_raw(&relay, new_dir.path(), &new_token, true, Some(new_cursor)).await?;
+    assert_eq!(chunks_of(&newer), vec![2], "one stored chunk per commit");
+    let older = pull_as_raw(&relay, old_dir.path(), &old_token, false, Some(old_cursor)).await?;
+    assert_eq!(
+        chunks_of(&older),
+        vec![1],
+        "one bundle, as today's apps read"
+    );
+    // Both payloads hold the same changes.
+    let changes = |msgs: &[Message]| -> Vec<automerge::ChangeHash> {
+        let mut doc = redline_proto::genesis::genesis(&id);
+        for m in msgs {
+            if let Message::Update(u) = m
+                && let redline_proto::message::Payload::Bundle(b) = &u.payload
+            {
+                doc.load_incremental(b).expect("loads");
+            }
+        }
+        let mut h = doc
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.hash())
+            .collect::<Vec<_>>();
+        h.sort();
+        h
+    };
+    assert_eq!(changes(&newer), changes(&older));
+    relay.shutdown().await?;
+    Ok(())
+}

@@ -11,10 +11,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use redline_proto::codec;
 use redline_proto::message::{ErrorReport, Hello, Message, Update};
 use redline_proto::session::check_hello;
 
-use super::session_limits;
+use super::{accepts_chunks, session_limits};
 use super::{admit, answer, greeting, hold, new_peer, now_ms, resync_step, serve_request};
 use crate::Error;
 use crate::access::Scope;
@@ -83,12 +84,14 @@ impl Loopback {
         *self.relay.hub.stable().borrow()
     }
 
-    /// A device says hello at `now` (`unix_now` in seconds for its token): the link and
+    /// A device says hello (with the hello frame's extensions) at `now` (`unix_now` in
+    /// seconds for its token): the link and
     /// the `Welcome` framed as the network would carry it (extensions only for version 2
     /// and later), or why it is turned away.
     pub fn connect(
         &self,
         mut hello: Hello,
+        ext: &codec::Extensions,
         now: Instant,
         unix_now: u64,
     ) -> Result<(Link, Vec<u8>), ErrorReport> {
@@ -108,7 +111,8 @@ impl Loopback {
         let scope = Scope::new(claims);
         let g = greeting(&self.relay, &self.config, &hello, &scope)
             .map_err(|e| refusal(redline_proto::ErrorCode::INTERNAL, e.to_string()))?;
-        let peer = new_peer(&hello, scope, g.granted, g.synced_before, g.quarantined);
+        let mut peer = new_peer(&hello, scope, g.granted, g.synced_before, g.quarantined);
+        peer.accepts_chunks = accepts_chunks(ext, version);
         let session = Session::new(
             peer,
             session_limits(&self.config),

@@ -257,36 +257,50 @@ fn error_msg(code: ErrorCode, text: impl Into<String>, doc: Option<DocId>) -> Me
     })
 }
 
-/// Reads the device's `Hello` and checks its version and token.
+/// Whether a device's hello says it reads several chunks in one payload (an extension:
+/// version 2 and later only; a malformed value counts as no).
+fn accepts_chunks(ext: &codec::Extensions, version: u16) -> bool {
+    version >= 2 && matches!(ext.get::<bool>(ext::HELLO_ACCEPTS_CHUNKS), Ok(Some(true)))
+}
+
+/// Reads the device's `Hello` and checks its version and token; also whether it reads
+/// several chunks in one payload.
 async fn greet(
     send: &mut SendStream,
     recv: &mut RecvStream,
     shared: &Shared,
-) -> Result<(Hello, Scope), Error> {
+) -> Result<(Hello, Scope, bool), Error> {
     let config = &shared.config;
     let limits = &config.limits;
     let refuse = |code: ErrorCode, text: String| Error::Refused { code, text };
     // Before the token is checked, a frame may be small: a hello, nothing more.
-    let first = read_message(
+    let first = read_frame(
         recv,
         config.max_frame.min(codec::HELLO_MAX_FRAME),
         Some(limits.hello_timeout),
         limits.hello_timeout,
     )
-    .await;
+    .await
+    .and_then(|f| match f {
+        Some(payload) => Ok(Some(codec::decode_with_extensions(&payload)?)),
+        None => Ok(None),
+    });
     let denial = match first {
-        Ok(Some(Message::Hello(mut hello))) => match check_hello(&hello, config.protocol_version) {
-            Err(e) => refuse(e.code(), e.to_string()),
-            Ok(version) => match shared.authority.admit(&hello.token, &hello.device) {
-                Ok(claims) => {
-                    // From here on, the version both speak.
-                    hello.protocol_version = version;
-                    return Ok((hello, Scope::new(claims)));
-                }
-                Err(d) => refuse(d.code, d.text),
-            },
-        },
-        Ok(Some(other)) => refuse(
+        Ok(Some((Message::Hello(mut hello), ext))) => {
+            match check_hello(&hello, config.protocol_version) {
+                Err(e) => refuse(e.code(), e.to_string()),
+                Ok(version) => match shared.authority.admit(&hello.token, &hello.device) {
+                    Ok(claims) => {
+                        // From here on, the version both speak.
+                        hello.protocol_version = version;
+                        let accepts = accepts_chunks(&ext, version);
+                        return Ok((hello, Scope::new(claims), accepts));
+                    }
+                    Err(d) => refuse(d.code, d.text),
+                },
+            }
+        }
+        Ok(Some((other, _))) => refuse(
             ErrorCode::PROTOCOL_VIOLATION,
             format!("expected hello, got {}", other.kind()),
         ),
@@ -347,7 +361,7 @@ async fn run(
     // Watch revocations before the token is admitted: one that lands in between is seen.
     let mut revocations = authority.watch();
     let watchdog_revocations = authority.watch();
-    let (hello, scope) = greet(&mut send, &mut recv, &shared).await?;
+    let (hello, scope, accepts_chunks) = greet(&mut send, &mut recv, &shared).await?;
     drop(pending);
     let token_id = scope.claims().id;
     let Some(_token_seat) = door.token(token_id) else {
@@ -385,7 +399,8 @@ async fn run(
     let (mut inbox, reader) = spawn_reader(recv, &config);
 
     let now = std::time::Instant::now();
-    let peer = new_peer(&hello, scope, granted, synced_before, quarantined);
+    let mut peer = new_peer(&hello, scope, granted, synced_before, quarantined);
+    peer.accepts_chunks = accepts_chunks;
     let session_limits = session_limits(&config);
     let mut stable = relay.hub.stable();
     let mut session = Session::new(
@@ -451,6 +466,7 @@ fn new_peer(
         defer_large: false,
         delivered: None,
         resync: RelayResync::new(),
+        accepts_chunks: false,
     }
 }
 
@@ -851,6 +867,7 @@ async fn answer(relay: &RelayState, query: Query) -> Result<Answer, Error> {
             have_at,
             known,
             window,
+            chunks,
         } => {
             let mut have = match have_at {
                 Some(seq) => relay.hub.heads_at(&doc, seq).await?,
@@ -861,6 +878,7 @@ async fn answer(relay: &RelayState, query: Query) -> Result<Answer, Error> {
                 after: *after,
                 upto: *upto,
                 own,
+                chunks,
             });
             Answer::Lacks(relay.hub.missing(&doc, &have, window).await?)
         }

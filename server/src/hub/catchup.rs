@@ -24,6 +24,8 @@ pub struct Window<'a> {
     pub upto: u64,
     /// Changes the device pushed itself.
     pub own: &'a HashSet<ChangeHash>,
+    /// The device reads several chunks in one payload: ship the stored ones.
+    pub chunks: bool,
 }
 
 fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
@@ -58,12 +60,37 @@ impl Hub {
         if let Some(w) = window
             && w.after.saturating_add(1) >= state.log_floor
         {
+            let entries = || {
+                state
+                    .log
+                    .iter()
+                    .filter(|e| e.seq > w.after && e.seq <= w.upto)
+            };
+            // The chunks stored per commit, as they are, skipping commits wholly the
+            // device's own: no encoding per device. Only while the log holds them all.
+            if w.chunks {
+                let wanted: Vec<_> = entries()
+                    .filter(|e| !e.hashes.iter().all(|h| w.own.contains(h)))
+                    .collect();
+                if wanted.is_empty() {
+                    return Ok(None);
+                }
+                if wanted.iter().all(|e| e.chunk.is_some()) {
+                    let len = wanted
+                        .iter()
+                        .filter_map(|e| e.chunk.as_ref())
+                        .map(|c| c.len())
+                        .sum();
+                    let mut bytes = Vec::with_capacity(len);
+                    for c in wanted.iter().filter_map(|e| e.chunk.as_ref()) {
+                        bytes.extend_from_slice(c);
+                    }
+                    return Ok(Some((Payload::Bundle(bytes), heads)));
+                }
+            }
             let mut seen = HashSet::new();
-            let hashes: Vec<ChangeHash> = state
-                .log
-                .iter()
-                .filter(|(seq, _)| *seq > w.after && *seq <= w.upto)
-                .flat_map(|(_, h)| h.iter())
+            let hashes: Vec<ChangeHash> = entries()
+                .flat_map(|e| e.hashes.iter())
                 .filter(|h| !w.own.contains(h) && seen.insert(**h))
                 .copied()
                 .collect();

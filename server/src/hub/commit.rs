@@ -11,7 +11,7 @@ use redline_proto::{DeviceId, DocId};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use super::slots::{DocSlot, LOG_LEN, SlotState, load_state};
+use super::slots::{DocSlot, SlotState, load_state};
 use super::{Hub, bundle_changes, has, make_bundle, plan};
 use crate::Error;
 use crate::authorship::{self, Author};
@@ -257,13 +257,14 @@ impl Hub {
             .changes
             .fetch_add(new.len() as u64, Ordering::Relaxed);
         let new_hashes = new.clone();
-        let chunk = make_bundle(&state.doc, new)?;
+        let chunk = Arc::new(make_bundle(&state.doc, new)?);
         let seq = self.seq.lock().expect("seq lock").begin();
         let wire: Vec<[u8; 32]> = heads.iter().map(|h| h.0).collect();
         let key = id.clone();
         let chunk_len = chunk.len();
+        let stored = chunk.clone();
         let written = self
-            .blocking(move |s| s.commit(&key, seq, &chunk, &wire))
+            .blocking(move |s| s.commit(&key, seq, &stored, &wire))
             .await;
         let result = match written {
             Ok(()) => self.flush().await,
@@ -273,12 +274,7 @@ impl Hub {
         match result {
             Ok(()) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
-                state.log.push_back((seq, new_hashes));
-                if state.log.len() > LOG_LEN
-                    && let Some((oldest, _)) = state.log.pop_front()
-                {
-                    state.log_floor = oldest + 1;
-                }
+                state.remember(seq, new_hashes, chunk);
                 state.chunks += 1;
                 slot.stored_bytes.fetch_add(chunk_len, Ordering::Relaxed);
                 if state.chunks >= COMPACT_AFTER_CHUNKS {

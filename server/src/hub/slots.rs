@@ -40,17 +40,32 @@ pub struct SlotState {
     /// device of a team that was at the same heads gets the same bytes, built once.
     pub(super) deliveries: Vec<(Vec<ChangeHash>, Arc<Vec<u8>>)>,
     pub(super) deliveries_at: Vec<ChangeHash>,
-    /// Recent commits of this document: feed sequence → the hashes it added. Every commit
-    /// with a sequence of at least `log_floor` is here, so "what changed after seq S" needs
-    /// no walk of the history.
-    pub(super) log: std::collections::VecDeque<(u64, Vec<ChangeHash>)>,
+    /// Recent commits of this document. Every commit with a sequence of at least
+    /// `log_floor` is here, so "what changed after seq S" needs no walk of the history.
+    pub(super) log: std::collections::VecDeque<LogEntry>,
     pub(super) log_floor: u64,
+    /// Bytes of the chunks the log holds (at most [`LOG_CHUNK_BYTES`]).
+    pub(super) log_chunk_bytes: usize,
     /// What the document's genesis made (for the authorship check), made once.
     pub(super) genesis: Option<Arc<authorship::Genesis>>,
 }
 
 /// Commits kept in a document's in-memory log.
 pub(super) const LOG_LEN: usize = 512;
+
+/// Chunk bytes kept in a document's log; older entries keep only their hashes.
+pub(super) const LOG_CHUNK_BYTES: usize = 2 * 1024 * 1024;
+
+/// One commit in a document's log.
+pub(super) struct LogEntry {
+    /// Its feed sequence.
+    pub seq: u64,
+    /// The changes it added.
+    pub hashes: Vec<ChangeHash>,
+    /// The chunk it stored (a bundle of those changes), while the log's byte budget
+    /// allows.
+    pub chunk: Option<Arc<Vec<u8>>>,
+}
 
 impl SlotState {
     pub(super) fn new(doc: Automerge, chunks: usize) -> Self {
@@ -62,7 +77,34 @@ impl SlotState {
             deliveries_at: Vec::new(),
             log: std::collections::VecDeque::new(),
             log_floor: u64::MAX,
+            log_chunk_bytes: 0,
             genesis: None,
+        }
+    }
+
+    /// Logs a commit: its sequence, the changes it added and the chunk it stored. The
+    /// log keeps [`LOG_LEN`] commits and [`LOG_CHUNK_BYTES`] of their chunks (the
+    /// oldest chunks go first; their hashes stay).
+    pub(super) fn remember(&mut self, seq: u64, hashes: Vec<ChangeHash>, chunk: Arc<Vec<u8>>) {
+        self.log_chunk_bytes += chunk.len();
+        self.log.push_back(LogEntry {
+            seq,
+            hashes,
+            chunk: Some(chunk),
+        });
+        if self.log.len() > LOG_LEN
+            && let Some(oldest) = self.log.pop_front()
+        {
+            self.log_floor = oldest.seq + 1;
+            self.log_chunk_bytes -= oldest.chunk.map_or(0, |c| c.len());
+        }
+        for e in self.log.iter_mut() {
+            if self.log_chunk_bytes <= LOG_CHUNK_BYTES {
+                break;
+            }
+            if let Some(c) = e.chunk.take() {
+                self.log_chunk_bytes -= c.len();
+            }
         }
     }
 

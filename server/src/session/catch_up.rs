@@ -119,6 +119,7 @@ impl Session {
                     known: self.peer.known.get(&doc),
                     // Covered before: the commit log says what came since.
                     window: covered.then(|| (*after, *upto, self.peer.known.own(&doc))),
+                    chunks: self.peer.accepts_chunks,
                 };
                 *current = Some(doc);
                 self.actions.push_back(Action::Query(query));

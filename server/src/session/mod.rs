@@ -84,6 +84,8 @@ pub enum Query {
         known: Vec<ChangeHash>,
         /// `(after, upto, own changes)`: the commit-log window.
         window: Option<(u64, u64, HashSet<ChangeHash>)>,
+        /// The device reads stored chunks one after another in one payload.
+        chunks: bool,
     },
 }
 

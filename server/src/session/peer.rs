@@ -126,6 +126,9 @@ pub struct Peer {
     pub delivered: Option<u64>,
     /// The Automerge-sync fallback's state for this device.
     pub resync: RelayResync,
+    /// The device reads several stored chunks in one bundle payload
+    /// ([`redline_proto::message::ext::HELLO_ACCEPTS_CHUNKS`]).
+    pub accepts_chunks: bool,
 }
 
 /// What the admission rule knows of a connection's device.

@@ -45,6 +45,7 @@ fn peer(role: Role) -> Peer {
         defer_large: false,
         delivered: None,
         resync: RelayResync::new(),
+        accepts_chunks: false,
     }
 }
 

@@ -644,7 +644,24 @@ impl World {
         if self.traced(conn) {
             println!("{:?} phone -> relay on {conn}: {}", self.now, msg.kind());
         }
-        let frame = match codec::encode_frame(msg, codec::DEFAULT_MAX_FRAME) {
+        // A hello says the phone reads stored chunks one after another (an extension,
+        // dropped from a version-1 frame as a version-1 app never sends it).
+        let framed = match msg {
+            Message::Hello(h) => {
+                let mut ext = codec::Extensions::new();
+                ext.insert(redline_proto::message::ext::HELLO_ACCEPTS_CHUNKS, &true)
+                    .and_then(|()| {
+                        codec::encode_frame_with(
+                            msg,
+                            &ext,
+                            h.protocol_version,
+                            codec::DEFAULT_MAX_FRAME,
+                        )
+                    })
+            }
+            _ => codec::encode_frame(msg, codec::DEFAULT_MAX_FRAME),
+        };
+        let frame = match framed {
             Ok(f) => f,
             Err(e) => return self.problems.push(format!("a phone could not frame: {e}")),
         };
@@ -706,12 +723,12 @@ impl World {
         if c.relay_done {
             return;
         }
-        let msg = match codec::decode_payload(&frame[HEADER_LEN..]) {
+        let (msg, ext) = match codec::decode_with_extensions(&frame[HEADER_LEN..]) {
             Ok(m) => m,
             Err(e) => return self.problems.push(format!("the relay could not read: {e}")),
         };
         let outs = match (&mut c.link, msg) {
-            (None, Message::Hello(hello)) => match relay.connect(hello, now, unix) {
+            (None, Message::Hello(hello)) => match relay.connect(hello, &ext, now, unix) {
                 Ok((link, welcome)) => {
                     c.link = Some(link);
                     self.send_to_phone(conn, Delivery::Frame(welcome));

@@ -252,9 +252,9 @@ impl Phone {
             let mut other = Automerge::load(data).map_err(|e| e.to_string())?;
             doc.merge(&mut other).map_err(|e| e.to_string())?;
         } else {
-            let bundle = automerge::Bundle::try_from(data).map_err(|e| e.to_string())?;
-            let changes = bundle.to_changes().map_err(|e| e.to_string())?;
-            doc.apply_changes(changes).map_err(|e| e.to_string())?;
+            // One bundle, or (for a phone that said it reads them) several stored
+            // chunks one after another.
+            doc.load_incremental(data).map_err(|e| e.to_string())?;
         }
         Ok(())
     }
