@@ -28,6 +28,14 @@ pub struct Window<'a> {
     pub chunks: bool,
 }
 
+/// Most pieces (stored chunks, plus one bundle of others' changes in commits that hold
+/// the device's own) shipped in one update. Separate bundles compress worse than one
+/// bundle of the same changes, so a longer window gets one bundle made for the device.
+/// Field day, seed 1, one run each: no limit, relay CPU 3.2 s and 1.35x the bytes of
+/// the changes compressed once; 8, 5.9 s and 1.23x; 3, 6.6 s and 1.15x; 1, 7.4 s and
+/// 1.15x; no stored chunks at all, 9.8 s and 1.14x.
+const MAX_PIECES: usize = 3;
+
 fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
     heads.iter().copied().collect()
 }
@@ -66,8 +74,10 @@ impl Hub {
                     .iter()
                     .filter(|e| e.seq > w.after && e.seq <= w.upto)
             };
-            // The chunks stored per commit, as they are, skipping commits wholly the
-            // device's own: no encoding per device. Only while the log holds them all.
+            // The chunks stored per commit, as they are: no encoding per device. Commits
+            // wholly the device's own are skipped; the others' changes in commits that
+            // also hold the device's own go in one bundle made for it (its own changes
+            // are not sent back). Only while the log holds every chunk needed.
             if w.chunks {
                 let wanted: Vec<_> = entries()
                     .filter(|e| !e.hashes.iter().all(|h| w.own.contains(h)))
@@ -75,15 +85,23 @@ impl Hub {
                 if wanted.is_empty() {
                     return Ok(None);
                 }
-                if wanted.iter().all(|e| e.chunk.is_some()) {
-                    let len = wanted
-                        .iter()
-                        .filter_map(|e| e.chunk.as_ref())
-                        .map(|c| c.len())
-                        .sum();
-                    let mut bytes = Vec::with_capacity(len);
-                    for c in wanted.iter().filter_map(|e| e.chunk.as_ref()) {
+                let (mixed, clean): (Vec<_>, Vec<_>) = wanted
+                    .into_iter()
+                    .partition(|e| e.hashes.iter().any(|h| w.own.contains(h)));
+                let pieces = clean.len() + usize::from(!mixed.is_empty());
+                if pieces <= MAX_PIECES && clean.iter().all(|e| e.chunk.is_some()) {
+                    let mut bytes = Vec::new();
+                    for c in clean.iter().filter_map(|e| e.chunk.as_ref()) {
                         bytes.extend_from_slice(c);
+                    }
+                    let others: Vec<ChangeHash> = mixed
+                        .iter()
+                        .flat_map(|e| e.hashes.iter())
+                        .filter(|h| !w.own.contains(h))
+                        .copied()
+                        .collect();
+                    if !others.is_empty() {
+                        bytes.extend_from_slice(&make_bundle(&state.doc, others)?);
                     }
                     return Ok(Some((Payload::Bundle(bytes), heads)));
                 }
