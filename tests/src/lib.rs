@@ -114,6 +114,21 @@ pub fn team_phone(
     Ok(Client::open(dir, config)?)
 }
 
+/// Copies the directory `from` into `to`, recursively (a backup, a fixture).
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
 /// How a phone finds `relay`.
 pub fn endpoint(relay: &RelayHandle) -> RelayEndpoint {
     RelayEndpoint::new(relay.local_addr(), relay.fingerprint())

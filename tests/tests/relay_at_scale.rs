@@ -10,7 +10,7 @@ use automerge::transaction::Transactable;
 use automerge::{ActorId, Automerge, ObjType, ROOT, ReadDoc};
 use redline_client::{NewHousehold, NewTask, TaskKind};
 use redline_proto::{Day, DocId, TeamId, ZoneId};
-use redline_tests::{start_relay, start_relay_with, team_phone};
+use redline_tests::{copy_dir, start_relay, start_relay_with, team_phone};
 
 fn team(t: &str) -> TeamId {
     TeamId::new(t).unwrap()
@@ -468,20 +468,6 @@ async fn a_small_cache_evicts_documents_without_losing_anything() -> anyhow::Res
         }
     }
     relay.shutdown().await?;
-    Ok(())
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), target)?;
-        }
-    }
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use redline_client::{
 use redline_proto::token::Role;
 use redline_proto::{Day, DeviceId, MemberId, TeamId, ZoneId};
 use redline_server::auth::TokenRequest;
-use redline_tests::{endpoint, start_relay};
+use redline_tests::{copy_dir, endpoint, start_relay};
 
 const FIXTURES: &str = "tests/fixtures/formats-2026-12";
 const DAY: &str = "2026-11-30";
@@ -59,20 +59,6 @@ fn open_phone(
         .with_zones(vec![zone()])
         .with_keep_days(36_500);
     Ok(Client::open(dir, config)?)
-}
-
-fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(())
 }
 
 /// Git keeps no modes beyond the executable bit: give the relay's secret the modes it

@@ -11,15 +11,14 @@
 //! changes reach it without polling. A slow device only delays itself: the watch holds
 //! just the latest sequence, and catch-up reads what it needs from the feed.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{RecvStream, SendStream};
 use redline_proto::codec::{self, HEADER_LEN};
 use redline_proto::message::ext;
-use redline_proto::message::{Coverage, ErrorReport, Hello, Message, Piece, Welcome};
-use redline_proto::session::{RelayResync, check_hello};
+use redline_proto::message::{ErrorReport, Hello, Message, Piece, Welcome};
+use redline_proto::session::check_hello;
 use redline_proto::wire::{TRANSFER_PIECE, transfer_id, union_heads};
 use redline_proto::{DeviceId, DocId, ErrorCode, MIN_PROTOCOL_VERSION};
 use tokio::sync::mpsc;
@@ -29,12 +28,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::Error;
 use crate::access::Scope;
 use crate::auth::Authority;
-use crate::authorship::Author;
 use crate::config::RelayConfig;
 use crate::door::Seat;
 use crate::hub::Window;
 use crate::session::{
-    Action, Admission, Answer, Bucket, Input, Known, Outcome, Peer, Query, Request, Session,
+    Action, Admission, Answer, Bucket, Input, Outcome, Peer, Query, Request, Session,
     SessionLimits, Verdict, refusal_code,
 };
 use crate::state::RelayState;
@@ -451,22 +449,9 @@ fn new_peer(
     quarantined: Option<i64>,
 ) -> Peer {
     Peer {
-        device: hello.device.clone(),
-        author: Author {
-            device: hello.device.clone(),
-            member: scope.claims().member.clone(),
-            role: scope.claims().role,
-        },
-        scope,
         quarantined,
         synced_before,
-        subscription: Coverage::new(granted),
-        known: Known::default(),
-        resume: HashMap::new(),
-        defer_large: false,
-        delivered: None,
-        resync: RelayResync::new(),
-        accepts_chunks: false,
+        ..Peer::new(hello.device.clone(), scope, granted)
     }
 }
 

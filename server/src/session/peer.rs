@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use automerge::{Change, ChangeHash};
-use redline_proto::message::{Ack, Coverage, ErrorReport, Message, QuarantineEntry};
+use redline_proto::message::{Ack, Coverage, ErrorReport, Message, QuarantineEntry, Subscription};
 use redline_proto::session::{RelayResync, hashes_to_wire};
 use redline_proto::wire::union_heads;
 use redline_proto::{DeviceId, DocId, ErrorCode, TeamId};
@@ -129,6 +129,31 @@ pub struct Peer {
     /// The device reads several stored chunks in one bundle payload
     /// ([`redline_proto::message::ext::HELLO_ACCEPTS_CHUNKS`]).
     pub accepts_chunks: bool,
+}
+
+impl Peer {
+    /// A device just welcomed: its author comes from its token (`scope`), it receives
+    /// `granted`; nothing is known of it yet.
+    pub fn new(device: DeviceId, scope: Scope, granted: Subscription) -> Self {
+        Self {
+            author: Author {
+                device: device.clone(),
+                member: scope.claims().member.clone(),
+                role: scope.claims().role,
+            },
+            device,
+            scope,
+            quarantined: None,
+            synced_before: false,
+            subscription: Coverage::new(granted),
+            known: Known::default(),
+            resume: HashMap::new(),
+            defer_large: false,
+            delivered: None,
+            resync: RelayResync::new(),
+            accepts_chunks: false,
+        }
+    }
 }
 
 /// What the admission rule knows of a connection's device.

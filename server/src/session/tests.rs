@@ -3,11 +3,10 @@ use super::*;
 use crate::access::Scope;
 use crate::hub::Committed;
 use redline_proto::message::{Push, Subscription};
-use redline_proto::session::{RelayResync, hashes_to_wire};
+use redline_proto::session::hashes_to_wire;
 use redline_proto::token::{Claims, Role, TokenId};
 use redline_proto::wire::{INLINE_MAX, transfer_id};
 use redline_proto::{Day, MemberId};
-use std::collections::HashMap;
 
 const EPOCH: u64 = 42;
 
@@ -29,24 +28,7 @@ fn peer(role: Role) -> Peer {
         teams: vec![team],
         ..Default::default()
     });
-    Peer {
-        author: Author {
-            device: device.clone(),
-            member: MemberId::new("ana").unwrap(),
-            role,
-        },
-        device,
-        scope,
-        quarantined: None,
-        synced_before: false,
-        subscription: Coverage::new(granted),
-        known: Known::default(),
-        resume: HashMap::new(),
-        defer_large: false,
-        delivered: None,
-        resync: RelayResync::new(),
-        accepts_chunks: false,
-    }
+    Peer::new(device, scope, granted)
 }
 
 fn limits() -> SessionLimits {
