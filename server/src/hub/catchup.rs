@@ -9,7 +9,7 @@ use automerge::ChangeHash;
 use redline_proto::DocId;
 use redline_proto::message::{Coverage, Payload};
 
-use super::slots::DocSlot;
+use super::slots::{DocSlot, SlotState};
 use super::{Hub, has, make_bundle};
 use crate::Error;
 use automerge::Change;
@@ -35,6 +35,50 @@ pub struct Window<'a> {
 /// the changes compressed once; 8, 5.9 s and 1.23x; 3, 6.6 s and 1.15x; 1, 7.4 s and
 /// 1.15x; no stored chunks at all, 9.8 s and 1.14x.
 const MAX_PIECES: usize = 3;
+
+/// What a window's stored chunks come to for one device.
+enum Shipped {
+    /// Everything in the window is the device's own.
+    Nothing,
+    /// The stored chunks (and a bundle of others' changes in commits holding its own).
+    Chunks(Vec<u8>),
+    /// Too many pieces, or chunks the log no longer holds: one bundle instead.
+    Bundle,
+}
+
+/// The chunks stored per commit in window `w`, as they are: no encoding per device.
+/// Commits wholly the device's own are skipped; the others' changes in commits that
+/// also hold the device's own go in one bundle made for it (its own changes are not
+/// sent back).
+fn shipped_chunks(state: &SlotState, w: Window<'_>) -> Result<Shipped, Error> {
+    let (mixed, clean): (Vec<_>, Vec<_>) = state
+        .log
+        .iter()
+        .filter(|e| e.seq > w.after && e.seq <= w.upto)
+        .filter(|e| !e.hashes.iter().all(|h| w.own.contains(h)))
+        .partition(|e| e.hashes.iter().any(|h| w.own.contains(h)));
+    if mixed.is_empty() && clean.is_empty() {
+        return Ok(Shipped::Nothing);
+    }
+    let pieces = clean.len() + usize::from(!mixed.is_empty());
+    if pieces > MAX_PIECES || clean.iter().any(|e| e.chunk.is_none()) {
+        return Ok(Shipped::Bundle);
+    }
+    let mut bytes = Vec::new();
+    for c in clean.iter().filter_map(|e| e.chunk.as_ref()) {
+        bytes.extend_from_slice(c);
+    }
+    let others: Vec<ChangeHash> = mixed
+        .iter()
+        .flat_map(|e| e.hashes.iter())
+        .filter(|h| !w.own.contains(h))
+        .copied()
+        .collect();
+    if !others.is_empty() {
+        bytes.extend_from_slice(&make_bundle(&state.doc, others)?);
+    }
+    Ok(Shipped::Chunks(bytes))
+}
 
 fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
     heads.iter().copied().collect()
@@ -74,36 +118,11 @@ impl Hub {
                     .iter()
                     .filter(|e| e.seq > w.after && e.seq <= w.upto)
             };
-            // The chunks stored per commit, as they are: no encoding per device. Commits
-            // wholly the device's own are skipped; the others' changes in commits that
-            // also hold the device's own go in one bundle made for it (its own changes
-            // are not sent back). Only while the log holds every chunk needed.
             if w.chunks {
-                let wanted: Vec<_> = entries()
-                    .filter(|e| !e.hashes.iter().all(|h| w.own.contains(h)))
-                    .collect();
-                if wanted.is_empty() {
-                    return Ok(None);
-                }
-                let (mixed, clean): (Vec<_>, Vec<_>) = wanted
-                    .into_iter()
-                    .partition(|e| e.hashes.iter().any(|h| w.own.contains(h)));
-                let pieces = clean.len() + usize::from(!mixed.is_empty());
-                if pieces <= MAX_PIECES && clean.iter().all(|e| e.chunk.is_some()) {
-                    let mut bytes = Vec::new();
-                    for c in clean.iter().filter_map(|e| e.chunk.as_ref()) {
-                        bytes.extend_from_slice(c);
-                    }
-                    let others: Vec<ChangeHash> = mixed
-                        .iter()
-                        .flat_map(|e| e.hashes.iter())
-                        .filter(|h| !w.own.contains(h))
-                        .copied()
-                        .collect();
-                    if !others.is_empty() {
-                        bytes.extend_from_slice(&make_bundle(&state.doc, others)?);
-                    }
-                    return Ok(Some((Payload::Bundle(bytes), heads)));
+                match shipped_chunks(&state, w)? {
+                    Shipped::Nothing => return Ok(None),
+                    Shipped::Chunks(bytes) => return Ok(Some((Payload::Bundle(bytes), heads))),
+                    Shipped::Bundle => {}
                 }
             }
             let mut seen = HashSet::new();
