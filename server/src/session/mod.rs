@@ -10,8 +10,8 @@
 //! simulation) can drive it with a virtual clock.
 //!
 //! What it decides: the order of things (a `Pull` is answered only once every push
-//! before it is committed; the first commit after a quiet spell is caught up at once,
-//! commits landing within [`LIVE_COALESCE`] after it together), the message and stream rate limits, token expiry and revocation,
+//! before it is committed; live catch-ups coalesce commits landing within
+//! [`LIVE_COALESCE`]), the message and stream rate limits, token expiry and revocation,
 //! and the catch-up itself (a cursor from another epoch or ahead of the relay means
 //! resync; otherwise the documents changed in the window, each sent inline, announced
 //! for later, or as a transfer, and the known heads that make the next window small).
@@ -224,11 +224,7 @@ pub struct Session {
     catch_up: CatchUp,
     /// A catch-up asked for while one ran: its cursor.
     again: Option<Option<Cursor>>,
-    /// When the next live catch-up is due (commits coalescing).
     due: Option<Instant>,
-    /// When the last live catch-up started: the next waits until [`LIVE_COALESCE`]
-    /// after it, the first after a quiet spell goes at once.
-    last_live: Option<Instant>,
     actions: VecDeque<Action>,
     closed: bool,
 }
@@ -260,7 +256,6 @@ impl Session {
             catch_up: CatchUp::Idle,
             again: None,
             due: None,
-            last_live: None,
             actions: VecDeque::new(),
             closed: false,
         }
@@ -313,20 +308,14 @@ impl Session {
             return self.refuse(ErrorCode::TOKEN_EXPIRED, text.into());
         }
         if self.due.is_some_and(|due| now >= due) {
-            self.live_catch_up(now);
+            self.due = None;
+            let cursor = Cursor {
+                epoch: self.epoch,
+                seq: self.peer.delivered.unwrap_or(0),
+                subscription: self.peer.subscription.subscription().clone(),
+            };
+            self.start_catch_up(Some(cursor));
         }
-    }
-
-    /// Catches the live device up from where it is.
-    fn live_catch_up(&mut self, now: Instant) {
-        self.due = None;
-        self.last_live = Some(now);
-        let cursor = Cursor {
-            epoch: self.epoch,
-            seq: self.peer.delivered.unwrap_or(0),
-            subscription: self.peer.subscription.subscription().clone(),
-        };
-        self.start_catch_up(Some(cursor));
     }
 
     /// Something happened at `now`.
@@ -374,16 +363,10 @@ impl Session {
             Input::StableMoved(seq) => {
                 if seq > self.stable {
                     self.stable = seq;
-                    // The first commit after a quiet spell goes out at once; commits
-                    // landing soon after it reach the device together, as one update
-                    // per document, at most one catch-up per LIVE_COALESCE.
+                    // Let commits that land together reach the device as one update
+                    // per document.
                     if self.peer.delivered.is_some() && self.due.is_none() {
-                        match self.last_live {
-                            Some(last) if now < last + LIVE_COALESCE => {
-                                self.due = Some(last + LIVE_COALESCE);
-                            }
-                            _ => self.live_catch_up(now),
-                        }
+                        self.due = Some(now + LIVE_COALESCE);
                     }
                 }
             }
