@@ -246,8 +246,6 @@ struct Conn {
     link: Option<Link>,
     /// The relay ended it (or crashed).
     relay_done: bool,
-    /// The phone lost it.
-    phone_done: bool,
     /// When the last message each way arrives (QUIC streams keep order).
     to_relay_at: Duration,
     to_phone_at: Duration,
@@ -281,7 +279,6 @@ struct World {
     hostile: Option<Phone>,
     problems: Vec<String>,
     report: SimReport,
-    crashes_left: u32,
 }
 
 impl World {
@@ -363,7 +360,6 @@ impl World {
                 seed,
                 ..Default::default()
             },
-            crashes_left: config.relay_crashes,
             config,
         };
         world.start_relay()?;
@@ -590,7 +586,6 @@ impl World {
                 phone: i,
                 link: None,
                 relay_done: false,
-                phone_done: false,
                 to_relay_at: self.now,
                 to_phone_at: self.now,
             },
@@ -615,7 +610,6 @@ impl World {
         self.phone(i).disconnected();
         self.report.cuts += 1;
         if let Some(c) = self.conns.get_mut(&conn) {
-            c.phone_done = true;
             let noticed = c.to_relay_at.max(self.now) + Duration::from_secs(3);
             let after = noticed - self.now;
             self.at(after, Event::Lost(conn));
@@ -853,7 +847,6 @@ impl World {
         self.relay = None;
         self.memory.crash();
         self.report.relay_crashes += 1;
-        self.crashes_left = self.crashes_left.saturating_sub(1);
         let conns: Vec<(u64, usize)> = self.conns.iter().map(|(id, c)| (*id, c.phone)).collect();
         self.conns.clear();
         for (_, i) in conns {
@@ -887,9 +880,6 @@ impl World {
         match out {
             Delivery::Closed => {
                 self.phone(i).disconnected();
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.phone_done = true;
-                }
                 self.conns.remove(&conn);
                 let back = self.jitter(Duration::from_secs(2)) + Duration::from_millis(500);
                 self.at(back, Event::Connect(i));
@@ -985,7 +975,6 @@ impl World {
                 }
                 let p = self.phone(i);
                 p.cursor = Some(cursor);
-                p.cursor_moves += 1;
                 p.live = true;
             }
             other => {

@@ -57,8 +57,6 @@ pub struct Phone {
     pub acked: BTreeSet<ChangeHash>,
     /// Refusals an honest phone should never get.
     pub refusals: Vec<String>,
-    /// Cursor sequences taken, in order (a cursor never moves back within an epoch).
-    pub cursor_moves: u64,
     /// The Automerge-sync fallback running on `conn`, if the relay asked for one.
     pub resync: Option<DeviceResync>,
 }
@@ -96,7 +94,6 @@ impl Phone {
             in_flight: VecDeque::new(),
             acked: BTreeSet::new(),
             refusals: Vec::new(),
-            cursor_moves: 0,
             resync: None,
         }
     }
