@@ -73,6 +73,12 @@ pub enum Error {
     /// sled, the embedded store, failed.
     #[error("storage (sled): {0}")]
     Sled(#[from] sled::Error),
+    /// PostgreSQL refused a statement or the connection to it failed.
+    #[error("storage (PostgreSQL): {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No connection to PostgreSQL could be taken from the pool.
+    #[error("storage (PostgreSQL pool): {0}")]
+    PostgresPool(#[from] deadpool_postgres::PoolError),
     /// A blocking storage task could not finish (it panicked or the runtime stopped).
     #[error("storage task: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -145,7 +151,12 @@ impl Error {
     /// fault: kept, retried later), rather than a refusal of the data.
     pub fn is_storage_failure(&self) -> bool {
         match self {
-            Error::Storage(_) | Error::Sled(_) | Error::Task(_) | Error::Io { .. } => true,
+            Error::Storage(_)
+            | Error::Sled(_)
+            | Error::Postgres(_)
+            | Error::PostgresPool(_)
+            | Error::Task(_)
+            | Error::Io { .. } => true,
             Error::Commit(cause) => cause.is_storage_failure(),
             _ => false,
         }

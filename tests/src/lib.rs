@@ -6,6 +6,7 @@
 
 pub mod faults;
 pub mod fieldday;
+pub mod postgres;
 pub mod sim;
 pub mod soak;
 pub mod steady;

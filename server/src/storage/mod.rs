@@ -23,12 +23,18 @@
 //!
 //! [`RelayStorage`] is all of them together: what a relay needs. Every backend passes
 //! the same [`conformance`] suite.
+//!
+//! Backends: [`SledStorage`] (embedded, the default), [`PgStorage`] (PostgreSQL, for a
+//! database operators already run and for several relays over one database) and
+//! [`MemoryStorage`] (the simulation and tests).
 
 pub mod conformance;
 mod memory;
+pub mod postgres;
 mod sled;
 
 pub use self::memory::MemoryStorage;
+pub use self::postgres::{PgOptions, PgStorage};
 pub use self::sled::SledStorage;
 
 use redline_proto::{DeviceId, DocId};

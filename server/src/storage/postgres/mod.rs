@@ -1,0 +1,900 @@
+//! PostgreSQL as the relay's storage: every concern of [`crate::storage`] in tables of
+//! one database, so relays can share it (and an operator's backups, replicas and
+//! point-in-time recovery apply).
+//!
+//! **Transactions map to flushes.** The storage contract says writes are atomic but not
+//! durable until [`Documents::flush`]. Here the first write after a flush opens a
+//! transaction on one connection of the pool (the *writer*); every write until the next
+//! flush joins it; the flush commits it. So the hub's group commit (many documents, one
+//! flush) becomes one transaction, and the feed's head row is updated once per batch.
+//! Reads see the relay's own unflushed writes: while a transaction is open they run on
+//! the writer's connection, otherwise on any connection of the pool.
+//!
+//! **Failures.** A statement that fails inside the open transaction aborts it in
+//! PostgreSQL: the next flush rolls it back and reports the failure, so every commit of
+//! that batch is answered with an error and the hub reloads the documents (memory never
+//! runs ahead of the database). A refusal decided here (an upload piece at the wrong
+//! offset) does not touch the transaction.
+//!
+//! **Blocking.** The storage traits block (the hub calls them on tokio's blocking
+//! threads). The asynchronous client runs on a small runtime of its own; each call hands
+//! it a future and waits for the answer, so calling from any thread is safe.
+
+mod schema;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use redline_proto::{DeviceId, DocId};
+
+use super::{
+    ActorBindings, DeviceRecords, Documents, KeyValue, QuarantineStore, StoredDoc, Uploads,
+};
+use crate::Error;
+
+pub use schema::VERSION as SCHEMA_VERSION;
+
+/// A statement parameter.
+type Param = dyn tokio_postgres::types::ToSql + Sync;
+
+/// Connections in the pool unless told otherwise.
+pub const DEFAULT_POOL_SIZE: usize = 8;
+
+/// Quarantined pushes read per round trip while visiting them all.
+const VISIT_PAGE: i64 = 64;
+
+/// How to reach the database.
+#[derive(Clone)]
+pub struct PgOptions {
+    /// A libpq-style URL or key=value string (`postgres://user@host:port/db`).
+    pub url: String,
+    /// PEM file of the certificate authority that signed the server's certificate: the
+    /// connection then uses TLS (rustls) and checks the server against it. `None`: no
+    /// TLS (a database on loopback or a private network).
+    pub ca_file: Option<PathBuf>,
+    /// Connections kept open at most.
+    pub pool_size: usize,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password: never print it.
+        f.debug_struct("PgOptions")
+            .field("url", &redact(&self.url))
+            .field("ca_file", &self.ca_file)
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+impl PgOptions {
+    /// Options for `url`, without TLS, with the default pool size.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ca_file: None,
+            pool_size: DEFAULT_POOL_SIZE,
+        }
+    }
+}
+
+/// `url` with any password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    // URL form: scheme://user:password@host...
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        if let Some(at) = rest.find('@') {
+            let userinfo = &rest[..at];
+            if let Some(colon) = userinfo.find(':') {
+                return format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &rest[at..]
+                );
+            }
+        }
+        return url.to_string();
+    }
+    // key=value form.
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***".to_string()
+            } else {
+                kv.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The open transaction of the relay's unflushed writes.
+#[derive(Default)]
+struct Writer {
+    /// The connection it runs on (`None`: nothing written since the last flush).
+    tx: Option<Arc<Object>>,
+    /// A statement failed inside it: PostgreSQL aborted it.
+    poisoned: bool,
+}
+
+/// Relay storage in PostgreSQL.
+pub struct PgStorage {
+    runtime: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    writer: Mutex<Writer>,
+    epoch: u64,
+    target: String,
+}
+
+/// Whether `e` came from PostgreSQL itself (the transaction is then aborted).
+fn from_database(e: &Error) -> bool {
+    matches!(e, Error::Postgres(_) | Error::PostgresPool(_))
+}
+
+/// The first key after every key that starts with `prefix` (`None`: there is none).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+fn seq_sql(seq: u64) -> Result<i64, Error> {
+    i64::try_from(seq).map_err(|_| Error::Storage(format!("feed sequence {seq} out of range")))
+}
+
+/// A sequence as an upper or lower bound of a read: anything past `i64::MAX` means
+/// "everything".
+fn seq_bound(seq: u64) -> i64 {
+    seq.min(i64::MAX as u64) as i64
+}
+
+fn flat(heads: &[[u8; 32]]) -> Vec<u8> {
+    heads.iter().flatten().copied().collect()
+}
+
+fn unflat(v: &[u8]) -> Vec<[u8; 32]> {
+    v.chunks_exact(32)
+        .filter_map(|c| <[u8; 32]>::try_from(c).ok())
+        .collect()
+}
+
+fn tls_config(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, Error> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| Error::Config(format!("PostgreSQL CA {}: {e}", ca_file.display())))?;
+    for cert in certs {
+        let cert =
+            cert.map_err(|e| Error::Config(format!("PostgreSQL CA {}: {e}", ca_file.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| Error::Config(format!("PostgreSQL CA {}: {e}", ca_file.display())))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// A human description of where `config` points (no password).
+fn describe(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let db = config
+        .get_dbname()
+        .or(config.get_user())
+        .unwrap_or("postgres");
+    format!("postgres://{host}:{port}/{db}")
+}
+
+impl PgStorage {
+    /// Connects, creates or migrates the schema to [`SCHEMA_VERSION`], and reads the
+    /// database's epoch.
+    pub fn connect(options: &PgOptions) -> Result<Self, Error> {
+        let mut config: tokio_postgres::Config = options.url.parse().map_err(|e| {
+            Error::Config(format!(
+                "PostgreSQL URL {} is not valid: {e}",
+                redact(&options.url)
+            ))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("redline-relay");
+        }
+        let target = describe(&config);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("redline-postgres")
+            .enable_all()
+            .build()
+            .map_err(|source| Error::Io {
+                action: "starting the PostgreSQL client runtime",
+                path: PathBuf::new(),
+                source,
+            })?;
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &options.ca_file {
+            Some(ca) => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(ca)?);
+                Manager::from_config(config, tls, manager_config)
+            }
+            None => Manager::from_config(config, tokio_postgres::NoTls, manager_config),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(2))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| Error::Config(format!("PostgreSQL pool: {e}")))?;
+        let mut storage = Self {
+            runtime: Some(runtime),
+            pool,
+            writer: Mutex::new(Writer::default()),
+            epoch: 0,
+            target,
+        };
+        storage.migrate()?;
+        storage.epoch = storage.read_epoch()?;
+        Ok(storage)
+    }
+
+    /// Where the database is (no password), for logs and `/health`.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Brings the schema to [`SCHEMA_VERSION`]; returns the version found and the one
+    /// left. Safe to run from several relays at once, and again.
+    pub fn migrate(&self) -> Result<(i32, i32), Error> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let mut conn = pool.get().await?;
+            let tx = conn.transaction().await?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1)",
+                &[&schema::MIGRATION_LOCK],
+            )
+            .await?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS redline_schema (version integer NOT NULL)",
+            )
+            .await?;
+            let found: i32 = match tx
+                .query_opt("SELECT version FROM redline_schema", &[])
+                .await?
+            {
+                Some(row) => row.get(0),
+                None => {
+                    tx.execute("INSERT INTO redline_schema (version) VALUES (0)", &[])
+                        .await?;
+                    0
+                }
+            };
+            if found > schema::VERSION {
+                return Err(Error::Config(format!(
+                    "the database's schema is version {found}, newer than this relay's \
+                     ({}): upgrade the relay",
+                    schema::VERSION
+                )));
+            }
+            for (i, migration) in schema::MIGRATIONS.iter().enumerate() {
+                let to = i as i32 + 1;
+                if to > found {
+                    tx.batch_execute(migration).await?;
+                    tx.execute("UPDATE redline_schema SET version = $1", &[&to])
+                        .await?;
+                }
+            }
+            let epoch = random_epoch() as i64;
+            tx.execute(
+                "INSERT INTO redline_meta (key, value) VALUES ('epoch', $1) \
+                 ON CONFLICT (key) DO NOTHING",
+                &[&epoch],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok((found, schema::VERSION))
+        })
+    }
+
+    fn read_epoch(&self) -> Result<u64, Error> {
+        self.read(|c| async move {
+            let row = c
+                .query_one("SELECT value FROM redline_meta WHERE key = 'epoch'", &[])
+                .await?;
+            Ok(row.get::<_, i64>(0) as u64)
+        })
+    }
+
+    /// Checks the database answers (for `/health`).
+    pub fn ping(&self) -> Result<(), Error> {
+        self.read(|c| async move {
+            c.simple_query("SELECT 1").await?;
+            Ok(())
+        })
+    }
+
+    /// Runs `fut` on the client's runtime and waits for it.
+    fn block<R: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<R, Error>> + Send + 'static,
+    ) -> Result<R, Error> {
+        let runtime = self.runtime.as_ref().expect("the runtime lives until drop");
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        runtime.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv()
+            .map_err(|_| Error::Storage("the PostgreSQL client stopped".into()))?
+    }
+
+    /// Runs a write inside the open transaction (opening one if none is).
+    fn write<R, F, Fut>(&self, op: F) -> Result<R, Error>
+    where
+        R: Send + 'static,
+        F: FnOnce(Arc<Object>) -> Fut,
+        Fut: Future<Output = Result<R, Error>> + Send + 'static,
+    {
+        let mut writer = self.writer.lock().expect("writer lock");
+        let conn = match &writer.tx {
+            Some(c) => c.clone(),
+            None => {
+                let pool = self.pool.clone();
+                let c = self.block(async move {
+                    let c = pool.get().await?;
+                    c.batch_execute("BEGIN").await?;
+                    Ok(Arc::new(c))
+                })?;
+                writer.tx = Some(c.clone());
+                writer.poisoned = false;
+                c
+            }
+        };
+        let r = self.block(op(conn));
+        if let Err(e) = &r
+            && from_database(e)
+        {
+            writer.poisoned = true;
+        }
+        r
+    }
+
+    /// Runs a read: inside the open transaction if there is one (it sees the relay's
+    /// unflushed writes), else on any connection.
+    fn read<R, F, Fut>(&self, op: F) -> Result<R, Error>
+    where
+        R: Send + 'static,
+        F: FnOnce(Arc<Object>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<R, Error>> + Send + 'static,
+    {
+        let mut writer = self.writer.lock().expect("writer lock");
+        if let Some(c) = writer.tx.clone() {
+            let r = self.block(op(c));
+            if let Err(e) = &r
+                && from_database(e)
+            {
+                writer.poisoned = true;
+            }
+            return r;
+        }
+        drop(writer);
+        let pool = self.pool.clone();
+        self.block(async move {
+            let c = Arc::new(pool.get().await?);
+            op(c).await
+        })
+    }
+}
+
+impl Drop for PgStorage {
+    fn drop(&mut self) {
+        // An open transaction is rolled back by the server when its connection closes:
+        // only flushed writes stay, as the contract says.
+        if let Ok(mut w) = self.writer.lock() {
+            w.tx = None;
+        }
+        self.pool.close();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn random_epoch() -> u64 {
+    rand::random::<u64>() >> 1 | 1
+}
+
+impl Documents for PgStorage {
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn last_seq(&self) -> Result<u64, Error> {
+        self.read(|c| async move {
+            let st = c
+                .prepare_cached("SELECT seq FROM redline_feed_head")
+                .await?;
+            Ok(c.query_one(&st, &[]).await?.get::<_, i64>(0) as u64)
+        })
+    }
+
+    fn load(&self, doc: &DocId) -> Result<Option<StoredDoc>, Error> {
+        let doc = doc.as_str().to_string();
+        self.read(|c| async move {
+            let snap = c
+                .prepare_cached("SELECT snapshot FROM redline_docs WHERE doc = $1")
+                .await?;
+            let chunks = c
+                .prepare_cached("SELECT chunk FROM redline_chunks WHERE doc = $1 ORDER BY seq")
+                .await?;
+            let by_doc: [&Param; 1] = [&doc];
+            let (snapshot, chunks) =
+                tokio::try_join!(c.query_opt(&snap, &by_doc), c.query(&chunks, &by_doc))?;
+            let snapshot: Option<Vec<u8>> = snapshot.and_then(|r| r.get(0));
+            let chunks: Vec<Vec<u8>> = chunks.iter().map(|r| r.get(0)).collect();
+            if snapshot.is_none() && chunks.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(StoredDoc { snapshot, chunks }))
+        })
+    }
+
+    fn commit(&self, doc: &DocId, seq: u64, chunk: &[u8], heads: &[[u8; 32]]) -> Result<(), Error> {
+        let (doc, seq, chunk, heads) = (
+            doc.as_str().to_string(),
+            seq_sql(seq)?,
+            chunk.to_vec(),
+            flat(heads),
+        );
+        self.write(|c| async move {
+            let head = c
+                .prepare_cached("UPDATE redline_feed_head SET seq = $1 WHERE seq < $1")
+                .await?;
+            if c.execute(&head, &[&seq]).await? == 0 {
+                return Err(Error::Storage(format!(
+                    "feed sequence {seq} is taken: another relay is writing this database"
+                )));
+            }
+            let new_doc = c
+                .prepare_cached("INSERT INTO redline_docs (doc) VALUES ($1) ON CONFLICT DO NOTHING")
+                .await?;
+            let new_chunk = c
+                .prepare_cached("INSERT INTO redline_chunks (doc, seq, chunk) VALUES ($1, $2, $3)")
+                .await?;
+            let new_entry = c
+                .prepare_cached("INSERT INTO redline_feed (seq, doc, heads) VALUES ($1, $2, $3)")
+                .await?;
+            let (p_doc, p_chunk, p_entry): ([&Param; 1], [&Param; 3], [&Param; 3]) =
+                ([&doc], [&doc, &seq, &chunk], [&seq, &doc, &heads]);
+            tokio::try_join!(
+                c.execute(&new_doc, &p_doc),
+                c.execute(&new_chunk, &p_chunk),
+                c.execute(&new_entry, &p_entry),
+            )?;
+            Ok(())
+        })
+    }
+
+    fn compact(&self, doc: &DocId, snapshot: &[u8]) -> Result<(), Error> {
+        let (doc, snapshot) = (doc.as_str().to_string(), snapshot.to_vec());
+        self.write(|c| async move {
+            let set = c
+                .prepare_cached(
+                    "INSERT INTO redline_docs (doc, snapshot) VALUES ($1, $2) \
+                     ON CONFLICT (doc) DO UPDATE SET snapshot = EXCLUDED.snapshot",
+                )
+                .await?;
+            let drop = c
+                .prepare_cached("DELETE FROM redline_chunks WHERE doc = $1")
+                .await?;
+            let (p_set, p_drop): ([&Param; 2], [&Param; 1]) = ([&doc, &snapshot], [&doc]);
+            tokio::try_join!(c.execute(&set, &p_set), c.execute(&drop, &p_drop))?;
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        let Some(conn) = writer.tx.take() else {
+            return Ok(());
+        };
+        if std::mem::take(&mut writer.poisoned) {
+            let _ = self.block(async move {
+                conn.batch_execute("ROLLBACK").await?;
+                Ok(())
+            });
+            return Err(Error::Storage(
+                "a write failed since the last flush; PostgreSQL rolled back every write \
+                 since then"
+                    .into(),
+            ));
+        }
+        self.block(async move {
+            conn.batch_execute("COMMIT").await?;
+            Ok(())
+        })
+    }
+
+    fn feed(&self, after: u64, upto: u64) -> Result<Vec<(u64, DocId)>, Error> {
+        if upto <= after {
+            return Ok(Vec::new());
+        }
+        let (after, upto) = (seq_bound(after), seq_bound(upto));
+        self.read(move |c| async move {
+            let st = c
+                .prepare_cached(
+                    "SELECT seq, doc FROM redline_feed WHERE seq > $1 AND seq <= $2 ORDER BY seq",
+                )
+                .await?;
+            c.query(&st, &[&after, &upto])
+                .await?
+                .iter()
+                .map(|r| {
+                    let doc: &str = r.get(1);
+                    Ok((r.get::<_, i64>(0) as u64, DocId::parse(doc)?))
+                })
+                .collect()
+        })
+    }
+
+    fn heads_at(&self, doc: &DocId, seq: u64) -> Result<Option<Vec<[u8; 32]>>, Error> {
+        let (doc, seq) = (doc.as_str().to_string(), seq_bound(seq));
+        self.read(move |c| async move {
+            let st = c
+                .prepare_cached(
+                    "SELECT heads FROM redline_feed WHERE doc = $1 AND seq <= $2 \
+                     ORDER BY seq DESC LIMIT 1",
+                )
+                .await?;
+            Ok(c.query_opt(&st, &[&doc, &seq])
+                .await?
+                .map(|r| unflat(r.get::<_, &[u8]>(0))))
+        })
+    }
+
+    fn list(&self) -> Result<Vec<DocId>, Error> {
+        self.read(|c| async move {
+            let st = c
+                .prepare_cached("SELECT doc FROM redline_docs ORDER BY doc")
+                .await?;
+            c.query(&st, &[])
+                .await?
+                .iter()
+                .map(|r| Ok(DocId::parse(r.get::<_, &str>(0))?))
+                .collect()
+        })
+    }
+
+    fn exists(&self, doc: &DocId) -> Result<bool, Error> {
+        let doc = doc.as_str().to_string();
+        self.read(move |c| async move {
+            let st = c
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM redline_docs WHERE doc = $1)")
+                .await?;
+            Ok(c.query_one(&st, &[&doc]).await?.get(0))
+        })
+    }
+}
+
+/// `SUM(length(...))` of the rows a statement selects, as bytes.
+async fn total(c: &Object, sql: &str, params: &[&Param]) -> Result<u64, Error> {
+    let st = c.prepare_cached(sql).await?;
+    Ok(c.query_one(&st, params).await?.get::<_, i64>(0) as u64)
+}
+
+const UPLOAD_LEN: &str =
+    "SELECT COALESCE(SUM(length(data)), 0)::bigint FROM redline_upload_pieces WHERE key = $1";
+
+impl Uploads for PgStorage {
+    fn upload_len(&self, key: &[u8]) -> Result<u64, Error> {
+        let key = key.to_vec();
+        self.read(move |c| async move { total(&c, UPLOAD_LEN, &[&key]).await })
+    }
+
+    fn put_piece(&self, key: &[u8], offset: u64, data: &[u8]) -> Result<(), Error> {
+        let (key, data) = (key.to_vec(), data.to_vec());
+        let at = seq_sql(offset)?;
+        self.write(move |c| async move {
+            let have = total(&c, UPLOAD_LEN, &[&key]).await?;
+            if have != offset {
+                return Err(Error::Storage(format!(
+                    "piece at {offset}, but {have} bytes are held"
+                )));
+            }
+            let st = c
+                .prepare_cached(
+                    "INSERT INTO redline_upload_pieces (key, at, data) VALUES ($1, $2, $3)",
+                )
+                .await?;
+            c.execute(&st, &[&key, &at, &data]).await?;
+            Ok(())
+        })
+    }
+
+    fn upload_bytes(&self, key: &[u8]) -> Result<Vec<u8>, Error> {
+        let key = key.to_vec();
+        self.read(move |c| async move {
+            let st = c
+                .prepare_cached("SELECT data FROM redline_upload_pieces WHERE key = $1 ORDER BY at")
+                .await?;
+            let mut out = Vec::new();
+            for row in c.query(&st, &[&key]).await? {
+                out.extend_from_slice(row.get::<_, &[u8]>(0));
+            }
+            Ok(out)
+        })
+    }
+
+    fn drop_upload(&self, key: &[u8]) -> Result<(), Error> {
+        let key = key.to_vec();
+        self.write(move |c| async move {
+            let pieces = c
+                .prepare_cached("DELETE FROM redline_upload_pieces WHERE key = $1")
+                .await?;
+            let upload = c
+                .prepare_cached("DELETE FROM redline_uploads WHERE key = $1")
+                .await?;
+            let by_key: [&Param; 1] = [&key];
+            tokio::try_join!(c.execute(&pieces, &by_key), c.execute(&upload, &by_key))?;
+            Ok(())
+        })
+    }
+
+    fn touch_upload(&self, key: &[u8], now: u64) -> Result<(), Error> {
+        let (key, now) = (key.to_vec(), seq_sql(now)?);
+        self.write(move |c| async move {
+            let st = c
+                .prepare_cached(
+                    "INSERT INTO redline_uploads (key, touched) VALUES ($1, $2) \
+                     ON CONFLICT (key) DO UPDATE SET touched = EXCLUDED.touched",
+                )
+                .await?;
+            c.execute(&st, &[&key, &now]).await?;
+            Ok(())
+        })
+    }
+
+    fn staged_bytes(&self, prefix: &[u8]) -> Result<u64, Error> {
+        let (from, to) = (prefix.to_vec(), prefix_end(prefix));
+        self.read(move |c| async move {
+            total(
+                &c,
+                "SELECT COALESCE(SUM(length(data)), 0)::bigint FROM redline_upload_pieces \
+                 WHERE key >= $1 AND ($2::bytea IS NULL OR key < $2)",
+                &[&from, &to],
+            )
+            .await
+        })
+    }
+
+    fn expire_uploads(&self, cutoff: u64) -> Result<usize, Error> {
+        let cutoff = seq_sql(cutoff)?;
+        self.write(move |c| async move {
+            let stale = c
+                .prepare_cached("DELETE FROM redline_uploads WHERE touched < $1 RETURNING key")
+                .await?;
+            let keys: Vec<Vec<u8>> = c
+                .query(&stale, &[&cutoff])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let pieces = c
+                .prepare_cached("DELETE FROM redline_upload_pieces WHERE key = ANY($1)")
+                .await?;
+            c.execute(&pieces, &[&keys]).await?;
+            Ok(keys.len())
+        })
+    }
+}
+
+fn bound_device(stored: &str) -> Result<DeviceId, Error> {
+    DeviceId::new(stored).map_err(|e| Error::Storage(format!("corrupt actor binding: {e}")))
+}
+
+impl ActorBindings for PgStorage {
+    fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error> {
+        let (actor, device) = (actor.to_vec(), device.as_str().to_string());
+        let owner = self.write(move |c| async move {
+            // The primary key decides a race: whoever commits first owns the actor; a
+            // concurrent insert waits for that commit, then finds the row.
+            let bind = c
+                .prepare_cached(
+                    "INSERT INTO redline_actors (actor, device) VALUES ($1, $2) \
+                     ON CONFLICT (actor) DO NOTHING",
+                )
+                .await?;
+            let owner = c
+                .prepare_cached("SELECT device FROM redline_actors WHERE actor = $1")
+                .await?;
+            c.execute(&bind, &[&actor, &device]).await?;
+            Ok(c.query_one(&owner, &[&actor]).await?.get::<_, String>(0))
+        })?;
+        bound_device(&owner)
+    }
+
+    fn actor_owner(&self, actor: &[u8]) -> Result<Option<DeviceId>, Error> {
+        let actor = actor.to_vec();
+        let owner: Option<String> = self.read(move |c| async move {
+            let st = c
+                .prepare_cached("SELECT device FROM redline_actors WHERE actor = $1")
+                .await?;
+            Ok(c.query_opt(&st, &[&actor]).await?.map(|r| r.get(0)))
+        })?;
+        owner.map(|o| bound_device(&o)).transpose()
+    }
+
+    fn actors_of(&self, device: &DeviceId) -> Result<usize, Error> {
+        let device = device.as_str().to_string();
+        self.read(move |c| async move {
+            let st = c
+                .prepare_cached("SELECT count(*) FROM redline_actors WHERE device = $1")
+                .await?;
+            Ok(c.query_one(&st, &[&device]).await?.get::<_, i64>(0) as usize)
+        })
+    }
+}
+
+impl DeviceRecords for PgStorage {
+    fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error> {
+        let (device, record) = (device.as_str().to_string(), record.to_vec());
+        self.write(move |c| async move {
+            let st = c
+                .prepare_cached(
+                    "INSERT INTO redline_devices (device, record) VALUES ($1, $2) \
+                     ON CONFLICT (device) DO UPDATE SET record = EXCLUDED.record",
+                )
+                .await?;
+            c.execute(&st, &[&device, &record]).await?;
+            Ok(())
+        })
+    }
+
+    fn devices(&self) -> Result<Vec<Vec<u8>>, Error> {
+        self.read(|c| async move {
+            let st = c
+                .prepare_cached("SELECT record FROM redline_devices ORDER BY device")
+                .await?;
+            Ok(c.query(&st, &[]).await?.iter().map(|r| r.get(0)).collect())
+        })
+    }
+}
+
+impl QuarantineStore for PgStorage {
+    fn put_quarantine(&self, key: &[u8], item: &[u8]) -> Result<(), Error> {
+        let (key, item) = (key.to_vec(), item.to_vec());
+        self.write(move |c| async move {
+            let st = c
+                .prepare_cached(
+                    "INSERT INTO redline_quarantine (key, item) VALUES ($1, $2) \
+                     ON CONFLICT (key) DO UPDATE SET item = EXCLUDED.item",
+                )
+                .await?;
+            c.execute(&st, &[&key, &item]).await?;
+            Ok(())
+        })
+    }
+
+    fn visit_quarantined(&self, visit: &mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), Error> {
+        // A page at a time: never every held push in memory at once.
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let from = after.clone();
+            let page: Vec<KeyValue> = self.read(move |c| async move {
+                let st = c
+                    .prepare_cached(
+                        "SELECT key, item FROM redline_quarantine \
+                         WHERE ($1::bytea IS NULL OR key > $1) ORDER BY key LIMIT $2",
+                    )
+                    .await?;
+                Ok(c.query(&st, &[&from, &VISIT_PAGE])
+                    .await?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect())
+            })?;
+            let full = page.len() as i64 == VISIT_PAGE;
+            for (k, v) in &page {
+                if !visit(k, v) {
+                    return Ok(());
+                }
+            }
+            match page.into_iter().last() {
+                Some((k, _)) if full => after = Some(k),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    fn quarantined_with(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, Error> {
+        let (from, to) = (prefix.to_vec(), prefix_end(prefix));
+        self.read(move |c| async move {
+            let st = c
+                .prepare_cached(
+                    "SELECT key, item FROM redline_quarantine \
+                     WHERE key >= $1 AND ($2::bytea IS NULL OR key < $2) ORDER BY key",
+                )
+                .await?;
+            Ok(c.query(&st, &[&from, &to])
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect())
+        })
+    }
+
+    fn held_bytes(&self, prefix: &[u8]) -> Result<u64, Error> {
+        let (from, to) = (prefix.to_vec(), prefix_end(prefix));
+        self.read(move |c| async move {
+            total(
+                &c,
+                "SELECT COALESCE(SUM(length(item)), 0)::bigint FROM redline_quarantine \
+                 WHERE key >= $1 AND ($2::bytea IS NULL OR key < $2)",
+                &[&from, &to],
+            )
+            .await
+        })
+    }
+
+    fn drop_quarantine(&self, key: &[u8]) -> Result<(), Error> {
+        let key = key.to_vec();
+        self.write(move |c| async move {
+            let st = c
+                .prepare_cached("DELETE FROM redline_quarantine WHERE key = $1")
+                .await?;
+            c.execute(&st, &[&key]).await?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_is_never_printed() {
+        assert_eq!(
+            redact("postgres://relay:s3cret@db.example:5432/redline"),
+            "postgres://relay:***@db.example:5432/redline"
+        );
+        assert_eq!(
+            redact("host=db user=relay password=s3cret dbname=redline"),
+            "host=db user=relay password=*** dbname=redline"
+        );
+        assert_eq!(
+            redact("postgres://relay@db/redline"),
+            "postgres://relay@db/redline"
+        );
+    }
+
+    #[test]
+    fn prefix_ranges_end_after_the_last_key_with_the_prefix() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        assert_eq!(prefix_end(b""), None);
+    }
+}

@@ -1,0 +1,71 @@
+//! The relay's tables in PostgreSQL, versioned: each migration runs once, in order, in
+//! one transaction under an advisory lock, so relays starting together do not race.
+//!
+//! The SQL keeps to what Postgres-compatible distributed engines (CockroachDB,
+//! YugabyteDB) also run: plain tables with primary keys, `bytea`, `bigint`,
+//! `ON CONFLICT`, no stored procedures, no triggers. Differences are named in
+//! DEPLOYMENT.md.
+
+/// The schema version this build writes and reads.
+pub const VERSION: i32 = 1;
+
+/// Key of the advisory lock migrations run under ("redline" in ASCII, as a number).
+pub const MIGRATION_LOCK: i64 = 0x7265_646c_696e_65;
+
+/// Migration `n` (1-based) brings the schema from version `n - 1` to `n`.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: documents and the feed, uploads, actors, devices, quarantine.
+    r#"
+    CREATE TABLE redline_meta (
+        key text PRIMARY KEY,
+        value bigint NOT NULL
+    );
+    -- The feed's head: one row. Every commit transaction updates it, so commits take
+    -- sequence numbers in the order they commit (see ARCHITECTURE.md, "the feed on
+    -- PostgreSQL").
+    CREATE TABLE redline_feed_head (
+        one boolean PRIMARY KEY DEFAULT true CHECK (one),
+        seq bigint NOT NULL
+    );
+    INSERT INTO redline_feed_head (one, seq) VALUES (true, 0);
+    CREATE TABLE redline_docs (
+        doc text COLLATE "C" PRIMARY KEY,
+        snapshot bytea
+    );
+    CREATE TABLE redline_chunks (
+        doc text COLLATE "C" NOT NULL,
+        seq bigint NOT NULL,
+        chunk bytea NOT NULL,
+        PRIMARY KEY (doc, seq)
+    );
+    CREATE TABLE redline_feed (
+        seq bigint PRIMARY KEY,
+        doc text COLLATE "C" NOT NULL,
+        heads bytea NOT NULL
+    );
+    CREATE INDEX redline_feed_by_doc ON redline_feed (doc, seq);
+    CREATE TABLE redline_uploads (
+        key bytea PRIMARY KEY,
+        touched bigint
+    );
+    CREATE TABLE redline_upload_pieces (
+        key bytea NOT NULL,
+        at bigint NOT NULL,
+        data bytea NOT NULL,
+        PRIMARY KEY (key, at)
+    );
+    CREATE TABLE redline_actors (
+        actor bytea PRIMARY KEY,
+        device text NOT NULL
+    );
+    CREATE INDEX redline_actors_by_device ON redline_actors (device);
+    CREATE TABLE redline_devices (
+        device text COLLATE "C" PRIMARY KEY,
+        record bytea NOT NULL
+    );
+    CREATE TABLE redline_quarantine (
+        key bytea PRIMARY KEY,
+        item bytea NOT NULL
+    );
+    "#,
+];
