@@ -67,6 +67,18 @@ pub struct RelayConfig {
     /// pin every relay of a deployment to the version the oldest of them speaks, so a
     /// phone moving between relays meets one version.
     pub protocol_version: u16,
+    /// Where documents and the feed are stored.
+    pub storage: StorageChoice,
+}
+
+/// The storage backend of a relay.
+#[derive(Clone, Debug, Default)]
+pub enum StorageChoice {
+    /// sled in `<data_dir>/db` (embedded; the default).
+    #[default]
+    Sled,
+    /// A PostgreSQL database, which several relays may share.
+    Postgres(crate::storage::PgOptions),
 }
 
 /// What one token, device or address may take of the relay, so that a hostile token
@@ -189,6 +201,7 @@ impl RelayConfig {
             quotas: Quotas::default(),
             revoked_file: None,
             protocol_version: redline_proto::PROTOCOL_VERSION,
+            storage: StorageChoice::Sled,
         }
     }
 

@@ -46,6 +46,18 @@ enum Command {
     /// needs nothing: it creates the data dir and a dev certificate and prints its
     /// fingerprint for devices to pin.
     Serve(ServeArgs),
+    /// Create or upgrade the PostgreSQL schema to this relay's version, then exit.
+    /// (`serve` does the same at start; run it alone before a rolling upgrade.)
+    Migrate {
+        /// TOML configuration file (default: redline.toml in the data dir, if present).
+        #[arg(long, env = "REDLINE_CONFIG")]
+        config: Option<PathBuf>,
+        /// The data dir whose redline.toml names the database.
+        #[arg(long, env = "REDLINE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        storage: StorageArgs,
+    },
     /// Issue, revoke and inspect device tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -90,6 +102,24 @@ struct ServeArgs {
     /// The revocation list [default: <data dir>/revoked]. Keep it out of backups.
     #[arg(long, env = "REDLINE_REVOKED_FILE")]
     revoked_file: Option<PathBuf>,
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+/// Where the relay stores documents.
+#[derive(clap::Args)]
+struct StorageArgs {
+    /// sled (embedded, in <data dir>/db) or postgres [default: postgres when a URL is
+    /// given, else sled].
+    #[arg(long, env = "REDLINE_STORAGE")]
+    storage: Option<String>,
+    /// PostgreSQL database, e.g. postgres://redline@db.internal/redline. Several relays
+    /// may share one.
+    #[arg(long, env = "REDLINE_POSTGRES_URL")]
+    postgres_url: Option<String>,
+    /// Certificate authority (PEM) of the PostgreSQL server: connect with TLS.
+    #[arg(long, env = "REDLINE_POSTGRES_CA")]
+    postgres_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -187,6 +217,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match other {
                 Command::Init { data_dir, org } => init(&data_dir, &org),
                 Command::Token(t) => token_command(t),
+                Command::Migrate {
+                    config,
+                    data_dir,
+                    storage,
+                } => migrate(config, data_dir, storage).await,
                 Command::Roster { .. } => anyhow::bail!(
                     "roster administration moved to the `redline` tool: `redline roster` takes the same arguments"
                 ),
@@ -235,7 +270,62 @@ fn resolve(args: ServeArgs) -> anyhow::Result<(RelayConfig, FileConfig)> {
     if let Some(r) = args.revoked_file {
         config.revoked_file = Some(r);
     }
+    apply_storage(&mut config, &file, args.storage)?;
     Ok((config, file))
+}
+
+/// Storage flags over the file's storage settings.
+fn apply_storage(
+    config: &mut RelayConfig,
+    file: &FileConfig,
+    args: StorageArgs,
+) -> anyhow::Result<()> {
+    if args.storage.is_some() || args.postgres_url.is_some() || args.postgres_ca.is_some() {
+        config.storage = settings::storage_choice(
+            args.storage.as_deref().or(file.storage.as_deref()),
+            args.postgres_url
+                .as_deref()
+                .or(file.postgres_url.as_deref()),
+            args.postgres_ca.as_deref().or(file.postgres_ca.as_deref()),
+            file.postgres_pool,
+        )?;
+    }
+    Ok(())
+}
+
+async fn migrate(
+    config_file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    storage: StorageArgs,
+) -> anyhow::Result<()> {
+    use redline_server::config::StorageChoice;
+    let data_dir = data_dir.unwrap_or_else(|| "./redline-data".into());
+    let file_path =
+        config_file.or_else(|| Some(data_dir.join(settings::FILE_NAME)).filter(|p| p.exists()));
+    let file = match &file_path {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let mut config = file.apply(RelayConfig::new(&data_dir))?;
+    apply_storage(&mut config, &file, storage)?;
+    let StorageChoice::Postgres(options) = config.storage else {
+        anyhow::bail!(
+            "nothing to migrate: this relay stores in sled (give --postgres-url, \
+             REDLINE_POSTGRES_URL or postgres_url in redline.toml)"
+        );
+    };
+    let (db, from) = tokio::task::spawn_blocking(move || {
+        let db = redline_server::storage::PgStorage::connect(&options)?;
+        Ok::<_, redline_server::Error>((db.target().to_string(), db.schema_found()))
+    })
+    .await??;
+    let to = redline_server::storage::postgres::SCHEMA_VERSION;
+    if from == to {
+        println!("{db}: schema already at version {to}");
+    } else {
+        println!("{db}: schema migrated from version {from} to {to}");
+    }
+    Ok(())
 }
 
 async fn serve(config: RelayConfig) -> anyhow::Result<()> {
@@ -246,6 +336,7 @@ async fn serve(config: RelayConfig) -> anyhow::Result<()> {
         .with_context(|| format!("starting the relay with data dir {}", data_dir.display()))?;
     println!("Redline relay {}", env!("CARGO_PKG_VERSION"));
     println!("  data dir     {}", data_dir.display());
+    println!("  storage      {}", relay.storage_description());
     println!(
         "  listening    udp {} (QUIC, ALPN redline/1)",
         relay.local_addr()

@@ -291,11 +291,31 @@ pub(crate) async fn serve(
             get(move || {
                 let relay = relay.clone();
                 async move {
+                    use axum::http::StatusCode;
                     let stable = *relay.hub.stable().borrow();
-                    format!(
-                        "ok\nepoch {}\nstable_seq {stable}\nudp_buffers {}\n",
-                        relay.hub.epoch(),
-                        relay.metrics.udp_buffers().describe()
+                    let storage = relay.hub.storage();
+                    let started = std::time::Instant::now();
+                    let ping = {
+                        let storage = storage.clone();
+                        tokio::task::spawn_blocking(move || storage.ping()).await
+                    };
+                    let (status, first, database) = match ping {
+                        Ok(Ok(())) => (
+                            StatusCode::OK,
+                            "ok",
+                            format!("ok ({:.1} ms)", started.elapsed().as_secs_f64() * 1e3),
+                        ),
+                        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+                        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+                    };
+                    (
+                        status,
+                        format!(
+                            "{first}\nepoch {}\nstable_seq {stable}\nudp_buffers {}\nstorage {}\ndatabase {database}\n",
+                            relay.hub.epoch(),
+                            relay.metrics.udp_buffers().describe(),
+                            storage.describe(),
+                        ),
                     )
                 }
             }),

@@ -13,11 +13,11 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::auth::Authority;
-use crate::config::{RelayConfig, TlsMode};
+use crate::config::{RelayConfig, StorageChoice, TlsMode};
 use crate::connection::Shared;
 use crate::hub::Hub;
 use crate::state::RelayState;
-use crate::storage::{RelayStorage, SledStorage};
+use crate::storage::{Documents, PgStorage, RelayStorage, SledStorage};
 use crate::tls::{self, Identity};
 use crate::{Error, connection};
 
@@ -51,17 +51,37 @@ impl Relay {
     /// Opens the data dir (creating the dev certificate on first start), binds the
     /// endpoint and starts serving.
     pub async fn start(config: RelayConfig) -> Result<RelayHandle, Error> {
-        Self::start_with_storage(config, |sled| Arc::new(sled)).await
+        match config.storage.clone() {
+            StorageChoice::Sled => Self::start_with_storage(config, |sled| Arc::new(sled)).await,
+            StorageChoice::Postgres(options) => {
+                let storage =
+                    tokio::task::spawn_blocking(move || PgStorage::connect(&options)).await??;
+                info!(storage = %storage.describe(), "connected to the database");
+                Self::start_on(config, Arc::new(storage)).await
+            }
+        }
     }
 
     /// Like [`start`](Self::start), with the sled store wrapped by `wrap` (fault
-    /// injection in tests, instrumentation, another engine behind the same trait).
+    /// injection in tests, instrumentation).
     pub async fn start_with_storage(
         config: RelayConfig,
         wrap: impl FnOnce(SledStorage) -> Arc<dyn RelayStorage>,
     ) -> Result<RelayHandle, Error> {
-        let data_dir = config.data_dir.clone();
         // Owner only: the data dir holds the token key and the district's households.
+        crate::auth::create_private_dir(&config.data_dir)?;
+        let db_dir = config.data_dir.join("db");
+        let storage = tokio::task::spawn_blocking(move || SledStorage::open(&db_dir)).await??;
+        Self::start_on(config, wrap(storage)).await
+    }
+
+    /// Starts a relay over `storage`, whatever its engine (the data dir still holds the
+    /// certificate, the token key and the revocation list).
+    pub async fn start_on(
+        config: RelayConfig,
+        storage: Arc<dyn RelayStorage>,
+    ) -> Result<RelayHandle, Error> {
+        let data_dir = config.data_dir.clone();
         crate::auth::create_private_dir(&data_dir)?;
         let identity = match &config.tls {
             TlsMode::Dev => tls::load_or_create_dev_identity(&data_dir.join("tls"))?,
@@ -69,9 +89,7 @@ impl Relay {
         };
         let revoked_file = config.revoked_file();
         let authority = Arc::new(Authority::open(&data_dir, &revoked_file)?);
-        let db_dir = data_dir.join("db");
-        let storage = tokio::task::spawn_blocking(move || SledStorage::open(&db_dir)).await??;
-        let hub = Hub::new(wrap(storage), config.cache_budget_bytes)?;
+        let hub = Hub::new(storage, config.cache_budget_bytes)?;
         hub.set_max_document_bytes(config.max_document_bytes);
         let state = RelayState::new(hub.clone())?;
 
@@ -208,6 +226,11 @@ impl RelayHandle {
     /// The TCP address of the `/metrics` and `/health` endpoint, if enabled.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// Which storage the relay uses and where (no secrets).
+    pub fn storage_description(&self) -> String {
+        self.hub.storage().describe()
     }
 
     /// The relay's data dir (documents, certificate, token key, revocation list).

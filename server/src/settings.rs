@@ -11,6 +11,11 @@
 //! name = "district-9-relay"
 //! log_format = "json"              # or "human"
 //!
+//! storage = "postgres"             # or "sled" (the default, in data_dir/db)
+//! postgres_url = "postgres://redline@db.internal/redline"
+//! postgres_ca = "/etc/redline/db-ca.pem"   # TLS to the database (omit on loopback)
+//! postgres_pool = 8
+//!
 //! [tls]                            # omit for the dev certificate
 //! cert = "/etc/redline/relay.pem"
 //! key = "/etc/redline/relay-key.pem"
@@ -71,6 +76,48 @@ pub struct FileConfig {
     pub quotas: Option<QuotaSettings>,
     /// The newest protocol version to speak (pinned during a staged rollout).
     pub protocol_version: Option<u16>,
+    /// `sled` or `postgres` (default: `postgres` when `postgres_url` is set, else
+    /// `sled`).
+    pub storage: Option<String>,
+    /// The PostgreSQL database (libpq URL or key=value string).
+    pub postgres_url: Option<String>,
+    /// Certificate authority (PEM) of the database server: connect with TLS.
+    pub postgres_ca: Option<PathBuf>,
+    /// Connections to PostgreSQL kept open at most.
+    pub postgres_pool: Option<usize>,
+}
+
+/// The storage a relay uses, from its settings: `kind` (`sled` or `postgres`; default
+/// `postgres` when a URL is given), the URL, the CA file and the pool size.
+pub fn storage_choice(
+    kind: Option<&str>,
+    url: Option<&str>,
+    ca: Option<&Path>,
+    pool: Option<usize>,
+) -> Result<crate::config::StorageChoice, Error> {
+    use crate::config::StorageChoice;
+    let kind = kind.unwrap_or(if url.is_some() { "postgres" } else { "sled" });
+    match kind {
+        "sled" => Ok(StorageChoice::Sled),
+        "postgres" | "postgresql" => {
+            let url = url.ok_or_else(|| {
+                Error::Config(
+                    "storage = \"postgres\" needs postgres_url (or --postgres-url, \
+                     REDLINE_POSTGRES_URL)"
+                        .into(),
+                )
+            })?;
+            let mut options = crate::storage::PgOptions::new(url);
+            options.ca_file = ca.map(Path::to_path_buf);
+            if let Some(n) = pool {
+                options.pool_size = n.max(2);
+            }
+            Ok(StorageChoice::Postgres(options))
+        }
+        other => Err(Error::Config(format!(
+            "storage = {other:?}: expected \"sled\" or \"postgres\""
+        ))),
+    }
 }
 
 /// The `[quotas]` table: each key optional (see [`crate::config::Quotas`]).
@@ -204,6 +251,14 @@ impl FileConfig {
             }
             config.protocol_version = v;
         }
+        if self.storage.is_some() || self.postgres_url.is_some() {
+            config.storage = storage_choice(
+                self.storage.as_deref(),
+                self.postgres_url.as_deref(),
+                self.postgres_ca.as_deref(),
+                self.postgres_pool,
+            )?;
+        }
         if let Some(t) = &self.tls {
             config.tls = TlsMode::Files {
                 cert: t.cert.clone(),
@@ -239,6 +294,13 @@ impl FileConfig {
              # The newest protocol version to speak. Leave it unset; during a staged rollout\n\
              # of several relays, pin it to what the oldest relay speaks.\n\
              # protocol_version = {}\n\
+             \n\
+             # Storage: sled in data_dir/db (default), or a PostgreSQL database that several\n\
+             # relays may share (DEPLOYMENT.md, \"Several relays\").\n\
+             # storage = \"postgres\"\n\
+             # postgres_url = \"postgres://redline@db.internal/redline\"\n\
+             # postgres_ca = \"/etc/redline/db-ca.pem\"\n\
+             # postgres_pool = 8\n\
              \n\
              # What one token, device or address may take (defaults shown).\n\
              [quotas]\n\
@@ -331,5 +393,34 @@ mod tests {
         assert!(file.apply(RelayConfig::default()).is_err());
         let off: FileConfig = toml::from_str("http_listen = \"off\"").unwrap();
         assert_eq!(off.apply(RelayConfig::default()).unwrap().http_listen, None);
+    }
+
+    #[test]
+    fn storage_is_a_setting() {
+        use crate::config::StorageChoice;
+        let file: FileConfig = toml::from_str(
+            "postgres_url = \"postgres://relay:pw@db/redline\"\npostgres_pool = 3\n",
+        )
+        .unwrap();
+        match file.apply(RelayConfig::default()).unwrap().storage {
+            StorageChoice::Postgres(o) => {
+                assert_eq!(o.url, "postgres://relay:pw@db/redline");
+                assert_eq!(o.pool_size, 3);
+                assert!(
+                    !format!("{o:?}").contains("pw"),
+                    "the password is never printed"
+                );
+            }
+            other => panic!("a URL means PostgreSQL, got {other:?}"),
+        }
+        let file: FileConfig = toml::from_str("storage = \"postgres\"\n").unwrap();
+        let e = file.apply(RelayConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("postgres_url"), "{e}");
+        let file: FileConfig = toml::from_str("storage = \"mysql\"\n").unwrap();
+        assert!(file.apply(RelayConfig::default()).is_err());
+        assert!(matches!(
+            RelayConfig::default().storage,
+            StorageChoice::Sled
+        ));
     }
 }

@@ -315,6 +315,12 @@ impl<S: RelayStorage> Documents for FaultyStorage<S> {
     fn blocks(&self) -> bool {
         self.inner.blocks()
     }
+    fn describe(&self) -> String {
+        format!("{} (with injected faults)", self.inner.describe())
+    }
+    fn ping(&self) -> Result<(), Error> {
+        self.inner.ping()
+    }
     fn last_seq(&self) -> Result<u64, Error> {
         self.inner.last_seq()
     }
@@ -465,21 +471,29 @@ pub struct RelayProcess {
     pub fingerprint: String,
     /// Its `/metrics` and `/health` endpoint, when started with one.
     pub http: Option<SocketAddr>,
+    /// Further arguments of `serve` (kept for a restart).
+    extra: Vec<String>,
 }
 
 impl RelayProcess {
     /// Starts `redline-server serve` on `dir`, at `listen` (port 0: any), without the
     /// metrics endpoint.
     pub fn start(dir: &Path, listen: SocketAddr) -> anyhow::Result<Self> {
-        Self::spawn(dir, listen, false)
+        Self::spawn(dir, listen, false, &[])
     }
 
     /// Like [`start`](Self::start), with `/metrics` and `/health` on a loopback port.
     pub fn start_with_http(dir: &Path) -> anyhow::Result<Self> {
-        Self::spawn(dir, SocketAddr::from(([127, 0, 0, 1], 0)), true)
+        Self::spawn(dir, SocketAddr::from(([127, 0, 0, 1], 0)), true, &[])
     }
 
-    fn spawn(dir: &Path, listen: SocketAddr, http: bool) -> anyhow::Result<Self> {
+    /// A relay storing in the PostgreSQL database at `url` (its data dir `dir` keeps
+    /// certificate and token key), at `listen`, with `/metrics` and `/health`.
+    pub fn start_on_postgres(dir: &Path, listen: SocketAddr, url: &str) -> anyhow::Result<Self> {
+        Self::spawn(dir, listen, true, &["--postgres-url", url])
+    }
+
+    fn spawn(dir: &Path, listen: SocketAddr, http: bool, extra: &[&str]) -> anyhow::Result<Self> {
         let mut child = Command::new(server_exe())
             .args([
                 "serve",
@@ -487,8 +501,9 @@ impl RelayProcess {
                 if http { "127.0.0.1:0" } else { "off" },
                 "--listen",
                 &listen.to_string(),
-                "--data-dir",
             ])
+            .args(extra)
+            .arg("--data-dir")
             .arg(dir)
             .stdout(Stdio::piped())
             .stderr(relay_log()?)
@@ -521,6 +536,7 @@ impl RelayProcess {
             addr: addr.expect("set"),
             fingerprint: pin.expect("set"),
             http: metrics,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         })
     }
 
@@ -559,7 +575,8 @@ impl RelayProcess {
         // The port is free once the process is gone; retry briefly in case the OS lags.
         let mut last = None;
         for _ in 0..20 {
-            match Self::spawn(&self.dir, self.addr, self.http.is_some()) {
+            let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+            match Self::spawn(&self.dir, self.addr, self.http.is_some(), &extra) {
                 Ok(again) => {
                     // The old child is already dead; dropping it is harmless.
                     drop(std::mem::replace(self, again));

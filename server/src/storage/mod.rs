@@ -63,6 +63,14 @@ pub trait Documents {
     fn blocks(&self) -> bool {
         true
     }
+    /// Which backend this is and where (no secrets), for logs and `/health`.
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+    /// Checks that the backend answers (for `/health`).
+    fn ping(&self) -> Result<(), Error> {
+        Ok(())
+    }
     /// The highest feed sequence number stored (0 if none).
     fn last_seq(&self) -> Result<u64, Error>;
     /// The stored form of `doc`, if any.

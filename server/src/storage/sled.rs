@@ -148,6 +148,10 @@ impl Documents for SledStorage {
         self.epoch
     }
 
+    fn describe(&self) -> String {
+        format!("sled {}", self.dir.display())
+    }
+
     fn last_seq(&self) -> Result<u64, Error> {
         Ok(match self.feed.last().map_err(storage_err)? {
             Some((k, _)) => u64::from_be_bytes(

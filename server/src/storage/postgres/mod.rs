@@ -11,10 +11,11 @@
 //! the writer's connection, otherwise on any connection of the pool.
 //!
 //! **Failures.** A statement that fails inside the open transaction aborts it in
-//! PostgreSQL: the next flush rolls it back and reports the failure, so every commit of
-//! that batch is answered with an error and the hub reloads the documents (memory never
-//! runs ahead of the database). A refusal decided here (an upload piece at the wrong
-//! offset) does not touch the transaction.
+//! PostgreSQL. It is rolled back at once (so later writes start afresh, on a live
+//! connection if the old one died), and the next flush reports the loss: every commit
+//! waiting for that flush is answered with an error and the hub reloads the documents
+//! (memory never runs ahead of the database). A refusal decided here (an upload piece at
+//! the wrong offset) does not touch the transaction.
 //!
 //! **Blocking.** The storage traits block (the hub calls them on tokio's blocking
 //! threads). The asynchronous client runs on a small runtime of its own; each call hands
@@ -117,8 +118,24 @@ pub fn redact(url: &str) -> String {
 struct Writer {
     /// The connection it runs on (`None`: nothing written since the last flush).
     tx: Option<Arc<Object>>,
-    /// A statement failed inside it: PostgreSQL aborted it.
-    poisoned: bool,
+    /// Writes since the last flush were lost (a statement failed and the transaction
+    /// was rolled back): the next flush must fail.
+    lost: bool,
+}
+
+impl Writer {
+    /// A statement failed inside the open transaction: roll it back (PostgreSQL
+    /// aborted it) and remember that the writes since the last flush are gone.
+    fn abandon(&mut self, storage: &PgStorage) {
+        self.lost = true;
+        if let Some(conn) = self.tx.take() {
+            // On a dead connection this fails at once; the pool then drops it.
+            let _ = storage.block(async move {
+                conn.batch_execute("ROLLBACK").await?;
+                Ok(())
+            });
+        }
+    }
 }
 
 /// Relay storage in PostgreSQL.
@@ -128,6 +145,8 @@ pub struct PgStorage {
     writer: Mutex<Writer>,
     epoch: u64,
     target: String,
+    /// The schema version found at connect (before migrating).
+    found: i32,
 }
 
 /// Whether `e` came from PostgreSQL itself (the transaction is then aborted).
@@ -254,10 +273,17 @@ impl PgStorage {
             writer: Mutex::new(Writer::default()),
             epoch: 0,
             target,
+            found: 0,
         };
-        storage.migrate()?;
+        storage.found = storage.migrate()?.0;
         storage.epoch = storage.read_epoch()?;
         Ok(storage)
+    }
+
+    /// The schema version the database had when this store connected (it migrated it
+    /// to [`SCHEMA_VERSION`]; 0: the database was empty).
+    pub fn schema_found(&self) -> i32 {
+        self.found
     }
 
     /// Where the database is (no password), for logs and `/health`.
@@ -328,14 +354,6 @@ impl PgStorage {
         })
     }
 
-    /// Checks the database answers (for `/health`).
-    pub fn ping(&self) -> Result<(), Error> {
-        self.read(|c| async move {
-            c.simple_query("SELECT 1").await?;
-            Ok(())
-        })
-    }
-
     /// Runs `fut` on the client's runtime and waits for it.
     fn block<R: Send + 'static>(
         &self,
@@ -368,7 +386,6 @@ impl PgStorage {
                     Ok(Arc::new(c))
                 })?;
                 writer.tx = Some(c.clone());
-                writer.poisoned = false;
                 c
             }
         };
@@ -376,7 +393,7 @@ impl PgStorage {
         if let Err(e) = &r
             && from_database(e)
         {
-            writer.poisoned = true;
+            writer.abandon(self);
         }
         r
     }
@@ -395,7 +412,7 @@ impl PgStorage {
             if let Err(e) = &r
                 && from_database(e)
             {
-                writer.poisoned = true;
+                writer.abandon(self);
             }
             return r;
         }
@@ -429,6 +446,17 @@ fn random_epoch() -> u64 {
 impl Documents for PgStorage {
     fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    fn describe(&self) -> String {
+        format!("postgresql {} (schema {})", self.target, schema::VERSION)
+    }
+
+    fn ping(&self) -> Result<(), Error> {
+        self.read(|c| async move {
+            c.simple_query("SELECT 1").await?;
+            Ok(())
+        })
     }
 
     fn last_seq(&self) -> Result<u64, Error> {
@@ -517,24 +545,21 @@ impl Documents for PgStorage {
 
     fn flush(&self) -> Result<(), Error> {
         let mut writer = self.writer.lock().expect("writer lock");
-        let Some(conn) = writer.tx.take() else {
-            return Ok(());
-        };
-        if std::mem::take(&mut writer.poisoned) {
-            let _ = self.block(async move {
-                conn.batch_execute("ROLLBACK").await?;
+        let committed = match writer.tx.take() {
+            Some(conn) => self.block(async move {
+                conn.batch_execute("COMMIT").await?;
                 Ok(())
-            });
+            }),
+            None => Ok(()),
+        };
+        if std::mem::take(&mut writer.lost) {
             return Err(Error::Storage(
-                "a write failed since the last flush; PostgreSQL rolled back every write \
-                 since then"
+                "a write failed since the last flush; PostgreSQL rolled back the writes \
+                 made before it"
                     .into(),
             ));
         }
-        self.block(async move {
-            conn.batch_execute("COMMIT").await?;
-            Ok(())
-        })
+        committed
     }
 
     fn feed(&self, after: u64, upto: u64) -> Result<Vec<(u64, DocId)>, Error> {

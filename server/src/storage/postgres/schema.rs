@@ -10,7 +10,7 @@
 pub const VERSION: i32 = 1;
 
 /// Key of the advisory lock migrations run under ("redline" in ASCII, as a number).
-pub const MIGRATION_LOCK: i64 = 0x7265_646c_696e_65;
+pub const MIGRATION_LOCK: i64 = 0x0072_6564_6c69_6e65;
 
 /// Migration `n` (1-based) brings the schema from version `n - 1` to `n`.
 pub const MIGRATIONS: &[&str] = &[
