@@ -319,3 +319,23 @@ fn the_relay_binary_migrates_and_serves_on_postgres() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_second_relay_on_the_same_database_is_refused_clearly() -> anyhow::Result<()> {
+    let Some(pg) = TestPostgres::start_or_skip("a_second_relay_on_the_same_database") else {
+        return Ok(());
+    };
+    let url = pg.fresh_database()?;
+    let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
+    let first = start_relay_with(postgres_config(dirs[0].path(), &url)).await?;
+    let second = start_relay_with(postgres_config(dirs[1].path(), &url)).await;
+    let e = second
+        .err()
+        .expect("two relays on one database would fork the feed");
+    assert!(e.to_string().contains("another relay is serving"), "{e}");
+    // Once the first one stops, the database is free again.
+    first.shutdown().await?;
+    let again = start_relay_with(postgres_config(dirs[1].path(), &url)).await?;
+    again.shutdown().await?;
+    Ok(())
+}

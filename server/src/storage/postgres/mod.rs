@@ -147,6 +147,8 @@ pub struct PgStorage {
     target: String,
     /// The schema version found at connect (before migrating).
     found: i32,
+    /// The connection holding the serving lock (`None`: not serving, e.g. `migrate`).
+    serving: Option<tokio_postgres::Client>,
 }
 
 /// Whether `e` came from PostgreSQL itself (the transaction is then aborted).
@@ -274,10 +276,60 @@ impl PgStorage {
             epoch: 0,
             target,
             found: 0,
+            serving: None,
         };
         storage.found = storage.migrate()?.0;
         storage.epoch = storage.read_epoch()?;
         Ok(storage)
+    }
+
+    /// Takes the database for this relay alone: one relay serves one database until
+    /// relays share the feed. Waits up to `patience` for a relay that just stopped to
+    /// let go; then fails with a clear error.
+    pub fn serve_alone(&mut self, options: &PgOptions, patience: Duration) -> Result<(), Error> {
+        let config: tokio_postgres::Config = options
+            .url
+            .parse()
+            .map_err(|e| Error::Config(format!("PostgreSQL URL: {e}")))?;
+        let tls = match &options.ca_file {
+            Some(ca) => Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(
+                ca,
+            )?)),
+            None => None,
+        };
+        let client = self.block(async move {
+            let client = match tls {
+                Some(tls) => {
+                    let (client, conn) = config.connect(tls).await?;
+                    tokio::spawn(conn);
+                    client
+                }
+                None => {
+                    let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+                    tokio::spawn(conn);
+                    client
+                }
+            };
+            let deadline = tokio::time::Instant::now() + patience;
+            loop {
+                let row = client
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&schema::SERVING_LOCK])
+                    .await?;
+                if row.get::<_, bool>(0) {
+                    return Ok(client);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Error::Config(
+                        "another relay is serving this PostgreSQL database: one database \
+                         has one relay for now (see DEPLOYMENT.md, \"PostgreSQL\")"
+                            .into(),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })?;
+        self.serving = Some(client);
+        Ok(())
     }
 
     /// The schema version the database had when this store connected (it migrated it

@@ -12,6 +12,10 @@ pub const VERSION: i32 = 1;
 /// Key of the advisory lock migrations run under ("redline" in ASCII, as a number).
 pub const MIGRATION_LOCK: i64 = 0x0072_6564_6c69_6e65;
 
+/// Key of the advisory lock a relay holds while it serves a database: until relays
+/// share the feed, one database has one relay ("relay" in ASCII).
+pub const SERVING_LOCK: i64 = 0x0072_656c_6179;
+
 /// Migration `n` (1-based) brings the schema from version `n - 1` to `n`.
 pub const MIGRATIONS: &[&str] = &[
     // 1: documents and the feed, uploads, actors, devices, quarantine.
