@@ -51,7 +51,32 @@ pub struct FieldDayConfig {
     pub relay_exe: PathBuf,
     /// Where the relay's and devices' data go.
     pub work_dir: PathBuf,
+    /// Store in PostgreSQL instead of sled.
+    pub postgres: Option<PostgresTarget>,
 }
+
+/// A PostgreSQL database for the relay of a benchmark.
+#[derive(Clone, Debug)]
+pub struct PostgresTarget {
+    /// Its URL.
+    pub url: String,
+    /// The server's main process, when it runs on this machine: its CPU (with its
+    /// backends') is the database time of the result.
+    pub server_pid: Option<u32>,
+}
+
+impl PostgresTarget {
+    /// CPU seconds of the server and every process it started (0 without a pid).
+    pub fn cpu_seconds(&self) -> f64 {
+        self.server_pid
+            .map(crate::postgres::process_tree_cpu_seconds)
+            .unwrap_or(0.0)
+    }
+}
+
+/// The environment variable through which the benchmark tells its relay child to store
+/// in PostgreSQL (never read by the relay itself).
+pub const CHILD_POSTGRES_ENV: &str = "REDLINE_BENCH_RELAY_POSTGRES";
 
 /// What a field day measured. Field names are the JSON keys.
 #[derive(Clone, Debug, Serialize)]
@@ -94,6 +119,11 @@ pub struct FieldDayResult {
     pub noop_reconnect_round_trips: u64,
     pub local_write_p50_us: f64,
     pub local_write_p99_us: f64,
+    /// `sled` or `postgres`.
+    pub storage: String,
+    /// CPU of the database server in the storm (PostgreSQL on this machine; 0 for
+    /// sled, whose time is the relay's own).
+    pub database_cpu_s: f64,
 }
 
 /// The relay as a child process.
@@ -116,9 +146,15 @@ fn clk_tck() -> f64 {
 }
 
 impl RelayChild {
-    /// Starts `exe --serve-relay dir` and waits for its address line.
-    pub async fn start(exe: &Path, dir: &Path) -> anyhow::Result<Self> {
-        let mut child = tokio::process::Command::new(exe)
+    /// Starts `exe --serve-relay dir` (storing in the PostgreSQL database at `postgres`
+    /// if given) and waits for its address line.
+    pub async fn start(exe: &Path, dir: &Path, postgres: Option<&str>) -> anyhow::Result<Self> {
+        let mut command = tokio::process::Command::new(exe);
+        match postgres {
+            Some(url) => command.env(CHILD_POSTGRES_ENV, url),
+            None => command.env_remove(CHILD_POSTGRES_ENV),
+        };
+        let mut child = command
             .arg("--serve-relay")
             .arg(dir)
             .stdin(Stdio::piped())
@@ -195,6 +231,11 @@ pub async fn serve_relay_child(dir: &Path) -> anyhow::Result<()> {
     let mut config =
         crate::test_config(dir).with_listen(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     config.http_listen = None;
+    if let Ok(url) = std::env::var(CHILD_POSTGRES_ENV) {
+        config.storage = redline_server::config::StorageChoice::Postgres(
+            redline_server::storage::PgOptions::new(url),
+        );
+    }
     let relay = redline_server::Relay::start(config).await?;
     println!("LISTEN {} {}", relay.local_addr(), relay.fingerprint());
     let mut stdin = tokio::io::stdin();
@@ -227,7 +268,12 @@ fn today() -> anyhow::Result<Day> {
 /// Runs a field day; `progress` gets a line per phase.
 pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Result<FieldDayResult> {
     let relay_dir = cfg.work_dir.join("relay");
-    let relay = RelayChild::start(&cfg.relay_exe, &relay_dir).await?;
+    let relay = RelayChild::start(
+        &cfg.relay_exe,
+        &relay_dir,
+        cfg.postgres.as_ref().map(|p| p.url.as_str()),
+    )
+    .await?;
     let endpoint = RelayEndpoint::new(relay.addr, relay.fingerprint.clone());
     let day = today()?;
     let teams: Vec<TeamId> = (0..cfg.teams)
@@ -412,6 +458,10 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
 
     // ----- reconnect storm -----------------------------------------------------------
     let cpu_before = relay.cpu_seconds()?;
+    let db_cpu_before = cfg
+        .postgres
+        .as_ref()
+        .map_or(0.0, PostgresTarget::cpu_seconds);
     let traffic_before: u64 = devices
         .iter()
         .map(|d| {
@@ -455,6 +505,11 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
     };
     let convergence_s = started.elapsed().as_secs_f64();
     let relay_cpu_s = relay.cpu_seconds()? - cpu_before;
+    let database_cpu_s = cfg
+        .postgres
+        .as_ref()
+        .map_or(0.0, PostgresTarget::cpu_seconds)
+        - db_cpu_before;
     let device_cpu_s = process_cpu.elapsed().saturating_sub(checking).as_secs_f64();
     for l in lives {
         l.stop().await;
@@ -485,6 +540,13 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
         storm_connection_errors: storm_errors,
         convergence_s,
         relay_cpu_s,
+        storage: if cfg.postgres.is_some() {
+            "postgres"
+        } else {
+            "sled"
+        }
+        .into(),
+        database_cpu_s,
         relay_cpu_per_change_us: per(relay_cpu_s, changes),
         device_cpu_s,
         device_applied_changes,
@@ -781,6 +843,12 @@ pub fn table(r: &FieldDayResult) -> String {
             format!("{:.2} s", r.relay_cpu_s),
             String::new(),
         ),
+        ("storage", r.storage.clone(), String::new()),
+        (
+            "database CPU",
+            format!("{:.2} s", r.database_cpu_s),
+            "PostgreSQL's processes in the storm".into(),
+        ),
         (
             "relay CPU per change",
             format!("{:.1} µs", r.relay_cpu_per_change_us),
@@ -977,6 +1045,8 @@ mod tests {
             noop_reconnect_round_trips: 1,
             local_write_p50_us: 400.0,
             local_write_p99_us: 4_000.0,
+            storage: "sled".into(),
+            database_cpu_s: 0.0,
         };
         let w = super::worst(&[run(1, 8.0, true, 9.0), run(2, 12.0, false, 7.0)]).unwrap();
         assert_eq!(w["convergence_s"], 12.0);

@@ -192,6 +192,17 @@ impl TestPostgres {
         Ok(())
     }
 
+    /// The server's main process (from `postmaster.pid`).
+    pub fn server_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// The server's port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
@@ -253,4 +264,36 @@ impl Drop for TestPostgres {
             let _ = self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
         }
     }
+}
+
+/// CPU seconds (user + system) of process `pid` and every process below it.
+pub fn process_tree_cpu_seconds(pid: u32) -> f64 {
+    let tck = 100.0; // Linux reports /proc times in USER_HZ, 100 on every supported arch.
+    let mut total = 0.0;
+    let mut parents = vec![pid];
+    let procs: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ppid: u32 = f.get(1)?.parse().ok()?;
+            let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some((p, ppid, ticks / tck))
+        })
+        .collect();
+    while let Some(parent) = parents.pop() {
+        for (p, ppid, cpu) in &procs {
+            if *p == parent {
+                total += cpu;
+            }
+            if *ppid == parent {
+                parents.push(*p);
+            }
+        }
+    }
+    total
 }

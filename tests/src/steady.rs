@@ -73,7 +73,7 @@ struct Probes {
 pub async fn run(cfg: &SteadyConfig, progress: impl Fn(&str)) -> anyhow::Result<SteadyResult> {
     anyhow::ensure!(cfg.phones >= 2, "a steady run needs at least 2 phones");
     let relay_dir = cfg.work_dir.join("relay");
-    let relay = RelayChild::start(&cfg.relay_exe, &relay_dir).await?;
+    let relay = RelayChild::start(&cfg.relay_exe, &relay_dir, None).await?;
     let endpoint = RelayEndpoint::new(relay.addr, relay.fingerprint.clone());
     let day = Day::new(time::OffsetDateTime::now_utc().date().to_string())?;
     let per_team = cfg.devices_per_team.max(2);

@@ -18,6 +18,7 @@ async fn a_small_field_day_converges_and_measures_itself() -> anyhow::Result<()>
         noop_docs: 50,
         relay_exe: env!("CARGO_BIN_EXE_fieldday").into(),
         work_dir: dir.path().to_path_buf(),
+        postgres: None,
     };
     // `run` fails if a converged device differs from the relay's copies.
     let r = fieldday::run(&cfg, |line| println!("{line}")).await?;
@@ -43,6 +44,40 @@ async fn a_small_field_day_converges_and_measures_itself() -> anyhow::Result<()>
     assert!(r.noop_reconnect_bytes < 2048);
     assert!(r.relay_peak_rss_bytes > 0);
     assert!(r.live_p50_ms > 0.0 && r.live_p99_ms >= r.live_p50_ms);
+    Ok(())
+}
+
+/// The same small day with the relay storing in a real PostgreSQL (started by the test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_field_day_on_postgres_converges() -> anyhow::Result<()> {
+    let Some(pg) =
+        redline_tests::postgres::TestPostgres::start_or_skip("a_small_field_day_on_postgres")
+    else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let cfg = FieldDayConfig {
+        teams: 2,
+        devices_per_team: 3,
+        zones: 3,
+        households_per_zone: 5,
+        ops_per_device: 20,
+        seed: 8,
+        live_samples: 5,
+        noop_docs: 50,
+        relay_exe: env!("CARGO_BIN_EXE_fieldday").into(),
+        work_dir: dir.path().to_path_buf(),
+        postgres: Some(fieldday::PostgresTarget {
+            url: pg.fresh_database()?,
+            server_pid: pg.server_pid(),
+        }),
+    };
+    let r = fieldday::run(&cfg, |line| println!("{line}")).await?;
+    println!("{}", fieldday::table(&r));
+    assert!(r.converged, "the small day converges on PostgreSQL");
+    assert_eq!(r.storage, "postgres");
+    assert!(r.database_cpu_s > 0.0, "the database worked in the storm");
+    assert_eq!(r.noop_reconnect_round_trips, 1);
     Ok(())
 }
 

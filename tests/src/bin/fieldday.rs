@@ -59,6 +59,14 @@ struct Args {
     /// Steady load: each phone writes once per this many seconds.
     #[arg(long, default_value_t = 10)]
     every: u64,
+    /// Where the relay stores: sled (its data dir) or postgres.
+    #[arg(long, default_value = "sled", value_parser = ["sled", "postgres"])]
+    storage: String,
+    /// With --storage postgres: the database (its schema is created). Without it, a
+    /// PostgreSQL server is started in a temporary directory for the run (and its CPU
+    /// reported as database time).
+    #[arg(long, env = "REDLINE_POSTGRES_URL")]
+    postgres_url: Option<String>,
     /// Internal: serve a relay on this data dir (the benchmark's child process).
     #[arg(long, hide = true)]
     serve_relay: Option<PathBuf>,
@@ -114,6 +122,12 @@ async fn main() -> anyhow::Result<()> {
         .data_dir
         .clone()
         .unwrap_or_else(|| temp.path().to_path_buf());
+    // A database server for the run when PostgreSQL is asked for without a URL; each
+    // seed gets a fresh database.
+    let server = match (args.storage.as_str(), &args.postgres_url) {
+        ("postgres", None) => Some(redline_tests::postgres::TestPostgres::start()?),
+        _ => None,
+    };
     let mut runs = Vec::new();
     for seed in args.seed..args.seed + args.seeds.max(1) {
         let work_dir = if args.seeds > 1 {
@@ -132,6 +146,17 @@ async fn main() -> anyhow::Result<()> {
             noop_docs: 500,
             relay_exe: std::env::current_exe()?,
             work_dir,
+            postgres: match (&server, &args.postgres_url) {
+                (Some(pg), _) => Some(fieldday::PostgresTarget {
+                    url: pg.fresh_database()?,
+                    server_pid: pg.server_pid(),
+                }),
+                (None, Some(url)) if args.storage == "postgres" => Some(fieldday::PostgresTarget {
+                    url: url.clone(),
+                    server_pid: None,
+                }),
+                _ => None,
+            },
         };
         if args.quick {
             cfg.teams = cfg.teams.min(4);
@@ -142,13 +167,18 @@ async fn main() -> anyhow::Result<()> {
             cfg.live_samples = 50;
         }
         println!(
-            "field day: {} teams x {} devices, {} zones x {} households, {} ops per device (seed {})",
+            "field day: {} teams x {} devices, {} zones x {} households, {} ops per device (seed {}, {})",
             cfg.teams,
             cfg.devices_per_team,
             cfg.zones,
             cfg.households_per_zone,
             cfg.ops_per_device,
-            cfg.seed
+            cfg.seed,
+            if cfg.postgres.is_some() {
+                "PostgreSQL"
+            } else {
+                "sled"
+            }
         );
         let result = fieldday::run(&cfg, |line| println!("  {line}")).await?;
         println!();
