@@ -61,6 +61,10 @@ pub fn run<H: Harness>(h: &mut H) {
             "unflushed commits vanish whole or stay whole",
             torn_commits::<H>,
         ),
+        (
+            "a batch's commits may arrive out of sequence order",
+            commits_out_of_order::<H>,
+        ),
     ];
     let mut failed = Vec::new();
     for (name, check) in checks {
@@ -324,6 +328,26 @@ fn every_kind_survives<H: Harness>(h: &mut H) {
     assert_eq!(s.actor_owner(b"actor").unwrap(), Some(device("phone-1")));
     assert_eq!(s.devices().unwrap(), vec![b"record".to_vec()]);
     assert_eq!(s.held_bytes(b"d|").unwrap(), 4);
+}
+
+/// The hub hands out sequences, then the documents' commits race to storage: within
+/// one flush, a higher sequence may be written first.
+fn commits_out_of_order<H: Harness>(h: &mut H) {
+    let a = doc("ledger/t1/2026-11-29");
+    let b = doc("households/z1");
+    let s = h.fresh();
+    s.commit(&b, 2, b"x1", &[[2; 32]]).unwrap();
+    s.commit(&a, 1, b"c1", &[[1; 32]]).unwrap();
+    s.commit(&a, 3, b"c2", &[[3; 32]]).unwrap();
+    s.flush().unwrap();
+    let s = h.restart(s);
+    assert_eq!(s.last_seq().unwrap(), 3);
+    assert_eq!(
+        s.feed(0, 3).unwrap(),
+        vec![(1, a.clone()), (2, b.clone()), (3, a.clone())]
+    );
+    assert_eq!(s.heads_at(&a, 2).unwrap(), Some(vec![[1; 32]]));
+    assert_eq!(s.heads_at(&b, 3).unwrap(), Some(vec![[2; 32]]));
 }
 
 fn torn_commits<H: Harness>(h: &mut H) {
