@@ -79,6 +79,10 @@ pub enum Error {
     /// No connection to PostgreSQL could be taken from the pool.
     #[error("storage (PostgreSQL pool): {0}")]
     PostgresPool(#[from] deadpool_postgres::PoolError),
+    /// Another relay committed to the document since this relay loaded it: reload,
+    /// apply again, retry.
+    #[error("another relay committed to {0} meanwhile")]
+    Conflict(String),
     /// A blocking storage task could not finish (it panicked or the runtime stopped).
     #[error("storage task: {0}")]
     Task(#[from] tokio::task::JoinError),

@@ -54,12 +54,8 @@ impl Relay {
         match config.storage.clone() {
             StorageChoice::Sled => Self::start_with_storage(config, |sled| Arc::new(sled)).await,
             StorageChoice::Postgres(options) => {
-                let storage = tokio::task::spawn_blocking(move || {
-                    let mut storage = PgStorage::connect(&options)?;
-                    storage.serve_alone(&options, Duration::from_secs(10))?;
-                    Ok::<_, Error>(storage)
-                })
-                .await??;
+                let storage =
+                    tokio::task::spawn_blocking(move || PgStorage::connect(&options)).await??;
                 info!(storage = %storage.describe(), "connected to the database");
                 Self::start_on(config, Arc::new(storage)).await
             }

@@ -335,9 +335,25 @@ impl<S: RelayStorage> Documents for FaultyStorage<S> {
         }
         self.inner.commit(doc, seq, chunk, heads)
     }
-    fn compact(&self, doc: &DocId, snapshot: &[u8]) -> Result<(), Error> {
+    fn compact(&self, doc: &DocId, snapshot: &[u8], covers: u64) -> Result<(), Error> {
         self.check()?;
-        self.inner.compact(doc, snapshot)
+        self.inner.compact(doc, snapshot, covers)
+    }
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+    fn append(
+        &self,
+        doc: &DocId,
+        expected: u64,
+        chunk: &[u8],
+        heads: &[[u8; 32]],
+    ) -> Result<u64, Error> {
+        self.check()?;
+        self.inner.append(doc, expected, chunk, heads)
+    }
+    fn feed_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.inner.feed_signal()
     }
     fn flush(&self) -> Result<(), Error> {
         self.check()?;

@@ -6,7 +6,7 @@ use redline_client::{NewTask, TaskKind};
 use redline_proto::{Day, DocId, TeamId};
 use redline_server::config::StorageChoice;
 use redline_server::storage::conformance::{self, Harness};
-use redline_server::storage::{Documents, PgOptions, PgStorage};
+use redline_server::storage::{ActorBindings, Documents, PgOptions, PgStorage};
 use redline_tests::postgres::TestPostgres;
 use redline_tests::{phone, start_relay_with};
 
@@ -292,10 +292,17 @@ fn the_relay_binary_migrates_and_serves_on_postgres() -> anyhow::Result<()> {
         );
         Ok(String::from_utf8(out.stdout)?)
     };
+    let version = redline_server::storage::postgres::SCHEMA_VERSION;
     let first = migrate()?;
-    assert!(first.contains("migrated from version 0 to 1"), "{first}");
+    assert!(
+        first.contains(&format!("migrated from version 0 to {version}")),
+        "{first}"
+    );
     let again = migrate()?;
-    assert!(again.contains("already at version 1"), "{again}");
+    assert!(
+        again.contains(&format!("already at version {version}")),
+        "{again}"
+    );
     // Without a database, `migrate` says what is missing.
     let out = std::process::Command::new(redline_tests::faults::server_exe())
         .arg("migrate")
@@ -320,22 +327,186 @@ fn the_relay_binary_migrates_and_serves_on_postgres() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn a_second_relay_on_the_same_database_is_refused_clearly() -> anyhow::Result<()> {
-    let Some(pg) = TestPostgres::start_or_skip("a_second_relay_on_the_same_database") else {
+/// Three relays over one database: data dirs that share the certificate and the token
+/// key (what an operator copies to each relay), so every phone may reach any relay.
+async fn three_relays(
+    pg: &TestPostgres,
+    dirs: &[tempfile::TempDir; 3],
+) -> anyhow::Result<(String, Vec<redline_server::RelayHandle>)> {
+    let url = pg.fresh_database()?;
+    let first = start_relay_with(postgres_config(dirs[0].path(), &url)).await?;
+    // The token key exists once a token was issued.
+    redline_tests::token_for(
+        dirs[0].path(),
+        dirs[0].path(),
+        "nobody",
+        redline_proto::token::Role::Volunteer,
+        &[],
+        &[],
+    )?;
+    let mut relays = vec![first];
+    for dir in &dirs[1..] {
+        redline_tests::copy_dir(dirs[0].path(), dir.path())?;
+        relays.push(start_relay_with(postgres_config(dir.path(), &url)).await?);
+    }
+    assert!(
+        relays
+            .iter()
+            .all(|r| r.fingerprint() == relays[0].fingerprint()),
+        "one certificate for the deployment"
+    );
+    Ok((url, relays))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_on_one_database_serve_one_team() -> anyhow::Result<()> {
+    let Some(pg) = TestPostgres::start_or_skip("three_relays_on_one_database_serve_one_team")
+    else {
         return Ok(());
     };
-    let url = pg.fresh_database()?;
-    let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
-    let first = start_relay_with(postgres_config(dirs[0].path(), &url)).await?;
-    let second = start_relay_with(postgres_config(dirs[1].path(), &url)).await;
-    let e = second
-        .err()
-        .expect("two relays on one database would fork the feed");
-    assert!(e.to_string().contains("another relay is serving"), "{e}");
-    // Once the first one stops, the database is free again.
-    first.shutdown().await?;
-    let again = start_relay_with(postgres_config(dirs[1].path(), &url)).await?;
-    again.shutdown().await?;
+    logs();
+    let dirs = [
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    ];
+    let (url, relays) = three_relays(&pg, &dirs).await?;
+    let phones = [
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    ];
+    let team = ["team-1"];
+    let a = redline_tests::team_phone(phones[0].path(), "amira", &relays[0], &team, &[], 36_500)?;
+    let c = redline_tests::team_phone(phones[1].path(), "chen", &relays[1], &team, &[], 36_500)?;
+    let b = redline_tests::team_phone(phones[2].path(), "bao", &relays[2], &team, &[], 36_500)?;
+    let (t, day) = (TeamId::new("team-1")?, Day::new("2026-11-30")?);
+    let id = DocId::ledger(&t, &day);
+
+    // A push through relay 1 reaches a phone live on relay 3.
+    let mut live_b = b.go_live()?;
+    live_b.reports.recv().await.expect("b connected")?;
+    let mut seen = b.changes();
+    a.add_task(
+        &t,
+        &day,
+        NewTask::new(TaskKind::Supply, "Insulin to block 4"),
+    )?;
+    let written = std::time::Instant::now();
+    a.sync().await?;
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            let doc = seen.recv().await.expect("change feed open").doc;
+            if doc == id
+                && b.ledger(&t, &day)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|v| !v.tasks.is_empty())
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("a push through relay 1 never reached the phone on relay 3"))?;
+    eprintln!("relay 1 -> relay 3, live: {:?}", written.elapsed());
+
+    // Phones on relays 1 and 2 write the same document at the same time.
+    let rounds = 12;
+    let write = |p: redline_client::Client, n: u32| {
+        let (t, day) = (t.clone(), day.clone());
+        async move {
+            for _ in 0..n {
+                p.add_to_tally(&t, &day, "doses", 1)?;
+                p.sync().await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    let (ra, rc) = tokio::join!(write(a.clone(), rounds), write(c.clone(), rounds));
+    ra?;
+    rc?;
+    for p in [&a, &c, &a] {
+        p.sync().await?;
+    }
+    let want = Some(&(2 * rounds as i64));
+    assert_eq!(
+        a.ledger(&t, &day)?.expect("ledger").tallies.get("doses"),
+        want
+    );
+    assert_eq!(
+        c.ledger(&t, &day)?.expect("ledger").tallies.get("doses"),
+        want
+    );
+    // Every relay serves the same document (relay 3 learned of the others' commits).
+    let heads = relays[0].heads(&id).await?;
+    assert_eq!(a.heads(&id)?, heads);
+    for r in &relays[1..] {
+        assert_eq!(r.heads(&id).await?, heads, "a relay serves stale heads");
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while b.heads(&id).ok() != Some(heads.clone()) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the live phone on relay 3 did not converge"))?;
+    live_b.stop().await;
+
+    // The feed has no gap, whatever relay committed what.
+    let db = url.rsplit('/').next().expect("database name");
+    let count = pg.psql(db, "SELECT count(*) FROM redline_feed")?;
+    let max = pg.psql(db, "SELECT max(seq) FROM redline_feed")?;
+    let head = pg.psql(db, "SELECT seq FROM redline_feed_head")?;
+    assert_eq!((&count, &max), (&head, &head), "feed count, max and head");
+    let conflicts: u64 = relays
+        .iter()
+        .map(|r| {
+            r.stats()
+                .conflicts
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
+    eprintln!("{count} commits, {conflicts} batches applied again after a conflict");
+    for r in relays {
+        r.shutdown().await?;
+    }
     Ok(())
+}
+
+#[test]
+fn one_actor_claimed_through_two_relays_binds_once() {
+    let Some(pg) = TestPostgres::start_or_skip("one_actor_claimed_through_two_relays_binds_once")
+    else {
+        return;
+    };
+    let url = pg.fresh_database().expect("database");
+    for round in 0..20u8 {
+        let stores: Vec<PgStorage> = (0..2)
+            .map(|_| PgStorage::connect(&PgOptions::new(url.clone())).expect("connect"))
+            .collect();
+        let actor = [round; 16];
+        let barrier = std::sync::Barrier::new(2);
+        let owners: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = stores
+                .iter()
+                .enumerate()
+                .map(|(i, store)| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        let device = redline_proto::DeviceId::new(format!("phone-{i}")).unwrap();
+                        barrier.wait();
+                        let owner = store.bind_actor(&actor, &device).expect("bind");
+                        store.flush().expect("flush");
+                        owner.to_string()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            owners[0], owners[1],
+            "round {round}: both relays name one owner"
+        );
+    }
 }

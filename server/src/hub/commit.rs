@@ -19,6 +19,9 @@ use crate::authorship::{self, Author};
 /// Chunks after which a document is compacted into a new snapshot.
 const COMPACT_AFTER_CHUNKS: usize = 64;
 
+/// Times a batch is applied again after other relays' commits to its document.
+const MAX_CONFLICT_RETRIES: usize = 8;
+
 pub(super) struct PendingPush {
     pub(super) author: Author,
     pub(super) changes: Vec<Change>,
@@ -85,7 +88,15 @@ impl Hub {
                 let mut state = slot.state.lock().await;
                 let batch = std::mem::take(&mut *slot.pending.lock().expect("pending lock"));
                 if !batch.is_empty() {
-                    hub.commit_batch(&id, &slot, &mut state, batch).await;
+                    // Another relay may have committed since the slot was handed out.
+                    if let Err(e) = hub.refresh(&id, &slot, &mut state).await {
+                        let e = Arc::new(e);
+                        for p in batch {
+                            let _ = p.reply.send(Err(Error::Commit(e.clone())));
+                        }
+                    } else {
+                        hub.commit_batch(&id, &slot, &mut state, batch).await;
+                    }
                 }
             }
             hub.release(slot);
@@ -205,9 +216,17 @@ impl Hub {
         }
         // Changes of refused pushes never entered the document: keep only what did.
         let fresh: Vec<ChangeHash> = fresh.into_iter().filter(|h| has(&state.doc, h)).collect();
-        let result = self
+        let mut result = self
             .persist_new(id, slot, state, &before, Some(fresh))
             .await;
+        // Shared feed: another relay committed to the document meanwhile. It was
+        // reloaded with that commit: apply the batch again and retry.
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            if !matches!(result, Err(Error::Conflict(_))) {
+                break;
+            }
+            result = self.apply_again(id, slot, state, &accepted).await;
+        }
         let heads = state.doc.get_heads();
         self.stats.pushes.fetch_add(n_pushes, Ordering::Relaxed);
         self.stats.max_batch.fetch_max(n_pushes, Ordering::Relaxed);
@@ -226,6 +245,38 @@ impl Hub {
             };
             let _ = p.reply.send(r);
         }
+    }
+
+    /// After a conflict (the document was reloaded with another relay's commit):
+    /// applies the accepted pushes again and persists what is still new.
+    async fn apply_again(
+        &self,
+        id: &DocId,
+        slot: &DocSlot,
+        state: &mut SlotState,
+        accepted: &[(PendingPush, u32)],
+    ) -> Result<Option<u64>, Error> {
+        self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+        let before = state.doc.get_heads();
+        let changes: Vec<Change> = accepted
+            .iter()
+            .flat_map(|(p, _)| p.changes.iter().cloned())
+            .collect();
+        let fresh: Vec<ChangeHash> = changes
+            .iter()
+            .map(|c| c.hash())
+            .filter(|h| !has(&state.doc, h))
+            .collect();
+        if guarded_apply(&mut state.doc, changes).is_err()
+            || !state.doc.get_missing_deps(&[]).is_empty()
+        {
+            let _ = self.reload(id, slot, state).await;
+            return Err(Error::BadChanges(
+                "the batch no longer applies after another relay's commit".into(),
+            ));
+        }
+        self.persist_new(id, slot, state, &before, Some(fresh))
+            .await
     }
 
     /// Writes what the document gained since `before` as one chunk with the next feed
@@ -258,6 +309,11 @@ impl Hub {
             .fetch_add(new.len() as u64, Ordering::Relaxed);
         let new_hashes = new.clone();
         let chunk = Arc::new(make_bundle(&state.doc, new)?);
+        if self.shared {
+            return self
+                .persist_shared(id, slot, state, new_hashes, chunk)
+                .await;
+        }
         let seq = self.seq.lock().expect("seq lock").begin();
         let wire: Vec<[u8; 32]> = heads.iter().map(|h| h.0).collect();
         let key = id.clone();
@@ -290,6 +346,54 @@ impl Hub {
         }
     }
 
+    /// [`persist_new`](Self::persist_new) on a shared feed: storage hands out the
+    /// sequence (or refuses with a conflict if another relay committed to the document
+    /// since it was loaded); after the flush the follower moves the stable sequence.
+    async fn persist_shared(
+        &self,
+        id: &DocId,
+        slot: &DocSlot,
+        state: &mut SlotState,
+        new_hashes: Vec<ChangeHash>,
+        chunk: Arc<Vec<u8>>,
+    ) -> Result<Option<u64>, Error> {
+        let heads: Vec<[u8; 32]> = state.doc.get_heads().iter().map(|h| h.0).collect();
+        let expected = slot.included.load(Ordering::Acquire);
+        let (key, stored) = (id.clone(), chunk.clone());
+        let appended = self
+            .blocking(move |s| s.append(&key, expected, &stored, &heads))
+            .await;
+        let result = match appended {
+            Ok(seq) => {
+                // Before the flush: the follower must never take this relay's own
+                // commit for another relay's.
+                slot.included.store(seq, Ordering::Release);
+                self.flush().await.map(|()| seq)
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(seq) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                slot.stored_bytes.fetch_add(chunk.len(), Ordering::Relaxed);
+                state.remember(seq, new_hashes, chunk);
+                state.chunks += 1;
+                self.kick.notify_one();
+                if state.chunks >= COMPACT_AFTER_CHUNKS {
+                    self.compact(id, slot, state).await;
+                }
+                Ok(Some(seq))
+            }
+            Err(e) => {
+                if !matches!(e, Error::Conflict(_)) {
+                    warn!(doc = %id, "commit failed, reloading from storage: {e}");
+                }
+                let _ = self.reload(id, slot, state).await;
+                Err(e)
+            }
+        }
+    }
+
     /// Replaces the in-memory document with what storage holds: after a failed write
     /// or a refused apply, memory never runs ahead of the disk.
     pub(crate) async fn reload(
@@ -299,11 +403,15 @@ impl Hub {
         state: &mut SlotState,
     ) -> Result<(), Error> {
         let key = id.clone();
-        let (mut fresh, bytes) = self
-            .blocking(move |s| s.load(&key))
-            .await
-            .and_then(|d| load_state(id, d))?;
-        fresh.log_floor = self.seq.lock().expect("seq lock").next();
+        let stored = self.blocking(move |s| s.load(&key)).await?;
+        let included = stored.as_ref().map_or(0, |s| s.last_seq);
+        let (mut fresh, bytes) = load_state(id, stored)?;
+        fresh.log_floor = if self.shared {
+            included + 1
+        } else {
+            self.seq.lock().expect("seq lock").next()
+        };
+        slot.included.store(included, Ordering::Release);
         *state = fresh;
         slot.stored_bytes.store(bytes, Ordering::Relaxed);
         Ok(())
@@ -395,8 +503,13 @@ impl Hub {
         let snapshot = state.saved();
         let len = snapshot.len();
         let key = id.clone();
+        let covers = if self.shared {
+            slot.included.load(Ordering::Acquire)
+        } else {
+            u64::MAX
+        };
         let done = self
-            .blocking(move |s| s.compact(&key, snapshot.as_slice()))
+            .blocking(move |s| s.compact(&key, snapshot.as_slice(), covers))
             .await;
         match done {
             Ok(()) => {

@@ -17,6 +17,7 @@
 mod catchup;
 mod commit;
 pub mod feed;
+mod follow;
 pub mod plan;
 mod slots;
 pub mod staging;
@@ -52,6 +53,8 @@ pub struct HubStats {
     pub max_batch: AtomicU64,
     /// Documents evicted from the cache.
     pub evictions: AtomicU64,
+    /// Batches applied again because another relay committed to their document.
+    pub conflicts: AtomicU64,
 }
 
 /// Listens to the number of pushes of each commit.
@@ -82,6 +85,14 @@ pub struct Hub {
     pub stats: HubStats,
     /// Told the number of pushes of every commit (the relay's metrics listen).
     batch_observer: std::sync::OnceLock<BatchObserver>,
+    /// Other relays write the same storage: sequences come from storage and the
+    /// stable sequence from following the shared feed ([`follow`]).
+    shared: bool,
+    /// Shared feed: the head up to which other relays' commits were taken into
+    /// account (their documents marked stale).
+    followed: AtomicU64,
+    /// Shared feed: wakes the follower (this relay flushed a commit).
+    kick: Arc<tokio::sync::Notify>,
 }
 
 /// Whether `doc` holds change `h` (metadata lookup, no copy of the change).
@@ -109,6 +120,8 @@ impl Hub {
     /// A hub over `storage`, keeping parsed documents within about `budget` bytes.
     pub fn new(storage: Arc<dyn RelayStorage>, budget: usize) -> Result<Arc<Self>, Error> {
         let last = storage.last_seq()?;
+        let shared = storage.shared();
+        let signal = storage.feed_signal();
         let (stable, _) = watch::channel(last);
         let (flusher, mut requests) =
             mpsc::unbounded_channel::<oneshot::Sender<Result<(), String>>>();
@@ -127,7 +140,17 @@ impl Hub {
             creations: Mutex::new(HashMap::new()),
             staging: Mutex::new(staging::Staging::default()),
             holding: AsyncMutex::new(()),
+            shared,
+            followed: AtomicU64::new(last),
+            kick: Arc::new(tokio::sync::Notify::new()),
         });
+        if shared {
+            tokio::spawn(follow::follow(
+                Arc::downgrade(&hub),
+                signal,
+                hub.kick.clone(),
+            ));
+        }
         // The flusher holds the hub weakly: when the relay shuts down, storage is released.
         let weak = Arc::downgrade(&hub);
         tokio::spawn(async move {
@@ -218,8 +241,11 @@ impl Hub {
         true
     }
 
-    /// The highest stored feed sequence.
+    /// The highest stored feed sequence (shared feed: the highest known stable).
     pub fn last_seq(&self) -> u64 {
+        if self.shared {
+            return *self.stable.borrow();
+        }
         self.seq.lock().expect("seq lock").last()
     }
 

@@ -26,6 +26,12 @@ pub struct DocSlot {
     pub(super) pending: Mutex<Vec<PendingPush>>,
     pub(super) last_used: AtomicU64,
     pub(super) stored_bytes: AtomicUsize,
+    /// Shared feed: the sequence of the last commit the parsed document holds (its
+    /// last commit as loaded, or this relay's own since).
+    pub(super) included: AtomicU64,
+    /// Shared feed: another relay committed to the document after `included`; the next
+    /// use reloads it.
+    pub(super) stale: std::sync::atomic::AtomicBool,
 }
 
 /// The parsed document and how it is stored.
@@ -165,18 +171,31 @@ pub(super) fn load_state(
 }
 
 impl Hub {
-    /// The cached slot of `id`, loading it from storage if needed.
+    /// The cached slot of `id`, loading it from storage if needed (and again if another
+    /// relay committed to it since).
     pub async fn slot(&self, id: &DocId) -> Result<Arc<DocSlot>, Error> {
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
-        if let Some(s) = self.slots.lock().expect("hub lock").get(id) {
+        let cached = self.slots.lock().expect("hub lock").get(id).cloned();
+        if let Some(s) = cached {
             s.last_used.store(tick, Ordering::Relaxed);
-            return Ok(s.clone());
+            if s.stale.load(Ordering::Acquire) {
+                let mut state = s.state.lock().await;
+                self.refresh(id, &s, &mut state).await?;
+            }
+            return Ok(s);
         }
+        let followed = self.followed.load(Ordering::Acquire);
         let key = id.clone();
         let stored = self.blocking(move |s| s.load(&key)).await?;
+        let included = stored.as_ref().map_or(0, |s| s.last_seq);
         let (mut state, bytes) = load_state(id, stored)?;
-        // Commits to this document need its slot, so every later one will be logged.
-        state.log_floor = self.seq.lock().expect("seq lock").next();
+        // Commits to this document need its slot, so every later one will be logged
+        // (shared feed: every later one of this relay; another relay's makes it stale).
+        state.log_floor = if self.shared {
+            included + 1
+        } else {
+            self.seq.lock().expect("seq lock").next()
+        };
         let slot = {
             let mut slots = self.slots.lock().expect("hub lock");
             slots
@@ -187,12 +206,36 @@ impl Hub {
                         pending: Mutex::new(Vec::new()),
                         last_used: AtomicU64::new(tick),
                         stored_bytes: AtomicUsize::new(bytes),
+                        included: AtomicU64::new(included),
+                        stale: std::sync::atomic::AtomicBool::new(false),
                     })
                 })
                 .clone()
         };
+        // The feed follower may have passed another relay's commit to this document
+        // while it loaded, before the slot was in the cache to be marked: reload on
+        // next use to be sure.
+        if self.shared && self.followed.load(Ordering::Acquire) != followed {
+            slot.stale.store(true, Ordering::Release);
+        }
         self.evict();
         Ok(slot)
+    }
+
+    /// Reloads the document if another relay committed to it since it was loaded.
+    pub(super) async fn refresh(
+        &self,
+        id: &DocId,
+        slot: &DocSlot,
+        state: &mut SlotState,
+    ) -> Result<(), Error> {
+        if slot.stale.swap(false, Ordering::AcqRel)
+            && let Err(e) = self.reload(id, slot, state).await
+        {
+            slot.stale.store(true, Ordering::Release);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Drops idle documents, least recently used first, until the cache fits its budget.

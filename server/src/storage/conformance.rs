@@ -65,6 +65,22 @@ pub fn run<H: Harness>(h: &mut H) {
             "a batch's commits may arrive out of sequence order",
             commits_out_of_order::<H>,
         ),
+        (
+            "shared feed: appends take consecutive sequences",
+            appends_take_the_next_sequence::<H>,
+        ),
+        (
+            "shared feed: a stale append is a conflict and writes nothing",
+            stale_appends_conflict::<H>,
+        ),
+        (
+            "shared feed: appends rolled back leave no gap",
+            rolled_back_appends_leave_no_gap::<H>,
+        ),
+        (
+            "shared feed: compaction keeps what its snapshot does not cover",
+            compaction_covers_up_to_its_sequence::<H>,
+        ),
     ];
     let mut failed = Vec::new();
     for (name, check) in checks {
@@ -148,7 +164,7 @@ fn compaction<H: Harness>(h: &mut H) {
     let s = h.fresh();
     s.commit(&a, 1, b"c1", &[[1; 32]]).unwrap();
     s.commit(&a, 2, b"c2", &[[2; 32]]).unwrap();
-    s.compact(&a, b"snapshot").unwrap();
+    s.compact(&a, b"snapshot", 2).unwrap();
     let stored = s.load(&a).unwrap().unwrap();
     assert_eq!(stored.snapshot.as_deref(), Some(&b"snapshot"[..]));
     assert!(stored.chunks.is_empty());
@@ -181,8 +197,8 @@ fn listing<H: Harness>(h: &mut H) {
     let day = doc("ledger/t1/2026-11-29");
     seq += 1;
     s.commit(&day, seq, b"c", &[[1; 32]]).unwrap();
-    s.compact(&docs[3], b"snap").unwrap();
-    s.compact(&day, b"snap").unwrap();
+    s.compact(&docs[3], b"snap", seq).unwrap();
+    s.compact(&day, b"snap", seq).unwrap();
     let mut all = docs.clone();
     all.push(day);
     assert_eq!(s.list().unwrap(), all, "each document once, in order");
@@ -348,6 +364,97 @@ fn commits_out_of_order<H: Harness>(h: &mut H) {
     );
     assert_eq!(s.heads_at(&a, 2).unwrap(), Some(vec![[1; 32]]));
     assert_eq!(s.heads_at(&b, 3).unwrap(), Some(vec![[2; 32]]));
+}
+
+fn appends_take_the_next_sequence<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    if !s.shared() {
+        return;
+    }
+    let (a, b) = (doc("ledger/t1/2026-11-29"), doc("households/z1"));
+    assert_eq!(s.append(&a, 0, b"c1", &[[1; 32]]).unwrap(), 1);
+    assert_eq!(s.append(&b, 0, b"x1", &[[2; 32]]).unwrap(), 2);
+    assert_eq!(s.append(&a, 1, b"c2", &[[3; 32]]).unwrap(), 3);
+    s.flush().unwrap();
+    assert_eq!(s.append(&b, 2, b"x2", &[[4; 32]]).unwrap(), 4);
+    s.flush().unwrap();
+    let s = h.restart(s);
+    assert_eq!(s.last_seq().unwrap(), 4);
+    let stored = s.load(&a).unwrap().unwrap();
+    assert_eq!(stored.chunks, vec![b"c1".to_vec(), b"c2".to_vec()]);
+    assert_eq!(stored.last_seq, 3);
+    assert_eq!(s.load(&b).unwrap().unwrap().last_seq, 4);
+    assert_eq!(
+        s.feed(0, 4).unwrap(),
+        vec![
+            (1, a.clone()),
+            (2, b.clone()),
+            (3, a.clone()),
+            (4, b.clone())
+        ]
+    );
+    assert_eq!(s.heads_at(&a, 2).unwrap(), Some(vec![[1; 32]]));
+}
+
+fn stale_appends_conflict<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    if !s.shared() {
+        return;
+    }
+    let a = doc("households/z1");
+    assert_eq!(s.append(&a, 0, b"c1", &[[1; 32]]).unwrap(), 1);
+    s.flush().unwrap();
+    // A relay that loaded the document before commit 1 expects nothing there.
+    let stale = s.append(&a, 0, b"late", &[[9; 32]]);
+    assert!(matches!(stale, Err(crate::Error::Conflict(_))), "{stale:?}");
+    // The refusal touched nothing: the same transaction goes on.
+    assert_eq!(s.append(&a, 1, b"c2", &[[2; 32]]).unwrap(), 2);
+    s.flush().unwrap();
+    let stored = s.load(&a).unwrap().unwrap();
+    assert_eq!(stored.chunks, vec![b"c1".to_vec(), b"c2".to_vec()]);
+    assert_eq!(s.last_seq().unwrap(), 2);
+}
+
+fn rolled_back_appends_leave_no_gap<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    if !s.shared() {
+        return;
+    }
+    let a = doc("households/z1");
+    assert_eq!(s.append(&a, 0, b"c1", &[[1; 32]]).unwrap(), 1);
+    s.flush().unwrap();
+    assert_eq!(s.append(&a, 1, b"lost", &[[2; 32]]).unwrap(), 2);
+    let s = h.restart(s);
+    assert_eq!(s.last_seq().unwrap(), 1, "the unflushed append is gone");
+    assert_eq!(
+        s.append(&a, 1, b"c2", &[[3; 32]]).unwrap(),
+        2,
+        "its sequence is taken again: the feed has no gap"
+    );
+    s.flush().unwrap();
+    assert_eq!(s.feed(0, 10).unwrap().len(), 2);
+}
+
+fn compaction_covers_up_to_its_sequence<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    if !s.shared() {
+        return;
+    }
+    let a = doc("households/z1");
+    for (i, c) in [b"c1", b"c2", b"c3"].iter().enumerate() {
+        s.append(&a, i as u64, *c, &[[i as u8; 32]]).unwrap();
+    }
+    s.flush().unwrap();
+    // Relay 2 compacts what it holds (up to 3); relay 1, behind, compacts up to 2 later:
+    // the older snapshot must not replace the newer one, nor drop chunk 3.
+    s.compact(&a, b"snap-3", 3).unwrap();
+    s.append(&a, 3, b"c4", &[[4; 32]]).unwrap();
+    s.compact(&a, b"snap-2", 2).unwrap();
+    s.flush().unwrap();
+    let stored = s.load(&a).unwrap().unwrap();
+    assert_eq!(stored.snapshot.as_deref(), Some(&b"snap-3"[..]));
+    assert_eq!(stored.chunks, vec![b"c4".to_vec()]);
+    assert_eq!(stored.last_seq, 4);
 }
 
 fn torn_commits<H: Harness>(h: &mut H) {

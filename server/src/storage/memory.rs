@@ -187,7 +187,11 @@ impl Documents for MemoryStorage {
                 .range((doc.clone(), 0)..=(doc.clone(), u64::MAX))
                 .map(|(_, v)| v.clone())
                 .collect();
-            (snapshot.is_some() || !chunks.is_empty()).then_some(StoredDoc { snapshot, chunks })
+            (snapshot.is_some() || !chunks.is_empty()).then_some(StoredDoc {
+                snapshot,
+                chunks,
+                last_seq: 0,
+            })
         }))
     }
 
@@ -201,7 +205,7 @@ impl Documents for MemoryStorage {
         Ok(())
     }
 
-    fn compact(&self, doc: &DocId, snapshot: &[u8]) -> Result<(), Error> {
+    fn compact(&self, doc: &DocId, snapshot: &[u8], _covers: u64) -> Result<(), Error> {
         self.write(Write::Compact {
             doc: doc.clone(),
             snapshot: snapshot.to_vec(),

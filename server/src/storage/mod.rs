@@ -48,6 +48,9 @@ pub struct StoredDoc {
     pub snapshot: Option<Vec<u8>>,
     /// Bundles appended since, in order.
     pub chunks: Vec<Vec<u8>>,
+    /// The feed sequence of the document's last commit, as stored (backends with a
+    /// [shared](Documents::shared) feed; 0 elsewhere).
+    pub last_seq: u64,
 }
 
 /// A stored key and its value.
@@ -79,7 +82,41 @@ pub trait Documents {
     /// one atomic write (not flushed).
     fn commit(&self, doc: &DocId, seq: u64, chunk: &[u8], heads: &[[u8; 32]]) -> Result<(), Error>;
     /// Replaces the snapshot of `doc` and drops its chunks, atomically (not flushed).
-    fn compact(&self, doc: &DocId, snapshot: &[u8]) -> Result<(), Error>;
+    /// `covers` is the feed sequence of the last commit the snapshot holds: a shared
+    /// backend drops only the chunks up to it, and never replaces a snapshot that
+    /// covers more (another relay's).
+    fn compact(&self, doc: &DocId, snapshot: &[u8], covers: u64) -> Result<(), Error>;
+    /// Whether several relays may write this storage at once. The feed's sequences are
+    /// then handed out by [`append`](Self::append) inside the storage's transaction
+    /// (the relay does not choose them), and [`feed_signal`](Self::feed_signal) tells
+    /// when another relay committed.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Shared backends: appends a chunk to `doc` with the next feed sequence and the
+    /// heads after it, if the document's last stored commit is still `expected` (0:
+    /// none); returns the sequence. Another relay's commit since is
+    /// [`Error::Conflict`]: reload, apply again, retry. Not flushed; sequences are
+    /// taken in commit order across relays, so a flushed sequence has every lower one
+    /// flushed too.
+    fn append(
+        &self,
+        doc: &DocId,
+        expected: u64,
+        chunk: &[u8],
+        heads: &[[u8; 32]],
+    ) -> Result<u64, Error> {
+        let _ = (doc, expected, chunk, heads);
+        Err(Error::Storage(
+            "append: this backend's feed is not shared".into(),
+        ))
+    }
+    /// Shared backends: a number that moves (to a feed sequence) when any relay
+    /// commits; a relay re-reads the feed's head on each move (and now and then
+    /// without one).
+    fn feed_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
     /// Makes every write before it durable, of every concern.
     fn flush(&self) -> Result<(), Error>;
     /// Feed entries with `after < seq <= upto`, in order.

@@ -178,7 +178,11 @@ impl Documents for SledStorage {
         if snapshot.is_none() && chunks.is_empty() {
             return Ok(None);
         }
-        Ok(Some(StoredDoc { snapshot, chunks }))
+        Ok(Some(StoredDoc {
+            snapshot,
+            chunks,
+            last_seq: 0,
+        }))
     }
 
     fn commit(&self, doc: &DocId, seq: u64, chunk: &[u8], heads: &[[u8; 32]]) -> Result<(), Error> {
@@ -195,7 +199,7 @@ impl Documents for SledStorage {
             .map_err(transaction_err)
     }
 
-    fn compact(&self, doc: &DocId, snapshot: &[u8]) -> Result<(), Error> {
+    fn compact(&self, doc: &DocId, snapshot: &[u8], _covers: u64) -> Result<(), Error> {
         use sled::Transactional;
         let keys: Vec<sled::IVec> = self
             .chunks

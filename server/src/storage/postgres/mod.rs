@@ -121,13 +121,24 @@ struct Writer {
     /// Writes since the last flush were lost (a statement failed and the transaction
     /// was rolled back): the next flush must fail.
     lost: bool,
+    /// The feed's head as this transaction locked it (`SELECT ... FOR UPDATE`), then
+    /// raised by each append: relays append one transaction at a time, so sequences
+    /// follow commit order.
+    head: Option<i64>,
+    /// The last sequence this transaction appended (announced at its commit).
+    appended: Option<i64>,
+    /// When the transaction was opened (an idle one is committed by itself).
+    opened: Option<std::time::Instant>,
 }
 
 impl Writer {
     /// A statement failed inside the open transaction: roll it back (PostgreSQL
     /// aborted it) and remember that the writes since the last flush are gone.
-    fn abandon(&mut self, storage: &PgStorage) {
+    fn abandon(&mut self, storage: &Inner) {
         self.lost = true;
+        self.head = None;
+        self.appended = None;
+        self.opened = None;
         if let Some(conn) = self.tx.take() {
             // On a dead connection this fails at once; the pool then drops it.
             let _ = storage.block(async move {
@@ -140,16 +151,33 @@ impl Writer {
 
 /// Relay storage in PostgreSQL.
 pub struct PgStorage {
+    inner: Arc<Inner>,
     runtime: Option<tokio::runtime::Runtime>,
+    /// Moves to the feed's new head when any relay's flush appended (NOTIFY).
+    signal: tokio::sync::watch::Receiver<u64>,
+}
+
+/// What the storage's calls share with its idle-transaction flusher.
+pub struct Inner {
+    handle: tokio::runtime::Handle,
     pool: Pool,
     writer: Mutex<Writer>,
     epoch: u64,
     target: String,
     /// The schema version found at connect (before migrating).
     found: i32,
-    /// The connection holding the serving lock (`None`: not serving, e.g. `migrate`).
-    serving: Option<tokio_postgres::Client>,
 }
+
+impl std::ops::Deref for PgStorage {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+/// A transaction left open this long without a flush is committed by itself: it holds
+/// the feed's head row (other relays wait) and keeps its writes from other readers.
+const IDLE_COMMIT: Duration = Duration::from_millis(200);
 
 /// Whether `e` came from PostgreSQL itself (the transaction is then aborted).
 fn from_database(e: &Error) -> bool {
@@ -269,69 +297,146 @@ impl PgStorage {
             .create_timeout(Some(Duration::from_secs(10)))
             .build()
             .map_err(|e| Error::Config(format!("PostgreSQL pool: {e}")))?;
-        let mut storage = Self {
-            runtime: Some(runtime),
-            pool,
-            writer: Mutex::new(Writer::default()),
-            epoch: 0,
-            target,
-            found: 0,
-            serving: None,
-        };
-        storage.found = storage.migrate()?.0;
-        storage.epoch = storage.read_epoch()?;
-        Ok(storage)
-    }
-
-    /// Takes the database for this relay alone: one relay serves one database until
-    /// relays share the feed. Waits up to `patience` for a relay that just stopped to
-    /// let go; then fails with a clear error.
-    pub fn serve_alone(&mut self, options: &PgOptions, patience: Duration) -> Result<(), Error> {
-        let config: tokio_postgres::Config = options
-            .url
-            .parse()
-            .map_err(|e| Error::Config(format!("PostgreSQL URL: {e}")))?;
+        let listen_config = config_for_listen(&options.url)?;
         let tls = match &options.ca_file {
             Some(ca) => Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(
                 ca,
             )?)),
             None => None,
         };
-        let client = self.block(async move {
-            let client = match tls {
-                Some(tls) => {
-                    let (client, conn) = config.connect(tls).await?;
-                    tokio::spawn(conn);
-                    client
+        let (notify, signal) = tokio::sync::watch::channel(0u64);
+        let mut inner = Inner {
+            handle: runtime.handle().clone(),
+            pool,
+            writer: Mutex::new(Writer::default()),
+            epoch: 0,
+            target,
+            found: 0,
+        };
+        inner.found = inner.migrate()?.0;
+        inner.epoch = inner.read_epoch()?;
+        let inner = Arc::new(inner);
+        runtime.spawn(listen(listen_config, tls, notify));
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("redline-pg-idle".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(IDLE_COMMIT);
+                    let Some(inner) = weak.upgrade() else { return };
+                    inner.commit_if_idle();
                 }
-                None => {
-                    let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
-                    tokio::spawn(conn);
-                    client
+            })
+            .map_err(|source| Error::Io {
+                action: "starting the PostgreSQL idle-commit thread",
+                path: PathBuf::new(),
+                source,
+            })?;
+        Ok(Self {
+            inner,
+            runtime: Some(runtime),
+            signal,
+        })
+    }
+}
+
+/// The connection settings of the LISTEN connection (the pool's, parsed again).
+fn config_for_listen(url: &str) -> Result<tokio_postgres::Config, Error> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| Error::Config(format!("PostgreSQL URL {} is not valid: {e}", redact(url))))?;
+    config.application_name("redline-relay-listen");
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    Ok(config)
+}
+
+/// Listens for the feed's announcements (other relays' flushes and this one's) and
+/// moves `notify` to the highest sequence announced; reconnects after a failure (the
+/// relay's periodic re-read of the feed's head covers what was missed meanwhile).
+async fn listen(
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    notify: tokio::sync::watch::Sender<u64>,
+) {
+    loop {
+        let result = match &tls {
+            Some(tls) => match config.connect(tls.clone()).await {
+                Ok((client, conn)) => listen_on(client, conn, &notify).await,
+                Err(e) => Err(e),
+            },
+            None => match config.connect(tokio_postgres::NoTls).await {
+                Ok((client, conn)) => listen_on(client, conn, &notify).await,
+                Err(e) => Err(e),
+            },
+        };
+        if notify.is_closed() {
+            return;
+        }
+        if let Err(e) = result {
+            tracing::debug!("feed announcements: {e}; listening again in 500 ms");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn listen_on<S, T>(
+    client: tokio_postgres::Client,
+    mut conn: tokio_postgres::Connection<S, T>,
+    notify: &tokio::sync::watch::Sender<u64>,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio_postgres::AsyncMessage;
+    let sql = format!("LISTEN {}", schema::FEED_CHANNEL);
+    let listen = client.batch_execute(&sql);
+    tokio::pin!(listen);
+    // The LISTEN's answer arrives through the connection: drive both.
+    let mut listening = false;
+    loop {
+        if !listening {
+            tokio::select! {
+                r = &mut listen => { r?; listening = true; continue; }
+                m = std::future::poll_fn(|cx| conn.poll_message(cx)) => {
+                    if !take(m, notify)? { return Ok(()); }
                 }
-            };
-            let deadline = tokio::time::Instant::now() + patience;
-            loop {
-                let row = client
-                    .query_one("SELECT pg_try_advisory_lock($1)", &[&schema::SERVING_LOCK])
-                    .await?;
-                if row.get::<_, bool>(0) {
-                    return Ok(client);
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(Error::Config(
-                        "another relay is serving this PostgreSQL database: one database \
-                         has one relay for now (see DEPLOYMENT.md, \"PostgreSQL\")"
-                            .into(),
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-        })?;
-        self.serving = Some(client);
-        Ok(())
+        } else {
+            let m = std::future::poll_fn(|cx| conn.poll_message(cx)).await;
+            if notify.is_closed() || !take(m, notify)? {
+                return Ok(());
+            }
+        }
     }
 
+    fn take(
+        m: Option<Result<AsyncMessage, tokio_postgres::Error>>,
+        notify: &tokio::sync::watch::Sender<u64>,
+    ) -> Result<bool, tokio_postgres::Error> {
+        match m {
+            None => Ok(false),
+            Some(Err(e)) => Err(e),
+            Some(Ok(AsyncMessage::Notification(n))) => {
+                if let Ok(seq) = n.payload().parse::<u64>() {
+                    notify.send_if_modified(|v| {
+                        let forward = seq > *v;
+                        if forward {
+                            *v = seq;
+                        }
+                        forward
+                    });
+                }
+                Ok(true)
+            }
+            Some(Ok(_)) => Ok(true),
+        }
+    }
+}
+
+impl Inner {
     /// The schema version the database had when this store connected (it migrated it
     /// to [`SCHEMA_VERSION`]; 0: the database was empty).
     pub fn schema_found(&self) -> i32 {
@@ -411,13 +516,63 @@ impl PgStorage {
         &self,
         fut: impl Future<Output = Result<R, Error>> + Send + 'static,
     ) -> Result<R, Error> {
-        let runtime = self.runtime.as_ref().expect("the runtime lives until drop");
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        runtime.spawn(async move {
+        self.handle.spawn(async move {
             let _ = tx.send(fut.await);
         });
         rx.recv()
             .map_err(|_| Error::Storage("the PostgreSQL client stopped".into()))?
+    }
+
+    /// The open transaction's connection, opening one if none is.
+    fn open(&self, writer: &mut Writer) -> Result<Arc<Object>, Error> {
+        if let Some(c) = &writer.tx {
+            return Ok(c.clone());
+        }
+        let pool = self.pool.clone();
+        let c = self.block(async move {
+            let c = pool.get().await?;
+            c.batch_execute("BEGIN").await?;
+            Ok(Arc::new(c))
+        })?;
+        writer.tx = Some(c.clone());
+        writer.opened = Some(std::time::Instant::now());
+        Ok(c)
+    }
+
+    /// Commits the open transaction, if any (announcing what it appended).
+    fn commit_open(&self, writer: &mut Writer) -> Result<(), Error> {
+        let Some(conn) = writer.tx.take() else {
+            return Ok(());
+        };
+        let appended = writer.appended.take();
+        writer.head = None;
+        writer.opened = None;
+        self.block(async move {
+            match appended {
+                // NOTIFY is transactional: delivered when (and only if) the commit is.
+                Some(seq) => {
+                    conn.batch_execute(&format!(
+                        "SELECT pg_notify('{}', '{seq}'); COMMIT",
+                        schema::FEED_CHANNEL
+                    ))
+                    .await?
+                }
+                None => conn.batch_execute("COMMIT").await?,
+            }
+            Ok(())
+        })
+    }
+
+    /// Commits a transaction that stayed open for [`IDLE_COMMIT`] without a flush
+    /// (device records, upload touches): a failure is reported by the next flush.
+    fn commit_if_idle(&self) {
+        let mut writer = self.writer.lock().expect("writer lock");
+        if writer.opened.is_some_and(|t| t.elapsed() >= IDLE_COMMIT)
+            && self.commit_open(&mut writer).is_err()
+        {
+            writer.lost = true;
+        }
     }
 
     /// Runs a write inside the open transaction (opening one if none is).
@@ -428,19 +583,7 @@ impl PgStorage {
         Fut: Future<Output = Result<R, Error>> + Send + 'static,
     {
         let mut writer = self.writer.lock().expect("writer lock");
-        let conn = match &writer.tx {
-            Some(c) => c.clone(),
-            None => {
-                let pool = self.pool.clone();
-                let c = self.block(async move {
-                    let c = pool.get().await?;
-                    c.batch_execute("BEGIN").await?;
-                    Ok(Arc::new(c))
-                })?;
-                writer.tx = Some(c.clone());
-                c
-            }
-        };
+        let conn = self.open(&mut writer)?;
         let r = self.block(op(conn));
         if let Err(e) = &r
             && from_database(e)
@@ -481,10 +624,10 @@ impl Drop for PgStorage {
     fn drop(&mut self) {
         // An open transaction is rolled back by the server when its connection closes:
         // only flushed writes stay, as the contract says.
-        if let Ok(mut w) = self.writer.lock() {
+        if let Ok(mut w) = self.inner.writer.lock() {
             w.tx = None;
         }
-        self.pool.close();
+        self.inner.pool.close();
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
@@ -523,21 +666,34 @@ impl Documents for PgStorage {
     fn load(&self, doc: &DocId) -> Result<Option<StoredDoc>, Error> {
         let doc = doc.as_str().to_string();
         self.read(|c| async move {
-            let snap = c
-                .prepare_cached("SELECT snapshot FROM redline_docs WHERE doc = $1")
+            // One statement, so one snapshot of the database: a compaction by another
+            // relay can never fall between reading the snapshot and reading the chunks.
+            let st = c
+                .prepare_cached(
+                    "SELECT d.snapshot, d.last_seq, -1::bigint AS seq FROM redline_docs d \
+                     WHERE d.doc = $1 \
+                     UNION ALL \
+                     SELECT c.chunk, 0, c.seq FROM redline_chunks c \
+                     JOIN redline_docs d ON d.doc = c.doc \
+                     WHERE c.doc = $1 AND c.seq > d.snapshot_seq \
+                     ORDER BY seq",
+                )
                 .await?;
-            let chunks = c
-                .prepare_cached("SELECT chunk FROM redline_chunks WHERE doc = $1 ORDER BY seq")
-                .await?;
-            let by_doc: [&Param; 1] = [&doc];
-            let (snapshot, chunks) =
-                tokio::try_join!(c.query_opt(&snap, &by_doc), c.query(&chunks, &by_doc))?;
-            let snapshot: Option<Vec<u8>> = snapshot.and_then(|r| r.get(0));
-            let chunks: Vec<Vec<u8>> = chunks.iter().map(|r| r.get(0)).collect();
+            let rows = c.query(&st, &[&doc]).await?;
+            let Some((first, rest)) = rows.split_first() else {
+                return Ok(None);
+            };
+            let snapshot: Option<Vec<u8>> = first.get(0);
+            let last_seq = first.get::<_, i64>(1) as u64;
+            let chunks: Vec<Vec<u8>> = rest.iter().filter_map(|r| r.get(0)).collect();
             if snapshot.is_none() && chunks.is_empty() {
                 return Ok(None);
             }
-            Ok(Some(StoredDoc { snapshot, chunks }))
+            Ok(Some(StoredDoc {
+                snapshot,
+                chunks,
+                last_seq,
+            }))
         })
     }
 
@@ -549,60 +705,123 @@ impl Documents for PgStorage {
             flat(heads),
         );
         self.write(|c| async move {
-            // Commits of one batch may arrive out of sequence order (the hub hands out
-            // sequences before the documents' commits race to storage): the head is
-            // the highest. A sequence written twice fails on the feed's primary key.
+            // A sequence chosen by the caller (the relay appends with `append`). Commits
+            // may arrive out of sequence order: the head and the document's last
+            // commit take the highest. A sequence written twice fails on the feed's
+            // primary key.
             let head = c
                 .prepare_cached("UPDATE redline_feed_head SET seq = GREATEST(seq, $1)")
                 .await?;
             c.execute(&head, &[&seq]).await?;
-            let new_doc = c
-                .prepare_cached("INSERT INTO redline_docs (doc) VALUES ($1) ON CONFLICT DO NOTHING")
-                .await?;
-            let new_chunk = c
-                .prepare_cached("INSERT INTO redline_chunks (doc, seq, chunk) VALUES ($1, $2, $3)")
-                .await?;
-            let new_entry = c
-                .prepare_cached("INSERT INTO redline_feed (seq, doc, heads) VALUES ($1, $2, $3)")
-                .await?;
-            let (p_doc, p_chunk, p_entry): ([&Param; 1], [&Param; 3], [&Param; 3]) =
-                ([&doc], [&doc, &seq, &chunk], [&seq, &doc, &heads]);
-            tokio::try_join!(
-                c.execute(&new_doc, &p_doc),
-                c.execute(&new_chunk, &p_chunk),
-                c.execute(&new_entry, &p_entry),
-            )?;
-            Ok(())
+            write_commit(&c, &doc, seq, &chunk, &heads).await
         })
     }
 
-    fn compact(&self, doc: &DocId, snapshot: &[u8]) -> Result<(), Error> {
-        let (doc, snapshot) = (doc.as_str().to_string(), snapshot.to_vec());
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn append(
+        &self,
+        doc: &DocId,
+        expected: u64,
+        chunk: &[u8],
+        heads: &[[u8; 32]],
+    ) -> Result<u64, Error> {
+        let (doc, expected, chunk, heads) = (
+            doc.as_str().to_string(),
+            seq_sql(expected)?,
+            chunk.to_vec(),
+            flat(heads),
+        );
+        let mut writer = self.writer.lock().expect("writer lock");
+        let conn = self.open(&mut writer)?;
+        let locked = writer.head;
+        let result = self.block(async move {
+            let c = conn;
+            // The head row, locked until this transaction commits: another relay's
+            // append waits here, so sequences are taken in commit order.
+            let head = match locked {
+                Some(h) => h,
+                None => {
+                    let st = c
+                        .prepare_cached("SELECT seq FROM redline_feed_head FOR UPDATE")
+                        .await?;
+                    c.query_one(&st, &[]).await?.get::<_, i64>(0)
+                }
+            };
+            let last = c
+                .prepare_cached("SELECT last_seq FROM redline_docs WHERE doc = $1")
+                .await?;
+            let last: i64 = c.query_opt(&last, &[&doc]).await?.map_or(0, |r| r.get(0));
+            if last != expected {
+                return Ok((head, Err(Error::Conflict(doc))));
+            }
+            let seq = head + 1;
+            let raise = c
+                .prepare_cached("UPDATE redline_feed_head SET seq = $1")
+                .await?;
+            let by_seq: [&Param; 1] = [&seq];
+            let (raised, written) = tokio::join!(
+                c.execute(&raise, &by_seq),
+                write_commit(&c, &doc, seq, &chunk, &heads)
+            );
+            raised?;
+            written?;
+            Ok((seq, Ok(seq as u64)))
+        });
+        match result {
+            Ok((head, outcome)) => {
+                writer.head = Some(head);
+                if let Ok(seq) = outcome {
+                    writer.appended = Some(seq as i64);
+                }
+                outcome
+            }
+            Err(e) => {
+                if from_database(&e) {
+                    writer.abandon(self);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn feed_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.signal.clone())
+    }
+
+    fn compact(&self, doc: &DocId, snapshot: &[u8], covers: u64) -> Result<(), Error> {
+        let (doc, snapshot, covers) = (
+            doc.as_str().to_string(),
+            snapshot.to_vec(),
+            seq_bound(covers),
+        );
         self.write(|c| async move {
+            // Never replaces a snapshot that covers more (another relay compacted
+            // later), and drops only the chunks this one covers.
             let set = c
                 .prepare_cached(
-                    "INSERT INTO redline_docs (doc, snapshot) VALUES ($1, $2) \
-                     ON CONFLICT (doc) DO UPDATE SET snapshot = EXCLUDED.snapshot",
+                    "INSERT INTO redline_docs (doc, snapshot, snapshot_seq) VALUES ($1, $2, $3) \
+                     ON CONFLICT (doc) DO UPDATE \
+                     SET snapshot = EXCLUDED.snapshot, snapshot_seq = EXCLUDED.snapshot_seq \
+                     WHERE redline_docs.snapshot_seq < EXCLUDED.snapshot_seq",
                 )
                 .await?;
+            if c.execute(&set, &[&doc, &snapshot, &covers]).await? == 0 {
+                return Ok(());
+            }
             let drop = c
-                .prepare_cached("DELETE FROM redline_chunks WHERE doc = $1")
+                .prepare_cached("DELETE FROM redline_chunks WHERE doc = $1 AND seq <= $2")
                 .await?;
-            let (p_set, p_drop): ([&Param; 2], [&Param; 1]) = ([&doc, &snapshot], [&doc]);
-            tokio::try_join!(c.execute(&set, &p_set), c.execute(&drop, &p_drop))?;
+            c.execute(&drop, &[&doc, &covers]).await?;
             Ok(())
         })
     }
 
     fn flush(&self) -> Result<(), Error> {
         let mut writer = self.writer.lock().expect("writer lock");
-        let committed = match writer.tx.take() {
-            Some(conn) => self.block(async move {
-                conn.batch_execute("COMMIT").await?;
-                Ok(())
-            }),
-            None => Ok(()),
-        };
+        let committed = self.commit_open(&mut writer);
         if std::mem::take(&mut writer.lost) {
             return Err(Error::Storage(
                 "a write failed since the last flush; PostgreSQL rolled back the writes \
@@ -672,6 +891,37 @@ impl Documents for PgStorage {
             Ok(c.query_one(&st, &[&doc]).await?.get(0))
         })
     }
+}
+
+/// Writes a commit's rows: the document's last commit, the chunk, the feed entry.
+async fn write_commit(
+    c: &Object,
+    doc: &str,
+    seq: i64,
+    chunk: &[u8],
+    heads: &[u8],
+) -> Result<(), Error> {
+    let upsert = c
+        .prepare_cached(
+            "INSERT INTO redline_docs (doc, last_seq) VALUES ($1, $2) \
+             ON CONFLICT (doc) DO UPDATE SET last_seq = GREATEST(redline_docs.last_seq, EXCLUDED.last_seq)",
+        )
+        .await?;
+    let new_chunk = c
+        .prepare_cached("INSERT INTO redline_chunks (doc, seq, chunk) VALUES ($1, $2, $3)")
+        .await?;
+    let new_entry = c
+        .prepare_cached("INSERT INTO redline_feed (seq, doc, heads) VALUES ($1, $2, $3)")
+        .await?;
+    type Arg<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+    let (p_doc, p_chunk, p_entry): ([Arg<'_>; 2], [Arg<'_>; 3], [Arg<'_>; 3]) =
+        ([&doc, &seq], [&doc, &seq, &chunk], [&seq, &doc, &heads]);
+    tokio::try_join!(
+        c.execute(&upsert, &p_doc),
+        c.execute(&new_chunk, &p_chunk),
+        c.execute(&new_entry, &p_entry),
+    )?;
+    Ok(())
 }
 
 /// `SUM(length(...))` of the rows a statement selects, as bytes.

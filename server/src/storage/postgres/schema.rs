@@ -7,14 +7,13 @@
 //! DEPLOYMENT.md.
 
 /// The schema version this build writes and reads.
-pub const VERSION: i32 = 1;
+pub const VERSION: i32 = 2;
 
 /// Key of the advisory lock migrations run under ("redline" in ASCII, as a number).
 pub const MIGRATION_LOCK: i64 = 0x0072_6564_6c69_6e65;
 
-/// Key of the advisory lock a relay holds while it serves a database: until relays
-/// share the feed, one database has one relay ("relay" in ASCII).
-pub const SERVING_LOCK: i64 = 0x0072_656c_6179;
+/// The channel on which a flush that appended announces the feed's new head.
+pub const FEED_CHANNEL: &str = "redline_feed";
 
 /// Migration `n` (1-based) brings the schema from version `n - 1` to `n`.
 pub const MIGRATIONS: &[&str] = &[
@@ -71,5 +70,18 @@ pub const MIGRATIONS: &[&str] = &[
         key bytea PRIMARY KEY,
         item bytea NOT NULL
     );
+    "#,
+    // 2: several relays over one database. Each document knows its last commit (the
+    // optimistic check of a relay that appends) and what its snapshot covers (a
+    // compaction never drops another relay's newer chunks, nor replaces a newer
+    // snapshot).
+    r#"
+    ALTER TABLE redline_docs ADD COLUMN last_seq bigint NOT NULL DEFAULT 0;
+    ALTER TABLE redline_docs ADD COLUMN snapshot_seq bigint NOT NULL DEFAULT 0;
+    UPDATE redline_docs d SET last_seq = COALESCE(
+        (SELECT max(f.seq) FROM redline_feed f WHERE f.doc = d.doc), 0);
+    UPDATE redline_docs d SET snapshot_seq = COALESCE(
+        (SELECT min(c.seq) - 1 FROM redline_chunks c WHERE c.doc = d.doc), d.last_seq)
+        WHERE d.snapshot IS NOT NULL;
     "#,
 ];
