@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -49,6 +50,8 @@ pub(crate) struct Inner {
     /// The newest protocol version to say hello with: the build's, or the oldest it
     /// speaks once a relay from before version negotiation refused it.
     pub(crate) speak: std::sync::atomic::AtomicU16,
+    /// Which of the deployment's relays ([`Client::relays`]) answered last.
+    relay_index: std::sync::atomic::AtomicUsize,
 }
 
 /// Where a document change came from.
@@ -138,6 +141,7 @@ impl Client {
                 progress: tokio::sync::watch::channel(Default::default()).0,
                 conditions: Mutex::new(Default::default()),
                 speak,
+                relay_index: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }
@@ -385,7 +389,6 @@ impl Client {
 
     /// Bytes sent and received by this client so far, on all streams.
     pub fn traffic(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering;
         (
             self.inner.traffic.bytes_sent.load(Ordering::Relaxed),
             self.inner.traffic.bytes_received.load(Ordering::Relaxed),
@@ -523,13 +526,55 @@ impl Client {
         })
     }
 
+    /// Every relay of the deployment: the configured one, then the others.
+    fn relays(&self) -> Result<Vec<crate::RelayEndpoint>, Error> {
+        let first = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
+        let mut all = vec![first];
+        all.extend(self.inner.config.other_relays.iter().cloned());
+        Ok(all)
+    }
+
+    /// The relay this client syncs with now (the one that answered last).
+    pub fn current_relay(&self) -> Result<crate::RelayEndpoint, Error> {
+        let relays = self.relays()?;
+        let i = self.inner.relay_index.load(Ordering::Relaxed) % relays.len();
+        Ok(relays[i].clone())
+    }
+
+    /// One session with `relay` (a sync, or a live session with `hooks`).
+    async fn session_with(
+        &self,
+        relay: &crate::RelayEndpoint,
+        hooks: Option<crate::sync::LiveHooks>,
+    ) -> Result<SyncReport, Error> {
+        let endpoint = self.endpoint(relay).await?;
+        self.session(&endpoint, relay, hooks).await
+    }
+
     /// Syncs with the relay once: pushes what the relay lacks, fetches what changed in the
     /// subscription, stores it all. Local writes may go on meanwhile. Cancel-safe: what
-    /// was acknowledged or applied before a cancellation is kept.
+    /// was acknowledged or applied before a cancellation is kept. If the relay cannot be
+    /// reached and the deployment has others ([`ClientConfig::other_relays`]), they are
+    /// tried in turn; the one that answers is used first from then on.
     pub async fn sync(&self) -> Result<SyncReport, Error> {
-        let relay = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
-        let endpoint = self.endpoint(&relay).await?;
-        self.session(&endpoint, &relay, None).await
+        let relays = self.relays()?;
+        let start = self.inner.relay_index.load(Ordering::Relaxed) % relays.len();
+        let mut failed = None;
+        for k in (0..relays.len()).map(|i| (start + i) % relays.len()) {
+            match self.session_with(&relays[k], None).await {
+                Err(e) if fails_over(&e) && relays.len() > 1 => {
+                    tracing::info!(relay = %relays[k].addr, "relay unreachable, trying the next: {e}");
+                    failed = Some(e);
+                }
+                result => {
+                    if result.is_ok() {
+                        self.inner.relay_index.store(k, Ordering::Relaxed);
+                    }
+                    return result;
+                }
+            }
+        }
+        Err(failed.unwrap_or(Error::NoRelay))
     }
 
     /// Syncs for at most `budget` (iOS BGTaskScheduler, Android WorkManager): the most
@@ -678,12 +723,14 @@ impl Client {
     /// pushed as they happen and others' changes arrive as the relay commits them.
     /// Network failures are retried with backoff (1 s doubling to 30 s).
     pub fn go_live(&self) -> Result<LiveSync, Error> {
-        let relay = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
+        let relays = self.relays()?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let (report_tx, reports) = tokio::sync::mpsc::unbounded_channel();
         let client = self.clone();
         let task = tokio::spawn(async move {
             let mut backoff = std::time::Duration::from_secs(1);
+            // Failures in a row: the other relays are tried at once, then backoff.
+            let mut failures = 0usize;
             loop {
                 if *stopped.borrow() {
                     return;
@@ -692,11 +739,16 @@ impl Client {
                     stop: stopped.clone(),
                     first_flight: report_tx.clone(),
                 };
-                let result = match client.endpoint(&relay).await {
-                    Ok(endpoint) => client.session(&endpoint, &relay, Some(hooks)).await,
-                    Err(e) => Err(e),
-                };
+                let k = client.inner.relay_index.load(Ordering::Relaxed) % relays.len();
+                let result = client.session_with(&relays[k], Some(hooks)).await;
                 let failed = result.is_err();
+                let moves = matches!(&result, Err(e) if fails_over(e)) && relays.len() > 1;
+                if moves {
+                    client
+                        .inner
+                        .relay_index
+                        .store((k + 1) % relays.len(), Ordering::Relaxed);
+                }
                 // Without valid credentials retrying cannot help: report and stop.
                 let hopeless =
                     matches!(&result, Err(Error::Refused { code, .. }) if code.is_credential());
@@ -709,14 +761,16 @@ impl Client {
                 if *stopped.borrow() {
                     return;
                 }
-                if failed {
+                failures = if failed { failures + 1 } else { 0 };
+                // The next relay at once, until each was tried since the last success.
+                if failed && !(moves && !failures.is_multiple_of(relays.len())) {
                     let mut s = stopped.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = s.changed() => return,
                     }
                     backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
-                } else {
+                } else if !failed {
                     backoff = std::time::Duration::from_secs(1);
                 }
             }
@@ -726,6 +780,16 @@ impl Client {
             task,
             reports,
         })
+    }
+}
+
+/// Whether `e` says the relay could not be reached or went away (another relay of the
+/// deployment may serve), rather than refused what was sent.
+fn fails_over(e: &Error) -> bool {
+    match e {
+        Error::Transport(_) => true,
+        Error::Refused { code, .. } => *code == redline_proto::ErrorCode::SHUTTING_DOWN,
+        _ => false,
     }
 }
 

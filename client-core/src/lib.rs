@@ -199,6 +199,10 @@ pub struct ClientConfig {
     pub org: Option<OrgId>,
     /// The relay to sync with.
     pub relay: Option<RelayEndpoint>,
+    /// Further relays of the same deployment (one database, one certificate or CA),
+    /// tried in order when the current one cannot be reached. A cursor is valid on
+    /// every relay of a deployment, so moving costs nothing but the changes in flight.
+    pub other_relays: Vec<RelayEndpoint>,
     /// Teams whose recent ledger days this device receives.
     pub teams: Vec<TeamId>,
     /// Zones whose households books this device receives.
@@ -228,6 +232,7 @@ impl ClientConfig {
             member,
             org: None,
             relay: None,
+            other_relays: Vec::new(),
             teams: Vec::new(),
             zones: Vec::new(),
             keep_days: 7,
@@ -261,6 +266,13 @@ impl ClientConfig {
     /// Sets the relay.
     pub fn with_relay(mut self, relay: RelayEndpoint) -> Self {
         self.relay = Some(relay);
+        self
+    }
+
+    /// Sets the further relays of the deployment, tried in order when the current one
+    /// cannot be reached.
+    pub fn with_other_relays(mut self, relays: Vec<RelayEndpoint>) -> Self {
+        self.other_relays = relays;
         self
     }
 

@@ -51,6 +51,9 @@ pub use redline_proto::wire::INLINE_MAX;
 pub const PIECE: usize = 64 * 1024;
 /// Upload bytes sent but not yet acknowledged as durable by the relay, at most.
 pub const WINDOW: u64 = 128 * 1024;
+/// How long a handshake may take before a device with other relays of the deployment
+/// turns to the next one.
+pub const FAILOVER_WAIT: Duration = Duration::from_secs(5);
 /// Connections one sync tries when the relay leaves the hello unanswered.
 pub const HELLO_ATTEMPTS: u32 = 3;
 
@@ -499,7 +502,21 @@ impl Client {
         let max_frame = self.inner.config.max_frame;
         let totals = self.inner.traffic.clone();
         let traffic = Arc::new(Traffic::default());
-        let conn = transport::connect(endpoint, relay).await?;
+        // With other relays to turn to, a relay that does not complete the handshake
+        // in [`FAILOVER_WAIT`] is given up (a dead one would take the idle timeout).
+        let conn = if self.inner.config.other_relays.is_empty() {
+            transport::connect(endpoint, relay).await?
+        } else {
+            tokio::time::timeout(FAILOVER_WAIT, transport::connect(endpoint, relay))
+                .await
+                .map_err(|_| {
+                    Error::Transport(format!(
+                        "the relay at {} did not answer in {} s",
+                        relay.addr,
+                        FAILOVER_WAIT.as_secs()
+                    ))
+                })??
+        };
         debug!(
             conn = conn.stable_id(),
             local = ?endpoint.local_addr().ok(),

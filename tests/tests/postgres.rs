@@ -510,3 +510,148 @@ fn one_actor_claimed_through_two_relays_binds_once() {
         );
     }
 }
+
+/// A phone of team-1 whose first relay is `first` and which fails over to `others`.
+fn failover_phone(
+    dir: &std::path::Path,
+    member: &str,
+    key_dir: &std::path::Path,
+    first: &redline_tests::faults::RelayProcess,
+    others: &[&redline_tests::faults::RelayProcess],
+) -> anyhow::Result<redline_client::Client> {
+    let endpoint = |r: &redline_tests::faults::RelayProcess| {
+        redline_client::RelayEndpoint::new(r.addr, r.fingerprint.clone())
+    };
+    let token = redline_tests::token_for(
+        key_dir,
+        dir,
+        member,
+        redline_proto::token::Role::Volunteer,
+        &["team-1"],
+        &[],
+    )?;
+    let config = redline_client::ClientConfig::new(redline_proto::MemberId::new(member)?)
+        .with_relay(endpoint(first))
+        .with_other_relays(others.iter().map(|r| endpoint(r)).collect())
+        .with_token(token)
+        .with_teams(vec![TeamId::new("team-1")?])
+        .with_keep_days(36_500);
+    Ok(redline_client::Client::open(dir, config)?)
+}
+
+/// Three relay processes on one database; relay 2 is killed (SIGKILL) while its phones
+/// write and sync: they finish on relay 1 or 3, and nothing they were told is stored
+/// is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phones_of_a_killed_relay_finish_on_the_others_and_lose_nothing() -> anyhow::Result<()> {
+    let Some(pg) = TestPostgres::start_or_skip("phones_of_a_killed_relay_finish_on_the_others")
+    else {
+        return Ok(());
+    };
+    use redline_tests::faults::RelayProcess;
+    let url = pg.fresh_database()?;
+    let dirs = [
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    ];
+    let any = "127.0.0.1:0".parse()?;
+    let r1 = RelayProcess::start_on_postgres(dirs[0].path(), any, &url)?;
+    // The token key, then the same certificate and key for relays 2 and 3.
+    redline_tests::token_for(
+        dirs[0].path(),
+        dirs[0].path(),
+        "nobody",
+        redline_proto::token::Role::Volunteer,
+        &[],
+        &[],
+    )?;
+    for d in &dirs[1..] {
+        redline_tests::copy_dir(dirs[0].path(), d.path())?;
+    }
+    let mut r2 = RelayProcess::start_on_postgres(dirs[1].path(), any, &url)?;
+    let r3 = RelayProcess::start_on_postgres(dirs[2].path(), any, &url)?;
+    let key = dirs[0].path();
+    let phone_dirs: Vec<tempfile::TempDir> = (0..6)
+        .map(|_| tempfile::tempdir())
+        .collect::<Result<_, _>>()?;
+    let mut phones = Vec::new();
+    for (i, d) in phone_dirs.iter().enumerate() {
+        let p = match i % 3 {
+            0 => failover_phone(d.path(), &format!("m{i}"), key, &r1, &[&r3, &r2])?,
+            1 => failover_phone(d.path(), &format!("m{i}"), key, &r2, &[&r1, &r3])?,
+            _ => failover_phone(d.path(), &format!("m{i}"), key, &r3, &[&r1, &r2])?,
+        };
+        phones.push(p);
+    }
+    let (t, day) = (TeamId::new("team-1")?, Day::new("2026-11-30")?);
+    let id = DocId::ledger(&t, &day);
+    let writes = 30u32;
+    // Every phone writes and syncs; a sync that fails is retried on the next write. Each
+    // phone counts what the relays acknowledged (its own writes up to its last sync).
+    let run = |p: redline_client::Client| {
+        let (t, day) = (t.clone(), day.clone());
+        async move {
+            let mut acked = 0u32;
+            for w in 1..=writes {
+                p.add_to_tally(&t, &day, "doses", 1)?;
+                if p.sync().await.is_ok() {
+                    acked = w;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            anyhow::Ok((p, acked))
+        }
+    };
+    let mut storm = tokio::task::JoinSet::new();
+    for p in phones {
+        storm.spawn(run(p));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    r2.kill();
+    let mut phones = Vec::new();
+    let mut acked_total = 0;
+    while let Some(done) = storm.join_next().await {
+        let (p, acked) = done??;
+        acked_total += acked;
+        phones.push(p);
+    }
+    // Everyone finishes (on relay 1 or 3) and converges.
+    for _ in 0..2 {
+        for p in &phones {
+            p.sync().await?;
+        }
+    }
+    let heads = phones[0].heads(&id)?;
+    for p in &phones {
+        assert_eq!(p.heads(&id)?, heads, "phones differ after the failover");
+        assert_ne!(
+            p.current_relay()?.addr,
+            r2.addr,
+            "a phone still points at the dead relay"
+        );
+        assert_eq!(
+            p.ledger(&t, &day)?.expect("ledger").tallies.get("doses"),
+            Some(&(6 * writes as i64))
+        );
+    }
+    // A phone that never wrote reads everything from relay 3.
+    let reader_dir = tempfile::tempdir()?;
+    let reader = failover_phone(reader_dir.path(), "reader", key, &r3, &[])?;
+    reader.sync().await?;
+    let total = reader.ledger(&t, &day)?.expect("ledger").tallies["doses"];
+    assert!(
+        total >= acked_total as i64,
+        "acknowledged {acked_total}, stored {total}"
+    );
+    assert_eq!(total, 6 * writes as i64);
+    let db = url.rsplit('/').next().expect("database name");
+    let (count, max) = (
+        pg.psql(db, "SELECT count(*) FROM redline_feed")?,
+        pg.psql(db, "SELECT max(seq) FROM redline_feed")?,
+    );
+    assert_eq!(count, max, "the feed has no gap");
+    drop(r1);
+    drop(r3);
+    Ok(())
+}
