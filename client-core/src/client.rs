@@ -763,7 +763,8 @@ impl Client {
                 }
                 failures = if failed { failures + 1 } else { 0 };
                 // The next relay at once, until each was tried since the last success.
-                if failed && !(moves && !failures.is_multiple_of(relays.len())) {
+                let try_next_now = moves && !failures.is_multiple_of(relays.len());
+                if failed && !try_next_now {
                     let mut s = stopped.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
