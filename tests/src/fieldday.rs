@@ -53,6 +53,9 @@ pub struct FieldDayConfig {
     pub work_dir: PathBuf,
     /// Store in PostgreSQL instead of sled.
     pub postgres: Option<PostgresTarget>,
+    /// Relays over the one database (more than one needs `postgres`); device `k` uses
+    /// relay `k mod relays` first and fails over to the others.
+    pub relays: usize,
 }
 
 /// A PostgreSQL database for the relay of a benchmark.
@@ -121,6 +124,8 @@ pub struct FieldDayResult {
     pub local_write_p99_us: f64,
     /// `sled` or `postgres`.
     pub storage: String,
+    /// Relays sharing the storage (relay CPU is their sum, peak RSS the largest).
+    pub relays: u64,
     /// CPU of the database server in the storm (PostgreSQL on this machine; 0 for
     /// sled, whose time is the relay's own).
     pub database_cpu_s: f64,
@@ -265,16 +270,63 @@ fn today() -> anyhow::Result<Day> {
     )?)
 }
 
+/// The relays of a run: one, or several over one PostgreSQL database (sharing the
+/// first one's certificate and token key).
+struct Relays(Vec<RelayChild>);
+
+impl Relays {
+    async fn start(cfg: &FieldDayConfig, relay_dir: &Path) -> anyhow::Result<Self> {
+        let url = cfg.postgres.as_ref().map(|p| p.url.as_str());
+        if cfg.relays > 1 && url.is_none() {
+            bail!("several relays need PostgreSQL (--storage postgres)");
+        }
+        let mut all = vec![RelayChild::start(&cfg.relay_exe, relay_dir, url).await?];
+        if cfg.relays > 1 {
+            // The token key exists once a token was issued; then every relay gets it.
+            crate::token_for(relay_dir, relay_dir, "key", Role::Volunteer, &[], &[])?;
+            for i in 1..cfg.relays {
+                let dir = cfg.work_dir.join(format!("relay-{i}"));
+                crate::copy_dir(relay_dir, &dir)?;
+                all.push(RelayChild::start(&cfg.relay_exe, &dir, url).await?);
+            }
+        }
+        Ok(Self(all))
+    }
+
+    /// Where device `k` goes first, then the others in turn.
+    fn for_device(&self, k: usize) -> (RelayEndpoint, Vec<RelayEndpoint>) {
+        let n = self.0.len();
+        let at = |i: usize| {
+            let r = &self.0[i % n];
+            RelayEndpoint::new(r.addr, r.fingerprint.clone())
+        };
+        (at(k), (1..n).map(|i| at(k + i)).collect())
+    }
+
+    fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        self.0.iter().map(RelayChild::cpu_seconds).sum()
+    }
+
+    fn peak_rss_bytes(&self) -> anyhow::Result<u64> {
+        let mut peak = 0;
+        for r in &self.0 {
+            peak = peak.max(r.peak_rss_bytes()?);
+        }
+        Ok(peak)
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        for r in self.0 {
+            r.stop().await?;
+        }
+        Ok(())
+    }
+}
+
 /// Runs a field day; `progress` gets a line per phase.
 pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Result<FieldDayResult> {
     let relay_dir = cfg.work_dir.join("relay");
-    let relay = RelayChild::start(
-        &cfg.relay_exe,
-        &relay_dir,
-        cfg.postgres.as_ref().map(|p| p.url.as_str()),
-    )
-    .await?;
-    let endpoint = RelayEndpoint::new(relay.addr, relay.fingerprint.clone());
+    let relay = Relays::start(cfg, &relay_dir).await?;
     let day = today()?;
     let teams: Vec<TeamId> = (0..cfg.teams)
         .map(|t| TeamId::new(format!("team-{t}")))
@@ -309,8 +361,10 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
                 &[team.as_str()],
                 &zone_refs,
             )?;
+            let (first, others) = relay.for_device(devices.len());
             let config = ClientConfig::new(MemberId::new(member)?)
-                .with_relay(endpoint.clone())
+                .with_relay(first)
+                .with_other_relays(others)
                 .with_token(token)
                 .with_teams(vec![team.clone()])
                 .with_zones(zones_of(t));
@@ -546,6 +600,7 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
             "sled"
         }
         .into(),
+        relays: relay.0.len() as u64,
         database_cpu_s,
         relay_cpu_per_change_us: per(relay_cpu_s, changes),
         device_cpu_s,
@@ -583,8 +638,10 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
 
     // ----- verification against the relay's copies ----------------------------------
     let auditor_dir = cfg.work_dir.join("auditor");
+    let (first, others) = relay.for_device(0);
     let auditor_config = ClientConfig::new(MemberId::new("auditor")?)
-        .with_relay(endpoint.clone())
+        .with_relay(first)
+        .with_other_relays(others)
         .with_token(crate::token_for(
             &relay_dir,
             &auditor_dir,
@@ -661,8 +718,10 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
 
     // ----- no-op reconnect -----------------------------------------------------------
     let noop_dir = cfg.work_dir.join("noop");
+    let (first, others) = relay.for_device(0);
     let noop_config = ClientConfig::new(MemberId::new("noop")?)
-        .with_relay(endpoint.clone())
+        .with_relay(first)
+        .with_other_relays(others)
         .with_token(crate::token_for(
             &relay_dir,
             &noop_dir,
@@ -843,7 +902,16 @@ pub fn table(r: &FieldDayResult) -> String {
             format!("{:.2} s", r.relay_cpu_s),
             String::new(),
         ),
-        ("storage", r.storage.clone(), String::new()),
+        (
+            "storage",
+            format!(
+                "{} ({} relay{})",
+                r.storage,
+                r.relays,
+                if r.relays == 1 { "" } else { "s" }
+            ),
+            "relay CPU: all relays".into(),
+        ),
         (
             "database CPU",
             format!("{:.2} s", r.database_cpu_s),
@@ -1046,6 +1114,7 @@ mod tests {
             local_write_p50_us: 400.0,
             local_write_p99_us: 4_000.0,
             storage: "sled".into(),
+            relays: 1,
             database_cpu_s: 0.0,
         };
         let w = super::worst(&[run(1, 8.0, true, 9.0), run(2, 12.0, false, 7.0)]).unwrap();

@@ -67,6 +67,10 @@ struct Args {
     /// reported as database time).
     #[arg(long, env = "REDLINE_POSTGRES_URL")]
     postgres_url: Option<String>,
+    /// Relays over one database (needs --storage postgres): device k uses relay k mod N
+    /// first and fails over to the others.
+    #[arg(long, default_value_t = 1)]
+    relays: usize,
     /// Internal: serve a relay on this data dir (the benchmark's child process).
     #[arg(long, hide = true)]
     serve_relay: Option<PathBuf>,
@@ -146,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
             noop_docs: 500,
             relay_exe: std::env::current_exe()?,
             work_dir,
+            relays: args.relays.max(1),
             postgres: match (&server, &args.postgres_url) {
                 (Some(pg), _) => Some(fieldday::PostgresTarget {
                     url: pg.fresh_database()?,
@@ -167,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.live_samples = 50;
         }
         println!(
-            "field day: {} teams x {} devices, {} zones x {} households, {} ops per device (seed {}, {})",
+            "field day: {} teams x {} devices, {} zones x {} households, {} ops per device (seed {}, {}, {} relay(s))",
             cfg.teams,
             cfg.devices_per_team,
             cfg.zones,
@@ -178,7 +183,8 @@ async fn main() -> anyhow::Result<()> {
                 "PostgreSQL"
             } else {
                 "sled"
-            }
+            },
+            cfg.relays
         );
         let result = fieldday::run(&cfg, |line| println!("  {line}")).await?;
         println!();
