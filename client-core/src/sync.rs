@@ -53,7 +53,9 @@ pub const PIECE: usize = 64 * 1024;
 pub const WINDOW: u64 = 128 * 1024;
 /// How long a handshake may take before a device with other relays of the deployment
 /// turns to the next one.
-pub const FAILOVER_WAIT: Duration = Duration::from_secs(5);
+/// Generous: under a reconnect storm on a busy relay a handshake can take seconds, and
+/// moving every waiting phone elsewhere only spreads the storm.
+pub const FAILOVER_WAIT: Duration = Duration::from_secs(10);
 /// Connections one sync tries when the relay leaves the hello unanswered.
 pub const HELLO_ATTEMPTS: u32 = 3;
 

@@ -355,6 +355,17 @@ impl<S: RelayStorage> Documents for FaultyStorage<S> {
     fn feed_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.inner.feed_signal()
     }
+    fn committed_feed(&self, after: u64) -> Result<(u64, Vec<(u64, DocId)>), Error> {
+        self.inner.committed_feed(after)
+    }
+    fn chunks_after(
+        &self,
+        doc: &DocId,
+        after: u64,
+    ) -> Result<Option<Vec<redline_server::storage::SeqChunk>>, Error> {
+        self.check()?;
+        self.inner.chunks_after(doc, after)
+    }
     fn flush(&self) -> Result<(), Error> {
         self.check()?;
         if self.lying_flush.load(Ordering::SeqCst) {

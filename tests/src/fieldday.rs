@@ -16,7 +16,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use automerge::{Automerge, ChangeHash};
+use automerge::{Automerge, ChangeHash, ReadDoc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redline_client::{
@@ -232,6 +232,13 @@ impl RelayChild {
 /// The relay child's main: serve `dir` on 127.0.0.1, print `LISTEN addr fingerprint`, and
 /// shut down cleanly when stdin closes.
 pub async fn serve_relay_child(dir: &Path) -> anyhow::Result<()> {
+    // Logs on stderr when asked for (the benchmark's own output stays clean).
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     // The no-op reconnect holds hundreds of ledger days on one phone.
     let mut config =
         crate::test_config(dir).with_listen(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -532,6 +539,7 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
         lives.push(d.client.go_live()?);
     }
     let deadline = Instant::now() + Duration::from_secs(600);
+    let mut next_report = Duration::from_secs(60);
     let all_converged = loop {
         let check = cpu_time::ThreadTime::now();
         let done = converged(&devices, cfg.teams)?;
@@ -542,6 +550,14 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
         if Instant::now() > deadline {
             progress("the devices did not converge within 600 s");
             break false;
+        }
+        if started.elapsed() > next_report {
+            next_report += Duration::from_secs(60);
+            progress(&format!(
+                "not converged after {:.0?}: {}",
+                started.elapsed(),
+                divergence(&devices, cfg.teams)?
+            ));
         }
         // A live session reconnects by itself after a failed connection (as a phone
         // does): failures are counted, and only a storm that never converges fails.
@@ -768,6 +784,60 @@ async fn sync_all(devices: &[Device]) -> anyhow::Result<()> {
 }
 
 /// Whether every team's devices hold identical heads for every document they share.
+/// Which documents of which teams still differ between phones, and where the phones
+/// that differ sync (for a storm that does not converge).
+fn divergence(devices: &[Device], teams: usize) -> anyhow::Result<String> {
+    let mut out = Vec::new();
+    for t in 0..teams {
+        let members: Vec<&Device> = devices.iter().filter(|d| d.team == t).collect();
+        for id in &members[0].docs {
+            let mut groups: Vec<(Vec<automerge::ChangeHash>, Vec<String>)> = Vec::new();
+            for m in &members {
+                let heads = m.client.heads(id)?;
+                let relay = m
+                    .client
+                    .current_relay()
+                    .map(|r| r.addr.port().to_string())
+                    .unwrap_or_default();
+                let who = format!("{}@{relay}", m.client.member());
+                match groups.iter_mut().find(|(h, _)| *h == heads) {
+                    Some((_, names)) => names.push(who),
+                    None => groups.push((heads, vec![who])),
+                }
+            }
+            if groups.len() > 1 {
+                let parts: Vec<String> = groups
+                    .iter()
+                    .map(|(h, names)| format!("{} heads: {}", h.len(), names.join(" ")))
+                    .collect();
+                out.push(format!("{id}: {}", parts.join(" | ")));
+                // What the phones outside the largest group lack or hold extra.
+                let (biggest, _) = groups.iter().max_by_key(|(_, n)| n.len()).expect("groups");
+                let holder = members
+                    .iter()
+                    .find(|m| m.client.heads(id).ok().as_ref() == Some(biggest))
+                    .expect("a member holds them");
+                let full = holder.client.document(id)?.context("held")?;
+                for m in &members {
+                    let heads = m.client.heads(id)?;
+                    if &heads == biggest {
+                        continue;
+                    }
+                    let mine = m.client.document(id)?.context("held")?;
+                    let lacks = full.get_changes(&heads).len();
+                    let extra = mine.get_changes(biggest).len();
+                    let queued = mine.get_missing_deps(&[]).len();
+                    out.push(format!(
+                        "  {} lacks {lacks}, holds {extra} more, {queued} missing deps",
+                        m.client.member()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(out.join("; "))
+}
+
 fn converged(devices: &[Device], teams: usize) -> anyhow::Result<bool> {
     for t in 0..teams {
         let members: Vec<&Device> = devices.iter().filter(|d| d.team == t).collect();

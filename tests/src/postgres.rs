@@ -21,6 +21,8 @@ pub struct TestPostgres {
     /// Run server commands as this user (`None`: as ourselves).
     run_as: Option<String>,
     next_db: AtomicU32,
+    /// Further `-c name=value` settings of the server.
+    settings: Vec<String>,
 }
 
 /// The directory holding `initdb` and `pg_ctl`: `REDLINE_PG_BIN`, else the newest
@@ -80,6 +82,52 @@ impl TestPostgres {
     /// Creates a cluster in a temporary directory and starts it on a free loopback
     /// port.
     pub fn start() -> anyhow::Result<Self> {
+        let pg = Self::init()?;
+        pg.start_server()?;
+        Ok(pg)
+    }
+
+    /// A server that accepts TLS connections only, with the certificate and key given
+    /// (PEM); returns it and the path of `ca_pem` written beside it, for clients.
+    pub fn start_tls(
+        cert_pem: &str,
+        key_pem: &str,
+        ca_pem: &str,
+    ) -> anyhow::Result<(Self, PathBuf)> {
+        let mut pg = Self::init()?;
+        let data = pg.data_dir();
+        std::fs::write(data.join("server.crt"), cert_pem)?;
+        std::fs::write(data.join("server.key"), key_pem)?;
+        // Loopback only, and only over TLS: a plain connection is refused.
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostnossl all all 0.0.0.0/0 reject\n",
+        )?;
+        let ca = pg.dir.path().join("ca.pem");
+        std::fs::write(&ca, ca_pem)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )?;
+        if pg.run_as.is_some() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(pg.dir.path())
+                .status()?;
+            if !status.success() {
+                bail!("cannot give the certificate to the postgres user");
+            }
+        }
+        pg.settings.push("ssl=on".into());
+        pg.start_server()?;
+        Ok((pg, ca))
+    }
+
+    /// A new cluster, not started.
+    fn init() -> anyhow::Result<Self> {
         let bin = find_bin().context("no PostgreSQL server binaries (initdb) found")?;
         let dir = tempfile::Builder::new().prefix("redline-pg").tempdir()?;
         let run_as = is_root().then(|| "postgres".to_string());
@@ -98,6 +146,7 @@ impl TestPostgres {
             port: free_port()?,
             run_as,
             next_db: AtomicU32::new(0),
+            settings: Vec::new(),
         };
         let data = pg.data_dir();
         pg.run(
@@ -114,7 +163,6 @@ impl TestPostgres {
                 "--no-sync",
             ],
         )?;
-        pg.start_server()?;
         Ok(pg)
     }
 
@@ -151,11 +199,15 @@ impl TestPostgres {
     pub fn start_server(&self) -> anyhow::Result<()> {
         let data = self.data_dir();
         let log = self.dir.path().join("server.log");
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
             self.port,
             path_str(self.dir.path())?
         );
+        for s in &self.settings {
+            options.push_str(" -c ");
+            options.push_str(s);
+        }
         self.run(
             "pg_ctl",
             &[
@@ -201,6 +253,11 @@ impl TestPostgres {
             .trim()
             .parse()
             .ok()
+    }
+
+    /// The server's temporary directory.
+    pub fn dir_path(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The server's port on 127.0.0.1.

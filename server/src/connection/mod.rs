@@ -1011,10 +1011,17 @@ async fn new_actor_on_existing(
         .collect();
     actors.dedup();
     let storage = relay.hub.storage();
+    // Bindings are only ever added: ask whether the device has any before asking about
+    // the actors. The other order races with the device's own first push (in the same
+    // flight, another document): its actor unbound at the first question, bound by
+    // that push's commit at the second, and an honest phone held for review.
+    if !matches!(storage.actors_of(device), Ok(n) if n > 0) {
+        return false;
+    }
     let unknown = actors
         .iter()
         .any(|a| matches!(storage.actor_owner(a.to_bytes()), Ok(None)));
-    if !unknown || !matches!(storage.actors_of(device), Ok(n) if n > 0) {
+    if !unknown {
         return false;
     }
     match relay.hub.slot(doc).await {

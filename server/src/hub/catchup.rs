@@ -112,6 +112,19 @@ impl Hub {
         if let Some(w) = window
             && w.after.saturating_add(1) >= state.log_floor
         {
+            // What the device holds once it has the window: the heads after its last
+            // commit, not the document's now (it may hold commits past the window that
+            // the device is not sent yet; claiming them would hide them from a later
+            // catch-up that works from what the device holds).
+            let Some(heads) = state
+                .log
+                .iter()
+                .rev()
+                .find(|e| e.seq > w.after && e.seq <= w.upto)
+                .map(|e| e.heads.clone())
+            else {
+                return Ok(None);
+            };
             let entries = || {
                 state
                     .log
@@ -248,5 +261,61 @@ impl Hub {
         let key = doc.clone();
         let h = self.blocking(move |s| s.heads_at(&key, seq)).await?;
         Ok(h.unwrap_or_default().into_iter().map(ChangeHash).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authorship::Author;
+    use crate::storage::MemoryStorage;
+    use automerge::transaction::Transactable;
+    use automerge::{ActorId, Automerge, ROOT};
+
+    fn author() -> Author {
+        Author {
+            device: redline_proto::DeviceId::new("phone-0").unwrap(),
+            member: redline_proto::MemberId::new("m0").unwrap(),
+            role: redline_proto::token::Role::Volunteer,
+        }
+    }
+
+    /// A catch-up over a window of the commit log tells the heads the device holds once
+    /// it has the window, not the document's newest: a commit past the window must not
+    /// be counted as held (a later catch-up from those heads would never send it).
+    #[tokio::test]
+    async fn a_window_answers_the_heads_at_its_end() {
+        let hub = Hub::new(Arc::new(MemoryStorage::new(7)), 1 << 20).unwrap();
+        let id = DocId::parse("households/zone-1").unwrap();
+        let mut doc = Automerge::new().with_actor(ActorId::from([1u8; 16]));
+        let mut after_each = Vec::new();
+        for i in 0..3i64 {
+            let before = doc.get_heads();
+            let mut tx = doc.transaction();
+            tx.put(ROOT, format!("k{i}"), i).unwrap();
+            tx.commit();
+            let c = hub
+                .push(&id, &author(), doc.get_changes(&before))
+                .await
+                .unwrap();
+            after_each.push((c.seq, doc.get_heads()));
+        }
+        let none = HashSet::new();
+        let (first, second, third) = (&after_each[0], &after_each[1], &after_each[2]);
+        for chunks in [false, true] {
+            let w = Window {
+                after: first.0,
+                upto: second.0,
+                own: &none,
+                chunks,
+            };
+            let (_, heads) = hub
+                .missing(&id, &first.1, Some(w))
+                .await
+                .unwrap()
+                .expect("the second commit is missing");
+            assert_eq!(heads, second.1, "the heads after the window's last commit");
+            assert_ne!(heads, third.1);
+        }
     }
 }

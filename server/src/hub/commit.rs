@@ -227,6 +227,9 @@ impl Hub {
             }
             result = self.apply_again(id, slot, state, &accepted).await;
         }
+        if let Err(e) = &result {
+            warn!(doc = %id, "a batch was not committed: {e}");
+        }
         let heads = state.doc.get_heads();
         self.stats.pushes.fetch_add(n_pushes, Ordering::Relaxed);
         self.stats.max_batch.fetch_max(n_pushes, Ordering::Relaxed);
@@ -330,7 +333,7 @@ impl Hub {
         match result {
             Ok(()) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
-                state.remember(seq, new_hashes, chunk);
+                state.remember(seq, new_hashes, chunk, state.doc.get_heads());
                 state.chunks += 1;
                 slot.stored_bytes.fetch_add(chunk_len, Ordering::Relaxed);
                 if state.chunks >= COMPACT_AFTER_CHUNKS {
@@ -376,7 +379,7 @@ impl Hub {
             Ok(seq) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 slot.stored_bytes.fetch_add(chunk.len(), Ordering::Relaxed);
-                state.remember(seq, new_hashes, chunk);
+                state.remember(seq, new_hashes, chunk, state.doc.get_heads());
                 state.chunks += 1;
                 self.kick.notify_one();
                 if state.chunks >= COMPACT_AFTER_CHUNKS {

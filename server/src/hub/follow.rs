@@ -56,11 +56,10 @@ impl Hub {
     /// documents other relays committed to as stale; then moves the stable sequence.
     async fn follow_feed(&self) -> Result<(), Error> {
         let known = self.followed.load(Ordering::Acquire);
-        let head = self.blocking(|s| s.last_seq()).await?;
+        let (head, entries) = self.blocking(move |s| s.committed_feed(known)).await?;
         if head <= known {
             return Ok(());
         }
-        let entries = self.blocking(move |s| s.feed(known, head)).await?;
         {
             let slots = self.slots.lock().expect("hub lock");
             for (seq, doc) in &entries {

@@ -55,6 +55,8 @@ pub struct HubStats {
     pub evictions: AtomicU64,
     /// Batches applied again because another relay committed to their document.
     pub conflicts: AtomicU64,
+    /// Other relays' commits applied to cached documents (instead of reloading them).
+    pub taken_in: AtomicU64,
 }
 
 /// Listens to the number of pushes of each commit.

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use automerge::{Automerge, ChangeHash};
+use automerge::{Automerge, ChangeHash, ReadDoc};
 use redline_proto::DocId;
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -71,6 +71,9 @@ pub(super) struct LogEntry {
     /// The chunk it stored (a bundle of those changes), while the log's byte budget
     /// allows.
     pub chunk: Option<Arc<Vec<u8>>>,
+    /// The document's heads right after it: what a device holds once it has every
+    /// commit up to this one.
+    pub heads: Vec<ChangeHash>,
 }
 
 impl SlotState {
@@ -91,12 +94,19 @@ impl SlotState {
     /// Logs a commit: its sequence, the changes it added and the chunk it stored. The
     /// log keeps [`LOG_LEN`] commits and [`LOG_CHUNK_BYTES`] of their chunks (the
     /// oldest chunks go first; their hashes stay).
-    pub(super) fn remember(&mut self, seq: u64, hashes: Vec<ChangeHash>, chunk: Arc<Vec<u8>>) {
+    pub(super) fn remember(
+        &mut self,
+        seq: u64,
+        hashes: Vec<ChangeHash>,
+        chunk: Arc<Vec<u8>>,
+        heads: Vec<ChangeHash>,
+    ) {
         self.log_chunk_bytes += chunk.len();
         self.log.push_back(LogEntry {
             seq,
             hashes,
             chunk: Some(chunk),
+            heads,
         });
         if self.log.len() > LOG_LEN
             && let Some(oldest) = self.log.pop_front()
@@ -230,10 +240,56 @@ impl Hub {
         state: &mut SlotState,
     ) -> Result<(), Error> {
         if slot.stale.swap(false, Ordering::AcqRel)
-            && let Err(e) = self.reload(id, slot, state).await
+            && let Err(e) = self.take_in_others(id, slot, state).await
         {
             slot.stale.store(true, Ordering::Release);
             return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Applies the chunks other relays committed to the document since the slot's last
+    /// one, and logs them as commits (so catch-ups can ship them as they are); reloads
+    /// the whole document when that cannot be done (another relay compacted past it,
+    /// or the chunks do not apply).
+    async fn take_in_others(
+        &self,
+        id: &DocId,
+        slot: &DocSlot,
+        state: &mut SlotState,
+    ) -> Result<(), Error> {
+        let after = slot.included.load(Ordering::Acquire);
+        let key = id.clone();
+        let Some(chunks) = self.blocking(move |s| s.chunks_after(&key, after)).await? else {
+            return self.reload(id, slot, state).await;
+        };
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let mut changes = Vec::new();
+        let mut entries = Vec::with_capacity(chunks.len());
+        for (seq, bytes, heads) in chunks {
+            let Ok(decoded) = bundle_changes(&bytes) else {
+                return self.reload(id, slot, state).await;
+            };
+            let hashes: Vec<ChangeHash> = decoded.iter().map(|c| c.hash()).collect();
+            let heads: Vec<ChangeHash> = heads.into_iter().map(ChangeHash).collect();
+            entries.push((seq, hashes, bytes, heads));
+            changes.extend(decoded);
+        }
+        if super::commit::guarded_apply(&mut state.doc, changes).is_err()
+            || !state.doc.get_missing_deps(&[]).is_empty()
+        {
+            return self.reload(id, slot, state).await;
+        }
+        self.stats
+            .taken_in
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        for (seq, hashes, bytes, heads) in entries {
+            slot.stored_bytes.fetch_add(bytes.len(), Ordering::Relaxed);
+            slot.included.store(seq, Ordering::Release);
+            state.chunks += 1;
+            state.remember(seq, hashes, Arc::new(bytes), heads);
         }
         Ok(())
     }

@@ -81,6 +81,10 @@ pub fn run<H: Harness>(h: &mut H) {
             "shared feed: compaction keeps what its snapshot does not cover",
             compaction_covers_up_to_its_sequence::<H>,
         ),
+        (
+            "shared feed: the committed feed leaves out the open transaction",
+            committed_feed_is_flushed_only::<H>,
+        ),
     ];
     let mut failed = Vec::new();
     for (name, check) in checks {
@@ -455,6 +459,30 @@ fn compaction_covers_up_to_its_sequence<H: Harness>(h: &mut H) {
     assert_eq!(stored.snapshot.as_deref(), Some(&b"snap-3"[..]));
     assert_eq!(stored.chunks, vec![b"c4".to_vec()]);
     assert_eq!(stored.last_seq, 4);
+}
+
+/// What relays are told comes from `committed_feed`: an append still in this relay's
+/// open transaction may roll back and its sequence go to another relay's commit, so it
+/// must not be counted before its flush.
+fn committed_feed_is_flushed_only<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    let a = doc("households/z1");
+    if !s.shared() {
+        s.commit(&a, 1, b"c1", &[[1; 32]]).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.committed_feed(0).unwrap(), (1, vec![(1, a.clone())]));
+        return;
+    }
+    assert_eq!(s.append(&a, 0, b"c1", &[[1; 32]]).unwrap(), 1);
+    s.flush().unwrap();
+    assert_eq!(s.append(&a, 1, b"c2", &[[2; 32]]).unwrap(), 2);
+    assert_eq!(
+        s.committed_feed(0).unwrap(),
+        (1, vec![(1, a.clone())]),
+        "sequence 2 is not flushed"
+    );
+    s.flush().unwrap();
+    assert_eq!(s.committed_feed(1).unwrap(), (2, vec![(2, a.clone())]));
 }
 
 fn torn_commits<H: Harness>(h: &mut H) {

@@ -56,6 +56,9 @@ pub struct StoredDoc {
 /// A stored key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
+/// A commit's chunk as stored: its sequence, its bytes and the document's heads after it.
+pub type SeqChunk = (u64, Vec<u8>, Vec<[u8; 32]>);
+
 /// Documents and the change feed.
 pub trait Documents {
     /// This database's epoch: random, fixed at creation. Device cursors carry it.
@@ -121,6 +124,21 @@ pub trait Documents {
     fn flush(&self) -> Result<(), Error>;
     /// Feed entries with `after < seq <= upto`, in order.
     fn feed(&self, after: u64, upto: u64) -> Result<Vec<(u64, DocId)>, Error>;
+    /// Shared backends: the chunks of `doc` committed after sequence `after`, in order,
+    /// with their sequences and the heads after each; `None` if a snapshot now covers
+    /// more than `after` (another relay compacted: load the whole document). Others:
+    /// `None`.
+    fn chunks_after(&self, doc: &DocId, after: u64) -> Result<Option<Vec<SeqChunk>>, Error> {
+        let _ = (doc, after);
+        Ok(None)
+    }
+    /// The feed's head and its entries after `after` as every relay sees them: only
+    /// what is flushed (a shared backend must not count this relay's open transaction,
+    /// which may still roll back and free its sequences for another relay).
+    fn committed_feed(&self, after: u64) -> Result<(u64, Vec<(u64, DocId)>), Error> {
+        let head = self.last_seq()?;
+        Ok((head, self.feed(after, head)?))
+    }
     /// The heads of `doc` after the last commit with sequence `<= seq` (`None`: the
     /// document did not exist yet).
     fn heads_at(&self, doc: &DocId, seq: u64) -> Result<Option<Vec<[u8; 32]>>, Error>;

@@ -32,7 +32,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use redline_proto::{DeviceId, DocId};
 
 use super::{
-    ActorBindings, DeviceRecords, Documents, KeyValue, QuarantineStore, StoredDoc, Uploads,
+    ActorBindings, DeviceRecords, Documents, KeyValue, QuarantineStore, SeqChunk, StoredDoc,
+    Uploads,
 };
 use crate::Error;
 
@@ -593,6 +594,22 @@ impl Inner {
         r
     }
 
+    /// Runs `op` on any pooled connection, outside the relay's open transaction: its
+    /// statements commit at once (writes that must not hold row locks for the length of
+    /// the relay's transaction, and reads of what is committed only).
+    fn apart<R, F, Fut>(&self, op: F) -> Result<R, Error>
+    where
+        R: Send + 'static,
+        F: FnOnce(Arc<Object>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<R, Error>> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let c = Arc::new(pool.get().await?);
+            op(c).await
+        })
+    }
+
     /// Runs a read: inside the open transaction if there is one (it sees the relay's
     /// unflushed writes), else on any connection.
     fn read<R, F, Fut>(&self, op: F) -> Result<R, Error>
@@ -789,6 +806,63 @@ impl Documents for PgStorage {
 
     fn feed_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.signal.clone())
+    }
+
+    fn chunks_after(&self, doc: &DocId, after: u64) -> Result<Option<Vec<SeqChunk>>, Error> {
+        let (doc, after) = (doc.as_str().to_string(), seq_bound(after));
+        self.read(move |c| async move {
+            // One statement: the snapshot's cover and the chunks after `after` agree.
+            let st = c
+                .prepare_cached(
+                    "SELECT d.snapshot_seq, c.seq, c.chunk, f.heads FROM redline_docs d \
+                     LEFT JOIN redline_chunks c ON c.doc = d.doc AND c.seq > $2 \
+                     LEFT JOIN redline_feed f ON f.seq = c.seq \
+                     WHERE d.doc = $1 ORDER BY c.seq",
+                )
+                .await?;
+            let rows = c.query(&st, &[&doc, &after]).await?;
+            let Some(first) = rows.first() else {
+                return Ok(None);
+            };
+            if first.get::<_, i64>(0) > after {
+                return Ok(None);
+            }
+            Ok(Some(
+                rows.iter()
+                    .filter_map(|r| {
+                        let seq: Option<i64> = r.get(1);
+                        let chunk: Option<Vec<u8>> = r.get(2);
+                        let heads: Option<&[u8]> = r.get(3);
+                        Some((seq? as u64, chunk?, unflat(heads?)))
+                    })
+                    .collect(),
+            ))
+        })
+    }
+
+    fn committed_feed(&self, after: u64) -> Result<(u64, Vec<(u64, DocId)>), Error> {
+        let after = seq_bound(after);
+        // One statement (one snapshot), apart from this relay's open transaction.
+        self.apart(move |c| async move {
+            let st = c
+                .prepare_cached(
+                    "SELECT h.seq, f.seq, f.doc FROM redline_feed_head h \
+                     LEFT JOIN redline_feed f ON f.seq > $1 AND f.seq <= h.seq \
+                     ORDER BY f.seq",
+                )
+                .await?;
+            let rows = c.query(&st, &[&after]).await?;
+            let head = rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64);
+            let mut entries = Vec::with_capacity(rows.len());
+            for r in &rows {
+                if let (Some(seq), Some(doc)) =
+                    (r.get::<_, Option<i64>>(1), r.get::<_, Option<&str>>(2))
+                {
+                    entries.push((seq as u64, DocId::parse(doc)?));
+                }
+            }
+            Ok((head, entries))
+        })
     }
 
     fn compact(&self, doc: &DocId, snapshot: &[u8], covers: u64) -> Result<(), Error> {
@@ -1043,7 +1117,10 @@ fn bound_device(stored: &str) -> Result<DeviceId, Error> {
 impl ActorBindings for PgStorage {
     fn bind_actor(&self, actor: &[u8], device: &DeviceId) -> Result<DeviceId, Error> {
         let (actor, device) = (actor.to_vec(), device.as_str().to_string());
-        let owner = self.write(move |c| async move {
+        // Committed at once, apart from the relay's transaction: a binding is right
+        // whether or not the commit that first used it lands, and a row lock held until
+        // the relay's flush would make other relays wait (or deadlock) on it.
+        let owner = self.apart(move |c| async move {
             // The primary key decides a race: whoever commits first owns the actor; a
             // concurrent insert waits for that commit, then finds the row.
             let bind = c
@@ -1086,7 +1163,9 @@ impl ActorBindings for PgStorage {
 impl DeviceRecords for PgStorage {
     fn save_device(&self, device: &DeviceId, record: &[u8]) -> Result<(), Error> {
         let (device, record) = (device.as_str().to_string(), record.to_vec());
-        self.write(move |c| async move {
+        // Apart from the relay's transaction: a phone that moves between relays has its
+        // record written by both, which must not wait on each other's flush.
+        self.apart(move |c| async move {
             let st = c
                 .prepare_cached(
                     "INSERT INTO redline_devices (device, record) VALUES ($1, $2) \
