@@ -45,6 +45,8 @@ pub struct Metrics {
     changes_applied: Counter,
     commits: Counter,
     flushes: Counter,
+    conflicts: Counter,
+    taken_in: Counter,
     udp_drops: Counter,
     udp_inode: std::sync::OnceLock<u64>,
     quota_refusals: Family<Vec<(String, String)>, Counter>,
@@ -118,6 +120,8 @@ impl Default for Metrics {
             changes_applied: Counter::default(),
             commits: Counter::default(),
             flushes: Counter::default(),
+            conflicts: Counter::default(),
+            taken_in: Counter::default(),
             udp_drops: Counter::default(),
             udp_inode: std::sync::OnceLock::new(),
             quota_refusals: Family::default(),
@@ -207,6 +211,16 @@ impl Default for Metrics {
         registry.register("commits", "Commits written", m.commits.clone());
         registry.register("flushes", "Storage flushes", m.flushes.clone());
         registry.register(
+            "commit_conflicts",
+            "Batches applied again because another relay committed to their document first",
+            m.conflicts.clone(),
+        );
+        registry.register(
+            "commits_taken_in",
+            "Other relays' commits applied to documents cached here",
+            m.taken_in.clone(),
+        );
+        registry.register(
             "udp_receive_drops",
             "Datagrams the kernel dropped before the relay read them (raise the UDP buffers)",
             m.udp_drops.clone(),
@@ -237,6 +251,8 @@ impl Metrics {
         mirror(&self.changes_applied, s.changes.load(Ordering::Relaxed));
         mirror(&self.commits, s.commits.load(Ordering::Relaxed));
         mirror(&self.flushes, s.flushes.load(Ordering::Relaxed));
+        mirror(&self.conflicts, s.conflicts.load(Ordering::Relaxed));
+        mirror(&self.taken_in, s.taken_in.load(Ordering::Relaxed));
         if let Some(dropped) = self.udp_inode.get().and_then(|i| crate::udp::drops(*i)) {
             mirror(&self.udp_drops, dropped);
         }

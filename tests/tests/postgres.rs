@@ -459,15 +459,18 @@ async fn three_relays_on_one_database_serve_one_team() -> anyhow::Result<()> {
     let max = pg.psql(db, "SELECT max(seq) FROM redline_feed")?;
     let head = pg.psql(db, "SELECT seq FROM redline_feed_head")?;
     assert_eq!((&count, &max), (&head, &head), "feed count, max and head");
-    let conflicts: u64 = relays
-        .iter()
-        .map(|r| {
-            r.stats()
-                .conflicts
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
-        .sum();
-    eprintln!("{count} commits, {conflicts} batches applied again after a conflict");
+    let stat = |f: fn(&redline_server::hub::HubStats) -> &std::sync::atomic::AtomicU64| -> u64 {
+        relays
+            .iter()
+            .map(|r| f(r.stats()).load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    };
+    let (conflicts, taken_in) = (stat(|s| &s.conflicts), stat(|s| &s.taken_in));
+    eprintln!(
+        "{count} commits, {conflicts} batches applied again after a conflict, \
+         {taken_in} commits of other relays applied to cached documents"
+    );
+    assert!(taken_in > 0, "the relays took in each other's commits");
     for r in relays {
         r.shutdown().await?;
     }
