@@ -98,24 +98,37 @@ fn config(settings: ClientSettings) -> Result<ClientConfig, RedlineError> {
         config = config.with_org(OrgId::new(org)?);
     }
     if let Some(relay) = settings.relay {
-        let addr = relay
-            .address
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| RedlineError::InvalidInput {
-                reason: format!(
-                    "relay address {:?}: expected host:port, like 192.0.2.10:7447",
-                    relay.address
-                ),
-            })?;
-        redline_client::transport::parse_fingerprint(&relay.fingerprint)?;
-        config = config.with_relay(RelayEndpoint::new(addr, relay.fingerprint));
+        config = config.with_relay(endpoint(relay)?);
+    }
+    let others = settings
+        .other_relays
+        .into_iter()
+        .map(endpoint)
+        .collect::<Result<Vec<_>, _>>()?;
+    if !others.is_empty() {
+        config = config.with_other_relays(others);
     }
     if let Some(token) = settings.token {
         config = config.with_token(token);
     }
     Ok(config)
+}
+
+/// A relay's address and pin, checked.
+fn endpoint(relay: RelaySettings) -> Result<RelayEndpoint, RedlineError> {
+    let addr = relay
+        .address
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| RedlineError::InvalidInput {
+            reason: format!(
+                "relay address {:?}: expected host:port, like 192.0.2.10:7447",
+                relay.address
+            ),
+        })?;
+    redline_client::transport::parse_fingerprint(&relay.fingerprint)?;
+    Ok(RelayEndpoint::new(addr, relay.fingerprint))
 }
 
 impl RedlineClient {

@@ -35,6 +35,7 @@ mod tests {
             teams: vec!["t1".into()],
             zones: vec!["z1".into()],
             keep_days: 7,
+            other_relays: Vec::new(),
         }
     }
 

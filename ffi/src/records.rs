@@ -24,6 +24,10 @@ pub struct ClientSettings {
     pub zones: Vec<String>,
     /// Ledger days kept on the device (today included); 7 is a good default.
     pub keep_days: u32,
+    /// Further relays of the same deployment (one database, one certificate), tried in
+    /// order when the relay cannot be reached; the cursor carries over.
+    #[uniffi(default)]
+    pub other_relays: Vec<RelaySettings>,
 }
 
 /// Where the relay is and how to recognise it.

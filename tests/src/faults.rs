@@ -358,6 +358,9 @@ impl<S: RelayStorage> Documents for FaultyStorage<S> {
     fn committed_feed(&self, after: u64) -> Result<(u64, Vec<(u64, DocId)>), Error> {
         self.inner.committed_feed(after)
     }
+    fn append_lost(&self, doc: &DocId, seq: u64) -> bool {
+        self.inner.append_lost(doc, seq)
+    }
     fn chunks_after(
         &self,
         doc: &DocId,

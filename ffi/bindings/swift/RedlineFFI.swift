@@ -1871,6 +1871,11 @@ public struct ClientSettings: Equatable, Hashable {
      * Ledger days kept on the device (today included); 7 is a good default.
      */
     public var keepDays: UInt32
+    /**
+     * Further relays of the same deployment (one database, one certificate), tried in
+     * order when the relay cannot be reached; the cursor carries over.
+     */
+    public var otherRelays: [RelaySettings]
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1895,7 +1900,11 @@ public struct ClientSettings: Equatable, Hashable {
          */zones: [String], 
         /**
          * Ledger days kept on the device (today included); 7 is a good default.
-         */keepDays: UInt32) {
+         */keepDays: UInt32, 
+        /**
+         * Further relays of the same deployment (one database, one certificate), tried in
+         * order when the relay cannot be reached; the cursor carries over.
+         */otherRelays: [RelaySettings] = []) {
         self.member = member
         self.org = org
         self.relay = relay
@@ -1903,6 +1912,7 @@ public struct ClientSettings: Equatable, Hashable {
         self.teams = teams
         self.zones = zones
         self.keepDays = keepDays
+        self.otherRelays = otherRelays
     }
 
     
@@ -1927,7 +1937,8 @@ public struct FfiConverterTypeClientSettings: FfiConverterRustBuffer {
                 token: FfiConverterOptionString.read(from: &buf), 
                 teams: FfiConverterSequenceString.read(from: &buf), 
                 zones: FfiConverterSequenceString.read(from: &buf), 
-                keepDays: FfiConverterUInt32.read(from: &buf)
+                keepDays: FfiConverterUInt32.read(from: &buf), 
+                otherRelays: FfiConverterSequenceTypeRelaySettings.read(from: &buf)
         )
     }
 
@@ -1939,6 +1950,7 @@ public struct FfiConverterTypeClientSettings: FfiConverterRustBuffer {
         FfiConverterSequenceString.write(value.teams, into: &buf)
         FfiConverterSequenceString.write(value.zones, into: &buf)
         FfiConverterUInt32.write(value.keepDays, into: &buf)
+        FfiConverterSequenceTypeRelaySettings.write(value.otherRelays, into: &buf)
     }
 }
 
@@ -4654,6 +4666,31 @@ fileprivate struct FfiConverterSequenceTypeNeedRecord: FfiConverterRustBuffer {
         seq.reserveCapacity(Int(len))
         for _ in 0 ..< len {
             seq.append(try FfiConverterTypeNeedRecord.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeRelaySettings: FfiConverterRustBuffer {
+    typealias SwiftType = [RelaySettings]
+
+    public static func write(_ value: [RelaySettings], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeRelaySettings.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [RelaySettings] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [RelaySettings]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeRelaySettings.read(from: &buf))
         }
         return seq
     }

@@ -371,7 +371,16 @@ impl Hub {
                 // Before the flush: the follower must never take this relay's own
                 // commit for another relay's.
                 slot.included.store(seq, Ordering::Release);
-                self.flush().await.map(|()| seq)
+                match self.flush().await {
+                    // Flushes are shared: the one that succeeded may not have held this
+                    // append (its transaction rolled back before, and another caller's
+                    // flush reported that).
+                    Ok(()) if self.storage.append_lost(id, seq) => Err(Error::Storage(format!(
+                        "the commit with sequence {seq} was rolled back"
+                    ))),
+                    Ok(()) => Ok(seq),
+                    Err(e) => Err(e),
+                }
             }
             Err(e) => Err(e),
         };
@@ -406,9 +415,27 @@ impl Hub {
         state: &mut SlotState,
     ) -> Result<(), Error> {
         let key = id.clone();
-        let stored = self.blocking(move |s| s.load(&key)).await?;
-        let included = stored.as_ref().map_or(0, |s| s.last_seq);
-        let (mut fresh, bytes) = load_state(id, stored)?;
+        let loaded = self
+            .blocking(move |s| s.load(&key))
+            .await
+            .and_then(|stored| {
+                let included = stored.as_ref().map_or(0, |s| s.last_seq);
+                load_state(id, stored).map(|(fresh, bytes)| (fresh, bytes, included))
+            });
+        let (mut fresh, bytes, included) = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                // The document in memory may hold what storage refused (a failed
+                // commit): on a shared feed, never let it pass for current. The next
+                // user reloads it whole; until then its own commits conflict.
+                if self.shared {
+                    slot.included
+                        .store(super::slots::UNKNOWN, Ordering::Release);
+                    slot.stale.store(true, Ordering::Release);
+                }
+                return Err(e);
+            }
+        };
         fresh.log_floor = if self.shared {
             included + 1
         } else {

@@ -56,6 +56,10 @@ pub struct SlotState {
     pub(super) genesis: Option<Arc<authorship::Genesis>>,
 }
 
+/// `DocSlot::included` of a document whose memory may hold what storage does not (a
+/// reload failed after a failed commit): reloaded whole on its next use.
+pub(super) const UNKNOWN: u64 = u64::MAX;
+
 /// Commits kept in a document's in-memory log.
 pub(super) const LOG_LEN: usize = 512;
 
@@ -259,6 +263,9 @@ impl Hub {
         state: &mut SlotState,
     ) -> Result<(), Error> {
         let after = slot.included.load(Ordering::Acquire);
+        if after == UNKNOWN {
+            return self.reload(id, slot, state).await;
+        }
         let key = id.clone();
         let Some(chunks) = self.blocking(move |s| s.chunks_after(&key, after)).await? else {
             return self.reload(id, slot, state).await;

@@ -114,6 +114,16 @@ pub trait Documents {
             "append: this backend's feed is not shared".into(),
         ))
     }
+    /// Shared backends: whether the append to `doc` that took `seq` was lost with its
+    /// transaction (a statement of the relay failed, or its commit did), even if a later
+    /// [`flush`](Self::flush) succeeded: flushes are shared, and one that reports the
+    /// loss may have been another caller's (and a sequence freed by a rollback is taken
+    /// again, so the sequence alone does not say). Asked once per append, after its
+    /// flush.
+    fn append_lost(&self, doc: &DocId, seq: u64) -> bool {
+        let _ = (doc, seq);
+        false
+    }
     /// Shared backends: a number that moves (to a feed sequence) when any relay
     /// commits; a relay re-reads the feed's head on each move (and now and then
     /// without one).

@@ -130,6 +130,11 @@ struct Writer {
     appended: Option<i64>,
     /// When the transaction was opened (an idle one is committed by itself).
     opened: Option<std::time::Instant>,
+    /// Documents and sequences this transaction appended.
+    appends: Vec<(String, u64)>,
+    /// Appends of transactions that were rolled back or whose commit failed, until
+    /// their appender asks ([`Documents::append_lost`]).
+    lost_appends: std::collections::HashSet<(String, u64)>,
 }
 
 impl Writer {
@@ -140,6 +145,8 @@ impl Writer {
         self.head = None;
         self.appended = None;
         self.opened = None;
+        let appends = std::mem::take(&mut self.appends);
+        self.lost_appends.extend(appends);
         if let Some(conn) = self.tx.take() {
             // On a dead connection this fails at once; the pool then drops it.
             let _ = storage.block(async move {
@@ -549,7 +556,8 @@ impl Inner {
         let appended = writer.appended.take();
         writer.head = None;
         writer.opened = None;
-        self.block(async move {
+        let appends = std::mem::take(&mut writer.appends);
+        let committed = self.block(async move {
             match appended {
                 // NOTIFY is transactional: delivered when (and only if) the commit is.
                 Some(seq) => {
@@ -562,7 +570,13 @@ impl Inner {
                 None => conn.batch_execute("COMMIT").await?,
             }
             Ok(())
-        })
+        });
+        if committed.is_err() {
+            // The commit's fate is unknown: count its appends as lost (their retry
+            // finds them stored if they were).
+            writer.lost_appends.extend(appends);
+        }
+        committed
     }
 
     /// Commits a transaction that stayed open for [`IDLE_COMMIT`] without a flush
@@ -754,6 +768,7 @@ impl Documents for PgStorage {
         let mut writer = self.writer.lock().expect("writer lock");
         let conn = self.open(&mut writer)?;
         let locked = writer.head;
+        let name = doc.clone();
         let result = self.block(async move {
             let c = conn;
             // The head row, locked until this transaction commits: another relay's
@@ -792,6 +807,9 @@ impl Documents for PgStorage {
                 writer.head = Some(head);
                 if let Ok(seq) = outcome {
                     writer.appended = Some(seq as i64);
+                    let key = (name, seq);
+                    writer.lost_appends.remove(&key);
+                    writer.appends.push(key);
                 }
                 outcome
             }
@@ -806,6 +824,12 @@ impl Documents for PgStorage {
 
     fn feed_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.signal.clone())
+    }
+
+    fn append_lost(&self, doc: &DocId, seq: u64) -> bool {
+        let key = (doc.as_str().to_string(), seq);
+        let mut writer = self.writer.lock().expect("writer lock");
+        writer.lost_appends.remove(&key) || writer.appends.contains(&key)
     }
 
     fn chunks_after(&self, doc: &DocId, after: u64) -> Result<Option<Vec<SeqChunk>>, Error> {

@@ -3201,6 +3201,12 @@ data class ClientSettings (
      * Ledger days kept on the device (today included); 7 is a good default.
      */
     var `keepDays`: kotlin.UInt
+    , 
+    /**
+     * Further relays of the same deployment (one database, one certificate), tried in
+     * order when the relay cannot be reached; the cursor carries over.
+     */
+    var `otherRelays`: List<RelaySettings> = listOf() 
     
 ){
     
@@ -3224,6 +3230,7 @@ public object FfiConverterTypeClientSettings: FfiConverterRustBuffer<ClientSetti
             FfiConverterSequenceString.read(buf),
             FfiConverterSequenceString.read(buf),
             FfiConverterUInt.read(buf),
+            FfiConverterSequenceTypeRelaySettings.read(buf),
         )
     }
 
@@ -3234,7 +3241,8 @@ public object FfiConverterTypeClientSettings: FfiConverterRustBuffer<ClientSetti
             FfiConverterOptionalString.allocationSize(value.`token`) +
             FfiConverterSequenceString.allocationSize(value.`teams`) +
             FfiConverterSequenceString.allocationSize(value.`zones`) +
-            FfiConverterUInt.allocationSize(value.`keepDays`)
+            FfiConverterUInt.allocationSize(value.`keepDays`) +
+            FfiConverterSequenceTypeRelaySettings.allocationSize(value.`otherRelays`)
     )
 
     override fun write(value: ClientSettings, buf: ByteBuffer) {
@@ -3245,6 +3253,7 @@ public object FfiConverterTypeClientSettings: FfiConverterRustBuffer<ClientSetti
             FfiConverterSequenceString.write(value.`teams`, buf)
             FfiConverterSequenceString.write(value.`zones`, buf)
             FfiConverterUInt.write(value.`keepDays`, buf)
+            FfiConverterSequenceTypeRelaySettings.write(value.`otherRelays`, buf)
     }
 }
 
@@ -5603,6 +5612,34 @@ public object FfiConverterSequenceTypeNeedRecord: FfiConverterRustBuffer<List<Ne
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypeNeedRecord.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeRelaySettings: FfiConverterRustBuffer<List<RelaySettings>> {
+    override fun read(buf: ByteBuffer): List<RelaySettings> {
+        val len = buf.getInt()
+        return List<RelaySettings>(len) {
+            FfiConverterTypeRelaySettings.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<RelaySettings>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeRelaySettings.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<RelaySettings>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeRelaySettings.write(it, buf)
         }
     }
 }
