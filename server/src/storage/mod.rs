@@ -53,6 +53,18 @@ pub struct StoredDoc {
     pub last_seq: u64,
 }
 
+/// Heads as stored: 32 bytes each, one after the other.
+pub(crate) fn flat(heads: &[[u8; 32]]) -> Vec<u8> {
+    heads.iter().flatten().copied().collect()
+}
+
+/// Heads from their stored form.
+pub(crate) fn unflat(v: &[u8]) -> Vec<[u8; 32]> {
+    v.chunks_exact(32)
+        .filter_map(|c| <[u8; 32]>::try_from(c).ok())
+        .collect()
+}
+
 /// A stored key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use redline_proto::{DeviceId, DocId};
 
 use super::{
-    ActorBindings, DeviceRecords, Documents, KeyValue, QuarantineStore, StoredDoc, Uploads,
+    ActorBindings, DeviceRecords, Documents, KeyValue, QuarantineStore, StoredDoc, Uploads, flat,
+    unflat,
 };
 use crate::Error;
 
@@ -57,16 +58,6 @@ fn doc_prefix(doc: &DocId) -> Vec<u8> {
     let mut k = doc.as_str().as_bytes().to_vec();
     k.push(0);
     k
-}
-
-fn flat(heads: &[[u8; 32]]) -> Vec<u8> {
-    heads.iter().flatten().copied().collect()
-}
-
-fn unflat(v: &[u8]) -> Vec<[u8; 32]> {
-    v.chunks_exact(32)
-        .filter_map(|c| <[u8; 32]>::try_from(c).ok())
-        .collect()
 }
 
 /// The device an actor binding names.

@@ -33,7 +33,7 @@ use redline_proto::{DeviceId, DocId};
 
 use super::{
     ActorBindings, DeviceRecords, Documents, KeyValue, QuarantineStore, SeqChunk, StoredDoc,
-    Uploads,
+    Uploads, flat, unflat,
 };
 use crate::Error;
 
@@ -212,16 +212,6 @@ fn seq_sql(seq: u64) -> Result<i64, Error> {
 /// "everything".
 fn seq_bound(seq: u64) -> i64 {
     seq.min(i64::MAX as u64) as i64
-}
-
-fn flat(heads: &[[u8; 32]]) -> Vec<u8> {
-    heads.iter().flatten().copied().collect()
-}
-
-fn unflat(v: &[u8]) -> Vec<[u8; 32]> {
-    v.chunks_exact(32)
-        .filter_map(|c| <[u8; 32]>::try_from(c).ok())
-        .collect()
 }
 
 fn tls_config(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, Error> {
