@@ -19,6 +19,10 @@ use crate::authorship::{self, Author};
 /// Chunks after which a document is compacted into a new snapshot.
 const COMPACT_AFTER_CHUNKS: usize = 64;
 
+/// Longest wait for the follower to make a flushed commit of this relay readable
+/// (several relays over one database; see [`Hub::until_stable`]).
+const STABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Times a batch is applied again after other relays' commits to its document.
 const MAX_CONFLICT_RETRIES: usize = 8;
 
@@ -82,27 +86,32 @@ impl Hub {
                 changes,
                 reply,
             });
-        let (hub, id) = (Arc::clone(self), id.clone());
+        let (hub, doc) = (Arc::clone(self), id.clone());
         tokio::spawn(async move {
             {
                 let mut state = slot.state.lock().await;
                 let batch = std::mem::take(&mut *slot.pending.lock().expect("pending lock"));
                 if !batch.is_empty() {
                     // Another relay may have committed since the slot was handed out.
-                    if let Err(e) = hub.refresh(&id, &slot, &mut state).await {
+                    if let Err(e) = hub.refresh(&doc, &slot, &mut state).await {
                         let e = Arc::new(e);
                         for p in batch {
                             let _ = p.reply.send(Err(Error::Commit(e.clone())));
                         }
                     } else {
-                        hub.commit_batch(&id, &slot, &mut state, batch).await;
+                        hub.commit_batch(&doc, &slot, &mut state, batch).await;
                     }
                 }
             }
             hub.release(slot);
         });
-        rx.await
-            .map_err(|_| Error::Storage("commit dropped".into()))?
+        let committed = rx
+            .await
+            .map_err(|_| Error::Storage("commit dropped".into()))??;
+        if self.shared {
+            self.until_stable(id, committed.seq).await;
+        }
+        Ok(committed)
     }
 
     async fn commit_batch(
@@ -403,6 +412,21 @@ impl Hub {
                 let _ = self.reload(id, slot, state).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Waits (bounded by [`STABLE_WAIT`]) until the follower has moved the stable
+    /// sequence to `seq`, this relay's own flushed commit. A device told "stored", and
+    /// any device syncing through this relay after it, then finds the commit in its
+    /// catch-up: acknowledged means readable here, as on a relay of its own. The
+    /// follower may lag when the database is slow or was just restarted (its
+    /// announcements reconnect); the commit is durable either way, so a wait that times
+    /// out is logged and the answer goes out.
+    async fn until_stable(&self, id: &DocId, seq: u64) {
+        let mut stable = self.stable.subscribe();
+        let reached = tokio::time::timeout(STABLE_WAIT, stable.wait_for(|v| *v >= seq)).await;
+        if !matches!(reached, Ok(Ok(_))) {
+            warn!(doc = %id, seq, "the stable sequence did not reach a flushed commit in time");
         }
     }
 
