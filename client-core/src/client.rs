@@ -526,11 +526,13 @@ impl Client {
         })
     }
 
-    /// Every relay of the deployment: the configured one, then the others.
+    /// Every relay of the deployment, in the order this device tries them
+    /// ([`ClientConfig::relays_in_order`]).
     fn relays(&self) -> Result<Vec<crate::RelayEndpoint>, Error> {
-        let first = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
-        let mut all = vec![first];
-        all.extend(self.inner.config.other_relays.iter().cloned());
+        let all = self.inner.config.relays_in_order();
+        if all.is_empty() {
+            return Err(Error::NoRelay);
+        }
         Ok(all)
     }
 

@@ -104,7 +104,7 @@ impl Client {
     pub async fn diagnose(&self, timeout: Duration) -> Vec<Finding> {
         let mut findings = Vec::new();
         let config = &self.inner.config;
-        let Some(relay) = config.relay.clone() else {
+        let Ok(relay) = self.current_relay() else {
             return vec![Finding::NoRelay];
         };
         match &config.token {
@@ -180,7 +180,7 @@ impl Client {
         &self,
         team: &redline_proto::TeamId,
     ) -> Result<Vec<redline_proto::message::DeviceHealth>, Error> {
-        let relay = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
+        let relay = self.current_relay()?;
         let (answer, reply, _) = self
             .exchange(&relay, Some(Message::DevicesRequest(team.clone())))
             .await?;
@@ -223,7 +223,7 @@ impl Client {
     }
 
     async fn quarantine_exchange(&self, request: Message) -> Result<QuarantineReview, Error> {
-        let relay = self.inner.config.relay.clone().ok_or(Error::NoRelay)?;
+        let relay = self.current_relay()?;
         let (answer, reply, refused) = self.exchange(&relay, Some(request)).await?;
         match (answer, reply) {
             (Message::Error(r), _) | (_, Some(Message::Error(r))) => Err(Error::Refused {

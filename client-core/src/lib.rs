@@ -117,7 +117,7 @@ pub enum Error {
 }
 
 /// Where the relay is and how to recognise it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RelayEndpoint {
     /// The relay's UDP address.
     pub addr: SocketAddr,
@@ -203,6 +203,10 @@ pub struct ClientConfig {
     /// tried in order when the current one cannot be reached. A cursor is valid on
     /// every relay of a deployment, so moving costs nothing but the changes in flight.
     pub other_relays: Vec<RelayEndpoint>,
+    /// Start at the team's home relay ([`with_deployment`](Self::with_deployment)):
+    /// the relays (`relay`, then `other_relays`) are one list, the same on every phone
+    /// of the deployment, and the device starts at the entry its first team picks.
+    pub home_relay_by_team: bool,
     /// Teams whose recent ledger days this device receives.
     pub teams: Vec<TeamId>,
     /// Zones whose households books this device receives.
@@ -225,6 +229,23 @@ pub struct ClientConfig {
     pub protocol_version: u16,
 }
 
+/// The index of `team`'s home relay among `relays` relays of a deployment: FNV-1a
+/// (64 bits) of the team's name, modulo `relays`. Stable across versions and platforms:
+/// every phone of the team, whatever app built it, picks the same relay.
+pub fn home_relay(team: &TeamId, relays: usize) -> usize {
+    (fnv1a(team.as_str().as_bytes()) % relays.max(1) as u64) as usize
+}
+
+/// FNV-1a, 64 bits.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
 impl ClientConfig {
     /// Defaults for `member`: no org, no relay, 7 days kept.
     pub fn new(member: MemberId) -> Self {
@@ -233,6 +254,7 @@ impl ClientConfig {
             org: None,
             relay: None,
             other_relays: Vec::new(),
+            home_relay_by_team: false,
             teams: Vec::new(),
             zones: Vec::new(),
             keep_days: 7,
@@ -276,6 +298,37 @@ impl ClientConfig {
         self
     }
 
+    /// Sets every relay of a deployment of several (one database), listed in the same
+    /// order on every phone. The device starts at its team's *home relay*, the entry
+    /// its first team picks by a stable hash ([`home_relay`]), and fails over to the
+    /// next ones in turn. A team's phones thus meet on one relay: their writes to the
+    /// team's ledger and zone books merge in that relay's cache, without a conflict
+    /// between relays or a merge of another relay's commits. Without a team the list
+    /// is used as given.
+    pub fn with_deployment(mut self, relays: Vec<RelayEndpoint>) -> Self {
+        let mut relays = relays.into_iter();
+        self.relay = relays.next();
+        self.other_relays = relays.collect();
+        self.home_relay_by_team = true;
+        self
+    }
+
+    /// The relays in the order this device tries them: the configured one, then the
+    /// others; with [`with_deployment`](Self::with_deployment), starting at the team's
+    /// home relay.
+    pub fn relays_in_order(&self) -> Vec<RelayEndpoint> {
+        let mut all: Vec<RelayEndpoint> = self.relay.iter().cloned().collect();
+        all.extend(self.other_relays.iter().cloned());
+        if self.home_relay_by_team
+            && let Some(team) = self.teams.first()
+            && !all.is_empty()
+        {
+            let home = home_relay(team, all.len());
+            all.rotate_left(home);
+        }
+        all
+    }
+
     /// Sets the organisation.
     pub fn with_org(mut self, org: OrgId) -> Self {
         self.org = Some(org);
@@ -303,3 +356,48 @@ impl ClientConfig {
 
 #[cfg(test)]
 mod model_tests;
+
+#[cfg(test)]
+mod relay_order_tests {
+    use super::*;
+
+    fn relay(port: u16) -> RelayEndpoint {
+        RelayEndpoint::new(SocketAddr::from(([127, 0, 0, 1], port)), "00")
+    }
+
+    /// The published FNV-1a vectors: apps built elsewhere must pick the same relay.
+    #[test]
+    fn the_home_relay_hash_is_fnv1a() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn a_teams_phones_start_at_one_relay_and_fail_over_in_turn() {
+        let all: Vec<RelayEndpoint> = (1..=3).map(relay).collect();
+        let mut homes = std::collections::HashSet::new();
+        for t in 0..13 {
+            let team = TeamId::new(format!("team-{t}")).unwrap();
+            let config = ClientConfig::new(MemberId::new("m").unwrap())
+                .with_deployment(all.clone())
+                .with_teams(vec![team.clone()]);
+            let order = config.relays_in_order();
+            let home = home_relay(&team, 3);
+            assert_eq!(order[0], all[home], "{team} starts at its home relay");
+            let ports: Vec<u16> = order.iter().map(|r| r.addr.port()).collect();
+            let want: Vec<u16> = (0..3).map(|i| all[(home + i) % 3].addr.port()).collect();
+            assert_eq!(ports, want, "then the next ones in turn");
+            homes.insert(home);
+        }
+        assert_eq!(homes.len(), 3, "13 teams use every relay");
+        // Without a team, or without `with_deployment`, the list is used as given.
+        let plain = ClientConfig::new(MemberId::new("m").unwrap()).with_deployment(all.clone());
+        assert_eq!(plain.relays_in_order(), all);
+        let given = ClientConfig::new(MemberId::new("m").unwrap())
+            .with_relay(all[2].clone())
+            .with_other_relays(all[..2].to_vec())
+            .with_teams(vec![TeamId::new("team-1").unwrap()]);
+        assert_eq!(given.relays_in_order()[0], all[2]);
+    }
+}

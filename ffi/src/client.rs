@@ -108,6 +108,7 @@ fn config(settings: ClientSettings) -> Result<ClientConfig, RedlineError> {
     if !others.is_empty() {
         config = config.with_other_relays(others);
     }
+    config.home_relay_by_team = settings.home_relay_by_team;
     if let Some(token) = settings.token {
         config = config.with_token(token);
     }

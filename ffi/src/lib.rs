@@ -36,6 +36,7 @@ mod tests {
             zones: vec!["z1".into()],
             keep_days: 7,
             other_relays: Vec::new(),
+            home_relay_by_team: false,
         }
     }
 

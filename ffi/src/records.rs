@@ -28,6 +28,11 @@ pub struct ClientSettings {
     /// order when the relay cannot be reached; the cursor carries over.
     #[uniffi(default)]
     pub other_relays: Vec<RelaySettings>,
+    /// `relay` and `other_relays` are the deployment's one list, the same on every
+    /// phone: start at the team's home relay (picked by the first team, so a team's
+    /// phones meet on one relay), then the next ones in turn.
+    #[uniffi(default)]
+    pub home_relay_by_team: bool,
 }
 
 /// Where the relay is and how to recognise it.

@@ -53,9 +53,31 @@ pub struct FieldDayConfig {
     pub work_dir: PathBuf,
     /// Store in PostgreSQL instead of sled.
     pub postgres: Option<PostgresTarget>,
-    /// Relays over the one database (more than one needs `postgres`); device `k` uses
-    /// relay `k mod relays` first and fails over to the others.
+    /// Relays over the one database (more than one needs `postgres`).
     pub relays: usize,
+    /// Which relay a device starts at when there are several.
+    pub spread: Spread,
+}
+
+/// How the devices of a field day with several relays are spread over them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spread {
+    /// Every device starts at its team's home relay
+    /// ([`ClientConfig::with_deployment`]): what a deployment configures.
+    Team,
+    /// Device `k` starts at relay `k mod relays`: a team's phones on every relay, each
+    /// team document written through all of them (the worst case for the relays).
+    Device,
+}
+
+impl Spread {
+    /// Its name in the JSON and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Spread::Team => "team",
+            Spread::Device => "device",
+        }
+    }
 }
 
 /// A PostgreSQL database for the relay of a benchmark.
@@ -126,6 +148,9 @@ pub struct FieldDayResult {
     pub storage: String,
     /// Relays sharing the storage (relay CPU is their sum, peak RSS the largest).
     pub relays: u64,
+    /// With several relays: `team` (a team's phones start at its home relay) or
+    /// `device` (each team's phones spread over every relay).
+    pub spread: String,
     /// CPU of the database server in the storm (PostgreSQL on this machine; 0 for
     /// sled, whose time is the relay's own).
     pub database_cpu_s: f64,
@@ -300,14 +325,21 @@ impl Relays {
         Ok(Self(all))
     }
 
-    /// Where device `k` goes first, then the others in turn.
-    fn for_device(&self, k: usize) -> (RelayEndpoint, Vec<RelayEndpoint>) {
+    /// `config` with the relays of device `k`: its team's home relay first
+    /// ([`Spread::Team`]), or relay `k mod n` ([`Spread::Device`]), then the others in
+    /// turn.
+    fn for_device(&self, config: ClientConfig, k: usize, spread: Spread) -> ClientConfig {
         let n = self.0.len();
         let at = |i: usize| {
             let r = &self.0[i % n];
             RelayEndpoint::new(r.addr, r.fingerprint.clone())
         };
-        (at(k), (1..n).map(|i| at(k + i)).collect())
+        match spread {
+            Spread::Team => config.with_deployment((0..n).map(at).collect()),
+            Spread::Device => config
+                .with_relay(at(k))
+                .with_other_relays((1..n).map(|i| at(k + i)).collect()),
+        }
     }
 
     fn cpu_seconds(&self) -> anyhow::Result<f64> {
@@ -368,10 +400,12 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
                 &[team.as_str()],
                 &zone_refs,
             )?;
-            let (first, others) = relay.for_device(devices.len());
-            let config = ClientConfig::new(MemberId::new(member)?)
-                .with_relay(first)
-                .with_other_relays(others)
+            let config = relay
+                .for_device(
+                    ClientConfig::new(MemberId::new(member)?),
+                    devices.len(),
+                    cfg.spread,
+                )
                 .with_token(token)
                 .with_teams(vec![team.clone()])
                 .with_zones(zones_of(t));
@@ -617,6 +651,11 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
         }
         .into(),
         relays: relay.0.len() as u64,
+        spread: if relay.0.len() > 1 {
+            cfg.spread.name().into()
+        } else {
+            String::new()
+        },
         database_cpu_s,
         relay_cpu_per_change_us: per(relay_cpu_s, changes),
         device_cpu_s,
@@ -654,10 +693,8 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
 
     // ----- verification against the relay's copies ----------------------------------
     let auditor_dir = cfg.work_dir.join("auditor");
-    let (first, others) = relay.for_device(0);
-    let auditor_config = ClientConfig::new(MemberId::new("auditor")?)
-        .with_relay(first)
-        .with_other_relays(others)
+    let auditor_config = relay
+        .for_device(ClientConfig::new(MemberId::new("auditor")?), 0, cfg.spread)
         .with_token(crate::token_for(
             &relay_dir,
             &auditor_dir,
@@ -734,10 +771,8 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
 
     // ----- no-op reconnect -----------------------------------------------------------
     let noop_dir = cfg.work_dir.join("noop");
-    let (first, others) = relay.for_device(0);
-    let noop_config = ClientConfig::new(MemberId::new("noop")?)
-        .with_relay(first)
-        .with_other_relays(others)
+    let noop_config = relay
+        .for_device(ClientConfig::new(MemberId::new("noop")?), 0, cfg.spread)
         .with_token(crate::token_for(
             &relay_dir,
             &noop_dir,
@@ -975,10 +1010,15 @@ pub fn table(r: &FieldDayResult) -> String {
         (
             "storage",
             format!(
-                "{} ({} relay{})",
+                "{} ({} relay{}{})",
                 r.storage,
                 r.relays,
-                if r.relays == 1 { "" } else { "s" }
+                if r.relays == 1 { "" } else { "s" },
+                if r.spread.is_empty() {
+                    String::new()
+                } else {
+                    format!(", spread by {}", r.spread)
+                }
             ),
             "relay CPU: all relays".into(),
         ),
@@ -1185,6 +1225,7 @@ mod tests {
             local_write_p99_us: 4_000.0,
             storage: "sled".into(),
             relays: 1,
+            spread: String::new(),
             database_cpu_s: 0.0,
         };
         let w = super::worst(&[run(1, 8.0, true, 9.0), run(2, 12.0, false, 7.0)]).unwrap();

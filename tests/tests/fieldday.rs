@@ -20,6 +20,7 @@ async fn a_small_field_day_converges_and_measures_itself() -> anyhow::Result<()>
         work_dir: dir.path().to_path_buf(),
         postgres: None,
         relays: 1,
+        spread: fieldday::Spread::Team,
     };
     // `run` fails if a converged device differs from the relay's copies.
     let r = fieldday::run(&cfg, |line| println!("{line}")).await?;
@@ -74,11 +75,17 @@ async fn a_small_field_day_on_postgres_converges() -> anyhow::Result<()> {
             server_pid: pg.server_pid(),
         }),
         relays: 2,
+        // Each team's phones on both relays: every document is written through both,
+        // so the relays conflict and take in each other's commits.
+        spread: fieldday::Spread::Device,
     };
     let r = fieldday::run(&cfg, |line| println!("{line}")).await?;
     println!("{}", fieldday::table(&r));
     assert!(r.converged, "the small day converges on PostgreSQL");
-    assert_eq!((r.storage.as_str(), r.relays), ("postgres", 2));
+    assert_eq!(
+        (r.storage.as_str(), r.relays, r.spread.as_str()),
+        ("postgres", 2, "device")
+    );
     // The database's CPU is read from its processes (too little to count in so small a
     // storm; the benchmark reports it).
     assert!(

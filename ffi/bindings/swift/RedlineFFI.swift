@@ -1876,6 +1876,12 @@ public struct ClientSettings: Equatable, Hashable {
      * order when the relay cannot be reached; the cursor carries over.
      */
     public var otherRelays: [RelaySettings]
+    /**
+     * `relay` and `other_relays` are the deployment's one list, the same on every
+     * phone: start at the team's home relay (picked by the first team, so a team's
+     * phones meet on one relay), then the next ones in turn.
+     */
+    public var homeRelayByTeam: Bool
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1904,7 +1910,12 @@ public struct ClientSettings: Equatable, Hashable {
         /**
          * Further relays of the same deployment (one database, one certificate), tried in
          * order when the relay cannot be reached; the cursor carries over.
-         */otherRelays: [RelaySettings] = []) {
+         */otherRelays: [RelaySettings] = [], 
+        /**
+         * `relay` and `other_relays` are the deployment's one list, the same on every
+         * phone: start at the team's home relay (picked by the first team, so a team's
+         * phones meet on one relay), then the next ones in turn.
+         */homeRelayByTeam: Bool = false) {
         self.member = member
         self.org = org
         self.relay = relay
@@ -1913,6 +1924,7 @@ public struct ClientSettings: Equatable, Hashable {
         self.zones = zones
         self.keepDays = keepDays
         self.otherRelays = otherRelays
+        self.homeRelayByTeam = homeRelayByTeam
     }
 
     
@@ -1938,7 +1950,8 @@ public struct FfiConverterTypeClientSettings: FfiConverterRustBuffer {
                 teams: FfiConverterSequenceString.read(from: &buf), 
                 zones: FfiConverterSequenceString.read(from: &buf), 
                 keepDays: FfiConverterUInt32.read(from: &buf), 
-                otherRelays: FfiConverterSequenceTypeRelaySettings.read(from: &buf)
+                otherRelays: FfiConverterSequenceTypeRelaySettings.read(from: &buf), 
+                homeRelayByTeam: FfiConverterBool.read(from: &buf)
         )
     }
 
@@ -1951,6 +1964,7 @@ public struct FfiConverterTypeClientSettings: FfiConverterRustBuffer {
         FfiConverterSequenceString.write(value.zones, into: &buf)
         FfiConverterUInt32.write(value.keepDays, into: &buf)
         FfiConverterSequenceTypeRelaySettings.write(value.otherRelays, into: &buf)
+        FfiConverterBool.write(value.homeRelayByTeam, into: &buf)
     }
 }
 

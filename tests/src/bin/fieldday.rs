@@ -67,10 +67,14 @@ struct Args {
     /// reported as database time).
     #[arg(long, env = "REDLINE_POSTGRES_URL")]
     postgres_url: Option<String>,
-    /// Relays over one database (needs --storage postgres): device k uses relay k mod N
-    /// first and fails over to the others.
+    /// Relays over one database (needs --storage postgres).
     #[arg(long, default_value_t = 1)]
     relays: usize,
+    /// With several relays, where a device starts: `team` (its team's home relay, as
+    /// a deployment configures phones) or `device` (device k at relay k mod N, each
+    /// team on every relay: the worst case). Either way it fails over to the others.
+    #[arg(long, default_value = "team", value_parser = ["team", "device"])]
+    spread: String,
     /// Internal: serve a relay on this data dir (the benchmark's child process).
     #[arg(long, hide = true)]
     serve_relay: Option<PathBuf>,
@@ -151,6 +155,11 @@ async fn main() -> anyhow::Result<()> {
             relay_exe: std::env::current_exe()?,
             work_dir,
             relays: args.relays.max(1),
+            spread: if args.spread == "device" {
+                fieldday::Spread::Device
+            } else {
+                fieldday::Spread::Team
+            },
             postgres: match (&server, &args.postgres_url) {
                 (Some(pg), _) => Some(fieldday::PostgresTarget {
                     url: pg.fresh_database()?,

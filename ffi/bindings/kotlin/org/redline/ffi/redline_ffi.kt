@@ -3207,6 +3207,13 @@ data class ClientSettings (
      * order when the relay cannot be reached; the cursor carries over.
      */
     var `otherRelays`: List<RelaySettings> = listOf() 
+    , 
+    /**
+     * `relay` and `other_relays` are the deployment's one list, the same on every
+     * phone: start at the team's home relay (picked by the first team, so a team's
+     * phones meet on one relay), then the next ones in turn.
+     */
+    var `homeRelayByTeam`: kotlin.Boolean = false 
     
 ){
     
@@ -3231,6 +3238,7 @@ public object FfiConverterTypeClientSettings: FfiConverterRustBuffer<ClientSetti
             FfiConverterSequenceString.read(buf),
             FfiConverterUInt.read(buf),
             FfiConverterSequenceTypeRelaySettings.read(buf),
+            FfiConverterBoolean.read(buf),
         )
     }
 
@@ -3242,7 +3250,8 @@ public object FfiConverterTypeClientSettings: FfiConverterRustBuffer<ClientSetti
             FfiConverterSequenceString.allocationSize(value.`teams`) +
             FfiConverterSequenceString.allocationSize(value.`zones`) +
             FfiConverterUInt.allocationSize(value.`keepDays`) +
-            FfiConverterSequenceTypeRelaySettings.allocationSize(value.`otherRelays`)
+            FfiConverterSequenceTypeRelaySettings.allocationSize(value.`otherRelays`) +
+            FfiConverterBoolean.allocationSize(value.`homeRelayByTeam`)
     )
 
     override fun write(value: ClientSettings, buf: ByteBuffer) {
@@ -3254,6 +3263,7 @@ public object FfiConverterTypeClientSettings: FfiConverterRustBuffer<ClientSetti
             FfiConverterSequenceString.write(value.`zones`, buf)
             FfiConverterUInt.write(value.`keepDays`, buf)
             FfiConverterSequenceTypeRelaySettings.write(value.`otherRelays`, buf)
+            FfiConverterBoolean.write(value.`homeRelayByTeam`, buf)
     }
 }
 
