@@ -220,7 +220,16 @@ impl Hub {
             }
         }
         if old.is_some() {
-            let entries = self.blocking(move |s| s.feed(after, upto)).await?;
+            // On a shared feed the follower keeps the recent entries: no round trip.
+            let kept = if self.shared {
+                self.recent.lock().expect("recent lock").window(after, upto)
+            } else {
+                None
+            };
+            let entries = match kept {
+                Some(entries) => entries,
+                None => self.blocking(move |s| s.feed(after, upto)).await?,
+            };
             for (_, d) in entries {
                 if scope.covers(&d) && seen.insert(d.clone()) {
                     out.push(d);
@@ -278,6 +287,47 @@ mod tests {
             member: redline_proto::MemberId::new("m0").unwrap(),
             role: redline_proto::token::Role::Volunteer,
         }
+    }
+
+    /// Sessions asking at once for a document that is not cached (a reconnect storm)
+    /// share one load instead of each parsing it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sessions_asking_at_once_share_one_load() {
+        // On disk: loads go to the blocking pool, so the sessions really overlap.
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(crate::storage::SledStorage::open(dir.path()).unwrap());
+        let id = DocId::parse("households/zone-1").unwrap();
+        {
+            let hub = Hub::new(storage.clone(), 1 << 20).unwrap();
+            let mut doc = Automerge::new().with_actor(ActorId::from([1u8; 16]));
+            let mut tx = doc.transaction();
+            tx.put(ROOT, "k", 1).unwrap();
+            tx.commit();
+            hub.push(&id, &author(), doc.get_changes(&[]))
+                .await
+                .unwrap();
+        }
+        let hub = Hub::new(storage, 1 << 20).unwrap();
+        let asks: Vec<_> = (0..32)
+            .map(|_| {
+                let (hub, id) = (hub.clone(), id.clone());
+                tokio::spawn(async move {
+                    let slot = hub.slot(&id).await.unwrap();
+                    hub.release(slot);
+                })
+            })
+            .collect();
+        for a in asks {
+            a.await.unwrap();
+        }
+        assert_eq!(
+            hub.stats.loads.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert!(
+            hub.loading.lock().unwrap().is_empty(),
+            "no gate left behind"
+        );
     }
 
     /// A catch-up over a window of the commit log tells the heads the device holds once

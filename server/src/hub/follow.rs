@@ -8,6 +8,7 @@
 //! that, in this order, whenever storage announces a move (NOTIFY), this relay flushed,
 //! or [`REREAD`] passed (the safety net for announcements lost while reconnecting).
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -15,11 +16,81 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tracing::warn;
 
+use redline_proto::DocId;
+
 use super::Hub;
 use crate::Error;
 
 /// The feed's head is read at least this often.
 pub const REREAD: Duration = Duration::from_millis(500);
+
+/// Feed entries kept in memory for catch-ups ([`Recent`]).
+const RECENT_ENTRIES: usize = 16_384;
+
+/// The last feed entries the follower read, with consecutive sequences: a catch-up
+/// over a window inside them (every live catch-up, most others) is answered without a
+/// round trip to the database. The feed has no gaps and the follower reads it in
+/// order, so the entries from `first` on are every commit, not a sample.
+#[derive(Debug)]
+pub(super) struct Recent {
+    /// The sequence of `entries[0]`.
+    first: u64,
+    entries: VecDeque<DocId>,
+}
+
+impl Recent {
+    /// Nothing kept yet; the next entries read follow `after`.
+    pub(super) fn new(after: u64) -> Self {
+        Self {
+            first: after + 1,
+            entries: VecDeque::new(),
+        }
+    }
+
+    /// Adds the entries read after `known` (in order, consecutive). Anything else
+    /// starts over after them (windows before fall back to storage).
+    fn extend(&mut self, known: u64, read: &[(u64, DocId)], head: u64) {
+        let mut next = self.first + self.entries.len() as u64;
+        if known != next - 1 {
+            *self = Self::new(known);
+            next = known + 1;
+        }
+        for (seq, doc) in read {
+            if *seq != next {
+                *self = Self::new(head);
+                return;
+            }
+            self.entries.push_back(doc.clone());
+            next += 1;
+        }
+        if next - 1 != head {
+            *self = Self::new(head);
+            return;
+        }
+        while self.entries.len() > RECENT_ENTRIES {
+            self.entries.pop_front();
+            self.first += 1;
+        }
+    }
+
+    /// The entries after `after` up to `upto`, if every one of them is kept.
+    pub(super) fn window(&self, after: u64, upto: u64) -> Option<Vec<(u64, DocId)>> {
+        let end = self.first + self.entries.len() as u64;
+        if after + 1 < self.first || upto >= end {
+            return None;
+        }
+        if upto <= after {
+            return Some(Vec::new());
+        }
+        let from = (after + 1 - self.first) as usize;
+        let to = (upto + 1 - self.first) as usize;
+        Some(
+            (from..to)
+                .map(|i| (self.first + i as u64, self.entries[i].clone()))
+                .collect(),
+        )
+    }
+}
 
 /// Follows the shared feed until the hub is gone.
 pub(super) async fn follow(
@@ -70,6 +141,10 @@ impl Hub {
                 }
             }
         }
+        self.recent
+            .lock()
+            .expect("recent lock")
+            .extend(known, &entries, head);
         self.followed.store(head, Ordering::Release);
         self.stable.send_if_modified(|v| {
             let forward = head > *v;
@@ -79,5 +154,59 @@ impl Hub {
             forward
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(i: u64) -> DocId {
+        DocId::parse(&format!("households/zone-{i}")).unwrap()
+    }
+
+    fn read(from: u64, to: u64) -> Vec<(u64, DocId)> {
+        (from..=to).map(|s| (s, doc(s))).collect()
+    }
+
+    #[test]
+    fn recent_entries_answer_windows_inside_them_only() {
+        let mut r = Recent::new(10);
+        assert_eq!(r.window(10, 11), None, "nothing kept yet");
+        r.extend(10, &read(11, 14), 14);
+        r.extend(14, &read(15, 15), 15);
+        assert_eq!(r.window(10, 15), Some(read(11, 15)));
+        assert_eq!(r.window(12, 14), Some(read(13, 14)));
+        assert_eq!(r.window(15, 15), Some(Vec::new()));
+        assert_eq!(r.window(9, 15), None, "starts before what is kept");
+        assert_eq!(r.window(12, 16), None, "ends after what is kept");
+    }
+
+    #[test]
+    fn a_gap_or_a_jump_starts_over_after_the_head() {
+        let mut r = Recent::new(0);
+        r.extend(0, &read(1, 3), 3);
+        // Read from another point than where the entries end: start over.
+        r.extend(5, &read(6, 7), 7);
+        assert_eq!(r.window(0, 3), None);
+        assert_eq!(r.window(5, 7), Some(read(6, 7)));
+        // A read with a hole in it (never on a gap-free feed): keep nothing of it.
+        let mut holed = read(8, 8);
+        holed.push((10, doc(10)));
+        r.extend(7, &holed, 10);
+        assert_eq!(r.window(7, 8), None);
+        assert_eq!(r.window(10, 10), Some(Vec::new()));
+        r.extend(10, &read(11, 11), 11);
+        assert_eq!(r.window(10, 11), Some(read(11, 11)));
+    }
+
+    #[test]
+    fn recent_entries_are_bounded() {
+        let mut r = Recent::new(0);
+        let n = RECENT_ENTRIES as u64 + 10;
+        r.extend(0, &read(1, n), n);
+        assert_eq!(r.entries.len(), RECENT_ENTRIES);
+        assert_eq!(r.window(0, n), None);
+        assert_eq!(r.window(10, n).map(|w| w.len()), Some(RECENT_ENTRIES));
     }
 }

@@ -53,6 +53,8 @@ pub struct HubStats {
     pub max_batch: AtomicU64,
     /// Documents evicted from the cache.
     pub evictions: AtomicU64,
+    /// Documents loaded into the cache (parsed from storage).
+    pub loads: AtomicU64,
     /// Batches applied again because another relay committed to their document.
     pub conflicts: AtomicU64,
     /// Other relays' commits applied to cached documents (instead of reloading them).
@@ -95,6 +97,10 @@ pub struct Hub {
     followed: AtomicU64,
     /// Shared feed: wakes the follower (this relay flushed a commit).
     kick: Arc<tokio::sync::Notify>,
+    /// Shared feed: the entries the follower read last, for catch-ups.
+    recent: Mutex<follow::Recent>,
+    /// Documents being loaded into the cache: one load each at a time.
+    loading: Mutex<HashMap<DocId, Arc<AsyncMutex<()>>>>,
 }
 
 /// Whether `doc` holds change `h` (metadata lookup, no copy of the change).
@@ -145,6 +151,8 @@ impl Hub {
             shared,
             followed: AtomicU64::new(last),
             kick: Arc::new(tokio::sync::Notify::new()),
+            recent: Mutex::new(follow::Recent::new(last)),
+            loading: Mutex::new(HashMap::new()),
         });
         if shared {
             tokio::spawn(follow::follow(

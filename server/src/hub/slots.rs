@@ -198,11 +198,47 @@ impl Hub {
             }
             return Ok(s);
         }
+        // One load per document at a time: sessions asking for a document that is
+        // being loaded wait for that load instead of parsing it again (the sessions of
+        // a reconnect storm all ask at once).
+        let gate = self
+            .loading
+            .lock()
+            .expect("loading lock")
+            .entry(id.clone())
+            .or_default()
+            .clone();
+        let loading = gate.lock().await;
+        let done = self.slots.lock().expect("hub lock").contains_key(id);
+        let loaded = if done {
+            None
+        } else {
+            Some(self.load_slot(id, tick).await)
+        };
+        drop(loading);
+        {
+            let mut gates = self.loading.lock().expect("loading lock");
+            // The last one through takes the gate away.
+            if gates.get(id).is_some_and(|g| Arc::ptr_eq(g, &gate)) && Arc::strong_count(&gate) == 2
+            {
+                gates.remove(id);
+            }
+        }
+        match loaded {
+            Some(slot) => slot,
+            // Another session loaded it meanwhile: take it as cached.
+            None => Box::pin(self.slot(id)).await,
+        }
+    }
+
+    /// Loads `id` from storage into a new slot (see [`slot`](Self::slot)).
+    async fn load_slot(&self, id: &DocId, tick: u64) -> Result<Arc<DocSlot>, Error> {
         let followed = self.followed.load(Ordering::Acquire);
         let key = id.clone();
         let stored = self.blocking(move |s| s.load(&key)).await?;
         let included = stored.as_ref().map_or(0, |s| s.last_seq);
         let (mut state, bytes) = load_state(id, stored)?;
+        self.stats.loads.fetch_add(1, Ordering::Relaxed);
         // Commits to this document need its slot, so every later one will be logged
         // (shared feed: every later one of this relay; another relay's makes it stale).
         state.log_floor = if self.shared {
