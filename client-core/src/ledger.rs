@@ -485,6 +485,31 @@ pub(crate) fn add_to_tally(
     Ok(())
 }
 
+/// The day's tally totals (per metric, and per member and metric), read from the
+/// `tallies` map alone: what a screen of totals refreshes on every change, without
+/// the tasks and duty entries of [`view`].
+pub fn tally_totals(doc: &Automerge) -> Result<(Totals, BTreeMap<String, Totals>), Error> {
+    let mut tallies = BTreeMap::new();
+    let mut by_member: BTreeMap<String, Totals> = BTreeMap::new();
+    for (_device, per_device) in child_maps(doc, &container(doc, "tallies")?)? {
+        for (member, counters) in child_maps(doc, &per_device)? {
+            for metric in doc.keys(&counters) {
+                let v = get_i64(doc, &counters, &metric)?.unwrap_or(0);
+                *tallies.entry(metric.clone()).or_insert(0) += v;
+                *by_member
+                    .entry(member.clone())
+                    .or_default()
+                    .entry(metric)
+                    .or_insert(0) += v;
+            }
+        }
+    }
+    Ok((tallies, by_member))
+}
+
+/// Totals per metric.
+pub type Totals = BTreeMap<String, i64>;
+
 /// Reads the typed view of a ledger document.
 pub fn view(doc: &Automerge) -> Result<LedgerView, Error> {
     let mut tasks = Vec::new();
@@ -533,21 +558,7 @@ pub fn view(doc: &Automerge) -> Result<LedgerView, Error> {
     }
     duty.sort_by(|a, b| (a.at, &a.id).cmp(&(b.at, &b.id)));
 
-    let mut tallies = BTreeMap::new();
-    let mut tallies_by_member: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
-    for (_device, per_device) in child_maps(doc, &container(doc, "tallies")?)? {
-        for (member, counters) in child_maps(doc, &per_device)? {
-            for metric in doc.keys(&counters) {
-                let v = get_i64(doc, &counters, &metric)?.unwrap_or(0);
-                *tallies.entry(metric.clone()).or_insert(0) += v;
-                *tallies_by_member
-                    .entry(member.clone())
-                    .or_default()
-                    .entry(metric)
-                    .or_insert(0) += v;
-            }
-        }
-    }
+    let (tallies, tallies_by_member) = tally_totals(doc)?;
 
     Ok(LedgerView {
         team: get_str(doc, &ROOT, "team")?.unwrap_or_default(),

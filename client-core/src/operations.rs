@@ -234,9 +234,12 @@ impl Client {
 
     /// The day's totals per tally.
     pub fn day_totals(&self, team: &TeamId, day: &Day) -> Result<BTreeMap<String, i64>, Error> {
+        // The tallies alone: a totals screen refreshing on every change must not
+        // rebuild every task and duty entry of the day.
         Ok(self
-            .ledger(team, day)?
-            .map(|v| v.tallies)
+            .read(&DocId::ledger(team, day), |d| {
+                crate::ledger::tally_totals(d).map(|(t, _)| t)
+            })?
             .unwrap_or_default())
     }
 

@@ -10,8 +10,8 @@
 //! simulation) can drive it with a virtual clock.
 //!
 //! What it decides: the order of things (a `Pull` is answered only once every push
-//! before it is committed; live catch-ups coalesce commits landing within
-//! [`LIVE_COALESCE`]), the message and stream rate limits, token expiry and revocation,
+//! before it is committed; at most one live catch-up per [`LIVE_COALESCE`], the first
+//! after a quiet window at once), the message and stream rate limits, token expiry and revocation,
 //! and the catch-up itself (a cursor from another epoch or ahead of the relay means
 //! resync; otherwise the documents changed in the window, each sent inline, announced
 //! for later, or as a transfer, and the known heads that make the next window small).
@@ -43,7 +43,9 @@ pub use peer::{
     refusal_code, reply,
 };
 
-/// How long live fan-out waits to coalesce commits that land together.
+/// Live fan-out catches a device up at most once per this window: the first move of
+/// the stable sequence after a quiet window at once, the moves that follow it within
+/// the window together at its end.
 pub const LIVE_COALESCE: Duration = Duration::from_millis(8);
 
 /// A request of a lead or operator, answered by the driver from the relay's records.
@@ -225,6 +227,8 @@ pub struct Session {
     /// A catch-up asked for while one ran: its cursor.
     again: Option<Option<Cursor>>,
     due: Option<Instant>,
+    /// When the last live catch-up started.
+    last_live: Option<Instant>,
     actions: VecDeque<Action>,
     closed: bool,
 }
@@ -256,6 +260,7 @@ impl Session {
             catch_up: CatchUp::Idle,
             again: None,
             due: None,
+            last_live: None,
             actions: VecDeque::new(),
             closed: false,
         }
@@ -309,6 +314,7 @@ impl Session {
         }
         if self.due.is_some_and(|due| now >= due) {
             self.due = None;
+            self.last_live = Some(now);
             let cursor = Cursor {
                 epoch: self.epoch,
                 seq: self.peer.delivered.unwrap_or(0),
@@ -363,10 +369,13 @@ impl Session {
             Input::StableMoved(seq) => {
                 if seq > self.stable {
                     self.stable = seq;
-                    // Let commits that land together reach the device as one update
-                    // per document.
+                    // At once when the device was not caught up in the last window
+                    // (an idle relay adds no wait); otherwise at the window's end, so
+                    // that commits landing together reach it as one update per
+                    // document: at most one live catch-up per window.
                     if self.peer.delivered.is_some() && self.due.is_none() {
-                        self.due = Some(now + LIVE_COALESCE);
+                        let free = self.last_live.map_or(now, |t| t + LIVE_COALESCE);
+                        self.due = Some(free.max(now));
                     }
                 }
             }

@@ -190,24 +190,50 @@ fn a_catch_up_sends_what_is_lacking_then_caught_and_goes_live() {
     assert!(matches!(m[1], Message::Caught(c) if c.seq == 5 && c.epoch == EPOCH));
     assert!(matches!(a.last(), Some(Action::Delivered(5))));
     assert_eq!(s.peer().known.get(&day()), heads);
-    // Live: a move of the stable sequence is caught up after the coalescing window.
+    // Live: the first move of the stable sequence after a quiet window is caught up at
+    // once (no wait on an idle relay)...
     s.handle(t0, Input::StableMoved(6));
     assert!(actions(&mut s).is_empty());
+    assert_eq!(s.poll_timeout(), Some(t0));
+    s.handle_timeout(t0);
+    let a = actions(&mut s);
+    assert!(matches!(
+        a[..],
+        [Action::Query(Query::ChangedInScope {
+            after: 5,
+            upto: 6,
+            ..
+        })]
+    ));
+    s.handle(t0, Input::Answer(Answer::Changed(vec![])));
+    actions(&mut s);
+    // ...and the moves within the window after it together at the window's end.
+    let t1 = t0 + LIVE_COALESCE / 4;
+    s.handle(t1, Input::StableMoved(7));
+    s.handle(t1, Input::StableMoved(8));
+    assert!(actions(&mut s).is_empty());
     assert_eq!(s.poll_timeout(), Some(t0 + LIVE_COALESCE));
-    s.handle(t0, Input::StableMoved(7));
+    s.handle_timeout(t1);
+    assert!(actions(&mut s).is_empty(), "not before the window ends");
     s.handle_timeout(t0 + LIVE_COALESCE);
     let a = actions(&mut s);
     assert!(
         matches!(
             a[..],
             [Action::Query(Query::ChangedInScope {
-                after: 5,
-                upto: 7,
+                after: 6,
+                upto: 8,
                 ..
             })]
         ),
         "both moves in one catch-up, from where the device is"
     );
+    // A move after a quiet window: at once again.
+    s.handle(t0 + LIVE_COALESCE, Input::Answer(Answer::Changed(vec![])));
+    actions(&mut s);
+    let t2 = t0 + 3 * LIVE_COALESCE;
+    s.handle(t2, Input::StableMoved(9));
+    assert_eq!(s.poll_timeout(), Some(t2));
 }
 
 #[test]
