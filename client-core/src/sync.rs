@@ -378,6 +378,11 @@ struct Flight {
     /// Dirty documents changed by more than bundles (a whole document, a resync merge).
     merged: HashSet<DocId>,
     pushed: HashSet<DocId>,
+    /// Documents written while their last push was still in flight (live mode): once
+    /// that push is answered they go out again, or a write waits for the next one.
+    written_in_flight: HashSet<DocId>,
+    /// A push of a document in `written_in_flight` was answered: push again.
+    repush: bool,
     updated: HashSet<DocId>,
     resynced: HashSet<DocId>,
     report: SyncReport,
@@ -395,6 +400,9 @@ impl Flight {
     fn answered(&mut self, doc: &DocId) -> Option<(Vec<ChangeHash>, u64)> {
         let pushed = self.in_flight.remove(doc)?;
         self.progress.docs_done += 1;
+        if self.written_in_flight.remove(doc) {
+            self.repush = true;
+        }
         Some(pushed)
     }
 
@@ -719,6 +727,9 @@ impl Client {
                 if f.resync.as_ref().is_some_and(DeviceResync::is_finished) {
                     self.finish_resync(&mut f)?;
                 }
+                if is_live && std::mem::take(&mut f.repush) {
+                    self.push_dirty(&mut f, &mut wire).await?;
+                }
                 if is_live && f.settled() {
                     self.persist(&mut f, &cursor_key)?;
                 }
@@ -881,6 +892,7 @@ impl Client {
                 if f.in_flight.contains_key(&id)
                     || f.resync.as_ref().is_some_and(|r| r.contains(&id))
                 {
+                    f.written_in_flight.insert(id);
                     continue;
                 }
                 let Some(doc) = self.load(&mut docs, &id)? else {
@@ -1185,6 +1197,11 @@ impl Client {
             let has = f.relay_has.entry(s.id.clone()).or_default();
             union_heads(has, &s.doc.get_heads());
             f.batch.acked.push((s.id, has.clone()));
+        }
+        // Writes made during the exchange go out as an ordinary push.
+        if !f.written_in_flight.is_empty() && f.resync.is_none() {
+            f.written_in_flight.clear();
+            f.repush = true;
         }
         Ok(())
     }

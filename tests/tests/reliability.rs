@@ -562,6 +562,50 @@ async fn a_phone_hanging_up_while_the_relay_writes_its_push_stalls_nobody() -> a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_made_while_the_last_push_is_in_flight_still_goes_out_live() -> anyhow::Result<()> {
+    // A live phone writes again before the relay acknowledged its last push of the same
+    // document (the relay's writes are slow here). The second write must follow once
+    // the first is answered, not wait for a third write.
+    let root = tempfile::tempdir()?;
+    let slow = Arc::new(AtomicU64::new(0));
+    let relay = faulty_relay(root.path(), &Arc::default(), &Arc::default(), &slow).await?;
+    let phone = |name: &str| {
+        device(
+            relay.data_dir(),
+            &root.path().join(name),
+            name,
+            endpoint(&relay),
+            Role::Volunteer,
+        )
+    };
+    let (a, b) = (phone("ana"), phone("bao"));
+    let mut live = a.go_live()?;
+    tokio::time::timeout(Duration::from_secs(10), live.reports.recv())
+        .await?
+        .expect("first flight")?;
+    slow.store(400, Ordering::SeqCst);
+    a.add_to_tally(&team("team-1"), &day(), "count", 1)?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.add_to_tally(&team("team-1"), &day(), "count", 1)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        b.sync().await?;
+        if count(&b) == Some(2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second write never left the live phone: {:?}",
+            count(&b)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    live.stop().await;
+    relay.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_cleanly_and_phones_reconnect_later() -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
     let relay_dir = root.path().join("relay");

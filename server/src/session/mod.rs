@@ -366,19 +366,7 @@ impl Session {
                 self.send(reply(doc, result));
                 self.answer_pending_pull();
             }
-            Input::StableMoved(seq) => {
-                if seq > self.stable {
-                    self.stable = seq;
-                    // At once when the device was not caught up in the last window
-                    // (an idle relay adds no wait); otherwise at the window's end, so
-                    // that commits landing together reach it as one update per
-                    // document: at most one live catch-up per window.
-                    if self.peer.delivered.is_some() && self.due.is_none() {
-                        let free = self.last_live.map_or(now, |t| t + LIVE_COALESCE);
-                        self.due = Some(free.max(now));
-                    }
-                }
-            }
+            Input::StableMoved(seq) => self.stable = self.stable.max(seq),
             Input::Answer(answer) => self.on_answer(answer),
             Input::Revoked => {
                 let id = self.peer.scope.claims().id;
@@ -401,6 +389,22 @@ impl Session {
                 }
             }
             Input::TransferFailed(e) => self.close(e),
+        }
+        self.schedule_live(now);
+    }
+
+    /// A device caught up before and behind the stable sequence now, with no catch-up
+    /// running or due, gets one: at once when it was not caught up in the last window
+    /// (an idle relay adds no wait), otherwise at the window's end, so that commits
+    /// landing together reach it as one update per document. Checked after every input,
+    /// so commits that landed while a catch-up ran (the first one included) are not left
+    /// waiting for the next commit.
+    fn schedule_live(&mut self, now: Instant) {
+        let behind = self.peer.delivered.is_some_and(|d| d < self.stable);
+        let idle = matches!(self.catch_up, CatchUp::Idle) && self.again.is_none();
+        if !self.closed && behind && idle && self.due.is_none() {
+            let free = self.last_live.map_or(now, |t| t + LIVE_COALESCE);
+            self.due = Some(free.max(now));
         }
     }
 

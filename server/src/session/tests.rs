@@ -237,6 +237,38 @@ fn a_catch_up_sends_what_is_lacking_then_caught_and_goes_live() {
 }
 
 #[test]
+fn commits_landing_during_a_catch_up_are_caught_up_after_it() {
+    // The first catch-up runs up to the stable sequence it started at; a commit landing
+    // while it runs must reach the device after it, not wait for the next commit.
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.handle(t0, Input::Message(pull(None)));
+    actions(&mut s);
+    s.handle(t0, Input::StableMoved(6));
+    assert!(actions(&mut s).is_empty(), "one catch-up at a time");
+    s.handle(t0, Input::Answer(Answer::Changed(vec![])));
+    let a = actions(&mut s);
+    assert!(matches!(sent(&a)[..], [Message::Caught(c)] if c.seq == 5));
+    assert_eq!(s.poll_timeout(), Some(t0), "the commit at 6 is due at once");
+    s.handle_timeout(t0);
+    assert!(matches!(
+        actions(&mut s)[..],
+        [Action::Query(Query::ChangedInScope {
+            after: 5,
+            upto: 6,
+            ..
+        })]
+    ));
+    // The same for a live catch-up: a move while it runs is due at its window's end.
+    let t1 = t0 + LIVE_COALESCE / 2;
+    s.handle(t1, Input::StableMoved(7));
+    assert!(actions(&mut s).is_empty());
+    s.handle(t1, Input::Answer(Answer::Changed(vec![])));
+    actions(&mut s);
+    assert_eq!(s.poll_timeout(), Some(t0 + LIVE_COALESCE));
+}
+
+#[test]
 fn a_cursor_the_relay_cannot_honour_means_resync() {
     let t0 = Instant::now();
     let mut s = session(t0);
