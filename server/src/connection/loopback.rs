@@ -36,6 +36,8 @@ pub struct Loopback {
 /// One device's connection to a [`Loopback`] relay.
 pub struct Link {
     session: Session,
+    /// Says when a commit in the device's subscription became stable.
+    interest: crate::hub::fanout::Interest,
 }
 
 /// What the relay does towards the device, in order.
@@ -113,6 +115,8 @@ impl Loopback {
             .map_err(|e| refusal(redline_proto::ErrorCode::INTERNAL, e.to_string()))?;
         let mut peer = new_peer(&hello, scope, g.granted, g.synced_before, g.quarantined);
         peer.accepts_chunks = accepts_chunks(ext, version);
+        // Registered before the stable sequence is read, as the QUIC driver does.
+        let interest = self.relay.hub.interest(peer.subscription.clone());
         let session = Session::new(
             peer,
             session_limits(&self.config),
@@ -121,7 +125,7 @@ impl Loopback {
             now,
             now + expires_in,
         );
-        Ok((Link { session }, g.frame))
+        Ok((Link { session, interest }, g.frame))
     }
 
     /// Something happened on `link` at `now` (a message from the device, the device
@@ -132,9 +136,12 @@ impl Loopback {
         self.perform(link, now).await
     }
 
-    /// Time passed and the feed may have moved: live catch-ups, token expiry.
+    /// Time passed and the feed may have moved: live catch-ups (when a commit in the
+    /// device's subscription became stable, as over QUIC), token expiry.
     pub async fn tick(&self, link: &mut Link, now: Instant) -> Vec<Out> {
-        link.session.handle(now, Input::StableMoved(self.stable()));
+        if link.interest.take() {
+            link.session.handle(now, Input::StableMoved(self.stable()));
+        }
         if link.session.poll_timeout().is_some_and(|t| t <= now) {
             link.session.handle_timeout(now);
         }

@@ -400,6 +400,8 @@ async fn run(
     let mut peer = new_peer(&hello, scope, granted, synced_before, quarantined);
     peer.accepts_chunks = accepts_chunks;
     let session_limits = session_limits(&config);
+    // Registered before the stable sequence is read: no commit falls between the two.
+    let interest = relay.hub.interest(peer.subscription.clone());
     let mut stable = relay.hub.stable();
     let mut session = Session::new(
         peer,
@@ -425,6 +427,7 @@ async fn run(
         Inputs {
             inbox: &mut inbox,
             stable: &mut stable,
+            interest: &interest,
             revocations: &mut revocations,
         },
         &authority,
@@ -606,12 +609,14 @@ fn spawn_reader(
 struct Inputs<'a> {
     inbox: &'a mut mpsc::Receiver<Result<Message, Error>>,
     stable: &'a mut tokio::sync::watch::Receiver<u64>,
+    /// Wakes the session when a commit in its subscription became stable.
+    interest: &'a crate::hub::fanout::Interest,
     revocations: &'a mut tokio::sync::watch::Receiver<u64>,
 }
 
 /// Runs `session` until it ends: performs its actions, then waits for the next input
-/// (a frame, a commit done, the stable sequence moving, a timer, a revocation, a stream
-/// or an upload ending) and feeds it in with `now`.
+/// (a frame, a commit done, a commit in its subscription becoming stable, a timer, a
+/// revocation, a stream or an upload ending) and feeds it in with `now`.
 async fn drive(
     session: &mut Session,
     driver: &mut Driver,
@@ -651,10 +656,7 @@ async fn drive(
                     continue;
                 }
             },
-            changed = inputs.stable.changed() => {
-                if changed.is_err() {
-                    break Ok(());
-                }
+            _ = inputs.interest.changed() => {
                 Input::StableMoved(*inputs.stable.borrow_and_update())
             }
             _ = tokio::time::sleep_until(timer.unwrap_or_else(tokio::time::Instant::now)), if timer.is_some() => {

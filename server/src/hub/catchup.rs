@@ -220,12 +220,8 @@ impl Hub {
             }
         }
         if old.is_some() {
-            // On a shared feed the follower keeps the recent entries: no round trip.
-            let kept = if self.shared {
-                self.recent.lock().expect("recent lock").window(after, upto)
-            } else {
-                None
-            };
+            // The feed's last entries are kept in memory: no round trip.
+            let kept = self.recent.lock().expect("recent lock").window(after, upto);
             let entries = match kept {
                 Some(entries) => entries,
                 None => self.blocking(move |s| s.feed(after, upto)).await?,
@@ -367,5 +363,55 @@ mod tests {
             assert_eq!(heads, second.1, "the heads after the window's last commit");
             assert_ne!(heads, third.1);
         }
+    }
+
+    /// A commit wakes the live sessions whose subscription covers its document and no
+    /// other, and a catch-up over the commit's window lists it from memory (the feed's
+    /// recent entries), the same documents storage lists.
+    #[tokio::test]
+    async fn a_commit_wakes_only_the_sessions_it_concerns() {
+        use crate::storage::Documents;
+        use redline_proto::message::Subscription;
+        let storage = Arc::new(MemoryStorage::new(7));
+        let hub = Hub::new(storage.clone(), 1 << 20).unwrap();
+        let zone = |z: &str| redline_proto::ZoneId::new(z).unwrap();
+        let watching = |z: &str| {
+            Coverage::new(Subscription {
+                zones: vec![zone(z)],
+                ..Default::default()
+            })
+        };
+        let (one, two) = (
+            hub.interest(watching("zone-1")),
+            hub.interest(watching("zone-2")),
+        );
+        assert_eq!(hub.live_sessions(), 2);
+        let id = DocId::parse("households/zone-1").unwrap();
+        let mut doc = Automerge::new().with_actor(ActorId::from([1u8; 16]));
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "k", 1).unwrap();
+        tx.commit();
+        let c = hub
+            .push(&id, &author(), doc.get_changes(&[]))
+            .await
+            .unwrap();
+        assert!(one.take(), "zone-1's session is woken");
+        assert!(!two.take(), "zone-2's session is not");
+        assert_eq!(*hub.stable().borrow(), c.seq, "woken after the move");
+        let scope = watching("zone-1");
+        let listed = hub
+            .changed_in_scope(&scope, 0, c.seq, Some(&scope))
+            .await
+            .unwrap();
+        assert_eq!(listed, vec![id.clone()]);
+        let stored: Vec<DocId> = storage
+            .feed(0, c.seq)
+            .unwrap()
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        assert_eq!(listed, stored);
+        drop(one);
+        assert_eq!(hub.live_sessions(), 1);
     }
 }

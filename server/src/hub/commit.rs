@@ -326,7 +326,7 @@ impl Hub {
                 .persist_shared(id, slot, state, new_hashes, chunk)
                 .await;
         }
-        let seq = self.seq.lock().expect("seq lock").begin();
+        let seq = self.seq.lock().expect("seq lock").begin(id.clone());
         let wire: Vec<[u8; 32]> = heads.iter().map(|h| h.0).collect();
         let key = id.clone();
         let chunk_len = chunk.len();
@@ -338,7 +338,7 @@ impl Hub {
             Ok(()) => self.flush().await,
             Err(e) => Err(e),
         };
-        self.finish_seq(seq);
+        self.finish_seq(seq, result.is_ok());
         match result {
             Ok(()) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -535,16 +535,31 @@ impl Hub {
         Ok(())
     }
 
-    fn finish_seq(&self, seq: u64) {
-        let moved = self.seq.lock().expect("seq lock").finish(seq);
-        if let Some(stable) = moved {
+    /// The commit with `seq` is durable (`written`) or failed. When the stable sequence
+    /// moves: the feed's recent entries learn the commits (in order: under the feed's
+    /// lock), the stable sequence is published, then the sessions they concern are woken
+    /// (after, so that a woken session reads a stable sequence that covers them).
+    fn finish_seq(&self, seq: u64, written: bool) {
+        let moved = {
+            let mut feed = self.seq.lock().expect("seq lock");
+            let moved = feed.finish(seq, written);
+            if let Some(m) = &moved {
+                self.recent
+                    .lock()
+                    .expect("recent lock")
+                    .extend(m.from, &m.entries, m.stable);
+            }
+            moved
+        };
+        if let Some(m) = moved {
             self.stable.send_if_modified(|v| {
-                let forward = stable > *v;
+                let forward = m.stable > *v;
                 if forward {
-                    *v = stable;
+                    *v = m.stable;
                 }
                 forward
             });
+            self.fanout.committed(m.entries.iter().map(|(_, d)| d));
         }
     }
 

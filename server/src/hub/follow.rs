@@ -27,10 +27,12 @@ pub const REREAD: Duration = Duration::from_millis(500);
 /// Feed entries kept in memory for catch-ups ([`Recent`]).
 const RECENT_ENTRIES: usize = 16_384;
 
-/// The last feed entries the follower read, with consecutive sequences: a catch-up
-/// over a window inside them (every live catch-up, most others) is answered without a
-/// round trip to the database. The feed has no gaps and the follower reads it in
-/// order, so the entries from `first` on are every commit, not a sample.
+/// The feed's last stable entries, with consecutive sequences: a catch-up over a
+/// window inside them (every live catch-up, most others) is answered without a read
+/// of storage. On a shared feed the follower adds what it reads (the feed has no
+/// gaps); on a relay's own feed each commit is added as it becomes stable, and a failed
+/// commit (a gap) starts the entries over after it. The entries from `first` on are
+/// every commit, not a sample.
 #[derive(Debug)]
 pub(super) struct Recent {
     /// The sequence of `entries[0]`.
@@ -47,9 +49,10 @@ impl Recent {
         }
     }
 
-    /// Adds the entries read after `known` (in order, consecutive). Anything else
-    /// starts over after them (windows before fall back to storage).
-    fn extend(&mut self, known: u64, read: &[(u64, DocId)], head: u64) {
+    /// Adds the entries read after `known` up to `head` (in order, consecutive).
+    /// Anything else (a gap: a failed commit on a relay's own feed) starts over after
+    /// them (windows before fall back to storage).
+    pub(super) fn extend(&mut self, known: u64, read: &[(u64, DocId)], head: u64) {
         let mut next = self.first + self.entries.len() as u64;
         if known != next - 1 {
             *self = Self::new(known);
@@ -153,6 +156,7 @@ impl Hub {
             }
             forward
         });
+        self.fanout.committed(entries.iter().map(|(_, d)| d));
         Ok(())
     }
 }

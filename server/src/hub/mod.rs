@@ -13,9 +13,14 @@
 //! - **Change feed.** Each commit takes the next sequence number. The *stable* sequence is
 //!   the highest one below which every commit is durable; devices are only ever told
 //!   about stable sequences, so a cursor never skips a commit still in flight.
+//! - **Live fan-out.** When the stable sequence moves, only the sessions whose
+//!   subscription covers a document that became stable are woken ([`fanout`]); the
+//!   last entries of the feed stay in memory ([`follow::Recent`]), so a live catch-up
+//!   lists its window without a storage read.
 
 mod catchup;
 mod commit;
+pub mod fanout;
 pub mod feed;
 mod follow;
 pub mod plan;
@@ -31,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use automerge::{ActorId, Automerge, Change, ChangeHash};
+use redline_proto::message::Coverage;
 use redline_proto::{DeviceId, DocId};
 use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot, watch};
 use tracing::{debug, warn};
@@ -97,8 +103,11 @@ pub struct Hub {
     followed: AtomicU64,
     /// Shared feed: wakes the follower (this relay flushed a commit).
     kick: Arc<tokio::sync::Notify>,
-    /// Shared feed: the entries the follower read last, for catch-ups.
+    /// The feed's last stable entries (read by the follower on a shared feed, taken
+    /// from this relay's commits otherwise), for catch-ups.
     recent: Mutex<follow::Recent>,
+    /// Live sessions' subscriptions: whom a commit wakes.
+    fanout: Arc<fanout::Fanout>,
     /// Documents being loaded into the cache: one load each at a time.
     loading: Mutex<HashMap<DocId, Arc<AsyncMutex<()>>>>,
 }
@@ -152,6 +161,7 @@ impl Hub {
             followed: AtomicU64::new(last),
             kick: Arc::new(tokio::sync::Notify::new()),
             recent: Mutex::new(follow::Recent::new(last)),
+            fanout: Arc::default(),
             loading: Mutex::new(HashMap::new()),
         });
         if shared {
@@ -212,6 +222,18 @@ impl Hub {
     /// Watches the stable feed sequence.
     pub fn stable(&self) -> watch::Receiver<u64> {
         self.stable.subscribe()
+    }
+
+    /// Registers a live session whose subscription is `coverage`: it is woken when a
+    /// commit it covers becomes stable (register before reading the stable sequence,
+    /// so that no commit falls between the two).
+    pub fn interest(&self, coverage: Coverage) -> fanout::Interest {
+        self.fanout.register(coverage)
+    }
+
+    /// Sessions registered for live fan-out now.
+    pub fn live_sessions(&self) -> usize {
+        self.fanout.len()
     }
 
     /// Makes every write so far durable (coalesced with other callers).

@@ -1034,13 +1034,13 @@ impl World {
             v.device.clone(),
             v.member.clone(),
             v.actor.clone(),
-            !v.acked.is_empty(),
+            v.actor_published(),
         );
         let h = self.hostile.as_ref().expect("checked");
         let (actor, message) = match kind {
             // Another member's name on the change.
             0 => (h.actor.clone(), format!("{v_member}@{v_device}")),
-            // Another phone's actor (once bound to it).
+            // Another phone's actor (once bound to it and public).
             1 if v_acked => (v_actor, format!("{}@{}", h.member, h.device)),
             // A tally under another device.
             _ => (h.actor.clone(), format!("{}@{}", h.member, h.device)),

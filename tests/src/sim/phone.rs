@@ -223,6 +223,18 @@ impl Phone {
         }
     }
 
+    /// Whether the relay acknowledged a change by this phone's actor: from then on the
+    /// actor is public (teammates receive its changes), so a forger can copy it. An
+    /// acknowledged genesis alone publishes nothing.
+    pub fn actor_published(&self) -> bool {
+        self.docs.values().any(|d| {
+            self.acked.iter().any(|h| {
+                d.get_change_meta_by_hash(h)
+                    .is_some_and(|c| *c.actor == self.actor)
+            })
+        })
+    }
+
     /// The relay acknowledged the oldest push in flight for `doc`.
     pub fn acked(&mut self, doc: &DocId) {
         if let Some(i) = self.in_flight.iter().position(|(d, _)| d == doc) {
