@@ -1257,6 +1257,15 @@ impl Client {
             batch.cursor = Some((cursor_key.to_owned(), bytes));
         }
         let changed: Vec<DocId> = batch.docs.iter().map(|(id, _)| id.clone()).collect();
+        // What arrived is visible (the live copies hold it) before this device's flush:
+        // the relay holds it durably, and a crash before the flush only means it arrives
+        // again (the cursor moves with the flush, never before it).
+        for id in &changed {
+            let _ = self.inner.changes.send(crate::client::DocChange {
+                doc: id.clone(),
+                origin: crate::client::ChangeOrigin::Sync,
+            });
+        }
         if !batch.is_empty()
             && let Err(e) = self.inner.store.write_batch(&batch)
         {
@@ -1273,12 +1282,6 @@ impl Client {
             self.stored_as(&id, heads);
         }
         self.compact_heavy(&changed);
-        for id in changed {
-            let _ = self.inner.changes.send(crate::client::DocChange {
-                doc: id,
-                origin: crate::client::ChangeOrigin::Sync,
-            });
-        }
         for id in f.applied_transfers.drain(..) {
             self.inner.store.drop_transfer(&id)?;
         }

@@ -187,6 +187,22 @@ mod tests {
         assert!(!covers("ledger/t4/2026-11-29"), "another team");
         assert!(covers("households/z1") && covers("households/z9") && !covers("households/z2"));
         assert!(covers("roster/org") && !covers("roster/other"));
+        // The prepared form answers the same, with the kind parsed beforehand.
+        let c = Coverage::new(s.clone());
+        for id in [
+            "ledger/t3/2026-11-23",
+            "ledger/t3/2026-11-22",
+            "ledger/t4/2026-11-29",
+            "households/z1",
+            "households/z9",
+            "households/z2",
+            "roster/org",
+            "roster/other",
+        ] {
+            let d = DocId::parse(id).unwrap();
+            assert_eq!(c.covers_parsed(&d, &d.kind()), covers(id), "{id}");
+            assert_eq!(c.covers(&d), covers(id), "{id}");
+        }
     }
 }
 
@@ -272,11 +288,15 @@ impl Subscription {
     }
 
     fn covers_by_kind(&self, doc: &DocId) -> bool {
-        match doc.kind() {
-            DocKind::Roster(org) => self.org.as_ref() == Some(&org),
-            DocKind::Households(zone) => self.zones.contains(&zone),
+        self.covers_kind(&doc.kind())
+    }
+
+    fn covers_kind(&self, kind: &DocKind) -> bool {
+        match kind {
+            DocKind::Roster(org) => self.org.as_ref() == Some(org),
+            DocKind::Households(zone) => self.zones.contains(zone),
             DocKind::Ledger(team, day) => {
-                self.teams.contains(&team) && self.ledger_since.as_ref().is_none_or(|s| day >= *s)
+                self.teams.contains(team) && self.ledger_since.as_ref().is_none_or(|s| day >= s)
             }
         }
     }
@@ -300,6 +320,12 @@ impl Coverage {
     /// Whether `doc` is in the subscription (a set lookup, then the kind rule).
     pub fn covers(&self, doc: &DocId) -> bool {
         self.docs.contains(doc) || self.subscription.covers_by_kind(doc)
+    }
+
+    /// [`covers`](Self::covers) for a document whose kind was parsed once already (the
+    /// relay's fan-out asks every live session about the same few documents).
+    pub fn covers_parsed(&self, doc: &DocId, kind: &DocKind) -> bool {
+        self.docs.contains(doc) || self.subscription.covers_kind(kind)
     }
 
     /// The subscription itself.

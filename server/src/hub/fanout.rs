@@ -15,8 +15,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use redline_proto::DocId;
 use redline_proto::message::Coverage;
+use redline_proto::{DocId, DocKind};
 use tokio::sync::Notify;
 
 /// One session's wake-up: a flag (for drivers that poll) and a notification (for
@@ -67,11 +67,21 @@ impl Fanout {
         }
     }
 
-    /// `docs` were committed (and are stable): wakes every session covering one.
-    pub fn committed<'a>(&self, docs: impl Iterator<Item = &'a DocId> + Clone) {
+    /// `docs` were committed (and are stable): wakes every session covering one. Each
+    /// document's kind is parsed once, not once per session.
+    pub fn committed<'a>(&self, docs: impl Iterator<Item = &'a DocId>) {
+        let mut parsed: Vec<(&DocId, DocKind)> = Vec::new();
+        for d in docs {
+            if !parsed.iter().any(|(p, _)| *p == d) {
+                parsed.push((d, d.kind()));
+            }
+        }
+        if parsed.is_empty() {
+            return;
+        }
         let watchers = self.watchers.lock().expect("fanout lock");
         for w in watchers.values() {
-            if docs.clone().any(|d| w.coverage.covers(d)) {
+            if parsed.iter().any(|(d, k)| w.coverage.covers_parsed(d, k)) {
                 w.signal.raise();
             }
         }
