@@ -533,17 +533,27 @@ async fn three_relays_on_one_database_serve_one_team() -> anyhow::Result<()> {
     let max = pg.psql(db, "SELECT max(seq) FROM redline_feed")?;
     let head = pg.psql(db, "SELECT seq FROM redline_feed_head")?;
     assert_eq!((&count, &max), (&head, &head), "feed count, max and head");
-    let mut sums = [0.0; 2];
+    let mut sums = [0.0; 3];
     for r in &relays {
         sums[0] += r.metric("redline_commit_conflicts_total")?;
         sums[1] += r.metric("redline_commits_taken_in_total")?;
+        sums[2] += r.metric("redline_changes_applied_total")?;
     }
-    let [conflicts, taken_in] = sums;
+    let [conflicts, taken_in, applied] = sums;
     eprintln!(
         "{count} commits, {conflicts} batches applied again after a conflict, \
-         {taken_in} commits of other relays applied to cached documents"
+         {taken_in} commits of other relays applied to cached documents, \
+         {applied} changes committed"
     );
     assert!(taken_in > 0.0, "the relays took in each other's commits");
+    // Every change of the document was committed through exactly one relay, once: a
+    // batch applied again after a conflict is not counted twice.
+    let stored = a
+        .document(&id)?
+        .expect("the document")
+        .get_changes(&[])
+        .len();
+    assert_eq!(applied, stored as f64, "changes counted by the relays");
     Ok(())
 }
 

@@ -316,9 +316,6 @@ impl Hub {
                 .map(|c| c.hash())
                 .collect(),
         };
-        self.stats
-            .changes
-            .fetch_add(new.len() as u64, Ordering::Relaxed);
         let new_hashes = new.clone();
         let chunk = Arc::new(make_bundle(&state.doc, new)?);
         if self.shared {
@@ -341,7 +338,7 @@ impl Hub {
         self.finish_seq(seq, result.is_ok());
         match result {
             Ok(()) => {
-                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.count_commit(new_hashes.len());
                 state.remember(seq, new_hashes, chunk, state.doc.get_heads());
                 state.chunks += 1;
                 slot.stored_bytes.fetch_add(chunk_len, Ordering::Relaxed);
@@ -356,6 +353,15 @@ impl Hub {
                 Err(e)
             }
         }
+    }
+
+    /// A commit of `changes` changes is durable: counted once (a batch that failed, or
+    /// met another relay's commit and was applied again, counts only when it lands).
+    fn count_commit(&self, changes: usize) {
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .changes
+            .fetch_add(changes as u64, Ordering::Relaxed);
     }
 
     /// [`persist_new`](Self::persist_new) on a shared feed: storage hands out the
@@ -395,7 +401,7 @@ impl Hub {
         };
         match result {
             Ok(seq) => {
-                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.count_commit(new_hashes.len());
                 slot.stored_bytes.fetch_add(chunk.len(), Ordering::Relaxed);
                 state.remember(seq, new_hashes, chunk, state.doc.get_heads());
                 state.chunks += 1;

@@ -51,7 +51,7 @@ pub struct HubStats {
     pub commits: AtomicU64,
     /// Pushes merged into those commits.
     pub pushes: AtomicU64,
-    /// Changes applied.
+    /// Changes in durable commits (a batch applied again after a conflict counts once).
     pub changes: AtomicU64,
     /// Flushes performed.
     pub flushes: AtomicU64,
