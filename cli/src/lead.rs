@@ -34,7 +34,7 @@ fn sync_failure(e: redline_client::Error) -> anyhow::Error {
             format!("{e}\ncheck the fingerprint the relay prints at start, then `redline login` again"),
         )
         .into(),
-        E::Transport(_) => Failure::new(
+        E::Transport { .. } => Failure::new(
             UNREACHABLE,
             format!("{e}\nnothing was lost; check the network and the relay address, then retry"),
         )

@@ -790,7 +790,7 @@ impl Client {
 /// deployment may serve), rather than refused what was sent.
 fn fails_over(e: &Error) -> bool {
     match e {
-        Error::Transport(_) => true,
+        Error::Transport { .. } => true,
         Error::Refused { code, .. } => *code == redline_proto::ErrorCode::SHUTTING_DOWN,
         _ => false,
     }

@@ -191,9 +191,7 @@ impl Client {
         match (answer, reply) {
             (Message::Error(r), _) | (_, Some(Message::Error(r))) => Err(refused(r)),
             (Message::Welcome(_), Some(Message::Devices(list))) => Ok(list),
-            _ => Err(Error::Transport(
-                "the relay did not answer the request".into(),
-            )),
+            _ => Err(Error::transport("the relay did not answer the request")),
         }
     }
 
@@ -233,9 +231,7 @@ impl Client {
             (Message::Welcome(_), Some(Message::Quarantine(remaining))) => {
                 Ok(QuarantineReview { remaining, refused })
             }
-            _ => Err(Error::Transport(
-                "the relay did not answer the request".into(),
-            )),
+            _ => Err(Error::transport("the relay did not answer the request")),
         }
     }
 
@@ -248,10 +244,7 @@ impl Client {
         then: Option<Message>,
     ) -> Result<(Message, Option<Message>, Vec<ErrorReport>), Error> {
         let (_endpoint, conn) = crate::transport::open_connection(relay).await?;
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| Error::Transport(e.to_string()))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(Error::network)?;
         let hello = Message::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
             device: self.inner.identity.device.clone(),
@@ -262,7 +255,7 @@ impl Client {
         let send_one = |m: &Message| codec::encode_frame(m, codec::DEFAULT_MAX_FRAME);
         send.write_all(&send_one(&hello)?)
             .await
-            .map_err(|e| Error::Transport(e.to_string()))?;
+            .map_err(Error::network)?;
         let mut decoder = codec::FrameDecoder::new(codec::DEFAULT_MAX_FRAME);
         let mut next = async || -> Result<Message, Error> {
             loop {
@@ -271,8 +264,8 @@ impl Client {
                 }
                 match recv.read_chunk(64 * 1024, true).await {
                     Ok(Some(chunk)) => decoder.push(&chunk.bytes),
-                    Ok(None) => return Err(Error::Transport("the relay closed the stream".into())),
-                    Err(e) => return Err(Error::Transport(e.to_string())),
+                    Ok(None) => return Err(Error::transport("the relay closed the stream")),
+                    Err(e) => return Err(Error::network(e)),
                 }
             }
         };
@@ -282,7 +275,7 @@ impl Client {
             Some(m) if matches!(answer, Message::Welcome(_)) => {
                 send.write_all(&send_one(&m)?)
                     .await
-                    .map_err(|e| Error::Transport(e.to_string()))?;
+                    .map_err(Error::network)?;
                 loop {
                     match next().await? {
                         Message::Error(r) if r.doc.is_some() => notes.push(r),

@@ -99,8 +99,14 @@ pub enum Error {
         seen: String,
     },
     /// The network or the QUIC connection failed; local data is intact, retry later.
-    #[error("network: {0}")]
-    Transport(String),
+    #[error("network: {what}")]
+    Transport {
+        /// What failed.
+        what: String,
+        /// The underlying error (QUIC, I/O), when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// The relay spoke the protocol wrongly.
     #[error(transparent)]
     Protocol(#[from] redline_proto::Error),
@@ -114,6 +120,37 @@ pub enum Error {
         /// The relay's explanation.
         text: String,
     },
+}
+
+impl Error {
+    /// A network failure described by `what`, with no underlying error.
+    pub fn transport(what: impl Into<String>) -> Self {
+        Error::Transport {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// A network failure caused by `e` (its text says what failed; it is kept as the
+    /// source).
+    pub fn network<E: std::error::Error + Send + Sync + 'static>(e: E) -> Self {
+        Error::Transport {
+            what: e.to_string(),
+            source: Some(Box::new(e)),
+        }
+    }
+
+    /// A network failure caused by `e`, described by `what` (which should say what was
+    /// being done; `e` is kept as the source).
+    pub fn network_in<E: std::error::Error + Send + Sync + 'static>(
+        what: impl Into<String>,
+        e: E,
+    ) -> Self {
+        Error::Transport {
+            what: what.into(),
+            source: Some(Box::new(e)),
+        }
+    }
 }
 
 /// Where the relay is and how to recognise it.
@@ -356,6 +393,29 @@ impl ClientConfig {
 
 #[cfg(test)]
 mod model_tests;
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    /// A network failure keeps what caused it: an app can walk the chain (the text
+    /// still says what failed for those who only print it).
+    #[test]
+    fn network_errors_keep_their_source() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no such address");
+        let e = Error::network_in("cannot open a UDP socket on 192.0.2.1:0", io);
+        assert_eq!(
+            e.to_string(),
+            "network: cannot open a UDP socket on 192.0.2.1:0"
+        );
+        let source = std::error::Error::source(&e).expect("a source");
+        let io = source
+            .downcast_ref::<std::io::Error>()
+            .expect("the io error itself");
+        assert_eq!(io.kind(), std::io::ErrorKind::AddrNotAvailable);
+        assert!(std::error::Error::source(&Error::transport("the relay went away")).is_none());
+    }
+}
 
 #[cfg(test)]
 mod relay_order_tests {

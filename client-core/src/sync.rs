@@ -153,9 +153,7 @@ async fn write_frame(
     traffic: &Traffic,
     totals: &Traffic,
 ) -> Result<(), Error> {
-    send.write_all(frame)
-        .await
-        .map_err(|e| Error::Transport(e.to_string()))?;
+    send.write_all(frame).await.map_err(Error::network)?;
     for t in [traffic, totals] {
         t.bytes_sent
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
@@ -201,7 +199,7 @@ async fn read_frame(
         Err(quinn::ReadExactError::FinishedEarly(n)) => {
             return Err(redline_proto::Error::Truncated { have: n }.into());
         }
-        Err(quinn::ReadExactError::ReadError(e)) => return Err(Error::Transport(e.to_string())),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(Error::network(e)),
     }
     let len = codec::payload_len(header, max_frame)?;
     let mut payload = vec![0u8; len];
@@ -211,7 +209,7 @@ async fn read_frame(
                 have: HEADER_LEN + n,
             })
         }
-        quinn::ReadExactError::ReadError(e) => Error::Transport(e.to_string()),
+        quinn::ReadExactError::ReadError(e) => Error::network(e),
     })?;
     for t in [traffic, totals] {
         t.bytes_received
@@ -249,10 +247,7 @@ async fn upload(
 ) -> Result<UploadEnd, Error> {
     let id = transfer_id(&bytes);
     let len = bytes.len() as u64;
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| Error::Transport(e.to_string()))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(Error::network)?;
     let start = Upload {
         id,
         doc: doc.clone(),
@@ -265,7 +260,7 @@ async fn upload(
         Some(Message::UploadOffset(o)) if o.id == id => o.have.min(len),
         Some(Message::Error(r)) => return Ok(UploadEnd::Refused(doc, r)),
         other => {
-            return Err(Error::Transport(format!(
+            return Err(Error::transport(format!(
                 "unexpected answer to an upload: {other:?}"
             )));
         }
@@ -286,7 +281,7 @@ async fn upload(
             Some(Message::UploadOffset(o)) if o.id == id => {
                 // The relay acknowledges only bytes it was sent on this stream.
                 if o.have < acked || o.have > next {
-                    return Err(Error::Transport(format!(
+                    return Err(Error::transport(format!(
                         "the relay acknowledged {} bytes of an upload after {acked}, with {next} sent",
                         o.have
                     )));
@@ -302,7 +297,7 @@ async fn upload(
             Some(Message::Resync(d)) => return Ok(UploadEnd::Resync(d)),
             Some(Message::Error(r)) => return Ok(UploadEnd::Refused(doc, r)),
             other => {
-                return Err(Error::Transport(format!(
+                return Err(Error::transport(format!(
                     "unexpected message during an upload: {other:?}"
                 )));
             }
@@ -321,34 +316,30 @@ async fn receive_transfer(
     let mut id = None;
     while let Some(msg) = read(&mut recv, codec::DEFAULT_MAX_FRAME, &traffic, &totals).await? {
         let Message::Piece(p) = msg else {
-            return Err(Error::Transport(
-                "a transfer stream holds pieces only".into(),
-            ));
+            return Err(Error::transport("a transfer stream holds pieces only"));
         };
         if id.is_some_and(|i| i != p.id) {
-            return Err(Error::Transport("transfer piece out of place".into()));
+            return Err(Error::transport("transfer piece out of place"));
         }
         id = Some(p.id);
         // Held weakly: a finished session must not keep the store open.
         let inner = client
             .upgrade()
-            .ok_or_else(|| Error::Transport("client closed".into()))?;
+            .ok_or_else(|| Error::transport("client closed"))?;
         tokio::task::spawn_blocking(move || {
             inner.store.put_transfer_piece(&p.id, p.offset, &p.data)
         })
         .await
         .map_err(|e| Error::Store(e.to_string()))??;
     }
-    let id = id.ok_or_else(|| Error::Transport("empty transfer".into()))?;
+    let id = id.ok_or_else(|| Error::transport("empty transfer"))?;
     let inner = client
         .upgrade()
-        .ok_or_else(|| Error::Transport("client closed".into()))?;
+        .ok_or_else(|| Error::transport("client closed"))?;
     let buf = inner.store.transfer_bytes(&id)?;
     if transfer_id(&buf) != id {
         inner.store.drop_transfer(&id)?;
-        return Err(Error::Transport(
-            "transfer bytes do not match their id".into(),
-        ));
+        return Err(Error::transport("transfer bytes do not match their id"));
     }
     Ok((id, buf))
 }
@@ -520,7 +511,7 @@ impl Client {
             tokio::time::timeout(FAILOVER_WAIT, transport::connect(endpoint, relay))
                 .await
                 .map_err(|_| {
-                    Error::Transport(format!(
+                    Error::transport(format!(
                         "the relay at {} did not answer in {} s",
                         relay.addr,
                         FAILOVER_WAIT.as_secs()
@@ -537,7 +528,7 @@ impl Client {
         // so replaced like an unanswered hello, not reported as a failed sync.
         let (send, recv) = conn.open_bi().await.map_err(|e| {
             *unanswered = true;
-            Error::Transport(format!("cannot open a stream: {e}"))
+            Error::network_in(format!("cannot open a stream: {e}"), e)
         })?;
 
         // Reader, transfer and upload tasks feed the loop through channels (reads are not
@@ -553,9 +544,7 @@ impl Client {
                     let stop = !matches!(r, Ok(Some(_)));
                     let item = match r {
                         Ok(Some(m)) => Ok(m),
-                        Ok(None) => Err(Error::Transport(
-                            "the relay closed the control stream".into(),
-                        )),
+                        Ok(None) => Err(Error::transport("the relay closed the control stream")),
                         Err(e) => Err(e),
                     };
                     if in_tx.send(item).await.is_err() || stop {
@@ -667,17 +656,17 @@ impl Client {
                 tokio::select! {
                     _ = tokio::time::sleep_until(welcome_by), if !f.welcomed => {
                         *unanswered = true;
-                        return Err(Error::Transport(format!(
+                        return Err(Error::transport(format!(
                             "the relay did not answer within {} s",
                             wait.as_secs()
                         )));
                     }
                     item = inbox.recv() => {
-                        let msg = match item.unwrap_or_else(|| Err(Error::Transport("control stream ended".into()))) {
+                        let msg = match item.unwrap_or_else(|| Err(Error::transport("control stream ended"))) {
                             Ok(m) => m,
                             // Lost before any welcome (the relay gave up on a handshake it
                             // never completed): as good as unanswered, so replaced.
-                            Err(e @ Error::Transport(_)) if !f.welcomed => {
+                            Err(e @ Error::Transport { .. }) if !f.welcomed => {
                                 *unanswered = true;
                                 return Err(e);
                             }

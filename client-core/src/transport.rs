@@ -102,7 +102,7 @@ pub(crate) fn client_endpoint(relay: &SocketAddr) -> Result<quinn::Endpoint, Err
         (Ipv4Addr::UNSPECIFIED, 0).into()
     };
     quinn::Endpoint::client(bind)
-        .map_err(|e| Error::Transport(format!("cannot open a UDP socket: {e}")))
+        .map_err(|e| Error::network_in(format!("cannot open a UDP socket: {e}"), e))
 }
 
 /// How the device recognises the relay.
@@ -134,7 +134,7 @@ fn client_config(
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Transport(e.to_string()))?;
+        .map_err(Error::network)?;
     let mut tls = match trust {
         Trust::Pin(pin) => builder
             .dangerous()
@@ -153,8 +153,7 @@ fn client_config(
         }
     };
     tls.alpn_protocols = vec![redline_proto::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| Error::Transport(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(Error::network)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(10)));
@@ -196,7 +195,7 @@ async fn connect_with(
     let config = client_config(trust, mismatch.clone(), options)?;
     let connecting = endpoint
         .connect_with(config, relay.addr, &relay.server_name)
-        .map_err(|e| Error::Transport(format!("cannot connect to {}: {e}", relay.addr)))?;
+        .map_err(|e| Error::network_in(format!("cannot connect to {}: {e}", relay.addr), e))?;
     match connecting.await {
         Ok(c) => Ok(c),
         Err(e) => {
@@ -206,10 +205,10 @@ async fn connect_with(
                     seen,
                 });
             }
-            Err(Error::Transport(format!(
-                "cannot reach the relay at {}: {e}",
-                relay.addr
-            )))
+            Err(Error::network_in(
+                format!("cannot reach the relay at {}: {e}", relay.addr),
+                e,
+            ))
         }
     }
 }
@@ -229,8 +228,9 @@ pub async fn open_connection_with(
     options: &ConnectOptions,
 ) -> Result<(quinn::Endpoint, quinn::Connection), Error> {
     let endpoint = match options.bind {
-        Some(bind) => quinn::Endpoint::client(bind)
-            .map_err(|e| Error::Transport(format!("cannot open a UDP socket on {bind}: {e}")))?,
+        Some(bind) => quinn::Endpoint::client(bind).map_err(|e| {
+            Error::network_in(format!("cannot open a UDP socket on {bind}: {e}"), e)
+        })?,
         None => client_endpoint(&relay.addr)?,
     };
     let conn = connect_with(&endpoint, relay, options).await?;

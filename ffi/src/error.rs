@@ -70,7 +70,7 @@ impl From<redline_client::Error> for RedlineError {
             E::Invalid(_) | E::NoRelay => RedlineError::InvalidInput { reason },
             E::NotFound(_) => RedlineError::NotFound { reason },
             E::Store(_) | E::Sled(_) | E::Corrupt(_) => RedlineError::Storage { reason },
-            E::Transport(_) => RedlineError::Network { reason },
+            E::Transport { .. } => RedlineError::Network { reason },
             E::PinMismatch { .. } => RedlineError::CertificateMismatch { reason },
             E::Refused { code, text } => RedlineError::Refused {
                 code: code.0,

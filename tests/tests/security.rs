@@ -771,7 +771,7 @@ async fn production_tls_loads_pem_files_and_devices_trust_the_ca_or_a_pin() -> a
     )?;
     assert!(matches!(
         stranger.sync().await,
-        Err(ClientError::Transport(_))
+        Err(ClientError::Transport { .. })
     ));
     let mut wrong = endpoint(&relay);
     wrong.fingerprint = "11".repeat(32);
