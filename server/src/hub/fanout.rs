@@ -7,6 +7,10 @@
 //! other teams' commits: under steady load (500 phones writing every 10 s) that was
 //! 500 wake-ups, catch-ups and `Caught` messages per commit where 16 concern anyone.
 //!
+//! Each stable move checks every registered session's subscription (a few set lookups
+//! each): cheap for hundreds of sessions; tens of thousands on one relay would want an
+//! index by team and zone.
+//!
 //! Nothing is lost by not waking a session: its delivered sequence stays where it was,
 //! and its next catch-up (an in-scope commit, any input, a new connection) covers the
 //! whole window since, out-of-scope commits included.
