@@ -74,12 +74,12 @@ impl Fanout {
     /// `docs` were committed (and are stable): wakes every session covering one. Each
     /// document's kind is parsed once, not once per session.
     pub fn committed<'a>(&self, docs: impl Iterator<Item = &'a DocId>) {
-        let mut parsed: Vec<(&DocId, DocKind)> = Vec::new();
-        for d in docs {
-            if !parsed.iter().any(|(p, _)| *p == d) {
-                parsed.push((d, d.kind()));
-            }
-        }
+        // A follower's read can hold thousands of entries over many documents.
+        let mut seen = std::collections::HashSet::new();
+        let parsed: Vec<(&DocId, DocKind)> = docs
+            .filter(|d| seen.insert(*d))
+            .map(|d| (d, d.kind()))
+            .collect();
         if parsed.is_empty() {
             return;
         }
