@@ -11,10 +11,11 @@ use automerge::transaction::Transaction;
 use automerge::{Automerge, ChangeHash};
 use redline_proto::{Day, DocId, DocKind, MemberId};
 
+use crate::SyncReport;
 use crate::identity::{self, DeviceIdentity};
 use crate::schema::{self, Writer};
 use crate::store::{DeviceStore, DocWrite, SledStore};
-use crate::sync::{SyncReport, Traffic};
+use crate::sync::Traffic;
 use crate::{ClientConfig, Error, transport};
 
 /// A device's Redline store. Cheap to clone; all clones share one store.

@@ -26,6 +26,7 @@
 
 mod client;
 pub mod conflicts;
+pub mod device_session;
 pub mod doctor;
 pub mod households;
 mod identity;
@@ -47,6 +48,7 @@ use redline_proto::{MemberId, OrgId, TeamId, ZoneId};
 
 pub use client::{ChangeOrigin, Client, DocChange, LiveSync, Rollover};
 pub use conflicts::{Conflict, ConflictValue};
+pub use device_session::{INLINE_MAX, PIECE, SyncReport, WINDOW, hello_wait};
 pub use doctor::{Finding, QuarantineReview};
 pub use households::{
     Household, HouseholdUpdate, HouseholdsView, Need, NeedCategory, NewHousehold, NewNeed,
@@ -59,7 +61,7 @@ pub use progress::{
 };
 pub use reconcile::{MemberActivity, ReconcileView};
 pub use roster::{MemberEntry, Role, RosterView, TeamEntry};
-pub use sync::{HELLO_ATTEMPTS, INLINE_MAX, PIECE, SyncReport, WINDOW, hello_wait};
+pub use sync::HELLO_ATTEMPTS;
 pub use workflow::{Derived, NeedStatus, StatusEntry, TaskStatus};
 
 /// Everything that can go wrong on the device.

@@ -204,6 +204,22 @@ impl FrameDecoder {
         Ok(Some(msg))
     }
 
+    /// The next whole message with its extensions and the frame's length on the wire,
+    /// `Ok(None)` if more bytes are needed, or the error that makes the rest of this
+    /// stream unreadable.
+    pub fn next_frame(&mut self) -> Result<Option<(Message, Extensions, usize)>, Error> {
+        let Some(header) = self.buf.first_chunk::<HEADER_LEN>() else {
+            return Ok(None);
+        };
+        let len = payload_len(*header, self.max_frame)?;
+        let Some(frame) = self.buf.get(HEADER_LEN..HEADER_LEN + len) else {
+            return Ok(None);
+        };
+        let (msg, ext) = decode_with_extensions(frame)?;
+        self.buf.drain(..HEADER_LEN + len);
+        Ok(Some((msg, ext, HEADER_LEN + len)))
+    }
+
     /// Call at end of stream: an error if a partial frame is left over.
     pub fn finish(&self) -> Result<(), Error> {
         if self.buf.is_empty() {

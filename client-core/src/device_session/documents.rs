@@ -1,0 +1,93 @@
+//! The narrow door through which a [`DeviceSession`](super::DeviceSession) reaches the
+//! phone: its documents, what the store holds, and the data policy. The client
+//! implements it over its document cache and store; tests implement it in memory.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use automerge::{Automerge, ChangeHash};
+use redline_proto::DocId;
+
+use crate::{Error, Urgency};
+
+/// A push ready to go: the changes the relay is not known to hold, bundled.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    /// The Automerge bundle.
+    pub bytes: Arc<Vec<u8>>,
+    /// Changes in it.
+    pub changes: u64,
+    /// How much the document matters now (urgent ones go first and always go).
+    pub urgency: Urgency,
+}
+
+/// What merging bytes from the relay did to a document.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Merged {
+    /// Changes new to this phone.
+    pub new_changes: u64,
+    /// The merge left dependencies missing here (the relay assumed more than the phone
+    /// holds: a restored backup).
+    pub missing_deps: bool,
+}
+
+/// A document a sync step changed, and how to store it.
+#[derive(Clone, Debug)]
+pub struct DirtyDoc {
+    /// Which document.
+    pub id: DocId,
+    /// The bundles applied to it, in order, when only bundles changed it: appended to the
+    /// stored copy as they came (no re-encoding).
+    pub received: Option<Vec<u8>>,
+    /// Changed by more than bundles (a whole document, a resync merge): store what the
+    /// store lacks of it.
+    pub merged: bool,
+}
+
+/// What one sync step leaves to store, with one flush.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// Documents to write.
+    pub docs: Vec<DirtyDoc>,
+    /// Heads the relay holds, per document (sorted; collapsed to the document's heads once
+    /// it holds all of them).
+    pub acked: Vec<(DocId, Vec<ChangeHash>)>,
+    /// The new feed cursor (encoded) under its key, when nothing it covers is pending.
+    pub cursor: Option<(String, Vec<u8>)>,
+    /// Transfers applied, whose staged pieces go once the documents are stored.
+    pub applied_transfers: Vec<[u8; 16]>,
+    /// When the session has settled: the transfers still announced (any other staged
+    /// transfer is stale and goes).
+    pub settled_announced: Option<Vec<[u8; 16]>>,
+}
+
+/// The phone as a sync session sees it.
+pub trait Documents {
+    /// Every document the phone holds, with the heads the relay is known to hold of it.
+    fn relay_held(&self) -> Result<HashMap<DocId, Vec<ChangeHash>>, Error>;
+    /// Every document the phone holds.
+    fn ids(&self) -> Result<Vec<DocId>, Error>;
+    /// The heads of `id`, `None` if the phone does not hold it.
+    fn heads(&mut self, id: &DocId) -> Result<Option<Vec<ChangeHash>>, Error>;
+    /// The changes of `id` after `relay_has` (a bundle ending at `heads`), `None` when
+    /// there are none.
+    fn outgoing(
+        &mut self,
+        id: &DocId,
+        relay_has: &[ChangeHash],
+        heads: &[ChangeHash],
+    ) -> Result<Option<Outgoing>, Error>;
+    /// Why the data and battery policy holds back `len` bytes of `urgency` now (`large`
+    /// names it when held for its size), if it does.
+    fn held_back(&self, urgency: Urgency, len: usize, large: &str)
+    -> Result<Option<String>, Error>;
+    /// Merges `bytes` from the relay (bundles and stored chunks, or a whole saved document
+    /// when `document`) into `id`, started from its genesis if the phone lacks it.
+    fn merge_bytes(&mut self, id: &DocId, bytes: &[u8], document: bool) -> Result<Merged, Error>;
+    /// A copy of `id` for Automerge's sync protocol (empty if the phone lacks it).
+    fn copy(&mut self, id: &DocId) -> Result<Automerge, Error>;
+    /// Merges what a settled resync ended with into `id`; the changes new here.
+    fn merge_doc(&mut self, id: &DocId, doc: &mut Automerge) -> Result<u64, Error>;
+    /// Stores `step` with one flush, and makes the documents it changed visible.
+    fn store(&mut self, step: Step) -> Result<(), Error>;
+}

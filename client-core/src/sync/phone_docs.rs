@@ -1,0 +1,336 @@
+//! The client's documents, store and data policy behind the session's [`Documents`]
+//! door.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use automerge::{Automerge, ChangeHash, ReadDoc};
+use redline_proto::DocId;
+use tracing::debug;
+
+use crate::client::Client;
+use crate::device_session::{Documents, Merged, Outgoing, Step};
+use crate::store::{DocWrite, SyncBatch};
+use crate::{Error, INLINE_MAX, Urgency};
+
+/// A large push kept for the next attempt (a cut connection resumes the same bytes).
+pub(crate) struct CachedUpload {
+    doc: DocId,
+    base: Vec<ChangeHash>,
+    heads: Vec<ChangeHash>,
+    bytes: Arc<Vec<u8>>,
+    /// Changes in the bundle.
+    changes: u64,
+}
+
+/// The client as a session's [`Documents`].
+pub(crate) struct PhoneDocs<'a>(pub &'a Client);
+
+impl Documents for PhoneDocs<'_> {
+    fn relay_held(&self) -> Result<HashMap<DocId, Vec<ChangeHash>>, Error> {
+        let store = &self.0.inner.store;
+        let mut out = HashMap::new();
+        for id in store.doc_ids()? {
+            let has = store.acked_heads(&id)?.unwrap_or_default();
+            out.insert(id, has);
+        }
+        Ok(out)
+    }
+
+    fn ids(&self) -> Result<Vec<DocId>, Error> {
+        self.0.inner.store.doc_ids()
+    }
+
+    fn heads(&mut self, id: &DocId) -> Result<Option<Vec<ChangeHash>>, Error> {
+        let mut docs = self.0.docs();
+        Ok(self.0.load(&mut docs, id)?.map(|d| d.get_heads()))
+    }
+
+    fn outgoing(
+        &mut self,
+        id: &DocId,
+        relay_has: &[ChangeHash],
+        heads: &[ChangeHash],
+    ) -> Result<Option<Outgoing>, Error> {
+        let mut docs = self.0.docs();
+        let Some(doc) = self.0.load(&mut docs, id)? else {
+            return Ok(None);
+        };
+        let mut known: Vec<ChangeHash> = relay_has
+            .iter()
+            .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+            .copied()
+            .collect();
+        known.sort();
+        let mut cache = self.0.inner.upload_cache.lock().expect("upload cache lock");
+        if let Some(c) = cache
+            .as_ref()
+            .filter(|c| c.doc == *id && c.base == known && c.heads == heads)
+        {
+            return Ok(Some(Outgoing {
+                bytes: c.bytes.clone(),
+                changes: c.changes,
+                urgency: self.0.urgency(id, doc),
+            }));
+        }
+        let hashes: Vec<ChangeHash> = doc.get_changes(&known).iter().map(|c| c.hash()).collect();
+        if hashes.is_empty() {
+            return Ok(None);
+        }
+        let changes = hashes.len() as u64;
+        let bundle = doc
+            .bundle(hashes)
+            .map_err(|e| Error::Store(format!("cannot bundle {id}: {e}")))?;
+        let bytes = Arc::new(bundle.bytes().to_vec());
+        if bytes.len() > INLINE_MAX {
+            *cache = Some(CachedUpload {
+                doc: id.clone(),
+                base: known,
+                heads: heads.to_vec(),
+                bytes: bytes.clone(),
+                changes,
+            });
+        }
+        Ok(Some(Outgoing {
+            bytes,
+            changes,
+            urgency: self.0.urgency(id, doc),
+        }))
+    }
+
+    fn held_back(
+        &self,
+        urgency: Urgency,
+        len: usize,
+        large: &str,
+    ) -> Result<Option<String>, Error> {
+        self.0.held_back(urgency, len, large)
+    }
+
+    fn merge_bytes(&mut self, id: &DocId, bytes: &[u8], document: bool) -> Result<Merged, Error> {
+        let corrupt = |e: String| {
+            Error::Protocol(redline_proto::Error::BadSyncData {
+                doc: id.clone(),
+                reason: e,
+            })
+        };
+        let mut docs = self.0.docs();
+        let doc = self.0.load_or_genesis(&mut docs, id)?;
+        let before = doc.get_heads();
+        if document {
+            let mut other = Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?;
+            doc.merge(&mut other)?;
+        } else {
+            // One bundle, or several stored chunks one after another: every one is
+            // decoded, then all are applied at once.
+            let changes = chunk_changes(bytes).map_err(corrupt)?;
+            doc.apply_changes(changes)?;
+        }
+        let new_changes = if doc.get_heads() == before {
+            0
+        } else {
+            // Metadata only: extracting the changes themselves costs like a save.
+            doc.get_changes_meta(&before).len() as u64
+        };
+        Ok(Merged {
+            new_changes,
+            missing_deps: !doc.get_missing_deps(&[]).is_empty(),
+        })
+    }
+
+    fn copy(&mut self, id: &DocId) -> Result<Automerge, Error> {
+        let mut docs = self.0.docs();
+        Ok(match self.0.load(&mut docs, id)? {
+            Some(d) => d.clone(),
+            None => Automerge::new(),
+        })
+    }
+
+    fn merge_doc(&mut self, id: &DocId, doc: &mut Automerge) -> Result<u64, Error> {
+        let mut docs = self.0.docs();
+        let live = self.0.load_or_genesis(&mut docs, id)?;
+        let before = live.get_heads();
+        live.merge(doc)?;
+        Ok(if live.get_heads() == before {
+            0
+        } else {
+            live.get_changes_meta(&before).len() as u64
+        })
+    }
+
+    fn store(&mut self, step: Step) -> Result<(), Error> {
+        let client = self.0;
+        let mut batch = SyncBatch {
+            acked: step.acked,
+            cursor: step.cursor,
+            acked_at_ms: client.inner.config.clock.now_ms(),
+            ..SyncBatch::default()
+        };
+        let mut written = Vec::new();
+        {
+            let docs = client.docs();
+            for dirty in step.docs {
+                let Some(d) = docs.get(&dirty.id) else {
+                    continue;
+                };
+                let write = match dirty.received {
+                    Some(bundles) if !dirty.merged && client.is_stored(&dirty.id) => {
+                        DocWrite::Append(bundles)
+                    }
+                    _ => client.doc_write(&dirty.id, d, None),
+                };
+                match write {
+                    DocWrite::Append(chunk) if chunk.is_empty() => {}
+                    write => batch.docs.push((dirty.id.clone(), write)),
+                }
+                written.push((dirty.id, d.get_heads()));
+            }
+        }
+        let changed: Vec<DocId> = batch.docs.iter().map(|(id, _)| id.clone()).collect();
+        // What arrived is visible (the live copies hold it) before this device's flush:
+        // the relay holds it durably, and a crash before the flush only means it arrives
+        // again (the cursor moves with the flush, never before it).
+        for id in &changed {
+            let _ = client.inner.changes.send(crate::client::DocChange {
+                doc: id.clone(),
+                origin: crate::client::ChangeOrigin::Sync,
+            });
+        }
+        if !batch.is_empty()
+            && let Err(e) = client.inner.store.write_batch(&batch)
+        {
+            // Not stored: drop the cached copies so memory matches disk.
+            let mut docs = client.docs();
+            for id in &changed {
+                docs.remove(id);
+            }
+            return Err(e);
+        }
+        for (id, heads) in written {
+            client.stored_as(&id, heads);
+        }
+        client.compact_heavy(&changed);
+        let store = &client.inner.store;
+        for id in step.applied_transfers {
+            store.drop_transfer(&id)?;
+        }
+        if let Some(announced) = step.settled_announced {
+            // Partial transfers nobody announced this time are stale (the document moved on).
+            for (id, _) in store.partial_transfers()? {
+                if !announced.contains(&id) {
+                    store.drop_transfer(&id)?;
+                }
+            }
+        }
+        debug!("sync step persisted");
+        Ok(())
+    }
+}
+
+impl Client {
+    /// How much `id` matters now: open emergency or urgent needs, or today's ledger
+    /// (where duty check-ins are), come first.
+    fn urgency(&self, id: &DocId, doc: &Automerge) -> Urgency {
+        match id.kind() {
+            redline_proto::DocKind::Households(_) => {
+                let urgent = crate::households::view(doc).is_ok_and(|v| {
+                    v.needs
+                        .iter()
+                        .any(|n| n.is_open() && n.priority >= crate::Priority::Urgent)
+                });
+                if urgent {
+                    Urgency::Urgent
+                } else {
+                    Urgency::Normal
+                }
+            }
+            redline_proto::DocKind::Ledger(_, day) => {
+                let today = crate::client::day_of(self.inner.config.clock.now_ms());
+                if today.as_ref() == Some(&day) {
+                    Urgency::Urgent
+                } else {
+                    Urgency::Normal
+                }
+            }
+            redline_proto::DocKind::Roster(_) => Urgency::Normal,
+        }
+    }
+
+    /// Folds the chunks of `ids` into new snapshots where they have grown heavy. Best
+    /// effort: what the chunks hold is durable already.
+    fn compact_heavy(&self, ids: &[DocId]) {
+        for id in ids {
+            let heavy = self
+                .inner
+                .store
+                .stored(id)
+                .is_ok_and(|s| crate::store::wants_compaction(&s));
+            if !heavy {
+                continue;
+            }
+            let docs = self.docs();
+            if let Some(d) = docs.get(id)
+                && self.inner.store.save_doc(id, &d.save()).is_ok()
+            {
+                self.stored_as(id, d.get_heads());
+            }
+        }
+    }
+}
+
+/// The changes of `bytes`: one Automerge bundle, or several bundles and change chunks
+/// one after another (what a relay sends a device that says it reads them).
+fn chunk_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, String> {
+    let mut changes = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (chunk, _, after) = redline_proto::wire::split_chunk(rest)?;
+        match automerge::Bundle::try_from(chunk) {
+            Ok(b) => changes.extend(b.to_changes().map_err(|e| e.to_string())?),
+            Err(_) => changes.push(automerge::Change::try_from(chunk).map_err(|e| e.to_string())?),
+        }
+        rest = after;
+    }
+    Ok(changes)
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use automerge::transaction::Transactable;
+    use automerge::{ActorId, Automerge, ROOT};
+
+    use super::chunk_changes;
+
+    #[test]
+    fn an_update_of_several_chunks_gives_every_change_and_a_cut_one_is_refused() {
+        let mut doc = Automerge::new().with_actor(ActorId::random());
+        let mut bundles = Vec::new();
+        for i in 0..3 {
+            let before = doc.get_heads();
+            for j in 0..2 {
+                let mut tx = doc.transaction();
+                tx.put(ROOT, format!("k{i}-{j}"), i * 10 + j).unwrap();
+                tx.commit();
+            }
+            let new: Vec<_> = doc.get_changes(&before).iter().map(|c| c.hash()).collect();
+            bundles.push(doc.bundle(new).unwrap().bytes().to_vec());
+        }
+        // One change as a plain change chunk between the bundles.
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "single", 1).unwrap();
+        tx.commit();
+        let single = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
+        let mut all = bundles[0].clone();
+        all.extend_from_slice(&single);
+        all.extend_from_slice(&bundles[1]);
+        all.extend_from_slice(&bundles[2]);
+        assert_eq!(chunk_changes(&bundles[0]).unwrap().len(), 2);
+        let changes = chunk_changes(&all).unwrap();
+        assert_eq!(changes.len(), 7);
+        let mut copy = Automerge::new();
+        copy.apply_changes(changes).unwrap();
+        assert_eq!(copy.get_heads(), doc.get_heads());
+        assert!(chunk_changes(&all[..all.len() - 1]).is_err());
+        assert!(chunk_changes(&[0x85, 0x6f, 0x4a]).is_err());
+    }
+}
