@@ -28,23 +28,23 @@
 //! stores the cursor after every settled step.
 
 mod documents;
+mod report;
+mod updates;
 mod upload;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use automerge::ChangeHash;
-use automerge::sync::State as SyncState;
 use redline_proto::codec;
-use redline_proto::message::{
-    Cursor, Hello, Message, Payload, Pull, Push, Update, UploadOffset, ext,
-};
-use redline_proto::session::{DeviceResync, DocToSync, hashes_from_wire, hashes_to_wire};
+use redline_proto::message::{Cursor, Hello, Message, Pull, Push, UploadOffset, ext};
+use redline_proto::session::{DeviceResync, hashes_to_wire};
 use redline_proto::wire::union_heads;
 use redline_proto::{DocId, ErrorCode};
 
 pub use documents::{DirtyDoc, Documents, Merged, Outgoing, Step};
 pub use redline_proto::wire::INLINE_MAX;
+pub use report::SyncReport;
 pub use upload::{PIECE, UploadEnd, UploadSender, WINDOW};
 
 use crate::Error;
@@ -57,49 +57,6 @@ use crate::progress::SyncProgress;
 /// at least 5 s.
 pub fn hello_wait(rtt: Duration) -> Duration {
     (rtt * 10).max(Duration::from_secs(5))
-}
-
-/// What one sync did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SyncReport {
-    /// Documents the device holds.
-    pub docs: usize,
-    /// Documents with changes pushed to the relay.
-    pub docs_pushed: usize,
-    /// Documents that received changes from the relay.
-    pub docs_updated: usize,
-    /// Documents that needed Automerge's sync protocol (stale knowledge).
-    pub docs_resynced: usize,
-    /// Documents the relay refused, with its reason.
-    pub refused: Vec<(String, String)>,
-    /// Documents this sync did not send because of the data or battery policy, with the
-    /// reason; they go when conditions allow.
-    pub deferred: Vec<(String, String)>,
-    /// Changes the relay reported as new to it (stored before acknowledging).
-    pub changes_sent: u64,
-    /// Changes received from the relay.
-    pub changes_received: u64,
-    /// Bytes sent on all streams (frames, before QUIC and TLS overhead).
-    pub bytes_sent: u64,
-    /// Bytes received on all streams.
-    pub bytes_received: u64,
-    /// Frames sent.
-    pub frames_sent: u64,
-    /// Frames received.
-    pub frames_received: u64,
-    /// Times the device sent and then had to wait for the relay.
-    pub round_trips: u32,
-    /// Connections abandoned because the relay did not answer the device's hello in time
-    /// (a handshake stalled by lost datagrams); each was replaced by a fresh one.
-    pub reconnects: u32,
-    /// Wall time, connection set-up included.
-    pub duration: Duration,
-    /// The protocol version spoken with the relay (its `Welcome`; 0 before one).
-    pub protocol_version: u16,
-    /// The oldest and newest protocol versions the relay serves, when it says (version
-    /// 2 relays do). An app whose newest version is the relay's oldest is the last one
-    /// the relay still serves: time to update.
-    pub relay_versions: Option<(u16, u16)>,
 }
 
 /// What the driver is asked to do.
@@ -553,139 +510,6 @@ impl DeviceSession {
                 None => return Err(unexpected("unexpected", &m)),
             },
             other => return Err(unexpected("device got an unexpected", &other)),
-        }
-        Ok(())
-    }
-
-    fn apply_update(&mut self, u: Update, docs: &mut impl Documents) -> Result<(), Error> {
-        if let (Payload::Transfer { .. }, Some(why)) = (&u.payload, &self.defer_large) {
-            // Held back by the budget: the relay did not send it; ask again later.
-            self.downloads_deferred = true;
-            if !self
-                .report
-                .deferred
-                .iter()
-                .any(|(d, _)| *d == u.doc.as_str())
-            {
-                self.report.deferred.push((u.doc.to_string(), why.clone()));
-            }
-            return Ok(());
-        }
-        let heads = hashes_from_wire(&u.heads);
-        self.progress.docs_total += 1;
-        if !matches!(u.payload, Payload::Transfer { .. }) {
-            self.progress.docs_done += 1;
-        }
-        let (bytes, document) = match u.payload {
-            Payload::Bundle(b) => (b, false),
-            Payload::Document(b) => (b, true),
-            Payload::Transfer { id, document, .. } => {
-                self.announced.insert(id, (u.doc, heads, document));
-                return self.apply_transfers(docs);
-            }
-        };
-        self.apply_bytes(u.doc, &bytes, document, &heads, docs)
-    }
-
-    fn apply_transfers(&mut self, docs: &mut impl Documents) -> Result<(), Error> {
-        let ready: Vec<[u8; 16]> = self
-            .announced
-            .keys()
-            .filter(|id| self.arrived.contains_key(*id))
-            .copied()
-            .collect();
-        for id in ready {
-            let Some((doc, heads, document)) = self.announced.remove(&id) else {
-                continue;
-            };
-            let Some(bytes) = self.arrived.remove(&id) else {
-                continue;
-            };
-            self.apply_bytes(doc, &bytes, document, &heads, docs)?;
-            self.progress.docs_done += 1;
-            // Applied in memory; the staging goes once the document itself is stored.
-            self.applied_transfers.push(id);
-        }
-        Ok(())
-    }
-
-    /// Merges a bundle or a saved document into the phone's copy of `id`.
-    fn apply_bytes(
-        &mut self,
-        id: DocId,
-        bytes: &[u8],
-        document: bool,
-        relay_heads: &[ChangeHash],
-        docs: &mut impl Documents,
-    ) -> Result<(), Error> {
-        let merged = docs.merge_bytes(&id, bytes, document)?;
-        if merged.new_changes > 0 {
-            self.report.changes_received += merged.new_changes;
-            self.updated.insert(id.clone());
-            self.dirty.insert(id.clone());
-            if document {
-                self.merged.insert(id.clone());
-            } else {
-                self.received
-                    .entry(id.clone())
-                    .or_default()
-                    .extend_from_slice(bytes);
-            }
-        }
-        if merged.missing_deps {
-            // This device lacks what the relay assumed it had (a restored backup).
-            self.start_resync(id, docs)
-        } else {
-            let has = self.relay_has.entry(id.clone()).or_default();
-            union_heads(has, relay_heads);
-            self.acked.push((id, has.clone()));
-            Ok(())
-        }
-    }
-
-    fn start_resync(&mut self, id: DocId, docs: &mut impl Documents) -> Result<(), Error> {
-        let doc = docs.copy(&id)?;
-        self.resynced.insert(id.clone());
-        let d = DocToSync {
-            id,
-            doc,
-            state: SyncState::new(),
-        };
-        match self.resync.as_mut() {
-            Some(r) => r.add(d)?,
-            None => self.resync = Some(DeviceResync::new(vec![d])?),
-        }
-        Ok(())
-    }
-
-    fn finish_resync(&mut self, docs: &mut impl Documents) -> Result<(), Error> {
-        let Some(r) = self.resync.take() else {
-            return Ok(());
-        };
-        for mut s in r.finish() {
-            if let Some(e) = s.error {
-                self.report
-                    .refused
-                    .push((s.id.to_string(), format!("{}: {}", e.code, e.text)));
-                continue;
-            }
-            self.report.changes_sent += s.changes_sent;
-            let new = docs.merge_doc(&s.id, &mut s.doc)?;
-            if new > 0 {
-                self.report.changes_received += new;
-                self.dirty.insert(s.id.clone());
-                self.merged.insert(s.id.clone());
-                self.updated.insert(s.id.clone());
-            }
-            // Both sides now hold what the settled exchange ended with.
-            let has = self.relay_has.entry(s.id.clone()).or_default();
-            union_heads(has, &s.doc.get_heads());
-            self.acked.push((s.id, has.clone()));
-        }
-        // Writes made during the exchange go out as an ordinary push.
-        if !self.written_in_flight.is_empty() {
-            self.written_in_flight.clear();
-            self.repush = true;
         }
         Ok(())
     }

@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 use automerge::transaction::Transactable;
 use automerge::{ActorId, Automerge, ChangeHash, ROOT, ReadDoc};
 use redline_proto::codec::{self, HEADER_LEN};
-use redline_proto::message::{
-    Ack, Cursor, Hello, Message, Payload, Subscription, Update, Welcome,
-};
+use redline_proto::message::{Ack, Cursor, Hello, Message, Payload, Subscription, Update, Welcome};
 use redline_proto::session::hashes_to_wire;
 use redline_proto::{DeviceId, DocId, PROTOCOL_VERSION};
 
@@ -46,7 +44,12 @@ impl Documents for Phone {
         Ok(self
             .docs
             .keys()
-            .map(|id| (id.clone(), self.relay_has.get(id).cloned().unwrap_or_default()))
+            .map(|id| {
+                (
+                    id.clone(),
+                    self.relay_has.get(id).cloned().unwrap_or_default(),
+                )
+            })
             .collect())
     }
 
@@ -65,7 +68,11 @@ impl Documents for Phone {
         _heads: &[ChangeHash],
     ) -> Result<Option<Outgoing>, Error> {
         let doc = &self.docs[id];
-        let hashes: Vec<ChangeHash> = doc.get_changes(relay_has).iter().map(|c| c.hash()).collect();
+        let hashes: Vec<ChangeHash> = doc
+            .get_changes(relay_has)
+            .iter()
+            .map(|c| c.hash())
+            .collect();
         let changes = hashes.len() as u64;
         let bundle = doc.bundle(hashes).expect("bundle");
         Ok(Some(Outgoing {
@@ -218,7 +225,10 @@ fn the_cursor_waits_for_the_push_to_be_acknowledged() {
     feed(&mut s, &mut phone, a);
     assert_eq!(sent(&mut s), ["done"]);
     assert_eq!(phone.cursors(), 1);
-    assert_eq!(phone.relay_has[&ledger()], phone.docs[&ledger()].get_heads());
+    assert_eq!(
+        phone.relay_has[&ledger()],
+        phone.docs[&ledger()].get_heads()
+    );
     assert_eq!(s.report().docs_pushed, 1);
 }
 
@@ -250,7 +260,10 @@ fn a_connection_lost_before_the_welcome_counts_as_unanswered() {
     let mut s = start(&mut phone, false, Instant::now());
     feed(&mut s, &mut phone, welcome());
     s.handle_lost(Error::transport("lost"));
-    assert!(!s.unanswered(), "after a welcome a lost connection is a failure");
+    assert!(
+        !s.unanswered(),
+        "after a welcome a lost connection is a failure"
+    );
 }
 
 #[test]
@@ -276,7 +289,10 @@ fn a_live_write_made_while_its_push_is_in_flight_goes_out_once_answered() {
     let second = ack(&phone);
     feed(&mut s, &mut phone, second);
     assert!(sent(&mut s).is_empty());
-    assert_eq!(phone.relay_has[&ledger()], phone.docs[&ledger()].get_heads());
+    assert_eq!(
+        phone.relay_has[&ledger()],
+        phone.docs[&ledger()].get_heads()
+    );
 }
 
 #[test]
@@ -286,7 +302,11 @@ fn an_update_is_merged_and_a_transfer_holds_the_cursor_until_it_arrives() {
     tx.put(ROOT, "screened", 12).expect("put");
     tx.commit();
     let hashes = relay_copy.get_heads();
-    let bundle = relay_copy.bundle(hashes.clone()).expect("bundle").bytes().to_vec();
+    let bundle = relay_copy
+        .bundle(hashes.clone())
+        .expect("bundle")
+        .bytes()
+        .to_vec();
     let mut phone = Phone::default();
     let mut s = start(&mut phone, false, Instant::now());
     sent(&mut s);
@@ -326,7 +346,9 @@ fn a_large_push_becomes_an_upload_and_the_policy_can_hold_it_back() {
     let mut x: u64 = 1;
     let text: String = (0..2 * INLINE_MAX)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             char::from(b'a' + (x >> 59) as u8)
         })
         .collect();

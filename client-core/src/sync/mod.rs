@@ -51,13 +51,15 @@ pub(crate) struct LiveHooks {
 }
 
 type Inbox = mpsc::Receiver<Result<(Message, codec::Extensions), Error>>;
+/// A relay-to-device transfer that arrived whole: its id and bytes.
+type Arrived = Result<([u8; 16], Vec<u8>), Error>;
 
 /// One connection's streams, the tasks reading them, and the session's counters.
 struct Link {
     conn: quinn::Connection,
     send: quinn::SendStream,
     inbox: Inbox,
-    transfers: mpsc::Receiver<Result<([u8; 16], Vec<u8>), Error>>,
+    transfers: mpsc::Receiver<Arrived>,
     uploads: mpsc::Sender<Result<UploadEnd, Error>>,
     upload_ends: mpsc::Receiver<Result<UploadEnd, Error>>,
     /// Every task the session spawned (aborted when dropped).
