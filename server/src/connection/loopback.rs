@@ -15,8 +15,10 @@ use redline_proto::codec;
 use redline_proto::message::{ErrorReport, Hello, Message, Update};
 use redline_proto::session::check_hello;
 
-use super::{accepts_chunks, session_limits};
-use super::{admit, answer, greeting, hold, new_peer, now_ms, resync_step, serve_request};
+use super::admission::{admit, hold};
+use super::hello::{accepts_chunks, greeting, new_peer, session_limits};
+use super::perform::{answer, now_ms, serve_request};
+use super::resync::resync_step;
 use crate::Error;
 use crate::access::Scope;
 use crate::auth::Authority;

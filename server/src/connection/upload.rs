@@ -19,7 +19,10 @@ use redline_proto::session::{hashes_from_wire, hashes_to_wire};
 use redline_proto::wire::transfer_id;
 use redline_proto::{DocId, ErrorCode};
 
-use super::{RateLimit, admit, error_msg, hold, now_ms, read_message, write_message};
+use super::RateLimit;
+use super::admission::{admit, hold};
+use super::frames::{error_msg, read_message, write_message};
+use super::perform::now_ms;
 use crate::Error;
 use crate::config::RelayConfig;
 use crate::hub::bundle_changes;
