@@ -32,6 +32,16 @@ pub(super) struct PendingPush {
     pub(super) reply: oneshot::Sender<Result<Committed, Error>>,
 }
 
+/// The pushes of a batch its plan accepted.
+struct Planned {
+    /// The pushes, in order.
+    ok: Vec<PendingPush>,
+    /// The changes each adds.
+    news: Vec<u32>,
+    /// The hashes the batch adds.
+    fresh: Vec<ChangeHash>,
+}
+
 /// What a commit did for one sender.
 #[derive(Clone, Debug)]
 pub struct Committed {
@@ -121,6 +131,61 @@ impl Hub {
         state: &mut SlotState,
         batch: Vec<PendingPush>,
     ) {
+        let Some(Planned { ok, news, fresh }) = self.plan_commit(id, slot, state, batch) else {
+            return;
+        };
+        let before = state.doc.get_heads();
+        let n_pushes = ok.len() as u64;
+        let Some(accepted) = self.apply_batch(id, slot, state, ok, news).await else {
+            return;
+        };
+        // Changes of refused pushes never entered the document: keep only what did.
+        let fresh: Vec<ChangeHash> = fresh.into_iter().filter(|h| has(&state.doc, h)).collect();
+        let mut result = self
+            .persist_new(id, slot, state, &before, Some(fresh))
+            .await;
+        // Shared feed: another relay committed to the document meanwhile. It was
+        // reloaded with that commit: apply the batch again and retry.
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            if !matches!(result, Err(Error::Conflict(_))) {
+                break;
+            }
+            result = self.apply_again(id, slot, state, &accepted).await;
+        }
+        if let Err(e) = &result {
+            warn!(doc = %id, "a batch was not committed: {e}");
+        }
+        let heads = state.doc.get_heads();
+        self.stats.pushes.fetch_add(n_pushes, Ordering::Relaxed);
+        self.stats.max_batch.fetch_max(n_pushes, Ordering::Relaxed);
+        if let Some(observe) = self.batch_observer.get() {
+            observe(n_pushes);
+        }
+        let result = result.map_err(Arc::new);
+        for (p, applied) in accepted {
+            let r = match &result {
+                Ok(seq) => Ok(Committed {
+                    heads: heads.clone(),
+                    applied,
+                    seq: seq.unwrap_or_else(|| self.last_seq()),
+                }),
+                Err(e) => Err(Error::Commit(e.clone())),
+            };
+            let _ = p.reply.send(r);
+        }
+    }
+
+    /// The commit plan of a batch (dependencies, actors, size: a pure function of the
+    /// document and the pushes): refused pushes are answered here; the rest come back
+    /// with the changes each adds and the hashes the batch adds. `None` when nothing
+    /// is left to commit.
+    fn plan_commit(
+        &self,
+        id: &DocId,
+        slot: &DocSlot,
+        state: &mut SlotState,
+        batch: Vec<PendingPush>,
+    ) -> Option<Planned> {
         let genesis = state
             .genesis
             .get_or_insert_with(|| Arc::new(authorship::Genesis::of(id)))
@@ -160,103 +225,11 @@ impl Hub {
                 }
             }
         }
-        if ok.is_empty() {
-            return;
-        }
-        let before = state.doc.get_heads();
-        let all: Vec<Change> = ok.iter().flat_map(|p| p.changes.iter().cloned()).collect();
-        // What the batch adds, known without walking the history afterwards.
-        let fresh = plan.fresh;
-        let n_pushes = ok.len() as u64;
-        // One call for the whole batch. If Automerge refuses it (or panics on hostile
-        // data), the document may be half-changed: reload it from disk and retry each push
-        // alone, so only the bad sender is refused.
-        let mut accepted: Vec<(PendingPush, u32)> = Vec::new();
-        if guarded_apply(&mut state.doc, all).is_ok() {
-            accepted = ok.into_iter().zip(news).collect();
-        } else {
-            if let Err(e) = self.reload(id, slot, state).await {
-                let e = Arc::new(e);
-                for p in ok {
-                    let _ = p.reply.send(Err(Error::Commit(e.clone())));
-                }
-                return;
-            }
-            for (p, n) in ok.into_iter().zip(news) {
-                match guarded_apply(&mut state.doc, p.changes.clone()) {
-                    Ok(()) => accepted.push((p, n)),
-                    Err(e) => {
-                        let _ = p.reply.send(Err(Error::BadChanges(e)));
-                        if let Err(e) = self.reload(id, slot, state).await {
-                            let e = Arc::new(e);
-                            for (p, _) in accepted {
-                                let _ = p.reply.send(Err(Error::Commit(e.clone())));
-                            }
-                            return;
-                        }
-                        // What the reload dropped must be applied again.
-                        let again: Vec<Change> = accepted
-                            .iter()
-                            .flat_map(|(p, _)| p.changes.clone())
-                            .collect();
-                        if guarded_apply(&mut state.doc, again).is_err() {
-                            for (p, _) in accepted {
-                                let _ = p.reply.send(Err(Error::BadChanges(
-                                    "batch could not be applied".into(),
-                                )));
-                            }
-                            let _ = self.reload(id, slot, state).await;
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-        // Nothing may stay queued inside the document (see the dependency check above).
-        if !state.doc.get_missing_deps(&[]).is_empty() {
-            warn!(doc = %id, "a batch left changes queued in the document; refused, reloading");
-            for (p, _) in accepted {
-                let _ = p
-                    .reply
-                    .send(Err(Error::MissingDependencies(id.to_string())));
-            }
-            let _ = self.reload(id, slot, state).await;
-            return;
-        }
-        // Changes of refused pushes never entered the document: keep only what did.
-        let fresh: Vec<ChangeHash> = fresh.into_iter().filter(|h| has(&state.doc, h)).collect();
-        let mut result = self
-            .persist_new(id, slot, state, &before, Some(fresh))
-            .await;
-        // Shared feed: another relay committed to the document meanwhile. It was
-        // reloaded with that commit: apply the batch again and retry.
-        for _ in 0..MAX_CONFLICT_RETRIES {
-            if !matches!(result, Err(Error::Conflict(_))) {
-                break;
-            }
-            result = self.apply_again(id, slot, state, &accepted).await;
-        }
-        if let Err(e) = &result {
-            warn!(doc = %id, "a batch was not committed: {e}");
-        }
-        let heads = state.doc.get_heads();
-        self.stats.pushes.fetch_add(n_pushes, Ordering::Relaxed);
-        self.stats.max_batch.fetch_max(n_pushes, Ordering::Relaxed);
-        if let Some(observe) = self.batch_observer.get() {
-            observe(n_pushes);
-        }
-        let result = result.map_err(Arc::new);
-        for (p, applied) in accepted {
-            let r = match &result {
-                Ok(seq) => Ok(Committed {
-                    heads: heads.clone(),
-                    applied,
-                    seq: seq.unwrap_or_else(|| self.last_seq()),
-                }),
-                Err(e) => Err(Error::Commit(e.clone())),
-            };
-            let _ = p.reply.send(r);
-        }
+        (!ok.is_empty()).then_some(Planned {
+            ok,
+            news,
+            fresh: plan.fresh,
+        })
     }
 
     /// After a conflict (the document was reloaded with another relay's commit):

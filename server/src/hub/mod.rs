@@ -18,6 +18,7 @@
 //!   last entries of the feed stay in memory ([`follow::Recent`]), so a live catch-up
 //!   lists its window without a storage read.
 
+mod apply;
 mod catchup;
 mod commit;
 pub mod fanout;
