@@ -11,12 +11,11 @@ use automerge::transaction::Transaction;
 use automerge::{Automerge, ChangeHash};
 use redline_proto::{Day, DocId, DocKind, MemberId};
 
-use crate::SyncReport;
 use crate::identity::{self, DeviceIdentity};
+use crate::progress::Traffic;
 use crate::schema::{self, Writer};
 use crate::store::{DeviceStore, DocWrite, SledStore};
-use crate::sync::Traffic;
-use crate::{ClientConfig, Error, transport};
+use crate::{ClientConfig, Error};
 
 /// A device's Redline store. Cheap to clone; all clones share one store.
 #[derive(Clone)]
@@ -34,7 +33,7 @@ pub(crate) struct Inner {
     /// appends the changes after them (locked after `docs`, never before).
     stored_heads: Mutex<HashMap<DocId, Vec<ChangeHash>>>,
     /// One sync at a time per client; holds the QUIC endpoint, made on first sync.
-    syncing: tokio::sync::Mutex<Option<quinn::Endpoint>>,
+    pub(crate) syncing: tokio::sync::Mutex<Option<quinn::Endpoint>>,
     /// Bytes and frames over the client's lifetime.
     pub(crate) traffic: Arc<Traffic>,
     /// Signalled on every local write (a live session pushes it).
@@ -43,7 +42,7 @@ pub(crate) struct Inner {
     pub(crate) changes: tokio::sync::broadcast::Sender<DocChange>,
     /// The last large push built, reused while it is still what needs sending: a resumed
     /// upload sends the very same bytes, and a 20 MB bundle is not rebuilt per attempt.
-    pub(crate) upload_cache: Mutex<Option<crate::sync::CachedUpload>>,
+    pub(crate) upload_cache: Mutex<Option<crate::device_session::CachedUpload>>,
     /// The running (or last) sync's progress.
     pub(crate) progress: tokio::sync::watch::Sender<crate::progress::SyncProgress>,
     /// The phone's network and charger, as the app last said.
@@ -52,7 +51,7 @@ pub(crate) struct Inner {
     /// speaks once a relay from before version negotiation refused it.
     pub(crate) speak: std::sync::atomic::AtomicU16,
     /// Which of the deployment's relays ([`Client::relays`]) answered last.
-    relay_index: std::sync::atomic::AtomicUsize,
+    pub(crate) relay_index: std::sync::atomic::AtomicUsize,
 }
 
 /// Where a document change came from.
@@ -71,24 +70,6 @@ pub struct DocChange {
     pub doc: DocId,
     /// Where the change came from.
     pub origin: ChangeOrigin,
-}
-
-/// A live connection to the relay, started by [`Client::go_live`]: local writes are pushed
-/// as they happen, and others' changes arrive without polling. Reconnects with backoff
-/// after network failures.
-pub struct LiveSync {
-    stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-    /// One report per connection: after its first flight, or its error.
-    pub reports: tokio::sync::mpsc::UnboundedReceiver<Result<SyncReport, Error>>,
-}
-
-impl LiveSync {
-    /// Ends the live session and waits for it to close.
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-    }
 }
 
 /// What [`Client::drop_old_days`] did.
@@ -510,90 +491,6 @@ impl Client {
         Ok(out)
     }
 
-    async fn endpoint(&self, relay: &crate::RelayEndpoint) -> Result<quinn::Endpoint, Error> {
-        let mut slot = self.inner.syncing.lock().await;
-        Ok(match slot.as_ref() {
-            Some(e)
-                if e.local_addr()
-                    .is_ok_and(|a| a.is_ipv6() == relay.addr.is_ipv6()) =>
-            {
-                e.clone()
-            }
-            _ => {
-                let e = transport::client_endpoint(&relay.addr)?;
-                *slot = Some(e.clone());
-                e
-            }
-        })
-    }
-
-    /// Every relay of the deployment, in the order this device tries them
-    /// ([`ClientConfig::relays_in_order`]).
-    fn relays(&self) -> Result<Vec<crate::RelayEndpoint>, Error> {
-        let all = self.inner.config.relays_in_order();
-        if all.is_empty() {
-            return Err(Error::NoRelay);
-        }
-        Ok(all)
-    }
-
-    /// The relay this client syncs with now (the one that answered last).
-    pub fn current_relay(&self) -> Result<crate::RelayEndpoint, Error> {
-        let relays = self.relays()?;
-        let i = self.inner.relay_index.load(Ordering::Relaxed) % relays.len();
-        Ok(relays[i].clone())
-    }
-
-    /// One session with `relay` (a sync, or a live session with `hooks`).
-    async fn session_with(
-        &self,
-        relay: &crate::RelayEndpoint,
-        hooks: Option<crate::sync::LiveHooks>,
-    ) -> Result<SyncReport, Error> {
-        let endpoint = self.endpoint(relay).await?;
-        self.session(&endpoint, relay, hooks).await
-    }
-
-    /// Syncs with the relay once: pushes what the relay lacks, fetches what changed in the
-    /// subscription, stores it all. Local writes may go on meanwhile. Cancel-safe: what
-    /// was acknowledged or applied before a cancellation is kept. If the relay cannot be
-    /// reached and the deployment has others ([`ClientConfig::other_relays`]), they are
-    /// tried in turn; the one that answers is used first from then on.
-    pub async fn sync(&self) -> Result<SyncReport, Error> {
-        let relays = self.relays()?;
-        let start = self.inner.relay_index.load(Ordering::Relaxed) % relays.len();
-        let mut failed = None;
-        for k in (0..relays.len()).map(|i| (start + i) % relays.len()) {
-            match self.session_with(&relays[k], None).await {
-                Err(e) if fails_over(&e) && relays.len() > 1 => {
-                    tracing::info!(relay = %relays[k].addr, "relay unreachable, trying the next: {e}");
-                    failed = Some(e);
-                }
-                result => {
-                    if result.is_ok() {
-                        self.inner.relay_index.store(k, Ordering::Relaxed);
-                    }
-                    return result;
-                }
-            }
-        }
-        Err(failed.unwrap_or(Error::NoRelay))
-    }
-
-    /// Syncs for at most `budget` (iOS BGTaskScheduler, Android WorkManager): the most
-    /// urgent documents go first; at the deadline the sync stops cleanly, keeping
-    /// everything acknowledged or received so far, and a later call finishes the job.
-    pub async fn sync_for(&self, budget: std::time::Duration) -> Result<crate::BoundedSync, Error> {
-        let report = match tokio::time::timeout(budget, self.sync()).await {
-            Ok(report) => Some(report?),
-            Err(_) => None,
-        };
-        Ok(crate::BoundedSync {
-            report,
-            progress: self.inner.progress.borrow().clone(),
-        })
-    }
-
     /// Watches the progress of syncs (the current one, or the last).
     pub fn progress(&self) -> tokio::sync::watch::Receiver<crate::SyncProgress> {
         self.inner.progress.subscribe()
@@ -602,198 +499,6 @@ impl Client {
     /// Tells the client the phone's network and charger state (for the sync policy).
     pub fn set_conditions(&self, conditions: crate::Conditions) {
         *self.inner.conditions.lock().expect("conditions lock") = conditions;
-    }
-
-    /// Records of `id` with changes from this phone the relay has not acknowledged
-    /// ("saved on the phone" only), as `container/key` (`tasks/<id>`, `needs/<id>`,
-    /// `duty/<id>`...). Every other record of the document is saved on the relay.
-    pub fn unsaved_records(&self, id: &DocId) -> Result<std::collections::BTreeSet<String>, Error> {
-        use automerge::{ObjType, ReadDoc};
-        let mut docs = self.docs();
-        let Some(doc) = self.load(&mut docs, id)? else {
-            return Ok(Default::default());
-        };
-        let mine = self.unacked_changes(id, doc)?;
-        if mine.is_empty() {
-            return Ok(Default::default());
-        }
-        // Every object inside a record, by (counter, actor): the record it belongs to.
-        let key_of = |o: &automerge::ObjId| match o {
-            automerge::ObjId::Id(counter, actor, _) => Some((*counter, actor.clone())),
-            automerge::ObjId::Root => None,
-        };
-        let mut owner: HashMap<(u64, automerge::ActorId), String> = HashMap::new();
-        let mut containers: HashMap<(u64, automerge::ActorId), String> = HashMap::new();
-        for (container, cid) in doc
-            .map_range(automerge::ROOT, ..)
-            .map(|i| (i.key.to_string(), i.id()))
-        {
-            if !matches!(doc.object_type(&cid), Ok(ObjType::Map)) {
-                continue;
-            }
-            if let Some(k) = key_of(&cid) {
-                containers.insert(k, container.clone());
-            }
-            for item in doc.map_range(&cid, ..) {
-                let record = format!("{container}/{}", item.key);
-                let mut stack = vec![item.id()];
-                while let Some(obj) = stack.pop() {
-                    if doc.object_type(&obj).is_err() {
-                        continue;
-                    }
-                    if let Some(k) = key_of(&obj) {
-                        owner.insert(k, record.clone());
-                    }
-                    for child in doc.map_range(&obj, ..) {
-                        stack.push(child.id());
-                    }
-                    for child in doc.list_range(&obj, ..) {
-                        stack.push(child.id());
-                    }
-                }
-            }
-        }
-        let mut out = std::collections::BTreeSet::new();
-        for change in mine {
-            for op in change.decode().operations {
-                let automerge::legacy::ObjectId::Id(automerge::legacy::OpId(counter, actor)) =
-                    &op.obj
-                else {
-                    continue;
-                };
-                let obj = (*counter, actor.clone());
-                if let Some(r) = owner.get(&obj) {
-                    out.insert(r.clone());
-                } else if let (Some(c), automerge::legacy::Key::Map(k)) =
-                    (containers.get(&obj), &op.key)
-                {
-                    out.insert(format!("{c}/{k}"));
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// This device's changes to `doc` (document `id`) that the relay has not
-    /// acknowledged.
-    fn unacked_changes(
-        &self,
-        id: &DocId,
-        doc: &automerge::Automerge,
-    ) -> Result<Vec<automerge::Change>, Error> {
-        let acked: Vec<ChangeHash> = self
-            .inner
-            .store
-            .acked_heads(id)?
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|h| doc.get_change_meta_by_hash(h).is_some())
-            .collect();
-        let me = &self.inner.identity.actor;
-        Ok(doc
-            .get_changes(&acked)
-            .into_iter()
-            .filter(|c| c.actor_id() == me)
-            .collect())
-    }
-
-    /// What is saved on this phone only: per document, this device's changes the relay
-    /// has not acknowledged, and when it last acknowledged the document.
-    pub fn pending(&self) -> Result<crate::Pending, Error> {
-        let mut out = crate::Pending::default();
-        let ids = self.inner.store.doc_ids()?;
-        let mut docs = self.docs();
-        for id in ids {
-            let Some(doc) = self.load(&mut docs, &id)? else {
-                continue;
-            };
-            let unacked = self.unacked_changes(&id, doc)?.len() as u64;
-            let last_ack_ms = self.inner.store.acked_at(&id)?;
-            out.unacked += unacked;
-            out.last_ack_ms = out.last_ack_ms.max(last_ack_ms);
-            if unacked > 0 || last_ack_ms.is_some() {
-                out.docs.push(crate::DocPending {
-                    doc: id,
-                    unacked,
-                    last_ack_ms,
-                });
-            }
-        }
-        Ok(out)
-    }
-
-    /// Stays connected: after a first flight like [`sync`](Self::sync), local writes are
-    /// pushed as they happen and others' changes arrive as the relay commits them.
-    /// Network failures are retried with backoff (1 s doubling to 30 s).
-    pub fn go_live(&self) -> Result<LiveSync, Error> {
-        let relays = self.relays()?;
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let (report_tx, reports) = tokio::sync::mpsc::unbounded_channel();
-        let client = self.clone();
-        let task = tokio::spawn(async move {
-            let mut backoff = std::time::Duration::from_secs(1);
-            // Failures in a row: the other relays are tried at once, then backoff.
-            let mut failures = 0usize;
-            loop {
-                if *stopped.borrow() {
-                    return;
-                }
-                let hooks = crate::sync::LiveHooks {
-                    stop: stopped.clone(),
-                    first_flight: report_tx.clone(),
-                };
-                let k = client.inner.relay_index.load(Ordering::Relaxed) % relays.len();
-                let result = client.session_with(&relays[k], Some(hooks)).await;
-                let failed = result.is_err();
-                let moves = matches!(&result, Err(e) if fails_over(e)) && relays.len() > 1;
-                if moves {
-                    client
-                        .inner
-                        .relay_index
-                        .store((k + 1) % relays.len(), Ordering::Relaxed);
-                }
-                // Without valid credentials retrying cannot help: report and stop.
-                let hopeless =
-                    matches!(&result, Err(Error::Refused { code, .. }) if code.is_credential());
-                if let Err(e) = result {
-                    let _ = report_tx.send(Err(e));
-                }
-                if hopeless {
-                    return;
-                }
-                if *stopped.borrow() {
-                    return;
-                }
-                failures = if failed { failures + 1 } else { 0 };
-                // The next relay at once, until each was tried since the last success.
-                let try_next_now = moves && !failures.is_multiple_of(relays.len());
-                if failed && !try_next_now {
-                    let mut s = stopped.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = s.changed() => return,
-                    }
-                    backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
-                } else if !failed {
-                    backoff = std::time::Duration::from_secs(1);
-                }
-            }
-        });
-        Ok(LiveSync {
-            stop,
-            task,
-            reports,
-        })
-    }
-}
-
-/// Whether `e` says the relay could not be reached or went away (another relay of the
-/// deployment may serve), rather than refused what was sent.
-fn fails_over(e: &Error) -> bool {
-    match e {
-        Error::Transport { .. } => true,
-        Error::Refused { code, .. } => *code == redline_proto::ErrorCode::SHUTTING_DOWN,
-        _ => false,
     }
 }
 

@@ -35,6 +35,7 @@ mod operations;
 pub mod progress;
 pub mod reconcile;
 pub mod roster;
+mod saved;
 pub mod schema;
 pub mod store;
 mod sync;
@@ -46,7 +47,7 @@ use std::net::SocketAddr;
 use redline_proto::codec::DEFAULT_MAX_FRAME;
 use redline_proto::{MemberId, OrgId, TeamId, ZoneId};
 
-pub use client::{ChangeOrigin, Client, DocChange, LiveSync, Rollover};
+pub use client::{ChangeOrigin, Client, DocChange, Rollover};
 pub use conflicts::{Conflict, ConflictValue};
 pub use device_session::{INLINE_MAX, PIECE, SyncReport, WINDOW, hello_wait};
 pub use doctor::{Finding, QuarantineReview};
@@ -61,7 +62,7 @@ pub use progress::{
 };
 pub use reconcile::{MemberActivity, ReconcileView};
 pub use roster::{MemberEntry, Role, RosterView, TeamEntry};
-pub use sync::HELLO_ATTEMPTS;
+pub use sync::{HELLO_ATTEMPTS, LiveSync};
 pub use workflow::{Derived, NeedStatus, StatusEntry, TaskStatus};
 
 /// Everything that can go wrong on the device.

@@ -16,6 +16,7 @@
 //! [`Client::progress`]: crate::Client::progress
 //! [`Client::pending`]: crate::Client::pending
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use redline_proto::DocId;
@@ -147,4 +148,13 @@ impl BoundedSync {
     pub fn completed(&self) -> bool {
         self.report.is_some()
     }
+}
+
+/// Byte and frame counters shared by a session's streams.
+#[derive(Debug, Default)]
+pub(crate) struct Traffic {
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub frames_received: AtomicU64,
 }

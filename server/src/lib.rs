@@ -33,6 +33,7 @@ pub mod bundle_guard;
 pub mod config;
 mod connection;
 pub mod door;
+mod endpoint;
 pub mod health;
 pub mod hub;
 pub mod intake;

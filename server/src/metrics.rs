@@ -1,11 +1,4 @@
-//! The relay's metrics in Prometheus text format, and the small HTTP endpoint that
-//! serves them (`/metrics`) with a health check (`/health`). The endpoint listens on its
-//! own TCP port, loopback by default: operators scrape it locally or through their own
-//! proxy; devices never see it.
-
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+//! The relay's metrics in Prometheus text format (served by `endpoint`).
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -13,10 +6,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
-
-use crate::Error;
-use crate::state::RelayState;
 
 /// Counters, gauges and histograms the relay keeps.
 pub struct Metrics {
@@ -244,108 +233,48 @@ impl Metrics {
         let _ = self.udp_inode.set(inode);
     }
 
-    /// The metrics in Prometheus text format, gauges refreshed from the relay's state.
-    pub async fn render(&self, relay: &RelayState) -> String {
-        let hub = &relay.hub;
-        let s = &hub.stats;
-        mirror(&self.changes_applied, s.changes.load(Ordering::Relaxed));
-        mirror(&self.commits, s.commits.load(Ordering::Relaxed));
-        mirror(&self.flushes, s.flushes.load(Ordering::Relaxed));
-        mirror(&self.conflicts, s.conflicts.load(Ordering::Relaxed));
-        mirror(&self.taken_in, s.taken_in.load(Ordering::Relaxed));
+    /// Mirrors the hub's counters, the cache and the device counts into the registry.
+    pub fn refresh(&self, r: &Readings) {
+        mirror(&self.changes_applied, r.changes);
+        mirror(&self.commits, r.commits);
+        mirror(&self.flushes, r.flushes);
+        mirror(&self.conflicts, r.conflicts);
+        mirror(&self.taken_in, r.taken_in);
         if let Some(dropped) = self.udp_inode.get().and_then(|i| crate::udp::drops(*i)) {
             mirror(&self.udp_drops, dropped);
         }
-        self.documents_cached.set(hub.cached() as i64);
-        let (known, connected, hour) = relay.devices.counts();
+        self.documents_cached.set(r.cached as i64);
+        let (known, connected, hour) = r.devices;
         self.devices_known.set(known as i64);
         self.devices_connected.set(connected as i64);
         self.devices_seen_hour.set(hour as i64);
-        if let Ok(all) = hub.list().await {
-            self.documents_stored.set(all.len() as i64);
+        if let Some(stored) = r.stored {
+            self.documents_stored.set(stored as i64);
         }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }
 
-/// Serves `/metrics` and `/health` on `addr` until `stop` fires; returns the bound
-/// address.
-pub(crate) async fn serve(
-    addr: SocketAddr,
-    relay: Arc<RelayState>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<SocketAddr, Error> {
-    use axum::http::header;
-    use axum::routing::get;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Listen { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| Error::Listen { addr, source })?;
-    let for_metrics = relay.clone();
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let relay = for_metrics.clone();
-                async move {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        relay.metrics.render(&relay).await,
-                    )
-                }
-            }),
-        )
-        .route(
-            "/health",
-            get(move || {
-                let relay = relay.clone();
-                async move {
-                    use axum::http::StatusCode;
-                    let stable = *relay.hub.stable().borrow();
-                    let storage = relay.hub.storage();
-                    let started = std::time::Instant::now();
-                    let ping = {
-                        let storage = storage.clone();
-                        tokio::task::spawn_blocking(move || storage.ping()).await
-                    };
-                    let (status, first, database) = match ping {
-                        Ok(Ok(())) => (
-                            StatusCode::OK,
-                            "ok",
-                            format!("ok ({:.1} ms)", started.elapsed().as_secs_f64() * 1e3),
-                        ),
-                        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
-                        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
-                    };
-                    (
-                        status,
-                        format!(
-                            "{first}\nepoch {}\nstable_seq {stable}\nudp_buffers {}\nstorage {}\ndatabase {database}\n",
-                            relay.hub.epoch(),
-                            relay.metrics.udp_buffers().describe(),
-                            storage.describe(),
-                        ),
-                    )
-                }
-            }),
-        );
-    tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop.changed().await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::warn!("metrics endpoint stopped: {e}");
-        }
-    });
-    Ok(bound)
+/// What the relay's parts report, read at a scrape.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Readings {
+    /// The hub's counters: changes applied, commits, flushes, conflicts, commits of
+    /// other relays taken in.
+    pub changes: u64,
+    pub commits: u64,
+    pub flushes: u64,
+    pub conflicts: u64,
+    pub taken_in: u64,
+    /// Documents parsed in memory.
+    pub cached: usize,
+    /// Devices known, connected, seen in the last hour.
+    pub devices: (usize, usize, usize),
+    /// Documents stored, when the storage could list them.
+    pub stored: Option<usize>,
 }

@@ -132,7 +132,7 @@ impl Relay {
             async move { authority.watch_file(stopped).await }
         });
         let http_addr = match config.http_listen {
-            Some(addr) => Some(crate::metrics::serve(addr, state.clone(), stopped.clone()).await?),
+            Some(addr) => Some(crate::endpoint::serve(addr, state.clone(), stopped.clone()).await?),
             None => None,
         };
         state.metrics.set_quotas(&config.quotas);

@@ -45,7 +45,7 @@ use redline_proto::{DocId, ErrorCode};
 pub use documents::{DirtyDoc, Documents, Merged, Outgoing, Step};
 pub use redline_proto::wire::INLINE_MAX;
 pub use report::SyncReport;
-pub use upload::{PIECE, UploadEnd, UploadSender, WINDOW};
+pub use upload::{CachedUpload, PIECE, UploadEnd, UploadSender, WINDOW};
 
 use crate::Error;
 use crate::progress::SyncProgress;

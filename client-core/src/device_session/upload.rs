@@ -30,6 +30,16 @@ pub enum UploadEnd {
     Refused(DocId, ErrorReport),
 }
 
+/// A large push kept for the next attempt (a cut connection resumes the same bytes).
+pub struct CachedUpload {
+    pub(crate) doc: DocId,
+    pub(crate) base: Vec<ChangeHash>,
+    pub(crate) heads: Vec<ChangeHash>,
+    pub(crate) bytes: Arc<Vec<u8>>,
+    /// Changes in the bundle.
+    pub(crate) changes: u64,
+}
+
 /// The sending side of one upload.
 #[derive(Debug)]
 pub struct UploadSender {

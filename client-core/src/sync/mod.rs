@@ -15,6 +15,7 @@
 //! [`Documents`]: crate::device_session::Documents
 
 mod phone_docs;
+mod relays;
 mod wire;
 
 use std::sync::Arc;
@@ -31,8 +32,9 @@ use crate::client::Client;
 use crate::device_session::{self, Action, DeviceSession, Start, SyncReport, UploadEnd};
 use crate::{Error, INLINE_MAX, RelayEndpoint, transport};
 
-pub(crate) use phone_docs::{CachedUpload, PhoneDocs};
-pub(crate) use wire::Traffic;
+use crate::progress::Traffic;
+pub(crate) use phone_docs::PhoneDocs;
+pub use relays::LiveSync;
 use wire::{Counters, FrameReader};
 
 /// How long a handshake may take before a device with other relays of the deployment

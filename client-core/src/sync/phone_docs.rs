@@ -9,19 +9,9 @@ use redline_proto::DocId;
 use tracing::debug;
 
 use crate::client::Client;
-use crate::device_session::{Documents, Merged, Outgoing, Step};
+use crate::device_session::{CachedUpload, Documents, Merged, Outgoing, Step};
 use crate::store::{DocWrite, SyncBatch};
 use crate::{Error, INLINE_MAX, Urgency};
-
-/// A large push kept for the next attempt (a cut connection resumes the same bytes).
-pub(crate) struct CachedUpload {
-    doc: DocId,
-    base: Vec<ChangeHash>,
-    heads: Vec<ChangeHash>,
-    bytes: Arc<Vec<u8>>,
-    /// Changes in the bundle.
-    changes: u64,
-}
 
 /// The client as a session's [`Documents`].
 pub(crate) struct PhoneDocs<'a>(pub &'a Client);

@@ -3,7 +3,7 @@
 //! driving an [`UploadSender`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use quinn::{RecvStream, SendStream};
 use redline_proto::codec::{self, FrameDecoder};
@@ -13,15 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::Error;
 use crate::device_session::{UploadEnd, UploadSender};
-
-/// Byte and frame counters shared by a session's streams.
-#[derive(Debug, Default)]
-pub(crate) struct Traffic {
-    pub bytes_sent: AtomicU64,
-    pub bytes_received: AtomicU64,
-    pub frames_sent: AtomicU64,
-    pub frames_received: AtomicU64,
-}
+use crate::progress::Traffic;
 
 /// This session's counters and the client's running totals.
 #[derive(Clone)]

@@ -151,3 +151,11 @@ pub(super) async fn admit(
     }
     Verdict::Accept
 }
+
+/// Unix milliseconds now (when a push is held).
+pub(super) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

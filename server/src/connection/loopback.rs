@@ -15,9 +15,9 @@ use redline_proto::codec;
 use redline_proto::message::{ErrorReport, Hello, Message, Update};
 use redline_proto::session::check_hello;
 
-use super::admission::{admit, hold};
+use super::admission::{admit, hold, now_ms};
 use super::hello::{accepts_chunks, greeting, new_peer, session_limits};
-use super::perform::{answer, now_ms, serve_request};
+use super::perform::{answer, serve_request};
 use super::resync::resync_step;
 use crate::Error;
 use crate::access::Scope;

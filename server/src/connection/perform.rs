@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::RateLimit;
-use super::admission::{admit, hold};
+use super::admission::{admit, hold, now_ms};
 use super::frames::{error_msg, write_message};
 use super::resync::resync_step;
 use super::upload::{UploadCtx, upload};
@@ -185,13 +185,6 @@ impl Driver {
             }
         });
     }
-}
-
-pub(super) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Answers a session's hub query.

@@ -20,9 +20,8 @@ use redline_proto::wire::transfer_id;
 use redline_proto::{DocId, ErrorCode};
 
 use super::RateLimit;
-use super::admission::{admit, hold};
+use super::admission::{admit, hold, now_ms};
 use super::frames::{error_msg, read_message, write_message};
-use super::perform::now_ms;
 use crate::Error;
 use crate::config::RelayConfig;
 use crate::hub::bundle_changes;

@@ -9,7 +9,8 @@ use redline_proto::DocId;
 use tracing::warn;
 
 use super::Hub;
-use super::commit::{PendingPush, guarded_apply};
+use super::guard::guarded_apply;
+use super::queue::PendingPush;
 use super::slots::{DocSlot, SlotState};
 use crate::Error;
 

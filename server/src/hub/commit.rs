@@ -5,14 +5,16 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
+use automerge::{ActorId, Change, ChangeHash, ReadDoc};
 use redline_proto::genesis::{GENESIS_ACTOR, genesis_hash};
 use redline_proto::{DeviceId, DocId};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use super::guard::guarded_apply;
+use super::queue::{Committed, PendingPush};
 use super::slots::{DocSlot, SlotState, load_state};
-use super::{Hub, bundle_changes, has, make_bundle, plan};
+use super::{Hub, has, make_bundle, plan};
 use crate::Error;
 use crate::authorship::{self, Author};
 
@@ -26,12 +28,6 @@ const STABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Times a batch is applied again after other relays' commits to its document.
 const MAX_CONFLICT_RETRIES: usize = 8;
 
-pub(super) struct PendingPush {
-    pub(super) author: Author,
-    pub(super) changes: Vec<Change>,
-    pub(super) reply: oneshot::Sender<Result<Committed, Error>>,
-}
-
 /// The pushes of a batch its plan accepted.
 struct Planned {
     /// The pushes, in order.
@@ -40,38 +36,6 @@ struct Planned {
     news: Vec<u32>,
     /// The hashes the batch adds.
     fresh: Vec<ChangeHash>,
-}
-
-/// What a commit did for one sender.
-#[derive(Clone, Debug)]
-pub struct Committed {
-    /// The document's heads after the commit (durable).
-    pub heads: Vec<ChangeHash>,
-    /// How many of the sender's changes were new to the relay.
-    pub applied: u32,
-    /// The feed sequence at or below which the sender's changes are stored: the
-    /// commit's own, or (nothing new) the last one when it was answered.
-    pub seq: u64,
-}
-
-/// What the relay does with a push's bytes before they can reach a stored document:
-/// decode the bundle, apply it. On error `doc` may be half-changed (the relay reloads it
-/// from disk); the fuzz targets and property tests drive this with hostile bytes.
-pub fn apply_untrusted(doc: &mut Automerge, bytes: &[u8]) -> Result<usize, String> {
-    let changes = bundle_changes(bytes)?;
-    let n = changes.len();
-    guarded_apply(doc, changes)?;
-    Ok(n)
-}
-
-/// `apply_changes` that turns a panic inside Automerge (hostile data) into an error. The
-/// document may be half-changed afterwards either way: callers reload it.
-pub(super) fn guarded_apply(doc: &mut Automerge, changes: Vec<Change>) -> Result<(), String> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.apply_changes(changes))) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("Automerge could not apply the changes".into()),
-    }
 }
 
 impl Hub {

@@ -24,12 +24,15 @@ mod commit;
 pub mod fanout;
 pub mod feed;
 mod follow;
+mod guard;
 pub mod plan;
+mod queue;
 mod slots;
 pub mod staging;
 
 pub use catchup::Window;
-pub use commit::{Committed, apply_untrusted};
+pub use guard::apply_untrusted;
+pub use queue::Committed;
 pub use slots::{DocSlot, MEMORY_FACTOR, SlotState};
 
 use std::collections::HashMap;

@@ -10,7 +10,7 @@ use automerge::{Automerge, ChangeHash, ReadDoc};
 use redline_proto::DocId;
 use tokio::sync::Mutex as AsyncMutex;
 
-use super::commit::PendingPush;
+use super::queue::PendingPush;
 use super::{Hub, bundle_changes};
 use crate::Error;
 use crate::authorship;
@@ -320,7 +320,7 @@ impl Hub {
             entries.push((seq, hashes, bytes, heads));
             changes.extend(decoded);
         }
-        if super::commit::guarded_apply(&mut state.doc, changes).is_err()
+        if super::guard::guarded_apply(&mut state.doc, changes).is_err()
             || !state.doc.get_missing_deps(&[]).is_empty()
         {
             return self.reload(id, slot, state).await;
