@@ -104,7 +104,7 @@ pub fn load_or_create_key(data_dir: &Path) -> Result<[u8; KEY_LEN], Error> {
         Ok(bytes) => {
             check_key_permissions(&path)?;
             return bytes.try_into().map_err(|b: Vec<u8>| {
-                Error::Tls(format!(
+                Error::tls_setup(format!(
                     "token key {} has {} bytes, expected {KEY_LEN}",
                     path.display(),
                     b.len()

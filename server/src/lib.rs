@@ -102,8 +102,14 @@ pub enum Error {
     #[error("configuration: {0}")]
     Config(String),
     /// Certificate or TLS set-up failed.
-    #[error("TLS: {0}")]
-    Tls(String),
+    #[error("TLS: {what}")]
+    Tls {
+        /// What failed.
+        what: String,
+        /// The TLS library's error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// The QUIC endpoint could not be created.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -139,8 +145,14 @@ pub enum Error {
     #[error(transparent)]
     Protocol(#[from] redline_proto::Error),
     /// The stream or connection failed.
-    #[error("connection: {0}")]
-    Connection(String),
+    #[error("connection: {what}")]
+    Connection {
+        /// What failed.
+        what: String,
+        /// The transport's error (QUIC), when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// The relay ends a connection for cause (credentials, limits, silence).
     #[error("{code}: {text}")]
     Refused {
@@ -152,6 +164,42 @@ pub enum Error {
 }
 
 impl Error {
+    /// A connection failure caused by `e` (its text says what failed; it is kept as
+    /// the source).
+    pub fn connection<E: std::error::Error + Send + Sync + 'static>(e: E) -> Self {
+        Error::Connection {
+            what: e.to_string(),
+            source: Some(Box::new(e)),
+        }
+    }
+
+    /// A connection failure described by `what`, with no underlying error.
+    pub fn connection_lost(what: impl Into<String>) -> Self {
+        Error::Connection {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// A TLS failure caused by `e`, described by `what` (what was being done).
+    pub fn tls<E: std::error::Error + Send + Sync + 'static>(
+        what: impl Into<String>,
+        e: E,
+    ) -> Self {
+        Error::Tls {
+            what: format!("{}: {e}", what.into()),
+            source: Some(Box::new(e)),
+        }
+    }
+
+    /// A TLS failure described by `what`, with no underlying error.
+    pub fn tls_setup(what: impl Into<String>) -> Self {
+        Error::Tls {
+            what: what.into(),
+            source: None,
+        }
+    }
+
     /// Whether this is a failure of the relay's own storage (the data sent is not at
     /// fault: kept, retried later), rather than a refusal of the data.
     pub fn is_storage_failure(&self) -> bool {
@@ -165,5 +213,31 @@ impl Error {
             Error::Commit(cause) => cause.is_storage_failure(),
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use std::error::Error as _;
+
+    use super::Error;
+
+    #[test]
+    fn connection_and_tls_errors_keep_their_source() {
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "peer reset");
+        let e = Error::connection(reset);
+        assert_eq!(e.to_string(), "connection: peer reset");
+        let source = e.source().expect("the transport's error is kept");
+        assert_eq!(source.to_string(), "peer reset");
+        assert!(
+            Error::connection_lost("upload stream ended early")
+                .source()
+                .is_none()
+        );
+
+        let unreadable = std::io::Error::new(std::io::ErrorKind::InvalidData, "not PEM");
+        let e = Error::tls("key file /etc/relay/key.pem", unreadable);
+        assert_eq!(e.to_string(), "TLS: key file /etc/relay/key.pem: not PEM");
+        assert!(e.source().is_some());
     }
 }

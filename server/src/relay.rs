@@ -40,7 +40,7 @@ pub struct RelayHandle {
 fn transport_config(config: &RelayConfig) -> Result<quinn::TransportConfig, Error> {
     let mut t = quinn::TransportConfig::default();
     let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
-        .map_err(|e| Error::Tls(format!("idle timeout out of range: {e}")))?;
+        .map_err(|e| Error::tls("idle timeout out of range", e))?;
     t.max_idle_timeout(Some(idle));
     t.max_concurrent_bidi_streams(config.max_streams_per_connection.into());
     t.max_concurrent_uni_streams(0u8.into());
@@ -95,7 +95,7 @@ impl Relay {
 
         let crypto =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_crypto(&identity)?)
-                .map_err(|e| Error::Tls(e.to_string()))?;
+                .map_err(|e| Error::tls("QUIC server crypto", e))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(Arc::new(transport_config(&config)?));
         let (socket, udp_buffers) = crate::udp::socket(config.listen, config.udp_buffer_bytes)
@@ -110,7 +110,7 @@ impl Relay {
             state.metrics.watch_udp_socket(inode);
         }
         let runtime = quinn::default_runtime()
-            .ok_or_else(|| Error::Tls("no async runtime for the QUIC endpoint".into()))?;
+            .ok_or_else(|| Error::tls_setup("no async runtime for the QUIC endpoint"))?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server_config),

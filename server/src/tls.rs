@@ -87,8 +87,8 @@ pub fn load_or_create_dev_identity(dir: &Path) -> Result<Identity, Error> {
         "127.0.0.1".to_string(),
         "::1".to_string(),
     ];
-    let certified =
-        rcgen::generate_simple_self_signed(names).map_err(|e| Error::Tls(e.to_string()))?;
+    let certified = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| Error::tls("self-signed certificate", e))?;
     let cert_der = certified.cert.der().to_vec();
     let key_der = certified.signing_key.serialize_der();
     // Key first and private; the certificate's presence marks a complete pair.
@@ -105,15 +105,15 @@ pub fn load_or_create_dev_identity(dir: &Path) -> Result<Identity, Error> {
 pub fn load_pem_identity(cert: &Path, key: &Path) -> Result<Identity, Error> {
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| Error::Tls(format!("certificate file {}: {e}", cert.display())))?;
+        .map_err(|e| Error::tls(format!("certificate file {}", cert.display()), e))?;
     if chain.is_empty() {
-        return Err(Error::Tls(format!(
+        return Err(Error::tls_setup(format!(
             "certificate file {} holds no PEM certificate",
             cert.display()
         )));
     }
     let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| Error::Tls(format!("key file {}: {e}", key.display())))?;
+        .map_err(|e| Error::tls(format!("key file {}", key.display()), e))?;
     Ok(Identity {
         chain,
         key,
@@ -143,10 +143,10 @@ pub fn server_crypto(identity: &Identity) -> Result<rustls::ServerConfig, Error>
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Tls(e.to_string()))?
+        .map_err(|e| Error::tls("TLS versions", e))?
         .with_no_client_auth()
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(|e| Error::Tls(format!("certificate and key do not fit together: {e}")))?;
+        .map_err(|e| Error::tls("certificate and key do not fit together", e))?;
     config.alpn_protocols = vec![redline_proto::ALPN.to_vec()];
     Ok(config)
 }

@@ -51,7 +51,7 @@ pub(super) async fn read_frame(
         Err(quinn::ReadExactError::FinishedEarly(n)) => {
             return Err(redline_proto::Error::Truncated { have: n }.into());
         }
-        Err(quinn::ReadExactError::ReadError(e)) => return Err(Error::Connection(e.to_string())),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(Error::connection(e)),
     }
     let len = codec::payload_len(header, max_frame)?;
     let mut payload = vec![0u8; len];
@@ -64,7 +64,7 @@ pub(super) async fn read_frame(
                     have: HEADER_LEN + n,
                 })
             }
-            quinn::ReadExactError::ReadError(e) => Error::Connection(e.to_string()),
+            quinn::ReadExactError::ReadError(e) => Error::connection(e),
         })?;
     Ok(Some(payload))
 }
@@ -87,7 +87,7 @@ pub(super) async fn write_frame(
     within: Duration,
 ) -> Result<(), Error> {
     match tokio::time::timeout(within, send.write_all(frame)).await {
-        Ok(written) => written.map_err(|e| Error::Connection(e.to_string())),
+        Ok(written) => written.map_err(Error::connection),
         Err(_) => Err(stopped_reading()),
     }
 }

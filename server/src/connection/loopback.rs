@@ -244,7 +244,7 @@ impl Loopback {
                 }
             }
             Action::AcceptUpload => {
-                let e = Error::Connection("a loopback link carries no upload streams".into());
+                let e = Error::connection_lost("a loopback link carries no upload streams");
                 out.push(Out::Closed(Err(e)));
             }
             Action::Close(e) => out.push(Out::Closed(Err(e))),

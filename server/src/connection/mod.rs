@@ -182,7 +182,7 @@ async fn run(
             code: ErrorCode::TIMED_OUT,
             text: "no stream opened".into(),
         })?
-        .map_err(|e| Error::Connection(e.to_string()))?;
+        .map_err(Error::connection)?;
     // Watch revocations before the token is admitted: one that lands in between is seen.
     let mut revocations = authority.watch();
     let watchdog_revocations = authority.watch();
@@ -409,7 +409,7 @@ async fn drive(
                     driver.opened = Some(stream);
                     Input::StreamOpened
                 }
-                Err(e) => break Err(Error::Connection(e.to_string())),
+                Err(e) => break Err(Error::connection(e)),
             },
             Some(done) = driver.uploads.join_next() => match done {
                 Ok(result) => {

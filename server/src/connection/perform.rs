@@ -276,7 +276,7 @@ pub(super) async fn transfer(
             code: ErrorCode::TIMED_OUT,
             text: "the device took no transfer stream".into(),
         })?
-        .map_err(|e| Error::Connection(e.to_string()))?;
+        .map_err(Error::connection)?;
     let start = start as usize;
     tokio::spawn(async move {
         let mut offset = start;

@@ -192,7 +192,7 @@ async fn receive(
     let mut have = ticket.have;
     while have < up.len {
         let Some(Message::Piece(p)) = stream.read().await? else {
-            return Err(Error::Connection("upload stream ended early".into()));
+            return Err(Error::connection_lost("upload stream ended early"));
         };
         ctx.rate.check()?;
         if p.id != up.id
@@ -208,7 +208,7 @@ async fn receive(
                     Some(up.doc.clone()),
                 ))
                 .await?;
-            return Err(Error::Connection("bad piece".into()));
+            return Err(Error::connection_lost("bad piece"));
         }
         let n = p.data.len() as u64;
         match ticket.stage(p.offset, p.data, quota).await? {

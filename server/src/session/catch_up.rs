@@ -91,8 +91,8 @@ impl Session {
             (state, _) => {
                 // An answer to nothing asked: the driver broke the protocol with its core.
                 self.catch_up = state;
-                self.close(Error::Connection(
-                    "internal: a hub answer arrived for no question".into(),
+                self.close(Error::connection_lost(
+                    "internal: a hub answer arrived for no question",
                 ));
             }
         }

@@ -341,7 +341,7 @@ impl Session {
                 };
                 self.send(error_msg(code, text.clone(), None));
                 self.close(match e {
-                    Error::Connection(_) => e,
+                    Error::Connection { .. } => e,
                     _ => Error::Refused { code, text },
                 });
             }

@@ -730,7 +730,7 @@ impl World {
                 }
                 Err(refusal) => vec![
                     Out::Message(Message::Error(refusal)),
-                    Out::Closed(Err(RelayError::Connection("refused".into()))),
+                    Out::Closed(Err(RelayError::connection_lost("refused"))),
                 ],
             },
             (None, other) => {
@@ -833,7 +833,7 @@ impl World {
             return;
         };
         if let (Some(relay), Some(link)) = (self.relay.as_ref(), c.link.as_mut()) {
-            let lost = RelayError::Connection("the device went away".into());
+            let lost = RelayError::connection_lost("the device went away");
             let _ = relay.handle(link, now, Input::StreamFailed(lost)).await;
         }
     }

@@ -236,7 +236,7 @@ fn tls_config(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, Error> 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Tls(e.to_string()))?
+        .map_err(|e| Error::tls("PostgreSQL TLS versions", e))?
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
