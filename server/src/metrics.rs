@@ -117,105 +117,122 @@ impl Default for Metrics {
             udp_buffers: std::sync::OnceLock::new(),
             quota_limits: Family::default(),
         };
+        m.register_door(&mut registry);
+        m.register_merges(&mut registry);
+        m.register_holdings(&mut registry);
+        m.registry = registry;
+        m
+    }
+}
+
+impl Metrics {
+    /// Registers the metrics of connections, bytes, quotas and the UDP socket.
+    fn register_door(&self, registry: &mut Registry) {
         registry.register(
             "quota_refusals",
             "Requests refused because a per-token, per-device or per-address quota was reached",
-            m.quota_refusals.clone(),
+            self.quota_refusals.clone(),
         );
         registry.register(
             "quota_limit",
             "The relay's quotas as configured (connections, bytes, documents per day)",
-            m.quota_limits.clone(),
+            self.quota_limits.clone(),
         );
         registry.register(
             "connections_open",
             "Device connections open now",
-            m.connections_open.clone(),
+            self.connections_open.clone(),
         );
         registry.register(
             "connections",
             "Device connections accepted",
-            m.connections.clone(),
+            self.connections.clone(),
         );
         registry.register(
             "connections_refused",
             "Connections closed by the relay for cause (credentials, limits, bad input)",
-            m.connections_refused.clone(),
+            self.connections_refused.clone(),
         );
         registry.register(
             "received_bytes",
             "Frame bytes received from devices",
-            m.bytes_received.clone(),
+            self.bytes_received.clone(),
         );
         registry.register(
             "sent_bytes",
             "Frame bytes sent to devices",
-            m.bytes_sent.clone(),
-        );
-        registry.register(
-            "sync_latency_seconds",
-            "Time from a device's hello to its first caught-up answer",
-            m.sync_latency.clone(),
-        );
-        registry.register(
-            "commit_latency_seconds",
-            "Time from a push's arrival to its durable acknowledgement",
-            m.commit_latency.clone(),
-        );
-        registry.register(
-            "commit_batch_pushes",
-            "Pushes merged per commit",
-            m.batch_size.clone(),
-        );
-        registry.register(
-            "documents_cached",
-            "Documents parsed in memory",
-            m.documents_cached.clone(),
-        );
-        registry.register(
-            "documents_stored",
-            "Documents in storage",
-            m.documents_stored.clone(),
-        );
-        registry.register(
-            "devices_known",
-            "Devices the relay has seen",
-            m.devices_known.clone(),
-        );
-        registry.register(
-            "devices_connected",
-            "Devices connected now",
-            m.devices_connected.clone(),
-        );
-        registry.register(
-            "devices_seen_last_hour",
-            "Devices seen in the last hour",
-            m.devices_seen_hour.clone(),
-        );
-        registry.register(
-            "changes_applied",
-            "Automerge changes applied",
-            m.changes_applied.clone(),
-        );
-        registry.register("commits", "Commits written", m.commits.clone());
-        registry.register("flushes", "Storage flushes", m.flushes.clone());
-        registry.register(
-            "commit_conflicts",
-            "Batches applied again because another relay committed to their document first",
-            m.conflicts.clone(),
-        );
-        registry.register(
-            "commits_taken_in",
-            "Other relays' commits applied to documents cached here",
-            m.taken_in.clone(),
+            self.bytes_sent.clone(),
         );
         registry.register(
             "udp_receive_drops",
             "Datagrams the kernel dropped before the relay read them (raise the UDP buffers)",
-            m.udp_drops.clone(),
+            self.udp_drops.clone(),
         );
-        m.registry = registry;
-        m
+    }
+
+    /// Registers the metrics of syncs, commits and merges.
+    fn register_merges(&self, registry: &mut Registry) {
+        registry.register(
+            "sync_latency_seconds",
+            "Time from a device's hello to its first caught-up answer",
+            self.sync_latency.clone(),
+        );
+        registry.register(
+            "commit_latency_seconds",
+            "Time from a push's arrival to its durable acknowledgement",
+            self.commit_latency.clone(),
+        );
+        registry.register(
+            "commit_batch_pushes",
+            "Pushes merged per commit",
+            self.batch_size.clone(),
+        );
+        registry.register(
+            "changes_applied",
+            "Automerge changes applied",
+            self.changes_applied.clone(),
+        );
+        registry.register("commits", "Commits written", self.commits.clone());
+        registry.register("flushes", "Storage flushes", self.flushes.clone());
+        registry.register(
+            "commit_conflicts",
+            "Batches applied again because another relay committed to their document first",
+            self.conflicts.clone(),
+        );
+        registry.register(
+            "commits_taken_in",
+            "Other relays' commits applied to documents cached here",
+            self.taken_in.clone(),
+        );
+    }
+
+    /// Registers the metrics of what the relay holds: documents and devices.
+    fn register_holdings(&self, registry: &mut Registry) {
+        registry.register(
+            "documents_cached",
+            "Documents parsed in memory",
+            self.documents_cached.clone(),
+        );
+        registry.register(
+            "documents_stored",
+            "Documents in storage",
+            self.documents_stored.clone(),
+        );
+        registry.register(
+            "devices_known",
+            "Devices the relay has seen",
+            self.devices_known.clone(),
+        );
+        registry.register(
+            "devices_connected",
+            "Devices connected now",
+            self.devices_connected.clone(),
+        );
+        registry.register(
+            "devices_seen_last_hour",
+            "Devices seen in the last hour",
+            self.devices_seen_hour.clone(),
+        );
     }
 }
 
