@@ -218,6 +218,7 @@ impl Client {
         first_flight: Option<&mpsc::UnboundedSender<Result<SyncReport, Error>>>,
     ) -> Result<(), Error> {
         loop {
+            self.publish(session, link);
             if link.perform(session, first_flight).await? {
                 return Ok(());
             }
