@@ -167,6 +167,9 @@ fn message_kind(payload: &[u8]) -> Option<u32> {
 #[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Bytes of `buf` already decoded (dropped on the next push, not per frame: a read
+    /// holding many small frames is not shifted once per frame).
+    start: usize,
     max_frame: usize,
 }
 
@@ -175,59 +178,77 @@ impl FrameDecoder {
     pub fn new(max_frame: usize) -> Self {
         Self {
             buf: Vec::new(),
+            start: 0,
             max_frame,
         }
     }
 
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// Bytes received but not yet decoded.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
+    }
+
+    /// The next whole frame's payload, if it has arrived (consumed).
+    fn next_payload(&mut self) -> Result<Option<&[u8]>, Error> {
+        let rest = &self.buf[self.start..];
+        let Some(header) = rest.first_chunk::<HEADER_LEN>() else {
+            return Ok(None);
+        };
+        let len = payload_len(*header, self.max_frame)?;
+        if rest.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let from = self.start + HEADER_LEN;
+        self.start = from + len;
+        Ok(Some(&self.buf[from..from + len]))
     }
 
     /// The next whole message, `Ok(None)` if more bytes are needed, or the error that makes
     /// the rest of this stream unreadable.
     pub fn next_message(&mut self) -> Result<Option<Message>, Error> {
-        let Some(header) = self.buf.first_chunk::<HEADER_LEN>() else {
-            return Ok(None);
+        let before = self.start;
+        let decoded = match self.next_payload()? {
+            Some(payload) => decode_payload(payload).map(Some),
+            None => return Ok(None),
         };
-        let len = payload_len(*header, self.max_frame)?;
-        let Some(frame) = self.buf.get(HEADER_LEN..HEADER_LEN + len) else {
-            return Ok(None);
-        };
-        let msg = decode_payload(frame)?;
-        self.buf.drain(..HEADER_LEN + len);
-        Ok(Some(msg))
+        if decoded.is_err() {
+            self.start = before;
+        }
+        decoded
     }
 
     /// The next whole message with its extensions and the frame's length on the wire,
     /// `Ok(None)` if more bytes are needed, or the error that makes the rest of this
     /// stream unreadable.
     pub fn next_frame(&mut self) -> Result<Option<(Message, Extensions, usize)>, Error> {
-        let Some(header) = self.buf.first_chunk::<HEADER_LEN>() else {
-            return Ok(None);
+        let before = self.start;
+        let decoded = match self.next_payload()? {
+            Some(payload) => decode_with_extensions(payload),
+            None => return Ok(None),
         };
-        let len = payload_len(*header, self.max_frame)?;
-        let Some(frame) = self.buf.get(HEADER_LEN..HEADER_LEN + len) else {
-            return Ok(None);
-        };
-        let (msg, ext) = decode_with_extensions(frame)?;
-        self.buf.drain(..HEADER_LEN + len);
-        Ok(Some((msg, ext, HEADER_LEN + len)))
+        match decoded {
+            Ok((msg, ext)) => Ok(Some((msg, ext, self.start - before))),
+            Err(e) => {
+                self.start = before;
+                Err(e)
+            }
+        }
     }
 
     /// Call at end of stream: an error if a partial frame is left over.
     pub fn finish(&self) -> Result<(), Error> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::Truncated {
-                have: self.buf.len(),
-            })
+        match self.buffered() {
+            0 => Ok(()),
+            have => Err(Error::Truncated { have }),
         }
     }
 }
@@ -376,6 +397,34 @@ mod tests {
             }
         }
         assert_eq!(got, samples());
+    }
+
+    #[test]
+    fn many_frames_in_one_read_then_one_split_across_reads() {
+        let frames: Vec<Vec<u8>> = samples()
+            .iter()
+            .map(|m| encode_frame(m, DEFAULT_MAX_FRAME).unwrap())
+            .collect();
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        dec.push(&frames.concat());
+        // One frame more, its first half with the read.
+        let last = &frames[0];
+        dec.push(&last[..last.len() / 2]);
+        let mut got = Vec::new();
+        while let Some((m, _, len)) = dec.next_frame().unwrap() {
+            got.push((m, len));
+        }
+        assert_eq!(got.len(), frames.len());
+        for ((m, len), (want, frame)) in got.iter().zip(samples().iter().zip(&frames)) {
+            assert_eq!(m, want);
+            assert_eq!(*len, frame.len());
+        }
+        assert_eq!(dec.buffered(), last.len() / 2);
+        assert!(dec.finish().is_err(), "half a frame left");
+        dec.push(&last[last.len() / 2..]);
+        assert_eq!(dec.next_message().unwrap().as_ref(), samples().first());
+        assert_eq!(dec.buffered(), 0);
+        dec.finish().unwrap();
     }
 
     #[test]
