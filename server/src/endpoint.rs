@@ -22,6 +22,10 @@ async fn render(relay: &RelayState) -> String {
         flushes: s.flushes.load(Ordering::Relaxed),
         conflicts: s.conflicts.load(Ordering::Relaxed),
         taken_in: s.taken_in.load(Ordering::Relaxed),
+        blocks: (
+            s.blocks.made.load(Ordering::Relaxed),
+            s.blocks.reused.load(Ordering::Relaxed),
+        ),
         cached: hub.cached(),
         devices: relay.devices.counts(),
         stored: hub.list().await.ok().map(|all| all.len()),

@@ -36,6 +36,8 @@ pub struct Metrics {
     flushes: Counter,
     conflicts: Counter,
     taken_in: Counter,
+    blocks_made: Counter,
+    blocks_reused: Counter,
     udp_drops: Counter,
     udp_inode: std::sync::OnceLock<u64>,
     quota_refusals: Family<Vec<(String, String)>, Counter>,
@@ -111,6 +113,8 @@ impl Default for Metrics {
             flushes: Counter::default(),
             conflicts: Counter::default(),
             taken_in: Counter::default(),
+            blocks_made: Counter::default(),
+            blocks_reused: Counter::default(),
             udp_drops: Counter::default(),
             udp_inode: std::sync::OnceLock::new(),
             quota_refusals: Family::default(),
@@ -204,6 +208,16 @@ impl Metrics {
             "Other relays' commits applied to documents cached here",
             self.taken_in.clone(),
         );
+        registry.register(
+            "catchup_blocks_made",
+            "Bundles of aligned blocks of commits made for catch-ups (shared by devices)",
+            self.blocks_made.clone(),
+        );
+        registry.register(
+            "catchup_blocks_reused",
+            "Catch-ups that shipped a block bundle made before",
+            self.blocks_reused.clone(),
+        );
     }
 
     /// Registers the metrics of what the relay holds: documents and devices.
@@ -257,6 +271,8 @@ impl Metrics {
         mirror(&self.flushes, r.flushes);
         mirror(&self.conflicts, r.conflicts);
         mirror(&self.taken_in, r.taken_in);
+        mirror(&self.blocks_made, r.blocks.0);
+        mirror(&self.blocks_reused, r.blocks.1);
         if let Some(dropped) = self.udp_inode.get().and_then(|i| crate::udp::drops(*i)) {
             mirror(&self.udp_drops, dropped);
         }
@@ -288,6 +304,8 @@ pub struct Readings {
     pub flushes: u64,
     pub conflicts: u64,
     pub taken_in: u64,
+    /// Block bundles made for catch-ups, and shipped again.
+    pub blocks: (u64, u64),
     /// Documents parsed in memory.
     pub cached: usize,
     /// Devices known, connected, seen in the last hour.

@@ -93,38 +93,7 @@ impl Relay {
         hub.set_max_document_bytes(config.max_document_bytes);
         let state = RelayState::new(hub.clone())?;
 
-        let crypto =
-            quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_crypto(&identity)?)
-                .map_err(|e| Error::tls("QUIC server crypto", e))?;
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server_config.transport_config(Arc::new(transport_config(&config)?));
-        let (socket, udp_buffers) = crate::udp::socket(config.listen, config.udp_buffer_bytes)
-            .map_err(|source| Error::Listen {
-                addr: config.listen,
-                source,
-            })?;
-        // Said once, where operators look (the log at start, `serve`'s banner, /health).
-        tracing::info!("UDP buffers: {}", udp_buffers.describe());
-        state.metrics.set_udp_buffers(udp_buffers);
-        if let Some(inode) = crate::udp::inode(&socket) {
-            state.metrics.watch_udp_socket(inode);
-        }
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| Error::tls_setup("no async runtime for the QUIC endpoint"))?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server_config),
-            socket,
-            runtime,
-        )
-        .map_err(|source| Error::Listen {
-            addr: config.listen,
-            source,
-        })?;
-        let local_addr = endpoint.local_addr().map_err(|source| Error::Listen {
-            addr: config.listen,
-            source,
-        })?;
+        let (endpoint, local_addr) = quic_endpoint(&config, &identity, &state)?;
 
         let (stop, stopped) = watch::channel(false);
         tokio::spawn({
@@ -161,6 +130,47 @@ impl Relay {
             accept_loop,
         })
     }
+}
+
+/// The relay's QUIC endpoint on `config.listen` (UDP buffers as large as the kernel
+/// grants, reported in the metrics), and the address it is bound to.
+fn quic_endpoint(
+    config: &RelayConfig,
+    identity: &tls::Identity,
+    state: &RelayState,
+) -> Result<(quinn::Endpoint, std::net::SocketAddr), Error> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_crypto(identity)?)
+        .map_err(|e| Error::tls("QUIC server crypto", e))?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server_config.transport_config(Arc::new(transport_config(config)?));
+    let (socket, udp_buffers) = crate::udp::socket(config.listen, config.udp_buffer_bytes)
+        .map_err(|source| Error::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    // Said once, where operators look (the log at start, `serve`'s banner, /health).
+    tracing::info!("UDP buffers: {}", udp_buffers.describe());
+    state.metrics.set_udp_buffers(udp_buffers);
+    if let Some(inode) = crate::udp::inode(&socket) {
+        state.metrics.watch_udp_socket(inode);
+    }
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| Error::tls_setup("no async runtime for the QUIC endpoint"))?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        runtime,
+    )
+    .map_err(|source| Error::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let local_addr = endpoint.local_addr().map_err(|source| Error::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    Ok((endpoint, local_addr))
 }
 
 async fn accept_loop(

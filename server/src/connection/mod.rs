@@ -175,14 +175,7 @@ async fn run(
         authority,
         door,
     } = shared.clone();
-    let limits = config.limits.clone();
-    let (mut send, mut recv) = tokio::time::timeout(limits.hello_timeout, conn.accept_bi())
-        .await
-        .map_err(|_| Error::Refused {
-            code: ErrorCode::TIMED_OUT,
-            text: "no stream opened".into(),
-        })?
-        .map_err(Error::connection)?;
+    let (mut send, mut recv) = first_stream(&conn, config.limits.hello_timeout).await?;
     // Watch revocations before the token is admitted: one that lands in between is seen.
     let mut revocations = authority.watch();
     let watchdog_revocations = authority.watch();
@@ -201,14 +194,13 @@ async fn run(
     let expires_in = Duration::from_secs(expires.saturating_sub(crate::auth::now_secs()));
     // Revocation and expiry are acted on even while this connection's loop waits on a
     // device that does not read: the watchdog closes the connection itself.
-    let watchdog = tokio::spawn(watchdog(
+    let _watchdog = AbortOnDrop(tokio::spawn(watchdog(
         conn.clone(),
         authority.clone(),
         token_id,
         expires_in,
         watchdog_revocations,
-    ));
-    let _watchdog = AbortOnDrop(watchdog);
+    )));
     let greeted = std::time::Instant::now();
     span.record("device", tracing::field::display(&hello.device));
     let (granted, synced_before, quarantined) =
@@ -247,6 +239,20 @@ async fn run(
     driver.uploads.abort_all();
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     result
+}
+
+/// The device's first stream (its hello comes on it), within `timeout`.
+async fn first_stream(
+    conn: &quinn::Connection,
+    timeout: Duration,
+) -> Result<(quinn::SendStream, quinn::RecvStream), Error> {
+    tokio::time::timeout(timeout, conn.accept_bi())
+        .await
+        .map_err(|_| Error::Refused {
+            code: ErrorCode::TIMED_OUT,
+            text: "no stream opened".into(),
+        })?
+        .map_err(Error::connection)
 }
 
 /// The session of a welcomed device, with its interest in commits and the stable

@@ -1,6 +1,7 @@
 //! Catch-up queries: which documents of a subscription changed in a window of the feed,
-//! and what a device lacks of one (from the commit log when the window is recent, else
-//! from the heads it knows, shared between devices that knew the same heads).
+//! and what a device lacks of one (from the commit log when the window is recent: its
+//! stored chunks and shared block bundles, see `blocks`; else from the heads it knows,
+//! shared between devices that knew the same heads).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use automerge::ChangeHash;
 use redline_proto::DocId;
 use redline_proto::message::{Coverage, Payload};
 
-use super::slots::{DocSlot, SlotState};
+use super::slots::{DocSlot, LogEntry};
 use super::{Hub, has, make_bundle};
 use crate::Error;
 use automerge::Change;
@@ -28,58 +29,6 @@ pub struct Window<'a> {
     pub chunks: bool,
 }
 
-/// Most pieces (stored chunks, plus one bundle of others' changes in commits that hold
-/// the device's own) shipped in one update. Separate bundles compress worse than one
-/// bundle of the same changes, so a longer window gets one bundle made for the device.
-/// Field day, seed 1, one run each: no limit, relay CPU 3.2 s and 1.35x the bytes of
-/// the changes compressed once; 8, 5.9 s and 1.23x; 3, 6.6 s and 1.15x; 1, 7.4 s and
-/// 1.15x; no stored chunks at all, 9.8 s and 1.14x.
-const MAX_PIECES: usize = 3;
-
-/// What a window's stored chunks come to for one device.
-enum Shipped {
-    /// Everything in the window is the device's own.
-    Nothing,
-    /// The stored chunks (and a bundle of others' changes in commits holding its own).
-    Chunks(Vec<u8>),
-    /// Too many pieces, or chunks the log no longer holds: one bundle instead.
-    Bundle,
-}
-
-/// The chunks stored per commit in window `w`, as they are: no encoding per device.
-/// Commits wholly the device's own are skipped; the others' changes in commits that
-/// also hold the device's own go in one bundle made for it (its own changes are not
-/// sent back).
-fn shipped_chunks(state: &SlotState, w: Window<'_>) -> Result<Shipped, Error> {
-    let (mixed, clean): (Vec<_>, Vec<_>) = state
-        .log
-        .iter()
-        .filter(|e| e.seq > w.after && e.seq <= w.upto)
-        .filter(|e| !e.hashes.iter().all(|h| w.own.contains(h)))
-        .partition(|e| e.hashes.iter().any(|h| w.own.contains(h)));
-    if mixed.is_empty() && clean.is_empty() {
-        return Ok(Shipped::Nothing);
-    }
-    let pieces = clean.len() + usize::from(!mixed.is_empty());
-    if pieces > MAX_PIECES || clean.iter().any(|e| e.chunk.is_none()) {
-        return Ok(Shipped::Bundle);
-    }
-    let mut bytes = Vec::new();
-    for c in clean.iter().filter_map(|e| e.chunk.as_ref()) {
-        bytes.extend_from_slice(c);
-    }
-    let others: Vec<ChangeHash> = mixed
-        .iter()
-        .flat_map(|e| e.hashes.iter())
-        .filter(|h| !w.own.contains(h))
-        .copied()
-        .collect();
-    if !others.is_empty() {
-        bytes.extend_from_slice(&make_bundle(&state.doc, others)?);
-    }
-    Ok(Shipped::Chunks(bytes))
-}
-
 fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
     heads.iter().copied().collect()
 }
@@ -93,7 +42,7 @@ impl Hub {
         window: Option<Window<'_>>,
     ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
         let slot = self.slot(id).await?;
-        let result = Self::missing_in(&slot, have, window).await;
+        let result = Self::missing_in(&slot, have, window, &self.stats.blocks).await;
         self.release(slot);
         result
     }
@@ -102,6 +51,7 @@ impl Hub {
         slot: &DocSlot,
         have: &[ChangeHash],
         window: Option<Window<'_>>,
+        counts: &super::blocks::BlockCounts,
     ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
         let mut state = slot.state.lock().await;
         let heads = state.doc.get_heads();
@@ -125,21 +75,18 @@ impl Hub {
             else {
                 return Ok(None);
             };
-            let entries = || {
-                state
-                    .log
-                    .iter()
-                    .filter(|e| e.seq > w.after && e.seq <= w.upto)
-            };
+            let in_window = |e: &&LogEntry| e.seq > w.after && e.seq <= w.upto;
             if w.chunks {
-                match shipped_chunks(&state, w)? {
-                    Shipped::Nothing => return Ok(None),
-                    Shipped::Chunks(bytes) => return Ok(Some((Payload::Bundle(bytes), heads))),
-                    Shipped::Bundle => {}
-                }
+                let from = state.log.iter().position(|e| in_window(&e)).unwrap_or(0);
+                let to = from + state.log.iter().skip(from).take_while(in_window).count();
+                let shipped = super::blocks::ship(&mut state, from..to, w.own, counts)?;
+                return Ok(shipped.map(|bytes| (Payload::Bundle(bytes), heads)));
             }
             let mut seen = HashSet::new();
-            let hashes: Vec<ChangeHash> = entries()
+            let hashes: Vec<ChangeHash> = state
+                .log
+                .iter()
+                .filter(in_window)
                 .flat_map(|e| e.hashes.iter())
                 .filter(|h| !w.own.contains(h) && seen.insert(**h))
                 .copied()
@@ -413,5 +360,113 @@ mod tests {
         assert_eq!(listed, stored);
         drop(one);
         assert_eq!(hub.live_sessions(), 1);
+    }
+
+    /// Two devices catching up over the same window get one block bundle, made once;
+    /// a device's own commit is never in what it is sent, and what it is sent brings
+    /// it to the relay's heads.
+    #[tokio::test]
+    async fn devices_share_block_bundles_and_never_get_their_own_back() {
+        let hub = Hub::new(Arc::new(MemoryStorage::new(7)), 1 << 20).unwrap();
+        let id = DocId::parse("households/zone-1").unwrap();
+        let mut doc = Automerge::new().with_actor(ActorId::from([1u8; 16]));
+        let mut commits = Vec::new();
+        for i in 0..8i64 {
+            let before = doc.get_heads();
+            let mut tx = doc.transaction();
+            tx.put(ROOT, format!("k{i}"), i).unwrap();
+            tx.commit();
+            let c = hub
+                .push(&id, &author(), doc.get_changes(&before))
+                .await
+                .unwrap();
+            commits.push((c.seq, doc.get_heads()));
+        }
+        let window = |after: u64, own| Window {
+            after,
+            upto: commits[7].0,
+            own,
+            chunks: true,
+        };
+        let none = HashSet::new();
+        let blocks = &hub.stats.blocks;
+        let ask = |w| hub.missing(&id, &[], Some(w));
+        let (first, _) = ask(window(0, &none)).await.unwrap().unwrap();
+        let (second, _) = ask(window(0, &none)).await.unwrap().unwrap();
+        assert_eq!(first, second);
+        assert_eq!(blocks.made.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(blocks.reused.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // A device that pushed the fourth commit and holds the first four.
+        let own: HashSet<ChangeHash> = commits[3].1.iter().copied().collect();
+        let (Payload::Bundle(bytes), heads) =
+            ask(window(commits[1].0, &own)).await.unwrap().unwrap()
+        else {
+            panic!("a bundle");
+        };
+        assert_eq!(heads, commits[7].1);
+        let fork = |upto: usize| {
+            let mut f = Automerge::new();
+            let changes: Vec<_> = doc.get_changes(&[]).into_iter().take(upto).collect();
+            f.apply_changes(changes).unwrap();
+            f
+        };
+        let mut holds_four = fork(4);
+        holds_four.load_incremental(&bytes).unwrap();
+        assert_eq!(holds_four.get_heads(), commits[7].1, "caught up");
+        let mut holds_three = fork(3);
+        holds_three.load_incremental(&bytes).unwrap();
+        assert_eq!(
+            holds_three.get_heads(),
+            commits[2].1,
+            "its own fourth commit was not sent back (the rest waits for it)"
+        );
+    }
+
+    /// A window cut into more than `MAX_PIECES` pieces (the device's own commits in
+    /// between others') gets one bundle made for it instead: no block is made, its own
+    /// commits are still left out, and it reaches the relay's heads.
+    #[tokio::test]
+    async fn a_finely_cut_window_gets_one_bundle() {
+        let hub = Hub::new(Arc::new(MemoryStorage::new(7)), 1 << 20).unwrap();
+        let id = DocId::parse("households/zone-1").unwrap();
+        let mut doc = Automerge::new().with_actor(ActorId::from([1u8; 16]));
+        let mut commits = Vec::new();
+        for i in 0..12i64 {
+            let before = doc.get_heads();
+            let mut tx = doc.transaction();
+            tx.put(ROOT, format!("k{i}"), i).unwrap();
+            tx.commit();
+            let c = hub
+                .push(&id, &author(), doc.get_changes(&before))
+                .await
+                .unwrap();
+            commits.push((c.seq, doc.get_heads()));
+        }
+        // The device pushed every other commit: pieces 0, 2, 4, 6, 8 and 10-11.
+        let own: HashSet<ChangeHash> = [1, 3, 5, 7, 9]
+            .iter()
+            .flat_map(|i: &usize| commits[*i].1.iter().copied())
+            .collect();
+        let w = Window {
+            after: 0,
+            upto: commits[11].0,
+            own: &own,
+            chunks: true,
+        };
+        let (Payload::Bundle(bytes), _) = hub.missing(&id, &[], Some(w)).await.unwrap().unwrap()
+        else {
+            panic!("a bundle");
+        };
+        let blocks = &hub.stats.blocks;
+        assert_eq!(blocks.made.load(std::sync::atomic::Ordering::Relaxed), 0);
+        let all: Vec<_> = doc.get_changes(&[]).into_iter().collect();
+        let mut holds_ten = Automerge::new();
+        holds_ten.apply_changes(all[..10].to_vec()).unwrap();
+        holds_ten.load_incremental(&bytes).unwrap();
+        assert_eq!(holds_ten.get_heads(), commits[11].1, "caught up");
+        let mut holds_one = Automerge::new();
+        holds_one.apply_changes(all[..1].to_vec()).unwrap();
+        holds_one.load_incremental(&bytes).unwrap();
+        assert_eq!(holds_one.get_heads(), commits[0].1, "its own were not sent");
     }
 }

@@ -19,6 +19,7 @@
 //!   lists its window without a storage read.
 
 mod apply;
+mod blocks;
 mod catchup;
 mod commit;
 pub mod fanout;
@@ -30,6 +31,7 @@ mod queue;
 mod slots;
 pub mod staging;
 
+pub use blocks::BlockCounts;
 pub use catchup::Window;
 pub use guard::apply_untrusted;
 pub use queue::Committed;
@@ -69,6 +71,8 @@ pub struct HubStats {
     pub conflicts: AtomicU64,
     /// Other relays' commits applied to cached documents (instead of reloading them).
     pub taken_in: AtomicU64,
+    /// Block bundles made for catch-ups, and shipped again.
+    pub blocks: blocks::BlockCounts,
 }
 
 /// Listens to the number of pushes of each commit.

@@ -54,6 +54,8 @@ pub struct SlotState {
     pub(super) log_chunk_bytes: usize,
     /// What the document's genesis made (for the authorship check), made once.
     pub(super) genesis: Option<Arc<authorship::Genesis>>,
+    /// Bundles of aligned blocks of the log's commits, shared by catch-ups.
+    pub(super) blocks: super::blocks::Blocks,
 }
 
 /// `DocSlot::included` of a document whose memory may hold what storage does not (a
@@ -70,6 +72,8 @@ pub(super) const LOG_CHUNK_BYTES: usize = 2 * 1024 * 1024;
 pub(super) struct LogEntry {
     /// Its feed sequence.
     pub seq: u64,
+    /// Its number among the commits this slot logged (consecutive, from 0).
+    pub n: u64,
     /// The changes it added.
     pub hashes: Vec<ChangeHash>,
     /// The chunk it stored (a bundle of those changes), while the log's byte budget
@@ -92,6 +96,7 @@ impl SlotState {
             log_floor: u64::MAX,
             log_chunk_bytes: 0,
             genesis: None,
+            blocks: Default::default(),
         }
     }
 
@@ -106,8 +111,10 @@ impl SlotState {
         heads: Vec<ChangeHash>,
     ) {
         self.log_chunk_bytes += chunk.len();
+        let n = self.log.back().map_or(0, |e| e.n + 1);
         self.log.push_back(LogEntry {
             seq,
+            n,
             hashes,
             chunk: Some(chunk),
             heads,
@@ -126,6 +133,7 @@ impl SlotState {
                 self.log_chunk_bytes -= c.len();
             }
         }
+        self.blocks.prune(self.log.front().map_or(n, |e| e.n));
     }
 
     /// `save()` of the document, reused while its heads have not moved.

@@ -257,6 +257,47 @@ fn describe(config: &tokio_postgres::Config) -> String {
     format!("postgres://{host}:{port}/{db}")
 }
 
+/// The connection pool of the relay's storage calls.
+fn pool(config: tokio_postgres::Config, options: &PgOptions) -> Result<Pool, Error> {
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match &options.ca_file {
+        Some(ca) => {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(ca)?);
+            Manager::from_config(config, tls, manager_config)
+        }
+        None => Manager::from_config(config, tokio_postgres::NoTls, manager_config),
+    };
+    Pool::builder(manager)
+        .max_size(options.pool_size.max(2))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .build()
+        .map_err(|e| Error::Config(format!("PostgreSQL pool: {e}")))
+}
+
+/// Commits the writer's transaction when it was left idle for [`IDLE_COMMIT`], until
+/// the storage is gone.
+fn spawn_idle_commit(weak: std::sync::Weak<Inner>) -> Result<(), Error> {
+    std::thread::Builder::new()
+        .name("redline-pg-idle".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(IDLE_COMMIT);
+                let Some(inner) = weak.upgrade() else { return };
+                inner.commit_if_idle();
+            }
+        })
+        .map_err(|source| Error::Io {
+            action: "starting the PostgreSQL idle-commit thread",
+            path: PathBuf::new(),
+            source,
+        })?;
+    Ok(())
+}
+
 impl PgStorage {
     /// Connects, creates or migrates the schema to [`SCHEMA_VERSION`], and reads the
     /// database's epoch.
@@ -284,23 +325,7 @@ impl PgStorage {
                 path: PathBuf::new(),
                 source,
             })?;
-        let manager_config = ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        };
-        let manager = match &options.ca_file {
-            Some(ca) => {
-                let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(ca)?);
-                Manager::from_config(config, tls, manager_config)
-            }
-            None => Manager::from_config(config, tokio_postgres::NoTls, manager_config),
-        };
-        let pool = Pool::builder(manager)
-            .max_size(options.pool_size.max(2))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(30)))
-            .create_timeout(Some(Duration::from_secs(10)))
-            .build()
-            .map_err(|e| Error::Config(format!("PostgreSQL pool: {e}")))?;
+        let pool = pool(config, options)?;
         let listen_config = config_for_listen(&options.url)?;
         let tls = match &options.ca_file {
             Some(ca) => Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(
@@ -321,21 +346,7 @@ impl PgStorage {
         inner.epoch = inner.read_epoch()?;
         let inner = Arc::new(inner);
         runtime.spawn(listen::listen(listen_config, tls, notify));
-        let weak = Arc::downgrade(&inner);
-        std::thread::Builder::new()
-            .name("redline-pg-idle".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(IDLE_COMMIT);
-                    let Some(inner) = weak.upgrade() else { return };
-                    inner.commit_if_idle();
-                }
-            })
-            .map_err(|source| Error::Io {
-                action: "starting the PostgreSQL idle-commit thread",
-                path: PathBuf::new(),
-                source,
-            })?;
+        spawn_idle_commit(Arc::downgrade(&inner))?;
         Ok(Self {
             inner,
             runtime: Some(runtime),
