@@ -457,6 +457,30 @@ pub fn view(doc: &Automerge) -> Result<HouseholdsView, Error> {
     })
 }
 
+/// Whether the book holds an open need of urgent priority or above: the same answer
+/// as [`view`]'s needs, reading only each need's priority and, for the urgent ones,
+/// its status (a sync orders its pushes by this; the whole view costs far more).
+pub fn has_open_urgent_need(doc: &Automerge) -> Result<bool, Error> {
+    for (_, o) in child_maps(doc, &container(doc, "needs")?)? {
+        // An unknown priority from a newer build counts as urgent, as in the view.
+        let priority = get_str(doc, &o, "priority")?
+            .map(|p| Priority::parse(&p).unwrap_or(Priority::Urgent))
+            .unwrap_or(Priority::Routine);
+        if priority < Priority::Urgent {
+            continue;
+        }
+        let history = match child_map(doc, &o, "status_log")? {
+            Some(log) => workflow::entries(doc, &log)?,
+            None => Vec::new(),
+        };
+        let status: Derived<NeedStatus> = workflow::derive(&history);
+        if !status.status.is_closed() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Sorts needs most pressing first: by priority (emergency first), then oldest request.
 pub fn sort_by_urgency(needs: &mut [Need]) {
     needs.sort_by(|a, b| {

@@ -700,6 +700,13 @@ proptest! {
             prop_assert_eq!(&ledger::view(&d.ledger.doc).unwrap(), &l0);
             prop_assert_eq!(&reconcile::reconcile(&d.ledger.doc).unwrap(), &r0);
             prop_assert_eq!(&households::view(&d.book.doc).unwrap(), &h0);
+            // The sync's urgency answer equals the view's.
+            prop_assert_eq!(
+                households::has_open_urgent_need(&d.book.doc).unwrap(),
+                h0.needs
+                    .iter()
+                    .any(|n| n.is_open() && n.priority >= Priority::Urgent)
+            );
         }
         // Totals equal the sum of what every device added.
         let added: i64 = ops.iter().filter_map(|(_, op)| match op { Op::Tally { amount, .. } => Some(i64::from(*amount)), _ => None }).sum();

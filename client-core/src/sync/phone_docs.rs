@@ -223,12 +223,7 @@ impl Client {
     fn urgency(&self, id: &DocId, doc: &Automerge) -> Urgency {
         match id.kind() {
             redline_proto::DocKind::Households(_) => {
-                let urgent = crate::households::view(doc).is_ok_and(|v| {
-                    v.needs
-                        .iter()
-                        .any(|n| n.is_open() && n.priority >= crate::Priority::Urgent)
-                });
-                if urgent {
+                if crate::households::has_open_urgent_need(doc).unwrap_or(false) {
                     Urgency::Urgent
                 } else {
                     Urgency::Normal
