@@ -552,6 +552,7 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
     .await?;
 
     // ----- reconnect storm -----------------------------------------------------------
+    progress("reconnect storm: every device reconnects at once");
     let cpu_before = relay.cpu_seconds()?;
     let db_cpu_before = cfg
         .postgres

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use automerge::ChangeHash;
 use redline_proto::codec;
-use redline_proto::message::{Cursor, Hello, Message, Pull, Push, UploadOffset, ext};
+use redline_proto::message::{Cursor, Hello, Message, Payload, Pull, Push, UploadOffset, ext};
 use redline_proto::session::{DeviceResync, hashes_to_wire};
 use redline_proto::wire::union_heads;
 use redline_proto::{DocId, ErrorCode};
@@ -249,6 +249,36 @@ impl DeviceSession {
         docs: &mut impl Documents,
     ) -> Result<(), Error> {
         self.on_message(msg, ext, docs)?;
+        self.after_input(docs)
+    }
+
+    /// Several messages that arrived together, in order. Consecutive updates of one
+    /// document (bundles and stored chunks) are merged with one apply, and the phone
+    /// stores once for all of them: a device that fell behind a busy relay catches up in
+    /// fewer, larger steps. A cursor (`Caught`) is noted and stored after the batch;
+    /// anything else is handled where it stands, after the updates before it.
+    pub fn handle_messages(
+        &mut self,
+        msgs: Vec<(Message, codec::Extensions)>,
+        docs: &mut impl Documents,
+    ) -> Result<(), Error> {
+        let mut batch = updates::Batch::default();
+        for (msg, ext) in msgs {
+            match msg {
+                Message::Update(u) if matches!(u.payload, Payload::Bundle(_)) => {
+                    self.progress.docs_total += 1;
+                    self.progress.docs_done += 1;
+                    batch.add(u);
+                }
+                // A cursor is only noted here; it is stored after the batch is applied.
+                Message::Caught(c) => self.caught = Some(c),
+                other => {
+                    self.apply_batch(std::mem::take(&mut batch), docs)?;
+                    self.on_message(other, ext, docs)?;
+                }
+            }
+        }
+        self.apply_batch(batch, docs)?;
         self.after_input(docs)
     }
 

@@ -21,6 +21,8 @@ struct Phone {
     relay_has: HashMap<DocId, Vec<ChangeHash>>,
     steps: Vec<Step>,
     hold: Option<String>,
+    /// Calls of `merge_bytes`.
+    merges: usize,
 }
 
 impl Phone {
@@ -87,6 +89,7 @@ impl Documents for Phone {
     }
 
     fn merge_bytes(&mut self, id: &DocId, bytes: &[u8], _: bool) -> Result<Merged, Error> {
+        self.merges += 1;
         let doc = self.docs.entry(id.clone()).or_default();
         let before = doc.get_heads();
         doc.load_incremental(bytes).expect("bundle");
@@ -384,4 +387,62 @@ fn a_refusal_of_the_whole_session_is_an_error_and_of_one_document_a_report() {
         .handle_message(refusal(None), codec::Extensions::new(), &mut phone)
         .expect_err("refused");
     assert!(matches!(err, Error::Refused { .. }));
+}
+
+/// Updates that arrived together are merged with one apply per document and stored
+/// once; a cursor between them waits for them, another message is handled where it
+/// stands (the updates after it are a second apply), and the last cursor is stored
+/// after they are all applied.
+#[test]
+fn updates_that_arrive_together_are_applied_and_stored_at_once() {
+    let mut phone = Phone::default();
+    let mut s = start(&mut phone, true, Instant::now());
+    feed(&mut s, &mut phone, welcome());
+    feed(&mut s, &mut phone, caught(1));
+    assert_eq!(sent(&mut s), ["hello", "pull", "first flight"]);
+    // Four changes a teammate made, one update each.
+    let mut teammate = Automerge::new().with_actor(ActorId::random());
+    let mut updates = Vec::new();
+    for i in 0..4 {
+        let before = teammate.get_heads();
+        let mut tx = teammate.transaction();
+        tx.put(ROOT, format!("k{i}"), i).expect("put");
+        tx.commit();
+        let new: Vec<ChangeHash> = teammate
+            .get_changes(&before)
+            .iter()
+            .map(|c| c.hash())
+            .collect();
+        updates.push(Message::Update(Update {
+            doc: ledger(),
+            heads: hashes_to_wire(&teammate.get_heads()),
+            payload: Payload::Bundle(teammate.bundle(new).expect("bundle").bytes().to_vec()),
+        }));
+    }
+    let steps = phone.steps.len();
+    let mut batch: Vec<_> = updates
+        .into_iter()
+        .map(|m| (m, codec::Extensions::new()))
+        .collect();
+    // A cursor between the first and the second update, another message (a welcome
+    // again) between the third and the fourth, a cursor after the last.
+    batch.insert(1, (caught(2), codec::Extensions::new()));
+    batch.insert(4, (welcome(), codec::Extensions::new()));
+    batch.push((caught(3), codec::Extensions::new()));
+    s.handle_messages(batch, &mut phone).expect("handled");
+    assert_eq!(phone.merges, 2, "one apply before the welcome, one after");
+    assert_eq!(phone.docs[&ledger()].get_heads(), teammate.get_heads());
+    assert_eq!(phone.steps.len(), steps + 1, "stored once");
+    let last = phone.steps.last().expect("a step");
+    let Message::Caught(third) = caught(3) else {
+        unreachable!()
+    };
+    let want = postcard::to_stdvec(&third).expect("encode");
+    assert_eq!(last.cursor.as_ref().map(|(_, c)| c), Some(&want));
+    assert_eq!(
+        phone.relay_has[&ledger()],
+        teammate.get_heads(),
+        "the relay holds what its last update named"
+    );
+    assert_eq!(s.report().changes_received, 4);
 }

@@ -12,7 +12,48 @@ use redline_proto::wire::union_heads;
 use super::{DeviceSession, Documents};
 use crate::Error;
 
+/// Bundle updates that arrived together, by document, in order of arrival: each
+/// document's bytes one after another (a payload of several chunks) and the heads each
+/// update named.
+#[derive(Default)]
+pub(super) struct Batch {
+    docs: Vec<(DocId, Vec<u8>, Vec<Vec<ChangeHash>>)>,
+}
+
+impl Batch {
+    /// Adds a bundle update.
+    pub(super) fn add(&mut self, u: Update) {
+        let Payload::Bundle(bytes) = u.payload else {
+            return;
+        };
+        let heads = hashes_from_wire(&u.heads);
+        match self.docs.iter_mut().find(|(d, _, _)| *d == u.doc) {
+            Some((_, all, named)) => {
+                all.extend_from_slice(&bytes);
+                named.push(heads);
+            }
+            None => self.docs.push((u.doc, bytes, vec![heads])),
+        }
+    }
+}
+
 impl DeviceSession {
+    /// Merges a batch of bundle updates: one apply per document.
+    pub(super) fn apply_batch(
+        &mut self,
+        batch: Batch,
+        docs: &mut impl Documents,
+    ) -> Result<(), Error> {
+        for (id, bytes, named) in batch.docs {
+            let mut heads = Vec::new();
+            for h in &named {
+                union_heads(&mut heads, h);
+            }
+            self.apply_bytes(id, &bytes, false, &heads, docs)?;
+        }
+        Ok(())
+    }
+
     pub(super) fn apply_update(
         &mut self,
         u: Update,

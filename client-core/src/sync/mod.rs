@@ -119,6 +119,9 @@ impl Link {
     }
 }
 
+/// Most messages taken from the inbox in one step (see [`DeviceSession::handle_messages`]).
+const MESSAGES_AT_ONCE: usize = 64;
+
 impl Client {
     /// Runs one session: the first flight, and if `live` is given, everything after it
     /// until the signal turns true or the connection fails. A connection whose hello goes
@@ -232,9 +235,28 @@ impl Client {
                 }
                 item = link.inbox.recv() => {
                     let item = item.unwrap_or_else(|| Err(Error::transport("control stream ended")));
-                    match item {
-                        Ok((msg, ext)) => session.handle_message(msg, ext, docs)?,
-                        Err(e) => return Err(session.handle_lost(e)),
+                    // What else has arrived meanwhile is handled with it (one apply per
+                    // document, one store); a failure after those messages comes after them.
+                    let mut batch = Vec::new();
+                    let mut lost = None;
+                    let mut next = Some(item);
+                    while let Some(item) = next.take() {
+                        match item {
+                            Ok(m) => batch.push(m),
+                            Err(e) => {
+                                lost = Some(e);
+                                break;
+                            }
+                        }
+                        if batch.len() < MESSAGES_AT_ONCE {
+                            next = link.inbox.try_recv().ok();
+                        }
+                    }
+                    if !batch.is_empty() {
+                        session.handle_messages(batch, docs)?;
+                    }
+                    if let Some(e) = lost {
+                        return Err(session.handle_lost(e));
                     }
                 }
                 Some(done) = link.transfers.recv() => {
