@@ -273,16 +273,14 @@ mod tests {
         );
     }
 
-    /// A catch-up over a window of the commit log tells the heads the device holds once
-    /// it has the window, not the document's newest: a commit past the window must not
-    /// be counted as held (a later catch-up from those heads would never send it).
-    #[tokio::test]
-    async fn a_window_answers_the_heads_at_its_end() {
+    /// A hub holding `n` commits to one document, one change each: the document, and
+    /// each commit's sequence with the heads right after it.
+    async fn committed(n: i64) -> (Arc<Hub>, DocId, Automerge, Vec<(u64, Vec<ChangeHash>)>) {
         let hub = Hub::new(Arc::new(MemoryStorage::new(7)), 1 << 20).unwrap();
         let id = DocId::parse("households/zone-1").unwrap();
         let mut doc = Automerge::new().with_actor(ActorId::from([1u8; 16]));
-        let mut after_each = Vec::new();
-        for i in 0..3i64 {
+        let mut commits = Vec::new();
+        for i in 0..n {
             let before = doc.get_heads();
             let mut tx = doc.transaction();
             tx.put(ROOT, format!("k{i}"), i).unwrap();
@@ -291,8 +289,17 @@ mod tests {
                 .push(&id, &author(), doc.get_changes(&before))
                 .await
                 .unwrap();
-            after_each.push((c.seq, doc.get_heads()));
+            commits.push((c.seq, doc.get_heads()));
         }
+        (hub, id, doc, commits)
+    }
+
+    /// A catch-up over a window of the commit log tells the heads the device holds once
+    /// it has the window, not the document's newest: a commit past the window must not
+    /// be counted as held (a later catch-up from those heads would never send it).
+    #[tokio::test]
+    async fn a_window_answers_the_heads_at_its_end() {
+        let (hub, id, _, after_each) = committed(3).await;
         let none = HashSet::new();
         let (first, second, third) = (&after_each[0], &after_each[1], &after_each[2]);
         for chunks in [false, true] {
@@ -367,21 +374,7 @@ mod tests {
     /// it to the relay's heads.
     #[tokio::test]
     async fn devices_share_block_bundles_and_never_get_their_own_back() {
-        let hub = Hub::new(Arc::new(MemoryStorage::new(7)), 1 << 20).unwrap();
-        let id = DocId::parse("households/zone-1").unwrap();
-        let mut doc = Automerge::new().with_actor(ActorId::from([1u8; 16]));
-        let mut commits = Vec::new();
-        for i in 0..8i64 {
-            let before = doc.get_heads();
-            let mut tx = doc.transaction();
-            tx.put(ROOT, format!("k{i}"), i).unwrap();
-            tx.commit();
-            let c = hub
-                .push(&id, &author(), doc.get_changes(&before))
-                .await
-                .unwrap();
-            commits.push((c.seq, doc.get_heads()));
-        }
+        let (hub, id, doc, commits) = committed(8).await;
         let window = |after: u64, own| Window {
             after,
             upto: commits[7].0,
@@ -427,21 +420,7 @@ mod tests {
     /// commits are still left out, and it reaches the relay's heads.
     #[tokio::test]
     async fn a_finely_cut_window_gets_one_bundle() {
-        let hub = Hub::new(Arc::new(MemoryStorage::new(7)), 1 << 20).unwrap();
-        let id = DocId::parse("households/zone-1").unwrap();
-        let mut doc = Automerge::new().with_actor(ActorId::from([1u8; 16]));
-        let mut commits = Vec::new();
-        for i in 0..12i64 {
-            let before = doc.get_heads();
-            let mut tx = doc.transaction();
-            tx.put(ROOT, format!("k{i}"), i).unwrap();
-            tx.commit();
-            let c = hub
-                .push(&id, &author(), doc.get_changes(&before))
-                .await
-                .unwrap();
-            commits.push((c.seq, doc.get_heads()));
-        }
+        let (hub, id, doc, commits) = committed(12).await;
         // The device pushed every other commit: pieces 0, 2, 4, 6, 8 and 10-11.
         let own: HashSet<ChangeHash> = [1, 3, 5, 7, 9]
             .iter()
