@@ -418,11 +418,7 @@ pub fn view(doc: &Automerge) -> Result<HouseholdsView, Error> {
 
     let mut needs = Vec::new();
     for (id, o) in child_maps(doc, &container(doc, "needs")?)? {
-        let history = match child_map(doc, &o, "status_log")? {
-            Some(log) => workflow::entries(doc, &log)?,
-            None => Vec::new(),
-        };
-        let status: Derived<NeedStatus> = workflow::derive(&history);
+        let (history, status) = need_status(doc, &o)?;
         let fulfilled_at = (status.status == NeedStatus::Fulfilled)
             .then(|| status.decided_by.as_ref().map(|e| e.at))
             .flatten();
@@ -433,10 +429,7 @@ pub fn view(doc: &Automerge) -> Result<HouseholdsView, Error> {
                 .and_then(|c| NeedCategory::parse(&c).ok())
                 .unwrap_or(NeedCategory::Other),
             detail: get_str(doc, &o, "detail")?.unwrap_or_default(),
-            // An unknown priority from a newer build is treated as urgent, never dropped.
-            priority: get_str(doc, &o, "priority")?
-                .map(|p| Priority::parse(&p).unwrap_or(Priority::Urgent))
-                .unwrap_or(Priority::Routine),
+            priority: need_priority(doc, &o)?,
             assignee: get_str(doc, &o, "assignee")?,
             status,
             history,
@@ -462,23 +455,34 @@ pub fn view(doc: &Automerge) -> Result<HouseholdsView, Error> {
 /// its status (a sync orders its pushes by this; the whole view costs far more).
 pub fn has_open_urgent_need(doc: &Automerge) -> Result<bool, Error> {
     for (_, o) in child_maps(doc, &container(doc, "needs")?)? {
-        // An unknown priority from a newer build counts as urgent, as in the view.
-        let priority = get_str(doc, &o, "priority")?
-            .map(|p| Priority::parse(&p).unwrap_or(Priority::Urgent))
-            .unwrap_or(Priority::Routine);
-        if priority < Priority::Urgent {
-            continue;
-        }
-        let history = match child_map(doc, &o, "status_log")? {
-            Some(log) => workflow::entries(doc, &log)?,
-            None => Vec::new(),
-        };
-        let status: Derived<NeedStatus> = workflow::derive(&history);
-        if !status.status.is_closed() {
+        if need_priority(doc, &o)? >= Priority::Urgent
+            && !need_status(doc, &o)?.1.status.is_closed()
+        {
             return Ok(true);
         }
     }
     Ok(false)
+}
+
+/// A need's priority; an unknown one from a newer build is treated as urgent, never
+/// dropped.
+fn need_priority(doc: &Automerge, need: &ObjId) -> Result<Priority, Error> {
+    Ok(get_str(doc, need, "priority")?
+        .map(|p| Priority::parse(&p).unwrap_or(Priority::Urgent))
+        .unwrap_or(Priority::Routine))
+}
+
+/// A need's status entries and the status they come to.
+fn need_status(
+    doc: &Automerge,
+    need: &ObjId,
+) -> Result<(Vec<StatusEntry>, Derived<NeedStatus>), Error> {
+    let history = match child_map(doc, need, "status_log")? {
+        Some(log) => workflow::entries(doc, &log)?,
+        None => Vec::new(),
+    };
+    let status = workflow::derive(&history);
+    Ok((history, status))
 }
 
 /// Sorts needs most pressing first: by priority (emergency first), then oldest request.

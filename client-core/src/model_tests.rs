@@ -482,6 +482,51 @@ const TASK_STATUSES: [TaskStatus; 5] = [
     TaskStatus::Cancelled,
     TaskStatus::Done,
 ];
+/// What a sync's push order asks of a book: an open need of urgent priority or above.
+/// Routine needs and closed urgent ones do not count; a priority raised later does.
+#[test]
+fn a_book_is_urgent_while_an_urgent_need_is_open() {
+    let mut a = Replica::new(0, &households_id());
+    let urgent = |r: &Replica| households::has_open_urgent_need(&r.doc).unwrap();
+    assert!(!urgent(&a), "an empty book");
+    let hh = a
+        .change(|tx, w| {
+            households::add_household(
+                tx,
+                w,
+                &NewHousehold {
+                    address: "Block 2".into(),
+                    residents: 1,
+                    contact: None,
+                    flags: vec![],
+                },
+            )
+        })
+        .unwrap();
+    let need = |priority| NewNeed {
+        household: hh.clone(),
+        category: NeedCategory::Medicine,
+        detail: "insulin".into(),
+        priority,
+    };
+    let routine = a
+        .change(|tx, w| households::add_need(tx, w, &need(Priority::Routine)))
+        .unwrap();
+    assert!(!urgent(&a), "a routine need");
+    let meds = a
+        .change(|tx, w| households::add_need(tx, w, &need(Priority::Urgent)))
+        .unwrap();
+    assert!(urgent(&a), "an open urgent need");
+    a.change(|tx, w| {
+        households::set_need_status(tx, w, &meds, Transition::To(NeedStatus::Fulfilled))
+    })
+    .unwrap();
+    assert!(!urgent(&a), "the urgent need was fulfilled");
+    a.change(|tx, _| households::set_priority(tx, &routine, Priority::Emergency))
+        .unwrap();
+    assert!(urgent(&a), "the routine need became an emergency");
+}
+
 const NEED_STATUSES: [NeedStatus; 5] = [
     NeedStatus::Requested,
     NeedStatus::Assigned,

@@ -313,3 +313,35 @@ pub struct Readings {
     /// Documents stored, when the storage could list them.
     pub stored: Option<usize>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scrape shows the hub's counters as they are, counted once however often the
+    /// registry is refreshed.
+    #[test]
+    fn a_scrape_shows_the_hubs_counters() {
+        let m = Metrics::default();
+        let mut r = Readings {
+            commits: 2,
+            blocks: (3, 5),
+            ..Readings::default()
+        };
+        m.refresh(&r);
+        r.blocks = (4, 9);
+        m.refresh(&r);
+        m.refresh(&r);
+        let text = m.encode();
+        for line in [
+            "redline_commits_total 2",
+            "redline_catchup_blocks_made_total 4",
+            "redline_catchup_blocks_reused_total 9",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing in:\n{text}"
+            );
+        }
+    }
+}

@@ -248,8 +248,7 @@ impl DeviceSession {
         ext: codec::Extensions,
         docs: &mut impl Documents,
     ) -> Result<(), Error> {
-        self.on_message(msg, ext, docs)?;
-        self.after_input(docs)
+        self.handle_messages(vec![(msg, ext)], docs)
     }
 
     /// Several messages that arrived together, in order. Consecutive updates of one

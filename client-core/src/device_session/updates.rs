@@ -13,11 +13,11 @@ use super::{DeviceSession, Documents};
 use crate::Error;
 
 /// Bundle updates that arrived together, by document, in order of arrival: each
-/// document's bytes one after another (a payload of several chunks) and the heads each
-/// update named.
+/// document's bytes one after another (a payload of several chunks) and the union of
+/// the heads its updates named.
 #[derive(Default)]
 pub(super) struct Batch {
-    docs: Vec<(DocId, Vec<u8>, Vec<Vec<ChangeHash>>)>,
+    docs: Vec<(DocId, Vec<u8>, Vec<ChangeHash>)>,
 }
 
 impl Batch {
@@ -30,9 +30,9 @@ impl Batch {
         match self.docs.iter_mut().find(|(d, _, _)| *d == u.doc) {
             Some((_, all, named)) => {
                 all.extend_from_slice(&bytes);
-                named.push(heads);
+                union_heads(named, &heads);
             }
-            None => self.docs.push((u.doc, bytes, vec![heads])),
+            None => self.docs.push((u.doc, bytes, heads)),
         }
     }
 }
@@ -44,11 +44,7 @@ impl DeviceSession {
         batch: Batch,
         docs: &mut impl Documents,
     ) -> Result<(), Error> {
-        for (id, bytes, named) in batch.docs {
-            let mut heads = Vec::new();
-            for h in &named {
-                union_heads(&mut heads, h);
-            }
+        for (id, bytes, heads) in batch.docs {
             self.apply_bytes(id, &bytes, false, &heads, docs)?;
         }
         Ok(())

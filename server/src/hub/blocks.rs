@@ -124,17 +124,27 @@ fn cut(first: u64, owned: &[bool], whole: &[bool], stored: &[bool]) -> Vec<Piece
     pieces
 }
 
-/// The bytes a device gets for the commits in `window` (consecutive, in the log's
-/// order), `None` if they are all its own.
+/// What a window's commits come to for one device.
+#[derive(Debug)]
+pub(super) enum Shipped {
+    /// Every commit in the window is wholly the device's own.
+    Nothing,
+    /// The pieces, one after another.
+    Pieces(Vec<u8>),
+    /// More than [`MAX_PIECES`]: the caller makes one bundle for the device.
+    TooFine,
+}
+
+/// What a device gets for the commits in `window` (consecutive, in the log's order).
 pub(super) fn ship(
     state: &mut SlotState,
     window: std::ops::Range<usize>,
     own: &HashSet<ChangeHash>,
     counts: &BlockCounts,
-) -> Result<Option<Vec<u8>>, Error> {
+) -> Result<Shipped, Error> {
     let entries: Vec<&LogEntry> = state.log.range(window).collect();
     let Some(first) = entries.first().map(|e| e.n) else {
-        return Ok(None);
+        return Ok(Shipped::Nothing);
     };
     let owned: Vec<bool> = entries
         .iter()
@@ -147,22 +157,17 @@ pub(super) fn ship(
     let stored: Vec<bool> = entries.iter().map(|e| e.chunk.is_some()).collect();
     let pieces = cut(first, &owned, &whole, &stored);
     if pieces.is_empty() {
-        return Ok(None);
+        return Ok(Shipped::Nothing);
     }
+    // The others' changes of every mixed commit go in one bundle: one piece.
+    let mixed = pieces.iter().any(|p| matches!(p, Piece::Others(_)));
     let separate = pieces
         .iter()
         .filter(|p| !matches!(p, Piece::Others(_)))
         .count()
-        + usize::from(pieces.iter().any(|p| matches!(p, Piece::Others(_))));
+        + usize::from(mixed);
     if separate > MAX_PIECES {
-        // Separate bundles compress worse than one: a window cut this finely gets one
-        // bundle made for the device.
-        let hashes = entries
-            .iter()
-            .flat_map(|e| e.hashes.iter())
-            .filter(|h| !own.contains(h))
-            .copied();
-        return make_bundle(&state.doc, hashes).map(Some);
+        return Ok(Shipped::TooFine);
     }
     let mut bytes = Vec::new();
     let mut others: Vec<ChangeHash> = Vec::new();
@@ -198,7 +203,7 @@ pub(super) fn ship(
     if !others.is_empty() {
         bytes.extend_from_slice(&make_bundle(&state.doc, others)?);
     }
-    Ok(Some(bytes))
+    Ok(Shipped::Pieces(bytes))
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use automerge::ChangeHash;
 use redline_proto::DocId;
 use redline_proto::message::{Coverage, Payload};
 
+use super::blocks::{BlockCounts, Shipped};
 use super::slots::{DocSlot, LogEntry};
 use super::{Hub, has, make_bundle};
 use crate::Error;
@@ -51,7 +52,7 @@ impl Hub {
         slot: &DocSlot,
         have: &[ChangeHash],
         window: Option<Window<'_>>,
-        counts: &super::blocks::BlockCounts,
+        counts: &BlockCounts,
     ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
         let mut state = slot.state.lock().await;
         let heads = state.doc.get_heads();
@@ -79,8 +80,12 @@ impl Hub {
             if w.chunks {
                 let from = state.log.iter().position(|e| in_window(&e)).unwrap_or(0);
                 let to = from + state.log.iter().skip(from).take_while(in_window).count();
-                let shipped = super::blocks::ship(&mut state, from..to, w.own, counts)?;
-                return Ok(shipped.map(|bytes| (Payload::Bundle(bytes), heads)));
+                match super::blocks::ship(&mut state, from..to, w.own, counts)? {
+                    Shipped::Nothing => return Ok(None),
+                    Shipped::Pieces(bytes) => return Ok(Some((Payload::Bundle(bytes), heads))),
+                    // Cut too finely: one bundle made for the device, as below.
+                    Shipped::TooFine => {}
+                }
             }
             let mut seen = HashSet::new();
             let hashes: Vec<ChangeHash> = state
