@@ -8,7 +8,7 @@ use std::time::Duration;
 use quinn::{RecvStream, SendStream};
 use redline_proto::ErrorCode;
 use redline_proto::message::{Message, Piece};
-use redline_proto::wire::{TRANSFER_PIECE, transfer_id, union_heads};
+use redline_proto::wire::{TRANSFER_PIECE, transfer_id};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -209,18 +209,13 @@ pub(super) async fn answer(relay: &RelayState, query: Query) -> Result<Answer, E
             window,
             chunks,
         } => {
-            let mut have = match have_at {
-                Some(seq) => relay.hub.heads_at(&doc, seq).await?,
-                None => Vec::new(),
-            };
-            union_heads(&mut have, &known);
             let window = window.as_ref().map(|(after, upto, own)| Window {
                 after: *after,
                 upto: *upto,
                 own,
                 chunks,
             });
-            Answer::Lacks(relay.hub.missing(&doc, &have, window).await?)
+            Answer::Lacks(relay.hub.lacks(&doc, have_at, &known, window).await?)
         }
     })
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use automerge::ChangeHash;
 use redline_proto::DocId;
 use redline_proto::message::{Coverage, Payload};
+use redline_proto::wire::union_heads;
 
 use super::blocks::{BlockCounts, Shipped};
 use super::slots::{DocSlot, LogEntry};
@@ -44,6 +45,40 @@ impl Hub {
     ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
         let slot = self.slot(id).await?;
         let result = Self::missing_in(&slot, have, window, &self.stats.blocks).await;
+        self.release(slot);
+        result
+    }
+
+    /// What a device lacks of `doc` that holds every commit up to `have_at` (if
+    /// covered before) and the heads in `known`. The heads at `have_at` are read from
+    /// storage only when the commit log cannot answer the window by itself (a device
+    /// far behind, or no window): a live catch-up needs no storage read.
+    pub async fn lacks(
+        &self,
+        doc: &DocId,
+        have_at: Option<u64>,
+        known: &[ChangeHash],
+        window: Option<Window<'_>>,
+    ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
+        let slot = self.slot(doc).await?;
+        let from_log = match window {
+            Some(w) => w.after.saturating_add(1) >= slot.state.lock().await.log_floor,
+            None => false,
+        };
+        // If the log is pruned past the window in between, the answer works from
+        // `known` alone: it may send more than needed, never less.
+        let mut have = match have_at {
+            Some(seq) if !from_log => match self.heads_at(doc, seq).await {
+                Ok(h) => h,
+                Err(e) => {
+                    self.release(slot);
+                    return Err(e);
+                }
+            },
+            _ => Vec::new(),
+        };
+        union_heads(&mut have, known);
+        let result = Self::missing_in(&slot, &have, window, &self.stats.blocks).await;
         self.release(slot);
         result
     }
@@ -173,13 +208,21 @@ impl Hub {
         }
         if old.is_some() {
             // The feed's last entries are kept in memory: no round trip.
-            let kept = self.recent.lock().expect("recent lock").window(after, upto);
+            let kept = self
+                .recent
+                .lock()
+                .expect("recent lock")
+                .select(after, upto, |d, kind| scope.covers_parsed(d, kind));
             let entries = match kept {
                 Some(entries) => entries,
-                None => self.blocking(move |s| s.feed(after, upto)).await?,
+                None => {
+                    let mut read = self.blocking(move |s| s.feed(after, upto)).await?;
+                    read.retain(|(_, d)| scope.covers(d));
+                    read
+                }
             };
             for (_, d) in entries {
-                if scope.covers(&d) && seen.insert(d.clone()) {
+                if seen.insert(d.clone()) {
                     out.push(d);
                 }
             }
@@ -321,6 +364,53 @@ mod tests {
                 .expect("the second commit is missing");
             assert_eq!(heads, second.1, "the heads after the window's last commit");
             assert_ne!(heads, third.1);
+        }
+    }
+
+    /// A catch-up from a device's cursor: inside the commit log it is answered from the
+    /// log; a device further behind than the log (here: a restarted relay, whose log
+    /// starts empty) is answered from the heads storage recorded at its cursor, and is
+    /// sent only what came after them.
+    #[tokio::test]
+    async fn lacks_works_from_the_log_or_from_the_heads_at_the_cursor() {
+        let (hub, id, doc, commits) = committed(3).await;
+        let none = HashSet::new();
+        let all: Vec<_> = doc.get_changes(&[]).into_iter().collect();
+        let holds_one = || {
+            let mut d = Automerge::new();
+            d.apply_changes(all[..1].to_vec()).unwrap();
+            d
+        };
+        let w = Window {
+            after: commits[0].0,
+            upto: commits[2].0,
+            own: &none,
+            chunks: false,
+        };
+        for hub in [hub.clone(), Hub::new(hub.storage(), 1 << 20).unwrap()] {
+            let (Payload::Bundle(bytes), heads) = hub
+                .lacks(&id, Some(commits[0].0), &[], Some(w))
+                .await
+                .unwrap()
+                .expect("two commits are missing")
+            else {
+                panic!("a bundle");
+            };
+            assert_eq!(heads, commits[2].1);
+            let mut device = holds_one();
+            device.load_incremental(&bytes).unwrap();
+            assert_eq!(device.get_heads(), commits[2].1, "caught up");
+            let sent = Automerge::load(&{
+                let mut only = Automerge::new();
+                only.load_incremental(&bytes).unwrap();
+                only.save()
+            });
+            // Changes whose dependencies are missing stay queued: what was sent, alone,
+            // applies nothing if the first commit is not in it.
+            assert!(
+                sent.unwrap().get_heads().is_empty(),
+                "the first commit, which the device holds, was not sent"
+            );
         }
     }
 

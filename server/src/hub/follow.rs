@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tracing::warn;
 
-use redline_proto::DocId;
+use redline_proto::{DocId, DocKind};
 
 use super::Hub;
 use crate::Error;
@@ -37,7 +37,8 @@ const RECENT_ENTRIES: usize = 16_384;
 pub(super) struct Recent {
     /// The sequence of `entries[0]`.
     first: u64,
-    entries: VecDeque<DocId>,
+    /// Each entry's document with its kind, parsed once for every catch-up that reads it.
+    entries: VecDeque<(DocId, DocKind)>,
 }
 
 impl Recent {
@@ -63,7 +64,7 @@ impl Recent {
                 *self = Self::new(head);
                 return;
             }
-            self.entries.push_back(doc.clone());
+            self.entries.push_back((doc.clone(), doc.kind()));
             next += 1;
         }
         if next - 1 != head {
@@ -77,7 +78,19 @@ impl Recent {
     }
 
     /// The entries after `after` up to `upto`, if every one of them is kept.
+    #[cfg(test)]
     pub(super) fn window(&self, after: u64, upto: u64) -> Option<Vec<(u64, DocId)>> {
+        self.select(after, upto, |_, _| true)
+    }
+
+    /// The entries after `after` up to `upto` whose document `pick` wants (given its
+    /// parsed kind), if every entry of the window is kept.
+    pub(super) fn select(
+        &self,
+        after: u64,
+        upto: u64,
+        mut pick: impl FnMut(&DocId, &DocKind) -> bool,
+    ) -> Option<Vec<(u64, DocId)>> {
         let end = self.first + self.entries.len() as u64;
         if after + 1 < self.first || upto >= end {
             return None;
@@ -89,7 +102,8 @@ impl Recent {
         let to = (upto + 1 - self.first) as usize;
         Some(
             (from..to)
-                .map(|i| (self.first + i as u64, self.entries[i].clone()))
+                .filter(|&i| pick(&self.entries[i].0, &self.entries[i].1))
+                .map(|i| (self.first + i as u64, self.entries[i].0.clone()))
                 .collect(),
         )
     }
@@ -184,6 +198,20 @@ mod tests {
         assert_eq!(r.window(15, 15), Some(Vec::new()));
         assert_eq!(r.window(9, 15), None, "starts before what is kept");
         assert_eq!(r.window(12, 16), None, "ends after what is kept");
+    }
+
+    /// A catch-up picks the entries of its window by document and parsed kind.
+    #[test]
+    fn a_window_is_selected_by_document_kind() {
+        let mut r = Recent::new(0);
+        let mut read: Vec<(u64, DocId)> = (1..=4).map(|s| (s, doc(s))).collect();
+        read.push((5, DocId::parse("ledger/team-1/2026-12-01").unwrap()));
+        r.extend(0, &read, 5);
+        let ledgers = r.select(0, 5, |_, kind| matches!(kind, DocKind::Ledger(..)));
+        assert_eq!(ledgers, Some(read[4..].to_vec()));
+        let zone_two = r.select(1, 4, |d, _| *d == doc(2));
+        assert_eq!(zone_two, Some(vec![(2, doc(2))]));
+        assert_eq!(r.select(0, 6, |_, _| true), None, "past what is kept");
     }
 
     #[test]

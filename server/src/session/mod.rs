@@ -39,8 +39,8 @@ mod peer;
 pub use bucket::Bucket;
 use peer::error_msg;
 pub use peer::{
-    Admission, IN_FLIGHT, Known, Outcome, Peer, PushWork, Verdict, forbidden, held_entry, refusal,
-    refusal_code, reply,
+    Admission, IN_FLIGHT, KNOWN_HEADS, Known, Outcome, Peer, PushWork, Verdict, forbidden,
+    held_entry, refusal, refusal_code, reply,
 };
 
 /// Live fan-out catches a device up at most once per this window: the first move of

@@ -28,6 +28,9 @@ use crate::hub::Committed;
 #[derive(Clone, Default)]
 pub struct Known(Arc<std::sync::Mutex<KnownInner>>);
 
+/// Heads of one document remembered per device (see [`Known::add`]).
+pub const KNOWN_HEADS: usize = 16;
+
 /// The sequence of an own change whose commit has not answered yet.
 pub const IN_FLIGHT: u64 = u64::MAX;
 
@@ -41,9 +44,18 @@ impl Known {
     fn lock(&self) -> std::sync::MutexGuard<'_, KnownInner> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
-    /// The device holds `heads` of `doc`.
+    /// The device holds `heads` of `doc`. Only the latest [`KNOWN_HEADS`] are kept: heads
+    /// grow forward, so older ones are almost always ancestors of newer ones, and a
+    /// forgotten one can only make a later answer send changes the device already has
+    /// (it ignores them), never fewer.
     pub fn add(&self, doc: &DocId, heads: &[ChangeHash]) {
-        union_heads(self.lock().heads.entry(doc.clone()).or_default(), heads);
+        let mut k = self.lock();
+        let known = k.heads.entry(doc.clone()).or_default();
+        union_heads(known, heads);
+        if known.len() > KNOWN_HEADS {
+            let extra = known.len() - KNOWN_HEADS;
+            known.drain(..extra);
+        }
     }
     /// Heads of `doc` the device is known to hold.
     pub fn get(&self, doc: &DocId) -> Vec<ChangeHash> {

@@ -415,3 +415,17 @@ fn requests_outside_the_token_are_refused_without_asking_the_hub() {
     let a = actions(&mut lead);
     assert!(matches!(sent(&a)[..], [Message::Error(e)] if e.code == ErrorCode::FORBIDDEN));
 }
+
+/// A device live all day keeps a bounded set of known heads per document: the newest.
+#[test]
+fn known_heads_keep_the_newest_only() {
+    let known = Known::default();
+    let hash = |i: u8| ChangeHash([i; 32]);
+    for i in 0..40u8 {
+        known.add(&day(), &[hash(i)]);
+    }
+    known.add(&day(), &[hash(39)]);
+    let kept = known.get(&day());
+    let newest: Vec<ChangeHash> = (40 - KNOWN_HEADS as u8..40).map(hash).collect();
+    assert_eq!(kept, newest);
+}
