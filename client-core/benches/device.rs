@@ -109,6 +109,86 @@ fn device(c: &mut Criterion) {
         )
     });
     group.finish();
+    catch_up(c);
+}
+
+/// A phone back from a day offline in a team of 16: it lacks 15 teammates' 300
+/// changes each of one day. Applying them as one bundle (today's catch-up) against
+/// loading the relay's whole document and merging the phone's own copy into it.
+fn catch_up(c: &mut Criterion) {
+    let (team, day) = (
+        TeamId::new("team-1").unwrap(),
+        Day::new("2026-12-01").unwrap(),
+    );
+    let id = DocId::ledger(&team, &day);
+    let dirs: Vec<_> = (0..16).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut docs = Vec::new();
+    for (m, dir) in dirs.iter().enumerate() {
+        let p = phone(dir.path(), &format!("m{m}"));
+        let mut task = None;
+        for i in 0..300 {
+            match i % 4 {
+                0 => {
+                    task = Some(
+                        p.add_task(&team, &day, NewTask::new(TaskKind::Screening, "block"))
+                            .unwrap(),
+                    )
+                }
+                1 => p
+                    .set_task_status(&team, &day, task.as_ref().unwrap(), TaskStatus::Done)
+                    .unwrap(),
+                2 => p
+                    .add_to_tally(&team, &day, &format!("metric_{}", i % 20), 1)
+                    .unwrap(),
+                _ => p.check_in(&team, &day).unwrap(),
+            }
+        }
+        docs.push(p.document(&id).unwrap().unwrap());
+    }
+    let mut relay = docs[0].clone();
+    for d in docs.iter_mut().skip(1) {
+        relay.merge(d).unwrap();
+    }
+    let own = docs[0].clone();
+    let lacked: Vec<_> = relay
+        .get_changes_meta(&own.get_heads())
+        .iter()
+        .map(|m| m.hash)
+        .collect();
+    let bundle = relay.bundle(lacked.clone()).unwrap().bytes().to_vec();
+    let whole = relay.save();
+    eprintln!(
+        "catch-up of {} changes: bundle {} bytes, whole document {} bytes",
+        lacked.len(),
+        bundle.len(),
+        whole.len()
+    );
+    let mut group = c.benchmark_group("catch_up");
+    group.sample_size(10);
+    group.bench_function("apply_bundle_of_4500_changes", |b| {
+        b.iter_batched(
+            || own.clone(),
+            |mut d| {
+                d.load_incremental(&bundle).unwrap();
+                assert_eq!(d.get_heads(), relay.get_heads());
+                d
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("load_whole_document_and_merge_own", |b| {
+        b.iter_batched(
+            || own.clone(),
+            |mut d| {
+                let mut loaded = automerge::Automerge::load(&whole).unwrap();
+                loaded.merge(&mut d).unwrap();
+                assert_eq!(loaded.get_heads(), relay.get_heads());
+                loaded
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
 }
 
 criterion_group!(benches, device);
