@@ -36,8 +36,9 @@ pub struct Merged {
 pub struct DirtyDoc {
     /// Which document.
     pub id: DocId,
-    /// The bundles applied to it, in order, when only bundles changed it: appended to the
-    /// stored copy as they came (no re-encoding).
+    /// The bundles, stored chunks and whole documents applied to it, in order, when only
+    /// updates changed it: appended to the stored copy as they came (no re-encoding; a
+    /// whole document is a chunk that loading merges like any other).
     pub received: Option<Vec<u8>>,
     /// Changed by more than bundles (a whole document, a resync merge): store what the
     /// store lacks of it.

@@ -120,14 +120,12 @@ impl DeviceSession {
             self.report.changes_received += merged.new_changes;
             self.updated.insert(id.clone());
             self.dirty.insert(id.clone());
-            if document {
-                self.merged.insert(id.clone());
-            } else {
-                self.received
-                    .entry(id.clone())
-                    .or_default()
-                    .extend_from_slice(bytes);
-            }
+            // Stored as it came (a whole document is a chunk like any other: loading
+            // the stored copy merges it).
+            self.received
+                .entry(id.clone())
+                .or_default()
+                .extend_from_slice(bytes);
         }
         if merged.missing_deps {
             // This device lacks what the relay assumed it had (a restored backup).

@@ -108,8 +108,13 @@ impl Documents for PhoneDocs<'_> {
         let doc = self.0.load_or_genesis(&mut docs, id)?;
         let before = doc.get_heads();
         if document {
-            let mut other = Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?;
-            doc.merge(&mut other)?;
+            // The relay's whole document: loaded, and this phone's own copy merged into
+            // it (only what the relay lacks is applied), far cheaper than applying the
+            // relay's changes to the phone's copy when the phone lacked most of them.
+            let mut loaded = Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?;
+            loaded.merge(doc)?;
+            loaded.set_actor(doc.get_actor().clone());
+            *doc = loaded;
         } else {
             // One bundle, or several stored chunks one after another: every one is
             // decoded, then all are applied at once.
@@ -317,5 +322,81 @@ mod chunk_tests {
         assert_eq!(copy.get_heads(), doc.get_heads());
         assert!(chunk_changes(&all[..all.len() - 1]).is_err());
         assert!(chunk_changes(&[0x85, 0x6f, 0x4a]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod whole_document_tests {
+    use automerge::transaction::Transactable;
+    use automerge::{ActorId, ROOT, ReadDoc};
+    use redline_proto::{Day, DocId, MemberId, TeamId};
+
+    use super::PhoneDocs;
+    use crate::device_session::{DirtyDoc, Documents, Step};
+    use crate::{Client, ClientConfig};
+
+    /// The relay's whole document merged into a phone that wrote meanwhile: the phone
+    /// keeps its own writes and its actor, and the document stored as it came (a chunk
+    /// after the phone's own) loads back as the same document.
+    #[test]
+    fn a_whole_document_keeps_the_phones_own_writes_and_stores_as_it_came() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = || ClientConfig::new(MemberId::new("ana").unwrap());
+        let (team, day) = (
+            TeamId::new("team-1").unwrap(),
+            Day::new("2026-12-01").unwrap(),
+        );
+        let id = DocId::ledger(&team, &day);
+        let phone = Client::open(dir.path(), config()).unwrap();
+        phone.add_to_tally(&team, &day, "deliveries", 1).unwrap();
+        // The relay holds the phone's first write and a teammate's 300 changes.
+        let mut relay = phone
+            .document(&id)
+            .unwrap()
+            .unwrap()
+            .with_actor(ActorId::random());
+        for i in 0..300 {
+            let mut tx = relay.transaction();
+            tx.put(ROOT, format!("mate-{i}"), i).unwrap();
+            tx.commit();
+        }
+        // The phone wrote twice more meanwhile.
+        phone.add_to_tally(&team, &day, "deliveries", 1).unwrap();
+        phone.add_to_tally(&team, &day, "deliveries", 1).unwrap();
+        let own = phone.document(&id).unwrap().unwrap();
+        let whole = relay.save();
+
+        let merged = PhoneDocs(&phone).merge_bytes(&id, &whole, true).unwrap();
+        assert_eq!(merged.new_changes, 300);
+        assert!(!merged.missing_deps);
+        let doc = phone.document(&id).unwrap().unwrap();
+        assert_eq!(doc.get_actor(), own.get_actor(), "still the phone's actor");
+        let mut expected = relay.clone();
+        expected.merge(&mut own.clone()).unwrap();
+        assert_eq!(doc.get_heads(), expected.get_heads(), "both sides' changes");
+
+        PhoneDocs(&phone)
+            .store(Step {
+                docs: vec![DirtyDoc {
+                    id: id.clone(),
+                    received: Some(whole),
+                    merged: false,
+                }],
+                ..Step::default()
+            })
+            .unwrap();
+        // Written after the merge: the stored copy holds it too.
+        phone.add_to_tally(&team, &day, "deliveries", 1).unwrap();
+        let now = phone.heads(&id).unwrap();
+        drop(phone);
+        let reopened = Client::open(dir.path(), config()).unwrap();
+        assert_eq!(reopened.heads(&id).unwrap(), now);
+        let totals = reopened.day_totals(&team, &day).unwrap();
+        assert_eq!(totals.get("deliveries").copied(), Some(4));
+        let doc = reopened.document(&id).unwrap().unwrap();
+        assert_eq!(
+            doc.get(ROOT, "mate-299").unwrap().map(|(v, _)| v.as_i64()),
+            Some(Some(299))
+        );
     }
 }

@@ -31,6 +31,34 @@ pub struct Window<'a> {
     pub chunks: bool,
 }
 
+/// A window of at least this many changes may be answered with the whole document.
+pub const WHOLE_MIN_CHANGES: usize = 256;
+
+/// Whether a device lacks most of a document (at least 2/3 of its changes, and at least
+/// [`WHOLE_MIN_CHANGES`]) over a window that ends at the document's heads: then the
+/// whole document is sent. A phone loads it and merges its own copy in, about 3.5
+/// times faster than applying the changes (Criterion `catch_up`, a ledger day of
+/// 4,800 changes), and the document is smaller than a bundle of the changes it lacks.
+fn lacks_most(
+    state: &super::slots::SlotState,
+    in_window: impl Fn(&&LogEntry) -> bool,
+    own: &HashSet<ChangeHash>,
+    end: &[ChangeHash],
+) -> bool {
+    if state.doc.get_heads() != end {
+        // Commits past the window are not the device's yet (not stable).
+        return false;
+    }
+    let lacking = state
+        .log
+        .iter()
+        .filter(in_window)
+        .flat_map(|e| e.hashes.iter())
+        .filter(|h| !own.contains(h))
+        .count();
+    lacking >= WHOLE_MIN_CHANGES && lacking * 3 >= state.doc.get_changes_meta(&[]).len() * 2
+}
+
 fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
     heads.iter().copied().collect()
 }
@@ -112,6 +140,9 @@ impl Hub {
                 return Ok(None);
             };
             let in_window = |e: &&LogEntry| e.seq > w.after && e.seq <= w.upto;
+            if w.chunks && lacks_most(&state, in_window, w.own, &heads) {
+                return Ok(Some((Payload::Document(state.saved().to_vec()), heads)));
+            }
             if w.chunks {
                 let from = state.log.iter().position(|e| in_window(&e)).unwrap_or(0);
                 let to = from + state.log.iter().skip(from).take_while(in_window).count();
@@ -412,6 +443,66 @@ mod tests {
                 "the first commit, which the device holds, was not sent"
             );
         }
+    }
+
+    /// A device that lacks most of a document over a window ending at its heads gets the
+    /// whole document (if it reads several chunks); a small window, an older device, or
+    /// commits past the window get the changes.
+    #[tokio::test]
+    async fn a_device_lacking_most_of_a_document_gets_it_whole() {
+        let hub = Hub::new(Arc::new(MemoryStorage::new(7)), 1 << 20).unwrap();
+        let id = DocId::parse("households/zone-1").unwrap();
+        let mut doc = Automerge::new().with_actor(ActorId::from([1u8; 16]));
+        let push = |doc: &mut Automerge, n: usize| {
+            let before = doc.get_heads();
+            for i in 0..n {
+                let mut tx = doc.transaction();
+                // Keys differ between pushes (a put of an equal value makes no change).
+                tx.put(ROOT, format!("k{n}-{i}"), i as i64).unwrap();
+                tx.commit();
+            }
+            let changes = doc.get_changes(&before);
+            let hub = hub.clone();
+            let id = id.clone();
+            async move { hub.push(&id, &author(), changes).await.unwrap().seq }
+        };
+        let first = push(&mut doc, 20).await;
+        let holds_first = doc.clone();
+        let small = push(&mut doc, 10).await;
+        let big = push(&mut doc, WHOLE_MIN_CHANGES).await;
+        let none = HashSet::new();
+        let ask = |after, upto, chunks| {
+            let w = Window {
+                after,
+                upto,
+                own: &none,
+                chunks,
+            };
+            let hub = hub.clone();
+            let id = id.clone();
+            async move { hub.lacks(&id, None, &[], Some(w)).await.unwrap().unwrap() }
+        };
+        let (payload, heads) = ask(first, big, true).await;
+        let Payload::Document(bytes) = payload else {
+            panic!("the whole document");
+        };
+        assert_eq!(heads, doc.get_heads());
+        let mut device = holds_first.clone();
+        device.merge(&mut Automerge::load(&bytes).unwrap()).unwrap();
+        assert_eq!(device.get_heads(), doc.get_heads());
+        assert!(
+            matches!(ask(first, small, true).await.0, Payload::Bundle(_)),
+            "a small window"
+        );
+        assert!(
+            matches!(ask(first, big, false).await.0, Payload::Bundle(_)),
+            "an older device"
+        );
+        let _past = push(&mut doc, 1).await;
+        assert!(
+            matches!(ask(first, big, true).await.0, Payload::Bundle(_)),
+            "a commit past the window is not the device's yet"
+        );
     }
 
     /// A commit wakes the live sessions whose subscription covers its document and no
