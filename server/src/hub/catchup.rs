@@ -34,7 +34,7 @@ pub struct Window<'a> {
 /// A window of at least this many changes may be answered with the whole document.
 pub const WHOLE_MIN_CHANGES: usize = 256;
 
-/// Whether a device lacks most of a document (at least 2/3 of its changes, and at least
+/// Whether a device lacks most of a document (at least 3/4 of its changes, and at least
 /// [`WHOLE_MIN_CHANGES`]) over a window that ends at the document's heads: then the
 /// whole document is sent. A phone loads it and merges its own copy in, about 3.5
 /// times faster than applying the changes (Criterion `catch_up`, a ledger day of
@@ -56,7 +56,7 @@ fn lacks_most(
         .flat_map(|e| e.hashes.iter())
         .filter(|h| !own.contains(h))
         .count();
-    lacking >= WHOLE_MIN_CHANGES && lacking * 3 >= state.doc.get_changes_meta(&[]).len() * 2
+    lacking >= WHOLE_MIN_CHANGES && lacking * 4 >= state.doc.get_changes_meta(&[]).len() * 3
 }
 
 fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
