@@ -38,7 +38,8 @@ pub const WHOLE_MIN_CHANGES: usize = 256;
 /// [`WHOLE_MIN_CHANGES`]) over a window that ends at the document's heads: then the
 /// whole document is sent. A phone loads it and merges its own copy in, about 3.5
 /// times faster than applying the changes (Criterion `catch_up`, a ledger day of
-/// 4,800 changes), and the document is smaller than a bundle of the changes it lacks.
+/// 4,800 changes, where the document is also smaller than the bundle; a document with
+/// much base content the device holds can be larger, which the share keeps rare).
 fn lacks_most(
     state: &super::slots::SlotState,
     in_window: impl Fn(&&LogEntry) -> bool,
