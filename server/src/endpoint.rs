@@ -26,6 +26,7 @@ async fn render(relay: &RelayState) -> String {
             s.blocks.made.load(Ordering::Relaxed),
             s.blocks.reused.load(Ordering::Relaxed),
         ),
+        whole_documents: s.blocks.whole.load(Ordering::Relaxed),
         cached: hub.cached(),
         devices: relay.devices.counts(),
         stored: hub.list().await.ok().map(|all| all.len()),

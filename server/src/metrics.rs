@@ -38,6 +38,7 @@ pub struct Metrics {
     taken_in: Counter,
     blocks_made: Counter,
     blocks_reused: Counter,
+    whole_documents: Counter,
     udp_drops: Counter,
     udp_inode: std::sync::OnceLock<u64>,
     quota_refusals: Family<Vec<(String, String)>, Counter>,
@@ -115,6 +116,7 @@ impl Default for Metrics {
             taken_in: Counter::default(),
             blocks_made: Counter::default(),
             blocks_reused: Counter::default(),
+            whole_documents: Counter::default(),
             udp_drops: Counter::default(),
             udp_inode: std::sync::OnceLock::new(),
             quota_refusals: Family::default(),
@@ -218,6 +220,11 @@ impl Metrics {
             "Catch-ups that shipped a block bundle made before",
             self.blocks_reused.clone(),
         );
+        registry.register(
+            "catchup_whole_documents",
+            "Catch-ups answered with the whole document (a device lacking most of it)",
+            self.whole_documents.clone(),
+        );
     }
 
     /// Registers the metrics of what the relay holds: documents and devices.
@@ -273,6 +280,7 @@ impl Metrics {
         mirror(&self.taken_in, r.taken_in);
         mirror(&self.blocks_made, r.blocks.0);
         mirror(&self.blocks_reused, r.blocks.1);
+        mirror(&self.whole_documents, r.whole_documents);
         if let Some(dropped) = self.udp_inode.get().and_then(|i| crate::udp::drops(*i)) {
             mirror(&self.udp_drops, dropped);
         }
@@ -306,6 +314,8 @@ pub struct Readings {
     pub taken_in: u64,
     /// Block bundles made for catch-ups, and shipped again.
     pub blocks: (u64, u64),
+    /// Catch-ups answered with the whole document.
+    pub whole_documents: u64,
     /// Documents parsed in memory.
     pub cached: usize,
     /// Devices known, connected, seen in the last hour.
@@ -330,6 +340,7 @@ mod tests {
         };
         m.refresh(&r);
         r.blocks = (4, 9);
+        r.whole_documents = 6;
         m.refresh(&r);
         m.refresh(&r);
         let text = m.encode();
@@ -337,6 +348,7 @@ mod tests {
             "redline_commits_total 2",
             "redline_catchup_blocks_made_total 4",
             "redline_catchup_blocks_reused_total 9",
+            "redline_catchup_whole_documents_total 6",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -127,6 +127,9 @@ pub struct FieldDayResult {
     pub device_applied_changes: u64,
     /// Phones' sync CPU per change applied.
     pub device_apply_per_change_us: f64,
+    /// Catch-ups the relays answered with the whole document (a device lacking most of
+    /// it), over the run; with several seeds, the most of any.
+    pub whole_documents: u64,
     pub floor_cpu_s: f64,
     pub cpu_ratio: f64,
     pub wire_bytes: u64,
@@ -163,7 +166,13 @@ pub struct RelayChild {
     pub addr: std::net::SocketAddr,
     /// Its certificate fingerprint.
     pub fingerprint: String,
+    /// Its standard output after the address line (its counts at shutdown).
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
+
+/// The line the relay child prints at shutdown: catch-ups it answered with the whole
+/// document.
+const WHOLE_DOCUMENTS_LINE: &str = "WHOLE_DOCUMENTS";
 
 fn clk_tck() -> f64 {
     std::process::Command::new("getconf")
@@ -208,6 +217,7 @@ impl RelayChild {
             child,
             addr: addr.parse()?,
             fingerprint: fp.to_owned(),
+            lines,
         })
     }
 
@@ -241,16 +251,26 @@ impl RelayChild {
         Ok(kb * 1024)
     }
 
-    /// Stops the child (closing its stdin asks it to shut down cleanly).
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    /// Stops the child (closing its stdin asks it to shut down cleanly); returns the
+    /// catch-ups it answered with the whole document (0 if it did not say).
+    pub async fn stop(mut self) -> anyhow::Result<u64> {
         drop(self.child.stdin.take());
+        let mut whole = 0;
+        let said = async {
+            while let Ok(Some(line)) = self.lines.next_line().await {
+                if let Some(n) = line.strip_prefix(WHOLE_DOCUMENTS_LINE) {
+                    whole = n.trim().parse().unwrap_or(0);
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(20), said).await;
         match tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await {
             Ok(status) => {
                 status?;
             }
             Err(_) => self.child.kill().await?,
         }
-        Ok(())
+        Ok(whole)
     }
 }
 
@@ -279,6 +299,12 @@ pub async fn serve_relay_child(dir: &Path) -> anyhow::Result<()> {
     let mut buf = [0u8; 64];
     use tokio::io::AsyncReadExt;
     while stdin.read(&mut buf).await.unwrap_or(0) > 0 {}
+    let whole = relay
+        .stats()
+        .blocks
+        .whole
+        .load(std::sync::atomic::Ordering::Relaxed);
+    println!("{WHOLE_DOCUMENTS_LINE} {whole}");
     relay.shutdown().await?;
     Ok(())
 }
@@ -354,11 +380,13 @@ impl Relays {
         Ok(peak)
     }
 
-    async fn stop(self) -> anyhow::Result<()> {
+    /// Stops every relay; returns the catch-ups they answered with the whole document.
+    async fn stop(self) -> anyhow::Result<u64> {
+        let mut whole = 0;
         for r in self.0 {
-            r.stop().await?;
+            whole += r.stop().await?;
         }
-        Ok(())
+        Ok(whole)
     }
 }
 
@@ -662,6 +690,7 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
         device_cpu_s,
         device_applied_changes,
         device_apply_per_change_us: per(device_cpu_s, device_applied_changes),
+        whole_documents: 0,
         floor_cpu_s,
         cpu_ratio: if floor_cpu_s > 0.0 {
             relay_cpu_s / floor_cpu_s
@@ -688,7 +717,7 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
         // What did not converge is the finding: report it as measured, without the
         // checks that assume a converged day.
         result.relay_peak_rss_bytes = relay.peak_rss_bytes()?;
-        relay.stop().await?;
+        result.whole_documents = relay.stop().await?;
         return Ok(result);
     }
 
@@ -799,7 +828,7 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
     let again = noop.sync().await?;
 
     result.relay_peak_rss_bytes = relay.peak_rss_bytes()?;
-    relay.stop().await?;
+    result.whole_documents = relay.stop().await?;
     result.live_p50_ms = percentile(&live_ms, 0.5);
     result.live_p99_ms = percentile(&live_ms, 0.99);
     result.noop_reconnect_bytes = again.bytes_sent + again.bytes_received;
@@ -1053,6 +1082,11 @@ pub fn table(r: &FieldDayResult) -> String {
             format!("{:.1} µs", r.device_apply_per_change_us),
             String::new(),
         ),
+        (
+            "documents sent whole",
+            r.whole_documents.to_string(),
+            "catch-ups of a device lacking most of one".into(),
+        ),
         ("bytes on the wire", r.wire_bytes.to_string(), String::new()),
         (
             "compressed changes, once",
@@ -1211,6 +1245,7 @@ mod tests {
             device_cpu_s: 3.0,
             device_applied_changes: 900_000,
             device_apply_per_change_us: 3.3,
+            whole_documents: 0,
             floor_cpu_s: 1.0,
             cpu_ratio: s / 2.0,
             wire_bytes: 10,

@@ -74,6 +74,8 @@ pub struct BlockCounts {
     pub made: AtomicU64,
     /// Block bundles shipped as made before (for another device, or again).
     pub reused: AtomicU64,
+    /// Catch-ups answered with the whole document instead (`hub::catchup`).
+    pub whole: AtomicU64,
 }
 
 /// One piece of a window, in the order of the log.

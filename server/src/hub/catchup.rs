@@ -34,14 +34,16 @@ pub struct Window<'a> {
 /// A window of at least this many changes may be answered with the whole document.
 pub const WHOLE_MIN_CHANGES: usize = 256;
 
-/// Whether a device lacks most of a document (at least 3/4 of its changes, and at least
-/// [`WHOLE_MIN_CHANGES`]) over a window that ends at the document's heads: then the
-/// whole document is sent. A phone loads it and merges its own copy in, about 3.5
-/// times faster than applying the changes (Criterion `catch_up`, a ledger day of
-/// 4,800 changes, where the document is also smaller than the bundle; a document with
-/// much base content the device holds can be larger, which the share keeps rare).
+/// Whether a device lacks most of a document over a window that ends at the
+/// document's heads: then the whole document is sent. Most means at least
+/// [`WHOLE_MIN_CHANGES`] changes and three quarters of the document's changes, and the
+/// whole document no larger than the window's stored chunks. A phone loads it and
+/// merges its own copy in, about 3.5 times faster than applying the changes (Criterion
+/// `catch_up`, a ledger day of 4,800 changes, whose document is also smaller than the
+/// bundle); a document whose base content the device already holds (a zone's
+/// households) is larger than what it lacks, and gets the changes.
 fn lacks_most(
-    state: &super::slots::SlotState,
+    state: &mut super::slots::SlotState,
     in_window: impl Fn(&&LogEntry) -> bool,
     own: &HashSet<ChangeHash>,
     end: &[ChangeHash],
@@ -50,14 +52,18 @@ fn lacks_most(
         // Commits past the window are not the device's yet (not stable).
         return false;
     }
-    let lacking = state
-        .log
-        .iter()
-        .filter(in_window)
-        .flat_map(|e| e.hashes.iter())
-        .filter(|h| !own.contains(h))
-        .count();
-    lacking >= WHOLE_MIN_CHANGES && lacking * 4 >= state.doc.get_changes_meta(&[]).len() * 3
+    let (mut lacking, mut window_bytes) = (0, Some(0));
+    for e in state.log.iter().filter(&in_window) {
+        lacking += e.hashes.iter().filter(|h| !own.contains(h)).count();
+        window_bytes = window_bytes.zip(e.chunk.as_ref()).map(|(n, c)| n + c.len());
+    }
+    // The total is counted once per heads: every far-behind device of a storm asks at
+    // the same heads. The window's chunks include the device's own changes, so they
+    // are at most what it would be shipped; a pruned chunk (a window of more than the
+    // log's bytes) counts as large.
+    lacking >= WHOLE_MIN_CHANGES
+        && lacking * 4 >= state.change_count() * 3
+        && window_bytes.is_none_or(|n| state.saved().len() <= n)
 }
 
 fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
@@ -141,7 +147,10 @@ impl Hub {
                 return Ok(None);
             };
             let in_window = |e: &&LogEntry| e.seq > w.after && e.seq <= w.upto;
-            if w.chunks && lacks_most(&state, in_window, w.own, &heads) {
+            if w.chunks && lacks_most(&mut state, in_window, w.own, &heads) {
+                counts
+                    .whole
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(Some((Payload::Document(state.saved().to_vec()), heads)));
             }
             if w.chunks {
@@ -488,6 +497,13 @@ mod tests {
             panic!("the whole document");
         };
         assert_eq!(heads, doc.get_heads());
+        let whole = || {
+            hub.stats
+                .blocks
+                .whole
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        assert_eq!(whole(), 1, "counted for the metrics");
         let mut device = holds_first.clone();
         device.merge(&mut Automerge::load(&bytes).unwrap()).unwrap();
         assert_eq!(device.get_heads(), doc.get_heads());
@@ -504,6 +520,46 @@ mod tests {
             matches!(ask(first, big, true).await.0, Payload::Bundle(_)),
             "a commit past the window is not the device's yet"
         );
+        assert_eq!(whole(), 1);
+    }
+
+    /// A device that lacks most of a document's changes but little of its bytes (a
+    /// zone's households, set up in a few large changes it holds) gets the changes: the
+    /// whole document would be larger than the window's chunks.
+    #[tokio::test]
+    async fn a_document_whose_base_content_the_device_holds_is_not_sent_whole() {
+        let hub = Hub::new(Arc::new(MemoryStorage::new(7)), 1 << 20).unwrap();
+        let id = DocId::parse("households/zone-1").unwrap();
+        let mut doc = Automerge::new().with_actor(ActorId::from([1u8; 16]));
+        let push = async |doc: &mut Automerge, n: usize, text: usize| {
+            let before = doc.get_heads();
+            for i in 0..n {
+                let mut tx = doc.transaction();
+                // Random text: Automerge's compression cannot shrink it.
+                let t: String = (0..text)
+                    .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
+                    .collect();
+                tx.put(ROOT, format!("k{text}-{i}"), t).unwrap();
+                tx.commit();
+            }
+            let changes = doc.get_changes(&before);
+            hub.push(&id, &author(), changes).await.unwrap().seq
+        };
+        let base = push(&mut doc, 20, 4096).await;
+        let later = push(&mut doc, WHOLE_MIN_CHANGES, 1).await;
+        let none = HashSet::new();
+        let w = Window {
+            after: base,
+            upto: later,
+            own: &none,
+            chunks: true,
+        };
+        let (payload, heads) = hub.lacks(&id, None, &[], Some(w)).await.unwrap().unwrap();
+        assert_eq!(heads, doc.get_heads());
+        let Payload::Bundle(bytes) = payload else {
+            panic!("the changes, not the whole document");
+        };
+        assert!(bytes.len() < 80 * 1024, "{} bytes", bytes.len());
     }
 
     /// A commit wakes the live sessions whose subscription covers its document and no

@@ -42,6 +42,8 @@ pub struct SlotState {
     /// The last whole-document save and the heads it was made at: new devices and
     /// resumed transfers get the same bytes without saving again.
     pub(super) saved: Option<(Vec<ChangeHash>, Arc<Vec<u8>>)>,
+    /// How many changes the document holds, and the heads it was counted at.
+    pub(super) counted: Option<(Vec<ChangeHash>, usize)>,
     /// Bundles made for catch-ups at the current heads, by what the device knew: every
     /// device of a team that was at the same heads gets the same bytes, built once.
     pub(super) deliveries: Vec<(Vec<ChangeHash>, Arc<Vec<u8>>)>,
@@ -90,6 +92,7 @@ impl SlotState {
             doc,
             chunks,
             saved: None,
+            counted: None,
             deliveries: Vec::new(),
             deliveries_at: Vec::new(),
             log: std::collections::VecDeque::new(),
@@ -145,6 +148,19 @@ impl SlotState {
                 let bytes = Arc::new(self.doc.save());
                 self.saved = Some((heads, bytes.clone()));
                 bytes
+            }
+        }
+    }
+
+    /// How many changes the document holds, counted again only when its heads moved.
+    pub(super) fn change_count(&mut self) -> usize {
+        let heads = self.doc.get_heads();
+        match &self.counted {
+            Some((h, n)) if *h == heads => *n,
+            _ => {
+                let n = self.doc.get_changes_meta(&[]).len();
+                self.counted = Some((heads, n));
+                n
             }
         }
     }
