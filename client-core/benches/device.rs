@@ -176,6 +176,27 @@ fn catch_up(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    // The same changes arriving in pieces (a storm delivers teammates' pushes as they
+    // commit): what a piece costs beyond its changes.
+    for piece in [300, 50] {
+        let pieces: Vec<Vec<u8>> = lacked
+            .chunks(piece)
+            .map(|c| relay.bundle(c.to_vec()).unwrap().bytes().to_vec())
+            .collect();
+        group.bench_function(format!("apply_4500_changes_in_pieces_of_{piece}"), |b| {
+            b.iter_batched(
+                || own.clone(),
+                |mut d| {
+                    for p in &pieces {
+                        d.load_incremental(p).unwrap();
+                    }
+                    assert_eq!(d.get_heads(), relay.get_heads());
+                    d
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
     group.bench_function("load_whole_document_and_merge_own", |b| {
         b.iter_batched(
             || own.clone(),
