@@ -498,8 +498,11 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
     for d in &devices {
         plans.push((d.client.clone(), d.team, rng.random::<u64>()));
     }
+    // One writer per core: a phone writes on its own CPU, and more writers than cores
+    // would time the wait for a core (8 writers on 2 cores quadrupled the p50).
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut work = tokio::task::JoinSet::new();
-    let per_worker = plans.len().div_ceil(8).max(1);
+    let per_worker = plans.len().div_ceil(cores).max(1);
     for chunk in plans.chunks(per_worker) {
         let chunk: Vec<_> = chunk.to_vec();
         let (teams, day, ops) = (teams.clone(), day.clone(), cfg.ops_per_device);
@@ -918,7 +921,18 @@ fn converged(devices: &[Device], teams: usize) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// One device's offline operations; returns each write's latency in microseconds.
+/// One offline write, chosen before its clock starts (choosing may read a view, as a
+/// volunteer looks at a screen before tapping).
+enum Write {
+    Tally(&'static str, u32),
+    Task(String, TaskStatus),
+    Duty(bool),
+    AddNeed(ZoneId, NewNeed),
+    Need(ZoneId, String, NeedStatus),
+}
+
+/// One device's offline operations; returns each write's latency in microseconds: the
+/// write call alone, from the tap to the change flushed on the device's disk.
 fn offline_work(
     client: &Client,
     team: &TeamId,
@@ -941,35 +955,23 @@ fn offline_work(
     ];
     let mut on_duty = false;
     for _ in 0..ops {
-        let t0 = Instant::now();
         let roll = rng.random_range(0..100);
-        let done = if roll < 40 {
-            client.add_to_tally(
-                team,
-                day,
-                metrics[rng.random_range(0..4)],
-                rng.random_range(1..4),
-            )
+        let write = if roll < 40 {
+            Write::Tally(metrics[rng.random_range(0..4)], rng.random_range(1..4))
         } else if roll < 60 && !tasks.is_empty() {
-            let task = &tasks[rng.random_range(0..tasks.len())];
+            let task = tasks[rng.random_range(0..tasks.len())].clone();
             let to = [
                 TaskStatus::Assigned,
                 TaskStatus::InProgress,
                 TaskStatus::Done,
             ][rng.random_range(0..3)];
-            client
-                .set_task_status(team, day, task, to)
-                .or_else(|_| client.add_to_tally(team, day, "samples_taken", 1))
+            Write::Task(task, to)
         } else if roll < 70 {
             on_duty = !on_duty;
-            if on_duty {
-                client.check_in(team, day)
-            } else {
-                client.check_out(team, day)
-            }
+            Write::Duty(on_duty)
         } else if !zones.is_empty() {
-            let zone = &zones[rng.random_range(0..zones.len())];
-            let book = client.households(zone)?.context("zone book missing")?;
+            let zone = zones[rng.random_range(0..zones.len())].clone();
+            let book = client.households(&zone)?.context("zone book missing")?;
             let open: Vec<_> = book.needs.iter().filter(|n| n.is_open()).collect();
             if open.is_empty() || rng.random_range(0..3) == 0 {
                 let h = &book.households[rng.random_range(0..book.households.len())];
@@ -979,32 +981,38 @@ fn offline_work(
                     Priority::Urgent,
                     Priority::Emergency,
                 ][rng.random_range(0..4)];
-                client
-                    .add_need(
-                        zone,
-                        NewNeed {
-                            household: h.id.clone(),
-                            category: NeedCategory::Food,
-                            detail: "rice and oil".into(),
-                            priority,
-                        },
-                    )
-                    .map(drop)
+                let need = NewNeed {
+                    household: h.id.clone(),
+                    category: NeedCategory::Food,
+                    detail: "rice and oil".into(),
+                    priority,
+                };
+                Write::AddNeed(zone, need)
             } else {
-                let n = &open[rng.random_range(0..open.len())];
+                let n = open[rng.random_range(0..open.len())].id.clone();
                 let to = [
                     NeedStatus::Assigned,
                     NeedStatus::InProgress,
                     NeedStatus::Fulfilled,
                 ][rng.random_range(0..3)];
-                client
-                    .set_need_status(zone, &n.id, to)
-                    .or_else(|_| client.set_need_priority(zone, &n.id, Priority::Urgent))
+                Write::Need(zone, n, to)
             }
         } else {
-            client.add_to_tally(team, day, "deliveries", 1)
+            Write::Tally("deliveries", 1)
         };
-        done?;
+        let t0 = Instant::now();
+        match write {
+            Write::Tally(metric, amount) => client.add_to_tally(team, day, metric, amount),
+            Write::Task(task, to) => client
+                .set_task_status(team, day, &task, to)
+                .or_else(|_| client.add_to_tally(team, day, "samples_taken", 1)),
+            Write::Duty(true) => client.check_in(team, day),
+            Write::Duty(false) => client.check_out(team, day),
+            Write::AddNeed(zone, need) => client.add_need(&zone, need).map(drop),
+            Write::Need(zone, n, to) => client
+                .set_need_status(&zone, &n, to)
+                .or_else(|_| client.set_need_priority(&zone, &n, Priority::Urgent)),
+        }?;
         samples.push(t0.elapsed().as_secs_f64() * 1e6);
     }
     Ok(samples)
