@@ -377,6 +377,14 @@ impl Client {
         )
     }
 
+    /// Frames (messages and transfer pieces) sent and received by this client so far.
+    pub fn frames(&self) -> (u64, u64) {
+        (
+            self.inner.traffic.frames_sent.load(Ordering::Relaxed),
+            self.inner.traffic.frames_received.load(Ordering::Relaxed),
+        )
+    }
+
     /// Merges a saved Automerge document (an export, a backup) or a bundle of changes
     /// (what the relay sends) into `id` on this device, durably; it syncs like any local
     /// change. Returns how many changes were new.

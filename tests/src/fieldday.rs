@@ -133,6 +133,9 @@ pub struct FieldDayResult {
     pub floor_cpu_s: f64,
     pub cpu_ratio: f64,
     pub wire_bytes: u64,
+    /// Frames (messages and transfer pieces) the devices sent and received in the storm:
+    /// with `wire_bytes`, where the overhead over the changes' own bytes comes from.
+    pub wire_frames: u64,
     /// Per delivery: each device's own new changes once up and what it lacked once down,
     /// each as one Automerge bundle: the least any protocol must move.
     pub compressed_change_bytes: u64,
@@ -596,6 +599,7 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
             s + r
         })
         .sum();
+    let frames_before = frames_of(&devices);
     let started = Instant::now();
     let process_cpu = cpu_time::ProcessTime::now();
     let mut checking = Duration::ZERO;
@@ -658,6 +662,7 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
         })
         .sum::<u64>()
         - traffic_before;
+    let wire_frames = frames_of(&devices) - frames_before;
     progress(&format!(
         "reconnect storm: {} in {convergence_s:.2} s, relay CPU {relay_cpu_s:.2} s, phones' CPU {device_cpu_s:.2} s",
         if all_converged {
@@ -701,6 +706,7 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
             0.0
         },
         wire_bytes,
+        wire_frames,
         compressed_change_bytes,
         compressed_once_bytes,
         wire_ratio: if compressed_change_bytes > 0 {
@@ -906,6 +912,17 @@ fn divergence(devices: &[Device], teams: usize) -> anyhow::Result<String> {
     Ok(out.join("; "))
 }
 
+/// Frames all devices sent and received so far.
+fn frames_of(devices: &[Device]) -> u64 {
+    devices
+        .iter()
+        .map(|d| {
+            let (s, r) = d.client.frames();
+            s + r
+        })
+        .sum()
+}
+
 fn converged(devices: &[Device], teams: usize) -> anyhow::Result<bool> {
     for t in 0..teams {
         let members: Vec<&Device> = devices.iter().filter(|d| d.team == t).collect();
@@ -1097,6 +1114,14 @@ pub fn table(r: &FieldDayResult) -> String {
         ),
         ("bytes on the wire", r.wire_bytes.to_string(), String::new()),
         (
+            "frames on the wire",
+            r.wire_frames.to_string(),
+            format!(
+                "{:.0} B each",
+                r.wire_bytes as f64 / r.wire_frames.max(1) as f64
+            ),
+        ),
+        (
             "compressed changes, once",
             r.compressed_once_bytes.to_string(),
             String::new(),
@@ -1257,6 +1282,7 @@ mod tests {
             floor_cpu_s: 1.0,
             cpu_ratio: s / 2.0,
             wire_bytes: 10,
+            wire_frames: 2,
             compressed_change_bytes: 9,
             compressed_once_bytes: 5,
             wire_ratio: 1.1,

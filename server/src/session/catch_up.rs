@@ -140,6 +140,9 @@ impl Session {
             Payload::Bundle(b) | Payload::Document(b) => b.len() > INLINE_MAX,
             Payload::Transfer { .. } => false,
         };
+        if let Payload::Bundle(b) | Payload::Document(b) = &payload {
+            self.sending += b.len() as u64;
+        }
         let wire_heads = hashes_to_wire(&heads);
         match payload {
             Payload::Bundle(bytes) | Payload::Document(bytes) if large => {
@@ -188,6 +191,7 @@ impl Session {
             subscription: self.peer.subscription.subscription().clone(),
         }));
         self.peer.delivered = Some(upto);
+        self.last_sent = std::mem::take(&mut self.sending);
         self.peer.known.prune_own(upto);
         self.actions.push_back(Action::Delivered(upto));
         if let Some(cursor) = self.again.take() {

@@ -268,6 +268,53 @@ fn commits_landing_during_a_catch_up_are_caught_up_after_it() {
     assert_eq!(s.poll_timeout(), Some(t0 + LIVE_COALESCE));
 }
 
+/// A device catching up (its last catch-up carried a large piece of its team's day)
+/// gets its next live catch-up at the longer window's end, so the day arrives in a few
+/// large pieces; once its catch-ups are small again, the short window is back.
+#[test]
+fn a_device_catching_up_gets_fewer_larger_pieces() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.handle(t0, Input::Message(pull(None)));
+    s.handle(t0, Input::Answer(Answer::Changed(vec![])));
+    actions(&mut s);
+    // A live catch-up at once (quiet before), delivering `bytes` of the day.
+    let live = |s: &mut Session, at: Instant, stable: u64, bytes: usize| {
+        s.handle(at, Input::StableMoved(stable));
+        assert_eq!(s.poll_timeout(), Some(at), "at once after a quiet spell");
+        s.handle_timeout(at);
+        actions(s);
+        s.handle(at, Input::Answer(Answer::Changed(vec![day()])));
+        actions(s);
+        let piece = Payload::Bundle(vec![7; bytes]);
+        s.handle(at, Input::Answer(Answer::Lacks(Some((piece, vec![])))));
+        let a = actions(s);
+        assert!(matches!(sent(&a).last(), Some(Message::Caught(c)) if c.seq == stable));
+    };
+    live(&mut s, t0, 6, CATCHING_UP_BYTES as usize);
+    let t1 = t0 + LIVE_COALESCE / 2;
+    s.handle(t1, Input::StableMoved(7));
+    assert_eq!(
+        s.poll_timeout(),
+        Some(t0 + CATCHING_UP_COALESCE),
+        "a device catching up waits for more"
+    );
+    // After the long window, a small piece: the short window again.
+    let t2 = t0 + 2 * CATCHING_UP_COALESCE;
+    s.handle_timeout(t2);
+    actions(&mut s);
+    s.handle(t2, Input::Answer(Answer::Changed(vec![])));
+    actions(&mut s);
+    let t3 = t2 + 2 * CATCHING_UP_COALESCE;
+    live(&mut s, t3, 8, 100);
+    s.handle(t3, Input::StableMoved(9));
+    assert_eq!(
+        s.poll_timeout(),
+        Some(t3 + LIVE_COALESCE),
+        "following writes"
+    );
+}
+
 #[test]
 fn a_cursor_the_relay_cannot_honour_means_resync() {
     let t0 = Instant::now();

@@ -75,14 +75,30 @@ struct Args {
     /// team on every relay: the worst case). Either way it fails over to the others.
     #[arg(long, default_value = "team", value_parser = ["team", "device"])]
     spread: String,
+    /// Runtime threads of the phones' process; 0 (the default) is one per core. The
+    /// phones share it and each blocks its thread while its store syncs to disk (as a
+    /// phone's sync thread does), so with few threads one phone's `fsync` can hold up
+    /// others queued behind it, which no real phone suffers; 8 against the default
+    /// measured no clear difference on 2 cores (ARCHITECTURE.md).
+    #[arg(long, default_value_t = 0)]
+    phone_threads: usize,
     /// Internal: serve a relay on this data dir (the benchmark's child process).
     #[arg(long, hide = true)]
     serve_relay: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    // The relay child keeps tokio's default (a thread per core), as a deployed relay.
+    if args.serve_relay.is_none() && args.phone_threads > 0 {
+        runtime.worker_threads(args.phone_threads);
+    }
+    runtime.build()?.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = &args.serve_relay {
         return fieldday::serve_relay_child(dir).await;
     }
