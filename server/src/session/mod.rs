@@ -60,9 +60,9 @@ pub const CATCHING_UP_BYTES: u64 = 4 * 1024;
 /// (Criterion `catch_up`: 4,500 changes in one bundle 138 ms, in pieces of 300 249 ms,
 /// of 50 434 ms), and larger pieces compress better. On the default field day, in
 /// alternating runs, a 50 ms window took the storm's convergence, relay CPU and
-/// phones' CPU to 0.83x, 0.87x and 0.86x over five seeds, and 150 ms lowered the wire
-/// further (ARCHITECTURE.md). A catch-up that carried little (one write after a quiet
-/// spell, or the end of a storm) brings the short window back.
+/// phones' CPU to 0.83x, 0.87x and 0.86x over five seeds, and 150 ms converged faster
+/// than 50 ms on four seeds of four (ARCHITECTURE.md). A catch-up that carried little
+/// (one write after a quiet spell, or the end of a storm) brings the short window back.
 pub const CATCHING_UP_COALESCE: Duration = Duration::from_millis(150);
 
 /// A request of a lead or operator, answered by the driver from the relay's records.
