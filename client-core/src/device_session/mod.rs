@@ -509,6 +509,9 @@ impl DeviceSession {
             Message::Ack(ack) if self.in_flight.contains_key(&ack.doc) => {
                 self.on_ack(ack.doc, ack.applied);
             }
+            // A second answer to a push already answered (the push reached the relay
+            // twice): the first one counted, this one changes nothing.
+            Message::Ack(ack) if !self.resync.as_ref().is_some_and(|r| r.contains(&ack.doc)) => {}
             Message::Resync(doc) => {
                 self.answered(&doc);
                 self.start_resync(doc, docs)?;

@@ -236,6 +236,33 @@ fn the_cursor_waits_for_the_push_to_be_acknowledged() {
 }
 
 #[test]
+fn a_second_ack_of_a_push_that_reached_the_relay_twice_changes_nothing() {
+    // Found by the simulation once its phones ran this session: a push duplicated on
+    // the way is acknowledged twice, and the second ack used to end the session as a
+    // protocol violation.
+    let mut phone = Phone::default();
+    phone.write(&ledger(), "check-in");
+    let mut s = start(&mut phone, true, Instant::now());
+    assert_eq!(sent(&mut s), ["hello", "push", "pull"]);
+    feed(&mut s, &mut phone, welcome());
+    let a = ack(&phone);
+    feed(&mut s, &mut phone, a.clone());
+    feed(&mut s, &mut phone, caught(3));
+    assert_eq!(sent(&mut s), ["first flight"]);
+    feed(&mut s, &mut phone, a);
+    assert!(sent(&mut s).is_empty());
+    assert_eq!(s.report().changes_sent, 1);
+    // An ack for a document never pushed is still nothing to act on.
+    let stray = Message::Ack(Ack {
+        doc: DocId::parse("ledger/team-1/2026-12-01").expect("doc id"),
+        heads: vec![],
+        applied: 0,
+    });
+    feed(&mut s, &mut phone, stray);
+    assert!(s.is_live());
+}
+
+#[test]
 fn an_unanswered_hello_ends_the_session_at_its_deadline_only() {
     let mut phone = Phone::default();
     let t0 = Instant::now();

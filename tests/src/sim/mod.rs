@@ -3,8 +3,10 @@
 //! The relay is the real one without its QUIC plumbing ([`Loopback`]: the same session
 //! state machine, admission, authorship, hub and commit path) over in-memory storage
 //! that keeps only what a flush covered when it crashes. The phones ([`phone`]) write
-//! the field's operations into real Automerge documents and follow the device side of
-//! the protocol. Between them, a seeded network: every message is framed and decoded as
+//! the field's operations into real Automerge documents and run the client core's own
+//! device session (`DeviceSession`: the same pushes, update merging, fallback, store
+//! steps and cursor rule as a phone over QUIC) over a store that keeps only what it
+//! flushed when the phone crashes. A forger ([`Forger`]) crafts its own pushes. Between them, a seeded network: every message is framed and decoded as
 //! on the wire, delayed (10% loss costs a retransmission timeout), kept in order within a
 //! connection as QUIC streams are, duplicated now and then at the application level,
 //! and cut; phones go out of signal and come back; the relay crashes and restarts at
@@ -27,8 +29,9 @@ use std::time::{Duration, Instant};
 use automerge::{ActorId, ChangeHash, ReadDoc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use redline_client::device_session::{Action, DeviceSession, INLINE_MAX, Start};
 use redline_proto::codec::{self, HEADER_LEN};
-use redline_proto::message::{Hello, Message, Update};
+use redline_proto::message::{Hello, Message, Payload, Update};
 use redline_proto::token::Role;
 use redline_proto::{DeviceId, DocId, MemberId, TeamId};
 use redline_server::auth::{Authority, TokenRequest};
@@ -194,6 +197,8 @@ enum Event {
     Offline(usize),
     Connect(usize),
     CrashPhone(usize),
+    /// A phone's session deadline (its hello unanswered) on a connection.
+    PhoneTimer(usize, u64),
     Forge,
     ToRelay {
         conn: u64,
@@ -276,7 +281,7 @@ struct World {
     last_stable: u64,
     /// The hostile phone's forged changes (none may ever be stored).
     forged: Vec<ChangeHash>,
-    hostile: Option<Phone>,
+    hostile: Option<Forger>,
     problems: Vec<String>,
     report: SimReport,
 }
@@ -318,7 +323,7 @@ impl World {
             )?);
         }
         let hostile = if config.hostile {
-            Some(new_phone(
+            let p = new_phone(
                 key_dir.path(),
                 config.phones,
                 "mallory",
@@ -326,7 +331,15 @@ impl World {
                 redline_proto::PROTOCOL_VERSION,
                 0,
                 &mut rng,
-            )?)
+            )?;
+            Some(Forger {
+                hello: p.hello(),
+                member: p.member,
+                device: p.device,
+                actor: p.actor,
+                conn: None,
+                welcomed: false,
+            })
         } else {
             None
         };
@@ -486,17 +499,20 @@ impl World {
                     return;
                 }
                 self.phones[i].online = false;
-                self.cut_phone(i);
+                self.cut_phone(i, false);
                 let away = self.jitter(day / 6) + Duration::from_secs(1);
                 self.at(away, Event::Online(i));
             }
             Event::Connect(i) => self.connect(i),
             Event::CrashPhone(i) => {
-                self.cut_phone(i);
-                self.phones[i].crash();
+                self.cut_phone(i, true);
+                if let Err(e) = self.phones[i].crash() {
+                    self.problems.push(e);
+                }
                 let back = Duration::from_millis(500);
                 self.at(back, Event::Connect(i));
             }
+            Event::PhoneTimer(i, conn) => self.phone_timer(i, conn),
             Event::Forge => self.forge(),
             Event::ToRelay { conn, frame } => self.relay_reads(conn, frame).await,
             Event::ToPhone { conn, out } => self.phone_reads(conn, out),
@@ -512,14 +528,6 @@ impl World {
         }
     }
 
-    fn phone(&mut self, i: usize) -> &mut Phone {
-        if i == usize::MAX {
-            self.hostile.as_mut().expect("the forger exists")
-        } else {
-            &mut self.phones[i]
-        }
-    }
-
     fn write(&mut self, i: usize) {
         if self.phones[i].ops_left == 0 {
             return;
@@ -530,47 +538,37 @@ impl World {
         let ms = self.change_time();
         let phone = &mut self.phones[i];
         phone.ops_left -= 1;
-        let hash = phone.write(&ledger, roll, amount, ms);
+        phone.write(&ledger, roll, amount, ms);
         self.report.changes_written += 1;
-        // Live: push what was just written; offline, it waits for the next flight.
-        if phone.welcomed
-            && let Some(push) = phone.push_one(&ledger, hash)
-        {
-            let conn = phone.conn.expect("welcomed on a connection");
-            self.send_push(i, conn, push, vec![hash]);
-        }
+        // Live: the session pushes what was just written; offline, it waits for the next
+        // first flight.
+        self.local_change(i);
         let day = self.config.day_secs as f64 * 1000.0;
         let mean = day / f64::from(self.config.ops.max(1));
         let gap = self.rng.random_range(0.2 * mean..1.8 * mean) as u64;
         self.at(Duration::from_millis(gap.max(1)), Event::Write(i));
     }
 
-    fn send_push(
-        &mut self,
-        i: usize,
-        conn: u64,
-        push: redline_proto::message::Push,
-        hashes: Vec<ChangeHash>,
-    ) {
-        let twice = self.rng.random_bool(self.config.duplicate);
-        let doc = push.doc.clone();
-        let msg = Message::Push(push);
-        for _ in 0..if twice { 2 } else { 1 } {
-            // Sending may cut the connection: nothing more goes on it then.
-            if self.phone(i).conn != Some(conn) {
-                break;
-            }
-            self.phone(i)
-                .in_flight
-                .push_back((doc.clone(), hashes.clone()));
-            self.send_to_relay(conn, &msg);
+    /// A write waits for a live session, as the client's notification does.
+    fn local_change(&mut self, i: usize) {
+        let phone = &mut self.phones[i];
+        let Some(session) = phone.session.as_mut() else {
+            return;
+        };
+        if !(phone.wrote && session.is_live()) {
+            return;
         }
+        phone.wrote = false;
+        let result = session.handle_local_change(&mut phone.store);
+        self.after_session_input(i, result);
     }
 
-    /// A phone in signal opens a connection and says hello.
+    /// A phone in signal opens a connection and says hello (its session's first flight).
     fn connect(&mut self, i: usize) {
-        let online = i == usize::MAX || self.phones[i].online;
-        if !online || self.phone(i).conn.is_some() {
+        if i == usize::MAX {
+            return self.forger_connects();
+        }
+        if !self.phones[i].online || self.phones[i].conn.is_some() {
             return;
         }
         if self.relay.is_none() {
@@ -578,6 +576,33 @@ impl World {
             self.at(retry, Event::Connect(i));
             return;
         }
+        let conn = self.open_conn(i);
+        let now = self.instant();
+        let phone = &mut self.phones[i];
+        phone.conn = Some(conn);
+        let start = Start {
+            hello: phone.hello(),
+            cursor: phone.store.cursor.clone(),
+            cursor_key: "relay".into(),
+            resume: Vec::new(),
+            defer_large: None,
+            live: true,
+            now,
+            rtt: Duration::from_millis(50),
+        };
+        match DeviceSession::start(start, &mut phone.store) {
+            Ok(session) => {
+                phone.session = Some(session);
+                self.drive(i);
+            }
+            Err(e) => {
+                let what = format!("{} could not start a session: {e}", phone.device);
+                self.problems.push(what);
+            }
+        }
+    }
+
+    fn open_conn(&mut self, i: usize) -> u64 {
         let conn = self.next_conn;
         self.next_conn += 1;
         self.conns.insert(
@@ -590,24 +615,158 @@ impl World {
                 to_phone_at: self.now,
             },
         );
-        let p = self.phone(i);
-        p.conn = Some(conn);
-        let hello = Message::Hello(Hello {
-            protocol_version: p.version,
-            device: p.device.clone(),
-            app_version: "sim".into(),
-            subscription: p.subscription(),
-            token: p.token.clone(),
-        });
-        self.send_to_relay(conn, &hello);
+        conn
     }
 
-    /// The phone loses its connection; the relay notices later.
-    fn cut_phone(&mut self, i: usize) {
-        let Some(conn) = self.phone(i).conn else {
+    /// After the phone's session took an input: an error ends the session (the phone
+    /// reconnects, as the client's sync loop does); otherwise it acts.
+    fn after_session_input(&mut self, i: usize, result: Result<(), redline_client::Error>) {
+        match result {
+            Ok(()) => self.drive(i),
+            Err(e) => {
+                let phone = &mut self.phones[i];
+                let unanswered = phone.session.as_ref().is_some_and(|s| s.unanswered());
+                if !unanswered {
+                    let what = format!("{}'s session failed: {e}", phone.device);
+                    self.problems.push(what);
+                }
+                self.cut_phone(i, false);
+            }
+        }
+    }
+
+    /// Performs what phone `i`'s session asks for, and keeps its deadline.
+    fn drive(&mut self, i: usize) {
+        let Some(conn) = self.phones[i].conn else {
             return;
         };
-        self.phone(i).disconnected();
+        loop {
+            let Some(session) = self.phones[i].session.as_mut() else {
+                return;
+            };
+            let Some(action) = session.poll_action() else {
+                break;
+            };
+            match action {
+                Action::Send(frame) => self.send_frame(i, conn, frame),
+                Action::Upload(_) => {
+                    let what = format!(
+                        "{} pushed over {INLINE_MAX} bytes: uploads are not simulated",
+                        self.phones[i].device
+                    );
+                    self.problems.push(what);
+                }
+                // A live session goes on: writes made meanwhile go out now.
+                Action::FirstFlight => {}
+                Action::Done => {
+                    self.problems.push("a live session ended by itself".into());
+                }
+            }
+            // Sending may cut the connection.
+            if self.phones[i].conn != Some(conn) {
+                return;
+            }
+        }
+        if self.phones[i].wrote
+            && self.phones[i]
+                .session
+                .as_ref()
+                .is_some_and(DeviceSession::is_live)
+        {
+            return self.local_change(i);
+        }
+        if let Some(due) = self.phones[i]
+            .session
+            .as_ref()
+            .and_then(DeviceSession::poll_timeout)
+        {
+            let after = due.saturating_duration_since(self.instant());
+            self.at(after, Event::PhoneTimer(i, conn));
+        }
+    }
+
+    /// A phone's session deadline passed: a hello still unanswered ends the session.
+    fn phone_timer(&mut self, i: usize, conn: u64) {
+        let now = self.instant();
+        let phone = &mut self.phones[i];
+        if phone.conn != Some(conn) {
+            return;
+        }
+        let Some(session) = phone.session.as_mut() else {
+            return;
+        };
+        if session.poll_timeout().is_some_and(|t| t <= now) {
+            let result = session.handle_timeout(now);
+            self.after_session_input(i, result);
+        }
+    }
+
+    /// Sends a frame of phone `i`'s session; now and then a push goes twice.
+    fn send_frame(&mut self, i: usize, conn: u64, frame: Vec<u8>) {
+        let push = matches!(
+            codec::decode_payload(&frame[HEADER_LEN..]),
+            Ok(Message::Push(_))
+        );
+        if push && self.rng.random_bool(self.config.duplicate) {
+            self.send_to_relay(conn, frame.clone());
+            if self.phones[i].conn != Some(conn) {
+                return;
+            }
+        }
+        self.send_to_relay(conn, frame);
+    }
+
+    /// The forger connects and says hello.
+    fn forger_connects(&mut self) {
+        if self.hostile.as_ref().is_none_or(|h| h.conn.is_some()) {
+            return;
+        }
+        if self.relay.is_none() {
+            let retry = self.jitter(Duration::from_secs(2)) + Duration::from_millis(500);
+            self.at(retry, Event::Connect(usize::MAX));
+            return;
+        }
+        let conn = self.open_conn(usize::MAX);
+        let h = self.hostile.as_mut().expect("checked");
+        h.conn = Some(conn);
+        h.welcomed = false;
+        let hello = Message::Hello(h.hello.clone());
+        match codec::encode_frame_with(
+            &hello,
+            &codec::Extensions::new(),
+            redline_proto::PROTOCOL_VERSION,
+            codec::DEFAULT_MAX_FRAME,
+        ) {
+            Ok(f) => self.send_to_relay(conn, f),
+            Err(e) => self
+                .problems
+                .push(format!("the forger could not frame: {e}")),
+        }
+    }
+
+    /// A phone loses its connection (out of signal, cut, crashed); the relay notices
+    /// later. The session ends as a failed one (it stores what it applied), unless the
+    /// phone `crashed` (then nothing more is stored).
+    fn cut_phone(&mut self, i: usize, crashed: bool) {
+        let conn = if i == usize::MAX {
+            self.hostile.as_mut().and_then(|h| {
+                h.welcomed = false;
+                h.conn.take()
+            })
+        } else {
+            let phone = &mut self.phones[i];
+            let conn = phone.conn;
+            if crashed {
+                phone.conn = None;
+                phone.session = None;
+            } else if let Err(e) = phone.disconnected() {
+                self.problems.push(e);
+            }
+            conn
+        };
+        let Some(conn) = conn else {
+            return;
+        };
         self.report.cuts += 1;
         if let Some(c) = self.conns.get_mut(&conn) {
             let noticed = c.to_relay_at.max(self.now) + Duration::from_secs(3);
@@ -634,31 +793,11 @@ impl World {
         self.trace.is_some() && self.conns.get(&conn).map(|c| c.phone) == self.trace
     }
 
-    fn send_to_relay(&mut self, conn: u64, msg: &Message) {
+    fn send_to_relay(&mut self, conn: u64, frame: Vec<u8>) {
         if self.traced(conn) {
-            println!("{:?} phone -> relay on {conn}: {}", self.now, msg.kind());
+            let kind = codec::decode_payload(&frame[HEADER_LEN..]).map(|m| m.kind());
+            println!("{:?} phone -> relay on {conn}: {kind:?}", self.now);
         }
-        // A hello says the phone reads stored chunks one after another (an extension,
-        // dropped from a version-1 frame as a version-1 app never sends it).
-        let framed = match msg {
-            Message::Hello(h) => {
-                let mut ext = codec::Extensions::new();
-                ext.insert(redline_proto::message::ext::HELLO_ACCEPTS_CHUNKS, &true)
-                    .and_then(|()| {
-                        codec::encode_frame_with(
-                            msg,
-                            &ext,
-                            h.protocol_version,
-                            codec::DEFAULT_MAX_FRAME,
-                        )
-                    })
-            }
-            _ => codec::encode_frame(msg, codec::DEFAULT_MAX_FRAME),
-        };
-        let frame = match framed {
-            Ok(f) => f,
-            Err(e) => return self.problems.push(format!("a phone could not frame: {e}")),
-        };
         self.report.messages += 1;
         let delay = self.delay();
         let Some(c) = self.conns.get_mut(&conn) else {
@@ -674,7 +813,7 @@ impl World {
             event: Event::ToRelay { conn, frame },
         }));
         if self.rng.random_bool(self.config.cut) {
-            self.cut_phone(phone);
+            self.cut_phone(phone, false);
         }
     }
 
@@ -849,9 +988,24 @@ impl World {
         self.report.relay_crashes += 1;
         let conns: Vec<(u64, usize)> = self.conns.iter().map(|(id, c)| (*id, c.phone)).collect();
         self.conns.clear();
-        for (_, i) in conns {
-            if self.phone(i).conn.is_some() {
-                self.phone(i).disconnected();
+        for (conn, i) in conns {
+            let gone = if i == usize::MAX {
+                self.hostile.as_mut().is_some_and(|h| {
+                    let gone = h.conn == Some(conn);
+                    if gone {
+                        h.conn = None;
+                    }
+                    gone
+                })
+            } else if self.phones[i].conn == Some(conn) {
+                if let Err(e) = self.phones[i].disconnected() {
+                    self.problems.push(e);
+                }
+                true
+            } else {
+                false
+            };
+            if gone {
                 let back = self.jitter(Duration::from_secs(3)) + Duration::from_secs(1);
                 self.at(back, Event::Connect(i));
             }
@@ -874,21 +1028,53 @@ impl World {
         let Some(i) = self.conns.get(&conn).map(|c| c.phone) else {
             return;
         };
-        if self.phone(i).conn != Some(conn) {
+        if i == usize::MAX {
+            return self.forger_reads(conn, out);
+        }
+        if self.phones[i].conn != Some(conn) {
             return; // the phone moved on from this connection
         }
         match out {
             Delivery::Closed => {
-                self.phone(i).disconnected();
+                // The control stream ended: the session fails, the phone reconnects.
                 self.conns.remove(&conn);
+                let lost = redline_client::Error::transport("control stream ended");
+                let result = match self.phones[i].session.as_mut() {
+                    Some(s) => Err(s.handle_lost(lost)),
+                    None => Ok(()),
+                };
+                if let Err(e) = self.phones[i].disconnected() {
+                    self.problems.push(e);
+                }
+                let _ = result;
                 let back = self.jitter(Duration::from_secs(2)) + Duration::from_millis(500);
                 self.at(back, Event::Connect(i));
             }
-            Delivery::Transfer(bytes, update) => self.on_update(i, &update, Some(&bytes)),
+            Delivery::Transfer(bytes, update) => {
+                self.report.updates_applied += 1;
+                let Payload::Transfer { id, .. } = update.payload else {
+                    return self
+                        .problems
+                        .push("a transfer came with an update of another kind".into());
+                };
+                let phone = &mut self.phones[i];
+                let Some(session) = phone.session.as_mut() else {
+                    return;
+                };
+                // The announcement, then the bytes (either order is fine for the session).
+                let result = session
+                    .handle_message(
+                        Message::Update(update),
+                        codec::Extensions::new(),
+                        &mut phone.store,
+                    )
+                    .and_then(|()| session.handle_transfer(id, bytes, &mut phone.store));
+                self.after_session_input(i, result);
+            }
             Delivery::Frame(frame) => match self.decode_for(i, &frame) {
-                Ok(msg) => self.on_message(i, conn, msg),
+                Ok((msg, ext)) => self.on_message(i, msg, ext),
                 Err(e) => {
-                    let v = self.phone(i).version;
+                    let v = self.phones[i].version;
                     self.problems
                         .push(format!("a version-{v} phone could not read a frame: {e}"));
                 }
@@ -897,123 +1083,58 @@ impl World {
     }
 
     /// Decodes as the phone's app would: a version-1 app refuses trailing bytes.
-    fn decode_for(&mut self, i: usize, frame: &[u8]) -> Result<Message, String> {
+    fn decode_for(&self, i: usize, frame: &[u8]) -> Result<(Message, codec::Extensions), String> {
         let payload = &frame[HEADER_LEN..];
-        if self.phone(i).version == 1 {
-            postcard::from_bytes::<Message>(payload).map_err(|e| e.to_string())
+        if self.phones[i].version == 1 {
+            postcard::from_bytes::<Message>(payload)
+                .map(|m| (m, codec::Extensions::new()))
+                .map_err(|e| e.to_string())
         } else {
-            codec::decode_payload(payload).map_err(|e| e.to_string())
+            codec::decode_with_extensions(payload).map_err(|e| e.to_string())
         }
     }
 
-    fn on_message(&mut self, i: usize, conn: u64, msg: Message) {
-        let honest = i != usize::MAX;
-        match msg {
-            Message::Welcome(_) => {
-                let p = self.phone(i);
-                p.welcomed = true;
-                let docs: Vec<DocId> = p.unacked.keys().cloned().collect();
-                for doc in docs {
-                    if let Some((push, hashes)) = self.phone(i).push_of(&doc) {
-                        self.send_push(i, conn, push, hashes);
-                    }
-                }
-                let pull = Message::Pull(self.phone(i).pull());
-                self.send_to_relay(conn, &pull);
-            }
-            Message::Resync(doc) => {
-                self.report.resyncs += 1;
-                match self.phone(i).start_resync(&doc) {
-                    Ok(out) => self.send_all(i, conn, out),
-                    Err(e) => self
-                        .problems
-                        .push(format!("phone {i} resync of {doc}: {e}")),
-                }
-            }
-            Message::Sync(ref step) if self.phone(i).in_resync(&step.doc) => {
-                self.resync_message(i, conn, msg);
-            }
-            Message::Ack(ref a) if self.phone(i).in_resync(&a.doc) => {
-                self.resync_message(i, conn, msg);
-            }
-            Message::Error(ref e) if e.doc.as_ref().is_some_and(|d| self.phone(i).in_resync(d)) => {
-                self.resync_message(i, conn, msg);
-            }
-            Message::Ack(a) => {
-                let before = self.phone(i).acked.len();
-                self.phone(i).acked(&a.doc);
-                let after = self.phone(i).acked.len();
-                self.report.changes_acked += (after - before) as u64;
-            }
-            Message::Error(e) => {
-                if let Some(doc) = &e.doc {
-                    let p = self.phone(i);
-                    if let Some(k) = p.in_flight.iter().position(|(d, _)| d == doc) {
-                        p.in_flight.remove(k);
-                    }
-                }
-                if honest {
-                    let what =
-                        format!("{} refused: {:?} {}", self.phones[i].device, e.code, e.text);
-                    self.phones[i].refusals.push(what);
-                } else {
-                    self.report.forged_refused += 1;
-                }
-            }
-            Message::Update(u) => self.on_update(i, &u, None),
-            Message::Caught(cursor) => {
-                let p = self.phone(i);
-                if let Some(old) = &p.cursor
-                    && old.epoch == cursor.epoch
-                    && cursor.seq < old.seq
-                {
-                    let what = format!(
-                        "{}'s cursor moved back from {} to {}",
-                        p.device, old.seq, cursor.seq
-                    );
-                    self.problems.push(what);
-                }
-                let p = self.phone(i);
-                p.cursor = Some(cursor);
-                p.live = true;
-            }
-            other => {
-                let what = format!("a phone got an unexpected {}", other.kind());
-                self.problems.push(what);
-            }
+    /// A relay message reaches an honest phone's session.
+    fn on_message(&mut self, i: usize, msg: Message, ext: codec::Extensions) {
+        match &msg {
+            Message::Ack(a) => self.report.changes_acked += u64::from(a.applied),
+            Message::Update(_) => self.report.updates_applied += 1,
+            Message::Resync(_) => self.report.resyncs += 1,
+            _ => {}
         }
+        let phone = &mut self.phones[i];
+        let Some(session) = phone.session.as_mut() else {
+            return;
+        };
+        let result = session.handle_message(msg, ext, &mut phone.store);
+        self.after_session_input(i, result);
     }
 
-    fn resync_message(&mut self, i: usize, conn: u64, msg: Message) {
-        match self.phone(i).resync_message(msg) {
-            Ok(out) => self.send_all(i, conn, out),
-            Err(e) => self.problems.push(format!("phone {i} resync: {e}")),
+    /// What reaches the forger: a welcome lets it forge; refusals are counted.
+    fn forger_reads(&mut self, conn: u64, out: Delivery) {
+        let Some(h) = self.hostile.as_mut() else {
+            return;
+        };
+        if h.conn != Some(conn) {
+            return;
         }
-    }
-
-    /// Sends a phone's messages; pushes are tracked as in flight.
-    fn send_all(&mut self, i: usize, conn: u64, out: Vec<Message>) {
-        for m in out {
-            match m {
-                Message::Push(p) => {
-                    let hashes = self
-                        .phone(i)
-                        .unacked
-                        .get(&p.doc)
-                        .map(|s| s.iter().copied().collect())
-                        .unwrap_or_default();
-                    self.send_push(i, conn, p, hashes);
-                }
-                other => self.send_to_relay(conn, &other),
+        match out {
+            Delivery::Closed => {
+                h.conn = None;
+                h.welcomed = false;
+                self.conns.remove(&conn);
+                let back = self.jitter(Duration::from_secs(2)) + Duration::from_millis(500);
+                self.at(back, Event::Connect(usize::MAX));
             }
-        }
-    }
-
-    fn on_update(&mut self, i: usize, update: &Update, bytes: Option<&[u8]>) {
-        self.report.updates_applied += 1;
-        if let Err(e) = self.phone(i).apply(update, bytes) {
-            let what = format!("phone {i} could not apply an update of {}: {e}", update.doc);
-            self.problems.push(what);
+            Delivery::Transfer(..) => {}
+            Delivery::Frame(frame) => match codec::decode_payload(&frame[HEADER_LEN..]) {
+                Ok(Message::Welcome(_)) => h.welcomed = true,
+                Ok(Message::Error(_)) => self.report.forged_refused += 1,
+                Ok(_) => {}
+                Err(e) => self
+                    .problems
+                    .push(format!("the forger could not read: {e}")),
+            },
         }
     }
 
@@ -1076,7 +1197,12 @@ impl World {
             bundle: bundle.bytes().to_vec(),
             heads: vec![hash.0],
         };
-        self.send_push(usize::MAX, conn, push, vec![hash]);
+        match codec::encode_frame(&Message::Push(push), codec::DEFAULT_MAX_FRAME) {
+            Ok(f) => self.send_to_relay(conn, f),
+            Err(e) => self
+                .problems
+                .push(format!("the forger could not frame: {e}")),
+        }
     }
 
     /// The invariants, once quiescent.
@@ -1102,13 +1228,20 @@ impl World {
                 Err(e) => problems.push(format!("the relay could not load {id}: {e}")),
             }
         }
+        for p in &mut self.phones {
+            if let Some(session) = p.session.take() {
+                p.collect_refusals(&session);
+                p.session = Some(session);
+            }
+        }
         for p in &self.phones {
             let ledger = &self.team_ledgers[p.index % self.team_ledgers.len()];
+            let acknowledged = p.acknowledged(ledger);
             let Some(doc) = relay_docs.get(ledger) else {
                 if p.reference != Default::default() {
                     problems.push(format!("the relay lacks {ledger}"));
                 }
-                for h in &p.acked {
+                for h in &acknowledged {
                     problems.push(format!(
                         "{}: acknowledged change {h} is not on the relay",
                         p.device
@@ -1116,7 +1249,7 @@ impl World {
                 }
                 continue;
             };
-            for h in &p.acked {
+            for h in &acknowledged {
                 if doc.get_change_by_hash(h).is_none() {
                     problems.push(format!(
                         "{}: acknowledged change {h} is not on the relay",
@@ -1124,25 +1257,39 @@ impl World {
                     ));
                 }
             }
-            let unacked: usize = p.unacked.values().map(|s| s.len()).sum();
+            for h in p.store.relay_held.get(ledger).into_iter().flatten() {
+                if doc.get_change_by_hash(h).is_none() {
+                    problems.push(format!(
+                        "{}: the relay was known to hold {h}, and it is not on the relay",
+                        p.device
+                    ));
+                }
+            }
+            let unacked = p.written.len() - acknowledged.len();
             if unacked > 0 {
+                let standing = p.session.as_ref().map(DeviceSession::standing);
                 problems.push(format!(
-                    "{}: {unacked} changes never acknowledged (connection {:?}, welcomed {}, live {}, {} pushes in flight, resync {}, online {})",
-                    p.device,
-                    p.conn,
-                    p.welcomed,
-                    p.live,
-                    p.in_flight.len(),
-                    p.resync.is_some(),
-                    p.online
+                    "{}: {unacked} changes never acknowledged (connection {:?}, session (welcomed, caught up, pushes in flight) {standing:?}, online {})",
+                    p.device, p.conn, p.online
                 ));
             }
-            let mine = p.docs.get(ledger);
+            let mine = p.store.docs.get(ledger);
             if mine.map(|d| d.get_heads()) != Some(doc.get_heads()) {
                 problems.push(format!(
                     "{} does not hold the relay's copy of {ledger}",
                     p.device
                 ));
+            }
+            match p.stored_heads(ledger) {
+                Ok(stored) if Some(&stored) == mine.map(|d| d.get_heads()).as_ref() => {}
+                Ok(_) => problems.push(format!(
+                    "{}'s stored copy of {ledger} is not what it shows",
+                    p.device
+                )),
+                Err(e) => problems.push(format!("{}: {e}", p.device)),
+            }
+            for w in &p.store.cursor_went_back {
+                problems.push(format!("{}: {w}", p.device));
             }
             let seen = phone::read_reference(doc, &p.device, &p.member);
             if seen != p.reference {
@@ -1200,6 +1347,16 @@ async fn load(
     let doc = slot.lock().await.doc.clone();
     hub.release(slot);
     Ok((!doc.get_heads().is_empty()).then_some(doc))
+}
+
+/// The forger: a token holder that crafts its own pushes.
+struct Forger {
+    hello: Hello,
+    member: MemberId,
+    device: DeviceId,
+    actor: ActorId,
+    conn: Option<u64>,
+    welcomed: bool,
 }
 
 /// A phone with its own token and actor.

@@ -1,16 +1,20 @@
 //! A phone of the simulation: real Automerge documents, the field's operations, and the
-//! protocol's device rules (push what is unacknowledged, pull from the cursor, move the
-//! cursor only on `Caught`, apply updates as they come).
+//! client core's own device session ([`DeviceSession`]) deciding what to push, how to
+//! apply what the relay sends, when to store and when the cursor moves.
 //!
-//! Its state is split the way a phone's is: what is durable (documents, unacknowledged
-//! changes, the cursor) survives a crash; the connection does not.
+//! Its state is split the way a phone's is: what is durable ([`Durable`]: the chunks its
+//! store flushed, the heads the relay is known to hold, the cursor) survives a crash;
+//! the documents in memory and the session do not. A crash reloads the documents from
+//! the stored chunks, as the phone's store does on open.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, ChangeHash, ObjType, ROOT, ReadDoc, ScalarValue};
-use redline_proto::message::{Cursor, Message, Payload, Pull, Push, Subscription, Update};
-use redline_proto::session::{DeviceResync, DocToSync};
+use redline_client::Urgency;
+use redline_client::device_session::{DeviceSession, Documents, Merged, Outgoing, Step};
+use redline_proto::message::{Cursor, Hello, Subscription};
 use redline_proto::{DeviceId, DocId, MemberId, TeamId};
 
 /// What a phone did to its team's ledger, to compare with the relay's copy at the end.
@@ -20,6 +24,184 @@ pub struct Reference {
     pub screened: i64,
     /// This phone's tasks and their last status.
     pub tasks: BTreeMap<String, String>,
+}
+
+/// The phone's store as the device session reaches it: documents in memory over what was
+/// flushed.
+#[derive(Default)]
+pub struct Store {
+    /// The documents in memory (lost in a crash).
+    pub docs: BTreeMap<DocId, Automerge>,
+    /// Durable: each document's flushed chunks, in order (loading applies them all).
+    pub chunks: BTreeMap<DocId, Vec<Vec<u8>>>,
+    /// Durable: heads the relay is known to hold, per document.
+    pub relay_held: BTreeMap<DocId, Vec<ChangeHash>>,
+    /// Durable: where it is in the relay's feed.
+    pub cursor: Option<Cursor>,
+    /// Steps stored (one flush each).
+    pub steps: u64,
+    /// A stored cursor that went back within an epoch (never allowed).
+    pub cursor_went_back: Vec<String>,
+}
+
+impl Store {
+    /// The document, from its genesis (flushed at once) if the phone lacks it.
+    fn doc_or_genesis(&mut self, id: &DocId) -> &mut Automerge {
+        if !self.docs.contains_key(id) {
+            let doc = redline_proto::genesis::genesis(id);
+            self.chunks.entry(id.clone()).or_default().push(doc.save());
+            self.docs.insert(id.clone(), doc);
+        }
+        self.docs.get_mut(id).expect("inserted above")
+    }
+
+    /// A crash: the documents in memory are gone; reopening loads the flushed chunks.
+    fn reopen(&mut self) -> Result<(), String> {
+        self.docs.clear();
+        for (id, chunks) in &self.chunks {
+            let mut doc = Automerge::new();
+            for c in chunks {
+                doc.load_incremental(c)
+                    .map_err(|e| format!("{id} does not reopen: {e}"))?;
+            }
+            self.docs.insert(id.clone(), doc);
+        }
+        Ok(())
+    }
+}
+
+impl Documents for Store {
+    fn relay_held(&self) -> Result<HashMap<DocId, Vec<ChangeHash>>, redline_client::Error> {
+        Ok(self
+            .docs
+            .keys()
+            .map(|id| {
+                let held = self.relay_held.get(id).cloned().unwrap_or_default();
+                (id.clone(), held)
+            })
+            .collect())
+    }
+
+    fn ids(&self) -> Result<Vec<DocId>, redline_client::Error> {
+        Ok(self.docs.keys().cloned().collect())
+    }
+
+    fn heads(&mut self, id: &DocId) -> Result<Option<Vec<ChangeHash>>, redline_client::Error> {
+        Ok(self.docs.get(id).map(Automerge::get_heads))
+    }
+
+    fn outgoing(
+        &mut self,
+        id: &DocId,
+        relay_has: &[ChangeHash],
+        _heads: &[ChangeHash],
+    ) -> Result<Option<Outgoing>, redline_client::Error> {
+        let Some(doc) = self.docs.get(id) else {
+            return Ok(None);
+        };
+        // What the relay is known to hold, as far as this copy knows of it.
+        let known: Vec<ChangeHash> = relay_has
+            .iter()
+            .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+            .copied()
+            .collect();
+        let hashes: Vec<ChangeHash> = doc.get_changes(&known).iter().map(|c| c.hash()).collect();
+        if hashes.is_empty() {
+            return Ok(None);
+        }
+        let changes = hashes.len() as u64;
+        let bundle = doc
+            .bundle(hashes)
+            .map_err(|e| redline_client::Error::Store(format!("cannot bundle {id}: {e}")))?;
+        Ok(Some(Outgoing {
+            bytes: Arc::new(bundle.bytes().to_vec()),
+            changes,
+            urgency: Urgency::Normal,
+        }))
+    }
+
+    fn held_back(
+        &self,
+        _: Urgency,
+        _: usize,
+        _: &str,
+    ) -> Result<Option<String>, redline_client::Error> {
+        Ok(None)
+    }
+
+    fn merge_bytes(
+        &mut self,
+        id: &DocId,
+        bytes: &[u8],
+        document: bool,
+    ) -> Result<Merged, redline_client::Error> {
+        let corrupt = |e: String| redline_client::Error::Store(format!("{id}: {e}"));
+        let doc = self.doc_or_genesis(id);
+        let before = doc.get_heads();
+        if document {
+            // As the client does: the relay's whole document loaded, this copy merged in.
+            let mut loaded = Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?;
+            loaded.merge(doc).map_err(|e| corrupt(e.to_string()))?;
+            *doc = loaded;
+        } else {
+            doc.load_incremental(bytes)
+                .map_err(|e| corrupt(e.to_string()))?;
+        }
+        let new_changes = if doc.get_heads() == before {
+            0
+        } else {
+            doc.get_changes_meta(&before).len() as u64
+        };
+        Ok(Merged {
+            new_changes,
+            missing_deps: !doc.get_missing_deps(&[]).is_empty(),
+        })
+    }
+
+    fn copy(&mut self, id: &DocId) -> Result<Automerge, redline_client::Error> {
+        Ok(self.docs.get(id).cloned().unwrap_or_default())
+    }
+
+    fn merge_doc(&mut self, id: &DocId, doc: &mut Automerge) -> Result<u64, redline_client::Error> {
+        let live = self.doc_or_genesis(id);
+        let before = live.get_heads();
+        live.merge(doc)?;
+        Ok(live.get_changes_meta(&before).len() as u64)
+    }
+
+    fn store(&mut self, step: Step) -> Result<(), redline_client::Error> {
+        self.steps += 1;
+        for dirty in step.docs {
+            let Some(doc) = self.docs.get_mut(&dirty.id) else {
+                continue;
+            };
+            let chunks = self.chunks.entry(dirty.id.clone()).or_default();
+            match dirty.received {
+                // Only updates changed it: what came, appended as it came.
+                Some(bytes) if !dirty.merged => chunks.push(bytes),
+                // Changed by more (a whole document, a fallback's merge): the whole copy.
+                _ => *chunks = vec![doc.save()],
+            }
+        }
+        for (id, held) in step.acked {
+            self.relay_held.insert(id, held);
+        }
+        if let Some((_, bytes)) = step.cursor {
+            let new: Cursor = postcard::from_bytes(&bytes)
+                .map_err(|e| redline_client::Error::Store(e.to_string()))?;
+            if let Some(old) = &self.cursor
+                && old.epoch == new.epoch
+                && new.seq < old.seq
+            {
+                self.cursor_went_back.push(format!(
+                    "the cursor moved back from {} to {}",
+                    old.seq, new.seq
+                ));
+            }
+            self.cursor = Some(new);
+        }
+        Ok(())
+    }
 }
 
 /// One simulated phone.
@@ -33,32 +215,24 @@ pub struct Phone {
     pub actor: ActorId,
     /// Protocol version it says hello with.
     pub version: u16,
-    /// Durable: documents.
-    pub docs: BTreeMap<DocId, Automerge>,
-    /// Durable: changes the relay has not acknowledged, per document.
-    pub unacked: BTreeMap<DocId, BTreeSet<ChangeHash>>,
-    /// Durable: where it is in the relay's feed.
-    pub cursor: Option<Cursor>,
+    /// Its store (documents in memory over what is durable).
+    pub store: Store,
     /// Durable: what it wrote.
     pub reference: Reference,
+    /// Durable: the changes it wrote.
+    pub written: BTreeSet<ChangeHash>,
     /// Operations still to write.
     pub ops_left: u32,
     /// Whether the network reaches it now.
     pub online: bool,
     /// The connection it is using, if any.
     pub conn: Option<u64>,
-    /// Welcomed on `conn`.
-    pub welcomed: bool,
-    /// Caught up on `conn` at least once (live from then on).
-    pub live: bool,
-    /// Pushes sent on `conn` and not answered, in order.
-    pub in_flight: VecDeque<(DocId, Vec<ChangeHash>)>,
-    /// Changes the relay acknowledged (every one must survive).
-    pub acked: BTreeSet<ChangeHash>,
+    /// The sync session on `conn`.
+    pub session: Option<DeviceSession>,
+    /// A local write not yet handed to a live session (the client's `notify_one`).
+    pub wrote: bool,
     /// Refusals an honest phone should never get.
     pub refusals: Vec<String>,
-    /// The Automerge-sync fallback running on `conn`, if the relay asked for one.
-    pub resync: Option<DeviceResync>,
 }
 
 impl Phone {
@@ -82,19 +256,15 @@ impl Phone {
             token,
             actor,
             version,
-            docs: BTreeMap::new(),
-            unacked: BTreeMap::new(),
-            cursor: None,
+            store: Store::default(),
             reference: Reference::default(),
+            written: BTreeSet::new(),
             ops_left: ops,
             online: false,
             conn: None,
-            welcomed: false,
-            live: false,
-            in_flight: VecDeque::new(),
-            acked: BTreeSet::new(),
+            session: None,
+            wrote: false,
             refusals: Vec::new(),
-            resync: None,
         }
     }
 
@@ -106,22 +276,19 @@ impl Phone {
         }
     }
 
-    /// The document, from the genesis if new (the genesis counts as unacknowledged).
-    fn doc_mut(&mut self, id: &DocId) -> &mut Automerge {
-        if !self.docs.contains_key(id) {
-            let doc = redline_proto::genesis::genesis(id);
-            let genesis = doc.get_heads();
-            self.unacked
-                .entry(id.clone())
-                .or_default()
-                .extend(genesis.iter().copied());
-            self.docs.insert(id.clone(), doc);
+    /// The hello it says on a new connection.
+    pub fn hello(&self) -> Hello {
+        Hello {
+            protocol_version: self.version,
+            device: self.device.clone(),
+            app_version: "sim".into(),
+            subscription: self.subscription(),
+            token: self.token.clone(),
         }
-        self.docs.get_mut(id).expect("inserted above")
     }
 
-    /// One field operation on `ledger` at virtual time `ms`, chosen by `roll` in 0..100.
-    /// Returns the new change's hash.
+    /// One field operation on `ledger` at virtual time `ms`, chosen by `roll` in 0..100,
+    /// flushed at once as the phone's store does. Returns the new change's hash.
     pub fn write(&mut self, ledger: &DocId, roll: u32, amount: i64, ms: i64) -> ChangeHash {
         let (device, member, actor) = (
             self.device.to_string(),
@@ -136,7 +303,7 @@ impl Phone {
             .rev()
             .find(|(_, status)| *status == "open")
             .map(|(k, _)| k.clone());
-        let doc = self.doc_mut(ledger);
+        let doc = self.store.doc_or_genesis(ledger);
         doc.set_actor(actor);
         let mut tx = doc.transaction();
         let (_, tallies) = tx.get(ROOT, "tallies").ok().flatten().expect("genesis");
@@ -179,169 +346,92 @@ impl Phone {
             .with_time(ms);
         let (hash, _) = tx.commit_with(options);
         let hash = hash.expect("the operation changed something");
+        let bytes = doc
+            .get_change_by_hash(&hash)
+            .expect("just committed")
+            .raw_bytes()
+            .to_vec();
+        self.store
+            .chunks
+            .entry(ledger.clone())
+            .or_default()
+            .push(bytes);
         self.reference.screened += screened;
         if let Some((key, status)) = task_change {
             self.reference.tasks.insert(key, status);
         }
-        self.unacked.entry(ledger.clone()).or_default().insert(hash);
+        self.written.insert(hash);
+        self.wrote = true;
         hash
-    }
-
-    /// The push of everything `doc` holds that the relay has not acknowledged.
-    pub fn push_of(&self, id: &DocId) -> Option<(Push, Vec<ChangeHash>)> {
-        let hashes: Vec<ChangeHash> = self.unacked.get(id)?.iter().copied().collect();
-        if hashes.is_empty() {
-            return None;
-        }
-        let doc = self.docs.get(id)?;
-        let bundle = doc.bundle(hashes.iter().copied()).ok()?.bytes().to_vec();
-        let push = Push {
-            doc: id.clone(),
-            bundle,
-            heads: doc.get_heads().iter().map(|h| h.0).collect(),
-        };
-        Some((push, hashes))
-    }
-
-    /// The push of one new change (live: only what was just written).
-    pub fn push_one(&self, id: &DocId, hash: ChangeHash) -> Option<Push> {
-        let doc = self.docs.get(id)?;
-        let bundle = doc.bundle([hash]).ok()?.bytes().to_vec();
-        Some(Push {
-            doc: id.clone(),
-            bundle,
-            heads: doc.get_heads().iter().map(|h| h.0).collect(),
-        })
-    }
-
-    /// The `Pull` that ends its first flight.
-    pub fn pull(&self) -> Pull {
-        Pull {
-            cursor: self.cursor.clone(),
-            resume: Vec::new(),
-            defer_large: false,
-        }
     }
 
     /// Whether the relay acknowledged a change by this phone's actor: from then on the
     /// actor is public (teammates receive its changes), so a forger can copy it. An
     /// acknowledged genesis alone publishes nothing.
     pub fn actor_published(&self) -> bool {
-        self.docs.values().any(|d| {
-            self.acked.iter().any(|h| {
-                d.get_change_meta_by_hash(h)
-                    .is_some_and(|c| *c.actor == self.actor)
-            })
+        self.store
+            .relay_held
+            .keys()
+            .any(|id| !self.acknowledged(id).is_empty())
+    }
+
+    /// The changes it wrote into `id` that the relay is durably known to hold.
+    pub fn acknowledged(&self, id: &DocId) -> Vec<ChangeHash> {
+        let (Some(doc), Some(held)) = (self.store.docs.get(id), self.store.relay_held.get(id))
+        else {
+            return Vec::new();
+        };
+        let after: HashSet<ChangeHash> =
+            doc.get_changes_meta(held).iter().map(|c| c.hash).collect();
+        self.written
+            .iter()
+            .filter(|h| doc.get_change_meta_by_hash(h).is_some() && !after.contains(h))
+            .copied()
+            .collect()
+    }
+
+    /// The heads of `id` as the store would reopen it.
+    pub fn stored_heads(&self, id: &DocId) -> Result<Vec<ChangeHash>, String> {
+        let mut doc = Automerge::new();
+        for c in self.store.chunks.get(id).into_iter().flatten() {
+            doc.load_incremental(c)
+                .map_err(|e| format!("{id} does not reopen: {e}"))?;
+        }
+        Ok(doc.get_heads())
+    }
+
+    /// The session ended (the connection was cut, refused, or the relay went away): it
+    /// stores what it applied, as the client does when a session fails.
+    pub fn disconnected(&mut self) -> Result<(), String> {
+        self.conn = None;
+        let Some(mut session) = self.session.take() else {
+            return Ok(());
+        };
+        self.collect_refusals(&session);
+        session.finish(false, &mut self.store).map_err(|e| {
+            format!(
+                "{} could not store at the end of a session: {e}",
+                self.device
+            )
         })
     }
 
-    /// The relay acknowledged the oldest push in flight for `doc`.
-    pub fn acked(&mut self, doc: &DocId) {
-        if let Some(i) = self.in_flight.iter().position(|(d, _)| d == doc) {
-            let (_, hashes) = self.in_flight.remove(i).expect("found");
-            if let Some(set) = self.unacked.get_mut(doc) {
-                for h in &hashes {
-                    set.remove(h);
-                }
+    /// Notes what the session's report says was refused.
+    pub fn collect_refusals(&mut self, session: &DeviceSession) {
+        for (doc, why) in session.report().refused {
+            let what = format!("{} refused on {doc}: {why}", self.device);
+            if !self.refusals.contains(&what) {
+                self.refusals.push(what);
             }
-            self.acked.extend(hashes);
         }
     }
 
-    /// Applies an update's bytes (a bundle or a saved document).
-    pub fn apply(&mut self, update: &Update, bytes: Option<&[u8]>) -> Result<(), String> {
-        let (data, document) = match (&update.payload, bytes) {
-            (Payload::Bundle(b), _) => (b.as_slice(), false),
-            (Payload::Document(b), _) => (b.as_slice(), true),
-            (Payload::Transfer { document, .. }, Some(b)) => (b, *document),
-            (Payload::Transfer { .. }, None) => return Ok(()),
-        };
-        let doc = self.doc_mut(&update.doc);
-        if document {
-            let mut other = Automerge::load(data).map_err(|e| e.to_string())?;
-            doc.merge(&mut other).map_err(|e| e.to_string())?;
-        } else {
-            // One bundle, or (for a phone that said it reads them) several stored
-            // chunks one after another.
-            doc.load_incremental(data).map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    }
-
-    /// The connection ended (cut, refused, or the relay went away).
-    pub fn disconnected(&mut self) {
+    /// A crash: the session and the documents in memory are gone.
+    pub fn crash(&mut self) -> Result<(), String> {
         self.conn = None;
-        self.welcomed = false;
-        self.live = false;
-        self.in_flight.clear();
-        self.resync = None;
-    }
-
-    /// The relay asked to run the Automerge-sync fallback for `doc`: the first step.
-    pub fn start_resync(&mut self, doc: &DocId) -> Result<Vec<Message>, String> {
-        // A push answered with a resync is over; its changes stay unacknowledged.
-        if let Some(k) = self.in_flight.iter().position(|(d, _)| d == doc) {
-            self.in_flight.remove(k);
-        }
-        let copy = self.doc_mut(doc).clone();
-        let d = DocToSync {
-            id: doc.clone(),
-            doc: copy,
-            state: automerge::sync::State::new(),
-        };
-        match self.resync.as_mut() {
-            Some(r) => r.add(d).map_err(|e| e.to_string())?,
-            None => self.resync = Some(DeviceResync::new(vec![d]).map_err(|e| e.to_string())?),
-        }
-        Ok(self.resync_out())
-    }
-
-    /// Whether a message for `doc` belongs to the fallback (not to a push in flight).
-    pub fn in_resync(&self, doc: &DocId) -> bool {
-        self.resync.as_ref().is_some_and(|r| r.contains(doc))
-            && !self.in_flight.iter().any(|(d, _)| d == doc)
-    }
-
-    /// Feeds the fallback a relay message; returns what to send. When every exchange is
-    /// done, the documents take what the relay sent, and what the relay still lacks is
-    /// pushed.
-    pub fn resync_message(&mut self, msg: Message) -> Result<Vec<Message>, String> {
-        let Some(r) = self.resync.as_mut() else {
-            return Ok(Vec::new());
-        };
-        r.handle_message(msg).map_err(|e| e.to_string())?;
-        let mut out = self.resync_out();
-        if self.resync.as_ref().is_some_and(DeviceResync::is_finished) {
-            let done = self.resync.take().expect("checked").finish();
-            for synced in done {
-                if let Some(e) = &synced.error {
-                    return Err(format!(
-                        "the fallback for {} was refused: {}",
-                        synced.id, e.text
-                    ));
-                }
-                let doc = self.doc_mut(&synced.id);
-                let mut theirs = synced.doc;
-                doc.merge(&mut theirs).map_err(|e| e.to_string())?;
-                out.extend(self.push_of(&synced.id).map(|(p, _)| Message::Push(p)));
-            }
-        }
-        Ok(out)
-    }
-
-    fn resync_out(&mut self) -> Vec<Message> {
-        let mut out = Vec::new();
-        if let Some(r) = self.resync.as_mut() {
-            while let Some(m) = r.poll_transmit() {
-                out.push(m);
-            }
-        }
-        out
-    }
-
-    /// A crash: everything not durable is gone.
-    pub fn crash(&mut self) {
-        self.disconnected();
+        self.session = None;
+        self.wrote = false;
+        self.store.reopen()
     }
 }
 
