@@ -65,6 +65,11 @@ pub mod ext {
     /// several Automerge chunks one after another (`bool`). The relay then ships the
     /// chunks it stored per commit as they are, instead of bundling anew per device.
     pub const HELLO_ACCEPTS_CHUNKS: u16 = 3;
+    /// On [`super::Hello`]: the device works out what the relay holds from what it
+    /// applies (`bool`), so the relay sends each [`super::Update`] without the
+    /// document's heads (empty `heads`): a ledger in a storm has a head per phone of
+    /// its team, 32 bytes each, on every update.
+    pub const HELLO_DERIVES_HEADS: u16 = 4;
 }
 
 /// The QUIC ALPN token of protocol version 1. A peer offering anything else is refused
@@ -419,7 +424,8 @@ pub struct Update {
     pub doc: DocId,
     /// A bundle of changes, or a whole saved document.
     pub payload: Payload,
-    /// The relay's heads of the document when this was made.
+    /// The relay's heads of the document when this was made; empty for a device that
+    /// said [`ext::HELLO_DERIVES_HEADS`] (it takes the heads of what it applied).
     pub heads: Vec<[u8; 32]>,
 }
 

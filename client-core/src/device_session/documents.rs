@@ -22,13 +22,32 @@ pub struct Outgoing {
 }
 
 /// What merging bytes from the relay did to a document.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Merged {
     /// Changes new to this phone.
     pub new_changes: u64,
     /// The merge left dependencies missing here (the relay assumed more than the phone
     /// holds: a restored backup).
     pub missing_deps: bool,
+    /// The heads of what was merged (a whole document's heads; for bundles, their
+    /// changes that none of the others depends on): held by the relay, which sent them.
+    pub heads: Vec<ChangeHash>,
+}
+
+/// The changes of `changes` that none of the others depends on (their heads).
+pub fn heads_of(changes: &[automerge::Change]) -> Vec<ChangeHash> {
+    let deps: std::collections::HashSet<ChangeHash> = changes
+        .iter()
+        .flat_map(|c| c.deps().iter().copied())
+        .collect();
+    let mut heads: Vec<ChangeHash> = changes
+        .iter()
+        .map(|c| c.hash())
+        .filter(|h| !deps.contains(h))
+        .collect();
+    heads.sort();
+    heads.dedup();
+    heads
 }
 
 /// A document a sync step changed, and how to store it.

@@ -42,7 +42,7 @@ use redline_proto::session::{DeviceResync, hashes_to_wire};
 use redline_proto::wire::union_heads;
 use redline_proto::{DocId, ErrorCode};
 
-pub use documents::{DirtyDoc, Documents, Merged, Outgoing, Step};
+pub use documents::{DirtyDoc, Documents, Merged, Outgoing, Step, heads_of};
 pub use redline_proto::wire::INLINE_MAX;
 pub use report::SyncReport;
 pub use upload::{CachedUpload, PIECE, UploadEnd, UploadSender, WINDOW};
@@ -180,11 +180,13 @@ impl DeviceSession {
             progress: SyncProgress::default(),
             actions: VecDeque::new(),
         };
-        // This client reads several stored chunks in one update (version 2 and later
-        // carry the extension; version 1 relays never see it).
+        // This client reads several stored chunks in one update, and works out the
+        // relay's heads from what it applies (version 2 and later carry extensions;
+        // version 1 relays never see them).
         let version = start.hello.protocol_version;
         let mut hello_ext = codec::Extensions::new();
         hello_ext.insert(ext::HELLO_ACCEPTS_CHUNKS, &true)?;
+        hello_ext.insert(ext::HELLO_DERIVES_HEADS, &true)?;
         s.actions.push_back(Action::Send(codec::encode_frame_with(
             &Message::Hello(start.hello),
             &hello_ext,

@@ -93,9 +93,11 @@ impl Documents for Phone {
         let doc = self.docs.entry(id.clone()).or_default();
         let before = doc.get_heads();
         doc.load_incremental(bytes).expect("bundle");
+        let changes = crate::sync::phone_docs::chunk_changes(bytes).expect("bundle");
         Ok(Merged {
             new_changes: doc.get_changes_meta(&before).len() as u64,
             missing_deps: !doc.get_missing_deps(&[]).is_empty(),
+            heads: super::documents::heads_of(&changes),
         })
     }
 
@@ -472,4 +474,53 @@ fn updates_that_arrive_together_are_applied_and_stored_at_once() {
         "the relay holds what its last update named"
     );
     assert_eq!(s.report().changes_received, 4);
+}
+
+/// A relay told that the phone derives heads sends updates without them: the phone
+/// takes what the relay holds from what it applied (the bundle's heads: two teammates'
+/// concurrent changes), never from its own copy (its unpushed write stays unheld).
+#[test]
+fn an_update_without_heads_names_what_was_applied_as_held() {
+    let mut phone = Phone::default();
+    let mut s = start(&mut phone, true, Instant::now());
+    feed(&mut s, &mut phone, welcome());
+    feed(&mut s, &mut phone, caught(1));
+    sent(&mut s);
+    let mine = {
+        let doc = phone.docs.entry(ledger()).or_default();
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "mine", 1).expect("put");
+        tx.commit().0.expect("a change")
+    };
+    let base = Automerge::new().with_actor(ActorId::random());
+    let (mut a, mut b) = (base.fork(), base.fork());
+    let write = |doc: &mut Automerge, key: &str| {
+        let mut tx = doc.transaction();
+        tx.put(ROOT, key, 1).expect("put");
+        tx.commit();
+    };
+    write(&mut a, "a1");
+    write(&mut a, "a2");
+    write(&mut b, "b1");
+    a.merge(&mut b).expect("merge");
+    let all: Vec<ChangeHash> = a.get_changes(&[]).iter().map(|c| c.hash()).collect();
+    let update = Message::Update(Update {
+        doc: ledger(),
+        heads: Vec::new(),
+        payload: Payload::Bundle(a.bundle(all).expect("bundle").bytes().to_vec()),
+    });
+    s.handle_messages(vec![(update, codec::Extensions::new())], &mut phone)
+        .expect("handled");
+    let mut held = phone.relay_has[&ledger()].clone();
+    held.sort();
+    let mut want = a.get_heads();
+    want.sort();
+    assert_eq!(
+        held, want,
+        "the teammates' heads, as the relay would name them"
+    );
+    assert!(
+        !held.contains(&mine),
+        "the phone's own write is not the relay's"
+    );
 }

@@ -131,6 +131,13 @@ impl DeviceSession {
             // This device lacks what the relay assumed it had (a restored backup).
             self.start_resync(id, docs)
         } else {
+            // A relay told of `HELLO_DERIVES_HEADS` names none: what was applied came from
+            // it, so the relay holds it.
+            let relay_heads = if relay_heads.is_empty() {
+                &merged.heads
+            } else {
+                relay_heads
+            };
             let has = self.relay_has.entry(id.clone()).or_default();
             union_heads(has, relay_heads);
             self.acked.push((id, has.clone()));

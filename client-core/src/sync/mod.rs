@@ -14,7 +14,7 @@
 //!
 //! [`Documents`]: crate::device_session::Documents
 
-mod phone_docs;
+pub(crate) mod phone_docs;
 mod relays;
 mod wire;
 

@@ -9,7 +9,7 @@ use redline_proto::DocId;
 use tracing::debug;
 
 use crate::client::Client;
-use crate::device_session::{CachedUpload, Documents, Merged, Outgoing, Step};
+use crate::device_session::{CachedUpload, Documents, Merged, Outgoing, Step, heads_of};
 use crate::store::{DocWrite, SyncBatch};
 use crate::{Error, INLINE_MAX, Urgency};
 
@@ -107,11 +107,13 @@ impl Documents for PhoneDocs<'_> {
         let mut docs = self.0.docs();
         let doc = self.0.load_or_genesis(&mut docs, id)?;
         let before = doc.get_heads();
+        let heads;
         if document {
             // The relay's whole document: loaded, and this phone's own copy merged into
             // it (only what the relay lacks is applied), far cheaper than applying the
             // relay's changes to the phone's copy when the phone lacked most of them.
             let mut loaded = Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?;
+            heads = loaded.get_heads();
             loaded.merge(doc)?;
             loaded.set_actor(doc.get_actor().clone());
             *doc = loaded;
@@ -119,6 +121,7 @@ impl Documents for PhoneDocs<'_> {
             // One bundle, or several stored chunks one after another: every one is
             // decoded, then all are applied at once.
             let changes = chunk_changes(bytes).map_err(corrupt)?;
+            heads = heads_of(&changes);
             doc.apply_changes(changes)?;
         }
         let new_changes = if doc.get_heads() == before {
@@ -130,6 +133,7 @@ impl Documents for PhoneDocs<'_> {
         Ok(Merged {
             new_changes,
             missing_deps: !doc.get_missing_deps(&[]).is_empty(),
+            heads,
         })
     }
 
@@ -270,7 +274,7 @@ impl Client {
 
 /// The changes of `bytes`: one Automerge bundle, or several bundles and change chunks
 /// one after another (what a relay sends a device that says it reads them).
-fn chunk_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, String> {
+pub(crate) fn chunk_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, String> {
     let mut changes = Vec::new();
     let mut rest = bytes;
     while !rest.is_empty() {

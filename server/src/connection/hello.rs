@@ -19,19 +19,39 @@ use crate::config::RelayConfig;
 use crate::session::{Peer, SessionLimits};
 use crate::state::RelayState;
 
-/// Whether a device's hello says it reads several chunks in one payload (an extension:
-/// version 2 and later only; a malformed value counts as no).
-pub(super) fn accepts_chunks(ext: &codec::Extensions, version: u16) -> bool {
-    version >= 2 && matches!(ext.get::<bool>(ext::HELLO_ACCEPTS_CHUNKS), Ok(Some(true)))
+/// What a device's hello says it can do beyond its version's base (extensions: version
+/// 2 and later only; a malformed value counts as no).
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Abilities {
+    /// It reads several chunks in one payload.
+    pub chunks: bool,
+    /// It works out the relay's heads from what it applies.
+    pub derives_heads: bool,
 }
 
-/// Reads the device's `Hello` and checks its version and token; also whether it reads
-/// several chunks in one payload.
+impl Abilities {
+    pub(super) fn of(ext: &codec::Extensions, version: u16) -> Self {
+        let says = |tag| version >= 2 && matches!(ext.get::<bool>(tag), Ok(Some(true)));
+        Self {
+            chunks: says(ext::HELLO_ACCEPTS_CHUNKS),
+            derives_heads: says(ext::HELLO_DERIVES_HEADS),
+        }
+    }
+
+    /// Records them on the session's peer.
+    pub(super) fn grant(self, peer: &mut Peer) {
+        peer.accepts_chunks = self.chunks;
+        peer.derives_heads = self.derives_heads;
+    }
+}
+
+/// Reads the device's `Hello` and checks its version and token; also what its
+/// extensions say it can do.
 pub(super) async fn greet(
     send: &mut SendStream,
     recv: &mut RecvStream,
     shared: &Shared,
-) -> Result<(Hello, Scope, bool), Error> {
+) -> Result<(Hello, Scope, Abilities), Error> {
     let config = &shared.config;
     let limits = &config.limits;
     let refuse = |code: ErrorCode, text: String| Error::Refused { code, text };
@@ -55,8 +75,8 @@ pub(super) async fn greet(
                     Ok(claims) => {
                         // From here on, the version both speak.
                         hello.protocol_version = version;
-                        let accepts = accepts_chunks(&ext, version);
-                        return Ok((hello, Scope::new(claims), accepts));
+                        let abilities = Abilities::of(&ext, version);
+                        return Ok((hello, Scope::new(claims), abilities));
                     }
                     Err(d) => refuse(d.code, d.text),
                 },

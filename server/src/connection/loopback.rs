@@ -16,7 +16,7 @@ use redline_proto::message::{ErrorReport, Hello, Message, Update};
 use redline_proto::session::check_hello;
 
 use super::admission::{admit, hold, now_ms};
-use super::hello::{accepts_chunks, greeting, new_peer, session_limits};
+use super::hello::{Abilities, greeting, new_peer, session_limits};
 use super::perform::{answer, serve_request};
 use super::resync::resync_step;
 use crate::Error;
@@ -116,7 +116,7 @@ impl Loopback {
         let g = greeting(&self.relay, &self.config, &hello, &scope)
             .map_err(|e| refusal(redline_proto::ErrorCode::INTERNAL, e.to_string()))?;
         let mut peer = new_peer(&hello, scope, g.granted, g.synced_before, g.quarantined);
-        peer.accepts_chunks = accepts_chunks(ext, version);
+        Abilities::of(ext, version).grant(&mut peer);
         // Registered before the stable sequence is read, as the QUIC driver does.
         let interest = self.relay.hub.interest(peer.subscription.clone());
         let session = Session::new(

@@ -179,7 +179,7 @@ async fn run(
     // Watch revocations before the token is admitted: one that lands in between is seen.
     let mut revocations = authority.watch();
     let watchdog_revocations = authority.watch();
-    let (hello, scope, accepts_chunks) = greet(&mut send, &mut recv, &shared).await?;
+    let (hello, scope, abilities) = greet(&mut send, &mut recv, &shared).await?;
     drop(pending);
     let token_id = scope.claims().id;
     let Some(_token_seat) = door.token(token_id) else {
@@ -216,7 +216,7 @@ async fn run(
     let (mut inbox, reader) = spawn_reader(recv, &config);
 
     let mut peer = new_peer(&hello, scope, granted, synced_before, quarantined);
-    peer.accepts_chunks = accepts_chunks;
+    abilities.grant(&mut peer);
     let (mut session, interest, mut stable) = new_session(&relay, &config, peer, expires_in);
     let mut driver = Driver::new(relay.clone(), config.clone(), conn.clone(), out, &session);
     let result = drive(

@@ -143,7 +143,11 @@ impl Session {
         if let Payload::Bundle(b) | Payload::Document(b) = &payload {
             self.sending += b.len() as u64;
         }
-        let wire_heads = hashes_to_wire(&heads);
+        let wire_heads = if self.peer.derives_heads {
+            Vec::new()
+        } else {
+            hashes_to_wire(&heads)
+        };
         match payload {
             Payload::Bundle(bytes) | Payload::Document(bytes) if large => {
                 let id = transfer_id(&bytes);

@@ -141,6 +141,9 @@ pub struct Peer {
     /// The device reads several stored chunks in one bundle payload
     /// ([`redline_proto::message::ext::HELLO_ACCEPTS_CHUNKS`]).
     pub accepts_chunks: bool,
+    /// The device works out the relay's heads from what it applies: updates go without
+    /// them ([`redline_proto::message::ext::HELLO_DERIVES_HEADS`]).
+    pub derives_heads: bool,
 }
 
 impl Peer {
@@ -164,6 +167,7 @@ impl Peer {
             delivered: None,
             resync: RelayResync::new(),
             accepts_chunks: false,
+            derives_heads: false,
         }
     }
 }

@@ -476,3 +476,35 @@ fn known_heads_keep_the_newest_only() {
     let newest: Vec<ChangeHash> = (40 - KNOWN_HEADS as u8..40).map(hash).collect();
     assert_eq!(kept, newest);
 }
+
+/// A device that derives heads gets updates without them; any other device gets the
+/// document's heads, as before.
+#[test]
+fn updates_name_heads_only_for_a_device_that_does_not_derive_them() {
+    let t0 = Instant::now();
+    let heads = vec![ChangeHash([3; 32]), ChangeHash([4; 32])];
+    for derives in [false, true] {
+        let mut p = peer(Role::Volunteer);
+        p.derives_heads = derives;
+        let mut s = Session::new(p, limits(), EPOCH, 5, t0, t0 + Duration::from_secs(3600));
+        s.handle(t0, Input::Message(pull(None)));
+        actions(&mut s);
+        s.handle(t0, Input::Answer(Answer::Changed(vec![day()])));
+        actions(&mut s);
+        let piece = Payload::Bundle(vec![7; 100]);
+        s.handle(
+            t0,
+            Input::Answer(Answer::Lacks(Some((piece, heads.clone())))),
+        );
+        let a = actions(&mut s);
+        let Some(Message::Update(u)) = sent(&a).first().cloned() else {
+            panic!("an update first");
+        };
+        let want = if derives {
+            Vec::new()
+        } else {
+            hashes_to_wire(&heads)
+        };
+        assert_eq!(u.heads, want, "derives heads: {derives}");
+    }
+}
