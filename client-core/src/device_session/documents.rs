@@ -50,6 +50,22 @@ pub fn heads_of(changes: &[automerge::Change]) -> Vec<ChangeHash> {
     heads
 }
 
+/// The changes of `bytes`: one Automerge bundle, or several bundles and change chunks
+/// one after another (what a relay sends a device that says it reads them).
+pub fn chunk_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, String> {
+    let mut changes = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (chunk, _, after) = redline_proto::wire::split_chunk(rest)?;
+        match automerge::Bundle::try_from(chunk) {
+            Ok(b) => changes.extend(b.to_changes().map_err(|e| e.to_string())?),
+            Err(_) => changes.push(automerge::Change::try_from(chunk).map_err(|e| e.to_string())?),
+        }
+        rest = after;
+    }
+    Ok(changes)
+}
+
 /// A document a sync step changed, and how to store it.
 #[derive(Clone, Debug)]
 pub struct DirtyDoc {

@@ -93,7 +93,7 @@ impl Documents for Phone {
         let doc = self.docs.entry(id.clone()).or_default();
         let before = doc.get_heads();
         doc.load_incremental(bytes).expect("bundle");
-        let changes = crate::sync::phone_docs::chunk_changes(bytes).expect("bundle");
+        let changes = chunk_changes(bytes).expect("bundle");
         Ok(Merged {
             new_changes: doc.get_changes_meta(&before).len() as u64,
             missing_deps: !doc.get_missing_deps(&[]).is_empty(),

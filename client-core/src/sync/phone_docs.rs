@@ -9,7 +9,9 @@ use redline_proto::DocId;
 use tracing::debug;
 
 use crate::client::Client;
-use crate::device_session::{CachedUpload, Documents, Merged, Outgoing, Step, heads_of};
+use crate::device_session::{
+    CachedUpload, Documents, Merged, Outgoing, Step, chunk_changes, heads_of,
+};
 use crate::store::{DocWrite, SyncBatch};
 use crate::{Error, INLINE_MAX, Urgency};
 
@@ -272,28 +274,12 @@ impl Client {
     }
 }
 
-/// The changes of `bytes`: one Automerge bundle, or several bundles and change chunks
-/// one after another (what a relay sends a device that says it reads them).
-pub(crate) fn chunk_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, String> {
-    let mut changes = Vec::new();
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        let (chunk, _, after) = redline_proto::wire::split_chunk(rest)?;
-        match automerge::Bundle::try_from(chunk) {
-            Ok(b) => changes.extend(b.to_changes().map_err(|e| e.to_string())?),
-            Err(_) => changes.push(automerge::Change::try_from(chunk).map_err(|e| e.to_string())?),
-        }
-        rest = after;
-    }
-    Ok(changes)
-}
-
 #[cfg(test)]
 mod chunk_tests {
     use automerge::transaction::Transactable;
     use automerge::{ActorId, Automerge, ROOT};
 
-    use super::chunk_changes;
+    use crate::device_session::chunk_changes;
 
     #[test]
     fn an_update_of_several_chunks_gives_every_change_and_a_cut_one_is_refused() {

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, ChangeHash, ObjType, ROOT, ReadDoc, ScalarValue};
 use redline_client::Urgency;
-use redline_client::device_session::{DeviceSession, Documents, Merged, Outgoing, Step};
+use redline_client::device_session::{
+    DeviceSession, Documents, Merged, Outgoing, Step, chunk_changes, heads_of,
+};
 use redline_proto::message::{Cursor, Hello, Subscription};
 use redline_proto::{DeviceId, DocId, MemberId, TeamId};
 
@@ -138,15 +140,21 @@ impl Documents for Store {
         let corrupt = |e: String| redline_client::Error::Store(format!("{id}: {e}"));
         let doc = self.doc_or_genesis(id);
         let before = doc.get_heads();
-        if document {
-            // As the client does: the relay's whole document loaded, this copy merged in.
+        // As the client does: the heads of what was applied are held by the relay.
+        let heads = if document {
+            // The relay's whole document loaded, this copy merged into it.
             let mut loaded = Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?;
+            let heads = loaded.get_heads();
             loaded.merge(doc).map_err(|e| corrupt(e.to_string()))?;
             *doc = loaded;
+            heads
         } else {
-            doc.load_incremental(bytes)
+            let changes = chunk_changes(bytes).map_err(corrupt)?;
+            let heads = heads_of(&changes);
+            doc.apply_changes(changes)
                 .map_err(|e| corrupt(e.to_string()))?;
-        }
+            heads
+        };
         let new_changes = if doc.get_heads() == before {
             0
         } else {
@@ -155,6 +163,7 @@ impl Documents for Store {
         Ok(Merged {
             new_changes,
             missing_deps: !doc.get_missing_deps(&[]).is_empty(),
+            heads,
         })
     }
 
