@@ -321,13 +321,14 @@ async fn a_new_phone_says_hello_again_to_a_relay_from_before_negotiation() -> an
     Ok(())
 }
 
-/// Says hello at the current version, with or without the extension that asks for
-/// stored chunks, and pulls from `cursor`; returns every message up to `Caught`.
+/// Says hello at the current version, with or without the extensions of today's app
+/// (stored chunks read, heads derived), and pulls from `cursor`; returns every message
+/// up to `Caught`.
 async fn pull_as_raw(
     relay: &redline_server::RelayHandle,
     dir: &std::path::Path,
     token: &str,
-    chunks: bool,
+    today: bool,
     cursor: Option<Cursor>,
 ) -> anyhow::Result<Vec<Message>> {
     let mut raw = RawDevice::connect(relay).await?;
@@ -342,8 +343,9 @@ async fn pull_as_raw(
         token: token.into(),
     });
     let mut ext = codec::Extensions::new();
-    if chunks {
+    if today {
         ext.insert(redline_proto::message::ext::HELLO_ACCEPTS_CHUNKS, &true)?;
+        ext.insert(redline_proto::message::ext::HELLO_DERIVES_HEADS, &true)?;
     }
     let frame = codec::encode_frame_with(&hello, &ext, PROTOCOL_VERSION, codec::DEFAULT_MAX_FRAME)?;
     raw.send_bytes(&frame).await?;
@@ -381,7 +383,8 @@ fn chunks_of(msgs: &[Message]) -> Vec<usize> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stored_chunks_go_only_to_apps_that_say_they_read_them() -> anyhow::Result<()> {
+async fn stored_chunks_and_updates_without_heads_go_only_to_apps_that_say_they_read_them()
+-> anyhow::Result<()> {
     let relay_dir = tempfile::tempdir()?;
     let relay = start_relay(relay_dir.path()).await?;
     let writer_dir = tempfile::tempdir()?;
@@ -432,6 +435,17 @@ async fn stored_chunks_go_only_to_apps_that_say_they_read_them() -> anyhow::Resu
         vec![1],
         "one bundle, as today's apps read"
     );
+    // Heads: none for the app that works them out, the relay's for the one that does not.
+    let heads = |msgs: &[Message]| -> Vec<usize> {
+        msgs.iter()
+            .filter_map(|m| match m {
+                Message::Update(u) => Some(u.heads.len()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(heads(&newer), vec![0]);
+    assert_eq!(heads(&older), vec![1]);
     // Both payloads hold the same changes.
     let changes = |msgs: &[Message]| -> Vec<automerge::ChangeHash> {
         let mut doc = redline_proto::genesis::genesis(&id);
