@@ -176,7 +176,7 @@ async fn an_acknowledged_commit_is_already_in_the_relays_stable_feed() -> anyhow
         return Ok(());
     };
     let url = pg.fresh_database()?;
-    let storage = PgStorage::connect(&PgOptions::new(url))?;
+    let storage = PgStorage::connect(&PgOptions::new(url.clone()))?;
     let hub = redline_server::hub::Hub::new(std::sync::Arc::new(storage), 1 << 20)?;
     let author = redline_server::authorship::Author {
         device: redline_proto::DeviceId::new("phone-0")?,
@@ -198,6 +198,49 @@ async fn an_acknowledged_commit_is_already_in_the_relays_stable_feed() -> anyhow
             committed.seq
         );
     }
+    // Alone on the feed, each commit follows the one before: it becomes stable as it
+    // flushes, without the follower's round trip to the database (unless the follower,
+    // woken by the commit's announcement, got there first: 18 to 20 of 20 here).
+    let at_once = hub
+        .stats
+        .stable_at_once
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(at_once >= 10, "{at_once} of 20 commits stable at once");
+    // Another relay commits in between (to a document this relay holds in its cache):
+    // this relay's next commit is answered once stable, and by then its copy of the
+    // other document holds the other relay's commit (never served stale).
+    let elsewhere = DocId::parse("households/zone-2")?;
+    let mut d2 = automerge::Automerge::new().with_actor(automerge::ActorId::from([2u8; 16]));
+    let mut tx = d2.transaction();
+    tx.put(automerge::ROOT, "k", 1)?;
+    tx.commit();
+    hub.push(&elsewhere, &author, d2.get_changes(&[])).await?;
+    let other = redline_server::hub::Hub::new(
+        std::sync::Arc::new(PgStorage::connect(&PgOptions::new(url.clone()))?),
+        1 << 20,
+    )?;
+    let before = d2.get_heads();
+    let mut tx = d2.transaction();
+    tx.put(automerge::ROOT, "k", 2)?;
+    tx.commit();
+    let theirs = other
+        .push(&elsewhere, &author, d2.get_changes(&before))
+        .await?;
+    let before = doc.get_heads();
+    let mut tx = doc.transaction();
+    tx.put(automerge::ROOT, "after", 1)?;
+    tx.commit();
+    let mine = hub.push(&id, &author, doc.get_changes(&before)).await?;
+    assert!(mine.seq > theirs.seq);
+    assert!(*hub.stable().borrow() >= mine.seq);
+    let slot = hub.slot(&elsewhere).await?;
+    let held = slot.lock().await.doc.get_heads();
+    hub.release(slot);
+    assert_eq!(
+        held,
+        d2.get_heads(),
+        "the other relay's commit is in this relay's copy"
+    );
     Ok(())
 }
 

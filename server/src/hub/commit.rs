@@ -330,7 +330,10 @@ impl Hub {
                     Ok(()) if self.storage.append_lost(id, seq) => Err(Error::Storage(format!(
                         "the commit with sequence {seq} was rolled back"
                     ))),
-                    Ok(()) => Ok(seq),
+                    Ok(()) => {
+                        self.own_commit_flushed(seq, id);
+                        Ok(seq)
+                    }
                     Err(e) => Err(e),
                 }
             }

@@ -145,12 +145,40 @@ impl Hub {
     async fn follow_feed(&self) -> Result<(), Error> {
         let known = self.followed.load(Ordering::Acquire);
         let (head, entries) = self.blocking(move |s| s.committed_feed(known)).await?;
-        if head <= known {
-            return Ok(());
+        self.advance_followed(known, &entries, head);
+        Ok(())
+    }
+
+    /// This relay's own commit `seq` of `doc` is flushed. When the follower already
+    /// took every lower sequence into account, nothing another relay committed lies
+    /// below it: the stable sequence moves at once, without the follower's read of the
+    /// feed (a round trip to the database on the live path). Otherwise the follower,
+    /// woken by the flush, reads what lies between.
+    pub(super) fn own_commit_flushed(&self, seq: u64, doc: &DocId) {
+        if self.followed.load(Ordering::Acquire) + 1 == seq
+            && self.advance_followed(seq - 1, &[(seq, doc.clone())], seq)
+        {
+            self.stats.stable_at_once.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Takes the feed's entries after `known` up to `head` into account: marks the
+    /// cached documents other relays committed to as stale, keeps the entries for
+    /// catch-ups, then moves the stable sequence and wakes the sessions concerned. One
+    /// step at a time (under the recent entries' lock): the follower's read and a
+    /// relay's own flushed commit may both bring the same entries.
+    /// Returns whether it moved.
+    fn advance_followed(&self, known: u64, entries: &[(u64, DocId)], head: u64) -> bool {
+        let mut recent = self.recent.lock().expect("recent lock");
+        let now = self.followed.load(Ordering::Acquire);
+        if head <= now || known > now {
+            // Already taken (the other path was first), or entries are missing below.
+            return false;
+        }
+        let fresh: Vec<(u64, DocId)> = entries.iter().filter(|(s, _)| *s > now).cloned().collect();
         {
             let slots = self.slots.lock().expect("hub lock");
-            for (seq, doc) in &entries {
+            for (seq, doc) in &fresh {
                 if let Some(slot) = slots.get(doc)
                     && slot.included.load(Ordering::Acquire) < *seq
                 {
@@ -158,11 +186,9 @@ impl Hub {
                 }
             }
         }
-        self.recent
-            .lock()
-            .expect("recent lock")
-            .extend(known, &entries, head);
+        recent.extend(now, &fresh, head);
         self.followed.store(head, Ordering::Release);
+        drop(recent);
         self.stable.send_if_modified(|v| {
             let forward = head > *v;
             if forward {
@@ -170,8 +196,8 @@ impl Hub {
             }
             forward
         });
-        self.fanout.committed(entries.iter().map(|(_, d)| d));
-        Ok(())
+        self.fanout.committed(fresh.iter().map(|(_, d)| d));
+        true
     }
 }
 
