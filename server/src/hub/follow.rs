@@ -7,6 +7,8 @@
 //! marked stale, so that no catch-up serves its old heads as current. The follower does
 //! that, in this order, whenever storage announces a move (NOTIFY), this relay flushed,
 //! or [`REREAD`] passed (the safety net for announcements lost while reconnecting).
+//! A relay's own commit right after what was followed needs no read: nothing of
+//! another relay lies below it ([`Hub::own_commit_flushed`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
