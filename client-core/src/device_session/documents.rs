@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use automerge::{Automerge, ChangeHash};
+use automerge::{Automerge, ChangeHash, ReadDoc};
 use redline_proto::DocId;
 
 use crate::{Error, Urgency};
@@ -64,6 +64,50 @@ pub fn chunk_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, String> {
         rest = after;
     }
     Ok(changes)
+}
+
+/// Merges `bytes` from the relay into the phone's copy `doc` of `id`: a whole saved
+/// document when `document` (loaded, and the phone's copy merged into it: only what the
+/// relay lacks is applied, far cheaper than applying the relay's changes when the phone
+/// lacked most of them), otherwise one bundle or several stored chunks one after
+/// another (every one decoded, then all applied at once). The way every
+/// [`Documents::merge_bytes`] merges, the client's and the simulation's.
+pub fn merge_received(
+    id: &DocId,
+    doc: &mut Automerge,
+    bytes: &[u8],
+    document: bool,
+) -> Result<Merged, Error> {
+    let corrupt = |e: String| {
+        Error::Protocol(redline_proto::Error::BadSyncData {
+            doc: id.clone(),
+            reason: e,
+        })
+    };
+    let before = doc.get_heads();
+    let heads;
+    if document {
+        let mut loaded = Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?;
+        heads = loaded.get_heads();
+        loaded.merge(doc)?;
+        loaded.set_actor(doc.get_actor().clone());
+        *doc = loaded;
+    } else {
+        let changes = chunk_changes(bytes).map_err(corrupt)?;
+        heads = heads_of(&changes);
+        doc.apply_changes(changes)?;
+    }
+    let new_changes = if doc.get_heads() == before {
+        0
+    } else {
+        // Metadata only: extracting the changes themselves costs like a save.
+        doc.get_changes_meta(&before).len() as u64
+    };
+    Ok(Merged {
+        new_changes,
+        missing_deps: !doc.get_missing_deps(&[]).is_empty(),
+        heads,
+    })
 }
 
 /// A document a sync step changed, and how to store it.

@@ -42,7 +42,9 @@ use redline_proto::session::{DeviceResync, hashes_to_wire};
 use redline_proto::wire::union_heads;
 use redline_proto::{DocId, ErrorCode};
 
-pub use documents::{DirtyDoc, Documents, Merged, Outgoing, Step, chunk_changes, heads_of};
+pub use documents::{
+    DirtyDoc, Documents, Merged, Outgoing, Step, chunk_changes, heads_of, merge_received,
+};
 pub use redline_proto::wire::INLINE_MAX;
 pub use report::SyncReport;
 pub use upload::{CachedUpload, PIECE, UploadEnd, UploadSender, WINDOW};

@@ -4,14 +4,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use automerge::{Automerge, ChangeHash, ReadDoc};
+use automerge::{Automerge, ChangeHash};
 use redline_proto::DocId;
 use tracing::debug;
 
 use crate::client::Client;
-use crate::device_session::{
-    CachedUpload, Documents, Merged, Outgoing, Step, chunk_changes, heads_of,
-};
+use crate::device_session::{CachedUpload, Documents, Merged, Outgoing, Step, merge_received};
 use crate::store::{DocWrite, SyncBatch};
 use crate::{Error, INLINE_MAX, Urgency};
 
@@ -100,43 +98,9 @@ impl Documents for PhoneDocs<'_> {
     }
 
     fn merge_bytes(&mut self, id: &DocId, bytes: &[u8], document: bool) -> Result<Merged, Error> {
-        let corrupt = |e: String| {
-            Error::Protocol(redline_proto::Error::BadSyncData {
-                doc: id.clone(),
-                reason: e,
-            })
-        };
         let mut docs = self.0.docs();
         let doc = self.0.load_or_genesis(&mut docs, id)?;
-        let before = doc.get_heads();
-        let heads;
-        if document {
-            // The relay's whole document: loaded, and this phone's own copy merged into
-            // it (only what the relay lacks is applied), far cheaper than applying the
-            // relay's changes to the phone's copy when the phone lacked most of them.
-            let mut loaded = Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?;
-            heads = loaded.get_heads();
-            loaded.merge(doc)?;
-            loaded.set_actor(doc.get_actor().clone());
-            *doc = loaded;
-        } else {
-            // One bundle, or several stored chunks one after another: every one is
-            // decoded, then all are applied at once.
-            let changes = chunk_changes(bytes).map_err(corrupt)?;
-            heads = heads_of(&changes);
-            doc.apply_changes(changes)?;
-        }
-        let new_changes = if doc.get_heads() == before {
-            0
-        } else {
-            // Metadata only: extracting the changes themselves costs like a save.
-            doc.get_changes_meta(&before).len() as u64
-        };
-        Ok(Merged {
-            new_changes,
-            missing_deps: !doc.get_missing_deps(&[]).is_empty(),
-            heads,
-        })
+        merge_received(id, doc, bytes, document)
     }
 
     fn copy(&mut self, id: &DocId) -> Result<Automerge, Error> {

@@ -14,7 +14,7 @@ use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, ChangeHash, ObjType, ROOT, ReadDoc, ScalarValue};
 use redline_client::Urgency;
 use redline_client::device_session::{
-    DeviceSession, Documents, Merged, Outgoing, Step, chunk_changes, heads_of,
+    DeviceSession, Documents, Merged, Outgoing, Step, merge_received,
 };
 use redline_proto::message::{Cursor, Hello, Subscription};
 use redline_proto::{DeviceId, DocId, MemberId, TeamId};
@@ -137,34 +137,8 @@ impl Documents for Store {
         bytes: &[u8],
         document: bool,
     ) -> Result<Merged, redline_client::Error> {
-        let corrupt = |e: String| redline_client::Error::Store(format!("{id}: {e}"));
-        let doc = self.doc_or_genesis(id);
-        let before = doc.get_heads();
-        // As the client does: the heads of what was applied are held by the relay.
-        let heads = if document {
-            // The relay's whole document loaded, this copy merged into it.
-            let mut loaded = Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?;
-            let heads = loaded.get_heads();
-            loaded.merge(doc).map_err(|e| corrupt(e.to_string()))?;
-            *doc = loaded;
-            heads
-        } else {
-            let changes = chunk_changes(bytes).map_err(corrupt)?;
-            let heads = heads_of(&changes);
-            doc.apply_changes(changes)
-                .map_err(|e| corrupt(e.to_string()))?;
-            heads
-        };
-        let new_changes = if doc.get_heads() == before {
-            0
-        } else {
-            doc.get_changes_meta(&before).len() as u64
-        };
-        Ok(Merged {
-            new_changes,
-            missing_deps: !doc.get_missing_deps(&[]).is_empty(),
-            heads,
-        })
+        // The client's own merge (the heads of what was applied are held by the relay).
+        merge_received(id, self.doc_or_genesis(id), bytes, document)
     }
 
     fn copy(&mut self, id: &DocId) -> Result<Automerge, redline_client::Error> {
