@@ -66,6 +66,35 @@ pub fn chunk_changes(bytes: &[u8]) -> Result<Vec<automerge::Change>, String> {
     Ok(changes)
 }
 
+/// Of the heads the relay is known to hold, those `doc` knows of (sorted): what a push
+/// builds on.
+pub fn known_held(doc: &Automerge, relay_has: &[ChangeHash]) -> Vec<ChangeHash> {
+    let mut known: Vec<ChangeHash> = relay_has
+        .iter()
+        .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+        .copied()
+        .collect();
+    known.sort();
+    known
+}
+
+/// The changes of `doc` after `known`, bundled, and how many; `None` when there are none.
+pub fn bundle_after(
+    id: &DocId,
+    doc: &Automerge,
+    known: &[ChangeHash],
+) -> Result<Option<(Arc<Vec<u8>>, u64)>, Error> {
+    let hashes: Vec<ChangeHash> = doc.get_changes(known).iter().map(|c| c.hash()).collect();
+    if hashes.is_empty() {
+        return Ok(None);
+    }
+    let changes = hashes.len() as u64;
+    let bundle = doc
+        .bundle(hashes)
+        .map_err(|e| Error::Store(format!("cannot bundle {id}: {e}")))?;
+    Ok(Some((Arc::new(bundle.bytes().to_vec()), changes)))
+}
+
 /// Merges `bytes` from the relay into the phone's copy `doc` of `id`: a whole saved
 /// document when `document` (loaded, and the phone's copy merged into it: only what the
 /// relay lacks is applied, far cheaper than applying the relay's changes when the phone

@@ -43,7 +43,8 @@ use redline_proto::wire::union_heads;
 use redline_proto::{DocId, ErrorCode};
 
 pub use documents::{
-    DirtyDoc, Documents, Merged, Outgoing, Step, chunk_changes, heads_of, merge_received,
+    DirtyDoc, Documents, Merged, Outgoing, Step, bundle_after, chunk_changes, heads_of, known_held,
+    merge_received,
 };
 pub use redline_proto::wire::INLINE_MAX;
 pub use report::SyncReport;

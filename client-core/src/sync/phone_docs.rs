@@ -2,14 +2,15 @@
 //! door.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use automerge::{Automerge, ChangeHash};
 use redline_proto::DocId;
 use tracing::debug;
 
 use crate::client::Client;
-use crate::device_session::{CachedUpload, Documents, Merged, Outgoing, Step, merge_received};
+use crate::device_session::{
+    CachedUpload, Documents, Merged, Outgoing, Step, bundle_after, known_held, merge_received,
+};
 use crate::store::{DocWrite, SyncBatch};
 use crate::{Error, INLINE_MAX, Urgency};
 
@@ -46,12 +47,7 @@ impl Documents for PhoneDocs<'_> {
         let Some(doc) = self.0.load(&mut docs, id)? else {
             return Ok(None);
         };
-        let mut known: Vec<ChangeHash> = relay_has
-            .iter()
-            .filter(|h| doc.get_change_meta_by_hash(h).is_some())
-            .copied()
-            .collect();
-        known.sort();
+        let known = known_held(doc, relay_has);
         let mut cache = self.0.inner.upload_cache.lock().expect("upload cache lock");
         if let Some(c) = cache
             .as_ref()
@@ -63,15 +59,9 @@ impl Documents for PhoneDocs<'_> {
                 urgency: self.0.urgency(id, doc),
             }));
         }
-        let hashes: Vec<ChangeHash> = doc.get_changes(&known).iter().map(|c| c.hash()).collect();
-        if hashes.is_empty() {
+        let Some((bytes, changes)) = bundle_after(id, doc, &known)? else {
             return Ok(None);
-        }
-        let changes = hashes.len() as u64;
-        let bundle = doc
-            .bundle(hashes)
-            .map_err(|e| Error::Store(format!("cannot bundle {id}: {e}")))?;
-        let bytes = Arc::new(bundle.bytes().to_vec());
+        };
         if bytes.len() > INLINE_MAX {
             *cache = Some(CachedUpload {
                 doc: id.clone(),

@@ -8,13 +8,12 @@
 //! the stored chunks, as the phone's store does on open.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, ChangeHash, ObjType, ROOT, ReadDoc, ScalarValue};
 use redline_client::Urgency;
 use redline_client::device_session::{
-    DeviceSession, Documents, Merged, Outgoing, Step, merge_received,
+    DeviceSession, Documents, Merged, Outgoing, Step, bundle_after, known_held, merge_received,
 };
 use redline_proto::message::{Cursor, Hello, Subscription};
 use redline_proto::{DeviceId, DocId, MemberId, TeamId};
@@ -101,25 +100,16 @@ impl Documents for Store {
         let Some(doc) = self.docs.get(id) else {
             return Ok(None);
         };
-        // What the relay is known to hold, as far as this copy knows of it.
-        let known: Vec<ChangeHash> = relay_has
-            .iter()
-            .filter(|h| doc.get_change_meta_by_hash(h).is_some())
-            .copied()
-            .collect();
-        let hashes: Vec<ChangeHash> = doc.get_changes(&known).iter().map(|c| c.hash()).collect();
-        if hashes.is_empty() {
-            return Ok(None);
-        }
-        let changes = hashes.len() as u64;
-        let bundle = doc
-            .bundle(hashes)
-            .map_err(|e| redline_client::Error::Store(format!("cannot bundle {id}: {e}")))?;
-        Ok(Some(Outgoing {
-            bytes: Arc::new(bundle.bytes().to_vec()),
-            changes,
-            urgency: Urgency::Normal,
-        }))
+        // As the client builds a push: on what the relay holds, as far as this copy
+        // knows of it.
+        let known = known_held(doc, relay_has);
+        Ok(
+            bundle_after(id, doc, &known)?.map(|(bytes, changes)| Outgoing {
+                bytes,
+                changes,
+                urgency: Urgency::Normal,
+            }),
+        )
     }
 
     fn held_back(
