@@ -1,7 +1,8 @@
 //! The deterministic simulation (`redline_tests::sim`) as tests: a budget of seeds of a
 //! small field day with loss, cuts, relay and phone crashes, old app versions and a
-//! forger, each checked for every invariant; a seed that replays exactly; and an
-//! injected bug (acknowledging before the flush) that the checks must catch.
+//! forger, each checked for every invariant; a seed that replays exactly; and two
+//! injected bugs (a relay acknowledging before its flush, a phone storing its cursor
+//! without the updates it applied) that the checks must catch.
 //!
 //! `REDLINE_SIM_SEEDS` sets the budget (default 100); the `sim` binary runs more and larger.
 
@@ -94,6 +95,30 @@ fn acknowledging_before_the_flush_is_caught() {
                 .any(|w| w.contains("acknowledged change") && w.contains("not on the relay")),
             "seed {} failed, but not on the lost acknowledged change: {f}",
             f.seed
+        );
+    }
+}
+
+#[test]
+fn a_phone_that_stores_its_cursor_without_the_updates_is_caught() {
+    let config = SimConfig {
+        bug: Some(Bug::CursorWithoutData),
+        ..ci_day()
+    };
+    let failures = run_seeds(vec![1, 2], &config);
+    assert_eq!(failures.len(), 2, "a seed missed the injected bug");
+    for f in &failures {
+        assert!(
+            f.what
+                .iter()
+                .any(|w| w.contains("stored copy") || w.contains("does not hold the relay's copy")),
+            "seed {} failed, but not on the phone's stored copy: {f}",
+            f.seed
+        );
+        assert!(
+            f.replay.contains("--bug cursor-without-data"),
+            "{}",
+            f.replay
         );
     }
 }

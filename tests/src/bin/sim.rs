@@ -1,7 +1,7 @@
 //! The deterministic simulation, seed after seed (see `redline_tests::sim`).
 //!
 //! `cargo run --release -p redline-tests --bin sim -- [--seeds N] [--seed S] [--phones N]
-//! [--ops N] [--loss P] [--relay-crashes N] [--bug ack-before-flush] [--json PATH]`
+//! [--ops N] [--loss P] [--relay-crashes N] [--bug ack-before-flush|cursor-without-data] [--json PATH]`
 //!
 //! Runs seeds `S..S+N` (one at a time, or on `--jobs` threads), prints one line per seed
 //! and a summary; the first failing seed is printed with the command that replays it,
@@ -48,7 +48,7 @@ struct Args {
     /// Share of phones on protocol version 1.
     #[arg(long, default_value_t = 0.25)]
     old_phones: f64,
-    /// Inject a bug (`ack-before-flush`) to see the checks catch it.
+    /// Inject a bug (`ack-before-flush`, `cursor-without-data`) to see the checks catch it.
     #[arg(long)]
     bug: Option<String>,
     /// Threads running seeds side by side.
@@ -63,8 +63,12 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bug = match args.bug.as_deref() {
         None => None,
-        Some("ack-before-flush") => Some(Bug::AckBeforeFlush),
-        Some(other) => anyhow::bail!("unknown bug {other:?} (known: ack-before-flush)"),
+        Some(name) => match Bug::named(name) {
+            Some(bug) => Some(bug),
+            None => {
+                anyhow::bail!("unknown bug {name:?} (known: ack-before-flush, cursor-without-data)")
+            }
+        },
     };
     let config = SimConfig {
         phones: args.phones,

@@ -97,6 +97,26 @@ impl Default for SimConfig {
 pub enum Bug {
     /// The relay's storage reports flushes it did not do: acks before durability.
     AckBeforeFlush,
+    /// The phone's store writes the cursor but not the updates it applied: after a
+    /// crash the phone lacks changes its cursor says it holds.
+    CursorWithoutData,
+}
+
+impl Bug {
+    /// The `sim --bug` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bug::AckBeforeFlush => "ack-before-flush",
+            Bug::CursorWithoutData => "cursor-without-data",
+        }
+    }
+
+    /// The bug called `name`, if there is one.
+    pub fn named(name: &str) -> Option<Self> {
+        [Bug::AckBeforeFlush, Bug::CursorWithoutData]
+            .into_iter()
+            .find(|b| b.name() == name)
+    }
 }
 
 /// What one seed did.
@@ -159,16 +179,31 @@ impl SimConfig {
             self.phone_crashes,
             self.old_phones
         );
-        if self.bug == Some(Bug::AckBeforeFlush) {
-            a.push_str(" --bug ack-before-flush");
+        if let Some(bug) = self.bug {
+            a.push_str(" --bug ");
+            a.push_str(bug.name());
         }
         a
     }
 }
 
-/// Runs one seed to quiescence and checks the invariants.
+/// Runs one seed to quiescence and checks the invariants. A panic inside the world (a
+/// broken assumption of the simulation or of the code it runs) is that seed's failure.
 pub fn run(seed: u64, config: &SimConfig) -> Result<SimReport, SimFailure> {
-    run_world(seed, config).map_err(|mut f| {
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_world(seed, config)))
+        .unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            Err(SimFailure {
+                seed,
+                what: vec![format!("the world panicked: {why}")],
+                replay: String::new(),
+            })
+        });
+    ran.map_err(|mut f| {
         f.replay = config.args();
         f
     })
@@ -321,6 +356,11 @@ impl World {
                 config.ops,
                 &mut rng,
             )?);
+        }
+        if config.bug == Some(Bug::CursorWithoutData) {
+            for p in &mut phones {
+                p.store.loses_updates = true;
+            }
         }
         let hostile = if config.hostile {
             let p = new_phone(
@@ -533,6 +573,13 @@ impl World {
             return;
         }
         let ledger = self.team_ledgers[i % self.team_ledgers.len()].clone();
+        if !self.phones[i].sees_own_writes(&ledger) {
+            // Reopened after a crash with its last write built on updates it had merged
+            // but not yet stored: the write waits in the store until the next sync
+            // brings them again. Its user waits for the app to show it.
+            self.at(Duration::from_secs(1), Event::Write(i));
+            return;
+        }
         let roll = self.rng.random_range(0..100);
         let amount = self.rng.random_range(1..6);
         let ms = self.change_time();

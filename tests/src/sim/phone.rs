@@ -43,6 +43,8 @@ pub struct Store {
     pub steps: u64,
     /// A stored cursor that went back within an epoch (never allowed).
     pub cursor_went_back: Vec<String>,
+    /// The injected bug: store steps keep the cursor but drop the updates applied.
+    pub loses_updates: bool,
 }
 
 impl Store {
@@ -151,6 +153,7 @@ impl Documents for Store {
             let chunks = self.chunks.entry(dirty.id.clone()).or_default();
             match dirty.received {
                 // Only updates changed it: what came, appended as it came.
+                Some(_) if !dirty.merged && self.loses_updates => {}
                 Some(bytes) if !dirty.merged => chunks.push(bytes),
                 // Changed by more (a whole document, a fallback's merge): the whole copy.
                 _ => *chunks = vec![doc.save()],
@@ -194,6 +197,8 @@ pub struct Phone {
     pub reference: Reference,
     /// Durable: the changes it wrote.
     pub written: BTreeSet<ChangeHash>,
+    /// Durable: its last write, per document.
+    pub last_write: BTreeMap<DocId, ChangeHash>,
     /// Operations still to write.
     pub ops_left: u32,
     /// Whether the network reaches it now.
@@ -232,6 +237,7 @@ impl Phone {
             store: Store::default(),
             reference: Reference::default(),
             written: BTreeSet::new(),
+            last_write: BTreeMap::new(),
             ops_left: ops,
             online: false,
             conn: None,
@@ -334,6 +340,7 @@ impl Phone {
             self.reference.tasks.insert(key, status);
         }
         self.written.insert(hash);
+        self.last_write.insert(ledger.clone(), hash);
         self.wrote = true;
         hash
     }
@@ -346,6 +353,18 @@ impl Phone {
             .relay_held
             .keys()
             .any(|id| !self.acknowledged(id).is_empty())
+    }
+
+    /// Whether `id` shows every change this phone wrote (the last one, on top of all the
+    /// others).
+    pub fn sees_own_writes(&self, id: &DocId) -> bool {
+        let Some(last) = self.last_write.get(id) else {
+            return true;
+        };
+        self.store
+            .docs
+            .get(id)
+            .is_some_and(|d| d.get_change_meta_by_hash(last).is_some())
     }
 
     /// The changes it wrote into `id` that the relay is durably known to hold.
