@@ -78,12 +78,13 @@ pub fn known_held(doc: &Automerge, relay_has: &[ChangeHash]) -> Vec<ChangeHash> 
     known
 }
 
-/// The changes of `doc` after `known`, bundled, and how many; `None` when there are none.
+/// The changes of `doc` after `known`, bundled as a push of normal urgency (the caller
+/// says how much the document matters); `None` when there are none.
 pub fn bundle_after(
     id: &DocId,
     doc: &Automerge,
     known: &[ChangeHash],
-) -> Result<Option<(Arc<Vec<u8>>, u64)>, Error> {
+) -> Result<Option<Outgoing>, Error> {
     let hashes: Vec<ChangeHash> = doc.get_changes(known).iter().map(|c| c.hash()).collect();
     if hashes.is_empty() {
         return Ok(None);
@@ -92,7 +93,11 @@ pub fn bundle_after(
     let bundle = doc
         .bundle(hashes)
         .map_err(|e| Error::Store(format!("cannot bundle {id}: {e}")))?;
-    Ok(Some((Arc::new(bundle.bytes().to_vec()), changes)))
+    Ok(Some(Outgoing {
+        bytes: Arc::new(bundle.bytes().to_vec()),
+        changes,
+        urgency: Urgency::Normal,
+    }))
 }
 
 /// Merges `bytes` from the relay into the phone's copy `doc` of `id`: a whole saved

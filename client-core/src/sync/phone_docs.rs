@@ -59,23 +59,20 @@ impl Documents for PhoneDocs<'_> {
                 urgency: self.0.urgency(id, doc),
             }));
         }
-        let Some((bytes, changes)) = bundle_after(id, doc, &known)? else {
+        let Some(mut out) = bundle_after(id, doc, &known)? else {
             return Ok(None);
         };
-        if bytes.len() > INLINE_MAX {
+        if out.bytes.len() > INLINE_MAX {
             *cache = Some(CachedUpload {
                 doc: id.clone(),
                 base: known,
                 heads: heads.to_vec(),
-                bytes: bytes.clone(),
-                changes,
+                bytes: out.bytes.clone(),
+                changes: out.changes,
             });
         }
-        Ok(Some(Outgoing {
-            bytes,
-            changes,
-            urgency: self.0.urgency(id, doc),
-        }))
+        out.urgency = self.0.urgency(id, doc);
+        Ok(Some(out))
     }
 
     fn held_back(

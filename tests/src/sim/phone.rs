@@ -105,13 +105,7 @@ impl Documents for Store {
         // As the client builds a push: on what the relay holds, as far as this copy
         // knows of it.
         let known = known_held(doc, relay_has);
-        Ok(
-            bundle_after(id, doc, &known)?.map(|(bytes, changes)| Outgoing {
-                bytes,
-                changes,
-                urgency: Urgency::Normal,
-            }),
-        )
+        bundle_after(id, doc, &known)
     }
 
     fn held_back(
