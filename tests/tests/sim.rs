@@ -80,45 +80,39 @@ fn a_seed_replays_exactly() {
     assert_ne!(first.digest, other.digest);
 }
 
-#[test]
-fn acknowledging_before_the_flush_is_caught() {
+/// Runs seeds 1 and 2 with `bug` injected: both must fail, each on a problem `names`
+/// recognises, with a replay command that injects the bug again.
+fn caught(bug: Bug, what: &str, names: impl Fn(&str) -> bool) {
     let config = SimConfig {
-        bug: Some(Bug::AckBeforeFlush),
+        bug: Some(bug),
         ..ci_day()
     };
     let failures = run_seeds(vec![1, 2], &config);
     assert_eq!(failures.len(), 2, "a seed missed the injected bug");
     for f in &failures {
         assert!(
-            f.what
-                .iter()
-                .any(|w| w.contains("acknowledged change") && w.contains("not on the relay")),
-            "seed {} failed, but not on the lost acknowledged change: {f}",
+            f.what.iter().any(|w| names(w)),
+            "seed {} failed, but not on {what}: {f}",
             f.seed
+        );
+        assert!(
+            f.replay.contains(&format!("--bug {}", bug.name())),
+            "{}",
+            f.replay
         );
     }
 }
 
 #[test]
+fn acknowledging_before_the_flush_is_caught() {
+    caught(Bug::AckBeforeFlush, "the lost acknowledged change", |w| {
+        w.contains("acknowledged change") && w.contains("not on the relay")
+    });
+}
+
+#[test]
 fn a_phone_that_stores_its_cursor_without_the_updates_is_caught() {
-    let config = SimConfig {
-        bug: Some(Bug::CursorWithoutData),
-        ..ci_day()
-    };
-    let failures = run_seeds(vec![1, 2], &config);
-    assert_eq!(failures.len(), 2, "a seed missed the injected bug");
-    for f in &failures {
-        assert!(
-            f.what
-                .iter()
-                .any(|w| w.contains("stored copy") || w.contains("does not hold the relay's copy")),
-            "seed {} failed, but not on the phone's stored copy: {f}",
-            f.seed
-        );
-        assert!(
-            f.replay.contains("--bug cursor-without-data"),
-            "{}",
-            f.replay
-        );
-    }
+    caught(Bug::CursorWithoutData, "the phone's stored copy", |w| {
+        w.contains("stored copy") || w.contains("does not hold the relay's copy")
+    });
 }
