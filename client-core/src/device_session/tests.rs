@@ -88,17 +88,11 @@ impl Documents for Phone {
         Ok(self.hold.clone())
     }
 
-    fn merge_bytes(&mut self, id: &DocId, bytes: &[u8], _: bool) -> Result<Merged, Error> {
+    fn merge_bytes(&mut self, id: &DocId, bytes: &[u8], document: bool) -> Result<Merged, Error> {
         self.merges += 1;
         let doc = self.docs.entry(id.clone()).or_default();
-        let before = doc.get_heads();
-        doc.load_incremental(bytes).expect("bundle");
-        let changes = chunk_changes(bytes).expect("bundle");
-        Ok(Merged {
-            new_changes: doc.get_changes_meta(&before).len() as u64,
-            missing_deps: !doc.get_missing_deps(&[]).is_empty(),
-            heads: super::documents::heads_of(&changes),
-        })
+        // The client's own merge, over a document in memory.
+        merge_received(id, doc, bytes, document)
     }
 
     fn copy(&mut self, id: &DocId) -> Result<Automerge, Error> {

@@ -14,7 +14,7 @@
 //!
 //! [`Documents`]: crate::device_session::Documents
 
-pub(crate) mod phone_docs;
+mod phone_docs;
 mod relays;
 mod wire;
 
