@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use automerge::transaction::Transactable;
-use automerge::{ActorId, Automerge, ChangeHash, ROOT, ReadDoc};
+use automerge::{ActorId, Automerge, ChangeHash, ROOT};
 use redline_proto::codec::{self, HEADER_LEN};
 use redline_proto::message::{Ack, Cursor, Hello, Message, Payload, Subscription, Update, Welcome};
 use redline_proto::session::hashes_to_wire;
