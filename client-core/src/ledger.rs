@@ -32,7 +32,7 @@ use serde::Serialize;
 
 use crate::Error;
 use crate::schema::{
-    Writer, child_map, child_maps, container, get_i64, get_str, new_key, optional_text,
+    Writer, child_map, child_maps, container, get_i64, get_str, new_key, numbers, optional_text,
     required_text, schema_of, set_members,
 };
 use crate::workflow::{self, Derived, StatusEntry, TaskStatus, Transition};
@@ -493,8 +493,7 @@ pub fn tally_totals(doc: &Automerge) -> Result<(Totals, BTreeMap<String, Totals>
     let mut by_member: BTreeMap<String, Totals> = BTreeMap::new();
     for (_device, per_device) in child_maps(doc, &container(doc, "tallies")?)? {
         for (member, counters) in child_maps(doc, &per_device)? {
-            for metric in doc.keys(&counters) {
-                let v = get_i64(doc, &counters, &metric)?.unwrap_or(0);
+            for (metric, v) in numbers(doc, &counters) {
                 *tallies.entry(metric.clone()).or_insert(0) += v;
                 *by_member
                     .entry(member.clone())

@@ -414,6 +414,16 @@ async fn drive(
                 .observe(greeted.elapsed().as_secs_f64());
         }
         wire.account(&driver.conn, &driver.relay);
+        // A timer that is already due (a live catch-up with no window left to wait) is
+        // fired here: through the runtime's timer wheel it would wait for the next
+        // millisecond tick, and a teammate's update with it.
+        let now = std::time::Instant::now();
+        if session.poll_timeout().is_some_and(|t| t <= now) {
+            session.handle_timeout(now);
+            if session.poll_timeout().is_none_or(|t| t > now) {
+                continue;
+            }
+        }
         let timer = session.poll_timeout().map(tokio::time::Instant::from_std);
         let input = tokio::select! {
             item = inputs.inbox.recv() => match item {
