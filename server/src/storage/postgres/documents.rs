@@ -104,44 +104,76 @@ impl Documents for PgStorage {
             flat(heads),
         );
         let mut writer = self.writer.lock().expect("writer lock");
-        let conn = self.open(&mut writer)?;
+        let open = writer.tx.clone();
+        let fresh = open.is_none();
+        let pool = self.pool.clone();
         let locked = writer.head;
         let name = doc.clone();
         let result = self.block(async move {
-            let c = conn;
-            // The head row, locked until this transaction commits: another relay's
-            // append waits here, so sequences are taken in commit order.
-            let head = match locked {
-                Some(h) => h,
-                None => {
+            let c = match open {
+                Some(c) => c,
+                None => Arc::new(pool.get().await?),
+            };
+            // One round trip: the transaction opens, the head row is locked and the
+            // document's last sequence read, pipelined on the connection.
+            let read = async {
+                let begin = async {
+                    if fresh {
+                        c.batch_execute("BEGIN").await?;
+                    }
+                    Ok::<_, Error>(())
+                };
+                // The head row, locked until this transaction commits: another relay's
+                // append waits here, so sequences are taken in commit order.
+                let head = async {
+                    if let Some(h) = locked {
+                        return Ok(h);
+                    }
                     let st = c
                         .prepare_cached("SELECT seq FROM redline_feed_head FOR UPDATE")
                         .await?;
-                    c.query_one(&st, &[]).await?.get::<_, i64>(0)
+                    Ok::<_, Error>(c.query_one(&st, &[]).await?.get::<_, i64>(0))
+                };
+                let last = async {
+                    let st = c
+                        .prepare_cached("SELECT last_seq FROM redline_docs WHERE doc = $1")
+                        .await?;
+                    Ok::<_, Error>(c.query_opt(&st, &[&doc]).await?.map_or(0, |r| r.get(0)))
+                };
+                let ((), head, last) = tokio::try_join!(begin, head, last)?;
+                if last != expected {
+                    return Ok((head, Err(Error::Conflict(doc.clone()))));
                 }
+                let seq = head + 1;
+                let raise = c
+                    .prepare_cached("UPDATE redline_feed_head SET seq = $1")
+                    .await?;
+                let by_seq: [&Param; 1] = [&seq];
+                let (raised, written) = tokio::join!(
+                    c.execute(&raise, &by_seq),
+                    write_commit(&c, &doc, seq, &chunk, &heads)
+                );
+                raised?;
+                written?;
+                Ok((seq, Ok(seq as u64)))
             };
-            let last = c
-                .prepare_cached("SELECT last_seq FROM redline_docs WHERE doc = $1")
-                .await?;
-            let last: i64 = c.query_opt(&last, &[&doc]).await?.map_or(0, |r| r.get(0));
-            if last != expected {
-                return Ok((head, Err(Error::Conflict(doc))));
+            match read.await {
+                Ok(outcome) => Ok((c, outcome)),
+                Err(e) => {
+                    if fresh {
+                        // Never back to the pool inside a transaction.
+                        let _ = c.batch_execute("ROLLBACK").await;
+                    }
+                    Err(e)
+                }
             }
-            let seq = head + 1;
-            let raise = c
-                .prepare_cached("UPDATE redline_feed_head SET seq = $1")
-                .await?;
-            let by_seq: [&Param; 1] = [&seq];
-            let (raised, written) = tokio::join!(
-                c.execute(&raise, &by_seq),
-                write_commit(&c, &doc, seq, &chunk, &heads)
-            );
-            raised?;
-            written?;
-            Ok((seq, Ok(seq as u64)))
         });
         match result {
-            Ok((head, outcome)) => {
+            Ok((conn, (head, outcome))) => {
+                if fresh {
+                    writer.tx = Some(conn);
+                    writer.opened = Some(std::time::Instant::now());
+                }
                 writer.head = Some(head);
                 if let Ok(seq) = outcome {
                     writer.appended = Some(seq as i64);
@@ -152,7 +184,7 @@ impl Documents for PgStorage {
                 outcome
             }
             Err(e) => {
-                if from_database(&e) {
+                if from_database(&e) && !fresh {
                     writer.abandon(self);
                 }
                 Err(e)
