@@ -115,7 +115,14 @@ impl Documents for PgStorage {
                 None => Arc::new(pool.get().await?),
             };
             // One round trip: the transaction opens, the head row is locked and the
-            // document's last sequence read, pipelined on the connection.
+            // document's last sequence read, pipelined on the connection. The backend
+            // runs them in the order sent, so the last sequence is read once the lock
+            // is held (after any other relay's commit): the statements are prepared
+            // first, and each query is sent when first polled, in this order.
+            let (lock, last) = tokio::try_join!(
+                c.prepare_cached("SELECT seq FROM redline_feed_head FOR UPDATE"),
+                c.prepare_cached("SELECT last_seq FROM redline_docs WHERE doc = $1"),
+            )?;
             let read = async {
                 let begin = async {
                     if fresh {
@@ -126,19 +133,13 @@ impl Documents for PgStorage {
                 // The head row, locked until this transaction commits: another relay's
                 // append waits here, so sequences are taken in commit order.
                 let head = async {
-                    if let Some(h) = locked {
-                        return Ok(h);
+                    match locked {
+                        Some(h) => Ok(h),
+                        None => Ok::<_, Error>(c.query_one(&lock, &[]).await?.get::<_, i64>(0)),
                     }
-                    let st = c
-                        .prepare_cached("SELECT seq FROM redline_feed_head FOR UPDATE")
-                        .await?;
-                    Ok::<_, Error>(c.query_one(&st, &[]).await?.get::<_, i64>(0))
                 };
                 let last = async {
-                    let st = c
-                        .prepare_cached("SELECT last_seq FROM redline_docs WHERE doc = $1")
-                        .await?;
-                    Ok::<_, Error>(c.query_opt(&st, &[&doc]).await?.map_or(0, |r| r.get(0)))
+                    Ok::<_, Error>(c.query_opt(&last, &[&doc]).await?.map_or(0, |r| r.get(0)))
                 };
                 let ((), head, last) = tokio::try_join!(begin, head, last)?;
                 if last != expected {
