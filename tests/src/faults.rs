@@ -358,6 +358,13 @@ impl<S: RelayStorage> Documents for FaultyStorage<S> {
     fn committed_feed(&self, after: u64) -> Result<(u64, Vec<(u64, DocId)>), Error> {
         self.inner.committed_feed(after)
     }
+    fn committed_feed_chunks(
+        &self,
+        after: u64,
+        most: u64,
+    ) -> Result<redline_server::storage::FeedRead, Error> {
+        self.inner.committed_feed_chunks(after, most)
+    }
     fn append_lost(&self, doc: &DocId, seq: u64) -> bool {
         self.inner.append_lost(doc, seq)
     }

@@ -241,6 +241,15 @@ async fn an_acknowledged_commit_is_already_in_the_relays_stable_feed() -> anyhow
         d2.get_heads(),
         "the other relay's commit is in this relay's copy"
     );
+    // It came with the follower's read of the feed: no read of its own.
+    let ahead = hub
+        .stats
+        .taken_ahead
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        ahead, 1,
+        "the other relay's commit taken in from the feed's read"
+    );
     Ok(())
 }
 

@@ -385,6 +385,7 @@ impl Hub {
         state: &mut SlotState,
     ) -> Result<(), Error> {
         let key = id.clone();
+        let followed = self.followed.load(Ordering::Acquire);
         let loaded = self
             .blocking(move |s| s.load(&key))
             .await
@@ -401,6 +402,7 @@ impl Hub {
                 if self.shared {
                     slot.included
                         .store(super::slots::UNKNOWN, Ordering::Release);
+                    *slot.others.lock().expect("others lock") = super::slots::Others::covered(0);
                     slot.stale.store(true, Ordering::Release);
                 }
                 return Err(e);
@@ -412,6 +414,8 @@ impl Hub {
             self.seq.lock().expect("seq lock").next()
         };
         slot.included.store(included, Ordering::Release);
+        // What storage held covers every commit up to what was followed before.
+        *slot.others.lock().expect("others lock") = super::slots::Others::covered(followed);
         *state = fresh;
         slot.stored_bytes.store(bytes, Ordering::Relaxed);
         Ok(())

@@ -10,7 +10,7 @@
 //! A relay's own commit right after what was followed needs no read: nothing of
 //! another relay lies below it ([`Hub::own_commit_flushed`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -25,6 +25,10 @@ use crate::Error;
 
 /// The feed's head is read at least this often.
 pub const REREAD: Duration = Duration::from_millis(500);
+
+/// A follower's read of at most this many entries brings their chunks along, for the
+/// cached documents they concern ([`super::slots::Others`]): a live commit or a few.
+const CHUNKS_WITH_AT_MOST: u64 = 64;
 
 /// Feed entries kept in memory for catch-ups ([`Recent`]).
 const RECENT_ENTRIES: usize = 16_384;
@@ -111,6 +115,10 @@ impl Recent {
     }
 }
 
+/// A commit in a follower's window: its sequence and, when read, its chunk and the
+/// document's heads after it.
+type Commit = (u64, Option<(Arc<Vec<u8>>, Vec<[u8; 32]>)>);
+
 /// Follows the shared feed until the hub is gone.
 pub(super) async fn follow(
     hub: Weak<Hub>,
@@ -146,8 +154,10 @@ impl Hub {
     /// documents other relays committed to as stale; then moves the stable sequence.
     async fn follow_feed(&self) -> Result<(), Error> {
         let known = self.followed.load(Ordering::Acquire);
-        let (head, entries) = self.blocking(move |s| s.committed_feed(known)).await?;
-        self.advance_followed(known, &entries, head);
+        let read = self
+            .blocking(move |s| s.committed_feed_chunks(known, CHUNKS_WITH_AT_MOST))
+            .await?;
+        self.advance_followed(known, &read.entries, read.head, read.chunks);
         Ok(())
     }
 
@@ -157,37 +167,74 @@ impl Hub {
     /// feed (a round trip to the database on the live path). Otherwise the follower,
     /// woken by the flush, reads what lies between.
     pub(super) fn own_commit_flushed(&self, seq: u64, doc: &DocId) {
+        // The one entry is this relay's own (its document's slot includes it): no
+        // chunk of another relay is missing from the window.
         if self.followed.load(Ordering::Acquire) + 1 == seq
-            && self.advance_followed(seq - 1, &[(seq, doc.clone())], seq)
+            && self.advance_followed(seq - 1, &[(seq, doc.clone())], seq, Some(Vec::new()))
         {
             self.stats.stable_at_once.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Takes the feed's entries after `known` up to `head` into account: marks the
-    /// cached documents other relays committed to as stale, keeps the entries for
-    /// catch-ups, then moves the stable sequence and wakes the sessions concerned. One
-    /// step at a time (under the recent entries' lock): the follower's read and a
-    /// relay's own flushed commit may both bring the same entries.
-    /// Returns whether it moved.
-    fn advance_followed(&self, known: u64, entries: &[(u64, DocId)], head: u64) -> bool {
+    /// cached documents other relays committed to as stale (handing them the chunks
+    /// read with the entries, `chunks` in the entries' order, where every one needed
+    /// came), keeps the entries for catch-ups, then moves the stable sequence and wakes
+    /// the sessions concerned. One step at a time (under the recent entries' lock):
+    /// the follower's read and a relay's own flushed commit may both bring the same
+    /// entries. Returns whether it moved.
+    fn advance_followed(
+        &self,
+        known: u64,
+        entries: &[(u64, DocId)],
+        head: u64,
+        chunks: Option<Vec<crate::storage::ChunkAndHeads>>,
+    ) -> bool {
         let mut recent = self.recent.lock().expect("recent lock");
         let now = self.followed.load(Ordering::Acquire);
         if head <= now || known > now {
             // Already taken (the other path was first), or entries are missing below.
             return false;
         }
-        let fresh: Vec<(u64, DocId)> = entries.iter().filter(|(s, _)| *s > now).cloned().collect();
+        let mut chunks: Option<Vec<Option<_>>> = chunks.map(|c| c.into_iter().map(Some).collect());
+        let mut by_doc: HashMap<&DocId, Vec<Commit>> = HashMap::new();
+        for (i, (seq, doc)) in entries.iter().enumerate() {
+            if *seq > now {
+                let chunk = chunks
+                    .as_mut()
+                    .and_then(|c| c.get_mut(i))
+                    .and_then(Option::take)
+                    .map(|(bytes, heads)| (Arc::new(bytes), heads));
+                by_doc.entry(doc).or_default().push((*seq, chunk));
+            }
+        }
         {
             let slots = self.slots.lock().expect("hub lock");
-            for (seq, doc) in &fresh {
-                if let Some(slot) = slots.get(doc)
-                    && slot.included.load(Ordering::Acquire) < *seq
-                {
+            for (id, slot) in slots.iter() {
+                let included = slot.included.load(Ordering::Acquire);
+                let others: Vec<Commit> = by_doc
+                    .get_mut(id)
+                    .map(|all| {
+                        std::mem::take(all)
+                            .into_iter()
+                            .filter(|(seq, _)| *seq > included)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let mine = others
+                    .iter()
+                    .map(|(seq, c)| c.as_ref().map(|(b, h)| (*seq, b.clone(), h.clone())))
+                    .collect::<Option<Vec<_>>>();
+                slot.others
+                    .lock()
+                    .expect("others lock")
+                    .extend(now, head, mine);
+                if !others.is_empty() {
                     slot.stale.store(true, Ordering::Release);
                 }
             }
         }
+        let fresh: Vec<(u64, DocId)> = entries.iter().filter(|(s, _)| *s > now).cloned().collect();
         recent.extend(now, &fresh, head);
         self.followed.store(head, Ordering::Release);
         drop(recent);

@@ -71,6 +71,9 @@ pub struct HubStats {
     pub conflicts: AtomicU64,
     /// Other relays' commits applied to cached documents (instead of reloading them).
     pub taken_in: AtomicU64,
+    /// Of those, commits taken in from the follower's read (with their chunks),
+    /// without a read of their own.
+    pub taken_ahead: AtomicU64,
     /// Shared feed: this relay's commits made stable as they flushed (every lower
     /// sequence already followed), without waiting for the follower's read.
     pub stable_at_once: AtomicU64,

@@ -32,6 +32,59 @@ pub struct DocSlot {
     /// Shared feed: another relay committed to the document after `included`; the next
     /// use reloads it.
     pub(super) stale: std::sync::atomic::AtomicBool,
+    /// Shared feed: other relays' commits the follower read with their chunks.
+    pub(super) others: Mutex<Others>,
+}
+
+/// Other relays' commits to a document, read by the feed's follower with their chunks
+/// ahead of the catch-up that takes them in: a live catch-up across relays then needs
+/// no read of its own.
+///
+/// Invariant: every other relay's commit to the document with a sequence after the
+/// slot's `included` and up to `upto` is in `chunks`. `upto` moves only over windows
+/// of the feed read whole (with every chunk) from `upto` on, or to a point a read of
+/// storage covered; a window read without chunks leaves it behind, and the take-in
+/// then reads storage as before.
+#[derive(Debug, Default)]
+pub(super) struct Others {
+    pub(super) upto: u64,
+    pub(super) chunks: Vec<HeldChunk>,
+}
+
+/// Another relay's commit held for a take-in: its sequence, chunk and the heads after it.
+pub(super) type HeldChunk = (u64, Arc<Vec<u8>>, Vec<[u8; 32]>);
+
+/// Bytes of other relays' chunks a slot keeps for its next take-in; past them it
+/// forgets them all and reads storage then (a cached document nobody asks for).
+const OTHERS_MAX_BYTES: usize = 1 << 20;
+
+impl Others {
+    /// Nothing kept; what storage held at `covered` is in the slot.
+    pub(super) fn covered(upto: u64) -> Self {
+        Self {
+            upto,
+            chunks: Vec::new(),
+        }
+    }
+
+    /// Takes in the window of the feed after `from` up to `head`, read whole:
+    /// `mine` holds this document's commits in it by other relays (sequence, chunk,
+    /// heads); `None` if one of them came without its chunk.
+    pub(super) fn extend(&mut self, from: u64, head: u64, mine: Option<Vec<HeldChunk>>) {
+        if self.upto < from {
+            return;
+        }
+        let Some(mine) = mine else { return };
+        for c in mine {
+            if c.0 > self.upto {
+                self.chunks.push(c);
+            }
+        }
+        self.upto = self.upto.max(head);
+        if self.chunks.iter().map(|c| c.1.len()).sum::<usize>() > OTHERS_MAX_BYTES {
+            *self = Self::covered(0);
+        }
+    }
 }
 
 /// The parsed document and how it is stored.
@@ -282,6 +335,7 @@ impl Hub {
                         stored_bytes: AtomicUsize::new(bytes),
                         included: AtomicU64::new(included),
                         stale: std::sync::atomic::AtomicBool::new(false),
+                        others: Mutex::new(Others::covered(followed)),
                     })
                 })
                 .clone()
@@ -313,9 +367,10 @@ impl Hub {
     }
 
     /// Applies the chunks other relays committed to the document since the slot's last
-    /// one, and logs them as commits (so catch-ups can ship them as they are); reloads
-    /// the whole document when that cannot be done (another relay compacted past it,
-    /// or the chunks do not apply).
+    /// one, and logs them as commits (so catch-ups can ship them as they are): those
+    /// the follower read with the feed when it has them all ([`Others`]), else read
+    /// from storage; reloads the whole document when that cannot be done (another
+    /// relay compacted past it, or the chunks do not apply).
     async fn take_in_others(
         &self,
         id: &DocId,
@@ -326,11 +381,33 @@ impl Hub {
         if after == UNKNOWN {
             return self.reload(id, slot, state).await;
         }
-        let key = id.clone();
-        let Some(chunks) = self.blocking(move |s| s.chunks_after(&key, after)).await? else {
-            return self.reload(id, slot, state).await;
+        let followed = self.followed.load(Ordering::Acquire);
+        let ahead = {
+            let mut others = slot.others.lock().expect("others lock");
+            (others.upto >= followed).then(|| {
+                let mut taken = std::mem::take(&mut others.chunks);
+                taken.retain(|(seq, _, _)| *seq > after);
+                taken
+            })
+        };
+        let from_feed = ahead.is_some();
+        let chunks = match ahead {
+            Some(chunks) => chunks,
+            None => {
+                let key = id.clone();
+                let Some(read) = self.blocking(move |s| s.chunks_after(&key, after)).await? else {
+                    return self.reload(id, slot, state).await;
+                };
+                read.into_iter()
+                    .map(|(seq, bytes, heads)| (seq, Arc::new(bytes), heads))
+                    .collect()
+            }
         };
         if chunks.is_empty() {
+            if !from_feed {
+                let mut others = slot.others.lock().expect("others lock");
+                others.upto = others.upto.max(followed);
+            }
             return Ok(());
         }
         let mut changes = Vec::new();
@@ -352,11 +429,23 @@ impl Hub {
         self.stats
             .taken_in
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        if from_feed {
+            self.stats
+                .taken_ahead
+                .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        }
         for (seq, hashes, bytes, heads) in entries {
             slot.stored_bytes.fetch_add(bytes.len(), Ordering::Relaxed);
             slot.included.store(seq, Ordering::Release);
             state.chunks += 1;
-            state.remember(seq, hashes, Arc::new(bytes), heads);
+            state.remember(seq, hashes, bytes, heads);
+        }
+        let included = slot.included.load(Ordering::Acquire);
+        let mut others = slot.others.lock().expect("others lock");
+        others.chunks.retain(|(seq, _, _)| *seq > included);
+        if !from_feed {
+            // Storage held every commit up to what was followed before the read.
+            others.upto = others.upto.max(followed);
         }
         Ok(())
     }
@@ -430,5 +519,42 @@ impl Hub {
         }
         let key = id.clone();
         self.blocking(move |s| s.exists(&key)).await
+    }
+}
+
+#[cfg(test)]
+mod others_tests {
+    use super::*;
+
+    fn held(seq: u64) -> HeldChunk {
+        (seq, Arc::new(vec![seq as u8; 4]), vec![[seq as u8; 32]])
+    }
+
+    /// Windows read whole, one after the other, keep every other relay's commit; a
+    /// window read without chunks, or one that does not start where the last ended,
+    /// leaves `upto` behind (the take-in reads storage then).
+    #[test]
+    fn only_windows_read_whole_and_in_turn_move_what_is_held() {
+        let mut o = Others::covered(10);
+        o.extend(10, 12, Some(vec![held(12)]));
+        o.extend(12, 13, Some(Vec::new()));
+        assert_eq!((o.upto, o.chunks.len()), (13, 1));
+        o.extend(13, 15, None);
+        assert_eq!(o.upto, 13, "a commit came without its chunk");
+        o.extend(15, 16, Some(vec![held(16)]));
+        assert_eq!((o.upto, o.chunks.len()), (13, 1), "a gap before the window");
+        // A window that overlaps what is held: only what lies after it is new.
+        let mut o = Others::covered(10);
+        o.extend(8, 12, Some(vec![held(9), held(11)]));
+        assert_eq!(o.upto, 12);
+        assert_eq!(o.chunks.iter().map(|c| c.0).collect::<Vec<_>>(), vec![11]);
+    }
+
+    #[test]
+    fn a_slot_nobody_reads_forgets_what_it_held_past_its_budget() {
+        let mut o = Others::covered(0);
+        let big = (1, Arc::new(vec![0u8; OTHERS_MAX_BYTES + 1]), Vec::new());
+        o.extend(0, 1, Some(vec![big]));
+        assert_eq!((o.upto, o.chunks.len()), (0, 0));
     }
 }

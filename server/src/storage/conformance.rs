@@ -85,6 +85,10 @@ pub fn run<H: Harness>(h: &mut H) {
             "shared feed: the committed feed leaves out the open transaction",
             committed_feed_is_flushed_only::<H>,
         ),
+        (
+            "shared feed: a short window comes with its chunks, as stored",
+            committed_feed_brings_short_windows_chunks::<H>,
+        ),
     ];
     let mut failed = Vec::new();
     for (name, check) in checks {
@@ -483,6 +487,58 @@ fn committed_feed_is_flushed_only<H: Harness>(h: &mut H) {
     );
     s.flush().unwrap();
     assert_eq!(s.committed_feed(1).unwrap(), (2, vec![(2, a.clone())]));
+}
+
+/// The follower's read with chunks: the same head and entries as `committed_feed`; on
+/// a shared backend, each entry's chunk and heads as `chunks_after` has them when the
+/// window holds at most `most` entries and all its chunks are stored, and none
+/// otherwise (never a window with some chunks missing).
+fn committed_feed_brings_short_windows_chunks<H: Harness>(h: &mut H) {
+    let s = h.fresh();
+    let (a, b) = (doc("households/z1"), doc("households/z2"));
+    if !s.shared() {
+        s.commit(&a, 1, b"c1", &[[1; 32]]).unwrap();
+        s.flush().unwrap();
+        let read = s.committed_feed_chunks(0, 64).unwrap();
+        assert_eq!((read.head, read.entries), s.committed_feed(0).unwrap());
+        return;
+    }
+    s.append(&a, 0, b"a1", &[[1; 32]]).unwrap();
+    s.append(&b, 0, b"b2", &[[2; 32]]).unwrap();
+    s.append(&a, 1, b"a3", &[[3; 32]]).unwrap();
+    s.flush().unwrap();
+    let read = s.committed_feed_chunks(0, 3).unwrap();
+    assert_eq!(
+        (read.head, read.entries.clone()),
+        s.committed_feed(0).unwrap()
+    );
+    let chunks = read.chunks.expect("a window of 3 with at most 3: chunks");
+    assert_eq!(
+        chunks,
+        vec![
+            (b"a1".to_vec(), vec![[1; 32]]),
+            (b"b2".to_vec(), vec![[2; 32]]),
+            (b"a3".to_vec(), vec![[3; 32]]),
+        ]
+    );
+    let stored = s.chunks_after(&a, 0).unwrap().unwrap();
+    assert_eq!(stored[1], (3, b"a3".to_vec(), vec![[3; 32]]));
+    let read = s.committed_feed_chunks(1, 2).unwrap();
+    assert_eq!(read.entries, vec![(2, b.clone()), (3, a.clone())]);
+    assert!(read.chunks.is_some());
+    // Longer than asked for: the entries alone.
+    let read = s.committed_feed_chunks(0, 2).unwrap();
+    assert_eq!(read.entries.len(), 3);
+    assert_eq!(read.chunks, None);
+    // A chunk folded into a snapshot is gone: the window comes without chunks.
+    s.compact(&a, b"snap", 3).unwrap();
+    s.flush().unwrap();
+    assert_eq!(s.committed_feed_chunks(0, 64).unwrap().chunks, None);
+    let read = s.committed_feed_chunks(3, 64).unwrap();
+    assert_eq!(
+        (read.head, read.entries, read.chunks),
+        (3, vec![], Some(vec![]))
+    );
 }
 
 fn torn_commits<H: Harness>(h: &mut H) {

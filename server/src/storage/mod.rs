@@ -71,6 +71,22 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 /// A commit's chunk as stored: its sequence, its bytes and the document's heads after it.
 pub type SeqChunk = (u64, Vec<u8>, Vec<[u8; 32]>);
 
+/// A commit's chunk and the document's heads after it.
+pub type ChunkAndHeads = (Vec<u8>, Vec<[u8; 32]>);
+
+/// The shared feed as the follower reads it ([`Documents::committed_feed_chunks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedRead {
+    /// The feed's head: every sequence up to it is committed.
+    pub head: u64,
+    /// The entries after the point read from, in order.
+    pub entries: Vec<(u64, DocId)>,
+    /// Each entry's chunk and the document's heads after it, in the entries' order;
+    /// `None` when the window was too long or a chunk is no longer stored (folded into
+    /// a snapshot): read them per document then ([`Documents::chunks_after`]).
+    pub chunks: Option<Vec<ChunkAndHeads>>,
+}
+
 /// Documents and the change feed.
 pub trait Documents {
     /// This database's epoch: random, fixed at creation. Device cursors carry it.
@@ -160,6 +176,19 @@ pub trait Documents {
     fn committed_feed(&self, after: u64) -> Result<(u64, Vec<(u64, DocId)>), Error> {
         let head = self.last_seq()?;
         Ok((head, self.feed(after, head)?))
+    }
+    /// [`committed_feed`](Self::committed_feed), with each entry's chunk when the
+    /// window holds at most `most` entries: the follower hands other relays' commits
+    /// to the documents it holds in memory, and a live catch-up across relays reads
+    /// nothing more. Backends without a shared feed: no chunks.
+    fn committed_feed_chunks(&self, after: u64, most: u64) -> Result<FeedRead, Error> {
+        let _ = most;
+        let (head, entries) = self.committed_feed(after)?;
+        Ok(FeedRead {
+            head,
+            entries,
+            chunks: None,
+        })
     }
     /// The heads of `doc` after the last commit with sequence `<= seq` (`None`: the
     /// document did not exist yet).

@@ -260,6 +260,49 @@ impl Documents for PgStorage {
         })
     }
 
+    fn committed_feed_chunks(&self, after: u64, most: u64) -> Result<FeedRead, Error> {
+        let after = seq_bound(after);
+        let most = seq_bound(most);
+        // One statement (one snapshot), apart from this relay's open transaction. The
+        // chunks are joined only over a short window (a live commit or a few).
+        self.apart(move |c| async move {
+            let st = c
+                .prepare_cached(
+                    "SELECT h.seq, f.seq, f.doc, c.chunk, f.heads FROM redline_feed_head h \
+                     LEFT JOIN redline_feed f ON f.seq > $1 AND f.seq <= h.seq \
+                     LEFT JOIN redline_chunks c ON c.doc = f.doc AND c.seq = f.seq \
+                       AND h.seq - $1 <= $2 \
+                     ORDER BY f.seq",
+                )
+                .await?;
+            let rows = c.query(&st, &[&after, &most]).await?;
+            let head = rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64);
+            let mut entries = Vec::with_capacity(rows.len());
+            let mut chunks = Some(Vec::with_capacity(rows.len()));
+            for r in &rows {
+                if let (Some(seq), Some(doc)) =
+                    (r.get::<_, Option<i64>>(1), r.get::<_, Option<&str>>(2))
+                {
+                    entries.push((seq as u64, DocId::parse(doc)?));
+                    let chunk: Option<Vec<u8>> = r.get(3);
+                    let heads: Option<&[u8]> = r.get(4);
+                    chunks = match (chunks, chunk, heads) {
+                        (Some(mut all), Some(chunk), Some(heads)) => {
+                            all.push((chunk, unflat(heads)));
+                            Some(all)
+                        }
+                        _ => None,
+                    };
+                }
+            }
+            Ok(FeedRead {
+                head,
+                entries,
+                chunks,
+            })
+        })
+    }
+
     fn compact(&self, doc: &DocId, snapshot: &[u8], covers: u64) -> Result<(), Error> {
         let (doc, snapshot, covers) = (
             doc.as_str().to_string(),

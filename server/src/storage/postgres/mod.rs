@@ -38,8 +38,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use redline_proto::{DeviceId, DocId};
 
 use super::{
-    ActorBindings, DeviceRecords, Documents, KeyValue, QuarantineStore, SeqChunk, StoredDoc,
-    Uploads, flat, unflat,
+    ActorBindings, DeviceRecords, Documents, FeedRead, KeyValue, QuarantineStore, SeqChunk,
+    StoredDoc, Uploads, flat, unflat,
 };
 use crate::Error;
 
