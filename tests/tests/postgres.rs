@@ -38,10 +38,17 @@ fn postgres_keeps_the_storage_contract() {
     let Some(pg) = TestPostgres::start_or_skip("postgres_keeps_the_storage_contract") else {
         return;
     };
-    conformance::run(&mut Postgres {
+    let mut harness = Postgres {
         pg: &pg,
         urls: HashMap::new(),
-    });
+    };
+    conformance::run(&mut harness);
+    // The two calls on the live path go the asynchronous way on PostgreSQL (the checks
+    // above hold that way and the blocking way).
+    use redline_server::storage::{Documents, conformance::Harness};
+    let store = harness.fresh();
+    assert!(store.committed_feed_chunks_async(0, 64).is_some());
+    assert!(store.flush_async().is_some());
 }
 
 /// Relay logs on stderr when `RUST_LOG` is set (for a failing run).

@@ -154,9 +154,16 @@ impl Hub {
     /// documents other relays committed to as stale; then moves the stable sequence.
     async fn follow_feed(&self) -> Result<(), Error> {
         let known = self.followed.load(Ordering::Acquire);
-        let read = self
-            .blocking(move |s| s.committed_feed_chunks(known, CHUNKS_WITH_AT_MOST))
-            .await?;
+        let read = match self
+            .storage
+            .committed_feed_chunks_async(known, CHUNKS_WITH_AT_MOST)
+        {
+            Some(read) => read.await?,
+            None => {
+                self.blocking(move |s| s.committed_feed_chunks(known, CHUNKS_WITH_AT_MOST))
+                    .await?
+            }
+        };
         self.advance_followed(known, &read.entries, read.head, read.chunks);
         Ok(())
     }

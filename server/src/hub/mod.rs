@@ -198,7 +198,9 @@ impl Hub {
                         hub.stats.flushes.fetch_add(1, Ordering::Relaxed);
                         let s = hub.storage.clone();
                         drop(hub);
-                        if s.blocks() {
+                        if let Some(flushed) = s.flush_async() {
+                            flushed.await.map_err(|e| e.to_string())
+                        } else if s.blocks() {
                             tokio::task::spawn_blocking(move || s.flush())
                                 .await
                                 .map_err(|e| e.to_string())

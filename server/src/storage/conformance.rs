@@ -89,6 +89,10 @@ pub fn run<H: Harness>(h: &mut H) {
             "shared feed: a short window comes with its chunks, as stored",
             committed_feed_brings_short_windows_chunks::<H>,
         ),
+        (
+            "an asynchronous flush is a flush, and its writes read back meanwhile",
+            asynchronous_flush::<H>,
+        ),
     ];
     let mut failed = Vec::new();
     for (name, check) in checks {
@@ -493,13 +497,31 @@ fn committed_feed_is_flushed_only<H: Harness>(h: &mut H) {
 /// a shared backend, each entry's chunk and heads as `chunks_after` has them when the
 /// window holds at most `most` entries and all its chunks are stored, and none
 /// otherwise (never a window with some chunks missing).
+/// [`Documents::committed_feed_chunks`], checked against its asynchronous form where
+/// the backend has one (both must answer alike).
+fn feed_chunks<S: Documents>(s: &S, after: u64, most: u64) -> super::FeedRead {
+    let read = s.committed_feed_chunks(after, most).unwrap();
+    if let Some(future) = s.committed_feed_chunks_async(after, most) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the asynchronous read");
+        let answer = runtime.block_on(future).unwrap();
+        assert_eq!(
+            answer, read,
+            "the asynchronous read answers as the blocking one"
+        );
+    }
+    read
+}
+
 fn committed_feed_brings_short_windows_chunks<H: Harness>(h: &mut H) {
     let s = h.fresh();
     let (a, b) = (doc("households/z1"), doc("households/z2"));
     if !s.shared() {
         s.commit(&a, 1, b"c1", &[[1; 32]]).unwrap();
         s.flush().unwrap();
-        let read = s.committed_feed_chunks(0, 64).unwrap();
+        let read = feed_chunks(&s, 0, 64);
         assert_eq!((read.head, read.entries), s.committed_feed(0).unwrap());
         return;
     }
@@ -507,7 +529,7 @@ fn committed_feed_brings_short_windows_chunks<H: Harness>(h: &mut H) {
     s.append(&b, 0, b"b2", &[[2; 32]]).unwrap();
     s.append(&a, 1, b"a3", &[[3; 32]]).unwrap();
     s.flush().unwrap();
-    let read = s.committed_feed_chunks(0, 3).unwrap();
+    let read = feed_chunks(&s, 0, 3);
     assert_eq!(
         (read.head, read.entries.clone()),
         s.committed_feed(0).unwrap()
@@ -523,22 +545,61 @@ fn committed_feed_brings_short_windows_chunks<H: Harness>(h: &mut H) {
     );
     let stored = s.chunks_after(&a, 0).unwrap().unwrap();
     assert_eq!(stored[1], (3, b"a3".to_vec(), vec![[3; 32]]));
-    let read = s.committed_feed_chunks(1, 2).unwrap();
+    let read = feed_chunks(&s, 1, 2);
     assert_eq!(read.entries, vec![(2, b.clone()), (3, a.clone())]);
     assert!(read.chunks.is_some());
     // Longer than asked for: the entries alone.
-    let read = s.committed_feed_chunks(0, 2).unwrap();
+    let read = feed_chunks(&s, 0, 2);
     assert_eq!(read.entries.len(), 3);
     assert_eq!(read.chunks, None);
     // A chunk folded into a snapshot is gone: the window comes without chunks.
     s.compact(&a, b"snap", 3).unwrap();
     s.flush().unwrap();
-    assert_eq!(s.committed_feed_chunks(0, 64).unwrap().chunks, None);
-    let read = s.committed_feed_chunks(3, 64).unwrap();
+    assert_eq!(feed_chunks(&s, 0, 64).chunks, None);
+    let read = feed_chunks(&s, 3, 64);
     assert_eq!(
         (read.head, read.entries, read.chunks),
         (3, vec![], Some(vec![]))
     );
+}
+
+fn asynchronous_flush<H: Harness>(h: &mut H) {
+    let (a, b) = (doc("households/z1"), doc("households/z2"));
+    let s = h.fresh();
+    let write = |d: &DocId, expected: u64, seq: u64, chunk: &[u8]| {
+        if s.shared() {
+            s.append(d, expected, chunk, &[[seq as u8; 32]]).unwrap()
+        } else {
+            s.commit(d, seq, chunk, &[[seq as u8; 32]]).unwrap();
+            seq
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for the asynchronous flush");
+    write(&a, 0, 1, b"a1");
+    let Some(flushing) = s.flush_async() else {
+        // Only backends with asynchronous IO have one; the rest flush the blocking way.
+        s.flush().unwrap();
+        return;
+    };
+    // The commit runs whether or not its answer is awaited yet: what it holds reads
+    // back at once, the next write joins a new transaction, a blocking flush covers
+    // both.
+    assert_eq!(s.load(&a).unwrap().unwrap().chunks, vec![b"a1".to_vec()]);
+    let seq = write(&b, 0, 2, b"b2");
+    assert_eq!(seq, 2, "the next write takes the next sequence");
+    s.flush().unwrap();
+    runtime.block_on(flushing).unwrap();
+    // Nothing written since: an asynchronous flush answers at once.
+    if let Some(nothing) = s.flush_async() {
+        runtime.block_on(nothing).unwrap();
+    }
+    let s = h.restart(s);
+    assert_eq!(s.last_seq().unwrap(), 2);
+    assert_eq!(s.load(&b).unwrap().unwrap().chunks, vec![b"b2".to_vec()]);
+    assert!(!s.append_lost(&a, 1) && !s.append_lost(&b, 2));
 }
 
 fn torn_commits<H: Harness>(h: &mut H) {

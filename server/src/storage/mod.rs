@@ -74,6 +74,10 @@ pub type SeqChunk = (u64, Vec<u8>, Vec<[u8; 32]>);
 /// A commit's chunk and the document's heads after it.
 pub type ChunkAndHeads = (Vec<u8>, Vec<[u8; 32]>);
 
+/// A storage call's answer as a future (backends whose IO is asynchronous underneath).
+pub type StorageFuture<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, Error>> + Send + 'static>>;
+
 /// The shared feed as the follower reads it ([`Documents::committed_feed_chunks`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FeedRead {
@@ -160,6 +164,13 @@ pub trait Documents {
     }
     /// Makes every write before it durable, of every concern.
     fn flush(&self) -> Result<(), Error>;
+    /// [`flush`](Self::flush) as a future, for backends whose IO is asynchronous
+    /// underneath: the hub's flusher awaits it on the relay's runtime (no blocking
+    /// thread between it and the database's answer, on the live path of every commit).
+    /// `None`: call the blocking method (also when the backend cannot start one now).
+    fn flush_async(&self) -> Option<StorageFuture<()>> {
+        None
+    }
     /// Feed entries with `after < seq <= upto`, in order.
     fn feed(&self, after: u64, upto: u64) -> Result<Vec<(u64, DocId)>, Error>;
     /// Shared backends: the chunks of `doc` committed after sequence `after`, in order,
@@ -189,6 +200,19 @@ pub trait Documents {
             entries,
             chunks: None,
         })
+    }
+    /// [`committed_feed_chunks`](Self::committed_feed_chunks) as a future, for backends
+    /// whose IO is asynchronous underneath (a network database): the follower awaits it
+    /// on the relay's runtime, where the blocking call would hand it to a blocking
+    /// thread that hands it on to the client's runtime (two thread wake-ups each way on
+    /// the live path across relays). `None`: call the blocking method.
+    fn committed_feed_chunks_async(
+        &self,
+        after: u64,
+        most: u64,
+    ) -> Option<StorageFuture<FeedRead>> {
+        let _ = (after, most);
+        None
     }
     /// The heads of `doc` after the last commit with sequence `<= seq` (`None`: the
     /// document did not exist yet).

@@ -179,7 +179,10 @@ impl Documents for PgStorage {
                 if let Ok(seq) = outcome {
                     writer.appended = Some(seq as i64);
                     let key = (name, seq);
-                    writer.lost_appends.remove(&key);
+                    self.lost_appends
+                        .lock()
+                        .expect("lost appends lock")
+                        .remove(&key);
                     writer.appends.push(key);
                 }
                 outcome
@@ -199,8 +202,13 @@ impl Documents for PgStorage {
 
     fn append_lost(&self, doc: &DocId, seq: u64) -> bool {
         let key = (doc.as_str().to_string(), seq);
-        let mut writer = self.writer.lock().expect("writer lock");
-        writer.lost_appends.remove(&key) || writer.appends.contains(&key)
+        let writer = self.writer.lock().expect("writer lock");
+        let lost = self
+            .lost_appends
+            .lock()
+            .expect("lost appends lock")
+            .remove(&key);
+        lost || writer.appends.contains(&key)
     }
 
     fn chunks_after(&self, doc: &DocId, after: u64) -> Result<Option<Vec<SeqChunk>>, Error> {
@@ -261,46 +269,15 @@ impl Documents for PgStorage {
     }
 
     fn committed_feed_chunks(&self, after: u64, most: u64) -> Result<FeedRead, Error> {
-        let after = seq_bound(after);
-        let most = seq_bound(most);
-        // One statement (one snapshot), apart from this relay's open transaction. The
-        // chunks are joined only over a short window (a live commit or a few).
-        self.apart(move |c| async move {
-            let st = c
-                .prepare_cached(
-                    "SELECT h.seq, f.seq, f.doc, c.chunk, f.heads FROM redline_feed_head h \
-                     LEFT JOIN redline_feed f ON f.seq > $1 AND f.seq <= h.seq \
-                     LEFT JOIN redline_chunks c ON c.doc = f.doc AND c.seq = f.seq \
-                       AND h.seq - $1 <= $2 \
-                     ORDER BY f.seq",
-                )
-                .await?;
-            let rows = c.query(&st, &[&after, &most]).await?;
-            let head = rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64);
-            let mut entries = Vec::with_capacity(rows.len());
-            let mut chunks = Some(Vec::with_capacity(rows.len()));
-            for r in &rows {
-                if let (Some(seq), Some(doc)) =
-                    (r.get::<_, Option<i64>>(1), r.get::<_, Option<&str>>(2))
-                {
-                    entries.push((seq as u64, DocId::parse(doc)?));
-                    let chunk: Option<Vec<u8>> = r.get(3);
-                    let heads: Option<&[u8]> = r.get(4);
-                    chunks = match (chunks, chunk, heads) {
-                        (Some(mut all), Some(chunk), Some(heads)) => {
-                            all.push((chunk, unflat(heads)));
-                            Some(all)
-                        }
-                        _ => None,
-                    };
-                }
-            }
-            Ok(FeedRead {
-                head,
-                entries,
-                chunks,
-            })
-        })
+        self.block(feed_with_chunks(self.pool.clone(), after, most))
+    }
+
+    fn committed_feed_chunks_async(
+        &self,
+        after: u64,
+        most: u64,
+    ) -> Option<StorageFuture<FeedRead>> {
+        Some(self.spawned(feed_with_chunks(self.pool.clone(), after, most)))
     }
 
     fn compact(&self, doc: &DocId, snapshot: &[u8], covers: u64) -> Result<(), Error> {
@@ -332,16 +309,14 @@ impl Documents for PgStorage {
     }
 
     fn flush(&self) -> Result<(), Error> {
-        let mut writer = self.writer.lock().expect("writer lock");
+        let mut writer = self.settled();
         let committed = self.commit_open(&mut writer);
-        if std::mem::take(&mut writer.lost) {
-            return Err(Error::Storage(
-                "a write failed since the last flush; PostgreSQL rolled back the writes \
-                 made before it"
-                    .into(),
-            ));
-        }
+        lost_or_ok(std::mem::take(&mut writer.lost))?;
         committed
+    }
+
+    fn flush_async(&self) -> Option<StorageFuture<()>> {
+        self.inner.flush_async()
     }
 
     fn feed(&self, after: u64, upto: u64) -> Result<Vec<(u64, DocId)>, Error> {
@@ -434,4 +409,44 @@ async fn write_commit(
         c.execute(&new_entry, &p_entry),
     )?;
     Ok(())
+}
+
+/// The follower's read ([`Documents::committed_feed_chunks`]): one statement (one
+/// snapshot) on any pooled connection, apart from this relay's open transaction. The
+/// chunks are joined only over a short window (a live commit or a few).
+async fn feed_with_chunks(pool: Pool, after: u64, most: u64) -> Result<FeedRead, Error> {
+    let (after, most) = (seq_bound(after), seq_bound(most));
+    let c = pool.get().await?;
+    let st = c
+        .prepare_cached(
+            "SELECT h.seq, f.seq, f.doc, c.chunk, f.heads FROM redline_feed_head h \
+             LEFT JOIN redline_feed f ON f.seq > $1 AND f.seq <= h.seq \
+             LEFT JOIN redline_chunks c ON c.doc = f.doc AND c.seq = f.seq \
+               AND h.seq - $1 <= $2 \
+             ORDER BY f.seq",
+        )
+        .await?;
+    let rows = c.query(&st, &[&after, &most]).await?;
+    let head = rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64);
+    let mut entries = Vec::with_capacity(rows.len());
+    let mut chunks = Some(Vec::with_capacity(rows.len()));
+    for r in &rows {
+        if let (Some(seq), Some(doc)) = (r.get::<_, Option<i64>>(1), r.get::<_, Option<&str>>(2)) {
+            entries.push((seq as u64, DocId::parse(doc)?));
+            let chunk: Option<Vec<u8>> = r.get(3);
+            let heads: Option<&[u8]> = r.get(4);
+            chunks = match (chunks, chunk, heads) {
+                (Some(mut all), Some(chunk), Some(heads)) => {
+                    all.push((chunk, unflat(heads)));
+                    Some(all)
+                }
+                _ => None,
+            };
+        }
+    }
+    Ok(FeedRead {
+        head,
+        entries,
+        chunks,
+    })
 }

@@ -39,7 +39,7 @@ use redline_proto::{DeviceId, DocId};
 
 use super::{
     ActorBindings, DeviceRecords, Documents, FeedRead, KeyValue, QuarantineStore, SeqChunk,
-    StoredDoc, Uploads, flat, unflat,
+    StorageFuture, StoredDoc, Uploads, flat, unflat,
 };
 use crate::Error;
 
@@ -138,9 +138,49 @@ struct Writer {
     opened: Option<std::time::Instant>,
     /// Documents and sequences this transaction appended.
     appends: Vec<(String, u64)>,
-    /// Appends of transactions that were rolled back or whose commit failed, until
-    /// their appender asks ([`Documents::append_lost`]).
-    lost_appends: std::collections::HashSet<(String, u64)>,
+    /// The transaction an asynchronous flush took and is committing: reads and other
+    /// flushes wait for it (its writes are not visible to other connections yet).
+    committing: Option<Arc<Committing>>,
+}
+
+/// Appends of transactions that were rolled back or whose commit failed, until their
+/// appender asks ([`Documents::append_lost`]). Locked after the writer, never before.
+type LostAppends = Mutex<std::collections::HashSet<(String, u64)>>;
+
+/// A commit in flight without the writer's lock ([`Documents::flush_async`]).
+#[derive(Default)]
+struct Committing {
+    done: Mutex<bool>,
+    finished: std::sync::Condvar,
+}
+
+impl Committing {
+    fn is_done(&self) -> bool {
+        *self.done.lock().expect("commit lock")
+    }
+
+    fn wait(&self) {
+        let mut done = self.done.lock().expect("commit lock");
+        while !*done {
+            done = self.finished.wait(done).expect("commit lock");
+        }
+    }
+
+    fn finish(&self) {
+        *self.done.lock().expect("commit lock") = true;
+        self.finished.notify_all();
+    }
+}
+
+/// Marks its commit finished when dropped: when the commit ends, and also when its
+/// task is dropped unfinished (the client's runtime shut down), so nobody waits on it
+/// for ever.
+struct FinishOnDrop(Arc<Committing>);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
 }
 
 impl Writer {
@@ -152,7 +192,11 @@ impl Writer {
         self.appended = None;
         self.opened = None;
         let appends = std::mem::take(&mut self.appends);
-        self.lost_appends.extend(appends);
+        storage
+            .lost_appends
+            .lock()
+            .expect("lost appends lock")
+            .extend(appends);
         if let Some(conn) = self.tx.take() {
             // On a dead connection this fails at once; the pool then drops it.
             let _ = storage.block(async move {
@@ -176,6 +220,7 @@ pub struct Inner {
     handle: tokio::runtime::Handle,
     pool: Pool,
     writer: Mutex<Writer>,
+    lost_appends: LostAppends,
     epoch: u64,
     target: String,
     /// The schema version found at connect (before migrating).
@@ -196,6 +241,35 @@ const IDLE_COMMIT: Duration = Duration::from_millis(200);
 /// Whether `e` came from PostgreSQL itself (the transaction is then aborted).
 fn from_database(e: &Error) -> bool {
     matches!(e, Error::Postgres(_) | Error::PostgresPool(_))
+}
+
+/// Commits the transaction open on `conn`, announcing `appended` (the last sequence
+/// it appended) to every relay: NOTIFY is transactional, delivered when (and only if)
+/// the commit is.
+async fn commit(conn: Arc<Object>, appended: Option<i64>) -> Result<(), Error> {
+    match appended {
+        Some(seq) => {
+            conn.batch_execute(&format!(
+                "SELECT pg_notify('{}', '{seq}'); COMMIT",
+                schema::FEED_CHANNEL
+            ))
+            .await?
+        }
+        None => conn.batch_execute("COMMIT").await?,
+    }
+    Ok(())
+}
+
+/// A flush's answer when the writes since the last one were `lost` (or not).
+fn lost_or_ok(lost: bool) -> Result<(), Error> {
+    if lost {
+        return Err(Error::Storage(
+            "a write failed since the last flush; PostgreSQL rolled back the writes made \
+             before it"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The first key after every key that starts with `prefix` (`None`: there is none).
@@ -338,6 +412,7 @@ impl PgStorage {
             handle: runtime.handle().clone(),
             pool,
             writer: Mutex::new(Writer::default()),
+            lost_appends: LostAppends::default(),
             epoch: 0,
             target,
             found: 0,
@@ -443,6 +518,19 @@ impl Inner {
             .map_err(|_| Error::Storage("the PostgreSQL client stopped".into()))?
     }
 
+    /// Runs `fut` on the client's runtime and answers with its result as a future (for
+    /// callers on an async runtime: no blocking thread in between).
+    fn spawned<R: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<R, Error>> + Send + 'static,
+    ) -> StorageFuture<R> {
+        let task = self.handle.spawn(fut);
+        Box::pin(async move {
+            task.await
+                .map_err(|_| Error::Storage("the PostgreSQL client stopped".into()))?
+        })
+    }
+
     /// The open transaction's connection, opening one if none is.
     fn open(&self, writer: &mut Writer) -> Result<Arc<Object>, Error> {
         if let Some(c) = &writer.tx {
@@ -459,6 +547,22 @@ impl Inner {
         Ok(c)
     }
 
+    /// The writer, once no asynchronous flush is committing (its writes are then
+    /// visible, and a flush after it covers them).
+    fn settled(&self) -> std::sync::MutexGuard<'_, Writer> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        while let Some(c) = writer.committing.clone() {
+            if c.is_done() {
+                writer.committing = None;
+            } else {
+                drop(writer);
+                c.wait();
+                writer = self.writer.lock().expect("writer lock");
+            }
+        }
+        writer
+    }
+
     /// Commits the open transaction, if any (announcing what it appended).
     fn commit_open(&self, writer: &mut Writer) -> Result<(), Error> {
         let Some(conn) = writer.tx.take() else {
@@ -468,32 +572,64 @@ impl Inner {
         writer.head = None;
         writer.opened = None;
         let appends = std::mem::take(&mut writer.appends);
-        let committed = self.block(async move {
-            match appended {
-                // NOTIFY is transactional: delivered when (and only if) the commit is.
-                Some(seq) => {
-                    conn.batch_execute(&format!(
-                        "SELECT pg_notify('{}', '{seq}'); COMMIT",
-                        schema::FEED_CHANNEL
-                    ))
-                    .await?
-                }
-                None => conn.batch_execute("COMMIT").await?,
-            }
-            Ok(())
-        });
+        let committed = self.block(commit(conn, appended));
         if committed.is_err() {
             // The commit's fate is unknown: count its appends as lost (their retry
             // finds them stored if they were).
-            writer.lost_appends.extend(appends);
+            self.lost_appends
+                .lock()
+                .expect("lost appends lock")
+                .extend(appends);
         }
         committed
+    }
+
+    /// [`Documents::flush`] without holding the writer's lock while the commit runs
+    /// (`None`: a write or another commit is under way; flush the blocking way). The
+    /// transaction is taken at once: writes after it open the next one (an append
+    /// waits for this commit on the feed's head row), reads and other flushes wait for
+    /// it ([`Self::settled`]). The commit runs on the client's runtime to its end even
+    /// if the answer is no longer awaited.
+    fn flush_async(self: &Arc<Self>) -> Option<StorageFuture<()>> {
+        let mut writer = self.writer.try_lock().ok()?;
+        if let Some(c) = &writer.committing {
+            if !c.is_done() {
+                return None;
+            }
+            writer.committing = None;
+        }
+        let lost = std::mem::take(&mut writer.lost);
+        let Some(conn) = writer.tx.take() else {
+            return Some(Box::pin(std::future::ready(lost_or_ok(lost))));
+        };
+        let appended = writer.appended.take();
+        writer.head = None;
+        writer.opened = None;
+        let appends = std::mem::take(&mut writer.appends);
+        let committing = Arc::new(Committing::default());
+        writer.committing = Some(committing.clone());
+        drop(writer);
+        let inner = self.clone();
+        let finished = FinishOnDrop(committing);
+        Some(self.spawned(async move {
+            let committed = commit(conn, appended).await;
+            if committed.is_err() {
+                inner
+                    .lost_appends
+                    .lock()
+                    .expect("lost appends lock")
+                    .extend(appends);
+            }
+            drop(finished);
+            lost_or_ok(lost)?;
+            committed
+        }))
     }
 
     /// Commits a transaction that stayed open for [`IDLE_COMMIT`] without a flush
     /// (device records, upload touches): a failure is reported by the next flush.
     fn commit_if_idle(&self) {
-        let mut writer = self.writer.lock().expect("writer lock");
+        let mut writer = self.settled();
         if writer.opened.is_some_and(|t| t.elapsed() >= IDLE_COMMIT)
             && self.commit_open(&mut writer).is_err()
         {
@@ -543,7 +679,7 @@ impl Inner {
         F: FnOnce(Arc<Object>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<R, Error>> + Send + 'static,
     {
-        let mut writer = self.writer.lock().expect("writer lock");
+        let mut writer = self.settled();
         if let Some(c) = writer.tx.clone() {
             let r = self.block(op(c));
             if let Err(e) = &r
