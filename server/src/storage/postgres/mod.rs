@@ -19,7 +19,10 @@
 //!
 //! **Blocking.** The storage traits block (the hub calls them on tokio's blocking
 //! threads). The asynchronous client runs on a small runtime of its own; each call hands
-//! it a future and waits for the answer, so calling from any thread is safe.
+//! it a future and waits for the answer, so calling from any thread is safe. The two
+//! calls on the live path (the follower's read, the flush) also come as futures the hub
+//! awaits on its own runtime; the asynchronous flush commits without the writer's lock
+//! ([`Inner::settled`] says who waits for it).
 
 mod documents;
 mod listen;
