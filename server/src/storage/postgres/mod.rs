@@ -22,7 +22,7 @@
 //! it a future and waits for the answer, so calling from any thread is safe. The two
 //! calls on the live path (the follower's read, the flush) also come as futures the hub
 //! awaits on its own runtime; the asynchronous flush commits without the writer's lock
-//! ([`Inner::settled`] says who waits for it).
+//! (`Inner::settled` says who waits for it).
 
 mod documents;
 mod listen;
