@@ -146,6 +146,8 @@ pub struct FieldDayResult {
     pub relay_peak_rss_bytes: u64,
     pub live_p50_ms: f64,
     pub live_p99_ms: f64,
+    /// Probes the live figures are taken over.
+    pub live_samples: u64,
     pub noop_reconnect_bytes: u64,
     pub noop_reconnect_round_trips: u64,
     pub local_write_p50_us: f64,
@@ -717,6 +719,7 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
         relay_peak_rss_bytes: 0,
         live_p50_ms: 0.0,
         live_p99_ms: 0.0,
+        live_samples: 0,
         noop_reconnect_bytes: 0,
         noop_reconnect_round_trips: 0,
         local_write_p50_us: percentile(&write_us, 0.5),
@@ -840,6 +843,7 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
     result.whole_documents = relay.stop().await?;
     result.live_p50_ms = percentile(&live_ms, 0.5);
     result.live_p99_ms = percentile(&live_ms, 0.99);
+    result.live_samples = live_ms.len() as u64;
     result.noop_reconnect_bytes = again.bytes_sent + again.bytes_received;
     result.noop_reconnect_round_trips = u64::from(again.round_trips);
     Ok(result)
@@ -1143,7 +1147,10 @@ pub fn table(r: &FieldDayResult) -> String {
         ),
         (
             "live p50 / p99",
-            format!("{:.1} / {:.1} ms", r.live_p50_ms, r.live_p99_ms),
+            format!(
+                "{:.1} / {:.1} ms ({} probes)",
+                r.live_p50_ms, r.live_p99_ms, r.live_samples
+            ),
             "target p99 <= 10 ms".into(),
         ),
         (
@@ -1185,6 +1192,7 @@ pub fn worst(runs: &[FieldDayResult]) -> anyhow::Result<serde_json::Value> {
         "docs",
         "changes",
         "device_applied_changes",
+        "live_samples",
     ];
     for r in &runs[1..] {
         let v = serde_json::to_value(r)?;
@@ -1289,6 +1297,7 @@ mod tests {
             relay_peak_rss_bytes: 100,
             live_p50_ms: 5.0,
             live_p99_ms: p99,
+            live_samples: 100,
             noop_reconnect_bytes: 354,
             noop_reconnect_round_trips: 1,
             local_write_p50_us: 400.0,
