@@ -72,6 +72,14 @@ fn device(c: &mut Criterion) {
         })
     });
 
+    // What a lead's totals screen reads on every change of such days.
+    group.bench_function("day_totals_of_5000_increment_day", |b| {
+        b.iter(|| ana.day_totals(&team, &day).unwrap())
+    });
+    group.bench_function("day_totals_of_5000_change_mixed_day", |b| {
+        b.iter(|| mixed.day_totals(&team, &day).unwrap())
+    });
+
     // A teammate's 200 changes on the same day, as the relay would bundle them.
     let base_dir = tempfile::tempdir().unwrap();
     let (base, _, _) = busy_day(base_dir.path(), 50);
