@@ -32,10 +32,12 @@ use crate::Error;
 use crate::authorship::Author;
 use crate::hub::bundle_changes;
 
+mod admission;
 mod bucket;
 mod catch_up;
 mod peer;
 
+pub use admission::{Admitting, Question, Step};
 pub use bucket::Bucket;
 use peer::error_msg;
 pub use peer::{
