@@ -1,5 +1,6 @@
 //! The Redline relay: devices connect over QUIC (TLS 1.3, ALPN `redline/1`), sync their
-//! documents, and the relay keeps every document durably in sled.
+//! documents, and the relay keeps every document durably (sled embedded, or PostgreSQL
+//! shared by several relays).
 //!
 //! - [`config`]: the relay's typed configuration, limits and defaults;
 //! - [`auth`]: the token key, token issuance and the revocation list;
@@ -8,11 +9,14 @@
 //! - [`intake`]: the one door for device bytes (guard, no documents, `catch_unwind`);
 //! - [`authorship`]: a change may name only the token that pushes it;
 //! - [`door`]: connection seats per token and per address, QUIC Retry under load;
-//! - [`storage`]: the storage trait and its sled implementation;
+//! - [`storage`]: the storage traits and their sled, memory and PostgreSQL implementations;
 //! - [`hub`]: the documents the relay holds, loaded on demand;
+//! - [`session`]: the relay's side of one device connection without IO (its admission
+//!   rule and upload streams included);
 //! - [`relay`]: the QUIC endpoint, accept loop and shutdown;
 //! - [`metrics`]: Prometheus metrics and the `/metrics` + `/health` HTTP endpoint;
-//! - `connection`: one device connection, driving [`redline_proto::session::RelaySession`].
+//! - `connection`: one device connection over QUIC, driving a [`session::Session`] (and
+//!   the in-process loopback the simulation drives).
 //!
 //! The invariant everything serves: an [`Ack`](redline_proto::message::Ack) goes out only
 //! after the document it acknowledges is flushed to disk.

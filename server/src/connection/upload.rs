@@ -1,10 +1,6 @@
-//! One resumable upload on its own stream.
-//!
-//! The device names the upload (`Upload`: document, length, id = hash of the bytes,
-//! heads), the relay answers the offset it already holds, the device sends pieces from
-//! there and the relay acknowledges each once flushed. When every byte is held, the
-//! bytes go through the same intake, admission and commit as a push, and the stream
-//! ends with the push's answer.
+//! The QUIC driver of one resumable upload stream: performs the steps
+//! `session::UploadStream` decides (reads and writes on the stream, the staging of
+//! pieces, the flush, the commit) and feeds their results back.
 //!
 //! A cut connection leaves the staged pieces on the relay; the device resumes on a new
 //! connection. The newest stream of an upload takes it over ([`Staging`]): the stream of
@@ -14,9 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{RecvStream, SendStream};
-use redline_proto::message::{Ack, Message, Upload, UploadOffset};
-use redline_proto::session::{hashes_from_wire, hashes_to_wire};
-use redline_proto::wire::transfer_id;
+use redline_proto::message::Message;
 use redline_proto::{DocId, ErrorCode};
 
 use super::RateLimit;
@@ -27,7 +21,10 @@ use crate::config::RelayConfig;
 use crate::hub::bundle_changes;
 #[cfg(doc)]
 use crate::hub::staging::Staging;
-use crate::session::{Admission, Known, Outcome, Verdict, forbidden, held_entry, reply};
+use crate::session::{
+    Admission, Known, Outcome, Staged, UploadAction, UploadInput, UploadLimits, UploadStream,
+    Verdict, held_entry, reply,
+};
 use crate::state::RelayState;
 
 /// What an upload stream needs from its connection.
@@ -66,7 +63,8 @@ impl Stream {
     }
 }
 
-/// Runs one upload stream to its end.
+/// Runs one upload stream to its end: performs `UploadStream`'s actions and feeds
+/// their results back.
 pub(super) async fn upload(
     send: SendStream,
     recv: RecvStream,
@@ -79,166 +77,105 @@ pub(super) async fn upload(
         idle: ctx.config.limits.stream_idle_timeout,
         write_timeout: ctx.config.limits.write_timeout,
     };
-    let up = opening(&mut stream, &ctx).await?;
-    if let Some(answer) = refusal(&ctx, &up).await? {
-        return stream.answer(&answer).await;
-    }
-    let device = ctx.who.author.device.to_string();
-    let key = format!("{device}|{}", hex::encode(up.id)).into_bytes();
-    let ticket = Ticket::take(&ctx.relay, key).await?;
-    let quota = ctx.config.quotas.staged_bytes_per_device;
-    let staged = ticket.staged_bytes().await?;
-    if staged.saturating_add(up.len.saturating_sub(ticket.have)) > quota {
-        ctx.relay.metrics.quota_refused("staged_bytes_per_device");
-        let text = format!(
-            "this phone has {staged} bytes of unfinished uploads on the relay; with this one it would pass the limit of {quota} (unfinished uploads expire)"
-        );
-        let refused = error_msg(ErrorCode::QUOTA_EXCEEDED, text, Some(up.doc));
-        return stream.answer(&refused).await;
-    }
-    let have = ticket.have;
-    stream
-        .write(&Message::UploadOffset(UploadOffset { id: up.id, have }))
-        .await?;
-    if let Some(answer) = receive(&mut stream, &ctx, &up, &ticket).await? {
-        return stream.answer(&answer).await;
-    }
-    let Some(bytes) = ticket.bytes().await? else {
-        return stream.answer(&superseded(&up.doc)).await;
+    let limits = UploadLimits {
+        max_document_bytes: ctx.config.max_document_bytes,
+        staged_bytes_per_device: ctx.config.quotas.staged_bytes_per_device,
     };
-    let reply = commit(&ctx, &up, bytes).await;
-    ticket.finish().await;
-    stream.answer(&reply).await
-}
-
-/// Reads the stream's first message, which must be an `Upload`.
-async fn opening(stream: &mut Stream, ctx: &UploadCtx) -> Result<Upload, Error> {
-    let first = stream.read().await;
-    if let Err(e @ (Error::Refused { .. } | Error::Protocol(_))) = &first {
-        let (code, text) = match e {
-            Error::Refused { code, text } => (*code, text.clone()),
-            Error::Protocol(p) => (p.code(), p.to_string()),
-            _ => unreachable!("matched above"),
+    let mut machine = UploadStream::new(ctx.who.scope.clone(), limits);
+    let mut ticket: Option<Ticket> = None;
+    while let Some(action) = machine.poll_action() {
+        let input = match action {
+            UploadAction::Read => match stream.read().await {
+                Ok(Some(msg)) => {
+                    ctx.rate.check()?;
+                    UploadInput::Message(msg)
+                }
+                Ok(None) => UploadInput::Ended(None),
+                Err(Error::Refused { code, text }) => UploadInput::Ended(Some((code, text))),
+                Err(Error::Protocol(p)) => UploadInput::Ended(Some((p.code(), p.to_string()))),
+                Err(e) => return Err(e),
+            },
+            UploadAction::DeviceHolds(doc, heads) => {
+                ctx.known.add(&doc, &heads);
+                continue;
+            }
+            UploadAction::CheckHeld(doc, heads) => held(&ctx.relay, &doc, &heads).await?,
+            UploadAction::Take(id) => {
+                let device = ctx.who.author.device.to_string();
+                let key = format!("{device}|{}", hex::encode(id)).into_bytes();
+                let t = Ticket::take(&ctx.relay, key).await?;
+                let input = UploadInput::Taken {
+                    have: t.have,
+                    staged: t.staged_bytes().await?,
+                };
+                ticket = Some(t);
+                input
+            }
+            UploadAction::Send(msg) => {
+                stream.write(&msg).await?;
+                continue;
+            }
+            UploadAction::Stage { offset, data } => {
+                let quota = ctx.config.quotas.staged_bytes_per_device;
+                UploadInput::Staged(taken(&ticket)?.stage(offset, data, quota).await?)
+            }
+            UploadAction::Flush => {
+                ctx.relay.hub.flush().await?;
+                UploadInput::Flushed
+            }
+            UploadAction::ReadBytes => UploadInput::Bytes(taken(&ticket)?.bytes().await?),
+            UploadAction::Commit(doc, bytes) => {
+                UploadInput::Committed(commit(&ctx, doc, bytes).await)
+            }
+            UploadAction::DropStaged => {
+                if let Some(t) = ticket.take() {
+                    t.finish().await;
+                }
+                continue;
+            }
+            UploadAction::QuotaRefused(quota) => {
+                ctx.relay.metrics.quota_refused(quota);
+                continue;
+            }
+            UploadAction::Answer(msg) => return stream.answer(&msg).await,
+            UploadAction::Fail(e) => {
+                let _ = stream.send.finish();
+                return Err(e);
+            }
         };
-        let _ = stream.write(&error_msg(code, text.clone(), None)).await;
-        let _ = stream.send.finish();
-        return Err(Error::Refused { code, text });
+        machine.handle(input);
     }
-    ctx.rate.check()?;
-    match first? {
-        Some(Message::Upload(up)) => Ok(up),
-        _ => {
-            let text = "a stream must start with an upload";
-            let _ = stream
-                .write(&error_msg(ErrorCode::PROTOCOL_VIOLATION, text, None))
-                .await;
-            Err(Error::Refused {
-                code: ErrorCode::PROTOCOL_VIOLATION,
-                text: text.into(),
-            })
-        }
-    }
+    Err(Error::Storage(
+        "upload stream stopped without an answer".into(),
+    ))
 }
 
-/// The answer that ends an upload before any piece: not this device's document, too
-/// large, or already committed (the ack of an earlier attempt was lost).
-async fn refusal(ctx: &UploadCtx, up: &Upload) -> Result<Option<Message>, Error> {
-    if !ctx.who.scope.can_write(&up.doc) {
-        return Ok(Some(forbidden(&up.doc)));
-    }
-    if up.len > ctx.config.max_document_bytes {
-        let text = format!(
-            "upload of {} bytes exceeds the limit of {}",
-            up.len, ctx.config.max_document_bytes
-        );
-        return Ok(Some(error_msg(
-            ErrorCode::TOO_LARGE,
-            text,
-            Some(up.doc.clone()),
-        )));
-    }
-    // The device holds what it uploads: never send it back.
-    let pushed = hashes_from_wire(&up.heads);
-    ctx.known.add(&up.doc, &pushed);
-    if pushed.is_empty() {
-        return Ok(None);
-    }
-    let slot = ctx.relay.hub.slot(&up.doc).await?;
+/// The ticket of a stream that took its upload over.
+fn taken(ticket: &Option<Ticket>) -> Result<&Ticket, Error> {
+    ticket
+        .as_ref()
+        .ok_or_else(|| Error::Storage("an upload step before the upload was taken over".into()))
+}
+
+/// Whether the relay holds every one of `heads` of `doc`, and its heads of it.
+async fn held(
+    relay: &Arc<RelayState>,
+    doc: &DocId,
+    heads: &[automerge::ChangeHash],
+) -> Result<UploadInput, Error> {
+    let slot = relay.hub.slot(doc).await?;
     let state = slot.lock().await;
-    let committed = pushed
+    let all = heads
         .iter()
         .all(|h| state.doc.get_change_meta_by_hash(h).is_some());
-    let heads = hashes_to_wire(&state.doc.get_heads());
+    let now = state.doc.get_heads();
     drop(state);
-    ctx.relay.hub.release(slot);
-    Ok(committed.then(|| {
-        Message::Ack(Ack {
-            doc: up.doc.clone(),
-            heads,
-            applied: 0,
-        })
-    }))
-}
-
-/// Receives pieces until every byte is staged. `Some` is the answer that ends the
-/// stream early (quota reached, or a newer stream took the upload over).
-async fn receive(
-    stream: &mut Stream,
-    ctx: &UploadCtx,
-    up: &Upload,
-    ticket: &Ticket,
-) -> Result<Option<Message>, Error> {
-    let quota = ctx.config.quotas.staged_bytes_per_device;
-    let mut have = ticket.have;
-    while have < up.len {
-        let Some(Message::Piece(p)) = stream.read().await? else {
-            return Err(Error::connection_lost("upload stream ended early"));
-        };
-        ctx.rate.check()?;
-        if p.id != up.id
-            || p.offset != have
-            || p.data.len() > redline_proto::message::MAX_PIECE
-            || have + p.data.len() as u64 > up.len
-        {
-            let text = "piece out of place";
-            stream
-                .write(&error_msg(
-                    ErrorCode::BAD_TRANSFER,
-                    text,
-                    Some(up.doc.clone()),
-                ))
-                .await?;
-            return Err(Error::connection_lost("bad piece"));
-        }
-        let n = p.data.len() as u64;
-        match ticket.stage(p.offset, p.data, quota).await? {
-            Staged::Stored => {}
-            Staged::OverQuota => {
-                ctx.relay.metrics.quota_refused("staged_bytes_per_device");
-                let text = format!(
-                    "this phone's unfinished uploads on the relay reached the limit of {quota} bytes (unfinished uploads expire)"
-                );
-                let doc = Some(up.doc.clone());
-                return Ok(Some(error_msg(ErrorCode::QUOTA_EXCEEDED, text, doc)));
-            }
-            Staged::Superseded => return Ok(Some(superseded(&up.doc))),
-        }
-        ctx.relay.hub.flush().await?;
-        have += n;
-        stream
-            .write(&Message::UploadOffset(UploadOffset { id: up.id, have }))
-            .await?;
-    }
-    Ok(None)
+    relay.hub.release(slot);
+    Ok(UploadInput::Held { all, heads: now })
 }
 
 /// Admits and commits (or holds) the uploaded bytes: the answer to the device.
-async fn commit(ctx: &UploadCtx, up: &Upload, bytes: Vec<u8>) -> Message {
-    let doc = up.doc.clone();
-    if transfer_id(&bytes) != up.id {
-        let text = "upload bytes do not match their id";
-        return error_msg(ErrorCode::BAD_TRANSFER, text, Some(doc));
-    }
+async fn commit(ctx: &UploadCtx, doc: DocId, bytes: Vec<u8>) -> Message {
     let changes = match bundle_changes(&bytes) {
         Ok(c) => c,
         Err(e) => return error_msg(ErrorCode::BAD_DOCUMENT_DATA, e, Some(doc)),
@@ -274,22 +211,6 @@ async fn commit(ctx: &UploadCtx, up: &Upload, bytes: Vec<u8>) -> Message {
             reply(doc, committed.map(Outcome::Committed))
         }
     }
-}
-
-/// The answer to a stream whose upload a newer stream took over.
-fn superseded(doc: &DocId) -> Message {
-    error_msg(
-        ErrorCode::BAD_TRANSFER,
-        "a newer connection of this phone took this upload over",
-        Some(doc.clone()),
-    )
-}
-
-/// What storing one piece came to.
-enum Staged {
-    Stored,
-    OverQuota,
-    Superseded,
 }
 
 /// This stream's ownership of one upload key; released when dropped.

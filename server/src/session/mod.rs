@@ -16,8 +16,10 @@
 //! resync; otherwise the documents changed in the window, each sent inline, announced
 //! for later, or as a transfer, and the known heads that make the next window small).
 //!
-//! Still in the driver, to move here next: the steps of an upload stream and of the
-//! Automerge-sync fallback ([`Action::Resync`], [`Action::AcceptUpload`]).
+//! The admission rule ([`Admitting`]) and the steps of an upload stream
+//! ([`UploadStream`]) are without IO here too; the driver answers their questions. The
+//! Automerge-sync fallback's steps ([`Action::Resync`]) are `redline-proto`'s
+//! `RelayResync`, fed by the driver.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -36,6 +38,7 @@ mod admission;
 mod bucket;
 mod catch_up;
 mod peer;
+mod upload;
 
 pub use admission::{Admitting, Question, Step};
 pub use bucket::Bucket;
@@ -44,6 +47,7 @@ pub use peer::{
     Admission, IN_FLIGHT, KNOWN_HEADS, Known, Outcome, Peer, PushWork, Verdict, forbidden,
     held_entry, refusal, refusal_code, reply,
 };
+pub use upload::{Staged, UploadAction, UploadInput, UploadLimits, UploadStream};
 
 /// Live fan-out catches a device up at most once per this window: the first move of
 /// the stable sequence after a quiet window at once, the moves that follow it within
