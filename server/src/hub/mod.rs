@@ -15,7 +15,7 @@
 //!   about stable sequences, so a cursor never skips a commit still in flight.
 //! - **Live fan-out.** When the stable sequence moves, only the sessions whose
 //!   subscription covers a document that became stable are woken ([`fanout`]); the
-//!   last entries of the feed stay in memory ([`follow::Recent`]), so a live catch-up
+//!   last entries of the feed stay in memory (`follow::Recent`), so a live catch-up
 //!   lists its window without a storage read.
 
 mod apply;

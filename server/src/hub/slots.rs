@@ -221,7 +221,7 @@ impl SlotState {
 
 impl DocSlot {
     /// Locks the document (the Automerge-sync fallback path); persist with
-    /// [`Hub::persist_new`] before unlocking.
+    /// `Hub::persist_new` before unlocking.
     pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, SlotState> {
         self.state.lock().await
     }
