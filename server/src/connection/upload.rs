@@ -55,6 +55,22 @@ impl Stream {
         write_message(&mut self.send, msg, self.max_frame, self.write_timeout).await
     }
 
+    /// The device's next message as the upload's input: a frame that cannot be read
+    /// (too large, undecodable) ends the upload with the words for it; a lost stream or
+    /// a message over the connection's rate is an error.
+    async fn next_input(&mut self, rate: &RateLimit) -> Result<UploadInput, Error> {
+        Ok(match self.read().await {
+            Ok(Some(msg)) => {
+                rate.check()?;
+                UploadInput::Message(msg)
+            }
+            Ok(None) => UploadInput::Ended(None),
+            Err(Error::Refused { code, text }) => UploadInput::Ended(Some((code, text))),
+            Err(Error::Protocol(p)) => UploadInput::Ended(Some((p.code(), p.to_string()))),
+            Err(e) => return Err(e),
+        })
+    }
+
     /// Writes the stream's last message and finishes it.
     async fn answer(mut self, msg: &Message) -> Result<(), Error> {
         self.write(msg).await?;
@@ -85,16 +101,7 @@ pub(super) async fn upload(
     let mut ticket: Option<Ticket> = None;
     while let Some(action) = machine.poll_action() {
         let input = match action {
-            UploadAction::Read => match stream.read().await {
-                Ok(Some(msg)) => {
-                    ctx.rate.check()?;
-                    UploadInput::Message(msg)
-                }
-                Ok(None) => UploadInput::Ended(None),
-                Err(Error::Refused { code, text }) => UploadInput::Ended(Some((code, text))),
-                Err(Error::Protocol(p)) => UploadInput::Ended(Some((p.code(), p.to_string()))),
-                Err(e) => return Err(e),
-            },
+            UploadAction::Read => stream.next_input(&ctx.rate).await?,
             UploadAction::DeviceHolds(doc, heads) => {
                 ctx.known.add(&doc, &heads);
                 continue;

@@ -34,6 +34,60 @@ pub struct Window<'a> {
 /// A window of at least this many changes may be answered with the whole document.
 pub const WHOLE_MIN_CHANGES: usize = 256;
 
+/// A device's catch-up from the commit log: what was committed in the window `w`, less
+/// the device's own: the whole document when it lacks most of it, else the window's
+/// stored chunks, else one bundle made for it.
+fn from_log(
+    state: &mut super::slots::SlotState,
+    w: &Window<'_>,
+    counts: &BlockCounts,
+) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
+    // What the device holds once it has the window: the heads after its last
+    // commit, not the document's now (it may hold commits past the window that
+    // the device is not sent yet; claiming them would hide them from a later
+    // catch-up that works from what the device holds).
+    let Some(heads) = state
+        .log
+        .iter()
+        .rev()
+        .find(|e| e.seq > w.after && e.seq <= w.upto)
+        .map(|e| e.heads.clone())
+    else {
+        return Ok(None);
+    };
+    let in_window = |e: &&LogEntry| e.seq > w.after && e.seq <= w.upto;
+    if w.chunks && lacks_most(state, in_window, w.own, &heads) {
+        counts
+            .whole
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Ok(Some((Payload::Document(state.saved().to_vec()), heads)));
+    }
+    if w.chunks {
+        let from = state.log.iter().position(|e| in_window(&e)).unwrap_or(0);
+        let to = from + state.log.iter().skip(from).take_while(in_window).count();
+        match super::blocks::ship(state, from..to, w.own, counts)? {
+            Shipped::Nothing => return Ok(None),
+            Shipped::Pieces(bytes) => return Ok(Some((Payload::Bundle(bytes), heads))),
+            // Cut too finely: one bundle made for the device, as below.
+            Shipped::TooFine => {}
+        }
+    }
+    let mut seen = HashSet::new();
+    let hashes: Vec<ChangeHash> = state
+        .log
+        .iter()
+        .filter(in_window)
+        .flat_map(|e| e.hashes.iter())
+        .filter(|h| !w.own.contains(h) && seen.insert(**h))
+        .copied()
+        .collect();
+    if hashes.is_empty() {
+        return Ok(None);
+    }
+    let bundle = make_bundle(&state.doc, hashes)?;
+    Ok(Some((Payload::Bundle(bundle), heads)))
+}
+
 /// Whether a device lacks most of a document over a window that ends at the
 /// document's heads: then the whole document is sent. Most means at least
 /// [`WHOLE_MIN_CHANGES`] changes and three quarters of the document's changes, and the
@@ -133,50 +187,7 @@ impl Hub {
         if let Some(w) = window
             && w.after.saturating_add(1) >= state.log_floor
         {
-            // What the device holds once it has the window: the heads after its last
-            // commit, not the document's now (it may hold commits past the window that
-            // the device is not sent yet; claiming them would hide them from a later
-            // catch-up that works from what the device holds).
-            let Some(heads) = state
-                .log
-                .iter()
-                .rev()
-                .find(|e| e.seq > w.after && e.seq <= w.upto)
-                .map(|e| e.heads.clone())
-            else {
-                return Ok(None);
-            };
-            let in_window = |e: &&LogEntry| e.seq > w.after && e.seq <= w.upto;
-            if w.chunks && lacks_most(&mut state, in_window, w.own, &heads) {
-                counts
-                    .whole
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Ok(Some((Payload::Document(state.saved().to_vec()), heads)));
-            }
-            if w.chunks {
-                let from = state.log.iter().position(|e| in_window(&e)).unwrap_or(0);
-                let to = from + state.log.iter().skip(from).take_while(in_window).count();
-                match super::blocks::ship(&mut state, from..to, w.own, counts)? {
-                    Shipped::Nothing => return Ok(None),
-                    Shipped::Pieces(bytes) => return Ok(Some((Payload::Bundle(bytes), heads))),
-                    // Cut too finely: one bundle made for the device, as below.
-                    Shipped::TooFine => {}
-                }
-            }
-            let mut seen = HashSet::new();
-            let hashes: Vec<ChangeHash> = state
-                .log
-                .iter()
-                .filter(in_window)
-                .flat_map(|e| e.hashes.iter())
-                .filter(|h| !w.own.contains(h) && seen.insert(**h))
-                .copied()
-                .collect();
-            if hashes.is_empty() {
-                return Ok(None);
-            }
-            let bundle = make_bundle(&state.doc, hashes)?;
-            return Ok(Some((Payload::Bundle(bundle), heads)));
+            return from_log(&mut state, &w, counts);
         }
         let have_set = hash_set(have);
         if heads.iter().all(|h| have_set.contains(h)) {
