@@ -72,9 +72,16 @@ fn device(c: &mut Criterion) {
         })
     });
 
-    // What a lead's totals screen reads on every change of such days.
+    // What a lead's totals screen reads on every change of such days: read again
+    // unchanged, and read after each write (kept totals move by the write's patches).
     group.bench_function("day_totals_of_5000_increment_day", |b| {
         b.iter(|| ana.day_totals(&team, &day).unwrap())
+    });
+    group.bench_function("write_then_day_totals_on_5000_increment_day", |b| {
+        b.iter(|| {
+            ana.add_to_tally(&team, &day, "samples_taken", 1).unwrap();
+            ana.day_totals(&team, &day).unwrap()
+        })
     });
     group.bench_function("day_totals_of_5000_change_mixed_day", |b| {
         b.iter(|| mixed.day_totals(&team, &day).unwrap())

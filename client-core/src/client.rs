@@ -29,6 +29,8 @@ pub(crate) struct Inner {
     pub(crate) config: ClientConfig,
     /// Parsed documents, loaded on first use. Local writes and sync merges go through it.
     docs: Mutex<HashMap<DocId, Automerge>>,
+    /// Tally totals kept per ledger between reads (locked after `docs`, never before).
+    pub(crate) tallies: crate::totals::TallyCache,
     /// The heads of what the store holds of each document loaded or written: a write
     /// appends the changes after them (locked after `docs`, never before).
     stored_heads: Mutex<HashMap<DocId, Vec<ChangeHash>>>,
@@ -114,6 +116,7 @@ impl Client {
                 identity,
                 config,
                 docs: Mutex::new(HashMap::new()),
+                tallies: Default::default(),
                 stored_heads: Mutex::new(HashMap::new()),
                 syncing: tokio::sync::Mutex::new(None),
                 traffic: Arc::new(Traffic::default()),
@@ -309,7 +312,14 @@ impl Client {
             now_ms: self.inner.config.clock.now_ms(),
         };
         let before = doc.get_heads();
-        let mut tx = doc.transaction();
+        // Kept tally totals follow the write by its patches.
+        let follow = self.inner.tallies.wants(id, &before);
+        let mut tx = if follow {
+            doc.transaction_log_patches(automerge::PatchLog::active())
+                .expect("a new patch log belongs to any document")
+        } else {
+            doc.transaction()
+        };
         let result = match change(&mut tx, &writer, prepared) {
             Ok(r) => r,
             Err(e) => {
@@ -317,7 +327,13 @@ impl Client {
                 return Err(e);
             }
         };
-        schema::commit(tx, &writer);
+        let mut log = schema::commit(tx, &writer);
+        if follow {
+            let patches = doc.make_patches(&mut log);
+            self.inner
+                .tallies
+                .advance(id, &before, doc.get_heads(), &patches);
+        }
         if !self.covered_by_patterns(id) {
             self.inner.store.follow(id)?;
         }
@@ -410,8 +426,16 @@ impl Client {
         let merged = match (changes, other.as_mut()) {
             (Some(changes), _) => {
                 let before = doc.get_heads();
-                doc.apply_changes(changes)
-                    .map(|()| doc.get_changes_meta(&before).len())
+                let follow = self.inner.tallies.wants(id, &before);
+                let mut log = automerge::PatchLog::new(follow);
+                let applied = doc.apply_changes_log_patches(changes, &mut log);
+                if follow && applied.is_ok() {
+                    let patches = doc.make_patches(&mut log);
+                    self.inner
+                        .tallies
+                        .advance(id, &before, doc.get_heads(), &patches);
+                }
+                applied.map(|()| doc.get_changes_meta(&before).len())
             }
             (None, Some(other)) => doc.merge(other).map(|h| h.len()),
             (None, None) => Ok(0),

@@ -39,6 +39,7 @@ mod saved;
 pub mod schema;
 pub mod store;
 mod sync;
+mod totals;
 pub mod transport;
 pub mod workflow;
 

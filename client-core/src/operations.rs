@@ -234,12 +234,12 @@ impl Client {
 
     /// The day's totals per tally.
     pub fn day_totals(&self, team: &TeamId, day: &Day) -> Result<BTreeMap<String, i64>, Error> {
-        // The tallies alone: a totals screen refreshing on every change must not
-        // rebuild every task and duty entry of the day.
+        // The tallies alone, kept between reads and moved by the changes that reach
+        // the day: a totals screen refreshing on every change neither rebuilds every
+        // task and duty entry nor works out every counter again.
+        let id = DocId::ledger(team, day);
         Ok(self
-            .read(&DocId::ledger(team, day), |d| {
-                crate::ledger::tally_totals(d).map(|(t, _)| t)
-            })?
+            .read(&id, |d| self.inner.tallies.totals(&id, d))?
             .unwrap_or_default())
     }
 

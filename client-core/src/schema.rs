@@ -34,13 +34,18 @@ impl Writer<'_> {
     }
 }
 
-/// Commits `tx` attributed to `w`: its time (seconds) and `member@device` message.
-pub(crate) fn commit(tx: automerge::transaction::Transaction<'_>, w: &Writer<'_>) {
+/// Commits `tx` attributed to `w`: its time (seconds) and `member@device` message. The
+/// transaction's patch log (empty unless it was opened with an active one).
+pub(crate) fn commit(
+    tx: automerge::transaction::Transaction<'_>,
+    w: &Writer<'_>,
+) -> automerge::PatchLog {
     tx.commit_with(
         automerge::transaction::CommitOptions::default()
             .with_time(w.now_ms.div_euclid(1000))
             .with_message(w.commit_message()),
-    );
+    )
+    .1
 }
 
 /// Splits a commit message made by [`Writer::commit_message`].

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use automerge::{Automerge, ChangeHash, ReadDoc};
+use automerge::{Automerge, ChangeHash, PatchLog, ReadDoc};
 use redline_proto::DocId;
 
 use crate::{Error, Urgency};
@@ -112,6 +112,18 @@ pub fn merge_received(
     bytes: &[u8],
     document: bool,
 ) -> Result<Merged, Error> {
+    merge_received_logged(id, doc, bytes, document, &mut PatchLog::inactive())
+}
+
+/// [`merge_received`], logging the patches of applied changes to `log` (a whole
+/// document is merged without: it replaces the copy, and `log` stays empty).
+pub fn merge_received_logged(
+    id: &DocId,
+    doc: &mut Automerge,
+    bytes: &[u8],
+    document: bool,
+    log: &mut PatchLog,
+) -> Result<Merged, Error> {
     let corrupt = |e: String| {
         Error::Protocol(redline_proto::Error::BadSyncData {
             doc: id.clone(),
@@ -129,7 +141,7 @@ pub fn merge_received(
     } else {
         let changes = chunk_changes(bytes).map_err(corrupt)?;
         heads = heads_of(&changes);
-        doc.apply_changes(changes)?;
+        doc.apply_changes_log_patches(changes, log)?;
     }
     let new_changes = if doc.get_heads() == before {
         0

@@ -44,7 +44,7 @@ use redline_proto::{DocId, ErrorCode};
 
 pub use documents::{
     DirtyDoc, Documents, Merged, Outgoing, Step, bundle_after, chunk_changes, heads_of, known_held,
-    merge_received,
+    merge_received, merge_received_logged,
 };
 pub use redline_proto::wire::INLINE_MAX;
 pub use report::SyncReport;

@@ -9,7 +9,8 @@ use tracing::debug;
 
 use crate::client::Client;
 use crate::device_session::{
-    CachedUpload, Documents, Merged, Outgoing, Step, bundle_after, known_held, merge_received,
+    CachedUpload, Documents, Merged, Outgoing, Step, bundle_after, known_held,
+    merge_received_logged,
 };
 use crate::store::{DocWrite, SyncBatch};
 use crate::{Error, INLINE_MAX, Urgency};
@@ -87,7 +88,18 @@ impl Documents for PhoneDocs<'_> {
     fn merge_bytes(&mut self, id: &DocId, bytes: &[u8], document: bool) -> Result<Merged, Error> {
         let mut docs = self.0.docs();
         let doc = self.0.load_or_genesis(&mut docs, id)?;
-        merge_received(id, doc, bytes, document)
+        let before = doc.get_heads();
+        // Kept tally totals follow applied changes by their patches (a whole document
+        // replaces the copy: the next read of totals reads it whole).
+        let tallies = &self.0.inner.tallies;
+        let follow = !document && tallies.wants(id, &before);
+        let mut log = automerge::PatchLog::new(follow);
+        let merged = merge_received_logged(id, doc, bytes, document, &mut log)?;
+        if follow {
+            let patches = doc.make_patches(&mut log);
+            tallies.advance(id, &before, doc.get_heads(), &patches);
+        }
+        Ok(merged)
     }
 
     fn copy(&mut self, id: &DocId) -> Result<Automerge, Error> {
