@@ -449,12 +449,22 @@ mod tests {
             .collect()
     }
 
-    /// An opened stream whose upload was taken over with `have` and `staged` bytes.
-    fn opened(up: Upload, have: u64, staged: u64) -> (UploadStream, Vec<UploadAction>) {
+    /// A stream fed `opening` as its first message, and what it does then.
+    fn started(opening: UploadInput) -> (UploadStream, Vec<UploadAction>) {
         let mut s = UploadStream::new(scope(), limits());
         assert!(matches!(s.poll_action(), Some(UploadAction::Read)));
-        s.handle(UploadInput::Message(Message::Upload(up)));
+        s.handle(opening);
         let first = actions(&mut s);
+        (s, first)
+    }
+
+    fn named(up: Upload) -> UploadInput {
+        UploadInput::Message(Message::Upload(up))
+    }
+
+    /// An opened stream whose upload was taken over with `have` and `staged` bytes.
+    fn opened(up: Upload, have: u64, staged: u64) -> (UploadStream, Vec<UploadAction>) {
+        let (mut s, first) = started(named(up));
         assert!(
             matches!(first.last(), Some(UploadAction::Take(_))),
             "{first:?}"
@@ -520,28 +530,16 @@ mod tests {
     fn refusals_before_any_piece() {
         let bytes = vec![1u8; 10];
         // Another team's document.
-        let mut s = UploadStream::new(scope(), limits());
-        s.poll_action();
-        s.handle(UploadInput::Message(Message::Upload(upload(
-            "t2",
-            &bytes,
-            vec![],
-        ))));
-        let a = actions(&mut s);
+        let (_, a) = started(named(upload("t2", &bytes, vec![])));
         assert_eq!(code(answered(&a)), Some(ErrorCode::FORBIDDEN));
         assert_eq!(a.len(), 1, "nothing remembered, nothing taken: {a:?}");
         // Too large.
-        let mut s = UploadStream::new(scope(), limits());
-        s.poll_action();
         let mut big = upload("t1", &bytes, vec![]);
         big.len = 1_000_001;
-        s.handle(UploadInput::Message(Message::Upload(big)));
-        assert_eq!(code(answered(&actions(&mut s))), Some(ErrorCode::TOO_LARGE));
+        let (_, a) = started(named(big));
+        assert_eq!(code(answered(&a)), Some(ErrorCode::TOO_LARGE));
         // Not an upload first.
-        let mut s = UploadStream::new(scope(), limits());
-        s.poll_action();
-        s.handle(piece(&bytes, 0, 10));
-        let a = actions(&mut s);
+        let (_, a) = started(piece(&bytes, 0, 10));
         assert!(
             matches!(&a[0], UploadAction::Send(m) if code(m) == Some(ErrorCode::PROTOCOL_VIOLATION))
         );
@@ -558,16 +556,9 @@ mod tests {
     #[test]
     fn an_upload_committed_before_is_acknowledged_without_pieces() {
         let bytes = vec![1u8; 10];
-        let named = [9u8; 32];
-        let mut s = UploadStream::new(scope(), limits());
-        s.poll_action();
-        s.handle(UploadInput::Message(Message::Upload(upload(
-            "t1",
-            &bytes,
-            vec![named],
-        ))));
-        let a = actions(&mut s);
-        let heads = vec![ChangeHash(named)];
+        let hash = [9u8; 32];
+        let (mut s, a) = started(named(upload("t1", &bytes, vec![hash])));
+        let heads = vec![ChangeHash(hash)];
         assert!(matches!(&a[0], UploadAction::DeviceHolds(_, h) if *h == heads));
         assert!(matches!(&a[1], UploadAction::CheckHeld(_, h) if *h == heads));
         s.handle(UploadInput::Held {
@@ -575,18 +566,11 @@ mod tests {
             heads: heads.clone(),
         });
         match answered(&actions(&mut s)) {
-            Message::Ack(ack) => assert_eq!(ack.heads, vec![named]),
+            Message::Ack(ack) => assert_eq!(ack.heads, vec![hash]),
             other => panic!("expected an ack, got {other:?}"),
         }
         // Not all of it held: the upload goes on.
-        let mut s = UploadStream::new(scope(), limits());
-        s.poll_action();
-        s.handle(UploadInput::Message(Message::Upload(upload(
-            "t1",
-            &bytes,
-            vec![named],
-        ))));
-        actions(&mut s);
+        let (mut s, _) = started(named(upload("t1", &bytes, vec![hash])));
         s.handle(UploadInput::Held { all: false, heads });
         assert!(matches!(&actions(&mut s)[..], [UploadAction::Take(_)]));
     }
@@ -638,13 +622,10 @@ mod tests {
         s.handle(UploadInput::Ended(None));
         assert!(matches!(&actions(&mut s)[..], [UploadAction::Fail(_)]));
         // An opening frame that cannot be read is answered with why.
-        let mut s = UploadStream::new(scope(), limits());
-        s.poll_action();
-        s.handle(UploadInput::Ended(Some((
+        let (_, a) = started(UploadInput::Ended(Some((
             ErrorCode::TOO_LARGE,
             "frame".into(),
         ))));
-        let a = actions(&mut s);
         assert!(matches!(&a[0], UploadAction::Send(m) if code(m) == Some(ErrorCode::TOO_LARGE)));
         assert!(matches!(a.last(), Some(UploadAction::Fail(_))));
     }
