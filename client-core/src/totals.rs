@@ -40,7 +40,8 @@ pub(crate) struct TallyCache {
     full_reads: std::sync::atomic::AtomicU64,
 }
 
-/// Ledgers whose totals are kept at once; the oldest kept is dropped past it.
+/// Ledgers whose totals are kept at once; past it, one kept ledger (any) is dropped
+/// to make room (it is only read whole again when next asked for).
 const KEPT_MAX: usize = 8;
 
 impl TallyCache {
