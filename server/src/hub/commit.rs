@@ -11,6 +11,7 @@ use redline_proto::{DeviceId, DocId};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use super::committing::{CommitStep, Committing, Fact, Need};
 use super::guard::guarded_apply;
 use super::queue::{Committed, PendingPush};
 use super::slots::{DocSlot, SlotState, load_state};
@@ -18,15 +19,9 @@ use super::{Hub, has, make_bundle, plan};
 use crate::Error;
 use crate::authorship::{self, Author};
 
-/// Chunks after which a document is compacted into a new snapshot.
-const COMPACT_AFTER_CHUNKS: usize = 64;
-
 /// Longest wait for the follower to make a flushed commit of this relay readable
 /// (several relays over one database; see [`Hub::until_stable`]).
 const STABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Times a batch is applied again after other relays' commits to its document.
-const MAX_CONFLICT_RETRIES: usize = 8;
 
 /// The pushes of a batch its plan accepted.
 struct Planned {
@@ -34,8 +29,6 @@ struct Planned {
     ok: Vec<PendingPush>,
     /// The changes each adds.
     news: Vec<u32>,
-    /// The hashes the batch adds.
-    fresh: Vec<ChangeHash>,
 }
 
 impl Hub {
@@ -88,6 +81,9 @@ impl Hub {
         Ok(committed)
     }
 
+    /// Commits a batch: its plan (pure), then the steps [`Committing`] decides, each
+    /// performed here (applying to the document, reloading it, writing its chunk), then
+    /// every sender answered and, when due, the document compacted.
     async fn commit_batch(
         &self,
         id: &DocId,
@@ -95,46 +91,93 @@ impl Hub {
         state: &mut SlotState,
         batch: Vec<PendingPush>,
     ) {
-        let Some(Planned { ok, news, fresh }) = self.plan_commit(id, slot, state, batch) else {
+        let Some(Planned { ok, news }) = self.plan_commit(id, slot, state, batch) else {
             return;
         };
-        let before = state.doc.get_heads();
         let n_pushes = ok.len() as u64;
-        let Some(accepted) = self.apply_batch(id, slot, state, ok, news).await else {
-            return;
+        let (mut run, mut step) = Committing::start(id, ok.len());
+        // The heads before the batch and the changes it brings that the document
+        // lacked: what a persist writes is those of them that entered.
+        let mut mark: (Vec<ChangeHash>, Vec<ChangeHash>) = (Vec::new(), Vec::new());
+        let outcome = loop {
+            let need = match step {
+                CommitStep::Done(outcome) => break outcome,
+                CommitStep::Do(need) => need,
+            };
+            let fact = match need {
+                Need::Apply { pushes, mark: note } => {
+                    let changes: Vec<Change> = pushes
+                        .iter()
+                        .flat_map(|&i| ok[i].changes.iter().cloned())
+                        .collect();
+                    if note {
+                        let lacked = changes
+                            .iter()
+                            .map(|c| c.hash())
+                            .filter(|h| !has(&state.doc, h))
+                            .collect();
+                        mark = (state.doc.get_heads(), lacked);
+                    }
+                    let result = guarded_apply(&mut state.doc, changes);
+                    Fact::Applied {
+                        result,
+                        queued: !state.doc.get_missing_deps(&[]).is_empty(),
+                    }
+                }
+                Need::Reload => Fact::Reloaded(self.reload(id, slot, state).await),
+                Need::Persist => {
+                    // Changes of refused pushes never entered the document.
+                    let entered = mark.1.iter().filter(|h| has(&state.doc, h)).copied();
+                    let result = self
+                        .persist_new(id, slot, state, &mark.0, entered.collect())
+                        .await;
+                    Fact::Persisted {
+                        result,
+                        chunks: state.chunks,
+                    }
+                }
+            };
+            step = run.on(fact);
         };
-        // Changes of refused pushes never entered the document: keep only what did.
-        let fresh: Vec<ChangeHash> = fresh.into_iter().filter(|h| has(&state.doc, h)).collect();
-        let mut result = self
-            .persist_new(id, slot, state, &before, Some(fresh))
-            .await;
-        // Shared feed: another relay committed to the document meanwhile. It was
-        // reloaded with that commit: apply the batch again and retry.
-        for _ in 0..MAX_CONFLICT_RETRIES {
-            if !matches!(result, Err(Error::Conflict(_))) {
-                break;
-            }
-            result = self.apply_again(id, slot, state, &accepted).await;
-        }
-        if let Err(e) = &result {
+        self.answer(id, state, ok, &news, outcome.answers);
+        if let Some(e) = &outcome.failure {
             warn!(doc = %id, "a batch was not committed: {e}");
         }
-        let heads = state.doc.get_heads();
         self.stats.pushes.fetch_add(n_pushes, Ordering::Relaxed);
+        self.stats
+            .conflicts
+            .fetch_add(u64::from(outcome.conflicts), Ordering::Relaxed);
         self.stats.max_batch.fetch_max(n_pushes, Ordering::Relaxed);
         if let Some(observe) = self.batch_observer.get() {
             observe(n_pushes);
         }
-        let result = result.map_err(Arc::new);
-        for (p, applied) in accepted {
-            let r = match &result {
-                Ok(seq) => Ok(Committed {
-                    heads: heads.clone(),
-                    applied,
-                    seq: seq.unwrap_or_else(|| self.last_seq()),
-                }),
-                Err(e) => Err(Error::Commit(e.clone())),
+        if outcome.compact {
+            self.compact(id, slot, state).await;
+        }
+    }
+
+    /// Sends every push of a commit its answer (`answers` by index, one each).
+    fn answer(
+        &self,
+        id: &DocId,
+        state: &SlotState,
+        ok: Vec<PendingPush>,
+        news: &[u32],
+        answers: Vec<(usize, Result<Option<u64>, Error>)>,
+    ) {
+        debug_assert_eq!(answers.len(), ok.len(), "every push answered once");
+        let heads = state.doc.get_heads();
+        let mut pushes: Vec<Option<PendingPush>> = ok.into_iter().map(Some).collect();
+        for (i, answer) in answers {
+            let Some(p) = pushes.get_mut(i).and_then(Option::take) else {
+                warn!(doc = %id, push = i, "a commit answered a push twice");
+                continue;
             };
+            let r = answer.map(|seq| Committed {
+                heads: heads.clone(),
+                applied: news[i],
+                seq: seq.unwrap_or_else(|| self.last_seq()),
+            });
             let _ = p.reply.send(r);
         }
     }
@@ -189,70 +232,26 @@ impl Hub {
                 }
             }
         }
-        (!ok.is_empty()).then_some(Planned {
-            ok,
-            news,
-            fresh: plan.fresh,
-        })
+        (!ok.is_empty()).then_some(Planned { ok, news })
     }
 
-    /// After a conflict (the document was reloaded with another relay's commit):
-    /// applies the accepted pushes again and persists what is still new.
-    async fn apply_again(
-        &self,
-        id: &DocId,
-        slot: &DocSlot,
-        state: &mut SlotState,
-        accepted: &[(PendingPush, u32)],
-    ) -> Result<Option<u64>, Error> {
-        self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-        let before = state.doc.get_heads();
-        let changes: Vec<Change> = accepted
-            .iter()
-            .flat_map(|(p, _)| p.changes.iter().cloned())
-            .collect();
-        let fresh: Vec<ChangeHash> = changes
-            .iter()
-            .map(|c| c.hash())
-            .filter(|h| !has(&state.doc, h))
-            .collect();
-        if guarded_apply(&mut state.doc, changes).is_err()
-            || !state.doc.get_missing_deps(&[]).is_empty()
-        {
-            let _ = self.reload(id, slot, state).await;
-            return Err(Error::BadChanges(
-                "the batch no longer applies after another relay's commit".into(),
-            ));
-        }
-        self.persist_new(id, slot, state, &before, Some(fresh))
-            .await
-    }
-
-    /// Writes what the document gained since `before` as one chunk with the next feed
-    /// sequence, waits for the flush, then advances the stable sequence; returns the
-    /// sequence (`None`: nothing was new). On a storage failure the document is reloaded
-    /// from disk, so memory never runs ahead of it.
+    /// Writes the changes `new` (those the document gained since `before`) as one chunk
+    /// with the next feed sequence, waits for the flush, then advances the stable
+    /// sequence; returns the sequence (`None`: nothing was new). On a failure the
+    /// document in memory may be ahead of storage: the caller reloads it
+    /// ([`Committing`] does).
     pub(crate) async fn persist_new(
         &self,
         id: &DocId,
         slot: &DocSlot,
         state: &mut SlotState,
         before: &[ChangeHash],
-        new: Option<Vec<ChangeHash>>,
+        new: Vec<ChangeHash>,
     ) -> Result<Option<u64>, Error> {
         let heads = state.doc.get_heads();
         if heads == before {
             return Ok(None);
         }
-        let new: Vec<ChangeHash> = match new {
-            Some(n) => n,
-            None => state
-                .doc
-                .get_changes(before)
-                .iter()
-                .map(|c| c.hash())
-                .collect(),
-        };
         let new_hashes = new.clone();
         let chunk = Arc::new(make_bundle(&state.doc, new)?);
         if self.shared {
@@ -279,14 +278,10 @@ impl Hub {
                 state.remember(seq, new_hashes, chunk, state.doc.get_heads());
                 state.chunks += 1;
                 slot.stored_bytes.fetch_add(chunk_len, Ordering::Relaxed);
-                if state.chunks >= COMPACT_AFTER_CHUNKS {
-                    self.compact(id, slot, state).await;
-                }
                 Ok(Some(seq))
             }
             Err(e) => {
                 warn!(doc = %id, "commit failed, reloading from disk: {e}");
-                let _ = self.reload(id, slot, state).await;
                 Err(e)
             }
         }
@@ -346,16 +341,12 @@ impl Hub {
                 state.remember(seq, new_hashes, chunk, state.doc.get_heads());
                 state.chunks += 1;
                 self.kick.notify_one();
-                if state.chunks >= COMPACT_AFTER_CHUNKS {
-                    self.compact(id, slot, state).await;
-                }
                 Ok(Some(seq))
             }
             Err(e) => {
                 if !matches!(e, Error::Conflict(_)) {
                     warn!(doc = %id, "commit failed, reloading from storage: {e}");
                 }
-                let _ = self.reload(id, slot, state).await;
                 Err(e)
             }
         }

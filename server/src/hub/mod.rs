@@ -18,10 +18,10 @@
 //!   last entries of the feed stay in memory (`follow::Recent`), so a live catch-up
 //!   lists its window without a storage read.
 
-mod apply;
 mod blocks;
 mod catchup;
 mod commit;
+pub mod committing;
 pub mod fanout;
 pub mod feed;
 mod follow;
