@@ -6,19 +6,25 @@
 //! every relay reaction comes back as [`Out`], and the caller decides when each is
 //! delivered, lost with its connection, or cut off by a crash. What differs from the QUIC
 //! driver is only plumbing: commits run one at a time (no group commit across devices),
-//! transfers arrive whole with their `Update`, and upload streams are not offered.
+//! and transfers arrive whole with their `Update`. Upload streams are offered
+//! ([`Loopback::open_upload`], [`Loopback::upload`]): the same `UploadStream` and the same
+//! steps on the relay's state (staging, flush, take-over, commit) as over QUIC.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redline_proto::codec;
 use redline_proto::message::{ErrorReport, Hello, Message, Update};
+
+use crate::session::UploadInput;
 use redline_proto::session::check_hello;
 
+use super::RateLimit;
 use super::admission::{admit, hold, now_ms};
 use super::hello::{Abilities, greeting, new_peer, session_limits};
 use super::perform::{answer, serve_request};
 use super::resync::resync_step;
+use super::upload::{Performed, UploadCtx, UploadRun};
 use crate::Error;
 use crate::access::Scope;
 use crate::auth::Authority;
@@ -40,6 +46,26 @@ pub struct Link {
     session: Session,
     /// Says when a commit in the device's subscription became stable.
     interest: crate::hub::fanout::Interest,
+    /// An upload stream the session accepted, not yet handed to the caller.
+    accepted: Option<UploadRun>,
+}
+
+/// One upload stream a device opened on a [`Link`].
+pub struct UploadLink {
+    run: UploadRun,
+    /// The stream ended (answered, or cut).
+    over: bool,
+}
+
+/// What the relay does on an upload stream, in order.
+#[derive(Debug)]
+pub enum UploadOut {
+    /// A message on the stream.
+    Message(Message),
+    /// The last message: the stream is finished after it.
+    Finished(Message),
+    /// The relay cut the stream, for this reason.
+    Failed(String),
 }
 
 /// What the relay does towards the device, in order.
@@ -127,7 +153,12 @@ impl Loopback {
             now,
             now + expires_in,
         );
-        Ok((Link { session, interest }, g.frame))
+        let link = Link {
+            session,
+            interest,
+            accepted: None,
+        };
+        Ok((link, g.frame))
     }
 
     /// Something happened on `link` at `now` (a message from the device, the device
@@ -164,10 +195,121 @@ impl Loopback {
     async fn perform(&self, link: &mut Link, now: Instant) -> Vec<Out> {
         let mut out = Vec::new();
         while let Some(action) = link.session.poll_action() {
+            if let Action::AcceptUpload = action {
+                link.accepted = Some(self.upload_run(&link.session));
+                continue;
+            }
             self.perform_one(&mut link.session, now, action, &mut out)
                 .await;
         }
         out
+    }
+
+    /// An upload stream of `session`'s device, as the QUIC driver builds it.
+    fn upload_run(&self, session: &Session) -> UploadRun {
+        UploadRun::new(UploadCtx {
+            relay: self.relay.clone(),
+            config: self.config.clone(),
+            who: session.peer().admission(&self.config),
+            known: session.peer().known.clone(),
+            rate: RateLimit(session.rate()),
+        })
+    }
+
+    /// The device opens an upload stream on `link` at `now`: the stream if the session
+    /// accepts it (`None`: refused, the control stream's messages say why), and the
+    /// relay's messages on the control stream.
+    pub async fn open_upload(
+        &self,
+        link: &mut Link,
+        now: Instant,
+    ) -> (Option<UploadLink>, Vec<Out>) {
+        link.session.handle(now, Input::StreamOpened);
+        let outs = self.perform(link, now).await;
+        let Some(run) = link.accepted.take() else {
+            return (None, outs);
+        };
+        let mut up = UploadLink { run, over: false };
+        // Up to the stream's first read: nothing is written before the device's `Upload`.
+        let (early, ended) = Self::run_upload(&mut up).await;
+        debug_assert!(
+            early.is_empty() && ended.is_none(),
+            "an upload stream spoke first"
+        );
+        (Some(up), outs)
+    }
+
+    /// The device's next message on the upload stream `up` of `link` at `now` (`None`:
+    /// the device finished its side): what the relay writes on the stream, and, when the
+    /// stream ended with it, the relay's messages on the control stream.
+    pub async fn upload(
+        &self,
+        link: &mut Link,
+        up: &mut UploadLink,
+        now: Instant,
+        msg: Option<Message>,
+    ) -> (Vec<UploadOut>, Vec<Out>) {
+        if up.over {
+            return (Vec::new(), Vec::new());
+        }
+        let input = match msg {
+            Some(m) => match up.run.ctx.rate.check_at(now) {
+                Ok(()) => UploadInput::Message(m),
+                Err(e) => {
+                    up.over = true;
+                    let outs = vec![UploadOut::Failed(e.to_string())];
+                    return (outs, self.upload_ended(link, now, Err(e)).await);
+                }
+            },
+            None => UploadInput::Ended(None),
+        };
+        up.run.machine.handle(input);
+        let (outs, ended) = Self::run_upload(up).await;
+        let control = match ended {
+            Some(result) => self.upload_ended(link, now, result).await,
+            None => Vec::new(),
+        };
+        (outs, control)
+    }
+
+    /// Performs the upload's actions until it reads again or ends (`Some`: how).
+    async fn run_upload(up: &mut UploadLink) -> (Vec<UploadOut>, Option<Result<(), Error>>) {
+        let mut outs = Vec::new();
+        loop {
+            let Some(action) = up.run.machine.poll_action() else {
+                let e = Error::Storage("upload stream stopped without an answer".into());
+                outs.push(UploadOut::Failed(e.to_string()));
+                up.over = true;
+                return (outs, Some(Err(e)));
+            };
+            match up.run.perform(action).await {
+                Ok(Performed::Input(input)) => up.run.machine.handle(input),
+                Ok(Performed::Nothing) => {}
+                Ok(Performed::Read) => return (outs, None),
+                Ok(Performed::Send(m)) => outs.push(UploadOut::Message(m)),
+                Ok(Performed::Answer(m)) => {
+                    outs.push(UploadOut::Finished(m));
+                    up.over = true;
+                    return (outs, Some(Ok(())));
+                }
+                Ok(Performed::Fail(e)) | Err(e) => {
+                    outs.push(UploadOut::Failed(e.to_string()));
+                    up.over = true;
+                    return (outs, Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    /// An upload stream of `link` ended: the session hears it.
+    async fn upload_ended(
+        &self,
+        link: &mut Link,
+        now: Instant,
+        result: Result<(), Error>,
+    ) -> Vec<Out> {
+        link.session.handle(now, Input::UploadEnded(result));
+        self.perform(link, now).await
     }
 
     async fn perform_one(
@@ -243,10 +385,8 @@ impl Loopback {
                     out.push(Out::Message(m));
                 }
             }
-            Action::AcceptUpload => {
-                let e = Error::connection_lost("a loopback link carries no upload streams");
-                out.push(Out::Closed(Err(e)));
-            }
+            // Taken by `perform` before it comes here.
+            Action::AcceptUpload => {}
             Action::Close(e) => out.push(Out::Closed(Err(e))),
             Action::End => out.push(Out::Closed(Ok(()))),
         }

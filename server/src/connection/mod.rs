@@ -146,11 +146,12 @@ struct RateLimit(Arc<std::sync::Mutex<Bucket>>);
 
 impl RateLimit {
     fn check(&self) -> Result<(), Error> {
-        let allowed = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(std::time::Instant::now());
+        self.check_at(std::time::Instant::now())
+    }
+
+    /// [`check`](Self::check) at `now` (the loopback's clock).
+    fn check_at(&self, now: std::time::Instant) -> Result<(), Error> {
+        let allowed = self.0.lock().unwrap_or_else(|p| p.into_inner()).take(now);
         if allowed {
             Ok(())
         } else {

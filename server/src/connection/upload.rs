@@ -93,18 +93,78 @@ pub(super) async fn upload(
         idle: ctx.config.limits.stream_idle_timeout,
         write_timeout: ctx.config.limits.write_timeout,
     };
-    let limits = UploadLimits {
-        max_document_bytes: ctx.config.max_document_bytes,
-        staged_bytes_per_device: ctx.config.quotas.staged_bytes_per_device,
-    };
-    let mut machine = UploadStream::new(ctx.who.scope.clone(), limits);
-    let mut ticket: Option<Ticket> = None;
-    while let Some(action) = machine.poll_action() {
-        let input = match action {
-            UploadAction::Read => stream.next_input(&ctx.rate).await?,
+    let mut up = UploadRun::new(ctx);
+    while let Some(action) = up.machine.poll_action() {
+        let input = match up.perform(action).await? {
+            Performed::Input(input) => input,
+            Performed::Nothing => continue,
+            Performed::Read => stream.next_input(&up.ctx.rate).await?,
+            Performed::Send(msg) => {
+                stream.write(&msg).await?;
+                continue;
+            }
+            Performed::Answer(msg) => return stream.answer(&msg).await,
+            Performed::Fail(e) => {
+                let _ = stream.send.finish();
+                return Err(e);
+            }
+        };
+        up.machine.handle(input);
+    }
+    Err(Error::Storage(
+        "upload stream stopped without an answer".into(),
+    ))
+}
+
+/// One upload stream's machine with what it holds on the relay: shared by the QUIC
+/// driver above and the loopback's.
+pub(super) struct UploadRun {
+    pub machine: UploadStream,
+    pub ctx: UploadCtx,
+    ticket: Option<Ticket>,
+}
+
+/// What performing one [`UploadAction`] left to the stream's driver.
+pub(super) enum Performed {
+    /// Feed this to the machine.
+    Input(UploadInput),
+    /// Nothing to feed: poll the next action.
+    Nothing,
+    /// Read the device's next message and feed it.
+    Read,
+    /// Write this message on the stream.
+    Send(Message),
+    /// Write this last message and finish the stream.
+    Answer(Message),
+    /// Cut the stream with this error.
+    Fail(Error),
+}
+
+impl UploadRun {
+    pub fn new(ctx: UploadCtx) -> Self {
+        let limits = UploadLimits {
+            max_document_bytes: ctx.config.max_document_bytes,
+            staged_bytes_per_device: ctx.config.quotas.staged_bytes_per_device,
+        };
+        Self {
+            machine: UploadStream::new(ctx.who.scope.clone(), limits),
+            ctx,
+            ticket: None,
+        }
+    }
+
+    /// Performs one action on the relay's state; the stream's own steps (read, write,
+    /// finish, cut) go back to the driver.
+    pub async fn perform(&mut self, action: UploadAction) -> Result<Performed, Error> {
+        let ctx = &self.ctx;
+        Ok(Performed::Input(match action {
+            UploadAction::Read => return Ok(Performed::Read),
+            UploadAction::Send(msg) => return Ok(Performed::Send(msg)),
+            UploadAction::Answer(msg) => return Ok(Performed::Answer(msg)),
+            UploadAction::Fail(e) => return Ok(Performed::Fail(e)),
             UploadAction::DeviceHolds(doc, heads) => {
                 ctx.known.add(&doc, &heads);
-                continue;
+                return Ok(Performed::Nothing);
             }
             UploadAction::CheckHeld(doc, heads) => held(&ctx.relay, &doc, &heads).await?,
             UploadAction::Take(id) => {
@@ -115,46 +175,33 @@ pub(super) async fn upload(
                     have: t.have,
                     staged: t.staged_bytes().await?,
                 };
-                ticket = Some(t);
+                self.ticket = Some(t);
                 input
-            }
-            UploadAction::Send(msg) => {
-                stream.write(&msg).await?;
-                continue;
             }
             UploadAction::Stage { offset, data } => {
                 let quota = ctx.config.quotas.staged_bytes_per_device;
-                UploadInput::Staged(taken(&ticket)?.stage(offset, data, quota).await?)
+                UploadInput::Staged(taken(&self.ticket)?.stage(offset, data, quota).await?)
             }
             UploadAction::Flush => {
                 ctx.relay.hub.flush().await?;
                 UploadInput::Flushed
             }
-            UploadAction::ReadBytes => UploadInput::Bytes(taken(&ticket)?.bytes().await?),
+            UploadAction::ReadBytes => UploadInput::Bytes(taken(&self.ticket)?.bytes().await?),
             UploadAction::Commit(doc, bytes) => {
-                UploadInput::Committed(commit(&ctx, doc, bytes).await)
+                UploadInput::Committed(commit(ctx, doc, bytes).await)
             }
             UploadAction::DropStaged => {
-                if let Some(t) = ticket.take() {
+                if let Some(t) = self.ticket.take() {
                     t.finish().await;
                 }
-                continue;
+                return Ok(Performed::Nothing);
             }
             UploadAction::QuotaRefused(quota) => {
                 ctx.relay.metrics.quota_refused(quota);
-                continue;
+                return Ok(Performed::Nothing);
             }
-            UploadAction::Answer(msg) => return stream.answer(&msg).await,
-            UploadAction::Fail(e) => {
-                let _ = stream.send.finish();
-                return Err(e);
-            }
-        };
-        machine.handle(input);
+        }))
     }
-    Err(Error::Storage(
-        "upload stream stopped without an answer".into(),
-    ))
 }
 
 /// The ticket of a stream that took its upload over.

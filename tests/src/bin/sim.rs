@@ -48,6 +48,9 @@ struct Args {
     /// Share of phones on protocol version 1.
     #[arg(long, default_value_t = 0.25)]
     old_phones: f64,
+    /// Photos attached during the day (each push goes up on an upload stream).
+    #[arg(long, default_value_t = 2)]
+    photos: u32,
     /// Inject a bug (`ack-before-flush`, `cursor-without-data`) to see the checks catch it.
     #[arg(long)]
     bug: Option<String>,
@@ -80,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         relay_crashes: args.relay_crashes,
         phone_crashes: args.phone_crashes,
         old_phones: args.old_phones,
+        photos: args.photos,
         bug,
         ..SimConfig::default()
     };
@@ -107,7 +111,7 @@ fn main() -> anyhow::Result<()> {
                     let secs = t.elapsed().as_secs_f64();
                     match &r {
                         Ok(rep) => println!(
-                            "seed {seed}: ok in {secs:.1} s ({:.0} virtual s, {} changes, {} acked, {} messages, {} relay crashes, {} cuts, {} resyncs, {} forgeries refused) digest {}",
+                            "seed {seed}: ok in {secs:.1} s ({:.0} virtual s, {} changes, {} acked, {} messages, {} relay crashes, {} cuts, {} resyncs, {} forgeries refused, {} upload streams, {} photos acked) digest {}",
                             rep.virtual_secs,
                             rep.changes_written,
                             rep.changes_acked,
@@ -116,6 +120,8 @@ fn main() -> anyhow::Result<()> {
                             rep.cuts,
                             rep.resyncs,
                             rep.forged_refused,
+                            rep.uploads,
+                            rep.photos_acked,
                             rep.digest
                         ),
                         Err(f) => println!("{f}"),

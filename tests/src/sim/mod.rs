@@ -19,6 +19,7 @@
 //! A failing seed is printed with the command that replays it.
 
 pub mod phone;
+mod uploads;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -29,13 +30,13 @@ use std::time::{Duration, Instant};
 use automerge::{ActorId, ChangeHash, ReadDoc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use redline_client::device_session::{Action, DeviceSession, INLINE_MAX, Start};
+use redline_client::device_session::{Action, DeviceSession, INLINE_MAX, Start, UploadSender};
 use redline_proto::codec::{self, HEADER_LEN};
 use redline_proto::message::{Hello, Message, Payload, Update};
 use redline_proto::token::Role;
 use redline_proto::{DeviceId, DocId, MemberId, TeamId};
 use redline_server::auth::{Authority, TokenRequest};
-use redline_server::loopback::{Link, Loopback, Out};
+use redline_server::loopback::{Link, Loopback, Out, UploadLink, UploadOut};
 use redline_server::session::Input;
 use redline_server::storage::MemoryStorage;
 use redline_server::{Error as RelayError, RelayConfig};
@@ -67,6 +68,9 @@ pub struct SimConfig {
     pub phone_crashes: u32,
     /// Share of phones that speak protocol version 1 (apps months old).
     pub old_phones: f64,
+    /// Photos attached to tasks during the day: each push passes the inline limit and
+    /// goes up on an upload stream (resumed after cuts and crashes).
+    pub photos: u32,
     /// A hostile token holder forging changes.
     pub hostile: bool,
     /// A bug to inject, to prove the checks catch it.
@@ -86,6 +90,7 @@ impl Default for SimConfig {
             relay_crashes: 5,
             phone_crashes: 10,
             old_phones: 0.25,
+            photos: 2,
             hostile: true,
             bug: None,
         }
@@ -134,6 +139,10 @@ pub struct SimReport {
     pub updates_applied: u64,
     /// Automerge-sync fallbacks the relay asked for.
     pub resyncs: u64,
+    /// Upload streams the phones opened (a photo's push, or its resumption).
+    pub uploads: u64,
+    /// Photos whose upload the relay acknowledged.
+    pub photos_acked: u64,
     /// A digest of the run (final heads and counts): equal for a replay of the seed.
     pub digest: String,
 }
@@ -168,7 +177,7 @@ impl SimConfig {
     /// The `sim` flags that give this configuration.
     pub fn args(&self) -> String {
         let mut a = format!(
-            "--phones {} --team-size {} --ops {} --day-secs {} --loss {} --cut {} --relay-crashes {} --phone-crashes {} --old-phones {}",
+            "--phones {} --team-size {} --ops {} --day-secs {} --loss {} --cut {} --relay-crashes {} --phone-crashes {} --old-phones {} --photos {}",
             self.phones,
             self.team_size,
             self.ops,
@@ -177,7 +186,8 @@ impl SimConfig {
             self.cut,
             self.relay_crashes,
             self.phone_crashes,
-            self.old_phones
+            self.old_phones,
+            self.photos
         );
         if let Some(bug) = self.bug {
             a.push_str(" --bug ");
@@ -228,6 +238,8 @@ fn run_world(seed: u64, config: &SimConfig) -> Result<SimReport, SimFailure> {
 /// Something that happens at a virtual time.
 enum Event {
     Write(usize),
+    /// A phone attaches a photo to a new task.
+    Photo(usize),
     Online(usize),
     Offline(usize),
     Connect(usize),
@@ -242,6 +254,18 @@ enum Event {
     ToPhone {
         conn: u64,
         out: Delivery,
+    },
+    /// A phone's message on one of its upload streams.
+    UploadToRelay {
+        conn: u64,
+        stream: u64,
+        frame: Vec<u8>,
+    },
+    /// The relay's answer on an upload stream.
+    UploadToPhone {
+        conn: u64,
+        stream: u64,
+        out: UploadOut,
     },
     /// The relay notices a connection the device lost.
     Lost(u64),
@@ -284,6 +308,8 @@ impl Ord for Scheduled {
 struct Conn {
     phone: usize,
     link: Option<Link>,
+    /// The relay's side of the upload streams the phone opened on it.
+    uploads: BTreeMap<u64, UploadLink>,
     /// The relay ended it (or crashed).
     relay_done: bool,
     /// When the last message each way arrives (QUIC streams keep order).
@@ -317,6 +343,9 @@ struct World {
     /// The hostile phone's forged changes (none may ever be stored).
     forged: Vec<ChangeHash>,
     hostile: Option<Forger>,
+    /// The phones' side of their upload streams: stream → (phone, connection, sender).
+    uploads: BTreeMap<u64, (usize, u64, UploadSender)>,
+    next_stream: u64,
     problems: Vec<String>,
     report: SimReport,
 }
@@ -408,6 +437,8 @@ impl World {
             last_stable: 0,
             forged: Vec::new(),
             hostile,
+            uploads: BTreeMap::new(),
+            next_stream: 0,
             problems: Vec::new(),
             report: SimReport {
                 seed,
@@ -464,6 +495,13 @@ impl World {
             let i = self.rng.random_range(0..self.phones.len().max(1));
             if !self.phones.is_empty() {
                 self.at(t, Event::CrashPhone(i));
+            }
+        }
+        for _ in 0..self.config.photos {
+            let t = self.jitter(day);
+            if !self.phones.is_empty() {
+                let i = self.rng.random_range(0..self.phones.len());
+                self.at(t, Event::Photo(i));
             }
         }
         if self.hostile.is_some() {
@@ -523,6 +561,7 @@ impl World {
     async fn handle(&mut self, event: Event) {
         match event {
             Event::Write(i) => self.write(i),
+            Event::Photo(i) => self.photo(i),
             Event::Online(i) => {
                 self.phones[i].online = true;
                 self.connect(i);
@@ -556,6 +595,14 @@ impl World {
             Event::Forge => self.forge(),
             Event::ToRelay { conn, frame } => self.relay_reads(conn, frame).await,
             Event::ToPhone { conn, out } => self.phone_reads(conn, out),
+            Event::UploadToRelay {
+                conn,
+                stream,
+                frame,
+            } => self.relay_reads_upload(conn, stream, frame).await,
+            Event::UploadToPhone { conn, stream, out } => {
+                self.phone_reads_upload(conn, stream, out);
+            }
             Event::Lost(conn) => self.lost(conn).await,
             Event::CrashRelay => self.crash_relay(),
             Event::RestartRelay => {
@@ -594,6 +641,22 @@ impl World {
         let mean = day / f64::from(self.config.ops.max(1));
         let gap = self.rng.random_range(0.2 * mean..1.8 * mean) as u64;
         self.at(Duration::from_millis(gap.max(1)), Event::Write(i));
+    }
+
+    /// Phone `i` attaches a photo (incompressible bytes past the inline limit) to a new
+    /// task: its push goes up on an upload stream.
+    fn photo(&mut self, i: usize) {
+        let ledger = self.team_ledgers[i % self.team_ledgers.len()].clone();
+        if !self.phones[i].sees_own_writes(&ledger) {
+            self.at(Duration::from_secs(1), Event::Photo(i));
+            return;
+        }
+        let mut photo = vec![0u8; INLINE_MAX + 64 * 1024];
+        self.rng.fill(&mut photo[..]);
+        let ms = self.change_time();
+        self.phones[i].attach(&ledger, photo, ms);
+        self.report.changes_written += 1;
+        self.local_change(i);
     }
 
     /// A write waits for a live session, as the client's notification does.
@@ -657,6 +720,7 @@ impl World {
             Conn {
                 phone: i,
                 link: None,
+                uploads: BTreeMap::new(),
                 relay_done: false,
                 to_relay_at: self.now,
                 to_phone_at: self.now,
@@ -696,13 +760,7 @@ impl World {
             };
             match action {
                 Action::Send(frame) => self.send_frame(i, conn, frame),
-                Action::Upload(_) => {
-                    let what = format!(
-                        "{} pushed over {INLINE_MAX} bytes: uploads are not simulated",
-                        self.phones[i].device
-                    );
-                    self.problems.push(what);
-                }
+                Action::Upload(sender) => self.open_upload(i, conn, sender),
                 // A live session goes on: writes made meanwhile go out now.
                 Action::FirstFlight => {}
                 Action::Done => {
@@ -1279,6 +1337,26 @@ impl World {
             if let Some(session) = p.session.take() {
                 p.collect_refusals(&session);
                 p.session = Some(session);
+            }
+        }
+        // Quiescent: every push a live session made (inline or on an upload stream)
+        // was answered.
+        for p in &self.phones {
+            let waiting = p.session.as_ref().map_or(0, |s| s.standing().2);
+            if p.conn.is_some() && waiting > 0 {
+                let device = &p.device;
+                problems.push(format!(
+                    "{device} still waits for {waiting} pushes' answers"
+                ));
+            }
+        }
+        for (stream, (i, conn, _)) in &self.uploads {
+            let p = &self.phones[*i];
+            if p.conn == Some(*conn) {
+                let device = &p.device;
+                problems.push(format!(
+                    "{device}'s upload stream {stream} was never answered"
+                ));
             }
         }
         for p in &self.phones {

@@ -319,8 +319,47 @@ impl Phone {
             .with_time(ms);
         let (hash, _) = tx.commit_with(options);
         let hash = hash.expect("the operation changed something");
-        // Flushed as the client does: a bundle of the one change (Automerge 0.12 encodes
-        // a bundle from its columns far more cheaply than it rebuilds a change).
+        self.reference.screened += screened;
+        if let Some((key, status)) = task_change {
+            self.reference.tasks.insert(key, status);
+        }
+        self.flush_write(ledger, hash)
+    }
+
+    /// Opens a task with a photo attached (`photo`: bytes that do not compress, so the
+    /// push passes the inline limit and goes up on an upload stream), at `ms`.
+    pub fn attach(&mut self, ledger: &DocId, photo: Vec<u8>, ms: i64) -> ChangeHash {
+        let (device, member, actor) = (
+            self.device.to_string(),
+            self.member.to_string(),
+            self.actor.clone(),
+        );
+        let key = format!("{device}-{}", self.reference.tasks.len());
+        let doc = self.store.doc_or_genesis(ledger);
+        doc.set_actor(actor);
+        let mut tx = doc.transaction();
+        let (_, tasks) = tx.get(ROOT, "tasks").ok().flatten().expect("genesis");
+        let task = tx.put_object(&tasks, &key, ObjType::Map).expect("map");
+        tx.put(&task, "kind", "inspection").expect("put");
+        tx.put(&task, "device", device.as_str()).expect("put");
+        tx.put(&task, "member", member.as_str()).expect("put");
+        tx.put(&task, "status", "open").expect("put");
+        tx.put(&task, "photo", ScalarValue::Bytes(photo))
+            .expect("put");
+        let options = CommitOptions::default()
+            .with_message(format!("{member}@{device}"))
+            .with_time(ms);
+        let (hash, _) = tx.commit_with(options);
+        let hash = hash.expect("the operation changed something");
+        self.reference.tasks.insert(key, "open".into());
+        self.flush_write(ledger, hash)
+    }
+
+    /// A write just committed to `ledger` is flushed as the client does: a bundle of the
+    /// one change (Automerge 0.12 encodes a bundle from its columns far more cheaply
+    /// than it rebuilds a change).
+    fn flush_write(&mut self, ledger: &DocId, hash: ChangeHash) -> ChangeHash {
+        let doc = self.store.doc_or_genesis(ledger);
         let bytes = doc
             .bundle([hash])
             .expect("a change just committed bundles")
@@ -331,10 +370,6 @@ impl Phone {
             .entry(ledger.clone())
             .or_default()
             .push(bytes);
-        self.reference.screened += screened;
-        if let Some((key, status)) = task_change {
-            self.reference.tasks.insert(key, status);
-        }
         self.written.insert(hash);
         self.last_write.insert(ledger.clone(), hash);
         self.wrote = true;
