@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use redline_proto::codec;
 use redline_proto::message::{ErrorReport, Hello, Message, Update};
 
-use crate::session::UploadInput;
 use redline_proto::session::check_hello;
 
 use super::RateLimit;
@@ -30,7 +29,7 @@ use crate::access::Scope;
 use crate::auth::Authority;
 use crate::config::RelayConfig;
 use crate::hub::Hub;
-use crate::session::{Action, Answer, Input, Outcome, Session};
+use crate::session::{Action, Answer, Input, Outcome, PushWork, Session, UploadInput};
 use crate::state::RelayState;
 use crate::storage::RelayStorage;
 
@@ -205,6 +204,27 @@ impl Loopback {
         out
     }
 
+    /// Holds a push for review (starting the device's quarantine when `starts`).
+    async fn hold(&self, session: &mut Session, now: Instant, push: PushWork, starts: bool) {
+        let relay = &self.relay;
+        if starts {
+            let offline = relay.devices.mark_quarantined(&session.peer().device);
+            session.handle(now, Input::QuarantineStarted(offline));
+        }
+        let entry = session
+            .peer()
+            .held_entry(&push.doc, push.changes.len(), now_ms());
+        let quota = self.config.quotas.held_bytes_per_device;
+        let result = hold(relay, entry, push.bundle, quota).await;
+        let held = Input::Committed {
+            doc: push.doc,
+            device_heads: push.device_heads,
+            pushed: Vec::new(),
+            result,
+        };
+        session.handle(now, held);
+    }
+
     /// An upload stream of `session`'s device, as the QUIC driver builds it.
     fn upload_run(&self, session: &Session) -> UploadRun {
         UploadRun::new(UploadCtx {
@@ -338,24 +358,7 @@ impl Loopback {
                 };
                 session.handle(now, committed);
             }
-            Action::Hold(push, starts) => {
-                if starts {
-                    let offline = relay.devices.mark_quarantined(&session.peer().device);
-                    session.handle(now, Input::QuarantineStarted(offline));
-                }
-                let entry = session
-                    .peer()
-                    .held_entry(&push.doc, push.changes.len(), now_ms());
-                let quota = self.config.quotas.held_bytes_per_device;
-                let result = hold(relay, entry, push.bundle, quota).await;
-                let held = Input::Committed {
-                    doc: push.doc,
-                    device_heads: push.device_heads,
-                    pushed: Vec::new(),
-                    result,
-                };
-                session.handle(now, held);
-            }
+            Action::Hold(push, starts) => self.hold(session, now, push, starts).await,
             Action::Query(q) => {
                 let a = answer(relay, q).await.unwrap_or_else(Answer::Failed);
                 session.handle(now, Input::Answer(a));

@@ -400,21 +400,10 @@ async fn drive(
     greeted: std::time::Instant,
 ) -> Result<(), Error> {
     let mut first_caught = true;
-    'session: loop {
-        while let Some(action) = session.poll_action() {
-            if let Some(end) = driver.perform(session, action).await {
-                break 'session end;
-            }
+    loop {
+        if let Some(end) = perform_all(session, driver, wire, greeted, &mut first_caught).await {
+            break end;
         }
-        if first_caught && session.peer().delivered.is_some() {
-            first_caught = false;
-            driver
-                .relay
-                .metrics
-                .sync_latency
-                .observe(greeted.elapsed().as_secs_f64());
-        }
-        wire.account(&driver.conn, &driver.relay);
         // A timer that is already due (a live catch-up with no window left to wait) is
         // fired here: through the runtime's timer wheel it would wait for the next
         // millisecond tick, and a teammate's update with it.
@@ -476,6 +465,32 @@ async fn drive(
         session.handle(now, Input::StableMoved(newest));
         session.handle(now, input);
     }
+}
+
+/// Performs the session's actions (`Some`: the connection ends with it), then counts
+/// the wire's bytes and, the first time the device is caught up, the sync's latency.
+async fn perform_all(
+    session: &mut Session,
+    driver: &mut Driver,
+    wire: &mut Wire,
+    greeted: std::time::Instant,
+    first_caught: &mut bool,
+) -> Option<Result<(), Error>> {
+    while let Some(action) = session.poll_action() {
+        if let Some(end) = driver.perform(session, action).await {
+            return Some(end);
+        }
+    }
+    if *first_caught && session.peer().delivered.is_some() {
+        *first_caught = false;
+        driver
+            .relay
+            .metrics
+            .sync_latency
+            .observe(greeted.elapsed().as_secs_f64());
+    }
+    wire.account(&driver.conn, &driver.relay);
+    None
 }
 
 /// Closes `conn` when token `id` is revoked or expires, if the connection's own loop has

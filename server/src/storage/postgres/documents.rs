@@ -114,50 +114,7 @@ impl Documents for PgStorage {
                 Some(c) => c,
                 None => Arc::new(pool.get().await?),
             };
-            // One round trip: the transaction opens, the head row is locked and the
-            // document's last sequence read, pipelined on the connection. The backend
-            // runs them in the order sent, so the last sequence is read once the lock
-            // is held (after any other relay's commit): the statements are prepared
-            // first, and each query is sent when first polled, in this order.
-            let (lock, last) = tokio::try_join!(
-                c.prepare_cached("SELECT seq FROM redline_feed_head FOR UPDATE"),
-                c.prepare_cached("SELECT last_seq FROM redline_docs WHERE doc = $1"),
-            )?;
-            let read = async {
-                let begin = async {
-                    if fresh {
-                        c.batch_execute("BEGIN").await?;
-                    }
-                    Ok::<_, Error>(())
-                };
-                // The head row, locked until this transaction commits: another relay's
-                // append waits here, so sequences are taken in commit order.
-                let head = async {
-                    match locked {
-                        Some(h) => Ok(h),
-                        None => Ok::<_, Error>(c.query_one(&lock, &[]).await?.get::<_, i64>(0)),
-                    }
-                };
-                let last = async {
-                    Ok::<_, Error>(c.query_opt(&last, &[&doc]).await?.map_or(0, |r| r.get(0)))
-                };
-                let ((), head, last) = tokio::try_join!(begin, head, last)?;
-                if last != expected {
-                    return Ok((head, Err(Error::Conflict(doc.clone()))));
-                }
-                let seq = head + 1;
-                let raise = c
-                    .prepare_cached("UPDATE redline_feed_head SET seq = $1")
-                    .await?;
-                let by_seq: [&Param; 1] = [&seq];
-                let (raised, written) = tokio::join!(
-                    c.execute(&raise, &by_seq),
-                    write_commit(&c, &doc, seq, &chunk, &heads)
-                );
-                raised?;
-                written?;
-                Ok((seq, Ok(seq as u64)))
-            };
+            let read = append_in(&c, fresh, locked, &doc, expected, &chunk, &heads);
             match read.await {
                 Ok(outcome) => Ok((c, outcome)),
                 Err(e) => {
@@ -449,4 +406,58 @@ async fn feed_with_chunks(pool: Pool, after: u64, most: u64) -> Result<FeedRead,
         entries,
         chunks,
     })
+}
+
+/// One append inside the writer's transaction on `c` (opened here when `fresh`): the
+/// feed's new head and the document's sequence, or a conflict (another relay committed
+/// to `doc` since `expected`) with the head as it is.
+async fn append_in(
+    c: &Object,
+    fresh: bool,
+    locked: Option<i64>,
+    doc: &str,
+    expected: i64,
+    chunk: &[u8],
+    heads: &[u8],
+) -> Result<(i64, Result<u64, Error>), Error> {
+    // One round trip: the transaction opens, the head row is locked and the
+    // document's last sequence read, pipelined on the connection. The backend
+    // runs them in the order sent, so the last sequence is read once the lock
+    // is held (after any other relay's commit): the statements are prepared
+    // first, and each query is sent when first polled, in this order.
+    let (lock, last) = tokio::try_join!(
+        c.prepare_cached("SELECT seq FROM redline_feed_head FOR UPDATE"),
+        c.prepare_cached("SELECT last_seq FROM redline_docs WHERE doc = $1"),
+    )?;
+    let begin = async {
+        if fresh {
+            c.batch_execute("BEGIN").await?;
+        }
+        Ok::<_, Error>(())
+    };
+    // The head row, locked until this transaction commits: another relay's
+    // append waits here, so sequences are taken in commit order.
+    let head = async {
+        match locked {
+            Some(h) => Ok(h),
+            None => Ok::<_, Error>(c.query_one(&lock, &[]).await?.get::<_, i64>(0)),
+        }
+    };
+    let last = async { Ok::<_, Error>(c.query_opt(&last, &[&doc]).await?.map_or(0, |r| r.get(0))) };
+    let ((), head, last) = tokio::try_join!(begin, head, last)?;
+    if last != expected {
+        return Ok((head, Err(Error::Conflict(doc.to_string()))));
+    }
+    let seq = head + 1;
+    let raise = c
+        .prepare_cached("UPDATE redline_feed_head SET seq = $1")
+        .await?;
+    let by_seq: [&Param; 1] = [&seq];
+    let (raised, written) = tokio::join!(
+        c.execute(&raise, &by_seq),
+        write_commit(c, doc, seq, chunk, heads)
+    );
+    raised?;
+    written?;
+    Ok((seq, Ok(seq as u64)))
 }
