@@ -903,6 +903,16 @@ impl World {
             let kind = codec::decode_payload(&frame[HEADER_LEN..]).map(|m| m.kind());
             println!("{:?} phone -> relay on {conn}: {kind:?}", self.now);
         }
+        self.to_relay(conn, Event::ToRelay { conn, frame });
+    }
+
+    fn send_to_phone(&mut self, conn: u64, out: Delivery) {
+        self.to_phone(conn, Event::ToPhone { conn, out });
+    }
+
+    /// Schedules `event`, a message on `conn` towards the relay, after the network's
+    /// delay and in the connection's order; sending it may cut the connection.
+    fn to_relay(&mut self, conn: u64, event: Event) {
         self.report.messages += 1;
         let delay = self.delay();
         let Some(c) = self.conns.get_mut(&conn) else {
@@ -911,18 +921,15 @@ impl World {
         let at = (self.now + delay).max(c.to_relay_at);
         c.to_relay_at = at;
         let phone = c.phone;
-        self.order += 1;
-        self.queue.push(Reverse(Scheduled {
-            at,
-            order: self.order,
-            event: Event::ToRelay { conn, frame },
-        }));
+        self.push_event(at, event);
         if self.rng.random_bool(self.config.cut) {
             self.cut_phone(phone, false);
         }
     }
 
-    fn send_to_phone(&mut self, conn: u64, out: Delivery) {
+    /// Schedules `event`, a message on `conn` towards its phone, after the network's
+    /// delay and in the connection's order.
+    fn to_phone(&mut self, conn: u64, event: Event) {
         self.report.messages += 1;
         let delay = self.delay();
         let Some(c) = self.conns.get_mut(&conn) else {
@@ -930,11 +937,15 @@ impl World {
         };
         let at = (self.now + delay).max(c.to_phone_at);
         c.to_phone_at = at;
+        self.push_event(at, event);
+    }
+
+    fn push_event(&mut self, at: Duration, event: Event) {
         self.order += 1;
         self.queue.push(Reverse(Scheduled {
             at,
             order: self.order,
-            event: Event::ToPhone { conn, out },
+            event,
         }));
     }
 

@@ -5,15 +5,11 @@
 //! cuts; a cut or a relay crash ends the stream on both sides, and the phone's next
 //! session resumes the upload where the relay's durable copy ends.
 
-use std::cmp::Reverse;
-use std::time::Duration;
-
-use rand::Rng;
 use redline_client::device_session::{UploadEnd, UploadSender};
 use redline_proto::codec::{self, HEADER_LEN};
 use redline_server::loopback::UploadOut;
 
-use super::{Event, Scheduled, World};
+use super::{Event, World};
 
 impl World {
     /// Phone `i`'s session runs an upload on `conn`: a new stream, its first messages.
@@ -45,45 +41,16 @@ impl World {
     /// A frame on an upload stream, in its connection's order; it may cut the
     /// connection as any message does.
     fn send_upload_to_relay(&mut self, conn: u64, stream: u64, frame: Vec<u8>) {
-        self.report.messages += 1;
-        let delay = self.delay();
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
+        let event = Event::UploadToRelay {
+            conn,
+            stream,
+            frame,
         };
-        let at = (self.now + delay).max(c.to_relay_at);
-        c.to_relay_at = at;
-        let phone = c.phone;
-        self.push_event(
-            at,
-            Event::UploadToRelay {
-                conn,
-                stream,
-                frame,
-            },
-        );
-        if self.rng.random_bool(self.config.cut) {
-            self.cut_phone(phone, false);
-        }
+        self.to_relay(conn, event);
     }
 
     fn send_upload_to_phone(&mut self, conn: u64, stream: u64, out: UploadOut) {
-        self.report.messages += 1;
-        let delay = self.delay();
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        let at = (self.now + delay).max(c.to_phone_at);
-        c.to_phone_at = at;
-        self.push_event(at, Event::UploadToPhone { conn, stream, out });
-    }
-
-    fn push_event(&mut self, at: Duration, event: Event) {
-        self.order += 1;
-        self.queue.push(Reverse(Scheduled {
-            at,
-            order: self.order,
-            event,
-        }));
+        self.to_phone(conn, Event::UploadToPhone { conn, stream, out });
     }
 
     /// The relay reads a frame on an upload stream (the first one opens it).
