@@ -903,16 +903,16 @@ impl World {
             let kind = codec::decode_payload(&frame[HEADER_LEN..]).map(|m| m.kind());
             println!("{:?} phone -> relay on {conn}: {kind:?}", self.now);
         }
-        self.to_relay(conn, Event::ToRelay { conn, frame });
+        self.schedule_to_relay(conn, Event::ToRelay { conn, frame });
     }
 
     fn send_to_phone(&mut self, conn: u64, out: Delivery) {
-        self.to_phone(conn, Event::ToPhone { conn, out });
+        self.schedule_to_phone(conn, Event::ToPhone { conn, out });
     }
 
     /// Schedules `event`, a message on `conn` towards the relay, after the network's
     /// delay and in the connection's order; sending it may cut the connection.
-    fn to_relay(&mut self, conn: u64, event: Event) {
+    fn schedule_to_relay(&mut self, conn: u64, event: Event) {
         self.report.messages += 1;
         let delay = self.delay();
         let Some(c) = self.conns.get_mut(&conn) else {
@@ -929,7 +929,7 @@ impl World {
 
     /// Schedules `event`, a message on `conn` towards its phone, after the network's
     /// delay and in the connection's order.
-    fn to_phone(&mut self, conn: u64, event: Event) {
+    fn schedule_to_phone(&mut self, conn: u64, event: Event) {
         self.report.messages += 1;
         let delay = self.delay();
         let Some(c) = self.conns.get_mut(&conn) else {

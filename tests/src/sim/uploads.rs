@@ -46,11 +46,11 @@ impl World {
             stream,
             frame,
         };
-        self.to_relay(conn, event);
+        self.schedule_to_relay(conn, event);
     }
 
     fn send_upload_to_phone(&mut self, conn: u64, stream: u64, out: UploadOut) {
-        self.to_phone(conn, Event::UploadToPhone { conn, stream, out });
+        self.schedule_to_phone(conn, Event::UploadToPhone { conn, stream, out });
     }
 
     /// The relay reads a frame on an upload stream (the first one opens it).
