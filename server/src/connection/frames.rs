@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use quinn::{RecvStream, SendStream};
+use redline_proto::ErrorCode;
 use redline_proto::codec::{self, HEADER_LEN};
-use redline_proto::message::{ErrorReport, Message};
-use redline_proto::{DocId, ErrorCode};
+use redline_proto::message::Message;
 
 use crate::Error;
 
@@ -97,12 +97,4 @@ pub(super) fn stopped_reading() -> Error {
         code: ErrorCode::TIMED_OUT,
         text: "the device stopped reading".into(),
     }
-}
-
-pub(super) fn error_msg(code: ErrorCode, text: impl Into<String>, doc: Option<DocId>) -> Message {
-    Message::Error(ErrorReport {
-        code,
-        text: text.into(),
-        doc,
-    })
 }

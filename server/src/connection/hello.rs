@@ -12,10 +12,11 @@ use redline_proto::{ErrorCode, MIN_PROTOCOL_VERSION};
 use tracing::info;
 
 use super::Shared;
-use super::frames::{error_msg, read_frame, write_frame, write_message};
+use super::frames::{read_frame, write_frame, write_message};
 use crate::Error;
 use crate::access::Scope;
 use crate::config::RelayConfig;
+use crate::session::error_msg;
 use crate::session::{Peer, SessionLimits};
 use crate::state::RelayState;
 

@@ -15,13 +15,14 @@ use tracing::Instrument;
 
 use super::RateLimit;
 use super::admission::{admit, hold, now_ms};
-use super::frames::{error_msg, write_message};
+use super::frames::write_message;
 use super::resync::resync_step;
 use super::upload::{UploadCtx, upload};
 use crate::Error;
 use crate::authorship::Author;
 use crate::config::RelayConfig;
 use crate::hub::Window;
+use crate::session::error_msg;
 use crate::session::{Action, Answer, Input, Outcome, Peer, PushWork, Query, Request, Session};
 use crate::state::RelayState;
 

@@ -15,12 +15,13 @@ use redline_proto::{DocId, ErrorCode};
 
 use super::RateLimit;
 use super::admission::{admit, hold, now_ms};
-use super::frames::{error_msg, read_message, write_message};
+use super::frames::{read_message, write_message};
 use crate::Error;
 use crate::config::RelayConfig;
 use crate::hub::bundle_changes;
 #[cfg(doc)]
 use crate::hub::staging::Staging;
+use crate::session::error_msg;
 use crate::session::{
     Admission, Known, Outcome, Staged, UploadAction, UploadInput, UploadLimits, UploadStream,
     Verdict, held_entry, reply,

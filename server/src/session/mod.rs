@@ -42,7 +42,7 @@ mod upload;
 
 pub use admission::{Admitting, Question, Step};
 pub use bucket::Bucket;
-use peer::error_msg;
+pub(crate) use peer::error_msg;
 pub use peer::{
     Admission, IN_FLIGHT, KNOWN_HEADS, Known, Outcome, Peer, PushWork, Verdict, forbidden,
     held_entry, refusal, refusal_code, reply,
