@@ -329,10 +329,7 @@ impl Client {
         };
         let mut log = schema::commit(tx, &writer);
         if follow {
-            let patches = doc.make_patches(&mut log);
-            self.inner
-                .tallies
-                .advance(id, &before, doc.get_heads(), &patches);
+            self.inner.tallies.advance_by(id, &before, doc, &mut log);
         }
         if !self.covered_by_patterns(id) {
             self.inner.store.follow(id)?;
@@ -430,10 +427,7 @@ impl Client {
                 let mut log = automerge::PatchLog::new(follow);
                 let applied = doc.apply_changes_log_patches(changes, &mut log);
                 if follow && applied.is_ok() {
-                    let patches = doc.make_patches(&mut log);
-                    self.inner
-                        .tallies
-                        .advance(id, &before, doc.get_heads(), &patches);
+                    self.inner.tallies.advance_by(id, &before, doc, &mut log);
                 }
                 applied.map(|()| doc.get_changes_meta(&before).len())
             }

@@ -87,6 +87,19 @@ impl TallyCache {
         self.lock().get(id).is_some_and(|k| k.heads == heads)
     }
 
+    /// After a change to `doc` (at `before` until then) made with `log` active (see
+    /// [`wants`](Self::wants)): moves the totals kept for `id` by the log's patches.
+    pub(crate) fn advance_by(
+        &self,
+        id: &DocId,
+        before: &[ChangeHash],
+        doc: &mut automerge::Automerge,
+        log: &mut automerge::PatchLog,
+    ) {
+        let patches = doc.make_patches(log);
+        self.advance(id, before, doc.get_heads(), &patches);
+    }
+
     /// Moves the totals kept for `id` at `before` to `after` by `patches` (everything
     /// that changed between them); drops them if they were kept elsewhere or a patch is
     /// not a plain tally change.

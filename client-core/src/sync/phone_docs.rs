@@ -96,8 +96,7 @@ impl Documents for PhoneDocs<'_> {
         let mut log = automerge::PatchLog::new(follow);
         let merged = merge_received_logged(id, doc, bytes, document, &mut log)?;
         if follow {
-            let patches = doc.make_patches(&mut log);
-            tallies.advance(id, &before, doc.get_heads(), &patches);
+            tallies.advance_by(id, &before, doc, &mut log);
         }
         Ok(merged)
     }
