@@ -54,6 +54,33 @@ pub(crate) struct Inner {
     pub(crate) speak: std::sync::atomic::AtomicU16,
     /// Which of the deployment's relays ([`Client::relays`]) answered last.
     pub(crate) relay_index: std::sync::atomic::AtomicUsize,
+    /// The last connection's attempt number (see [`Inner::next_attempt`]).
+    pub(crate) attempt: std::sync::atomic::AtomicU64,
+}
+
+impl Inner {
+    /// The next connection's attempt number, told to the relay in the hello: larger than
+    /// any earlier one of this phone, also across restarts of the app (the wall clock in
+    /// milliseconds, or one more than the last number when the clock is behind it).
+    pub(crate) fn next_attempt(&self) -> u64 {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let last = self
+            .attempt
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |last| Some(next_attempt(last, now_ms)),
+            )
+            .unwrap_or_else(|last| last);
+        next_attempt(last, now_ms)
+    }
+}
+
+/// The attempt number after `last` at wall clock `now_ms`.
+pub(crate) fn next_attempt(last: u64, now_ms: u64) -> u64 {
+    now_ms.max(last.saturating_add(1))
 }
 
 /// Where a document change came from.
@@ -127,6 +154,7 @@ impl Client {
                 conditions: Mutex::new(Default::default()),
                 speak,
                 relay_index: std::sync::atomic::AtomicUsize::new(0),
+                attempt: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -578,6 +606,20 @@ mod tests {
     fn phone(store: &Arc<MemoryStore>) -> Client {
         let config = crate::ClientConfig::new(MemberId::new("amira").unwrap());
         Client::with_store(store.clone(), config).unwrap()
+    }
+
+    #[test]
+    fn connection_attempt_numbers_grow_even_when_the_clock_goes_back() {
+        assert_eq!(next_attempt(0, 1_000), 1_000);
+        assert_eq!(next_attempt(1_000, 1_000), 1_001);
+        assert_eq!(next_attempt(5_000, 1_000), 5_001);
+        let client = phone(&Arc::new(MemoryStore::new()));
+        let first = client.inner.next_attempt();
+        let second = client.inner.next_attempt();
+        assert!(
+            second > first && first > 1_700_000_000_000,
+            "{first} {second}"
+        );
     }
 
     #[test]

@@ -70,6 +70,12 @@ pub mod ext {
     /// document's heads (empty `heads`): a ledger in a storm has a head per phone of
     /// its team, 32 bytes each, on every update.
     pub const HELLO_DERIVES_HEADS: u16 = 4;
+    /// On [`super::Hello`]: this connection's attempt number (`u64`), larger than any
+    /// earlier connection's of the same device. A cut connection's frames can reach the
+    /// relay after its successor's (lost packets resent late); an upload resumed on the
+    /// later connection then keeps the upload, and a stream of the earlier one is told
+    /// it is stale, instead of the newest stream to arrive taking the upload over.
+    pub const HELLO_ATTEMPT: u16 = 5;
 }
 
 /// The QUIC ALPN token of protocol version 1. A peer offering anything else is refused

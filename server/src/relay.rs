@@ -179,6 +179,9 @@ async fn accept_loop(
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
+    // Connections accepted so far: which of a device's connections is later, when its
+    // hellos come out of order (see `hub::staging::Arrival`).
+    let mut accepted = 0u64;
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -205,7 +208,8 @@ async fn accept_loop(
                     incoming.refuse();
                     continue;
                 };
-                connections.spawn(connection::serve(incoming, shared.clone(), vec![seat]));
+                accepted += 1;
+                connections.spawn(connection::serve(incoming, shared.clone(), vec![seat], accepted));
             }
             Some(_) = connections.join_next() => {}
             _ = stopped.changed() => break,

@@ -116,3 +116,25 @@ fn a_phone_that_stores_its_cursor_without_the_updates_is_caught() {
         w.contains("stored copy") || w.contains("does not hold the relay's copy")
     });
 }
+
+/// Seeds the long runs (`sim --seeds N`) found failing, replayed on the day they failed
+/// on. A change to the simulation's order of events can move a seed's weather, so each
+/// also names what it exercised, checked in the seed's report.
+#[test]
+fn seeds_the_long_runs_found_stay_fixed() {
+    // The `sim` binary's small day (more phone crashes than the CI day).
+    let small = SimConfig {
+        phones: 24,
+        team_size: 6,
+        ops: 30,
+        day_secs: 180,
+        ..SimConfig::default()
+    };
+    // 1697: a version 1 phone replaced a connection whose hello went unanswered; the
+    // old connection's hello and upload stream, delayed by lost packets, reached the
+    // relay after the new one's and took the upload over, so the phone's current
+    // stream was refused ("a newer connection took this upload over"). The relay now
+    // keeps an upload with the device's later connection.
+    let report = run(1697, &small).unwrap_or_else(|f| panic!("{f}"));
+    assert!(report.uploads >= 3, "seed 1697 no longer resumes an upload");
+}

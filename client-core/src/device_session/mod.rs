@@ -90,6 +90,9 @@ pub struct Start {
     pub defer_large: Option<String>,
     /// The session stays open after its first flight.
     pub live: bool,
+    /// This connection's attempt number: larger than any earlier connection's of the
+    /// phone ([`redline_proto::message::ext::HELLO_ATTEMPT`]).
+    pub attempt: u64,
     /// Now, and the connection's round-trip estimate (the welcome's deadline).
     pub now: Instant,
     pub rtt: Duration,
@@ -183,13 +186,14 @@ impl DeviceSession {
             progress: SyncProgress::default(),
             actions: VecDeque::new(),
         };
-        // This client reads several stored chunks in one update, and works out the
-        // relay's heads from what it applies (version 2 and later carry extensions;
-        // version 1 relays never see them).
+        // This client reads several stored chunks in one update, works out the relay's
+        // heads from what it applies, and numbers its connections (version 2 and later
+        // carry extensions; version 1 relays never see them).
         let version = start.hello.protocol_version;
         let mut hello_ext = codec::Extensions::new();
         hello_ext.insert(ext::HELLO_ACCEPTS_CHUNKS, &true)?;
         hello_ext.insert(ext::HELLO_DERIVES_HEADS, &true)?;
+        hello_ext.insert(ext::HELLO_ATTEMPT, &start.attempt)?;
         s.actions.push_back(Action::Send(codec::encode_frame_with(
             &Message::Hello(start.hello),
             &hello_ext,

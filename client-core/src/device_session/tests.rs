@@ -144,6 +144,7 @@ fn start(phone: &mut Phone, live: bool, now: Instant) -> DeviceSession {
         resume: vec![],
         defer_large: None,
         live,
+        attempt: 1,
         now,
         rtt: Duration::from_millis(20),
     };

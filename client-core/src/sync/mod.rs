@@ -382,6 +382,7 @@ impl Client {
             resume,
             defer_large: self.download_held_back()?,
             live,
+            attempt: self.inner.next_attempt(),
             now: Instant::now(),
             rtt,
         })

@@ -16,33 +16,46 @@ use super::frames::{read_frame, write_frame, write_message};
 use crate::Error;
 use crate::access::Scope;
 use crate::config::RelayConfig;
+use crate::hub::staging::Arrival;
 use crate::session::error_msg;
 use crate::session::{Peer, SessionLimits};
 use crate::state::RelayState;
 
-/// What a device's hello says it can do beyond its version's base (extensions: version
-/// 2 and later only; a malformed value counts as no).
+/// What a device's hello says beyond its version's base (extensions: version 2 and
+/// later only; a malformed value counts as not said).
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Abilities {
     /// It reads several chunks in one payload.
     pub chunks: bool,
     /// It works out the relay's heads from what it applies.
     pub derives_heads: bool,
+    /// The connection's attempt number (0: not said).
+    pub attempt: u64,
 }
 
 impl Abilities {
     pub(super) fn of(ext: &codec::Extensions, version: u16) -> Self {
         let says = |tag| version >= 2 && matches!(ext.get::<bool>(tag), Ok(Some(true)));
+        let attempt = match ext.get::<u64>(ext::HELLO_ATTEMPT) {
+            Ok(Some(n)) if version >= 2 => n,
+            _ => 0,
+        };
         Self {
             chunks: says(ext::HELLO_ACCEPTS_CHUNKS),
             derives_heads: says(ext::HELLO_DERIVES_HEADS),
+            attempt,
         }
     }
 
-    /// Records them on the session's peer.
-    pub(super) fn grant(self, peer: &mut Peer) {
+    /// Records them on the session's peer, whose connection was the relay's
+    /// `accepted`th.
+    pub(super) fn grant(self, peer: &mut Peer, accepted: u64) {
         peer.accepts_chunks = self.chunks;
         peer.derives_heads = self.derives_heads;
+        peer.arrival = Arrival {
+            attempt: self.attempt,
+            accepted,
+        };
     }
 }
 

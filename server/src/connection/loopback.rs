@@ -114,15 +114,17 @@ impl Loopback {
     }
 
     /// A device says hello (with the hello frame's extensions) at `now` (`unix_now` in
-    /// seconds for its token): the link and
-    /// the `Welcome` framed as the network would carry it (extensions only for version 2
-    /// and later), or why it is turned away.
+    /// seconds for its token) on the relay's `accepted`th connection (counted in the
+    /// order the connections were opened, as the QUIC relay counts their first packets):
+    /// the link and the `Welcome` framed as the network would carry it (extensions only
+    /// for version 2 and later), or why it is turned away.
     pub fn connect(
         &self,
         mut hello: Hello,
         ext: &codec::Extensions,
         now: Instant,
         unix_now: u64,
+        accepted: u64,
     ) -> Result<(Link, Vec<u8>), ErrorReport> {
         let refusal = |code, text: String| ErrorReport {
             code,
@@ -141,7 +143,7 @@ impl Loopback {
         let g = greeting(&self.relay, &self.config, &hello, &scope)
             .map_err(|e| refusal(redline_proto::ErrorCode::INTERNAL, e.to_string()))?;
         let mut peer = new_peer(&hello, scope, g.granted, g.synced_before, g.quarantined);
-        Abilities::of(ext, version).grant(&mut peer);
+        Abilities::of(ext, version).grant(&mut peer, accepted);
         // Registered before the stable sequence is read, as the QUIC driver does.
         let interest = self.relay.hub.interest(peer.subscription.clone());
         let session = Session::new(
@@ -233,6 +235,7 @@ impl Loopback {
             who: session.peer().admission(&self.config),
             known: session.peer().known.clone(),
             rate: RateLimit(session.rate()),
+            arrival: session.peer().arrival,
         })
     }
 

@@ -51,8 +51,15 @@ pub(crate) struct Shared {
 
 /// Serves one incoming connection until it closes. A connection the relay ends for cause
 /// (no valid token, revoked, limits, garbage) is closed with the error code as the QUIC
-/// application code, after the device was told why on the control stream.
-pub(crate) async fn serve(incoming: quinn::Incoming, shared: Shared, seats: Vec<Seat>) {
+/// application code, after the device was told why on the control stream. `accepted`
+/// counts the relay's connections up to this one, in the order their first packets
+/// came.
+pub(crate) async fn serve(
+    incoming: quinn::Incoming,
+    shared: Shared,
+    seats: Vec<Seat>,
+    accepted: u64,
+) {
     let remote = incoming.remote_address();
     // Until its hello is admitted, the connection counts as pending (see `door`).
     let pending = shared.door.pending();
@@ -78,7 +85,7 @@ pub(crate) async fn serve(incoming: quinn::Incoming, shared: Shared, seats: Vec<
     relay.metrics.connections_open.inc();
     async move {
         let mut wire = Wire::default();
-        let result = run(conn.clone(), shared, span2, &mut wire, pending).await;
+        let result = run(conn.clone(), shared, span2, &mut wire, pending, accepted).await;
         wire.account(&conn, &relay);
         relay.metrics.connections_open.dec();
         if let Some(device) = &wire.device {
@@ -169,6 +176,7 @@ async fn run(
     span: tracing::Span,
     wire: &mut Wire,
     pending: Seat,
+    accepted: u64,
 ) -> Result<(), Error> {
     let Shared {
         relay,
@@ -217,7 +225,7 @@ async fn run(
     let (mut inbox, reader) = spawn_reader(recv, &config);
 
     let mut peer = new_peer(&hello, scope, granted, synced_before, quarantined);
-    abilities.grant(&mut peer);
+    abilities.grant(&mut peer, accepted);
     let (mut session, interest, mut stable) = new_session(&relay, &config, peer, expires_in);
     let mut driver = Driver::new(relay.clone(), config.clone(), conn.clone(), out, &session);
     let result = drive(

@@ -129,6 +129,7 @@ impl Driver {
                         who: session.peer().admission(&self.config),
                         known: session.peer().known.clone(),
                         rate: self.rate.clone(),
+                        arrival: session.peer().arrival,
                     };
                     self.uploads.spawn(upload(s, r, up).in_current_span());
                 }

@@ -19,6 +19,7 @@ use super::frames::{read_message, write_message};
 use crate::Error;
 use crate::config::RelayConfig;
 use crate::hub::bundle_changes;
+use crate::hub::staging::Arrival;
 #[cfg(doc)]
 use crate::hub::staging::Staging;
 use crate::session::error_msg;
@@ -36,6 +37,8 @@ pub(super) struct UploadCtx {
     pub who: Admission,
     pub known: Known,
     pub rate: RateLimit,
+    /// Which of the device's connections this is (see [`crate::hub::staging`]).
+    pub arrival: Arrival,
 }
 
 /// The stream's two halves and their deadlines.
@@ -171,13 +174,17 @@ impl UploadRun {
             UploadAction::Take(id) => {
                 let device = ctx.who.author.device.to_string();
                 let key = format!("{device}|{}", hex::encode(id)).into_bytes();
-                let t = Ticket::take(&ctx.relay, key).await?;
-                let input = UploadInput::Taken {
-                    have: t.have,
-                    staged: t.staged_bytes().await?,
-                };
-                self.ticket = Some(t);
-                input
+                match Ticket::take(&ctx.relay, key, ctx.arrival).await? {
+                    Some(t) => {
+                        let input = UploadInput::Taken {
+                            have: t.have,
+                            staged: t.staged_bytes().await?,
+                        };
+                        self.ticket = Some(t);
+                        input
+                    }
+                    None => UploadInput::Stale,
+                }
             }
             UploadAction::Stage { offset, data } => {
                 let quota = ctx.config.quotas.staged_bytes_per_device;
@@ -278,17 +285,24 @@ struct Ticket {
 }
 
 impl Ticket {
-    /// Takes `key` over from any older stream, and reads what is held of it, as one step.
-    async fn take(relay: &Arc<RelayState>, key: Vec<u8>) -> Result<Self, Error> {
+    /// Takes `key` over from any older stream, and reads what is held of it, as one step;
+    /// `None` when a stream of a later connection of the device than `arrival` owns it.
+    async fn take(
+        relay: &Arc<RelayState>,
+        key: Vec<u8>,
+        arrival: Arrival,
+    ) -> Result<Option<Self>, Error> {
         let r = relay.clone();
         let k = key.clone();
-        let (number, have) = tokio::task::spawn_blocking(move || {
+        let taken = tokio::task::spawn_blocking(move || {
             let mut staging = r.hub.staging.lock().expect("staging lock");
-            let number = staging.take_over(&k);
-            let have = r.hub.storage().upload_len(&k);
-            (number, have)
+            let number = staging.take_over(&k, arrival)?;
+            Some((number, r.hub.storage().upload_len(&k)))
         })
         .await?;
+        let Some((number, have)) = taken else {
+            return Ok(None);
+        };
         // Built before the `?`: an error still releases the key.
         let mut ticket = Self {
             relay: relay.clone(),
@@ -297,7 +311,7 @@ impl Ticket {
             have: 0,
         };
         ticket.have = have?;
-        Ok(ticket)
+        Ok(Some(ticket))
     }
 
     /// What this device has staged over all its uploads.

@@ -144,6 +144,8 @@ pub struct Peer {
     /// The device works out the relay's heads from what it applies: updates go without
     /// them ([`redline_proto::message::ext::HELLO_DERIVES_HEADS`]).
     pub derives_heads: bool,
+    /// Which of the device's connections this is, for the ownership of its uploads.
+    pub arrival: crate::hub::staging::Arrival,
 }
 
 impl Peer {
@@ -168,6 +170,7 @@ impl Peer {
             resync: RelayResync::new(),
             accepts_chunks: false,
             derives_heads: false,
+            arrival: Default::default(),
         }
     }
 }

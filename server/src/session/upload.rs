@@ -57,6 +57,9 @@ pub enum UploadInput {
         /// Bytes the device has staged over all its uploads.
         staged: u64,
     },
+    /// A later connection of the device owns the upload: this stream's connection is
+    /// stale, its frames came late ([`UploadAction::Take`]).
+    Stale,
     /// What storing a piece came to ([`UploadAction::Stage`]).
     Staged(Staged),
     /// The relay's storage flushed ([`UploadAction::Flush`]).
@@ -89,7 +92,8 @@ pub enum UploadAction {
     /// Ask whether the relay holds these changes of `doc` (answer: `Held`).
     CheckHeld(DocId, Vec<ChangeHash>),
     /// Take the upload with this id over from any older stream of the device and read
-    /// what is held of it (answer: `Taken`).
+    /// what is held of it (answer: `Taken`, or `Stale` when a later connection of the
+    /// device owns it).
     Take([u8; 16]),
     /// Send this message on the stream.
     Send(Message),
@@ -187,6 +191,14 @@ impl UploadStream {
             }
             (Stage::Checking, UploadInput::Held { all: false, .. }) => self.take(),
             (Stage::Taking, UploadInput::Taken { have, staged }) => self.taken(have, staged),
+            (Stage::Taking, UploadInput::Stale) => {
+                let doc = Some(self.doc());
+                self.answer(error_msg(
+                    ErrorCode::BAD_TRANSFER,
+                    "a later connection of this phone is uploading this",
+                    doc,
+                ));
+            }
             (Stage::Receiving, UploadInput::Message(Message::Piece(p))) => self.piece(p),
             (Stage::Receiving, UploadInput::Ended(Some((code, text)))) => {
                 self.fail(Error::Refused { code, text });
@@ -603,6 +615,16 @@ mod tests {
             code(answered(&actions(&mut s))),
             Some(ErrorCode::BAD_TRANSFER)
         );
+    }
+
+    #[test]
+    fn a_stream_of_a_stale_connection_takes_nothing_and_is_answered_why() {
+        let bytes = vec![1u8; 2_000];
+        let (mut s, _) = started(named(upload("t1", &bytes, vec![])));
+        s.handle(UploadInput::Stale);
+        let a = actions(&mut s);
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert_eq!(code(answered(&a)), Some(ErrorCode::BAD_TRANSFER));
     }
 
     #[test]

@@ -688,8 +688,10 @@ impl World {
         }
         let conn = self.open_conn(i);
         let now = self.instant();
+        let now_ms = self.now.as_millis() as u64;
         let phone = &mut self.phones[i];
         phone.conn = Some(conn);
+        phone.attempt = now_ms.max(phone.attempt + 1);
         let start = Start {
             hello: phone.hello(),
             cursor: phone.store.cursor.clone(),
@@ -697,6 +699,7 @@ impl World {
             resume: Vec::new(),
             defer_large: None,
             live: true,
+            attempt: phone.attempt,
             now,
             rtt: Duration::from_millis(50),
         };
@@ -977,7 +980,10 @@ impl World {
             Err(e) => return self.problems.push(format!("the relay could not read: {e}")),
         };
         let outs = match (&mut c.link, msg) {
-            (None, Message::Hello(hello)) => match relay.connect(hello, &ext, now, unix) {
+            // Connections are numbered as the phones open them: the QUIC relay counts
+            // first packets, which come in that order (a phone opens its next connection
+            // once the last one's handshake finished or failed).
+            (None, Message::Hello(hello)) => match relay.connect(hello, &ext, now, unix, conn) {
                 Ok((link, welcome)) => {
                     c.link = Some(link);
                     self.send_to_phone(conn, Delivery::Frame(welcome));

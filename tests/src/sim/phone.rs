@@ -205,6 +205,9 @@ pub struct Phone {
     pub wrote: bool,
     /// Refusals an honest phone should never get.
     pub refusals: Vec<String>,
+    /// The last connection's attempt number (the client takes the wall clock, so it
+    /// grows over a restart too; here the virtual clock).
+    pub attempt: u64,
 }
 
 impl Phone {
@@ -238,6 +241,7 @@ impl Phone {
             session: None,
             wrote: false,
             refusals: Vec::new(),
+            attempt: 0,
         }
     }
 
