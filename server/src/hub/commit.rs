@@ -139,11 +139,12 @@ impl Hub {
             };
             step = run.on(fact);
         };
+        let merged = outcome.answers.iter().filter(|(_, a)| a.is_ok()).count();
         self.answer(id, state, ok, &news, outcome.answers);
         if let Some(e) = &outcome.failure {
             warn!(doc = %id, "a batch was not committed: {e}");
         }
-        self.stats.pushes.fetch_add(n_pushes, Ordering::Relaxed);
+        self.stats.pushes.fetch_add(merged as u64, Ordering::Relaxed);
         self.stats
             .conflicts
             .fetch_add(u64::from(outcome.conflicts), Ordering::Relaxed);

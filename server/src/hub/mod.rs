@@ -55,7 +55,7 @@ use crate::storage::RelayStorage;
 pub struct HubStats {
     /// Commits written.
     pub commits: AtomicU64,
-    /// Pushes merged into those commits.
+    /// Pushes merged into those commits (a refused push is not counted).
     pub pushes: AtomicU64,
     /// Changes in durable commits (a batch applied again after a conflict counts once).
     pub changes: AtomicU64,
