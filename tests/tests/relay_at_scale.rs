@@ -546,117 +546,264 @@ async fn upload_answer(
     }
 }
 
+/// A device of team-1 with a token, and a push of one 6 KB change (incompressible, so
+/// it goes up in several 1 KB pieces) as an upload.
+struct PhotoUpload {
+    device: redline_proto::DeviceId,
+    token: String,
+    subscription: redline_proto::message::Subscription,
+    id: DocId,
+    head: automerge::ChangeHash,
+    upload: redline_proto::message::Upload,
+    bytes: Vec<u8>,
+}
+
+impl PhotoUpload {
+    fn new(
+        relay: &redline_server::RelayHandle,
+        phone_dir: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let device = redline_tests::device_for(phone_dir);
+        let token = redline_tests::token_for(
+            relay.data_dir(),
+            phone_dir,
+            "amira",
+            redline_proto::token::Role::Volunteer,
+            &["team-1"],
+            &[],
+        )?;
+        let id = DocId::ledger(&team("team-1"), &redline_tests::today());
+        let mut doc = redline_proto::genesis::genesis(&id).with_actor(ActorId::random());
+        let mut tx = doc.transaction();
+        let noise: Vec<u8> = {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            (0..6 * 1024).map(|_| rng.random::<u8>()).collect()
+        };
+        tx.put(ROOT, "notes", automerge::ScalarValue::Bytes(noise))?;
+        tx.commit_with(
+            automerge::transaction::CommitOptions::default()
+                .with_message(format!("amira@{device}")),
+        );
+        let head = doc.get_heads()[0];
+        let all: Vec<_> = doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
+        let bytes = doc.bundle(all)?.bytes().to_vec();
+        let upload = redline_proto::message::Upload {
+            id: redline_proto::wire::transfer_id(&bytes),
+            doc: id.clone(),
+            len: bytes.len() as u64,
+            document: false,
+            heads: vec![head.0],
+        };
+        let subscription = redline_proto::message::Subscription {
+            teams: vec![team("team-1")],
+            ..Default::default()
+        };
+        Ok(Self {
+            device,
+            token,
+            subscription,
+            id,
+            head,
+            upload,
+            bytes,
+        })
+    }
+
+    /// Says hello on `raw` as the device (with the connection's attempt number, if
+    /// any) and checks the welcome.
+    async fn hello(
+        &self,
+        raw: &mut redline_tests::RawDevice,
+        attempt: Option<u64>,
+    ) -> anyhow::Result<()> {
+        use redline_proto::codec;
+        let hello = redline_proto::Message::Hello(redline_proto::message::Hello {
+            protocol_version: redline_proto::PROTOCOL_VERSION,
+            device: self.device.clone(),
+            app_version: "raw-test".into(),
+            subscription: self.subscription.clone(),
+            token: self.token.clone(),
+        });
+        let mut ext = codec::Extensions::new();
+        if let Some(n) = attempt {
+            ext.insert(redline_proto::message::ext::HELLO_ATTEMPT, &n)?;
+        }
+        let frame = codec::encode_frame_with(
+            &hello,
+            &ext,
+            redline_proto::PROTOCOL_VERSION,
+            codec::DEFAULT_MAX_FRAME,
+        )?;
+        raw.send_bytes(&frame).await?;
+        let welcome = raw.next(Duration::from_secs(5)).await?;
+        anyhow::ensure!(
+            matches!(welcome, Some(redline_proto::Message::Welcome(_))),
+            "{welcome:?}"
+        );
+        Ok(())
+    }
+
+    /// Opens an upload stream on `raw` and names the upload: the stream and the relay's
+    /// first answer.
+    async fn open(&self, raw: &redline_tests::RawDevice) -> anyhow::Result<UploadStream> {
+        let (send, recv) = raw.conn.open_bi().await?;
+        let mut stream = UploadStream {
+            send,
+            recv,
+            decoder: redline_proto::codec::FrameDecoder::new(1 << 20),
+        };
+        stream
+            .send(&redline_proto::Message::Upload(self.upload.clone()))
+            .await?;
+        Ok(stream)
+    }
+
+    /// Bytes `from..to` as a piece.
+    fn piece(&self, from: usize, to: usize) -> redline_proto::Message {
+        redline_proto::Message::Piece(redline_proto::message::Piece {
+            id: self.upload.id,
+            offset: from as u64,
+            data: self.bytes[from..to.min(self.bytes.len())].to_vec(),
+        })
+    }
+
+    /// Sends the pieces from `at` on `stream`, 1 KB each, checking every answer, to the
+    /// push's `Ack`.
+    async fn finish(&self, stream: &mut UploadStream, mut at: usize) -> anyhow::Result<()> {
+        use redline_proto::Message;
+        while at < self.bytes.len() {
+            stream.send(&self.piece(at, at + 1024)).await?;
+            at = (at + 1024).min(self.bytes.len());
+            match stream.answer().await? {
+                Some(Message::UploadOffset(o)) => assert_eq!(o.have, at as u64),
+                Some(Message::Ack(_)) if at == self.bytes.len() => return Ok(()),
+                other => panic!("at {at}: {other:?}"),
+            }
+        }
+        let last = stream.answer().await?;
+        assert!(matches!(last, Some(Message::Ack(_)) | None), "{last:?}");
+        Ok(())
+    }
+}
+
+/// One upload stream of a raw device.
+struct UploadStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: redline_proto::codec::FrameDecoder,
+}
+
+impl UploadStream {
+    async fn send(&mut self, m: &redline_proto::Message) -> anyhow::Result<()> {
+        let frame = redline_proto::codec::encode_frame(m, 1 << 20)?;
+        self.send.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// The relay's next message on the stream (`None` when it ended or stayed silent).
+    async fn answer(&mut self) -> anyhow::Result<Option<redline_proto::Message>> {
+        upload_answer(&mut self.recv, &mut self.decoder).await
+    }
+
+    /// The next answer is `UploadOffset` with `have` bytes held.
+    async fn expect_offset(&mut self, have: u64) -> anyhow::Result<()> {
+        let got = self.answer().await?;
+        anyhow::ensure!(
+            matches!(&got, Some(redline_proto::Message::UploadOffset(o)) if o.have == have),
+            "expected offset {have}, got {got:?}"
+        );
+        Ok(())
+    }
+
+    /// The next answer is a `bad_transfer` error saying `why`.
+    async fn expect_refusal(&mut self, why: &str) -> anyhow::Result<()> {
+        let got = self.answer().await?;
+        anyhow::ensure!(
+            matches!(&got, Some(redline_proto::Message::Error(e)) if e.code == redline_proto::ErrorCode::BAD_TRANSFER && e.text.contains(why)),
+            "expected bad_transfer ({why}), got {got:?}"
+        );
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn an_upload_resumed_on_a_new_connection_takes_over_from_the_stream_of_the_cut_one()
 -> anyhow::Result<()> {
-    use redline_proto::Message;
-    use redline_proto::message::{Piece, Upload};
-    use redline_tests::{RawDevice, device_for, token_for};
-
     let (rd, pd) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let relay = start_relay(rd.path()).await?;
-    let device = device_for(pd.path());
-    let token = token_for(
-        relay.data_dir(),
-        pd.path(),
-        "amira",
-        redline_proto::token::Role::Volunteer,
-        &["team-1"],
-        &[],
-    )?;
-    // The device's changes: one change with a 6 KB note that does not compress, bundled with the genesis.
-    let id = DocId::ledger(&team("team-1"), &redline_tests::today());
-    let mut doc = redline_proto::genesis::genesis(&id).with_actor(ActorId::random());
-    let mut tx = doc.transaction();
-    let noise: Vec<u8> = {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        (0..6 * 1024).map(|_| rng.random::<u8>()).collect()
-    };
-    tx.put(ROOT, "notes", automerge::ScalarValue::Bytes(noise))?;
-    tx.commit_with(
-        automerge::transaction::CommitOptions::default().with_message(format!("amira@{device}")),
-    );
-    let head = doc.get_heads()[0];
-    let all: Vec<_> = doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
-    let bytes = doc.bundle(all)?.bytes().to_vec();
-    let upload = Upload {
-        id: redline_proto::wire::transfer_id(&bytes),
-        doc: id.clone(),
-        len: bytes.len() as u64,
-        document: false,
-        heads: vec![head.0],
-    };
-    let piece = |from: usize, to: usize| {
-        Message::Piece(Piece {
-            id: upload.id,
-            offset: from as u64,
-            data: bytes[from..to.min(bytes.len())].to_vec(),
-        })
-    };
-    let frame = |m: &Message| redline_proto::codec::encode_frame(m, 1 << 20);
-    let subscription = redline_proto::message::Subscription {
-        teams: vec![team("team-1")],
-        ..Default::default()
-    };
-    let decoder = || redline_proto::codec::FrameDecoder::new(1 << 20);
+    let photo = PhotoUpload::new(&relay, pd.path())?;
 
     // The first connection stages 1 KB, then goes quiet (its phone lost the network).
-    let mut first = RawDevice::connect(&relay).await?;
-    first.hello(&device, &token, subscription.clone()).await?;
-    let (mut s1, mut r1) = first.conn.open_bi().await?;
-    let mut d1 = decoder();
-    s1.write_all(&frame(&Message::Upload(upload.clone()))?)
-        .await?;
-    let offset = upload_answer(&mut r1, &mut d1).await?;
-    assert!(
-        matches!(&offset, Some(Message::UploadOffset(o)) if o.have == 0),
-        "{offset:?}"
-    );
-    s1.write_all(&frame(&piece(0, 1024))?).await?;
-    let acked = upload_answer(&mut r1, &mut d1).await?;
-    assert!(
-        matches!(&acked, Some(Message::UploadOffset(o)) if o.have == 1024),
-        "{acked:?}"
-    );
+    let mut first = redline_tests::RawDevice::connect(&relay).await?;
+    photo.hello(&mut first, None).await?;
+    let mut s1 = photo.open(&first).await?;
+    s1.expect_offset(0).await?;
+    s1.send(&photo.piece(0, 1024)).await?;
+    s1.expect_offset(1024).await?;
 
     // The phone reconnects and resumes from what the relay holds.
-    let mut second = RawDevice::connect(&relay).await?;
-    second.hello(&device, &token, subscription).await?;
-    let (mut s2, mut r2) = second.conn.open_bi().await?;
-    let mut d2 = decoder();
-    s2.write_all(&frame(&Message::Upload(upload.clone()))?)
-        .await?;
-    let resumed = upload_answer(&mut r2, &mut d2).await?;
-    assert!(
-        matches!(&resumed, Some(Message::UploadOffset(o)) if o.have == 1024),
-        "{resumed:?}"
-    );
+    let mut second = redline_tests::RawDevice::connect(&relay).await?;
+    photo.hello(&mut second, None).await?;
+    let mut s2 = photo.open(&second).await?;
+    s2.expect_offset(1024).await?;
 
     // The old stream wakes up and sends its next piece: it no longer owns the upload,
     // and writing it would shift the offset under the new stream.
-    s1.write_all(&frame(&piece(1024, 2048))?).await?;
-    let old = upload_answer(&mut r1, &mut d1).await?;
-    assert!(
-        matches!(&old, Some(Message::Error(e)) if e.code == redline_proto::ErrorCode::BAD_TRANSFER && e.text.contains("newer connection")),
-        "{old:?}"
-    );
+    s1.send(&photo.piece(1024, 2048)).await?;
+    s1.expect_refusal("newer connection").await?;
 
     // The new stream finishes the upload and gets the push's answer.
-    let mut at = 1024;
-    while at < bytes.len() {
-        s2.write_all(&frame(&piece(at, at + 1024))?).await?;
-        at = (at + 1024).min(bytes.len());
-        let got = upload_answer(&mut r2, &mut d2).await?;
-        match got {
-            Some(Message::UploadOffset(o)) => assert_eq!(o.have, at as u64),
-            Some(Message::Ack(_)) if at == bytes.len() => {}
-            other => panic!("at {at}: {other:?}"),
-        }
-    }
-    let last = upload_answer(&mut r2, &mut d2).await?;
-    assert!(matches!(last, Some(Message::Ack(_)) | None), "{last:?}");
-    assert!(relay.heads(&id).await?.contains(&head));
+    photo.finish(&mut s2, 1024).await?;
+    assert!(relay.heads(&photo.id).await?.contains(&photo.head));
+    relay.shutdown().await?;
+    Ok(())
+}
+
+/// A phone replaced a connection whose hello went unanswered; the old connection's
+/// hello and upload, resent late, reach the relay after the new connection's (the
+/// simulation's seed 1697). The late stream must not take the upload from the stream
+/// the phone is using: the relay orders a device's connections by the phone's attempt
+/// numbers when it says them, else by the order it accepted the connections in.
+#[tokio::test]
+async fn a_late_stream_of_a_replaced_connection_does_not_take_the_upload_over() -> anyhow::Result<()>
+{
+    let (rd, pd) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let relay = start_relay(rd.path()).await?;
+    let photo = PhotoUpload::new(&relay, pd.path())?;
+
+    // Phones that do not number their connections (version 1 apps): the relay accepted
+    // the replaced connection first.
+    let mut replaced = redline_tests::RawDevice::connect(&relay).await?;
+    let mut current = redline_tests::RawDevice::connect(&relay).await?;
+    // Phones that number them: the numbers decide, whatever the relay's order.
+    let mut numbered_current = redline_tests::RawDevice::connect(&relay).await?;
+    let mut numbered_replaced = redline_tests::RawDevice::connect(&relay).await?;
+
+    photo.hello(&mut current, None).await?;
+    let mut s = photo.open(&current).await?;
+    s.expect_offset(0).await?;
+    s.send(&photo.piece(0, 1024)).await?;
+    s.expect_offset(1024).await?;
+    // The replaced connection's hello and stream arrive now.
+    photo.hello(&mut replaced, None).await?;
+    let mut late = photo.open(&replaced).await?;
+    late.expect_refusal("later connection").await?;
+
+    // The current stream goes on from where it was, untouched, until a numbered
+    // connection (a later one, by its number) takes the upload over.
+    s.send(&photo.piece(1024, 2048)).await?;
+    s.expect_offset(2048).await?;
+    photo.hello(&mut numbered_current, Some(2_000)).await?;
+    let mut n = photo.open(&numbered_current).await?;
+    n.expect_offset(2048).await?;
+    // Accepted by the relay after it, but numbered lower by the phone: stale.
+    photo.hello(&mut numbered_replaced, Some(1_000)).await?;
+    let mut late = photo.open(&numbered_replaced).await?;
+    late.expect_refusal("later connection").await?;
+
+    photo.finish(&mut n, 2048).await?;
+    assert!(relay.heads(&photo.id).await?.contains(&photo.head));
     relay.shutdown().await?;
     Ok(())
 }

@@ -144,7 +144,9 @@ impl Hub {
         if let Some(e) = &outcome.failure {
             warn!(doc = %id, "a batch was not committed: {e}");
         }
-        self.stats.pushes.fetch_add(merged as u64, Ordering::Relaxed);
+        self.stats
+            .pushes
+            .fetch_add(merged as u64, Ordering::Relaxed);
         self.stats
             .conflicts
             .fetch_add(u64::from(outcome.conflicts), Ordering::Relaxed);
