@@ -218,6 +218,8 @@ enum Attack {
     ForgedAuthorship,
     QuarantineAcrossTeams,
     TokenFromTheFuture,
+    // Round three.
+    CountersIntoThePast,
 }
 
 impl Attack {
@@ -491,6 +493,7 @@ async fn attack(f: &Fixture, which: Attack) -> anyhow::Result<Seen> {
         Attack::OversizedHello => oversized_hello(f).await,
         Attack::ForgedAuthorship => forged_authorship(f).await,
         Attack::QuarantineAcrossTeams => quarantine_across_teams(f).await,
+        Attack::CountersIntoThePast => counters_into_the_past(f).await,
         Attack::TokenFromTheFuture => {
             let name = "time-traveller";
             let device = device_for(&f.dir(name));
@@ -664,6 +667,12 @@ async fn every_attack_is_refused_and_nothing_leaks() -> anyhow::Result<()> {
         (
             Attack::TokenFromTheFuture,
             closed_with(ErrorCode::UNAUTHORIZED),
+        ),
+        // 11. A change whose operations are numbered into its dependencies' past: it
+        //     applies, and every saved copy of the document would fail to load.
+        (
+            Attack::CountersIntoThePast,
+            Box::new(|s: &Seen| s.codes == [ErrorCode::BAD_DOCUMENT_DATA]),
         ),
     ];
     let out_of_scope = |d: &DocId| *d == f.ledger(T5);
@@ -1248,6 +1257,40 @@ async fn forged_authorship(f: &Fixture) -> anyhow::Result<Seen> {
     for (source, change) in &forgeries {
         raw.send(&push_of(&doc, source, change)?).await?;
     }
+    Ok(Seen::from_messages(
+        &raw.drain(Duration::from_millis(800)).await?,
+    ))
+}
+
+async fn counters_into_the_past(f: &Fixture) -> anyhow::Result<Seen> {
+    let doc = f.ledger(T3);
+    let base = f.relay.document(&doc).await?.expect("seeded");
+    let name = "numberer";
+    let own = format!("{name}@{}", device_for(&f.dir(name)));
+    let (_, honest) = change_on(&base, ActorId::random(), Some(&own), |tx| {
+        let tasks = container(tx, "tasks")?;
+        tx.put(&tasks, "t-numbered", "open")?;
+        Ok(())
+    })?;
+    // The same change, its one operation numbered 1: below every counter the
+    // document's history used.
+    let mut expanded = automerge::ExpandedChange::from(&honest);
+    expanded.start_op = std::num::NonZeroU64::MIN;
+    expanded.hash = None;
+    let poisoned = automerge::Change::from(expanded);
+    let mut copy = base.clone();
+    copy.apply_changes([poisoned.clone()])?;
+    anyhow::ensure!(
+        automerge::Automerge::load(&copy.save()).is_err(),
+        "the renumbered change no longer breaks a saved document: the row tests nothing"
+    );
+    let mut raw = f.raw_volunteer(name).await?;
+    raw.send(&Message::Push(Push {
+        doc: doc.clone(),
+        bundle: poisoned.raw_bytes().to_vec(),
+        heads: vec![poisoned.hash().0],
+    }))
+    .await?;
     Ok(Seen::from_messages(
         &raw.drain(Duration::from_millis(800)).await?,
     ))

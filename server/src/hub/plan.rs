@@ -6,13 +6,18 @@
 //!    bindings, authorship). Pushes that bring nothing new are accepted as they are.
 //! 2. **Size**: what the accepted pushes add (their changes' raw bytes, an upper bound
 //!    of the stored chunk) keeps the document within its limit, first come first served.
-//! 3. **Dependencies**: every dependency is in the document or in an accepted push.
+//! 3. **Operation counters**: each new change's operations are numbered after every
+//!    operation of its dependencies. Automerge applies a change that breaks this
+//!    without complaint, but a document holding one saves into bytes nobody can load
+//!    again ("max_op is lower than start_op"): one such push would brick the relay's
+//!    copy at its next compaction, and every phone's at its own.
+//! 4. **Dependencies**: every dependency is in the document or in an accepted push.
 //!    Refusing one push can strand another that built on it, so this repeats until
 //!    nothing changes. Otherwise Automerge would queue the changes inside the document:
 //!    heads unmoved, nothing honestly acknowledged, and a queued change released
 //!    unchecked by whoever later pushes its dependency.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use automerge::{Automerge, Change, ChangeHash};
 use redline_proto::DocId;
@@ -60,6 +65,10 @@ pub fn plan_batch(
         .filter(|h| !has(h))
         .collect();
     let is_new = |c: &Change| new_to_doc.contains(&c.hash());
+    let in_batch: HashMap<ChangeHash, u64> = proposals
+        .iter()
+        .flat_map(|p| p.changes.iter().map(|c| (c.hash(), c.max_op())))
+        .collect();
     let mut verdicts: Vec<Result<u32, Error>> = Vec::with_capacity(proposals.len());
     let mut size = stored_bytes;
     for p in proposals {
@@ -69,6 +78,10 @@ pub fn plan_batch(
             continue;
         }
         if let Err(e) = admit(p.author, &new) {
+            verdicts.push(Err(e));
+            continue;
+        }
+        if let Err(e) = counters_follow_deps(doc, &in_batch, &new) {
             verdicts.push(Err(e));
             continue;
         }
@@ -114,6 +127,37 @@ pub fn plan_batch(
         .filter(|h| new_to_doc.contains(h) && seen.insert(*h))
         .collect();
     BatchPlan { verdicts, fresh }
+}
+
+/// Checks that each of `new` starts its operation counters after the last operation of
+/// every dependency (found in `doc`, or in the batch: `in_batch`, each change's last
+/// counter by hash). Checking the
+/// direct dependencies is enough: every stored change passed the same check, so a
+/// dependency's last counter is the largest of its whole history.
+fn counters_follow_deps(
+    doc: &Automerge,
+    in_batch: &HashMap<ChangeHash, u64>,
+    new: &[&Change],
+) -> Result<(), Error> {
+    for c in new {
+        let start = c.start_op().get();
+        for d in c.deps() {
+            let last = match in_batch.get(d) {
+                Some(m) => Some(*m),
+                None => doc.get_change_meta_by_hash(d).map(|m| m.max_op),
+            };
+            if let Some(last) = last
+                && last >= start
+            {
+                return Err(Error::BadChanges(format!(
+                    "change {} numbers its operations from {start}, but its dependency {d} \
+                     already reached {last}: no document holding it could be loaded again",
+                    c.hash()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -249,6 +293,50 @@ mod tests {
         assert!(plan.verdicts[0].is_ok());
         assert!(matches!(plan.verdicts[1], Err(Error::TooLarge(_))));
         assert_eq!(plan.fresh, vec![x[0].hash()]);
+    }
+
+    /// `change` with its operations numbered from `start` (what a hostile device can
+    /// send: Automerge checks nothing of it).
+    fn renumbered(change: &Change, start: u64) -> Change {
+        let mut e = automerge::ExpandedChange::from(change);
+        e.start_op = std::num::NonZeroU64::new(start).unwrap();
+        e.hash = None;
+        Change::from(e)
+    }
+
+    #[test]
+    fn a_change_numbered_into_its_dependencies_past_is_refused() {
+        let mut doc = base();
+        let ch = chain(&mut doc, 1, 2);
+        let a = author("phone-1");
+        // Its dependency (the base's one operation) is number 1: it must start at 2.
+        let low = [renumbered(&ch[0], 1)];
+        // Within the batch: the second change must start after the first one's last.
+        let second_low = [ch[0].clone(), renumbered(&ch[1], ch[0].max_op())];
+        let honest = [ch[0].clone(), ch[1].clone()];
+        for (changes, ok) in [
+            (&low[..], false),
+            (&second_low[..], false),
+            (&honest[..], true),
+        ] {
+            let proposals = [Proposal {
+                author: &a,
+                changes,
+            }];
+            let plan = plan_batch(&id(), &doc, 0, u64::MAX, &proposals, &mut |_, _| Ok(()));
+            match (&plan.verdicts[0], ok) {
+                (Ok(_), true) => {}
+                (Err(Error::BadChanges(why)), false) => {
+                    assert!(why.contains("could be loaded"), "{why}")
+                }
+                (v, _) => panic!("unexpected verdict {v:?} (expected ok: {ok})"),
+            }
+        }
+        // Why it matters: Automerge applies such a change, and the saved document no
+        // longer loads.
+        let mut poisoned = doc.clone();
+        poisoned.apply_changes(low.to_vec()).unwrap();
+        assert!(Automerge::load(&poisoned.save()).is_err());
     }
 
     #[test]
