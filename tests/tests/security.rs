@@ -220,6 +220,7 @@ enum Attack {
     TokenFromTheFuture,
     // Round three.
     CountersIntoThePast,
+    SkippedOwnChange,
 }
 
 impl Attack {
@@ -494,6 +495,7 @@ async fn attack(f: &Fixture, which: Attack) -> anyhow::Result<Seen> {
         Attack::ForgedAuthorship => forged_authorship(f).await,
         Attack::QuarantineAcrossTeams => quarantine_across_teams(f).await,
         Attack::CountersIntoThePast => counters_into_the_past(f).await,
+        Attack::SkippedOwnChange => skipped_own_change(f).await,
         Attack::TokenFromTheFuture => {
             let name = "time-traveller";
             let device = device_for(&f.dir(name));
@@ -672,6 +674,12 @@ async fn every_attack_is_refused_and_nothing_leaks() -> anyhow::Result<()> {
         //     applies, and every saved copy of the document would fail to load.
         (
             Attack::CountersIntoThePast,
+            Box::new(|s: &Seen| s.codes == [ErrorCode::BAD_DOCUMENT_DATA]),
+        ),
+        // 12. An actor's second change built beside its first instead of on it: it
+        //     applies, and every saved copy of the document would fail to load.
+        (
+            Attack::SkippedOwnChange,
             Box::new(|s: &Seen| s.codes == [ErrorCode::BAD_DOCUMENT_DATA]),
         ),
     ];
@@ -1289,6 +1297,47 @@ async fn counters_into_the_past(f: &Fixture) -> anyhow::Result<Seen> {
         doc: doc.clone(),
         bundle: poisoned.raw_bytes().to_vec(),
         heads: vec![poisoned.hash().0],
+    }))
+    .await?;
+    Ok(Seen::from_messages(
+        &raw.drain(Duration::from_millis(800)).await?,
+    ))
+}
+
+async fn skipped_own_change(f: &Fixture) -> anyhow::Result<Seen> {
+    let doc = f.ledger(T3);
+    let base = f.relay.document(&doc).await?.expect("seeded");
+    let name = "skipper";
+    let own = format!("{name}@{}", device_for(&f.dir(name)));
+    let actor = ActorId::random();
+    let (after_first, first) = change_on(&base, actor.clone(), Some(&own), |tx| {
+        let tasks = container(tx, "tasks")?;
+        tx.put(&tasks, "t-first", "open")?;
+        Ok(())
+    })?;
+    let (_, second) = change_on(&after_first, actor, Some(&own), |tx| {
+        let tasks = container(tx, "tasks")?;
+        tx.put(&tasks, "t-second", "open")?;
+        Ok(())
+    })?;
+    // The second change, built on the document as the first found it.
+    let mut expanded = automerge::ExpandedChange::from(&second);
+    expanded.deps = base.get_heads();
+    expanded.hash = None;
+    let skipping = automerge::Change::from(expanded);
+    let mut copy = base.clone();
+    copy.apply_changes([first.clone(), skipping.clone()])?;
+    anyhow::ensure!(
+        automerge::Automerge::load(&copy.save()).is_err(),
+        "the change skipping its actor's first no longer breaks a saved document: the row tests nothing"
+    );
+    let mut bytes = first.raw_bytes().to_vec();
+    bytes.extend_from_slice(skipping.raw_bytes());
+    let mut raw = f.raw_volunteer(name).await?;
+    raw.send(&Message::Push(Push {
+        doc: doc.clone(),
+        bundle: bytes,
+        heads: vec![first.hash().0, skipping.hash().0],
     }))
     .await?;
     Ok(Seen::from_messages(

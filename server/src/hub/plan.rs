@@ -6,11 +6,12 @@
 //!    bindings, authorship). Pushes that bring nothing new are accepted as they are.
 //! 2. **Size**: what the accepted pushes add (their changes' raw bytes, an upper bound
 //!    of the stored chunk) keeps the document within its limit, first come first served.
-//! 3. **Operation counters**: each new change's operations are numbered after every
-//!    operation of its dependencies. Automerge applies a change that breaks this
-//!    without complaint, but a document holding one saves into bytes nobody can load
-//!    again ("max_op is lower than start_op"): one such push would brick the relay's
-//!    copy at its next compaction, and every phone's at its own.
+//! 3. **Numbering**: each new change's operations are numbered after every operation
+//!    of its dependencies, and change `n` of an actor builds on change `n - 1` of the
+//!    same actor. Automerge applies a change that breaks either without complaint, but
+//!    a document holding one saves into bytes nobody can load again ("max_op is lower
+//!    than start_op", "missing ops"): one such push would brick the relay's copy at its
+//!    next compaction, and every phone's at its own.
 //! 4. **Dependencies**: every dependency is in the document or in an accepted push.
 //!    Refusing one push can strand another that built on it, so this repeats until
 //!    nothing changes. Otherwise Automerge would queue the changes inside the document:
@@ -65,9 +66,9 @@ pub fn plan_batch(
         .filter(|h| !has(h))
         .collect();
     let is_new = |c: &Change| new_to_doc.contains(&c.hash());
-    let in_batch: HashMap<ChangeHash, u64> = proposals
+    let in_batch: HashMap<ChangeHash, &Change> = proposals
         .iter()
-        .flat_map(|p| p.changes.iter().map(|c| (c.hash(), c.max_op())))
+        .flat_map(|p| p.changes.iter().map(|c| (c.hash(), c)))
         .collect();
     let mut verdicts: Vec<Result<u32, Error>> = Vec::with_capacity(proposals.len());
     let mut size = stored_bytes;
@@ -81,7 +82,9 @@ pub fn plan_batch(
             verdicts.push(Err(e));
             continue;
         }
-        if let Err(e) = counters_follow_deps(doc, &in_batch, &new) {
+        if let Err(e) = counters_follow_deps(doc, &in_batch, &new)
+            .and_then(|()| actors_chain(doc, &in_batch, &new))
+        {
             verdicts.push(Err(e));
             continue;
         }
@@ -136,14 +139,14 @@ pub fn plan_batch(
 /// dependency's last counter is the largest of its whole history.
 fn counters_follow_deps(
     doc: &Automerge,
-    in_batch: &HashMap<ChangeHash, u64>,
+    in_batch: &HashMap<ChangeHash, &Change>,
     new: &[&Change],
 ) -> Result<(), Error> {
     for c in new {
         let start = c.start_op().get();
         for d in c.deps() {
             let last = match in_batch.get(d) {
-                Some(m) => Some(*m),
+                Some(b) => Some(b.max_op()),
                 None => doc.get_change_meta_by_hash(d).map(|m| m.max_op),
             };
             if let Some(last) = last
@@ -155,6 +158,62 @@ fn counters_follow_deps(
                     c.hash()
                 )));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that each of `new` builds on its actor's previous change: change `n` of an
+/// actor has change `n - 1` of the same actor in its history. Automerge applies a
+/// change that skips it, but a saved document holding one does not load again
+/// ("missing ops"). The walk goes back from the change's dependencies and stops at
+/// each change of the same actor (whose own history already holds that actor's earlier
+/// changes); an honest change names its actor's previous change or a change built on
+/// it, so the walk is a step or two.
+fn actors_chain(
+    doc: &Automerge,
+    in_batch: &HashMap<ChangeHash, &Change>,
+    new: &[&Change],
+) -> Result<(), Error> {
+    for c in new {
+        let (actor, seq) = (c.actor_id(), c.seq());
+        if seq <= 1 {
+            continue;
+        }
+        let mut seen: HashSet<ChangeHash> = HashSet::new();
+        let mut stack: Vec<ChangeHash> = c.deps().to_vec();
+        let (mut found, mut unknown) = (false, false);
+        while let Some(h) = stack.pop() {
+            if !seen.insert(h) {
+                continue;
+            }
+            let (a, s, deps) = match in_batch.get(&h) {
+                Some(b) => (b.actor_id() == actor, b.seq(), b.deps().to_vec()),
+                None => match doc.get_change_meta_by_hash(&h) {
+                    Some(m) => (*m.actor == *actor, m.seq, m.deps),
+                    // Missing: the dependency check refuses the push.
+                    None => {
+                        unknown = true;
+                        continue;
+                    }
+                },
+            };
+            if a {
+                if s + 1 == seq {
+                    found = true;
+                    break;
+                }
+                continue;
+            }
+            stack.extend(deps);
+        }
+        if !found && !unknown {
+            return Err(Error::BadChanges(format!(
+                "change {} is number {seq} of its actor but does not build on number {}: \
+                 no document holding it could be loaded again",
+                c.hash(),
+                seq - 1
+            )));
         }
     }
     Ok(())
@@ -337,6 +396,79 @@ mod tests {
         let mut poisoned = doc.clone();
         poisoned.apply_changes(low.to_vec()).unwrap();
         assert!(Automerge::load(&poisoned.save()).is_err());
+    }
+
+    #[test]
+    fn a_change_that_skips_its_actors_previous_change_is_refused() {
+        let mut doc = base();
+        let ch = chain(&mut doc, 1, 2);
+        let a = author("phone-1");
+        // Number 2 of actor 1, built on the base instead of on number 1.
+        let mut e = automerge::ExpandedChange::from(&ch[1]);
+        e.deps = doc.get_heads();
+        e.hash = None;
+        let skipping = Change::from(e);
+        // Number 2 built on a teammate's change that is built on number 1: honest.
+        let mut mine = doc.fork().with_actor(ActorId::from([1u8; 16]));
+        mine.apply_changes([ch[0].clone()]).unwrap();
+        let mut theirs = mine.fork().with_actor(ActorId::from([2u8; 16]));
+        let mut tx = theirs.transaction();
+        tx.put(ROOT, "t", 1).unwrap();
+        tx.commit();
+        mine.merge(&mut theirs).unwrap();
+        let before = mine.get_heads();
+        let mut tx = mine.transaction();
+        tx.put(ROOT, "after", 1).unwrap();
+        tx.commit();
+        // Automerge names its actor's previous change itself: take it out.
+        let mut e = automerge::ExpandedChange::from(&mine.get_changes(&before)[0]);
+        e.deps.retain(|d| *d != ch[0].hash());
+        e.hash = None;
+        let indirect = [Change::from(e)];
+        let teammate = theirs.get_last_local_change().unwrap();
+        let mut loads = doc.clone();
+        loads
+            .apply_changes([ch[0].clone(), teammate.clone(), indirect[0].clone()])
+            .unwrap();
+        assert!(
+            Automerge::load(&loads.save()).is_ok(),
+            "a change built on its actor's previous one only through another loads"
+        );
+        let cases: [(Vec<Change>, bool); 3] = [
+            (vec![ch[0].clone(), skipping.clone()], false),
+            (
+                vec![ch[0].clone(), teammate.clone(), indirect[0].clone()],
+                true,
+            ),
+            (ch.clone(), true),
+        ];
+        for (changes, ok) in cases {
+            let proposals = [Proposal {
+                author: &a,
+                changes: &changes,
+            }];
+            let plan = plan_batch(&id(), &doc, 0, u64::MAX, &proposals, &mut |_, _| Ok(()));
+            match (&plan.verdicts[0], ok) {
+                (Ok(_), true) => {}
+                (Err(Error::BadChanges(why)), false) => {
+                    assert!(why.contains("does not build on"), "{why}")
+                }
+                (v, _) => panic!("unexpected verdict {v:?} (expected ok: {ok})"),
+            }
+        }
+        // The first change already stored: the walk goes into the document.
+        let mut stored = doc.clone();
+        stored.apply_changes([ch[0].clone()]).unwrap();
+        let only = [skipping.clone()];
+        let proposals = [Proposal {
+            author: &a,
+            changes: &only,
+        }];
+        let plan = plan_batch(&id(), &stored, 0, u64::MAX, &proposals, &mut |_, _| Ok(()));
+        assert!(matches!(plan.verdicts[0], Err(Error::BadChanges(_))));
+        // Why it matters: Automerge applies it, and the saved document no longer loads.
+        stored.apply_changes([skipping]).unwrap();
+        assert!(Automerge::load(&stored.save()).is_err());
     }
 
     #[test]
