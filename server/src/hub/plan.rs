@@ -471,6 +471,84 @@ mod tests {
         assert!(Automerge::load(&stored.save()).is_err());
     }
 
+    /// Two actors' changes on top of `base`, each a few writes, merged midway: what
+    /// honest phones send.
+    fn honest_day(base: &Automerge) -> Vec<Change> {
+        let mut a = base.fork().with_actor(ActorId::from([1u8; 16]));
+        let mut b = base.fork().with_actor(ActorId::from([2u8; 16]));
+        for round in 0..3 {
+            for (doc, who) in [(&mut a, "a"), (&mut b, "b")] {
+                let mut tx = doc.transaction();
+                tx.put(ROOT, format!("{who}{round}"), round).unwrap();
+                tx.put(ROOT, "shared", format!("{who}{round}")).unwrap();
+                tx.commit();
+            }
+            if round == 1 {
+                a.merge(&mut b).unwrap();
+            }
+        }
+        a.merge(&mut b).unwrap();
+        a.get_changes(&base.get_heads())
+    }
+
+    proptest::proptest! {
+        /// Whatever a hostile device does to a change's numbering or dependencies: if
+        /// the plan takes it and Automerge applies it, the saved document loads again
+        /// with the same heads. (The plan's numbering checks are what makes this hold:
+        /// without them, start numbers and dependencies below break it.)
+        #[test]
+        fn what_the_plan_takes_always_saves_and_loads(
+            victim in 0usize..12,
+            kind in 0u8..4,
+            value in 0u64..16,
+            pick in proptest::collection::vec(proptest::bool::ANY, 12),
+        ) {
+            let doc = base();
+            let day = honest_day(&doc);
+            let victim = victim % day.len();
+            let mut e = automerge::ExpandedChange::from(&day[victim]);
+            match kind {
+                0 => e.start_op = std::num::NonZeroU64::new(value.max(1)).unwrap(),
+                1 => e.seq = value.max(1),
+                2 => {
+                    // Dependencies: any subset of the base and the changes before it.
+                    let mut known = doc.get_heads();
+                    known.extend(day[..victim].iter().map(|c| c.hash()));
+                    e.deps = known
+                        .into_iter()
+                        .zip(pick.iter().cycle())
+                        .filter(|(_, p)| **p)
+                        .map(|(h, _)| h)
+                        .collect();
+                    e.deps.sort();
+                }
+                _ => {
+                    e.start_op = std::num::NonZeroU64::new(value.max(1)).unwrap();
+                    e.deps.truncate(1);
+                }
+            }
+            e.hash = None;
+            let mutated = Change::from(e);
+            // The changes before the victim, then the mutated one: a push.
+            let mut changes: Vec<Change> = day[..victim].to_vec();
+            changes.push(mutated);
+            let a = author("phone-1");
+            let proposals = [Proposal { author: &a, changes: &changes }];
+            let plan = plan_batch(&id(), &doc, 0, u64::MAX, &proposals, &mut |_, _| Ok(()));
+            if plan.verdicts[0].is_ok() {
+                let mut applied = doc.clone();
+                let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    applied.apply_changes(changes.clone())
+                }));
+                if matches!(ok, Ok(Ok(()))) && applied.get_missing_deps(&[]).is_empty() {
+                    let loaded = Automerge::load(&applied.save());
+                    proptest::prop_assert!(loaded.is_ok(), "taken, applied, and the save does not load: {:?}", loaded.err());
+                    proptest::prop_assert_eq!(loaded.unwrap().get_heads(), applied.get_heads());
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_missing_dependency_outside_the_batch_is_refused() {
         let mut doc = base();
