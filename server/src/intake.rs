@@ -53,6 +53,48 @@ pub fn device_changes(bytes: &[u8]) -> Result<Vec<Change>, String> {
     Ok(changes)
 }
 
+/// Whether `bytes` (chunks [`device_changes`] accepted) may be stored and forwarded as
+/// the device sent them: every chunk's checksum holds and its length is written in the
+/// fewest bytes. Automerge's loader (a phone loading its store, which keeps received
+/// chunks as they came) refuses a chunk whose checksum is wrong, where the decoders
+/// the intake uses never look at it; such bytes are stored encoded again instead.
+pub fn storable_as_sent(bytes: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let Ok((chunk, kind, after)) = split_chunk(rest) else {
+            return false;
+        };
+        let Some((len, used)) = redline_proto::wire::uleb(&chunk[9..]) else {
+            return false;
+        };
+        let mut canonical = Vec::with_capacity(11);
+        canonical.push(kind);
+        let mut v = len;
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                canonical.push(byte);
+                break;
+            }
+            canonical.push(byte | 0x80);
+        }
+        if canonical.len() != 1 + used {
+            return false;
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(&canonical);
+        hasher.update(&chunk[9 + used..]);
+        let hash: [u8; 32] = hasher.finalize().into();
+        if chunk[4..8] != hash[..4] {
+            return false;
+        }
+        rest = after;
+    }
+    true
+}
+
 /// A device's sync step, as the relay takes it apart: the Automerge sync message with
 /// its changes taken out (it only moves the sync state), and those changes through
 /// [`device_changes`]. `Ok((None, []))` for a step that carries no message.
@@ -152,5 +194,41 @@ mod tests {
         for keep in 0..raw.len() {
             assert!(device_changes(&raw[..keep]).is_err(), "cut at {keep}");
         }
+    }
+
+    #[test]
+    fn only_chunks_automerge_would_load_are_stored_as_sent() {
+        let doc = doc_with_changes(3);
+        let hashes: Vec<_> = doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
+        let bundle = doc.bundle(hashes).unwrap().bytes().to_vec();
+        let raw: Vec<u8> = doc
+            .get_changes(&[])
+            .iter()
+            .flat_map(|c| c.raw_bytes().to_vec())
+            .collect();
+        assert!(storable_as_sent(&bundle));
+        assert!(storable_as_sent(&raw));
+        let mut both = bundle.clone();
+        both.extend_from_slice(&raw);
+        assert!(storable_as_sent(&both));
+        // A wrong checksum: the intake decodes it, Automerge's loader refuses it.
+        for bytes in [&bundle, &raw] {
+            let mut bad = bytes.clone();
+            bad[5] ^= 0xff;
+            assert!(device_changes(&bad).is_ok(), "the intake never looks at it");
+            assert!(Automerge::load(&bad).is_err(), "the loader does");
+            assert!(!storable_as_sent(&bad));
+        }
+        // A length written in more bytes than it needs.
+        let (len, used) = redline_proto::wire::uleb(&bundle[9..]).unwrap();
+        let mut padded = bundle[..9].to_vec();
+        let mut v = len;
+        for _ in 0..used {
+            padded.push((v & 0x7f) as u8 | 0x80);
+            v >>= 7;
+        }
+        padded.push(0);
+        padded.extend_from_slice(&bundle[9 + used..]);
+        assert!(!storable_as_sent(&padded));
     }
 }

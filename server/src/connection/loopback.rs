@@ -352,7 +352,10 @@ impl Loopback {
             }
             Action::Commit(push, author) => {
                 let pushed = push.changes.iter().map(|c| c.hash()).collect();
-                let result = relay.hub.push(&push.doc, &author, push.changes).await;
+                let result = relay
+                    .hub
+                    .push_as_sent(&push.doc, &author, push.changes, push.bundle)
+                    .await;
                 let committed = Input::Committed {
                     doc: push.doc,
                     device_heads: push.device_heads,

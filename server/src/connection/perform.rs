@@ -149,7 +149,7 @@ impl Driver {
             let arrived = std::time::Instant::now();
             let result = relay
                 .hub
-                .push(&push.doc, &author, push.changes)
+                .push_as_sent(&push.doc, &author, push.changes, push.bundle)
                 .await
                 .map(Outcome::Committed);
             relay

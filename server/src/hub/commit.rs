@@ -23,6 +23,43 @@ use crate::authorship::{self, Author};
 /// (several relays over one database; see [`Hub::until_stable`]).
 const STABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The chunk a commit stores when its pushes' bytes, as sent, hold exactly the changes
+/// that `entered` the document: the bytes of the pushes that brought only new changes,
+/// one after another, and the changes' hashes in the same order. `None` when any change
+/// that entered came in a push without its bytes or with changes the document already
+/// had, when two pushes share a change, or when a push's bytes are larger than its
+/// changes (a padded bundle is not stored as sent), or when a chunk's checksum is wrong
+/// ([`crate::intake::storable_as_sent`]).
+fn as_sent_chunk(
+    ok: &[PendingPush],
+    news: &[u32],
+    entered: &[ChangeHash],
+) -> Option<(Vec<ChangeHash>, Vec<u8>)> {
+    let entered_set: std::collections::HashSet<&ChangeHash> = entered.iter().collect();
+    let mut hashes = Vec::with_capacity(entered.len());
+    let mut bytes = Vec::new();
+    for (p, &n) in ok.iter().zip(news) {
+        let mine: Vec<ChangeHash> = p.changes.iter().map(|c| c.hash()).collect();
+        let inside = mine.iter().filter(|h| entered_set.contains(h)).count();
+        if inside == 0 {
+            continue;
+        }
+        let sent = p.as_sent.as_ref()?;
+        let raw: usize = p.changes.iter().map(|c| c.raw_bytes().len()).sum();
+        if inside != mine.len()
+            || n as usize != mine.len()
+            || sent.len() > raw
+            || !crate::intake::storable_as_sent(sent)
+        {
+            return None;
+        }
+        hashes.extend(mine);
+        bytes.extend_from_slice(sent);
+    }
+    let unique: std::collections::HashSet<&ChangeHash> = hashes.iter().collect();
+    (hashes.len() == entered.len() && unique.len() == hashes.len()).then_some((hashes, bytes))
+}
+
 /// The pushes of a batch its plan accepted.
 struct Planned {
     /// The pushes, in order.
@@ -43,6 +80,29 @@ impl Hub {
         author: &Author,
         changes: Vec<Change>,
     ) -> Result<Committed, Error> {
+        self.push_with(id, author, changes, None).await
+    }
+
+    /// [`push`](Self::push) of changes the device sent as `bytes` (a bundle, or change
+    /// chunks, that the intake decoded into exactly `changes`): when every change is
+    /// new, the commit stores these bytes instead of encoding a chunk of its own.
+    pub async fn push_as_sent(
+        self: &Arc<Self>,
+        id: &DocId,
+        author: &Author,
+        changes: Vec<Change>,
+        bytes: Vec<u8>,
+    ) -> Result<Committed, Error> {
+        self.push_with(id, author, changes, Some(bytes)).await
+    }
+
+    async fn push_with(
+        self: &Arc<Self>,
+        id: &DocId,
+        author: &Author,
+        changes: Vec<Change>,
+        as_sent: Option<Vec<u8>>,
+    ) -> Result<Committed, Error> {
         let slot = self.slot(id).await?;
         let (reply, rx) = oneshot::channel();
         slot.pending
@@ -51,6 +111,7 @@ impl Hub {
             .push(PendingPush {
                 author: author.clone(),
                 changes,
+                as_sent,
                 reply,
             });
         let (hub, doc) = (Arc::clone(self), id.clone());
@@ -127,10 +188,17 @@ impl Hub {
                 Need::Reload => Fact::Reloaded(self.reload(id, slot, state).await),
                 Need::Persist => {
                     // Changes of refused pushes never entered the document.
-                    let entered = mark.1.iter().filter(|h| has(&state.doc, h)).copied();
-                    let result = self
-                        .persist_new(id, slot, state, &mark.0, entered.collect())
-                        .await;
+                    let entered: Vec<ChangeHash> = mark
+                        .1
+                        .iter()
+                        .filter(|h| has(&state.doc, h))
+                        .copied()
+                        .collect();
+                    let (new, chunk) = match as_sent_chunk(&ok, &news, &entered) {
+                        Some((hashes, bytes)) => (hashes, Some(bytes)),
+                        None => (entered, None),
+                    };
+                    let result = self.persist_new(id, slot, state, &mark.0, new, chunk).await;
                     Fact::Persisted {
                         result,
                         chunks: state.chunks,
@@ -239,10 +307,10 @@ impl Hub {
     }
 
     /// Writes the changes `new` (those the document gained since `before`) as one chunk
-    /// with the next feed sequence, waits for the flush, then advances the stable
-    /// sequence; returns the sequence (`None`: nothing was new). On a failure the
-    /// document in memory may be ahead of storage: the caller reloads it
-    /// ([`Committing`] does).
+    /// (`chunk` when the caller has their bytes, else a bundle made here) with the next
+    /// feed sequence, waits for the flush, then advances the stable sequence; returns
+    /// the sequence (`None`: nothing was new). On a failure the document in memory may
+    /// be ahead of storage: the caller reloads it ([`Committing`] does).
     pub(crate) async fn persist_new(
         &self,
         id: &DocId,
@@ -250,13 +318,17 @@ impl Hub {
         state: &mut SlotState,
         before: &[ChangeHash],
         new: Vec<ChangeHash>,
+        chunk: Option<Vec<u8>>,
     ) -> Result<Option<u64>, Error> {
         let heads = state.doc.get_heads();
         if heads == before {
             return Ok(None);
         }
         let new_hashes = new.clone();
-        let chunk = Arc::new(make_bundle(&state.doc, new)?);
+        let chunk = Arc::new(match chunk {
+            Some(bytes) => bytes,
+            None => make_bundle(&state.doc, new)?,
+        });
         if self.shared {
             return self
                 .persist_shared(id, slot, state, new_hashes, chunk)
@@ -533,5 +605,100 @@ impl Hub {
             // The chunks are still there: nothing is lost, compaction is retried later.
             Err(e) => warn!(doc = %id, "compaction failed: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{Documents, MemoryStorage};
+    use automerge::transaction::Transactable;
+    use automerge::{ActorId, Automerge, ROOT};
+    use redline_proto::token::Role;
+
+    fn author() -> Author {
+        Author {
+            device: DeviceId::new("phone-0").unwrap(),
+            member: redline_proto::MemberId::new("m0").unwrap(),
+            role: Role::Volunteer,
+        }
+    }
+
+    /// `n` more changes on `doc`, and the bundle a phone would push them in.
+    fn write(doc: &mut Automerge, n: usize) -> (Vec<Change>, Vec<u8>) {
+        let before = doc.get_heads();
+        let written = doc.get_changes(&[]).len();
+        for i in 0..n {
+            let mut tx = doc.transaction();
+            tx.put(ROOT, format!("k{}", written + i), i as i64).unwrap();
+            tx.commit();
+        }
+        let changes = doc.get_changes(&before);
+        let bundle = doc
+            .bundle(changes.iter().map(|c| c.hash()))
+            .unwrap()
+            .bytes()
+            .to_vec();
+        (changes, bundle)
+    }
+
+    /// A push of only new changes is stored as the phone sent it (no bundle encoded
+    /// again); a push whose bytes Automerge's loader would refuse (a wrong checksum),
+    /// or that repeats a stored change, is stored as a bundle the relay makes. Every
+    /// stored form loads into the same document.
+    #[tokio::test]
+    async fn pushes_of_new_changes_are_stored_as_sent() {
+        let storage = Arc::new(MemoryStorage::new(7));
+        let hub = Hub::new(storage.clone(), 1 << 20).unwrap();
+        let id = DocId::parse("households/zone-1").unwrap();
+        let mut doc = Automerge::new().with_actor(ActorId::from([1u8; 16]));
+        let stored_last = || {
+            storage
+                .load(&id)
+                .unwrap()
+                .unwrap()
+                .chunks
+                .last()
+                .cloned()
+                .unwrap()
+        };
+
+        let (changes, bundle) = write(&mut doc, 3);
+        hub.push_as_sent(&id, &author(), changes, bundle.clone())
+            .await
+            .unwrap();
+        assert_eq!(stored_last(), bundle, "stored as sent");
+
+        let (changes, bundle) = write(&mut doc, 2);
+        let mut bad = bundle.clone();
+        bad[5] ^= 0xff;
+        hub.push_as_sent(&id, &author(), changes, bad.clone())
+            .await
+            .unwrap();
+        let made = stored_last();
+        assert_ne!(made, bad, "a wrong checksum is not stored");
+        assert!(crate::intake::storable_as_sent(&made));
+
+        // One change the relay has, one new: the new one is bundled by the relay.
+        let known = doc.get_changes(&[])[0].clone();
+        let (mut changes, mut bundle) = write(&mut doc, 1);
+        changes.insert(0, known.clone());
+        let mut sent = known.raw_bytes().to_vec();
+        sent.append(&mut bundle);
+        let c = hub
+            .push_as_sent(&id, &author(), changes, sent.clone())
+            .await
+            .unwrap();
+        assert_eq!(c.applied, 1);
+        assert_ne!(stored_last(), sent);
+
+        // Every stored form loads (Automerge's own loader, as a phone's store does).
+        let stored = storage.load(&id).unwrap().unwrap();
+        let mut all = stored.snapshot.clone().unwrap_or_default();
+        for chunk in &stored.chunks {
+            all.extend_from_slice(chunk);
+        }
+        let loaded = Automerge::load(&all).unwrap();
+        assert_eq!(loaded.get_heads(), doc.get_heads());
     }
 }

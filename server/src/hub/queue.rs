@@ -11,6 +11,10 @@ use crate::authorship::Author;
 pub(super) struct PendingPush {
     pub(super) author: Author,
     pub(super) changes: Vec<Change>,
+    /// The bytes the changes came in, as the device sent them (through the intake,
+    /// which decoded exactly `changes` from them): stored as the commit's chunk when
+    /// the push brings only new changes, instead of encoding them again.
+    pub(super) as_sent: Option<Vec<u8>>,
     pub(super) reply: oneshot::Sender<Result<Committed, Error>>,
 }
 
