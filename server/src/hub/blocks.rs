@@ -7,8 +7,10 @@
 //! is bundled once and kept ([`Blocks`]), so every device whose window covers it gets
 //! the same bytes. A single commit goes as the chunk it stored; the others' changes in
 //! commits that also hold the device's own go in one bundle made for the device (its
-//! own changes are never sent back). One bundle of many commits compresses like the
-//! whole window would, where a chunk per commit would not.
+//! own changes are never sent back), except where the commit's chunk holds its pushes
+//! as the phones sent them (`LogEntry::parts`): then the others' pushes go as they are.
+//! One bundle of many commits compresses like the whole window would, where a chunk per
+//! commit would not.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -126,6 +128,13 @@ fn cut(first: u64, owned: &[bool], whole: &[bool], stored: &[bool]) -> Vec<Piece
     pieces
 }
 
+/// A piece that goes out as it is: a block bundle, or a range of a commit's chunk
+/// (all of it, or one push stored as sent).
+enum Shipping {
+    Block { at: usize, level: u32 },
+    Bytes(usize, std::ops::Range<usize>),
+}
+
 /// What a window's commits come to for one device.
 #[derive(Debug)]
 pub(super) enum Shipped {
@@ -161,21 +170,42 @@ pub(super) fn ship(
     if pieces.is_empty() {
         return Ok(Shipped::Nothing);
     }
-    // The others' changes of every mixed commit go in one bundle: one piece.
-    let mixed = pieces.iter().any(|p| matches!(p, Piece::Others(_)));
-    let separate = pieces
-        .iter()
-        .filter(|p| !matches!(p, Piece::Others(_)))
-        .count()
-        + usize::from(mixed);
-    if separate > MAX_PIECES {
-        return Ok(Shipped::TooFine);
-    }
-    let mut bytes = Vec::new();
+    // What goes out as it is: blocks, chunks, and the others' pushes of a mixed commit
+    // whose chunk was stored as sent; the rest of the mixed commits' changes (the
+    // others' changes in a chunk the relay made) go in one bundle: one piece.
+    let mut shipped: Vec<Shipping> = Vec::new();
     let mut others: Vec<ChangeHash> = Vec::new();
     for piece in pieces {
         match piece {
-            Piece::Block { at, level } => {
+            Piece::Block { at, level } => shipped.push(Shipping::Block { at, level }),
+            Piece::Chunk(at) => shipped.push(Shipping::Bytes(at, 0..usize::MAX)),
+            Piece::Others(at) => {
+                let e = entries[at];
+                if e.chunk.is_none() || e.parts.is_empty() {
+                    others.extend(e.hashes.iter().filter(|h| !own.contains(h)).copied());
+                    continue;
+                }
+                let (mut bytes_from, mut hashes_from) = (0, 0);
+                for part in &e.parts {
+                    let hashes = &e.hashes[hashes_from..part.hashes_end];
+                    let mine = hashes.iter().filter(|h| own.contains(h)).count();
+                    if mine == 0 {
+                        shipped.push(Shipping::Bytes(at, bytes_from..part.bytes_end));
+                    } else if mine < hashes.len() {
+                        others.extend(hashes.iter().filter(|h| !own.contains(h)).copied());
+                    }
+                    (bytes_from, hashes_from) = (part.bytes_end, part.hashes_end);
+                }
+            }
+        }
+    }
+    if shipped.len() + usize::from(!others.is_empty()) > MAX_PIECES {
+        return Ok(Shipped::TooFine);
+    }
+    let mut bytes = Vec::new();
+    for s in shipped {
+        match s {
+            Shipping::Block { at, level } => {
                 let block = &entries[at..at + (1usize << level)];
                 let make = || {
                     make_bundle(
@@ -188,18 +218,12 @@ pub(super) fn ship(
                     .get_or_make((first + at as u64, level), make, counts)?;
                 bytes.extend_from_slice(&b);
             }
-            Piece::Chunk(at) => {
+            Shipping::Bytes(at, range) => {
                 if let Some(c) = &entries[at].chunk {
-                    bytes.extend_from_slice(c);
+                    let end = range.end.min(c.len());
+                    bytes.extend_from_slice(&c[range.start..end]);
                 }
             }
-            Piece::Others(at) => others.extend(
-                entries[at]
-                    .hashes
-                    .iter()
-                    .filter(|h| !own.contains(h))
-                    .copied(),
-            ),
         }
     }
     if !others.is_empty() {
@@ -211,6 +235,73 @@ pub(super) fn ship(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::slots::Part;
+    use automerge::transaction::Transactable;
+    use automerge::{ActorId, Automerge, ROOT};
+
+    /// Two phones' pushes in one commit, stored as sent: a phone's catch-up gets the
+    /// other's push as it was sent, with no bundle made; a push that is partly the
+    /// device's own goes in a bundle made for it.
+    #[test]
+    fn the_others_pushes_of_a_mixed_commit_go_as_sent() {
+        let mut doc = Automerge::new();
+        let mut push = |actor: u8| {
+            let mut fork = doc.fork().with_actor(ActorId::from([actor; 16]));
+            let before = fork.get_heads();
+            for i in 0..2 {
+                let mut tx = fork.transaction();
+                tx.put(ROOT, format!("{actor}-{i}"), i).unwrap();
+                tx.commit();
+            }
+            let hashes: Vec<ChangeHash> =
+                fork.get_changes(&before).iter().map(|c| c.hash()).collect();
+            let bytes = fork.bundle(hashes.clone()).unwrap().bytes().to_vec();
+            doc.merge(&mut fork).unwrap();
+            (hashes, bytes)
+        };
+        let (a, a_bytes) = push(1);
+        let (b, b_bytes) = push(2);
+        let mut chunk = a_bytes.clone();
+        chunk.extend_from_slice(&b_bytes);
+        let parts = vec![
+            Part {
+                bytes_end: a_bytes.len(),
+                hashes_end: 2,
+            },
+            Part {
+                bytes_end: chunk.len(),
+                hashes_end: 4,
+            },
+        ];
+        let hashes: Vec<ChangeHash> = a.iter().chain(&b).copied().collect();
+        let heads = doc.get_heads();
+        let mut state = SlotState::new(doc, 1);
+        state.remember(1, hashes, Arc::new(chunk.clone()), heads, parts);
+        let counts = BlockCounts::default();
+        let ship_for = |state: &mut SlotState, own: &[ChangeHash]| {
+            let own: HashSet<ChangeHash> = own.iter().copied().collect();
+            match ship(state, 0..1, &own, &counts).unwrap() {
+                Shipped::Pieces(bytes) => bytes,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            ship_for(&mut state, &a),
+            b_bytes,
+            "phone 1 gets phone 2's push as sent"
+        );
+        assert_eq!(ship_for(&mut state, &b), a_bytes);
+        assert_eq!(
+            ship_for(&mut state, &[]),
+            chunk,
+            "a third phone gets the chunk"
+        );
+        // Phone 2 pushed one of its changes again through a teammate: the rest of
+        // that push is bundled for it.
+        let odd = ship_for(&mut state, &[a[0], a[1], b[0]]);
+        let got = crate::intake::device_changes(&odd).unwrap();
+        assert_eq!(got.iter().map(|c| c.hash()).collect::<Vec<_>>(), vec![b[1]]);
+    }
 
     fn plain(len: usize) -> (Vec<bool>, Vec<bool>, Vec<bool>) {
         (vec![false; len], vec![false; len], vec![true; len])

@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 use super::committing::{CommitStep, Committing, Fact, Need};
 use super::guard::guarded_apply;
 use super::queue::{Committed, PendingPush};
-use super::slots::{DocSlot, SlotState, load_state};
+use super::slots::{DocSlot, Part, SlotState, load_state};
 use super::{Hub, has, make_bundle, plan};
 use crate::Error;
 use crate::authorship::{self, Author};
@@ -34,10 +34,11 @@ fn as_sent_chunk(
     ok: &[PendingPush],
     news: &[u32],
     entered: &[ChangeHash],
-) -> Option<(Vec<ChangeHash>, Vec<u8>)> {
+) -> Option<(Vec<ChangeHash>, SentChunk)> {
     let entered_set: std::collections::HashSet<&ChangeHash> = entered.iter().collect();
     let mut hashes = Vec::with_capacity(entered.len());
     let mut bytes = Vec::new();
+    let mut parts = Vec::new();
     for (p, &n) in ok.iter().zip(news) {
         let mine: Vec<ChangeHash> = p.changes.iter().map(|c| c.hash()).collect();
         let inside = mine.iter().filter(|h| entered_set.contains(h)).count();
@@ -55,9 +56,20 @@ fn as_sent_chunk(
         }
         hashes.extend(mine);
         bytes.extend_from_slice(sent);
+        parts.push(Part {
+            bytes_end: bytes.len(),
+            hashes_end: hashes.len(),
+        });
     }
     let unique: std::collections::HashSet<&ChangeHash> = hashes.iter().collect();
-    (hashes.len() == entered.len() && unique.len() == hashes.len()).then_some((hashes, bytes))
+    (hashes.len() == entered.len() && unique.len() == hashes.len())
+        .then_some((hashes, SentChunk { bytes, parts }))
+}
+
+/// A commit's chunk made of its pushes' bytes as sent, and where each push ends.
+pub(crate) struct SentChunk {
+    bytes: Vec<u8>,
+    parts: Vec<Part>,
 }
 
 /// The pushes of a batch its plan accepted.
@@ -318,20 +330,20 @@ impl Hub {
         state: &mut SlotState,
         before: &[ChangeHash],
         new: Vec<ChangeHash>,
-        chunk: Option<Vec<u8>>,
+        chunk: Option<SentChunk>,
     ) -> Result<Option<u64>, Error> {
         let heads = state.doc.get_heads();
         if heads == before {
             return Ok(None);
         }
         let new_hashes = new.clone();
-        let chunk = Arc::new(match chunk {
-            Some(bytes) => bytes,
-            None => make_bundle(&state.doc, new)?,
-        });
+        let (chunk, parts) = match chunk {
+            Some(sent) => (Arc::new(sent.bytes), sent.parts),
+            None => (Arc::new(make_bundle(&state.doc, new)?), Vec::new()),
+        };
         if self.shared {
             return self
-                .persist_shared(id, slot, state, new_hashes, chunk)
+                .persist_shared(id, slot, state, new_hashes, (chunk, parts))
                 .await;
         }
         let seq = self.seq.lock().expect("seq lock").begin(id.clone());
@@ -350,7 +362,7 @@ impl Hub {
         match result {
             Ok(()) => {
                 self.count_commit(new_hashes.len());
-                state.remember(seq, new_hashes, chunk, state.doc.get_heads());
+                state.remember(seq, new_hashes, chunk, state.doc.get_heads(), parts);
                 state.chunks += 1;
                 slot.stored_bytes.fetch_add(chunk_len, Ordering::Relaxed);
                 Ok(Some(seq))
@@ -380,7 +392,7 @@ impl Hub {
         slot: &DocSlot,
         state: &mut SlotState,
         new_hashes: Vec<ChangeHash>,
-        chunk: Arc<Vec<u8>>,
+        (chunk, parts): (Arc<Vec<u8>>, Vec<Part>),
     ) -> Result<Option<u64>, Error> {
         let heads: Vec<[u8; 32]> = state.doc.get_heads().iter().map(|h| h.0).collect();
         let expected = slot.included.load(Ordering::Acquire);
@@ -413,7 +425,7 @@ impl Hub {
             Ok(seq) => {
                 self.count_commit(new_hashes.len());
                 slot.stored_bytes.fetch_add(chunk.len(), Ordering::Relaxed);
-                state.remember(seq, new_hashes, chunk, state.doc.get_heads());
+                state.remember(seq, new_hashes, chunk, state.doc.get_heads(), parts);
                 state.chunks += 1;
                 self.kick.notify_one();
                 Ok(Some(seq))

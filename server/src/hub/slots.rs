@@ -137,6 +137,18 @@ pub(super) struct LogEntry {
     /// The document's heads right after it: what a device holds once it has every
     /// commit up to this one.
     pub heads: Vec<ChangeHash>,
+    /// When the chunk is the pushes' bytes as sent, one after another: where each
+    /// push ends (in the chunk's bytes, in `hashes`). A device's catch-up ships the
+    /// others' pushes of a commit that also holds its own as they are.
+    pub parts: Vec<Part>,
+}
+
+/// One push's bytes inside a commit's chunk stored as sent: where they end in the
+/// chunk, and where its changes end in the commit's `hashes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Part {
+    pub bytes_end: usize,
+    pub hashes_end: usize,
 }
 
 impl SlotState {
@@ -165,6 +177,7 @@ impl SlotState {
         hashes: Vec<ChangeHash>,
         chunk: Arc<Vec<u8>>,
         heads: Vec<ChangeHash>,
+        parts: Vec<Part>,
     ) {
         self.log_chunk_bytes += chunk.len();
         let n = self.log.back().map_or(0, |e| e.n + 1);
@@ -174,6 +187,7 @@ impl SlotState {
             hashes,
             chunk: Some(chunk),
             heads,
+            parts,
         });
         if self.log.len() > LOG_LEN
             && let Some(oldest) = self.log.pop_front()
@@ -438,7 +452,7 @@ impl Hub {
             slot.stored_bytes.fetch_add(bytes.len(), Ordering::Relaxed);
             slot.included.store(seq, Ordering::Release);
             state.chunks += 1;
-            state.remember(seq, hashes, bytes, heads);
+            state.remember(seq, hashes, bytes, heads, Vec::new());
         }
         let included = slot.included.load(Ordering::Acquire);
         let mut others = slot.others.lock().expect("others lock");
