@@ -135,6 +135,47 @@ enum Shipping {
     Bytes(usize, std::ops::Range<usize>),
 }
 
+/// The pieces that go out as they are, and the changes that go in one bundle made for
+/// the device: the others' pushes of a mixed commit go as sent when `as_sent` and the
+/// commit's chunk was stored so, else in the bundle.
+fn plan_pieces(
+    entries: &[&LogEntry],
+    pieces: &[Piece],
+    own: &HashSet<ChangeHash>,
+    as_sent: bool,
+) -> (Vec<Shipping>, Vec<ChangeHash>) {
+    let mut shipped: Vec<Shipping> = Vec::new();
+    let mut others: Vec<ChangeHash> = Vec::new();
+    let not_own = |hashes: &[ChangeHash], others: &mut Vec<ChangeHash>| {
+        others.extend(hashes.iter().filter(|h| !own.contains(h)).copied());
+    };
+    for piece in pieces {
+        match *piece {
+            Piece::Block { at, level } => shipped.push(Shipping::Block { at, level }),
+            Piece::Chunk(at) => shipped.push(Shipping::Bytes(at, 0..usize::MAX)),
+            Piece::Others(at) => {
+                let e = entries[at];
+                if !as_sent || e.chunk.is_none() || e.parts.is_empty() {
+                    not_own(&e.hashes, &mut others);
+                    continue;
+                }
+                let (mut bytes_from, mut hashes_from) = (0, 0);
+                for part in &e.parts {
+                    let hashes = &e.hashes[hashes_from..part.hashes_end];
+                    let mine = hashes.iter().filter(|h| own.contains(h)).count();
+                    if mine == 0 {
+                        shipped.push(Shipping::Bytes(at, bytes_from..part.bytes_end));
+                    } else if mine < hashes.len() {
+                        not_own(hashes, &mut others);
+                    }
+                    (bytes_from, hashes_from) = (part.bytes_end, part.hashes_end);
+                }
+            }
+        }
+    }
+    (shipped, others)
+}
+
 /// What a window's commits come to for one device.
 #[derive(Debug)]
 pub(super) enum Shipped {
@@ -173,31 +214,11 @@ pub(super) fn ship(
     // What goes out as it is: blocks, chunks, and the others' pushes of a mixed commit
     // whose chunk was stored as sent; the rest of the mixed commits' changes (the
     // others' changes in a chunk the relay made) go in one bundle: one piece.
-    let mut shipped: Vec<Shipping> = Vec::new();
-    let mut others: Vec<ChangeHash> = Vec::new();
-    for piece in pieces {
-        match piece {
-            Piece::Block { at, level } => shipped.push(Shipping::Block { at, level }),
-            Piece::Chunk(at) => shipped.push(Shipping::Bytes(at, 0..usize::MAX)),
-            Piece::Others(at) => {
-                let e = entries[at];
-                if e.chunk.is_none() || e.parts.is_empty() {
-                    others.extend(e.hashes.iter().filter(|h| !own.contains(h)).copied());
-                    continue;
-                }
-                let (mut bytes_from, mut hashes_from) = (0, 0);
-                for part in &e.parts {
-                    let hashes = &e.hashes[hashes_from..part.hashes_end];
-                    let mine = hashes.iter().filter(|h| own.contains(h)).count();
-                    if mine == 0 {
-                        shipped.push(Shipping::Bytes(at, bytes_from..part.bytes_end));
-                    } else if mine < hashes.len() {
-                        others.extend(hashes.iter().filter(|h| !own.contains(h)).copied());
-                    }
-                    (bytes_from, hashes_from) = (part.bytes_end, part.hashes_end);
-                }
-            }
-        }
+    // Pushes as sent add pieces: where they would make too many, their changes go in
+    // the bundle as before.
+    let (mut shipped, mut others) = plan_pieces(&entries, &pieces, own, true);
+    if shipped.len() + usize::from(!others.is_empty()) > MAX_PIECES {
+        (shipped, others) = plan_pieces(&entries, &pieces, own, false);
     }
     if shipped.len() + usize::from(!others.is_empty()) > MAX_PIECES {
         return Ok(Shipped::TooFine);
@@ -239,13 +260,15 @@ mod tests {
     use automerge::transaction::Transactable;
     use automerge::{ActorId, Automerge, ROOT};
 
-    /// Two phones' pushes in one commit, stored as sent: a phone's catch-up gets the
-    /// other's push as it was sent, with no bundle made; a push that is partly the
-    /// device's own goes in a bundle made for it.
-    #[test]
-    fn the_others_pushes_of_a_mixed_commit_go_as_sent() {
+    /// A push's change hashes and its bytes as sent.
+    type TestPush = (Vec<ChangeHash>, Vec<u8>);
+
+    /// One commit of `n` phones' pushes (two changes each), stored as sent: the slot,
+    /// and each push's hashes and bytes.
+    fn commit_of_pushes(n: u8) -> (SlotState, Vec<TestPush>) {
         let mut doc = Automerge::new();
-        let mut push = |actor: u8| {
+        let mut pushes = Vec::new();
+        for actor in 1..=n {
             let mut fork = doc.fork().with_actor(ActorId::from([actor; 16]));
             let before = fork.get_heads();
             for i in 0..2 {
@@ -257,26 +280,52 @@ mod tests {
                 fork.get_changes(&before).iter().map(|c| c.hash()).collect();
             let bytes = fork.bundle(hashes.clone()).unwrap().bytes().to_vec();
             doc.merge(&mut fork).unwrap();
-            (hashes, bytes)
-        };
-        let (a, a_bytes) = push(1);
-        let (b, b_bytes) = push(2);
-        let mut chunk = a_bytes.clone();
-        chunk.extend_from_slice(&b_bytes);
-        let parts = vec![
-            Part {
-                bytes_end: a_bytes.len(),
-                hashes_end: 2,
-            },
-            Part {
+            pushes.push((hashes, bytes));
+        }
+        let (mut chunk, mut hashes, mut parts) = (Vec::new(), Vec::new(), Vec::new());
+        for (h, b) in &pushes {
+            chunk.extend_from_slice(b);
+            hashes.extend_from_slice(h);
+            parts.push(Part {
                 bytes_end: chunk.len(),
-                hashes_end: 4,
-            },
-        ];
-        let hashes: Vec<ChangeHash> = a.iter().chain(&b).copied().collect();
+                hashes_end: hashes.len(),
+            });
+        }
         let heads = doc.get_heads();
         let mut state = SlotState::new(doc, 1);
-        state.remember(1, hashes, Arc::new(chunk.clone()), heads, parts);
+        state.remember(1, hashes, Arc::new(chunk), heads, parts);
+        (state, pushes)
+    }
+
+    /// A commit of more pushes than a payload may hold pieces: the others' pushes go
+    /// in one bundle made for the device, not as sent (nor the whole window bundled).
+    #[test]
+    fn too_many_pushes_as_sent_go_in_one_bundle() {
+        let (mut state, pushes) = commit_of_pushes(6);
+        let own: HashSet<ChangeHash> = pushes[0].0.iter().copied().collect();
+        let counts = BlockCounts::default();
+        let Shipped::Pieces(bytes) = ship(&mut state, 0..1, &own, &counts).unwrap() else {
+            panic!("expected pieces");
+        };
+        let got = crate::intake::device_changes(&bytes).unwrap();
+        assert_eq!(got.len(), 10, "the five others' pushes");
+        let mut chunks = 0;
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            rest = redline_proto::wire::split_chunk(rest).unwrap().2;
+            chunks += 1;
+        }
+        assert_eq!(chunks, 1, "one bundle");
+    }
+
+    /// Two phones' pushes in one commit, stored as sent: a phone's catch-up gets the
+    /// other's push as it was sent, with no bundle made; a push that is partly the
+    /// device's own goes in a bundle made for it.
+    #[test]
+    fn the_others_pushes_of_a_mixed_commit_go_as_sent() {
+        let (mut state, pushes) = commit_of_pushes(2);
+        let ((a, a_bytes), (b, b_bytes)) = (pushes[0].clone(), pushes[1].clone());
+        let chunk = [a_bytes.clone(), b_bytes.clone()].concat();
         let counts = BlockCounts::default();
         let ship_for = |state: &mut SlotState, own: &[ChangeHash]| {
             let own: HashSet<ChangeHash> = own.iter().copied().collect();
