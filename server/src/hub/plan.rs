@@ -168,8 +168,8 @@ fn counters_follow_deps(
 /// change that skips it, but a saved document holding one does not load again
 /// ("missing ops"). The walk goes back from the change's dependencies and stops at
 /// each change of the same actor (whose own history already holds that actor's earlier
-/// changes); an honest change names its actor's previous change or a change built on
-/// it, so the walk is a step or two.
+/// changes), breadth first; Automerge names an actor's previous change among a new
+/// change's dependencies, so an honest walk ends among the direct ones.
 fn actors_chain(
     doc: &Automerge,
     in_batch: &HashMap<ChangeHash, &Change>,
@@ -181,9 +181,11 @@ fn actors_chain(
             continue;
         }
         let mut seen: HashSet<ChangeHash> = HashSet::new();
-        let mut stack: Vec<ChangeHash> = c.deps().to_vec();
+        // Breadth first: the direct dependencies (where an honest change names it)
+        // before anything older.
+        let mut queue: std::collections::VecDeque<ChangeHash> = c.deps().iter().copied().collect();
         let (mut found, mut unknown) = (false, false);
-        while let Some(h) = stack.pop() {
+        while let Some(h) = queue.pop_front() {
             if !seen.insert(h) {
                 continue;
             }
@@ -205,7 +207,7 @@ fn actors_chain(
                 }
                 continue;
             }
-            stack.extend(deps);
+            queue.extend(deps);
         }
         if !found && !unknown {
             return Err(Error::BadChanges(format!(
