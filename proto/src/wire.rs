@@ -53,6 +53,20 @@ pub fn split_chunk(bytes: &[u8]) -> Result<(&[u8], u8, &[u8]), String> {
     Ok((&bytes[..end], kind, &bytes[end..]))
 }
 
+/// Appends `v` to `out` as unsigned LEB128 in the fewest bytes (how Automerge writes a
+/// chunk's length, and hashes it for the checksum).
+pub fn put_uleb(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
 /// An unsigned LEB128 value at the start of `b` and the bytes it took (at most 10).
 pub fn uleb(b: &[u8]) -> Option<(u64, usize)> {
     let mut v: u64 = 0;
@@ -81,5 +95,26 @@ mod tests {
         let mut heads = vec![a, b];
         union_heads(&mut heads, &[b, c, a]);
         assert_eq!(heads, vec![a, b, c]);
+    }
+
+    #[test]
+    fn leb128_written_in_the_fewest_bytes_reads_back() {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            300,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            put_uleb(&mut out, v);
+            assert_eq!(uleb(&out), Some((v, out.len())));
+            let fewest = (64 - v.leading_zeros()).div_ceil(7).max(1) as usize;
+            assert_eq!(out.len(), fewest, "{v}");
+        }
     }
 }

@@ -70,16 +70,7 @@ pub fn storable_as_sent(bytes: &[u8]) -> bool {
         };
         let mut canonical = Vec::with_capacity(11);
         canonical.push(kind);
-        let mut v = len;
-        loop {
-            let byte = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                canonical.push(byte);
-                break;
-            }
-            canonical.push(byte | 0x80);
-        }
+        redline_proto::wire::put_uleb(&mut canonical, len);
         if canonical.len() != 1 + used {
             return false;
         }

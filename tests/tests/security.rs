@@ -862,16 +862,7 @@ fn rechunk(chunk: &[u8], kind: u8) -> Vec<u8> {
     }
     let body = &chunk[at + 1..];
     let mut header = vec![kind];
-    let mut n = body.len();
-    loop {
-        let byte = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            header.push(byte);
-            break;
-        }
-        header.push(byte | 0x80);
-    }
+    redline_proto::wire::put_uleb(&mut header, body.len() as u64);
     let digest = sha2::Sha256::new()
         .chain_update(&header)
         .chain_update(body)
