@@ -6,7 +6,9 @@
 //! the field's operations into real Automerge documents and run the client core's own
 //! device session (`DeviceSession`: the same pushes, update merging, fallback, store
 //! steps and cursor rule as a phone over QUIC) over a store that keeps only what it
-//! flushed when the phone crashes. A forger ([`Forger`]) crafts its own pushes. Between them, a seeded network: every message is framed and decoded as
+//! flushed when the phone crashes. A forger ([`Forger`]) crafts its own pushes (others'
+//! names, actors and tallies; its own changes misnumbered so that no save of the
+//! document would load). Between them, a seeded network: every message is framed and decoded as
 //! on the wire, delayed (10% loss costs a retransmission timeout), kept in order within a
 //! connection as QUIC streams are, duplicated now and then at the application level,
 //! and cut; phones go out of signal and come back; the relay crashes and restarts at
@@ -1268,7 +1270,10 @@ impl World {
         if !self.hostile.as_ref().is_some_and(|h| h.welcomed) {
             return;
         }
-        let kind = self.rng.random_range(0..3);
+        let kind = self.rng.random_range(0..5);
+        if kind >= 3 {
+            return self.misnumber(conn, kind == 3);
+        }
         let victim = self.rng.random_range(0..self.phones.len().max(1));
         let Some(v) = self.phones.get(victim) else {
             return;
@@ -1318,6 +1323,63 @@ impl World {
             doc: ledger,
             bundle: bundle.bytes().to_vec(),
             heads: vec![hash.0],
+        };
+        match codec::encode_frame(&Message::Push(push), codec::DEFAULT_MAX_FRAME) {
+            Ok(f) => self.send_to_relay(conn, f),
+            Err(e) => self
+                .problems
+                .push(format!("the forger could not frame: {e}")),
+        }
+    }
+
+    /// The forger sends a change of its own, signed as itself, whose numbering
+    /// Automerge applies but no save of the document survives: operations numbered
+    /// from 1 (`into_past`), or its actor's second change built beside its first (both
+    /// in one push).
+    fn misnumber(&mut self, conn: u64, into_past: bool) {
+        use automerge::transaction::Transactable;
+        let Some(h) = self.hostile.as_ref() else {
+            return;
+        };
+        let (actor, message) = (h.actor.clone(), format!("{}@{}", h.member, h.device));
+        let ms = self.change_time();
+        let ledger = self.ledger.clone();
+        let genesis = redline_proto::genesis::genesis(&ledger);
+        let mut doc = genesis.fork().with_actor(actor);
+        let n = self.forged.len();
+        let mut changes = Vec::new();
+        for i in 0..if into_past { 1 } else { 2 } {
+            let mut tx = doc.transaction();
+            let Some((_, tasks)) = tx.get(automerge::ROOT, "tasks").ok().flatten() else {
+                return;
+            };
+            let _ = tx.put(&tasks, format!("misnumbered-{n}-{i}"), "open");
+            let opts = automerge::transaction::CommitOptions::default()
+                .with_message(message.clone())
+                .with_time(ms);
+            tx.commit_with(opts);
+            let Some(c) = doc.get_last_local_change() else {
+                return;
+            };
+            changes.push(c);
+        }
+        let last = changes.pop().expect("one change at least");
+        let mut e = automerge::ExpandedChange::from(&last);
+        if into_past {
+            e.start_op = std::num::NonZeroU64::MIN;
+        } else {
+            e.deps = genesis.get_heads();
+        }
+        e.hash = None;
+        changes.push(automerge::Change::from(e));
+        self.forged.extend(changes.iter().map(|c| c.hash()));
+        let push = redline_proto::message::Push {
+            doc: ledger,
+            bundle: changes
+                .iter()
+                .flat_map(|c| c.raw_bytes().to_vec())
+                .collect(),
+            heads: changes.iter().map(|c| c.hash().0).collect(),
         };
         match codec::encode_frame(&Message::Push(push), codec::DEFAULT_MAX_FRAME) {
             Ok(f) => self.send_to_relay(conn, f),
