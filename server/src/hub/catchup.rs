@@ -111,8 +111,7 @@ fn lacks_most(
         lacking += e.hashes.iter().filter(|h| !own.contains(h)).count();
         window_bytes = window_bytes.zip(e.chunk.as_ref()).map(|(n, c)| n + c.len());
     }
-    // The total is counted once per heads: every far-behind device of a storm asks at
-    // the same heads. The window's chunks include the device's own changes, so they
+    // The window's chunks include the device's own changes, so they
     // are at most what it would be shipped; a pruned chunk (a window of more than the
     // log's bytes) counts as large.
     lacking >= WHOLE_MIN_CHANGES

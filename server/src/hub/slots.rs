@@ -95,8 +95,6 @@ pub struct SlotState {
     /// The last whole-document save and the heads it was made at: new devices and
     /// resumed transfers get the same bytes without saving again.
     pub(super) saved: Option<(Vec<ChangeHash>, Arc<Vec<u8>>)>,
-    /// How many changes the document holds, and the heads it was counted at.
-    pub(super) counted: Option<(Vec<ChangeHash>, usize)>,
     /// Bundles made for catch-ups at the current heads, by what the device knew: every
     /// device of a team that was at the same heads gets the same bytes, built once.
     pub(super) deliveries: Vec<(Vec<ChangeHash>, Arc<Vec<u8>>)>,
@@ -157,7 +155,6 @@ impl SlotState {
             doc,
             chunks,
             saved: None,
-            counted: None,
             deliveries: Vec::new(),
             deliveries_at: Vec::new(),
             log: std::collections::VecDeque::new(),
@@ -219,17 +216,9 @@ impl SlotState {
         }
     }
 
-    /// How many changes the document holds, counted again only when its heads moved.
-    pub(super) fn change_count(&mut self) -> usize {
-        let heads = self.doc.get_heads();
-        match &self.counted {
-            Some((h, n)) if *h == heads => *n,
-            _ => {
-                let n = self.doc.get_changes_meta(&[]).len();
-                self.counted = Some((heads, n));
-                n
-            }
-        }
+    /// How many changes the document holds (Automerge keeps the count).
+    pub(super) fn change_count(&self) -> usize {
+        self.doc.stats().num_changes as usize
     }
 }
 
