@@ -132,6 +132,17 @@ pub struct FieldDayResult {
     pub whole_documents: u64,
     pub floor_cpu_s: f64,
     pub cpu_ratio: f64,
+    /// The phones' floor (estimated from one phone per team): every phone decoding and
+    /// applying what it lacked of each document as one bundle.
+    pub phone_floor_bundle_cpu_s: f64,
+    /// The same, every phone loading each final document once instead.
+    pub phone_floor_whole_cpu_s: f64,
+    /// The same, each document the cheaper of the two ways.
+    pub phone_floor_cpu_s: f64,
+    /// The least the storm could take on this machine, its relay and phones sharing
+    /// its cores: the relay's floor and the phones' floor over the cores. Convergence
+    /// below it needs fewer phones per core, not faster code.
+    pub convergence_floor_s: f64,
     pub wire_bytes: u64,
     /// Frames (messages and transfer pieces) the devices sent and received in the storm:
     /// with `wire_bytes`, where the overhead over the changes' own bytes comes from.
@@ -316,8 +327,59 @@ pub async fn serve_relay_child(dir: &Path) -> anyhow::Result<()> {
 
 struct Device {
     team: usize,
+    /// Its place in the day's list: `index % devices_per_team` is its place in its team.
+    index: usize,
     client: Client,
     docs: Vec<DocId>,
+}
+
+/// One sampled phone's document before the storm, for the phones' floor.
+struct PhoneFloorInput {
+    /// The phone's copy before the storm.
+    copy: Automerge,
+    /// What it lacks of the final document, as one bundle.
+    lacked: Vec<u8>,
+    /// The final document, saved.
+    whole: std::sync::Arc<Vec<u8>>,
+    /// How many phones this one stands for (its team's).
+    stands_for: f64,
+}
+
+/// What the phones must spend at the least, by Automerge alone: every phone's lacked
+/// changes of a document as one bundle decoded and applied, or the final document
+/// loaded once and the phone's own copy merged into it (a whole-document catch-up).
+#[derive(Clone, Copy, Debug, Default)]
+struct PhoneFloor {
+    /// All phones, each document as one bundle.
+    bundle_s: f64,
+    /// All phones, each document loaded whole.
+    whole_s: f64,
+    /// All phones, each document the cheaper way of the two.
+    least_s: f64,
+}
+
+fn phone_floor(inputs: Vec<PhoneFloorInput>) -> anyhow::Result<PhoneFloor> {
+    let mut floor = PhoneFloor::default();
+    for input in inputs {
+        let mut copy = input.copy.clone();
+        let t = cpu_time::ThreadTime::now();
+        copy.load_incremental(&input.lacked)?;
+        let bundle = t.elapsed().as_secs_f64();
+        std::hint::black_box(&copy);
+        let mut own = input.copy;
+        let t = cpu_time::ThreadTime::now();
+        let mut loaded = Automerge::load(&input.whole)?;
+        loaded.merge(&mut own)?;
+        let whole = t.elapsed().as_secs_f64();
+        std::hint::black_box(&loaded);
+        if copy.get_heads() != loaded.get_heads() {
+            bail!("the phones' floor: a bundle and the whole document disagree");
+        }
+        floor.bundle_s += bundle * input.stands_for;
+        floor.whole_s += whole * input.stands_for;
+        floor.least_s += bundle.min(whole) * input.stands_for;
+    }
+    Ok(floor)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -447,6 +509,7 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
             docs.extend(zones_of(t).iter().map(DocId::households));
             devices.push(Device {
                 team: t,
+                index: devices.len(),
                 client,
                 docs,
             });
@@ -549,30 +612,46 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
             doc.bundle(hashes)?.bytes().len() as u64
         })
     };
+    // The phones' floor, from one phone of each team (the team's other phones hold
+    // documents of the same shape): its copy before the storm, what it lacks as one
+    // bundle, and the final document.
+    let mut phone_floor_inputs: Vec<PhoneFloorInput> = Vec::new();
     for (id, doc) in &base {
         let base_heads = doc.get_heads();
         let mut all = doc.clone();
-        let mut own: Vec<Vec<ChangeHash>> = Vec::new();
+        let mut own: Vec<(Vec<ChangeHash>, Option<Automerge>)> = Vec::new();
         for d in devices.iter().filter(|d| d.docs.contains(id)) {
             let mut copy = d.client.document(id)?.context("document missing")?;
-            own.push(
-                copy.get_changes(&base_heads)
-                    .iter()
-                    .map(|c| c.hash())
-                    .collect(),
-            );
+            let mine = copy
+                .get_changes(&base_heads)
+                .iter()
+                .map(|c| c.hash())
+                .collect();
             all.merge(&mut copy)?;
+            let sampled = (d.index % cfg.devices_per_team == 1).then_some(copy);
+            own.push((mine, sampled));
         }
         let new = all.get_changes(&base_heads);
         let every: Vec<ChangeHash> = new.iter().map(|c| c.hash()).collect();
         compressed_once_bytes += bundle_len(&all, every.clone())?;
-        for mine in own {
+        let whole = std::sync::Arc::new(all.save());
+        for (mine, sampled) in own {
             let lacked: Vec<ChangeHash> = every
                 .iter()
                 .filter(|h| !mine.contains(h))
                 .copied()
                 .collect();
             device_applied_changes += lacked.len() as u64;
+            if let Some(copy) = sampled
+                && !lacked.is_empty()
+            {
+                phone_floor_inputs.push(PhoneFloorInput {
+                    copy,
+                    lacked: all.bundle(lacked.iter().copied())?.bytes().to_vec(),
+                    whole: whole.clone(),
+                    stands_for: cfg.devices_per_team as f64,
+                });
+            }
             compressed_change_bytes += bundle_len(&all, mine)? + bundle_len(&all, lacked)?;
         }
         floor_inputs.push((doc.clone(), new));
@@ -586,6 +665,9 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
         t.elapsed().as_secs_f64()
     })
     .await?;
+
+    let phone_floor = tokio::task::spawn_blocking(move || phone_floor(phone_floor_inputs))
+        .await??;
 
     // ----- reconnect storm -----------------------------------------------------------
     progress("reconnect storm: every device reconnects at once");
@@ -702,6 +784,11 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
         device_apply_per_change_us: per(device_cpu_s, device_applied_changes),
         whole_documents: 0,
         floor_cpu_s,
+        phone_floor_bundle_cpu_s: phone_floor.bundle_s,
+        phone_floor_whole_cpu_s: phone_floor.whole_s,
+        phone_floor_cpu_s: phone_floor.least_s,
+        convergence_floor_s: (floor_cpu_s + phone_floor.least_s)
+            / std::thread::available_parallelism().map_or(2, |n| n.get()) as f64,
         cpu_ratio: if floor_cpu_s > 0.0 {
             relay_cpu_s / floor_cpu_s
         } else {
@@ -1112,6 +1199,19 @@ pub fn table(r: &FieldDayResult) -> String {
             String::new(),
         ),
         (
+            "phones' floor (Automerge)",
+            format!("{:.2} s", r.phone_floor_cpu_s),
+            format!(
+                "one bundle each {:.2} s, whole documents {:.2} s",
+                r.phone_floor_bundle_cpu_s, r.phone_floor_whole_cpu_s
+            ),
+        ),
+        (
+            "convergence floor",
+            format!("{:.2} s", r.convergence_floor_s),
+            "both floors over this machine's cores".into(),
+        ),
+        (
             "documents sent whole",
             r.whole_documents.to_string(),
             "catch-ups of a device lacking most of one".into(),
@@ -1288,6 +1388,10 @@ mod tests {
             device_apply_per_change_us: 3.3,
             whole_documents: 0,
             floor_cpu_s: 1.0,
+            phone_floor_bundle_cpu_s: 3.0,
+            phone_floor_whole_cpu_s: 2.0,
+            phone_floor_cpu_s: 2.0,
+            convergence_floor_s: 1.5,
             cpu_ratio: s / 2.0,
             wire_bytes: 10,
             wire_frames: 2,
