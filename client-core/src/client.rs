@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::transaction::Transaction;
-use automerge::{Automerge, ChangeHash};
+use automerge::{Automerge, ChangeHash, ReadDoc};
 use redline_proto::{Day, DocId, DocKind, MemberId};
 
 use crate::identity::{self, DeviceIdentity};
@@ -448,6 +448,11 @@ impl Client {
         let mut docs = self.docs();
         let doc = self.load_or_genesis(&mut docs, id)?;
         let is_bundle = changes.is_some();
+        // New changes: the history's size after less before (Automerge keeps it; a walk
+        // of the history after the old heads costs about as much as the apply's
+        // bookkeeping).
+        let count = |doc: &Automerge| doc.stats().num_changes as usize;
+        let held = count(doc);
         let merged = match (changes, other.as_mut()) {
             (Some(changes), _) => {
                 let before = doc.get_heads();
@@ -457,9 +462,9 @@ impl Client {
                 if follow && applied.is_ok() {
                     self.inner.tallies.advance_by(id, &before, doc, &mut log);
                 }
-                applied.map(|()| doc.get_changes_meta(&before).len())
+                applied.map(|()| count(doc) - held)
             }
-            (None, Some(other)) => doc.merge(other).map(|h| h.len()),
+            (None, Some(other)) => doc.merge(other).map(|_| count(doc) - held),
             (None, None) => Ok(0),
         };
         let new = match merged {

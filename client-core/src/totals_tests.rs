@@ -82,7 +82,7 @@ fn kept_totals_follow_a_teammates_updates_and_a_whole_document_reads_again() {
         a.add_to_tally(&team(), &day(), "screened", round + 1)
             .unwrap();
         a.add_to_tally(&team(), &day(), "samples_taken", 1).unwrap();
-        b.import(&id, &bundle_after(&a, &since)).unwrap();
+        assert_eq!(b.import(&id, &bundle_after(&a, &since)).unwrap(), 2);
         checked_totals(&b);
     }
     assert_eq!(checked_totals(&b)["screened"], 6 + 55);
@@ -93,8 +93,14 @@ fn kept_totals_follow_a_teammates_updates_and_a_whole_document_reads_again() {
     );
     // A whole document merged in is not followed: the next read reads whole.
     a.add_to_tally(&team(), &day(), "screened", 100).unwrap();
+    a.add_to_tally(&team(), &day(), "samples_taken", 1).unwrap();
     let saved = a.document(&id).unwrap().unwrap().save();
-    b.import(&id, &saved).unwrap();
+    assert_eq!(b.import(&id, &saved).unwrap(), 2, "the changes new to b");
+    assert_eq!(
+        b.import(&id, &saved).unwrap(),
+        0,
+        "nothing new the second time"
+    );
     assert_eq!(checked_totals(&b)["screened"], 161);
     assert_eq!(b.inner.tallies.full_reads(), reads + 1);
 }

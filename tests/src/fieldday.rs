@@ -666,8 +666,8 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
     })
     .await?;
 
-    let phone_floor = tokio::task::spawn_blocking(move || phone_floor(phone_floor_inputs))
-        .await??;
+    let phone_floor =
+        tokio::task::spawn_blocking(move || phone_floor(phone_floor_inputs)).await??;
 
     // ----- reconnect storm -----------------------------------------------------------
     progress("reconnect storm: every device reconnects at once");
