@@ -53,6 +53,26 @@ pub fn split_chunk(bytes: &[u8]) -> Result<(&[u8], u8, &[u8]), String> {
     Ok((&bytes[..end], kind, &bytes[end..]))
 }
 
+/// An Automerge chunk of type `kind` holding `body`, as Automerge writes it: magic,
+/// checksum (the first four bytes of SHA-256 over type, length and body), type, length
+/// in the fewest LEB128 bytes, body. A chunk equals this form of its own type and body
+/// exactly when Automerge's loader would take its header.
+pub fn seal_chunk(kind: u8, body: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut head = vec![kind];
+    put_uleb(&mut head, body.len() as u64);
+    let hash = Sha256::new()
+        .chain_update(&head)
+        .chain_update(body)
+        .finalize();
+    let mut out = Vec::with_capacity(8 + head.len() + body.len());
+    out.extend_from_slice(&CHUNK_MAGIC);
+    out.extend_from_slice(&hash[..4]);
+    out.extend_from_slice(&head);
+    out.extend_from_slice(body);
+    out
+}
+
 /// Appends `v` to `out` as unsigned LEB128 in the fewest bytes (how Automerge writes a
 /// chunk's length, and hashes it for the checksum).
 pub fn put_uleb(out: &mut Vec<u8>, mut v: u64) {

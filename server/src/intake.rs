@@ -59,26 +59,15 @@ pub fn device_changes(bytes: &[u8]) -> Result<Vec<Change>, String> {
 /// chunks as they came) refuses a chunk whose checksum is wrong, where the decoders
 /// the intake uses never look at it; such bytes are stored encoded again instead.
 pub fn storable_as_sent(bytes: &[u8]) -> bool {
-    use sha2::{Digest, Sha256};
     let mut rest = bytes;
     while !rest.is_empty() {
         let Ok((chunk, kind, after)) = split_chunk(rest) else {
             return false;
         };
-        let Some((len, used)) = redline_proto::wire::uleb(&chunk[9..]) else {
+        let Some((_, used)) = redline_proto::wire::uleb(&chunk[9..]) else {
             return false;
         };
-        let mut canonical = Vec::with_capacity(11);
-        canonical.push(kind);
-        redline_proto::wire::put_uleb(&mut canonical, len);
-        if canonical.len() != 1 + used {
-            return false;
-        }
-        let mut hasher = Sha256::new();
-        hasher.update(&canonical);
-        hasher.update(&chunk[9 + used..]);
-        let hash: [u8; 32] = hasher.finalize().into();
-        if chunk[4..8] != hash[..4] {
+        if redline_proto::wire::seal_chunk(kind, &chunk[9 + used..]) != chunk {
             return false;
         }
         rest = after;
@@ -223,23 +212,6 @@ mod tests {
         assert!(!storable_as_sent(&padded));
     }
 
-    /// `magic`, checksum, `kind`, length and `body`: a chunk whose header is right for
-    /// whatever its body holds (a hostile device can seal any bytes).
-    fn sealed(kind: u8, body: &[u8]) -> Vec<u8> {
-        use sha2::{Digest, Sha256};
-        let mut head = vec![kind];
-        redline_proto::wire::put_uleb(&mut head, body.len() as u64);
-        let mut hasher = Sha256::new();
-        hasher.update(&head);
-        hasher.update(body);
-        let hash: [u8; 32] = hasher.finalize().into();
-        let mut out = vec![0x85, 0x6f, 0x4a, 0x83];
-        out.extend_from_slice(&hash[..4]);
-        out.extend_from_slice(&head);
-        out.extend_from_slice(body);
-        out
-    }
-
     fn body_of(chunk: &[u8]) -> (u8, Vec<u8>) {
         let (len, used) = redline_proto::wire::uleb(&chunk[9..]).unwrap();
         let start = 9 + used;
@@ -273,7 +245,8 @@ mod tests {
                 let i = at % body.len();
                 body[i] ^= x;
             }
-            let bytes = sealed(kind, &body);
+            // Sealed: a hostile device can give any body a header that holds.
+            let bytes = redline_proto::wire::seal_chunk(kind, &body);
             let Ok(decoded) = device_changes(&bytes) else {
                 return Ok(());
             };

@@ -854,24 +854,8 @@ fn sync_data(heads: Vec<ChangeHash>, chunks: Vec<Vec<u8>>) -> Vec<u8> {
 /// `chunk` (an Automerge chunk) made a chunk of type `kind` with a correct length and a
 /// valid checksum (SHA-256 over type, length and body; its first four bytes).
 fn rechunk(chunk: &[u8], kind: u8) -> Vec<u8> {
-    use sha2::Digest;
-    // magic (4), checksum (4), type (1), LEB128 length, body.
-    let mut at = 9;
-    while chunk[at] & 0x80 != 0 {
-        at += 1;
-    }
-    let body = &chunk[at + 1..];
-    let mut header = vec![kind];
-    redline_proto::wire::put_uleb(&mut header, body.len() as u64);
-    let digest = sha2::Sha256::new()
-        .chain_update(&header)
-        .chain_update(body)
-        .finalize();
-    let mut out = chunk[..4].to_vec();
-    out.extend_from_slice(&digest[..4]);
-    out.extend_from_slice(&header);
-    out.extend_from_slice(body);
-    out
+    let (_, used) = redline_proto::wire::uleb(&chunk[9..]).expect("a chunk's length");
+    redline_proto::wire::seal_chunk(kind, &chunk[9 + used..])
 }
 
 /// The process's peak resident memory (KiB), from /proc.

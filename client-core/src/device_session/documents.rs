@@ -228,8 +228,9 @@ mod tests {
         tx.commit().0.unwrap()
     }
 
-    /// What a bundle brought is counted from its own changes: one the phone already
-    /// holds is not new, nor is one that waits for a dependency the phone lacks.
+    /// What an update brought is what the copy did not hold before and holds after:
+    /// a change the phone already held is not new; one that waits for a dependency the
+    /// phone lacks counts once it lands.
     #[test]
     fn new_changes_count_only_what_the_apply_added() {
         let id = DocId::parse("households/zone-1").unwrap();
