@@ -519,3 +519,68 @@ fn an_update_without_heads_names_what_was_applied_as_held() {
         "the phone's own write is not the relay's"
     );
 }
+
+/// A relay may answer a catch-up with a document saved at a commit inside the window,
+/// then the rest of the window as a bundle that depends on it, one after the other: the
+/// phone applies them in that order (no resync), keeps its own unpushed write, and
+/// takes the relay to hold what the bundle named.
+#[test]
+fn a_whole_document_then_the_rest_of_the_window_arrive_together() {
+    let mut phone = Phone::default();
+    let mut s = start(&mut phone, true, Instant::now());
+    feed(&mut s, &mut phone, welcome());
+    feed(&mut s, &mut phone, caught(1));
+    sent(&mut s);
+    phone.write(&ledger(), "mine");
+    let mut team = Automerge::new().with_actor(ActorId::random());
+    for i in 0..5 {
+        let mut tx = team.transaction();
+        tx.put(ROOT, format!("k{i}"), i).expect("put");
+        tx.commit();
+    }
+    let saved_at = team.get_heads();
+    let whole = team.save();
+    let mut tx = team.transaction();
+    tx.put(ROOT, "after the save", 1).expect("put");
+    tx.commit();
+    let rest: Vec<ChangeHash> = team
+        .get_changes(&saved_at)
+        .iter()
+        .map(|c| c.hash())
+        .collect();
+    let updates = [
+        Update {
+            doc: ledger(),
+            heads: hashes_to_wire(&saved_at),
+            payload: Payload::Document(whole),
+        },
+        Update {
+            doc: ledger(),
+            heads: hashes_to_wire(&team.get_heads()),
+            payload: Payload::Bundle(team.bundle(rest).expect("bundle").bytes().to_vec()),
+        },
+    ];
+    let batch = updates
+        .into_iter()
+        .map(|u| (Message::Update(u), codec::Extensions::new()))
+        .chain([(caught(2), codec::Extensions::new())])
+        .collect();
+    s.handle_messages(batch, &mut phone).expect("handled");
+    let doc = &phone.docs[&ledger()];
+    for key in ["k0", "k4", "after the save", "mine"] {
+        use automerge::ReadDoc;
+        assert!(
+            doc.get(ROOT, key).expect("read").is_some(),
+            "{key} is there"
+        );
+    }
+    assert!(s.resync.is_none(), "nothing was missing");
+    // The union of what both named (the save's heads are the bundle's past).
+    let held = &phone.relay_has[&ledger()];
+    assert!(team.get_heads().iter().all(|h| held.contains(h)));
+    assert!(
+        doc.get_changes(held).len() == 1,
+        "only the phone's own write is unheld"
+    );
+    assert_eq!(s.report().changes_received, 6);
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use automerge::ChangeHash;
 use redline_proto::DocId;
 use redline_proto::message::{Coverage, Payload};
-use redline_proto::wire::union_heads;
+use redline_proto::wire::{INLINE_MAX, union_heads};
 
 use super::blocks::{BlockCounts, Shipped};
 use super::slots::{DocSlot, LogEntry};
@@ -34,40 +34,71 @@ pub struct Window<'a> {
 /// A window of at least this many changes may be answered with the whole document.
 pub const WHOLE_MIN_CHANGES: usize = 256;
 
+/// What a device lacks of a document: updates to send it in this order (none: it
+/// lacks nothing), each with the heads the device holds once it has it.
+pub type Found = Vec<(Payload, Vec<ChangeHash>)>;
+
 /// A device's catch-up from the commit log: what was committed in the window `w`, less
-/// the device's own: the whole document when it lacks most of it, else the window's
-/// stored chunks, else one bundle made for it.
+/// the device's own: the whole document when it lacks most of it (as of the window's
+/// end, or as of an earlier commit of the window that was saved, followed by the rest
+/// of the window), else the window's stored chunks, else one bundle made for it.
 fn from_log(
     state: &mut super::slots::SlotState,
     w: &Window<'_>,
     counts: &BlockCounts,
-) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
+) -> Result<Found, Error> {
+    let in_window = |e: &LogEntry| e.seq > w.after && e.seq <= w.upto;
+    let Some(from) = state.log.iter().position(in_window) else {
+        return Ok(Vec::new());
+    };
+    let to = from
+        + state
+            .log
+            .iter()
+            .skip(from)
+            .take_while(|e| in_window(e))
+            .count();
     // What the device holds once it has the window: the heads after its last
     // commit, not the document's now (it may hold commits past the window that
     // the device is not sent yet; claiming them would hide them from a later
     // catch-up that works from what the device holds).
-    let Some(heads) = state
-        .log
-        .iter()
-        .rev()
-        .find(|e| e.seq > w.after && e.seq <= w.upto)
-        .map(|e| e.heads.clone())
-    else {
-        return Ok(None);
-    };
-    let in_window = |e: &&LogEntry| e.seq > w.after && e.seq <= w.upto;
-    if w.chunks && lacks_most(state, in_window, w.own, &heads) {
+    let heads = state.log[to - 1].heads.clone();
+    if w.chunks
+        && let Some((at, bytes)) = whole_at(state, from..to, w.own)
+    {
         counts
             .whole
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return Ok(Some((Payload::Document(state.saved().to_vec()), heads)));
+        let mut found = vec![(
+            Payload::Document(bytes.to_vec()),
+            state.log[at].heads.clone(),
+        )];
+        if let Some(rest) = pieces(state, at + 1..to, w, counts)? {
+            found.push((rest, heads));
+        }
+        return Ok(found);
+    }
+    Ok(pieces(state, from..to, w, counts)?
+        .map(|p| vec![(p, heads)])
+        .unwrap_or_default())
+}
+
+/// The changes of the log's commits `range` (consecutive, in the window), less the
+/// device's own: stored chunks and block bundles when the device reads several chunks
+/// in one payload, else (or when that would cut too finely) one bundle made for it.
+fn pieces(
+    state: &mut super::slots::SlotState,
+    range: std::ops::Range<usize>,
+    w: &Window<'_>,
+    counts: &BlockCounts,
+) -> Result<Option<Payload>, Error> {
+    if range.is_empty() {
+        return Ok(None);
     }
     if w.chunks {
-        let from = state.log.iter().position(|e| in_window(&e)).unwrap_or(0);
-        let to = from + state.log.iter().skip(from).take_while(in_window).count();
-        match super::blocks::ship(state, from..to, w.own, counts)? {
+        match super::blocks::ship(state, range.clone(), w.own, counts)? {
             Shipped::Nothing => return Ok(None),
-            Shipped::Pieces(bytes) => return Ok(Some((Payload::Bundle(bytes), heads))),
+            Shipped::Pieces(bytes) => return Ok(Some(Payload::Bundle(bytes))),
             // Cut too finely: one bundle made for the device, as below.
             Shipped::TooFine => {}
         }
@@ -75,8 +106,7 @@ fn from_log(
     let mut seen = HashSet::new();
     let hashes: Vec<ChangeHash> = state
         .log
-        .iter()
-        .filter(in_window)
+        .range(range)
         .flat_map(|e| e.hashes.iter())
         .filter(|h| !w.own.contains(h) && seen.insert(**h))
         .copied()
@@ -84,39 +114,62 @@ fn from_log(
     if hashes.is_empty() {
         return Ok(None);
     }
-    let bundle = make_bundle(&state.doc, hashes)?;
-    Ok(Some((Payload::Bundle(bundle), heads)))
+    Ok(Some(Payload::Bundle(make_bundle(&state.doc, hashes)?)))
 }
 
-/// Whether a device lacks most of a document over a window that ends at the
-/// document's heads: then the whole document is sent. Most means at least
-/// [`WHOLE_MIN_CHANGES`] changes and three quarters of the document's changes, and the
-/// whole document no larger than the window's stored chunks. A phone loads it and
-/// merges its own copy in, about 3.5 times faster than applying the changes (Criterion
-/// `catch_up`, a ledger day of 4,800 changes, whose document is also smaller than the
-/// bundle); a document whose base content the device already holds (a zone's
-/// households) is larger than what it lacks, and gets the changes.
-fn lacks_most(
+/// Whether a device lacks most of a document as of one of the window's commits, whose
+/// whole-document save it can then be sent: the window's last commit when the
+/// document stands at it (saved now if not yet), else the commit the relay last saved
+/// at (a hot document nearly always has a commit past the stable sequence in flight,
+/// and the relay saves a growing document after its commits, see
+/// `slots::SAVE_GROWTH`). Returns the commit's index in the log and the save.
+///
+/// Most means at least [`WHOLE_MIN_CHANGES`] changes and three quarters of the save's
+/// changes, and the save no larger than the stored chunks up to that commit. A phone
+/// loads it and merges its own copy in, about 3.5 times faster than applying the
+/// changes (Criterion `catch_up`, a ledger day of 4,800 changes, whose document is also
+/// smaller than the bundle); a document whose base content the device already holds (a
+/// zone's households) is larger than what it lacks, and gets the changes. An earlier
+/// save is used only if small enough to go inline ([`INLINE_MAX`]): a transfer on its
+/// own stream could reach the phone after the rest of the window, which needs it.
+fn whole_at(
     state: &mut super::slots::SlotState,
-    in_window: impl Fn(&&LogEntry) -> bool,
+    range: std::ops::Range<usize>,
     own: &HashSet<ChangeHash>,
-    end: &[ChangeHash],
-) -> bool {
-    if state.doc.get_heads() != end {
-        // Commits past the window are not the device's yet (not stable).
-        return false;
-    }
+) -> Option<(usize, Arc<Vec<u8>>)> {
+    let last = range.end - 1;
+    let at_end = state.doc.get_heads() == state.log[last].heads;
+    let (at, total, earlier) = if at_end {
+        (last, state.change_count(), None)
+    } else {
+        // The newest save at one of the window's commits, if small enough to go inline.
+        let (at, save) = state.saves.iter().rev().find_map(|s| {
+            let at = range
+                .clone()
+                .rev()
+                .find(|&i| state.log[i].heads == s.heads)?;
+            (s.bytes.len() <= INLINE_MAX).then_some((at, s))
+        })?;
+        (at, save.changes, Some(save.bytes.clone()))
+    };
     let (mut lacking, mut window_bytes) = (0, Some(0));
-    for e in state.log.iter().filter(&in_window) {
+    for e in state.log.range(range.start..=at) {
         lacking += e.hashes.iter().filter(|h| !own.contains(h)).count();
         window_bytes = window_bytes.zip(e.chunk.as_ref()).map(|(n, c)| n + c.len());
     }
-    // The window's chunks include the device's own changes, so they
-    // are at most what it would be shipped; a pruned chunk (a window of more than the
-    // log's bytes) counts as large.
-    lacking >= WHOLE_MIN_CHANGES
-        && lacking * 4 >= state.change_count() * 3
-        && window_bytes.is_none_or(|n| state.saved().len() <= n)
+    // The chunks include the device's own changes, so they are at most what it would
+    // be shipped; a pruned chunk (a window of more than the log's bytes) counts as
+    // large.
+    if lacking < WHOLE_MIN_CHANGES || lacking * 4 < total * 3 {
+        return None;
+    }
+    let bytes = match earlier {
+        Some(bytes) => bytes,
+        None => state.saved(),
+    };
+    window_bytes
+        .is_none_or(|n| bytes.len() <= n)
+        .then_some((at, bytes))
 }
 
 fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
@@ -124,13 +177,13 @@ fn hash_set(heads: &[ChangeHash]) -> HashSet<ChangeHash> {
 }
 
 impl Hub {
-    /// What a device that knows `have` of `doc` lacks, or `None` if nothing.
+    /// What a device that knows `have` of `doc` lacks (nothing: empty).
     pub async fn missing(
         &self,
         id: &DocId,
         have: &[ChangeHash],
         window: Option<Window<'_>>,
-    ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
+    ) -> Result<Found, Error> {
         let slot = self.slot(id).await?;
         let result = Self::missing_in(&slot, have, window, &self.stats.blocks).await;
         self.release(slot);
@@ -147,7 +200,7 @@ impl Hub {
         have_at: Option<u64>,
         known: &[ChangeHash],
         window: Option<Window<'_>>,
-    ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
+    ) -> Result<Found, Error> {
         let slot = self.slot(doc).await?;
         let from_log = match window {
             Some(w) => w.after.saturating_add(1) >= slot.state.lock().await.log_floor,
@@ -176,11 +229,11 @@ impl Hub {
         have: &[ChangeHash],
         window: Option<Window<'_>>,
         counts: &BlockCounts,
-    ) -> Result<Option<(Payload, Vec<ChangeHash>)>, Error> {
+    ) -> Result<Found, Error> {
         let mut state = slot.state.lock().await;
         let heads = state.doc.get_heads();
         if heads.is_empty() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         // From the commit log: what was committed in the window, less the device's own.
         if let Some(w) = window
@@ -190,10 +243,10 @@ impl Hub {
         }
         let have_set = hash_set(have);
         if heads.iter().all(|h| have_set.contains(h)) {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         if have.is_empty() {
-            return Ok(Some((Payload::Document(state.saved().to_vec()), heads)));
+            return Ok(vec![(Payload::Document(state.saved().to_vec()), heads)]);
         }
         let mut known: Vec<ChangeHash> = have
             .iter()
@@ -207,18 +260,18 @@ impl Hub {
             state.deliveries_at = heads.clone();
         }
         if let Some((_, bytes)) = state.deliveries.iter().find(|(k, _)| *k == known) {
-            return Ok(Some((Payload::Bundle(bytes.to_vec()), heads)));
+            return Ok(vec![(Payload::Bundle(bytes.to_vec()), heads)]);
         }
         let changes = state.doc.get_changes(&known);
         if changes.is_empty() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let bundle = make_bundle(&state.doc, changes.iter().map(|c| c.hash()))?;
         if state.deliveries.len() >= 16 {
             state.deliveries.remove(0);
         }
         state.deliveries.push((known, Arc::new(bundle.clone())));
-        Ok(Some((Payload::Bundle(bundle), heads)))
+        Ok(vec![(Payload::Bundle(bundle), heads)])
     }
 
     /// Documents in `scope` changed after `after` up to `upto`, and documents in `scope`
@@ -323,6 +376,18 @@ mod tests {
     use automerge::transaction::Transactable;
     use automerge::{ActorId, Automerge, ROOT};
 
+    /// The one update of an answer that sends at most one.
+    trait One {
+        fn one(self) -> Option<(Payload, Vec<ChangeHash>)>;
+    }
+
+    impl One for Found {
+        fn one(self) -> Option<(Payload, Vec<ChangeHash>)> {
+            assert!(self.len() <= 1, "at most one update, got {}", self.len());
+            self.into_iter().next()
+        }
+    }
+
     fn author() -> Author {
         Author {
             device: redline_proto::DeviceId::new("phone-0").unwrap(),
@@ -412,6 +477,7 @@ mod tests {
                 .missing(&id, &first.1, Some(w))
                 .await
                 .unwrap()
+                .one()
                 .expect("the second commit is missing");
             assert_eq!(heads, second.1, "the heads after the window's last commit");
             assert_ne!(heads, third.1);
@@ -443,6 +509,7 @@ mod tests {
                 .lacks(&id, Some(commits[0].0), &[], Some(w))
                 .await
                 .unwrap()
+                .one()
                 .expect("two commits are missing")
             else {
                 panic!("a bundle");
@@ -500,7 +567,13 @@ mod tests {
             };
             let hub = hub.clone();
             let id = id.clone();
-            async move { hub.lacks(&id, None, &[], Some(w)).await.unwrap().unwrap() }
+            async move {
+                hub.lacks(&id, None, &[], Some(w))
+                    .await
+                    .unwrap()
+                    .one()
+                    .unwrap()
+            }
         };
         let (payload, heads) = ask(first, big, true).await;
         let Payload::Document(bytes) = payload else {
@@ -525,12 +598,69 @@ mod tests {
             matches!(ask(first, big, false).await.0, Payload::Bundle(_)),
             "an older device"
         );
-        let _past = push(&mut doc, 1).await;
+        // A commit past the window (in flight: not stable yet) and one past that: the
+        // relay saved the document at the end of `big` (it grew past
+        // `WHOLE_MIN_CHANGES`), so a window ending there or later still gets it whole,
+        // then the rest of the window as pieces.
+        let at_big = doc.get_heads();
+        let past = push(&mut doc, 1).await;
+        let at_past = doc.get_heads();
+        let later = push(&mut doc, 2).await;
+        let (payload, heads) = ask(first, big, true).await;
         assert!(
-            matches!(ask(first, big, true).await.0, Payload::Bundle(_)),
-            "a commit past the window is not the device's yet"
+            matches!(payload, Payload::Document(_)),
+            "saved at the window's end"
         );
-        assert_eq!(whole(), 1);
+        assert_eq!(heads, at_big);
+        let w = Window {
+            after: first,
+            upto: past,
+            own: &none,
+            chunks: true,
+        };
+        let found = hub.lacks(&id, None, &[], Some(w)).await.unwrap();
+        let [
+            (Payload::Document(bytes), saved_at),
+            (Payload::Bundle(rest), end),
+        ] = &found[..]
+        else {
+            panic!("the save, then the rest of the window");
+        };
+        assert_eq!((saved_at, end), (&at_big, &at_past));
+        let mut device = holds_first.clone();
+        device.merge(&mut Automerge::load(bytes).unwrap()).unwrap();
+        device.load_incremental(rest).unwrap();
+        assert_eq!(
+            device.get_heads(),
+            at_past,
+            "caught up to the window's end, no further"
+        );
+        assert_eq!(whole(), 3);
+        // Saves past the window (devices asked up to the last commits; the relay keeps
+        // `SAVES_KEPT`, 2): not the device's yet, so a window that ends before them
+        // gets the changes.
+        assert!(matches!(
+            ask(first, later, true).await.0,
+            Payload::Document(_)
+        ));
+        let last = push(&mut doc, 3).await;
+        assert!(matches!(
+            ask(first, last, true).await.0,
+            Payload::Document(_)
+        ));
+        assert_eq!(whole(), 5);
+        let w = Window {
+            after: first,
+            upto: past,
+            own: &none,
+            chunks: true,
+        };
+        let found = hub.lacks(&id, None, &[], Some(w)).await.unwrap();
+        let [(Payload::Bundle(_), end)] = &found[..] else {
+            panic!("the window's changes");
+        };
+        assert_eq!(end, &at_past);
+        assert_eq!(whole(), 5);
     }
 
     /// A device that lacks most of a document's changes but little of its bytes (a
@@ -564,7 +694,12 @@ mod tests {
             own: &none,
             chunks: true,
         };
-        let (payload, heads) = hub.lacks(&id, None, &[], Some(w)).await.unwrap().unwrap();
+        let (payload, heads) = hub
+            .lacks(&id, None, &[], Some(w))
+            .await
+            .unwrap()
+            .one()
+            .unwrap();
         assert_eq!(heads, doc.get_heads());
         let Payload::Bundle(bytes) = payload else {
             panic!("the changes, not the whole document");
@@ -637,15 +772,18 @@ mod tests {
         let none = HashSet::new();
         let blocks = &hub.stats.blocks;
         let ask = |w| hub.missing(&id, &[], Some(w));
-        let (first, _) = ask(window(0, &none)).await.unwrap().unwrap();
-        let (second, _) = ask(window(0, &none)).await.unwrap().unwrap();
+        let (first, _) = ask(window(0, &none)).await.unwrap().one().unwrap();
+        let (second, _) = ask(window(0, &none)).await.unwrap().one().unwrap();
         assert_eq!(first, second);
         assert_eq!(blocks.made.load(std::sync::atomic::Ordering::Relaxed), 1);
         assert_eq!(blocks.reused.load(std::sync::atomic::Ordering::Relaxed), 1);
         // A device that pushed the fourth commit and holds the first four.
         let own: HashSet<ChangeHash> = commits[3].1.iter().copied().collect();
-        let (Payload::Bundle(bytes), heads) =
-            ask(window(commits[1].0, &own)).await.unwrap().unwrap()
+        let (Payload::Bundle(bytes), heads) = ask(window(commits[1].0, &own))
+            .await
+            .unwrap()
+            .one()
+            .unwrap()
         else {
             panic!("a bundle");
         };
@@ -685,7 +823,8 @@ mod tests {
             own: &own,
             chunks: true,
         };
-        let (Payload::Bundle(bytes), _) = hub.missing(&id, &[], Some(w)).await.unwrap().unwrap()
+        let (Payload::Bundle(bytes), _) =
+            hub.missing(&id, &[], Some(w)).await.unwrap().one().unwrap()
         else {
             panic!("a bundle");
         };

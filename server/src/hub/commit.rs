@@ -236,6 +236,9 @@ impl Hub {
         }
         if outcome.compact {
             self.compact(id, slot, state).await;
+        } else if merged > 0 && state.save_due() {
+            // After the answers: a save a catch-up can send whole (see `catchup`).
+            state.saved();
         }
     }
 

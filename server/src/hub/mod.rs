@@ -32,7 +32,7 @@ mod slots;
 pub mod staging;
 
 pub use blocks::BlockCounts;
-pub use catchup::Window;
+pub use catchup::{Found, Window};
 pub use guard::apply_untrusted;
 pub use queue::Committed;
 pub use slots::{DocSlot, MEMORY_FACTOR, SlotState};

@@ -76,8 +76,8 @@ impl Session {
                 },
                 Answer::Lacks(found),
             ) => {
-                if let Some((payload, heads)) = found {
-                    self.deliver(doc, payload, heads);
+                for (payload, heads) in found {
+                    self.deliver(doc.clone(), payload, heads);
                 }
                 self.catch_up = CatchUp::Docs {
                     upto,

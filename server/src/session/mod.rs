@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use automerge::ChangeHash;
-use redline_proto::message::{Coverage, Cursor, Message, Payload, Pull, SyncStep, Update};
+use redline_proto::message::{Coverage, Cursor, Message, Pull, SyncStep, Update};
 use redline_proto::session::hashes_from_wire;
 use redline_proto::{DeviceId, DocId, ErrorCode, TeamId};
 
@@ -120,8 +120,9 @@ pub enum Answer {
     Listed(Vec<DocId>),
     /// The documents to look at, in order.
     Changed(Vec<DocId>),
-    /// What the device lacks of a document (`None`: nothing), with the heads after.
-    Lacks(Option<(Payload, Vec<ChangeHash>)>),
+    /// What the device lacks of a document: updates to send in order (none: nothing),
+    /// each with the heads the device holds after it.
+    Lacks(crate::hub::Found),
     /// The lookup failed: the connection ends with this error.
     Failed(Error),
 }

@@ -2,7 +2,7 @@
 use super::*;
 use crate::access::Scope;
 use crate::hub::Committed;
-use redline_proto::message::{Push, Subscription};
+use redline_proto::message::{Payload, Push, Subscription};
 use redline_proto::session::hashes_to_wire;
 use redline_proto::token::{Claims, Role, TokenId};
 use redline_proto::wire::{INLINE_MAX, transfer_id};
@@ -179,10 +179,10 @@ fn a_catch_up_sends_what_is_lacking_then_caught_and_goes_live() {
     let heads = vec![ChangeHash([3; 32])];
     s.handle(
         t0,
-        Input::Answer(Answer::Lacks(Some((
+        Input::Answer(Answer::Lacks(vec![(
             Payload::Bundle(vec![1, 2, 3]),
             heads.clone(),
-        )))),
+        )])),
     );
     let a = actions(&mut s);
     let m = sent(&a);
@@ -287,7 +287,7 @@ fn a_device_catching_up_gets_fewer_larger_pieces() {
         s.handle(at, Input::Answer(Answer::Changed(vec![day()])));
         actions(s);
         let piece = Payload::Bundle(vec![7; bytes]);
-        s.handle(at, Input::Answer(Answer::Lacks(Some((piece, vec![])))));
+        s.handle(at, Input::Answer(Answer::Lacks(vec![(piece, vec![])])));
         let a = actions(s);
         assert!(matches!(sent(&a).last(), Some(Message::Caught(c)) if c.seq == stable));
     };
@@ -355,10 +355,10 @@ fn large_payloads_go_as_transfers_or_wait_for_the_budget() {
         actions(&mut s);
         s.handle(
             t0,
-            Input::Answer(Answer::Lacks(Some((
+            Input::Answer(Answer::Lacks(vec![(
                 Payload::Document(big.clone()),
                 vec![],
-            )))),
+            )])),
         );
         let a = actions(&mut s);
         if defer {
@@ -494,7 +494,7 @@ fn updates_name_heads_only_for_a_device_that_does_not_derive_them() {
         let piece = Payload::Bundle(vec![7; 100]);
         s.handle(
             t0,
-            Input::Answer(Answer::Lacks(Some((piece, heads.clone())))),
+            Input::Answer(Answer::Lacks(vec![(piece, heads.clone())])),
         );
         let a = actions(&mut s);
         let Some(Message::Update(u)) = sent(&a).first().cloned() else {
