@@ -154,12 +154,16 @@ fn whole_at(
     };
     let (mut lacking, mut window_bytes) = (0, Some(0));
     for e in state.log.range(range.start..=at) {
-        lacking += e.hashes.iter().filter(|h| !own.contains(h)).count();
-        window_bytes = window_bytes.zip(e.chunk.as_ref()).map(|(n, c)| n + c.len());
+        let others = e.hashes.iter().filter(|h| !own.contains(h)).count();
+        lacking += others;
+        // Commits wholly the device's own are never shipped to it.
+        if others > 0 {
+            window_bytes = window_bytes.zip(e.chunk.as_ref()).map(|(n, c)| n + c.len());
+        }
     }
-    // The chunks include the device's own changes, so they are at most what it would
-    // be shipped; a pruned chunk (a window of more than the log's bytes) counts as
-    // large.
+    // The chunks of commits that mix the device's own changes with others' count
+    // whole, so they are at least what it would be shipped; a pruned chunk (a window
+    // of more than the log's bytes) counts as large.
     if lacking < WHOLE_MIN_CHANGES || lacking * 4 < total * 3 {
         return None;
     }
@@ -686,6 +690,8 @@ mod tests {
             hub.push(&id, &author(), changes).await.unwrap().seq
         };
         let base = push(&mut doc, 20, 4096).await;
+        let base_hashes: HashSet<ChangeHash> =
+            doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
         let later = push(&mut doc, WHOLE_MIN_CHANGES, 1).await;
         let none = HashSet::new();
         let w = Window {
@@ -705,6 +711,25 @@ mod tests {
             panic!("the changes, not the whole document");
         };
         assert!(bytes.len() < 80 * 1024, "{} bytes", bytes.len());
+        // The same when the device wrote the base content itself, in the window: its
+        // own commit is never shipped to it, so its chunk does not count toward the
+        // bytes the save is measured against.
+        let w = Window {
+            after: base - 1,
+            upto: later,
+            own: &base_hashes,
+            chunks: true,
+        };
+        let (payload, _) = hub
+            .lacks(&id, None, &[], Some(w))
+            .await
+            .unwrap()
+            .one()
+            .unwrap();
+        assert!(
+            matches!(payload, Payload::Bundle(b) if b.len() < 80 * 1024),
+            "the others' changes"
+        );
     }
 
     /// A commit wakes the live sessions whose subscription covers its document and no
