@@ -119,17 +119,19 @@ fn pieces(
 
 /// Whether a device lacks most of a document as of one of the window's commits, whose
 /// whole-document save it can then be sent: the window's last commit when the
-/// document stands at it (saved now if not yet), else the commit the relay last saved
-/// at (a hot document nearly always has a commit past the stable sequence in flight,
-/// and the relay saves a growing document after its commits, see
-/// `slots::SAVE_GROWTH`). Returns the commit's index in the log and the save.
+/// document stands at it (saved now if not yet), else the latest of the window's
+/// commits that one of the relay's kept saves was made at (a hot document nearly
+/// always has a commit past the stable sequence in flight, and the relay saves a
+/// growing document after its commits, see `slots::SAVE_GROWTH`). Returns the commit's
+/// index in the log and the save.
 ///
 /// Most means at least [`WHOLE_MIN_CHANGES`] changes and three quarters of the save's
-/// changes, and the save no larger than the stored chunks up to that commit. A phone
-/// loads it and merges its own copy in, about 3.5 times faster than applying the
-/// changes (Criterion `catch_up`, a ledger day of 4,800 changes, whose document is also
-/// smaller than the bundle); a document whose base content the device already holds (a
-/// zone's households) is larger than what it lacks, and gets the changes. An earlier
+/// changes, and the save no larger than the stored chunks up to that commit (less the
+/// commits wholly the device's own). A phone loads it and merges its own copy in, about
+/// 3.5 times faster than applying the changes (Criterion `catch_up`, a ledger day of
+/// 4,800 changes, whose document is also smaller than the bundle); a document whose
+/// base content the device already holds (a zone's households) is larger than what it
+/// lacks, and gets the changes. An earlier
 /// save is used only if small enough to go inline ([`INLINE_MAX`]): a transfer on its
 /// own stream could reach the phone after the rest of the window, which needs it.
 fn whole_at(
