@@ -696,18 +696,20 @@ mod tests {
             doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
         let later = push(&mut doc, WHOLE_MIN_CHANGES, 1).await;
         let none = HashSet::new();
-        let w = Window {
-            after: base,
-            upto: later,
-            own: &none,
-            chunks: true,
+        let ask = async |after, own| {
+            let w = Window {
+                after,
+                upto: later,
+                own,
+                chunks: true,
+            };
+            hub.lacks(&id, None, &[], Some(w))
+                .await
+                .unwrap()
+                .one()
+                .unwrap()
         };
-        let (payload, heads) = hub
-            .lacks(&id, None, &[], Some(w))
-            .await
-            .unwrap()
-            .one()
-            .unwrap();
+        let (payload, heads) = ask(base, &none).await;
         assert_eq!(heads, doc.get_heads());
         let Payload::Bundle(bytes) = payload else {
             panic!("the changes, not the whole document");
@@ -716,18 +718,7 @@ mod tests {
         // The same when the device wrote the base content itself, in the window: its
         // own commit is never shipped to it, so its chunk does not count toward the
         // bytes the save is measured against.
-        let w = Window {
-            after: base - 1,
-            upto: later,
-            own: &base_hashes,
-            chunks: true,
-        };
-        let (payload, _) = hub
-            .lacks(&id, None, &[], Some(w))
-            .await
-            .unwrap()
-            .one()
-            .unwrap();
+        let (payload, _) = ask(base - 1, &base_hashes).await;
         assert!(
             matches!(payload, Payload::Bundle(b) if b.len() < 80 * 1024),
             "the others' changes"
