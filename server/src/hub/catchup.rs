@@ -618,13 +618,17 @@ mod tests {
             "saved at the window's end"
         );
         assert_eq!(heads, at_big);
-        let w = Window {
-            after: first,
-            upto: past,
-            own: &none,
-            chunks: true,
+        // Every update of the answer for the window from `first` up to `past`.
+        let upto_past = async || {
+            let w = Window {
+                after: first,
+                upto: past,
+                own: &none,
+                chunks: true,
+            };
+            hub.lacks(&id, None, &[], Some(w)).await.unwrap()
         };
-        let found = hub.lacks(&id, None, &[], Some(w)).await.unwrap();
+        let found = upto_past().await;
         let [
             (Payload::Document(bytes), saved_at),
             (Payload::Bundle(rest), end),
@@ -655,13 +659,7 @@ mod tests {
             Payload::Document(_)
         ));
         assert_eq!(whole(), 5);
-        let w = Window {
-            after: first,
-            upto: past,
-            own: &none,
-            chunks: true,
-        };
-        let found = hub.lacks(&id, None, &[], Some(w)).await.unwrap();
+        let found = upto_past().await;
         let [(Payload::Bundle(_), end)] = &found[..] else {
             panic!("the window's changes");
         };

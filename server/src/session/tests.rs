@@ -508,3 +508,51 @@ fn updates_name_heads_only_for_a_device_that_does_not_derive_them() {
         assert_eq!(u.heads, want, "derives heads: {derives}");
     }
 }
+
+/// A hub answer of several updates for one document (a save, then the rest of the
+/// window) goes out as updates in that order, each naming its heads, before `Caught`.
+#[test]
+fn an_answer_of_several_updates_goes_out_in_order() {
+    let t0 = Instant::now();
+    let mut s = Session::new(
+        peer(Role::Volunteer),
+        limits(),
+        EPOCH,
+        5,
+        t0,
+        t0 + Duration::from_secs(3600),
+    );
+    s.handle(t0, Input::Message(pull(None)));
+    actions(&mut s);
+    s.handle(t0, Input::Answer(Answer::Changed(vec![day()])));
+    actions(&mut s);
+    let (saved_at, end) = (vec![ChangeHash([1; 32])], vec![ChangeHash([2; 32])]);
+    s.handle(
+        t0,
+        Input::Answer(Answer::Lacks(vec![
+            (Payload::Document(vec![1; 100]), saved_at.clone()),
+            (Payload::Bundle(vec![2; 50]), end.clone()),
+        ])),
+    );
+    let a = actions(&mut s);
+    let got: Vec<_> = sent(&a)
+        .iter()
+        .filter_map(|m| match m {
+            Message::Update(u) => {
+                Some((matches!(u.payload, Payload::Document(_)), u.heads.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (true, hashes_to_wire(&saved_at)),
+            (false, hashes_to_wire(&end))
+        ]
+    );
+    assert!(
+        matches!(sent(&a).last(), Some(Message::Caught(_))),
+        "then the cursor"
+    );
+}
