@@ -34,6 +34,11 @@ pub(crate) struct Inner {
     /// The heads of what the store holds of each document loaded or written: a write
     /// appends the changes after them (locked after `docs`, never before).
     stored_heads: Mutex<HashMap<DocId, Vec<ChangeHash>>>,
+    /// Per document merged from a whole document that held everything the phone's copy
+    /// held: what the store held then (`None`: nothing). The save may become the stored
+    /// snapshot only while the store still holds exactly that (a local write since is
+    /// stored only as a chunk the snapshot would drop). Locked after `docs`.
+    whole_bases: Mutex<HashMap<DocId, Option<Vec<ChangeHash>>>>,
     /// One sync at a time per client; holds the QUIC endpoint, made on first sync.
     pub(crate) syncing: tokio::sync::Mutex<Option<quinn::Endpoint>>,
     /// Bytes and frames over the client's lifetime.
@@ -145,6 +150,7 @@ impl Client {
                 docs: Mutex::new(HashMap::new()),
                 tallies: Default::default(),
                 stored_heads: Mutex::new(HashMap::new()),
+                whole_bases: Mutex::new(HashMap::new()),
                 syncing: tokio::sync::Mutex::new(None),
                 traffic: Arc::new(Traffic::default()),
                 local_change: tokio::sync::Notify::new(),
@@ -271,6 +277,31 @@ impl Client {
     /// Whether the store holds `id` (as loaded or written by this client).
     pub(crate) fn is_stored(&self, id: &DocId) -> bool {
         self.stored_heads().contains_key(id)
+    }
+
+    /// Notes that `id` was just merged from a whole document holding everything its
+    /// copy held (call with the documents locked).
+    pub(crate) fn merged_whole(&self, id: &DocId) {
+        let base = self.stored_heads().get(id).cloned();
+        self.whole_bases().insert(id.clone(), base);
+    }
+
+    /// Whether the store still holds what it held when `id` was last merged from a
+    /// whole document holding everything its copy held (call with the documents locked
+    /// and keep them locked until the snapshot is written: it may then replace the
+    /// stored copy). Forgets the note either way.
+    pub(crate) fn whole_still_covers(&self, id: &DocId) -> bool {
+        let Some(base) = self.whole_bases().remove(id) else {
+            return false;
+        };
+        base.as_ref() == self.stored_heads().get(id)
+    }
+
+    fn whole_bases(&self) -> MutexGuard<'_, HashMap<DocId, Option<Vec<ChangeHash>>>> {
+        self.inner
+            .whole_bases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Forgets what the store held of `id` (it was removed).

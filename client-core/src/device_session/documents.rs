@@ -32,6 +32,9 @@ pub struct Merged {
     /// The heads of what was merged (a whole document's heads; for bundles, their
     /// changes that none of the others depends on): held by the relay, which sent them.
     pub heads: Vec<ChangeHash>,
+    /// A whole document that held every change the phone's copy held before it: it can
+    /// replace the stored copy as its snapshot (nothing of the phone's is lost).
+    pub covers: bool,
 }
 
 /// The changes of `changes` that none of the others depends on (their heads).
@@ -135,9 +138,14 @@ pub fn merge_received_logged(
     // (profile of 2026-12-04).
     let before = doc.stats().num_changes;
     let heads;
+    let mut covers = false;
     if document {
         let mut loaded = Automerge::load(bytes).map_err(|e| corrupt(e.to_string()))?;
         heads = loaded.get_heads();
+        covers = doc
+            .get_heads()
+            .iter()
+            .all(|h| loaded.get_change_meta_by_hash(h).is_some());
         loaded.merge(doc)?;
         loaded.set_actor(doc.get_actor().clone());
         *doc = loaded;
@@ -151,6 +159,7 @@ pub fn merge_received_logged(
         new_changes,
         missing_deps: !doc.get_missing_deps(&[]).is_empty(),
         heads,
+        covers,
     })
 }
 
@@ -163,6 +172,11 @@ pub struct DirtyDoc {
     /// updates changed it: appended to the stored copy as they came (no re-encoding; a
     /// whole document is a chunk that loading merges like any other).
     pub received: Option<Vec<u8>>,
+    /// A whole document received that held everything the phone's copy held before it:
+    /// stored as the new snapshot, with `received` (what came after it) appended. A
+    /// stored copy grown by a whole document as a chunk would soon be compacted, which
+    /// costs a save of the document.
+    pub whole: Option<Vec<u8>>,
     /// Changed by more than bundles (a whole document, a resync merge): store what the
     /// store lacks of it.
     pub merged: bool,

@@ -127,8 +127,11 @@ pub struct DeviceSession {
     /// Relay-held heads learnt since the last store.
     acked: Vec<(DocId, Vec<ChangeHash>)>,
     dirty: HashSet<DocId>,
-    /// The bundles applied to each dirty document, in order.
+    /// The bundles applied to each dirty document, in order (after its `whole`).
     received: HashMap<DocId, Vec<u8>>,
+    /// The last whole document applied to a dirty document that held everything the
+    /// phone's copy held (what came before it is in it).
+    whole: HashMap<DocId, Vec<u8>>,
     /// Dirty documents changed by more than bundles (a whole document, a resync merge).
     merged: HashSet<DocId>,
     pushed: HashSet<DocId>,
@@ -175,6 +178,7 @@ impl DeviceSession {
             acked: Vec::new(),
             dirty: HashSet::new(),
             received: HashMap::new(),
+            whole: HashMap::new(),
             merged: HashSet::new(),
             pushed: HashSet::new(),
             written_in_flight: HashSet::new(),
@@ -565,6 +569,7 @@ impl DeviceSession {
         for id in self.dirty.drain() {
             step.docs.push(DirtyDoc {
                 received: self.received.remove(&id),
+                whole: self.whole.remove(&id),
                 merged: self.merged.remove(&id),
                 id,
             });

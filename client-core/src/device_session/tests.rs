@@ -540,6 +540,7 @@ fn a_whole_document_then_the_rest_of_the_window_arrive_together() {
     }
     let saved_at = team.get_heads();
     let whole = team.save();
+    let whole_len = whole.len();
     let mut tx = team.transaction();
     tx.put(ROOT, "after the save", 1).expect("put");
     tx.commit();
@@ -548,6 +549,8 @@ fn a_whole_document_then_the_rest_of_the_window_arrive_together() {
         .iter()
         .map(|c| c.hash())
         .collect();
+    let rest_bytes = team.bundle(rest).expect("bundle").bytes().to_vec();
+    let rest_len = rest_bytes.len();
     let updates = [
         Update {
             doc: ledger(),
@@ -557,7 +560,7 @@ fn a_whole_document_then_the_rest_of_the_window_arrive_together() {
         Update {
             doc: ledger(),
             heads: hashes_to_wire(&team.get_heads()),
-            payload: Payload::Bundle(team.bundle(rest).expect("bundle").bytes().to_vec()),
+            payload: Payload::Bundle(rest_bytes),
         },
     ];
     let batch = updates
@@ -583,4 +586,74 @@ fn a_whole_document_then_the_rest_of_the_window_arrive_together() {
         "only the phone's own write is unheld"
     );
     assert_eq!(s.report().changes_received, 6);
+    // The phone's own write is not in the save: both are stored as they came.
+    let dirty = stored_doc(&phone, &ledger());
+    assert!(dirty.whole.is_none());
+    assert_eq!(
+        dirty.received.as_ref().map(Vec::len),
+        Some(whole_len + rest_len)
+    );
+}
+
+/// The stored form of `id` in the phone's last sync step.
+fn stored_doc(phone: &Phone, id: &DocId) -> DirtyDoc {
+    let step = phone.steps.last().expect("a step was stored");
+    step.docs
+        .iter()
+        .find(|d| &d.id == id)
+        .cloned()
+        .expect("the document was stored")
+}
+
+/// A whole document holding everything the phone had (a piece that came before it in
+/// the same step included) is handed to the store as the new snapshot, and only what
+/// came after it as a chunk.
+#[test]
+fn a_whole_document_holding_all_the_phone_had_is_stored_as_the_snapshot() {
+    let mut phone = Phone::default();
+    let mut s = start(&mut phone, true, Instant::now());
+    feed(&mut s, &mut phone, welcome());
+    feed(&mut s, &mut phone, caught(1));
+    sent(&mut s);
+    let mut team = Automerge::new().with_actor(ActorId::random());
+    let put = |doc: &mut Automerge, key: &str| {
+        let before = doc.get_heads();
+        let mut tx = doc.transaction();
+        tx.put(ROOT, key, 1).expect("put");
+        tx.commit();
+        let new = doc
+            .get_changes(&before)
+            .iter()
+            .map(|c| c.hash())
+            .collect::<Vec<_>>();
+        doc.bundle(new).expect("bundle").bytes().to_vec()
+    };
+    let first = put(&mut team, "first");
+    let first_heads = team.get_heads();
+    put(&mut team, "second");
+    let whole = team.save();
+    let saved_at = team.get_heads();
+    let rest = put(&mut team, "after the save");
+    let update = |heads: &[ChangeHash], payload| {
+        (
+            Message::Update(Update {
+                doc: ledger(),
+                heads: hashes_to_wire(heads),
+                payload,
+            }),
+            codec::Extensions::new(),
+        )
+    };
+    let batch = vec![
+        update(&first_heads, Payload::Bundle(first)),
+        update(&saved_at, Payload::Document(whole.clone())),
+        update(&team.get_heads(), Payload::Bundle(rest.clone())),
+        (caught(2), codec::Extensions::new()),
+    ];
+    s.handle_messages(batch, &mut phone).expect("handled");
+    assert_eq!(phone.docs[&ledger()].get_heads(), team.get_heads());
+    let dirty = stored_doc(&phone, &ledger());
+    assert_eq!(dirty.whole, Some(whole), "the save is the snapshot");
+    assert_eq!(dirty.received, Some(rest), "only what came after it");
+    assert!(!dirty.merged);
 }

@@ -120,12 +120,18 @@ impl DeviceSession {
             self.report.changes_received += merged.new_changes;
             self.updated.insert(id.clone());
             self.dirty.insert(id.clone());
-            // Stored as it came (a whole document is a chunk like any other: loading
-            // the stored copy merges it).
-            self.received
-                .entry(id.clone())
-                .or_default()
-                .extend_from_slice(bytes);
+            if document && merged.covers {
+                // It holds everything before it: it becomes the stored snapshot.
+                self.received.remove(&id);
+                self.whole.insert(id.clone(), bytes.to_vec());
+            } else {
+                // Stored as it came (a whole document is a chunk like any other: loading
+                // the stored copy merges it).
+                self.received
+                    .entry(id.clone())
+                    .or_default()
+                    .extend_from_slice(bytes);
+            }
         }
         if merged.missing_deps {
             // This device lacks what the relay assumed it had (a restored backup).

@@ -98,6 +98,9 @@ impl Documents for PhoneDocs<'_> {
         if follow {
             tallies.advance_by(id, &before, doc, &mut log);
         }
+        if document && merged.covers {
+            self.0.merged_whole(id);
+        }
         Ok(merged)
     }
 
@@ -130,26 +133,45 @@ impl Documents for PhoneDocs<'_> {
             ..SyncBatch::default()
         };
         let mut written = Vec::new();
+        let mut snapshots = false;
+        let docs = client.docs();
         {
-            let docs = client.docs();
             for dirty in step.docs {
                 let Some(d) = docs.get(&dirty.id) else {
                     continue;
                 };
-                let write = match dirty.received {
-                    Some(bundles) if !dirty.merged && client.is_stored(&dirty.id) => {
-                        DocWrite::Append(bundles)
+                let writes = match (dirty.whole, dirty.received) {
+                    // A whole document holding all the store held (and still does: no
+                    // local write since): the new snapshot (no compaction to come),
+                    // then what came after it. The documents stay locked until it is
+                    // written, so no local write lands in between and is dropped.
+                    (Some(whole), rest)
+                        if !dirty.merged && client.whole_still_covers(&dirty.id) =>
+                    {
+                        snapshots = true;
+                        let mut w = vec![DocWrite::Snapshot(whole)];
+                        w.extend(rest.map(DocWrite::Append));
+                        w
                     }
-                    _ => client.doc_write(&dirty.id, d, None),
+                    (None, Some(bundles)) if !dirty.merged && client.is_stored(&dirty.id) => {
+                        vec![DocWrite::Append(bundles)]
+                    }
+                    _ => vec![client.doc_write(&dirty.id, d, None)],
                 };
-                match write {
-                    DocWrite::Append(chunk) if chunk.is_empty() => {}
-                    write => batch.docs.push((dirty.id.clone(), write)),
+                for write in writes {
+                    match write {
+                        DocWrite::Append(chunk) if chunk.is_empty() => {}
+                        write => batch.docs.push((dirty.id.clone(), write)),
+                    }
                 }
                 written.push((dirty.id, d.get_heads()));
             }
         }
-        let changed: Vec<DocId> = batch.docs.iter().map(|(id, _)| id.clone()).collect();
+        // Without a snapshot the documents need not stay locked through the flush:
+        // appended chunks never drop what a local write stores meanwhile.
+        let docs = snapshots.then_some(docs);
+        let mut changed: Vec<DocId> = batch.docs.iter().map(|(id, _)| id.clone()).collect();
+        changed.dedup();
         // What arrived is visible (the live copies hold it) before this device's flush:
         // the relay holds it durably, and a crash before the flush only means it arrives
         // again (the cursor moves with the flush, never before it).
@@ -163,7 +185,7 @@ impl Documents for PhoneDocs<'_> {
             && let Err(e) = client.inner.store.write_batch(&batch)
         {
             // Not stored: drop the cached copies so memory matches disk.
-            let mut docs = client.docs();
+            let mut docs = docs.unwrap_or_else(|| client.docs());
             for id in &changed {
                 docs.remove(id);
             }
@@ -172,6 +194,7 @@ impl Documents for PhoneDocs<'_> {
         for (id, heads) in written {
             client.stored_as(&id, heads);
         }
+        drop(docs);
         client.compact_heavy(&changed);
         let store = &client.inner.store;
         for id in step.applied_transfers {
@@ -321,6 +344,7 @@ mod whole_document_tests {
         let merged = PhoneDocs(&phone).merge_bytes(&id, &whole, true).unwrap();
         assert_eq!(merged.new_changes, 300);
         assert!(!merged.missing_deps);
+        assert!(!merged.covers, "the phone's two later writes are not in it");
         let doc = phone.document(&id).unwrap().unwrap();
         assert_eq!(doc.get_actor(), own.get_actor(), "still the phone's actor");
         let mut expected = relay.clone();
@@ -332,6 +356,7 @@ mod whole_document_tests {
                 docs: vec![DirtyDoc {
                     id: id.clone(),
                     received: Some(whole),
+                    whole: None,
                     merged: false,
                 }],
                 ..Step::default()
@@ -350,5 +375,132 @@ mod whole_document_tests {
             doc.get(ROOT, "mate-299").unwrap().map(|(v, _)| v.as_i64()),
             Some(Some(299))
         );
+    }
+
+    /// A whole document holding everything the phone held replaces the stored copy: it
+    /// is stored as the snapshot (nothing left for a compaction to fold), what came
+    /// after it as a chunk, and the copy loads back as the same document.
+    #[test]
+    fn a_whole_document_holding_all_the_phone_had_becomes_its_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = || ClientConfig::new(MemberId::new("ana").unwrap());
+        let (team, day) = (
+            TeamId::new("team-1").unwrap(),
+            Day::new("2026-12-01").unwrap(),
+        );
+        let id = DocId::ledger(&team, &day);
+        let phone = Client::open(dir.path(), config()).unwrap();
+        for _ in 0..20 {
+            phone.add_to_tally(&team, &day, "deliveries", 1).unwrap();
+        }
+        assert!(phone.inner.store.stored(&id).unwrap().chunks > 0);
+        let mut relay = phone
+            .document(&id)
+            .unwrap()
+            .unwrap()
+            .with_actor(ActorId::random());
+        for i in 0..300 {
+            let mut tx = relay.transaction();
+            tx.put(ROOT, format!("mate-{i}"), i).unwrap();
+            tx.commit();
+        }
+        let whole = relay.save();
+        let saved_at = relay.get_heads();
+        let mut tx = relay.transaction();
+        tx.put(ROOT, "after the save", 1).unwrap();
+        tx.commit();
+        let rest = relay
+            .bundle(relay.get_changes(&saved_at).iter().map(|c| c.hash()))
+            .unwrap()
+            .bytes()
+            .to_vec();
+
+        let merged = PhoneDocs(&phone).merge_bytes(&id, &whole, true).unwrap();
+        assert!(merged.covers, "it holds every change the phone had");
+        assert_eq!(merged.new_changes, 300);
+        PhoneDocs(&phone).merge_bytes(&id, &rest, false).unwrap();
+        PhoneDocs(&phone)
+            .store(Step {
+                docs: vec![DirtyDoc {
+                    id: id.clone(),
+                    received: Some(rest.clone()),
+                    whole: Some(whole.clone()),
+                    merged: false,
+                }],
+                ..Step::default()
+            })
+            .unwrap();
+        let stored = phone.inner.store.stored(&id).unwrap();
+        assert_eq!(stored.snapshot_bytes, whole.len() as u64, "{stored:?}");
+        assert_eq!(stored.chunks, 1);
+        assert_eq!(stored.chunk_bytes, rest.len() as u64);
+        let now = phone.heads(&id).unwrap();
+        assert_eq!(now, relay.get_heads());
+        drop(phone);
+        let reopened = Client::open(dir.path(), config()).unwrap();
+        assert_eq!(reopened.heads(&id).unwrap(), now);
+        let totals = reopened.day_totals(&team, &day).unwrap();
+        assert_eq!(totals.get("deliveries").copied(), Some(20));
+        let doc = reopened.document(&id).unwrap().unwrap();
+        assert_eq!(
+            doc.get(ROOT, "after the save")
+                .unwrap()
+                .map(|(v, _)| v.as_i64()),
+            Some(Some(1))
+        );
+    }
+
+    /// A local write between the merge of a whole document and the session's store is
+    /// stored as a chunk; the save must not replace the stored copy then (it would drop
+    /// that chunk): the write survives a reopen. (The simulation found this, seed 44.)
+    #[test]
+    fn a_local_write_after_a_whole_document_survives_its_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = || ClientConfig::new(MemberId::new("ana").unwrap());
+        let (team, day) = (
+            TeamId::new("team-1").unwrap(),
+            Day::new("2026-12-01").unwrap(),
+        );
+        let id = DocId::ledger(&team, &day);
+        let phone = Client::open(dir.path(), config()).unwrap();
+        phone.add_to_tally(&team, &day, "deliveries", 1).unwrap();
+        let mut relay = phone
+            .document(&id)
+            .unwrap()
+            .unwrap()
+            .with_actor(ActorId::random());
+        for i in 0..50 {
+            let mut tx = relay.transaction();
+            tx.put(ROOT, format!("mate-{i}"), i).unwrap();
+            tx.commit();
+        }
+        let whole = relay.save();
+        let merged = PhoneDocs(&phone).merge_bytes(&id, &whole, true).unwrap();
+        assert!(merged.covers);
+        phone.add_to_tally(&team, &day, "deliveries", 1).unwrap();
+        PhoneDocs(&phone)
+            .store(Step {
+                docs: vec![DirtyDoc {
+                    id: id.clone(),
+                    received: None,
+                    whole: Some(whole.clone()),
+                    merged: false,
+                }],
+                ..Step::default()
+            })
+            .unwrap();
+        assert_ne!(
+            phone.inner.store.stored(&id).unwrap().snapshot_bytes,
+            whole.len() as u64,
+            "the save did not replace the stored copy"
+        );
+        let now = phone.heads(&id).unwrap();
+        drop(phone);
+        let reopened = Client::open(dir.path(), config()).unwrap();
+        assert_eq!(reopened.heads(&id).unwrap(), now);
+        let totals = reopened.day_totals(&team, &day).unwrap();
+        assert_eq!(totals.get("deliveries").copied(), Some(2));
+        let doc = reopened.document(&id).unwrap().unwrap();
+        assert!(doc.get(ROOT, "mate-49").unwrap().is_some());
     }
 }

@@ -45,6 +45,10 @@ pub struct Store {
     pub cursor_went_back: Vec<String>,
     /// The injected bug: store steps keep the cursor but drop the updates applied.
     pub loses_updates: bool,
+    /// Documents merged from a whole document holding all their copy held: how many
+    /// chunks were flushed then (the save replaces them only if none came since, as the
+    /// client checks its store's heads).
+    pub whole_bases: HashMap<DocId, usize>,
 }
 
 impl Store {
@@ -61,6 +65,7 @@ impl Store {
     /// A crash: the documents in memory are gone; reopening loads the flushed chunks.
     fn reopen(&mut self) -> Result<(), String> {
         self.docs.clear();
+        self.whole_bases.clear();
         for (id, chunks) in &self.chunks {
             let mut doc = Automerge::new();
             for c in chunks {
@@ -124,7 +129,12 @@ impl Documents for Store {
         document: bool,
     ) -> Result<Merged, redline_client::Error> {
         // The client's own merge (the heads of what was applied are held by the relay).
-        merge_received(id, self.doc_or_genesis(id), bytes, document)
+        let merged = merge_received(id, self.doc_or_genesis(id), bytes, document)?;
+        if document && merged.covers {
+            let flushed = self.chunks.get(id).map_or(0, Vec::len);
+            self.whole_bases.insert(id.clone(), flushed);
+        }
+        Ok(merged)
     }
 
     fn copy(&mut self, id: &DocId) -> Result<Automerge, redline_client::Error> {
@@ -145,11 +155,17 @@ impl Documents for Store {
                 continue;
             };
             let chunks = self.chunks.entry(dirty.id.clone()).or_default();
-            match dirty.received {
+            let covers = self.whole_bases.remove(&dirty.id) == Some(chunks.len());
+            match (dirty.whole, dirty.received) {
                 // Only updates changed it: what came, appended as it came.
-                Some(_) if !dirty.merged && self.loses_updates => {}
-                Some(bytes) if !dirty.merged => chunks.push(bytes),
-                // Changed by more (a whole document, a fallback's merge): the whole copy.
+                (w, r) if (w.is_some() || r.is_some()) && !dirty.merged && self.loses_updates => {}
+                // A whole document holding all it held: the new snapshot, then the rest.
+                (Some(whole), rest) if !dirty.merged && covers => {
+                    *chunks = vec![whole];
+                    chunks.extend(rest);
+                }
+                (None, Some(bytes)) if !dirty.merged => chunks.push(bytes),
+                // Changed by more (a fallback's merge): the whole copy.
                 _ => *chunks = vec![doc.save()],
             }
         }
