@@ -57,7 +57,14 @@ pub struct FieldDayConfig {
     pub relays: usize,
     /// Which relay a device starts at when there are several.
     pub spread: Spread,
+    /// Also time Automerge applying the storm's changes to each document in batches of
+    /// [`APPLY_BATCHES`] changes (what a relay committing changes as they come does),
+    /// against the floor's one batch per document.
+    pub apply_batches: bool,
 }
+
+/// The batch sizes `apply_batches` times.
+pub const APPLY_BATCHES: [usize; 4] = [16, 64, 256, 1024];
 
 /// How the devices of a field day with several relays are spread over them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,6 +180,10 @@ pub struct FieldDayResult {
     /// CPU of the database server in the storm (PostgreSQL on this machine; 0 for
     /// sled, whose time is the relay's own).
     pub database_cpu_s: f64,
+    /// With `apply_batches`: `apply_batch_<k>_s`, Automerge's CPU applying the storm's
+    /// changes to each document in batches of `k` (the floor is one batch).
+    #[serde(flatten)]
+    pub apply_batches: std::collections::BTreeMap<String, f64>,
 }
 
 /// The relay as a child process.
@@ -331,6 +342,28 @@ struct Device {
     index: usize,
     client: Client,
     docs: Vec<DocId>,
+}
+
+/// Automerge's CPU applying each document's storm changes (in causal order) to its copy
+/// before the storm in batches of each of [`APPLY_BATCHES`], then saving it (as the
+/// floor, which is one batch and a save), keyed `apply_batch_<k>_s`.
+fn floor_in_batches(
+    inputs: &[(Automerge, Vec<automerge::Change>)],
+) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let mut out = std::collections::BTreeMap::new();
+    for k in APPLY_BATCHES {
+        let mut docs: Vec<Automerge> = inputs.iter().map(|(d, _)| d.clone()).collect();
+        let t = cpu_time::ThreadTime::now();
+        for (doc, (_, changes)) in docs.iter_mut().zip(inputs) {
+            for batch in changes.chunks(k) {
+                doc.apply_changes(batch.to_vec())?;
+            }
+            // As the floor does: its figure is one batch and a save.
+            std::hint::black_box(doc.save());
+        }
+        out.insert(format!("apply_batch_{k}_s"), t.elapsed().as_secs_f64());
+    }
+    Ok(out)
 }
 
 /// One sampled phone's document before the storm, for the phones' floor.
@@ -656,6 +689,12 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
         }
         floor_inputs.push((doc.clone(), new));
     }
+    let apply_batches = if cfg.apply_batches {
+        let inputs = floor_inputs.clone();
+        tokio::task::spawn_blocking(move || floor_in_batches(&inputs)).await??
+    } else {
+        Default::default()
+    };
     let floor_cpu_s = tokio::task::spawn_blocking(move || {
         let t = cpu_time::ThreadTime::now();
         for (mut doc, changes) in floor_inputs {
@@ -811,6 +850,7 @@ pub async fn run(cfg: &FieldDayConfig, progress: impl Fn(&str)) -> anyhow::Resul
         noop_reconnect_round_trips: 0,
         local_write_p50_us: percentile(&write_us, 0.5),
         local_write_p99_us: percentile(&write_us, 0.99),
+        apply_batches,
     };
     if !all_converged {
         // What did not converge is the finding: report it as measured, without the
@@ -1128,7 +1168,7 @@ fn offline_work(
 
 /// Prints the result as a table, with the targets of issue 17 beside the figures.
 pub fn table(r: &FieldDayResult) -> String {
-    let lines = [
+    let mut lines = vec![
         ("seed", r.seed.to_string(), String::new()),
         ("devices", r.devices.to_string(), String::new()),
         ("documents", r.docs.to_string(), String::new()),
@@ -1188,6 +1228,17 @@ pub fn table(r: &FieldDayResult) -> String {
             format!("{:.2}x", r.cpu_ratio),
             "target <= 1.5x".into(),
         ),
+    ];
+    for k in APPLY_BATCHES {
+        if let Some(s) = r.apply_batches.get(&format!("apply_batch_{k}_s")) {
+            lines.push((
+                "floor in batches of",
+                format!("{k}: {s:.2} s"),
+                format!("{:.2}x the floor", s / r.floor_cpu_s.max(1e-9)),
+            ));
+        }
+    }
+    lines.extend([
         (
             "phones' sync CPU",
             format!("{:.2} s", r.device_cpu_s),
@@ -1269,7 +1320,7 @@ pub fn table(r: &FieldDayResult) -> String {
             ),
             "target <= 500 / 5,000 µs".into(),
         ),
-    ];
+    ]);
     let mut out = String::new();
     for (k, v, t) in lines {
         out.push_str(&format!("{k:<32}{v:>22}   {t}\n"));
@@ -1410,6 +1461,7 @@ mod tests {
             relays: 1,
             spread: String::new(),
             database_cpu_s: 0.0,
+            apply_batches: Default::default(),
         };
         let w = super::worst(&[run(1, 8.0, true, 9.0), run(2, 12.0, false, 7.0)]).unwrap();
         assert_eq!(w["convergence_s"], 12.0);

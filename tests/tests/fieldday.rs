@@ -21,6 +21,7 @@ async fn a_small_field_day_converges_and_measures_itself() -> anyhow::Result<()>
         postgres: None,
         relays: 1,
         spread: fieldday::Spread::Team,
+        apply_batches: true,
     };
     // `run` fails if a converged device differs from the relay's copies.
     let r = fieldday::run(&cfg, |line| println!("{line}")).await?;
@@ -46,6 +47,14 @@ async fn a_small_field_day_converges_and_measures_itself() -> anyhow::Result<()>
     assert!(r.noop_reconnect_bytes < 2048);
     assert!(r.relay_peak_rss_bytes > 0);
     assert!(r.live_p50_ms > 0.0 && r.live_p99_ms >= r.live_p50_ms);
+    // The floor in batches: one figure per batch size, in the JSON and the table.
+    let json = serde_json::to_value(&r)?;
+    for k in fieldday::APPLY_BATCHES {
+        let key = format!("apply_batch_{k}_s");
+        let s = json[&key].as_f64();
+        assert!(s.is_some_and(|s| s > 0.0), "{key}: {s:?}");
+    }
+    assert!(fieldday::table(&r).contains("floor in batches of"));
     Ok(())
 }
 
@@ -78,6 +87,7 @@ async fn a_small_field_day_on_postgres_converges() -> anyhow::Result<()> {
         // Each team's phones on both relays: every document is written through both,
         // so the relays conflict and take in each other's commits.
         spread: fieldday::Spread::Device,
+        apply_batches: false,
     };
     let r = fieldday::run(&cfg, |line| println!("{line}")).await?;
     println!("{}", fieldday::table(&r));

@@ -36,6 +36,11 @@ struct Args {
     /// A small run that finishes in under a minute.
     #[arg(long)]
     quick: bool,
+    /// Also time Automerge applying the storm's changes per document in batches of 16,
+    /// 64, 256 and 1,024 (what a relay committing as changes come does), beside the
+    /// floor's one batch: about ten seconds more at the default size.
+    #[arg(long)]
+    apply_batches: bool,
     /// Live probes after the storm (one phone writes, a teammate on another relay
     /// where there are several sees it). p99 over 100 is the second-worst probe, so one
     /// stall of a shared machine decides it; 500 take about five seconds more.
@@ -176,6 +181,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             relay_exe: std::env::current_exe()?,
             work_dir,
             relays: args.relays.max(1),
+            apply_batches: args.apply_batches,
             spread: if args.spread == "device" {
                 fieldday::Spread::Device
             } else {
