@@ -303,78 +303,133 @@ mod chunk_tests {
 #[cfg(test)]
 mod whole_document_tests {
     use automerge::transaction::Transactable;
-    use automerge::{ActorId, ROOT, ReadDoc};
+    use automerge::{ActorId, Automerge, ROOT, ReadDoc};
     use redline_proto::{Day, DocId, MemberId, TeamId};
 
     use super::PhoneDocs;
     use crate::device_session::{DirtyDoc, Documents, Step};
     use crate::{Client, ClientConfig};
 
+    /// A phone on a sled store in a temporary directory, with one ledger day.
+    struct Day1 {
+        dir: tempfile::TempDir,
+        team: TeamId,
+        day: Day,
+        id: DocId,
+        phone: Client,
+    }
+
+    impl Day1 {
+        /// The phone, after `writes` deliveries of its own.
+        fn with_writes(writes: usize) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let phone = Client::open(dir.path(), Self::config()).unwrap();
+            let (team, day) = (
+                TeamId::new("team-1").unwrap(),
+                Day::new("2026-12-01").unwrap(),
+            );
+            let id = DocId::ledger(&team, &day);
+            let d = Self {
+                dir,
+                team,
+                day,
+                id,
+                phone,
+            };
+            for _ in 0..writes {
+                d.deliver();
+            }
+            d
+        }
+
+        fn config() -> ClientConfig {
+            ClientConfig::new(MemberId::new("ana").unwrap())
+        }
+
+        /// One more delivery, written locally.
+        fn deliver(&self) {
+            let (team, day) = (&self.team, &self.day);
+            self.phone.add_to_tally(team, day, "deliveries", 1).unwrap();
+        }
+
+        /// The relay's copy: the phone's as it is now and `mates` changes of a teammate.
+        fn relay_with(&self, mates: usize) -> Automerge {
+            let mut relay = self.doc().with_actor(ActorId::random());
+            for i in 0..mates {
+                let mut tx = relay.transaction();
+                tx.put(ROOT, format!("mate-{i}"), i as i64).unwrap();
+                tx.commit();
+            }
+            relay
+        }
+
+        fn doc(&self) -> Automerge {
+            self.phone.document(&self.id).unwrap().unwrap()
+        }
+
+        /// The session's store of one step that received `received` (after `whole`).
+        fn store(&self, received: Option<Vec<u8>>, whole: Option<Vec<u8>>) {
+            let dirty = DirtyDoc {
+                id: self.id.clone(),
+                received,
+                whole,
+                merged: false,
+            };
+            let step = Step {
+                docs: vec![dirty],
+                ..Step::default()
+            };
+            PhoneDocs(&self.phone).store(step).unwrap();
+        }
+
+        /// Closes the phone and opens its store again: it holds the heads it had, and
+        /// the day's deliveries. Returns the reopened copy of the day.
+        fn reopen(self, deliveries: i64) -> Automerge {
+            let now = self.phone.heads(&self.id).unwrap();
+            drop(self.phone);
+            let reopened = Client::open(self.dir.path(), Self::config()).unwrap();
+            assert_eq!(reopened.heads(&self.id).unwrap(), now);
+            let totals = reopened.day_totals(&self.team, &self.day).unwrap();
+            assert_eq!(totals.get("deliveries").copied(), Some(deliveries));
+            reopened.document(&self.id).unwrap().unwrap()
+        }
+    }
+
+    fn value(doc: &Automerge, key: &str) -> Option<i64> {
+        doc.get(ROOT, key).unwrap().and_then(|(v, _)| v.as_i64())
+    }
+
     /// The relay's whole document merged into a phone that wrote meanwhile: the phone
     /// keeps its own writes and its actor, and the document stored as it came (a chunk
     /// after the phone's own) loads back as the same document.
     #[test]
     fn a_whole_document_keeps_the_phones_own_writes_and_stores_as_it_came() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = || ClientConfig::new(MemberId::new("ana").unwrap());
-        let (team, day) = (
-            TeamId::new("team-1").unwrap(),
-            Day::new("2026-12-01").unwrap(),
-        );
-        let id = DocId::ledger(&team, &day);
-        let phone = Client::open(dir.path(), config()).unwrap();
-        phone.add_to_tally(&team, &day, "deliveries", 1).unwrap();
+        let d = Day1::with_writes(1);
         // The relay holds the phone's first write and a teammate's 300 changes.
-        let mut relay = phone
-            .document(&id)
-            .unwrap()
-            .unwrap()
-            .with_actor(ActorId::random());
-        for i in 0..300 {
-            let mut tx = relay.transaction();
-            tx.put(ROOT, format!("mate-{i}"), i).unwrap();
-            tx.commit();
-        }
+        let relay = d.relay_with(300);
         // The phone wrote twice more meanwhile.
-        phone.add_to_tally(&team, &day, "deliveries", 1).unwrap();
-        phone.add_to_tally(&team, &day, "deliveries", 1).unwrap();
-        let own = phone.document(&id).unwrap().unwrap();
+        d.deliver();
+        d.deliver();
+        let own = d.doc();
         let whole = relay.save();
 
-        let merged = PhoneDocs(&phone).merge_bytes(&id, &whole, true).unwrap();
+        let merged = PhoneDocs(&d.phone)
+            .merge_bytes(&d.id, &whole, true)
+            .unwrap();
         assert_eq!(merged.new_changes, 300);
         assert!(!merged.missing_deps);
         assert!(!merged.covers, "the phone's two later writes are not in it");
-        let doc = phone.document(&id).unwrap().unwrap();
+        let doc = d.doc();
         assert_eq!(doc.get_actor(), own.get_actor(), "still the phone's actor");
         let mut expected = relay.clone();
         expected.merge(&mut own.clone()).unwrap();
         assert_eq!(doc.get_heads(), expected.get_heads(), "both sides' changes");
 
-        PhoneDocs(&phone)
-            .store(Step {
-                docs: vec![DirtyDoc {
-                    id: id.clone(),
-                    received: Some(whole),
-                    whole: None,
-                    merged: false,
-                }],
-                ..Step::default()
-            })
-            .unwrap();
+        d.store(Some(whole), None);
         // Written after the merge: the stored copy holds it too.
-        phone.add_to_tally(&team, &day, "deliveries", 1).unwrap();
-        let now = phone.heads(&id).unwrap();
-        drop(phone);
-        let reopened = Client::open(dir.path(), config()).unwrap();
-        assert_eq!(reopened.heads(&id).unwrap(), now);
-        let totals = reopened.day_totals(&team, &day).unwrap();
-        assert_eq!(totals.get("deliveries").copied(), Some(4));
-        let doc = reopened.document(&id).unwrap().unwrap();
-        assert_eq!(
-            doc.get(ROOT, "mate-299").unwrap().map(|(v, _)| v.as_i64()),
-            Some(Some(299))
-        );
+        d.deliver();
+        let doc = d.reopen(4);
+        assert_eq!(value(&doc, "mate-299"), Some(299));
     }
 
     /// A whole document holding everything the phone held replaces the stored copy: it
@@ -382,72 +437,37 @@ mod whole_document_tests {
     /// after it as a chunk, and the copy loads back as the same document.
     #[test]
     fn a_whole_document_holding_all_the_phone_had_becomes_its_snapshot() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = || ClientConfig::new(MemberId::new("ana").unwrap());
-        let (team, day) = (
-            TeamId::new("team-1").unwrap(),
-            Day::new("2026-12-01").unwrap(),
-        );
-        let id = DocId::ledger(&team, &day);
-        let phone = Client::open(dir.path(), config()).unwrap();
-        for _ in 0..20 {
-            phone.add_to_tally(&team, &day, "deliveries", 1).unwrap();
-        }
-        assert!(phone.inner.store.stored(&id).unwrap().chunks > 0);
-        let mut relay = phone
-            .document(&id)
-            .unwrap()
-            .unwrap()
-            .with_actor(ActorId::random());
-        for i in 0..300 {
-            let mut tx = relay.transaction();
-            tx.put(ROOT, format!("mate-{i}"), i).unwrap();
-            tx.commit();
-        }
+        let d = Day1::with_writes(20);
+        assert!(d.phone.inner.store.stored(&d.id).unwrap().chunks > 0);
+        let mut relay = d.relay_with(300);
         let whole = relay.save();
         let saved_at = relay.get_heads();
         let mut tx = relay.transaction();
         tx.put(ROOT, "after the save", 1).unwrap();
         tx.commit();
-        let rest = relay
-            .bundle(relay.get_changes(&saved_at).iter().map(|c| c.hash()))
-            .unwrap()
-            .bytes()
-            .to_vec();
+        let after: Vec<_> = relay
+            .get_changes(&saved_at)
+            .iter()
+            .map(|c| c.hash())
+            .collect();
+        let rest = relay.bundle(after).unwrap().bytes().to_vec();
 
-        let merged = PhoneDocs(&phone).merge_bytes(&id, &whole, true).unwrap();
+        let merged = PhoneDocs(&d.phone)
+            .merge_bytes(&d.id, &whole, true)
+            .unwrap();
         assert!(merged.covers, "it holds every change the phone had");
         assert_eq!(merged.new_changes, 300);
-        PhoneDocs(&phone).merge_bytes(&id, &rest, false).unwrap();
-        PhoneDocs(&phone)
-            .store(Step {
-                docs: vec![DirtyDoc {
-                    id: id.clone(),
-                    received: Some(rest.clone()),
-                    whole: Some(whole.clone()),
-                    merged: false,
-                }],
-                ..Step::default()
-            })
+        PhoneDocs(&d.phone)
+            .merge_bytes(&d.id, &rest, false)
             .unwrap();
-        let stored = phone.inner.store.stored(&id).unwrap();
+        d.store(Some(rest.clone()), Some(whole.clone()));
+        let stored = d.phone.inner.store.stored(&d.id).unwrap();
         assert_eq!(stored.snapshot_bytes, whole.len() as u64, "{stored:?}");
         assert_eq!(stored.chunks, 1);
         assert_eq!(stored.chunk_bytes, rest.len() as u64);
-        let now = phone.heads(&id).unwrap();
-        assert_eq!(now, relay.get_heads());
-        drop(phone);
-        let reopened = Client::open(dir.path(), config()).unwrap();
-        assert_eq!(reopened.heads(&id).unwrap(), now);
-        let totals = reopened.day_totals(&team, &day).unwrap();
-        assert_eq!(totals.get("deliveries").copied(), Some(20));
-        let doc = reopened.document(&id).unwrap().unwrap();
-        assert_eq!(
-            doc.get(ROOT, "after the save")
-                .unwrap()
-                .map(|(v, _)| v.as_i64()),
-            Some(Some(1))
-        );
+        assert_eq!(d.phone.heads(&d.id).unwrap(), relay.get_heads());
+        let doc = d.reopen(20);
+        assert_eq!(value(&doc, "after the save"), Some(1));
     }
 
     /// A local write between the merge of a whole document and the session's store is
@@ -455,52 +475,20 @@ mod whole_document_tests {
     /// that chunk): the write survives a reopen. (The simulation found this, seed 44.)
     #[test]
     fn a_local_write_after_a_whole_document_survives_its_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = || ClientConfig::new(MemberId::new("ana").unwrap());
-        let (team, day) = (
-            TeamId::new("team-1").unwrap(),
-            Day::new("2026-12-01").unwrap(),
-        );
-        let id = DocId::ledger(&team, &day);
-        let phone = Client::open(dir.path(), config()).unwrap();
-        phone.add_to_tally(&team, &day, "deliveries", 1).unwrap();
-        let mut relay = phone
-            .document(&id)
-            .unwrap()
-            .unwrap()
-            .with_actor(ActorId::random());
-        for i in 0..50 {
-            let mut tx = relay.transaction();
-            tx.put(ROOT, format!("mate-{i}"), i).unwrap();
-            tx.commit();
-        }
-        let whole = relay.save();
-        let merged = PhoneDocs(&phone).merge_bytes(&id, &whole, true).unwrap();
-        assert!(merged.covers);
-        phone.add_to_tally(&team, &day, "deliveries", 1).unwrap();
-        PhoneDocs(&phone)
-            .store(Step {
-                docs: vec![DirtyDoc {
-                    id: id.clone(),
-                    received: None,
-                    whole: Some(whole.clone()),
-                    merged: false,
-                }],
-                ..Step::default()
-            })
+        let d = Day1::with_writes(1);
+        let whole = d.relay_with(50).save();
+        let merged = PhoneDocs(&d.phone)
+            .merge_bytes(&d.id, &whole, true)
             .unwrap();
+        assert!(merged.covers);
+        d.deliver();
+        d.store(None, Some(whole.clone()));
         assert_ne!(
-            phone.inner.store.stored(&id).unwrap().snapshot_bytes,
+            d.phone.inner.store.stored(&d.id).unwrap().snapshot_bytes,
             whole.len() as u64,
             "the save did not replace the stored copy"
         );
-        let now = phone.heads(&id).unwrap();
-        drop(phone);
-        let reopened = Client::open(dir.path(), config()).unwrap();
-        assert_eq!(reopened.heads(&id).unwrap(), now);
-        let totals = reopened.day_totals(&team, &day).unwrap();
-        assert_eq!(totals.get("deliveries").copied(), Some(2));
-        let doc = reopened.document(&id).unwrap().unwrap();
-        assert!(doc.get(ROOT, "mate-49").unwrap().is_some());
+        let doc = d.reopen(2);
+        assert_eq!(value(&doc, "mate-49"), Some(49));
     }
 }
