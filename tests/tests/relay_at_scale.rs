@@ -760,6 +760,87 @@ async fn an_upload_resumed_on_a_new_connection_takes_over_from_the_stream_of_the
     Ok(())
 }
 
+/// Two relays on one PostgreSQL database (data dirs sharing certificate and token key,
+/// as an operator deploys them). A phone stages part of an upload through the first,
+/// loses it, and resumes through the second from the offset the first stored; a late
+/// piece of the old stream, reaching the first relay after that, writes the same bytes
+/// the upload names (its id is their hash), so whichever stream loses the race is
+/// refused or resumes, and the upload ends whole and committed, seen through both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_resumes_through_another_relay_on_the_same_database() -> anyhow::Result<()> {
+    let Some(pg) = redline_tests::postgres::TestPostgres::start_or_skip(
+        "an_upload_resumes_through_another_relay_on_the_same_database",
+    ) else {
+        return Ok(());
+    };
+    let url = pg.fresh_database()?;
+    let on_postgres = |dir: &std::path::Path| {
+        let mut config = redline_tests::test_config(dir);
+        config.storage = redline_server::config::StorageChoice::Postgres(
+            redline_server::storage::PgOptions::new(url.clone()),
+        );
+        config
+    };
+    let (da, db, pd) = (
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    );
+    let a = start_relay_with(on_postgres(da.path())).await?;
+    // The token key exists once a token was issued; the second relay gets a copy.
+    let photo = PhotoUpload::new(&a, pd.path())?;
+    copy_dir(da.path(), db.path())?;
+    let b = start_relay_with(on_postgres(db.path())).await?;
+
+    // 1 KB staged through the first relay, then its connection goes quiet.
+    let mut first = redline_tests::RawDevice::connect(&a).await?;
+    photo.hello(&mut first, None).await?;
+    let mut s1 = photo.open(&first).await?;
+    s1.expect_offset(0).await?;
+    s1.send(&photo.piece(0, 1024)).await?;
+    s1.expect_offset(1024).await?;
+
+    // The phone fails over: the second relay resumes from what the first stored.
+    let mut second = redline_tests::RawDevice::connect(&b).await?;
+    photo.hello(&mut second, None).await?;
+    let mut s2 = photo.open(&second).await?;
+    s2.expect_offset(1024).await?;
+
+    // The old stream's next piece reaches the first relay late, then the new stream
+    // sends the same piece: one of them finds the bytes already held.
+    s1.send(&photo.piece(1024, 2048)).await?;
+    let late = s1.answer().await?;
+    s2.send(&photo.piece(1024, 2048)).await?;
+    let current = s2.answer().await?;
+    use redline_proto::Message;
+    let held = |m: &Option<Message>| matches!(m, Some(Message::UploadOffset(o)) if o.have == 2048);
+    let refused = |m: &Option<Message>| matches!(m, Some(Message::Error(_)) | None);
+    assert!(
+        (held(&late) && refused(&current)) || (refused(&late) && held(&current)),
+        "exactly one stream stored the piece: old {late:?}, new {current:?}"
+    );
+
+    // The phone resumes once more through the second relay and finishes there.
+    let mut third = redline_tests::RawDevice::connect(&b).await?;
+    photo.hello(&mut third, None).await?;
+    let mut s3 = photo.open(&third).await?;
+    s3.expect_offset(2048).await?;
+    photo.finish(&mut s3, 2048).await?;
+    assert!(b.heads(&photo.id).await?.contains(&photo.head));
+    // The first relay serves the committed change too (the shared feed).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.heads(&photo.id).await?.contains(&photo.head) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the first relay never saw the commit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.shutdown().await?;
+    b.shutdown().await?;
+    Ok(())
+}
+
 /// A phone replaced a connection whose hello went unanswered; the old connection's
 /// hello and upload, resent late, reach the relay after the new connection's (the
 /// simulation's seed 1697). The late stream must not take the upload from the stream
