@@ -351,7 +351,17 @@ impl Ticket {
             if s.staged_bytes(&prefix)?.saturating_add(data.len() as u64) > quota {
                 return Ok(Staged::OverQuota);
             }
-            s.put_piece(&k, offset, &data)?;
+            if let Err(e) = s.put_piece(&k, offset, &data) {
+                // Another relay's stream of this upload (the phone failed over while
+                // the old stream still wrote) may have stored these bytes first: the
+                // upload's id is their hash, so what is held is what this piece holds
+                // (the commit checks the hash of the whole). Then the piece is stored.
+                let held = s.upload_len(&k)?;
+                let end = offset.saturating_add(data.len() as u64);
+                if held < end {
+                    return Err(e);
+                }
+            }
             s.touch_upload(&k, now)?;
             Ok(Staged::Stored)
         })
