@@ -135,37 +135,35 @@ impl Documents for PhoneDocs<'_> {
         let mut written = Vec::new();
         let mut snapshots = false;
         let docs = client.docs();
-        {
-            for dirty in step.docs {
-                let Some(d) = docs.get(&dirty.id) else {
-                    continue;
-                };
-                let writes = match (dirty.whole, dirty.received) {
-                    // A whole document holding all the store held (and still does: no
-                    // local write since): the new snapshot (no compaction to come),
-                    // then what came after it. The documents stay locked until it is
-                    // written, so no local write lands in between and is dropped.
-                    (Some(whole), rest)
-                        if !dirty.merged && client.whole_still_covers(&dirty.id) =>
-                    {
-                        snapshots = true;
-                        let mut w = vec![DocWrite::Snapshot(whole)];
-                        w.extend(rest.map(DocWrite::Append));
-                        w
-                    }
-                    (None, Some(bundles)) if !dirty.merged && client.is_stored(&dirty.id) => {
-                        vec![DocWrite::Append(bundles)]
-                    }
-                    _ => vec![client.doc_write(&dirty.id, d, None)],
-                };
-                for write in writes {
-                    match write {
-                        DocWrite::Append(chunk) if chunk.is_empty() => {}
-                        write => batch.docs.push((dirty.id.clone(), write)),
-                    }
+        for dirty in step.docs {
+            let Some(d) = docs.get(&dirty.id) else {
+                continue;
+            };
+            // Asked whenever a whole document came (merged or not): asking forgets the note.
+            let covers = dirty.whole.is_some() && client.whole_still_covers(&dirty.id);
+            let writes = match (dirty.whole, dirty.received) {
+                // A whole document holding all the store held (and still does: no
+                // local write since): the new snapshot (no compaction to come),
+                // then what came after it. The documents stay locked until it is
+                // written, so no local write lands in between and is dropped.
+                (Some(whole), rest) if covers && !dirty.merged => {
+                    snapshots = true;
+                    let mut w = vec![DocWrite::Snapshot(whole)];
+                    w.extend(rest.map(DocWrite::Append));
+                    w
                 }
-                written.push((dirty.id, d.get_heads()));
+                (None, Some(bundles)) if !dirty.merged && client.is_stored(&dirty.id) => {
+                    vec![DocWrite::Append(bundles)]
+                }
+                _ => vec![client.doc_write(&dirty.id, d, None)],
+            };
+            for write in writes {
+                match write {
+                    DocWrite::Append(chunk) if chunk.is_empty() => {}
+                    write => batch.docs.push((dirty.id.clone(), write)),
+                }
             }
+            written.push((dirty.id, d.get_heads()));
         }
         // Without a snapshot the documents need not stay locked through the flush:
         // appended chunks never drop what a local write stores meanwhile.
